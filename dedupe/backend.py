@@ -1,0 +1,244 @@
+"""The Redis side of one SingleFlight: clients, the hub, the renewer, the in-process tables.
+
+Everything here is created lazily on first use and created anew in a forked child, so a
+pre-forking server can import and configure dedupe before it forks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import os
+import threading
+import uuid
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+import redis.asyncio
+import redis.asyncio.connection as aconn
+import redis.asyncio.retry
+import redis.connection as sconn
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import NoScriptError
+
+from .commands import ScriptCall, renew_call
+from .envelope import Codec
+from .hub import Connection, Hub, SingleRouter
+from .inflight import InFlight
+from .renewal import Renewer
+
+__all__ = ["Backend", "BackendConfig"]
+
+_live: weakref.WeakSet[Backend] = weakref.WeakSet()
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    url: str
+    client: redis.Redis | None
+    async_client: redis.asyncio.Redis | None
+    connect_timeout: float
+    socket_timeout: float
+    health_check_interval: float
+    codec: Codec
+
+
+def _client_options(cfg: BackendConfig, retry_cls: type[Any]) -> dict[str, Any]:
+    # Bounded everywhere: a dead Redis must surface as BackendUnavailable, never as a hang.
+    return {
+        "socket_connect_timeout": cfg.connect_timeout,
+        "socket_timeout": cfg.socket_timeout,
+        "retry": retry_cls(ExponentialBackoff(cap=0.1, base=0.01), 1),
+        "health_check_interval": cfg.health_check_interval,
+    }
+
+
+def _twin_kwargs(pool: Any, target: type[Any]) -> dict[str, Any]:
+    """Connection settings of one client, fit for a client of the other kind (sync/async)."""
+    accepted = set(inspect.signature(target.__init__).parameters)
+    skip = {"retry", "connection_pool", "redis_connect_func", "event_dispatcher"}
+    return {k: v for k, v in pool.connection_kwargs.items() if k in accepted and k not in skip}
+
+
+def _sync_twin(client: redis.asyncio.Redis) -> redis.Redis:
+    pool = client.connection_pool
+    kinds = {
+        aconn.Connection: sconn.Connection,
+        aconn.SSLConnection: sconn.SSLConnection,
+        aconn.UnixDomainSocketConnection: sconn.UnixDomainSocketConnection,
+    }
+    cls = kinds.get(pool.connection_class)
+    if cls is None:
+        raise TypeError(
+            f"cannot derive a sync client from {pool.connection_class.__name__}; "
+            "pass client= as well as async_client="
+        )
+    kw = _twin_kwargs(pool, cls)
+    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=cls, **kw))
+
+
+def _async_twin(client: redis.Redis) -> redis.asyncio.Redis:
+    pool = client.connection_pool
+    kinds = {
+        sconn.Connection: aconn.Connection,
+        sconn.SSLConnection: aconn.SSLConnection,
+        sconn.UnixDomainSocketConnection: aconn.UnixDomainSocketConnection,
+    }
+    cls = kinds.get(pool.connection_class)
+    if cls is None:
+        raise TypeError(
+            f"cannot derive an asyncio client from {pool.connection_class.__name__}; "
+            "pass async_client= as well as client="
+        )
+    kw = _twin_kwargs(pool, cls)
+    return redis.asyncio.Redis(
+        connection_pool=redis.asyncio.ConnectionPool(connection_class=cls, **kw)
+    )
+
+
+class Backend:
+    """Lazily built Redis plumbing shared by every function of one SingleFlight."""
+
+    publish = "PUBLISH"
+
+    def __init__(self, cfg: BackendConfig) -> None:
+        self.cfg = cfg
+        self.codec = cfg.codec
+        self._init_process_state()
+        _live.add(self)
+
+    def _init_process_state(self) -> None:
+        self._lock = threading.RLock()
+        self._sync: redis.Redis | None = self.cfg.client
+        self._async_by_loop: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, redis.asyncio.Redis
+        ] = weakref.WeakKeyDictionary()
+        self._hub: Hub | None = None
+        self._renewer: Renewer | None = None
+        self.sync_flights = InFlight()
+        self.async_flights = InFlight()
+        self._owner_base = uuid.uuid4().hex[:16]
+        self._owner_seq = itertools.count(1)
+
+    def after_fork(self) -> None:
+        # The parent's threads are gone and its sockets are not ours to use or close.
+        self._init_process_state()
+
+    # --- clients ------------------------------------------------------------------------------
+
+    def sync_client(self) -> redis.Redis:
+        client = self._sync
+        if client is None:
+            with self._lock:
+                if self._sync is None:
+                    if self.cfg.async_client is not None:
+                        self._sync = _sync_twin(self.cfg.async_client)
+                    else:
+                        opts = _client_options(self.cfg, redis.retry.Retry)
+                        self._sync = redis.Redis.from_url(self.cfg.url, **opts)
+                client = self._sync
+        return client
+
+    def async_client(self) -> redis.asyncio.Redis:
+        if self.cfg.async_client is not None:
+            return self.cfg.async_client
+        loop = asyncio.get_running_loop()
+        client = self._async_by_loop.get(loop)
+        if client is None:
+            # redis.asyncio connections belong to one loop; keep one client per loop.
+            if self.cfg.client is not None:
+                client = _async_twin(self.cfg.client)
+            else:
+                opts = _client_options(self.cfg, redis.asyncio.retry.Retry)
+                client = redis.asyncio.Redis.from_url(self.cfg.url, **opts)
+            self._async_by_loop[loop] = client
+        return client
+
+    # --- shared machinery ---------------------------------------------------------------------
+
+    def hub(self) -> Hub:
+        hub = self._hub
+        if hub is None:
+            with self._lock:
+                if self._hub is None:
+                    self._hub = Hub(
+                        SingleRouter(self._pubsub_connector()),
+                        sharded=False,
+                        health_interval=self.cfg.health_check_interval,
+                    )
+                hub = self._hub
+        return hub
+
+    def _pubsub_connector(self) -> Any:
+        pool = self.sync_client().connection_pool
+        # The hub reads RESP2 pub/sub frames as bytes and does its own health checks;
+        # redis-py's maintenance notifications need RESP3, so they stay off this connection.
+        kwargs = {
+            k: v for k, v in pool.connection_kwargs.items() if not k.startswith("maint_notif")
+        }
+        kwargs.update(protocol=2, health_check_interval=0, decode_responses=False)
+        cls = pool.connection_class
+
+        def connect() -> Connection:
+            conn: Connection = cls(**kwargs)
+            return conn
+
+        return connect
+
+    def renewer(self) -> Renewer:
+        renewer = self._renewer
+        if renewer is None:
+            with self._lock:
+                if self._renewer is None:
+                    self._renewer = Renewer(self._renew)
+                renewer = self._renewer
+        return renewer
+
+    def _renew(self, lock_key: str, lock_value: str, ttl_ms: int) -> int:
+        return int(run_script(self.sync_client(), renew_call(lock_key, lock_value, ttl_ms)))
+
+    def owner(self) -> str:
+        return f"{self._owner_base}.{next(self._owner_seq)}"
+
+    @property
+    def confirm_timeout(self) -> float:
+        """How long a follower waits for the server to confirm its subscription."""
+        return self.cfg.connect_timeout + self.cfg.socket_timeout
+
+    def close(self) -> None:
+        with self._lock:
+            hub, self._hub = self._hub, None
+            renewer, self._renewer = self._renewer, None
+        if hub is not None:
+            hub.close()
+        if renewer is not None:
+            renewer.close()
+        if self.cfg.client is None and self._sync is not None:
+            self._sync.close()
+            self._sync = None
+
+
+def run_script(client: redis.Redis, call: ScriptCall) -> Any:
+    try:
+        return client.evalsha(*call.evalsha_args())
+    except NoScriptError:
+        return client.eval(*call.eval_args())
+
+
+async def run_script_async(client: redis.asyncio.Redis, call: ScriptCall) -> Any:
+    try:
+        return await client.evalsha(*call.evalsha_args())
+    except NoScriptError:
+        return await client.eval(*call.eval_args())
+
+
+def _after_fork_in_child() -> None:
+    for backend in list(_live):
+        backend.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

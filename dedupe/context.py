@@ -1,0 +1,72 @@
+"""What a running function can see of its flight, and the guard against waiting on oneself."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from .errors import LeaseLost, ReentrantFlight
+
+__all__ = ["Flight", "check_reentry", "current_flight", "leading"]
+
+
+class Flight:
+    """The flight the current function runs as leader of.
+
+    ``key`` is the job id; ``token`` the fencing token of this lease, greater for every new
+    lease of the key, so that side effects can be fenced (reject writes with a smaller token).
+    """
+
+    __slots__ = ("_lost", "key", "token")
+
+    def __init__(self, key: str, token: int, lost: threading.Event) -> None:
+        self.key = key
+        self.token = token
+        self._lost = lost
+
+    @property
+    def lease_lost(self) -> bool:
+        """True once the lease is known lost: another caller may be running the job too."""
+        return self._lost.is_set()
+
+    @property
+    def lost_event(self) -> threading.Event:
+        """Set when the lease is lost; wait on it from a watchdog of your own."""
+        return self._lost
+
+    def check(self) -> None:
+        """Raise LeaseLost if the lease was lost; call it before a side effect."""
+        if self._lost.is_set():
+            raise LeaseLost(f"the lease on {self.key!r} (token {self.token}) was lost")
+
+    def __repr__(self) -> str:
+        return f"Flight(key={self.key!r}, token={self.token}, lease_lost={self.lease_lost})"
+
+
+_current: ContextVar[Flight | None] = ContextVar("dedupe_flight", default=None)
+_leading: ContextVar[frozenset[str]] = ContextVar("dedupe_leading", default=frozenset())
+
+
+def current_flight() -> Flight | None:
+    """The Flight of the function running now as a leader, or None outside one."""
+    return _current.get()
+
+
+def check_reentry(full_key: str, job_id: str) -> None:
+    if full_key in _leading.get():
+        raise ReentrantFlight(
+            f"the flight {job_id!r} called itself with its own key; it would wait on itself"
+        )
+
+
+@contextmanager
+def leading(full_key: str, flight: Flight) -> Iterator[None]:
+    keys = _leading.set(_leading.get() | {full_key})
+    current = _current.set(flight)
+    try:
+        yield
+    finally:
+        _current.reset(current)
+        _leading.reset(keys)

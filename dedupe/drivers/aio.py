@@ -1,0 +1,175 @@
+"""The asyncio driver: runs the flight protocol over redis.asyncio, in a task of its own.
+
+The flight runs in a task separate from its callers, so a cancelled caller stops waiting
+alone: the shared work and the other callers go on. A flight that is only following, and
+that no caller awaits any more, is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from ..backend import Backend, run_script_async
+from ..commands import acquire_call, complete_call, discard_call, parse_acquired, translate
+from ..context import Flight, check_reentry, leading
+from ..envelope import Outcome
+from ..errors import BackendUnavailable, WaitTimeout
+from ..inflight import RETRY, Entry, InFlight
+from ..protocol import (
+    Acquire,
+    Command,
+    Complete,
+    Discard,
+    FlightSpec,
+    Lead,
+    Subscribe,
+    Wait,
+    is_abort,
+    run_flight,
+)
+from ..renewal import Lease
+from ..signals import Mailbox
+
+__all__ = ["call"]
+
+
+async def call(
+    backend: Backend,
+    make_spec: Callable[[float | None], FlightSpec],
+    wait_timeout: float | None,
+    fn: Callable[..., Coroutine[Any, Any, Any]],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Await ``fn`` once across every caller of the spec's key, and return its outcome."""
+    deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
+    # The shared task follows with no deadline of its own: each caller keeps its own.
+    spec = make_spec(None)
+    key = spec.names.channel
+    check_reentry(key, spec.names.job_id)
+    table = backend.async_flights
+    while True:
+        entry, created = table.join(key)
+        if created:
+            driver = _Driver(backend, spec, fn, args, kwargs, entry)
+            entry.task = asyncio.get_running_loop().create_task(_drive(driver, table, key))
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            done = await entry.result.wait_async(left)
+        except BaseException:
+            _leave(table, entry)
+            raise
+        if not done:
+            _leave(table, entry)
+            raise WaitTimeout(f"waited {wait_timeout}s for {spec.names.job_id!r}")
+        result = entry.result.get()
+        if result is RETRY:
+            continue
+        assert isinstance(result, Outcome)
+        return result.unwrap()
+
+
+def _leave(table: InFlight, entry: Entry) -> None:
+    task = entry.task
+    if table.leave(entry) == 0 and not entry.leading and task is not None and not task.done():
+        try:
+            task.get_loop().call_soon_threadsafe(task.cancel)
+        except RuntimeError:
+            pass  # its loop is closed, and the task with it
+
+
+async def _drive(driver: _Driver, table: InFlight, key: str) -> None:
+    shared: Outcome | object = RETRY
+    try:
+        outcome = await driver.run()
+        if is_abort(outcome.error):
+            assert outcome.error is not None
+            raise outcome.error  # the waiters were told; the abort goes on up, as it would
+        shared = outcome
+    except Exception as exc:
+        shared = Outcome(error=exc)  # BackendUnavailable and kin reach every caller
+    finally:
+        table.finish(key, driver.entry, shared)  # type: ignore[arg-type]
+
+
+class _Driver:
+    def __init__(
+        self,
+        backend: Backend,
+        spec: FlightSpec,
+        fn: Callable[..., Coroutine[Any, Any, Any]],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        entry: Entry,
+    ) -> None:
+        self.backend = backend
+        self.client = backend.async_client()
+        self.spec = spec
+        self.fn, self.args, self.kwargs = fn, args, kwargs
+        self.entry = entry
+        self.mailbox: Mailbox[object] | None = None
+
+    async def run(self) -> Outcome:
+        flight = run_flight(self.spec, self.backend.codec, time.monotonic)
+        reply: object = None
+        error: Exception | None = None
+        try:
+            while True:
+                try:
+                    cmd = flight.send(reply) if error is None else flight.throw(error)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                reply, error = None, None
+                try:
+                    reply = await self.execute(cmd)
+                except Exception as exc:
+                    error = translate(exc)
+        finally:
+            flight.close()
+            if self.mailbox is not None:
+                self.backend.hub().unsubscribe(self.spec.names.channel, self.mailbox)
+
+    async def execute(self, cmd: Command) -> object:
+        spec = self.spec
+        if isinstance(cmd, Acquire):
+            return parse_acquired(await run_script_async(self.client, acquire_call(spec, cmd)))
+        if isinstance(cmd, Wait):
+            assert self.mailbox is not None
+            return await self.mailbox.get_async(cmd.timeout)
+        if isinstance(cmd, Subscribe):
+            hub = self.backend.hub()
+            channel = spec.names.channel
+            if self.mailbox is None:
+                self.mailbox = Mailbox()
+                latch = hub.subscribe(channel, self.mailbox)
+            else:
+                latch = hub.confirmation(channel)
+            if not await latch.wait_async(self.backend.confirm_timeout):
+                hub.kick(channel)
+                raise BackendUnavailable(f"Redis did not confirm the subscription to {channel!r}")
+            return None
+        if isinstance(cmd, Lead):
+            return await self.lead(cmd)
+        if isinstance(cmd, Complete):
+            call = complete_call(spec, cmd, self.backend.publish)
+            return bool(await run_script_async(self.client, call))
+        if isinstance(cmd, Discard):
+            return await run_script_async(self.client, discard_call(spec, cmd))
+        raise TypeError(f"unknown command {cmd!r}")
+
+    async def lead(self, cmd: Lead) -> Outcome:
+        names = self.spec.names
+        lease = Lease(names.job_id, names.lock, cmd.lock_value, self.spec.lock_ttl_ms / 1000)
+        renewer = self.backend.renewer()
+        renewer.add(lease)
+        self.entry.leading = True
+        try:
+            with leading(names.channel, Flight(names.job_id, cmd.token, lease.lost)):
+                return Outcome(value=await self.fn(*self.args, **self.kwargs))
+        except BaseException as exc:  # an abort too: the protocol must tell the waiters
+            return Outcome(error=exc)
+        finally:
+            renewer.remove(lease)

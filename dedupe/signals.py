@@ -1,0 +1,152 @@
+"""Thread-safe one-shot latches and mailboxes that threads and asyncio tasks can both wait on.
+
+The pub/sub hub and the renewal thread run on their own threads; these are how they hand
+news to waiting callers, whether a caller blocks a thread or awaits on an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+__all__ = ["Latch", "Mailbox"]
+
+T = TypeVar("T")
+_UNSET = object()
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _waker_for(fut: asyncio.Future[None]) -> Callable[[], None]:
+    loop = fut.get_loop()
+
+    def wake() -> None:
+        try:
+            loop.call_soon_threadsafe(_wake, fut)
+        except RuntimeError:
+            pass  # the waiter's loop is closed: nobody is left to wake
+
+    return wake
+
+
+async def _await_for(fut: asyncio.Future[None], timeout: float | None) -> None:
+    try:
+        await asyncio.wait_for(fut, timeout)
+    except asyncio.TimeoutError:
+        pass
+
+
+class Latch(Generic[T]):
+    """Set once with a value; every waiter, sync or async, sees it."""
+
+    __slots__ = ("_lock", "_value", "_wakers")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value: object = _UNSET
+        self._wakers: list[Callable[[], None]] = []
+
+    def set(self, value: T) -> bool:
+        with self._lock:
+            if self._value is not _UNSET:
+                return False
+            self._value = value
+            wakers, self._wakers = self._wakers, []
+        for wake in wakers:
+            wake()
+        return True
+
+    def is_set(self) -> bool:
+        return self._value is not _UNSET
+
+    def get(self) -> T:
+        if self._value is _UNSET:
+            raise LookupError("latch is not set")
+        return self._value  # type: ignore[return-value]
+
+    def add_waker(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            if self._value is _UNSET:
+                self._wakers.append(wake)
+                return
+        wake()
+
+    def discard_waker(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            if wake in self._wakers:
+                self._wakers.remove(wake)
+
+    def wait(self, timeout: float | None) -> bool:
+        if self._value is not _UNSET:
+            return True
+        event = threading.Event()
+        self.add_waker(event.set)
+        try:
+            event.wait(timeout)
+        finally:
+            self.discard_waker(event.set)
+        return self._value is not _UNSET
+
+    async def wait_async(self, timeout: float | None) -> bool:
+        if self._value is not _UNSET:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        wake = _waker_for(fut)
+        self.add_waker(wake)
+        try:
+            await _await_for(fut, timeout)
+        finally:
+            self.discard_waker(wake)
+        return self._value is not _UNSET
+
+
+class Mailbox(Generic[T]):
+    """A queue with one consumer at a time; producers on any thread wake it."""
+
+    __slots__ = ("_items", "_lock", "_waker")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: deque[T] = deque()
+        self._waker: Callable[[], None] | None = None
+
+    def put(self, item: T) -> None:
+        with self._lock:
+            self._items.append(item)
+            waker, self._waker = self._waker, None
+        if waker is not None:
+            waker()
+
+    def _take(self) -> T | None:
+        with self._lock:
+            self._waker = None
+            return self._items.popleft() if self._items else None
+
+    def get(self, timeout: float | None) -> T | None:
+        """The next item, or None after ``timeout`` seconds."""
+        with self._lock:
+            if self._items:
+                return self._items.popleft()
+            event = threading.Event()
+            self._waker = event.set
+        event.wait(timeout)
+        return self._take()
+
+    async def get_async(self, timeout: float | None) -> T | None:
+        with self._lock:
+            if self._items:
+                return self._items.popleft()
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waker = _waker_for(fut)
+        try:
+            await _await_for(fut, timeout)
+        finally:
+            with self._lock:
+                self._waker = None
+        return self._take()

@@ -1,0 +1,107 @@
+"""What dedupe leaves behind: every key with a TTL, no open subscriptions, empty tables."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from dedupe import SingleFlight
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _assert_clean(sf: SingleFlight, client: redis.Redis, prefix: str) -> None:
+    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    assert keys, "the flights should have left their result/token keys"
+    for key in keys:
+        assert client.pttl(key) > 0, f"{key!r} has no TTL"
+    assert client.pubsub_channels(f"{prefix}:*") == []
+    backend = sf.backend()
+    assert backend.hub().channels() == {}
+    assert len(backend.sync_flights) == 0 and len(backend.async_flights) == 0
+    assert backend.renewer().pending() == 0
+
+
+def test_everything_has_a_ttl_and_nothing_stays_subscribed(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    sf = SingleFlight(redis_url, prefix=prefix, lock_ttl=0.5)
+    follower = SingleFlight(redis_url, prefix=prefix, lock_ttl=0.5)
+    gate = threading.Event()
+    started = threading.Event()
+
+    def slow(x: int) -> int:
+        started.set()
+        gate.wait(10)
+        return x
+
+    def boom() -> None:
+        raise ValueError("x")
+
+    def big() -> bytes:
+        return b"z" * 100_000
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    t = threading.Thread(target=lambda: sf.call("slow", slow, 1))
+    t.start()
+    assert started.wait(10)
+    got: list[Any] = []
+    f = threading.Thread(target=lambda: got.append(follower.call("slow", slow, 2)))
+    f.start()
+    deadline = time.monotonic() + 10
+    while not follower.backend().hub().channels():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    gate.set()
+    t.join(10)
+    f.join(10)
+    assert got == [1]
+    with pytest.raises(ValueError):
+        sf.call("boom", boom)
+    assert len(sf.call("big", big)) == 100_000
+    with pytest.raises(KeyboardInterrupt):
+        sf.call("interrupted", interrupted)
+
+    async def job() -> str:
+        await asyncio.sleep(0.01)
+        return "a"
+
+    async def herd() -> list[str]:
+        return await asyncio.gather(*(sf.call("async", job) for _ in range(10)))
+
+    assert asyncio.run(herd()) == ["a"] * 10
+    _assert_clean(sf, redis_client, prefix)
+    _assert_clean(follower, redis_client, prefix)
+    sf.close()
+    follower.close()
+
+
+def test_renewal_stops_with_the_flight(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    sf = SingleFlight(redis_url, prefix=prefix, lock_ttl=0.1)
+    renewed = threading.Event()
+    lock_key = f"{prefix}:{{long}}:lock"
+
+    def long_job() -> str:
+        # Outlive several renewal periods: the lock's TTL must have been pushed back up.
+        first = redis_client.pttl(lock_key)
+        deadline = time.monotonic() + 5
+        while not renewed.is_set() and time.monotonic() < deadline:
+            if redis_client.pttl(lock_key) > first:
+                renewed.set()
+            time.sleep(0.005)
+        return "ok"
+
+    assert sf.call("long", long_job) == "ok"
+    assert renewed.is_set()
+    assert redis_client.exists(lock_key) == 0
+    assert sf.backend().renewer().pending() == 0
+    sf.close()
