@@ -14,32 +14,45 @@ import threading
 import uuid
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
 import redis.asyncio.connection as aconn
 import redis.asyncio.retry
+import redis.cluster
 import redis.connection as sconn
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import NoScriptError
 
 from .commands import ScriptCall, renew_call
 from .envelope import Codec
-from .hub import Connection, Hub, SingleRouter
+from .hub import Connection, Hub, Router, SingleRouter
 from .inflight import InFlight
 from .renewal import Renewer
+from .topology import (
+    ClusterRouter,
+    cluster_twin_async,
+    cluster_twin_sync,
+    kind_of_clients,
+    parse_url,
+    sentinel_twin,
+)
 
 __all__ = ["Backend", "BackendConfig"]
 
 _live: weakref.WeakSet[Backend] = weakref.WeakSet()
 
+SyncClient: TypeAlias = "redis.Redis | redis.cluster.RedisCluster"
+AsyncClient: TypeAlias = "redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster"
+
 
 @dataclass(frozen=True, slots=True)
 class BackendConfig:
     url: str
-    client: redis.Redis | None
-    async_client: redis.asyncio.Redis | None
+    client: SyncClient | None
+    async_client: AsyncClient | None
     connect_timeout: float
     socket_timeout: float
     health_check_interval: float
@@ -63,7 +76,7 @@ def _twin_kwargs(pool: Any, target: type[Any]) -> dict[str, Any]:
     return {k: v for k, v in pool.connection_kwargs.items() if k in accepted and k not in skip}
 
 
-def _sync_twin(client: redis.asyncio.Redis) -> redis.Redis:
+def _sync_twin(client: Any) -> redis.Redis:
     pool = client.connection_pool
     kinds = {
         aconn.Connection: sconn.Connection,
@@ -80,7 +93,7 @@ def _sync_twin(client: redis.asyncio.Redis) -> redis.Redis:
     return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=cls, **kw))
 
 
-def _async_twin(client: redis.Redis) -> redis.asyncio.Redis:
+def _async_twin(client: Any) -> redis.asyncio.Redis:
     pool = client.connection_pool
     kinds = {
         sconn.Connection: aconn.Connection,
@@ -99,23 +112,37 @@ def _async_twin(client: redis.Redis) -> redis.asyncio.Redis:
     )
 
 
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # The hub reads RESP2 pub/sub frames as bytes and does its own health checks;
+    # redis-py's maintenance notifications need RESP3, so they stay off its connections.
+    kw = {k: v for k, v in kwargs.items() if not k.startswith("maint_notif")}
+    kw.update(protocol=2, health_check_interval=0, decode_responses=False)
+    return kw
+
+
 class Backend:
     """Lazily built Redis plumbing shared by every function of one SingleFlight."""
-
-    publish = "PUBLISH"
 
     def __init__(self, cfg: BackendConfig) -> None:
         self.cfg = cfg
         self.codec = cfg.codec
+        if cfg.client is not None or cfg.async_client is not None:
+            self.target = None
+            self.kind = kind_of_clients(cfg.client, cfg.async_client)
+        else:
+            self.target = parse_url(cfg.url)
+            self.kind = self.target.kind
+        # Sharded pub/sub keeps a job's messages on the node that owns its slot.
+        self.publish = "SPUBLISH" if self.kind == "cluster" else "PUBLISH"
         self._init_process_state()
         _live.add(self)
 
     def _init_process_state(self) -> None:
         self._lock = threading.RLock()
-        self._sync: redis.Redis | None = self.cfg.client
-        self._async_by_loop: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, redis.asyncio.Redis
-        ] = weakref.WeakKeyDictionary()
+        self._sync: SyncClient | None = self.cfg.client
+        self._async_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
         self._hub: Hub | None = None
         self._renewer: Renewer | None = None
         self.sync_flights = InFlight()
@@ -129,31 +156,43 @@ class Backend:
 
     # --- clients ------------------------------------------------------------------------------
 
-    def sync_client(self) -> redis.Redis:
+    def sync_client(self) -> SyncClient:
         client = self._sync
         if client is None:
             with self._lock:
                 if self._sync is None:
-                    if self.cfg.async_client is not None:
-                        self._sync = _sync_twin(self.cfg.async_client)
+                    opts = _client_options(self.cfg, redis.retry.Retry)
+                    given = self.cfg.async_client
+                    if self.target is not None:
+                        self._sync = self.target.sync_client(opts)
+                    elif self.kind == "cluster":
+                        self._sync = cluster_twin_sync(given, opts)
+                    elif self.kind == "sentinel":
+                        self._sync = sentinel_twin(given, opts, to_async=False)
                     else:
-                        opts = _client_options(self.cfg, redis.retry.Retry)
-                        self._sync = redis.Redis.from_url(self.cfg.url, **opts)
+                        assert given is not None
+                        self._sync = _sync_twin(given)
                 client = self._sync
         return client
 
-    def async_client(self) -> redis.asyncio.Redis:
+    def async_client(self) -> AsyncClient:
         if self.cfg.async_client is not None:
             return self.cfg.async_client
         loop = asyncio.get_running_loop()
         client = self._async_by_loop.get(loop)
         if client is None:
             # redis.asyncio connections belong to one loop; keep one client per loop.
-            if self.cfg.client is not None:
-                client = _async_twin(self.cfg.client)
+            opts = _client_options(self.cfg, redis.asyncio.retry.Retry)
+            given = self.cfg.client
+            if self.target is not None:
+                client = self.target.async_client(opts)
+            elif self.kind == "cluster":
+                client = cluster_twin_async(given, opts)
+            elif self.kind == "sentinel":
+                client = sentinel_twin(given, opts, to_async=True)
             else:
-                opts = _client_options(self.cfg, redis.asyncio.retry.Retry)
-                client = redis.asyncio.Redis.from_url(self.cfg.url, **opts)
+                assert given is not None
+                client = _async_twin(given)
             self._async_by_loop[loop] = client
         return client
 
@@ -165,28 +204,34 @@ class Backend:
             with self._lock:
                 if self._hub is None:
                     self._hub = Hub(
-                        SingleRouter(self._pubsub_connector()),
-                        sharded=False,
+                        self._router(),
+                        sharded=self.kind == "cluster",
                         health_interval=self.cfg.health_check_interval,
                     )
                 hub = self._hub
         return hub
 
-    def _pubsub_connector(self) -> Any:
-        pool = self.sync_client().connection_pool
-        # The hub reads RESP2 pub/sub frames as bytes and does its own health checks;
-        # redis-py's maintenance notifications need RESP3, so they stay off this connection.
-        kwargs = {
-            k: v for k, v in pool.connection_kwargs.items() if not k.startswith("maint_notif")
-        }
-        kwargs.update(protocol=2, health_check_interval=0, decode_responses=False)
+    def _router(self) -> Router:
+        client: Any = self.sync_client()
+        if self.kind == "cluster":
+            node_pool = client.get_default_node().redis_connection.connection_pool
+            base = _hub_kwargs(node_pool.connection_kwargs)
+            node_cls = node_pool.connection_class
+
+            def make(host: str, port: int) -> Connection:
+                conn: Connection = node_cls(**{**base, "host": host, "port": port})
+                return conn
+
+            return ClusterRouter(client, make)
+        pool = client.connection_pool
+        kwargs = _hub_kwargs(pool.connection_kwargs)
         cls = pool.connection_class
 
         def connect() -> Connection:
             conn: Connection = cls(**kwargs)
             return conn
 
-        return connect
+        return SingleRouter(connect)
 
     def renewer(self) -> Renewer:
         renewer = self._renewer
@@ -221,14 +266,14 @@ class Backend:
             self._sync = None
 
 
-def run_script(client: redis.Redis, call: ScriptCall) -> Any:
+def run_script(client: SyncClient, call: ScriptCall) -> Any:
     try:
         return client.evalsha(*call.evalsha_args())
     except NoScriptError:
         return client.eval(*call.eval_args())
 
 
-async def run_script_async(client: redis.asyncio.Redis, call: ScriptCall) -> Any:
+async def run_script_async(client: AsyncClient, call: ScriptCall) -> Any:
     try:
         return await client.evalsha(*call.evalsha_args())
     except NoScriptError:

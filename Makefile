@@ -1,0 +1,76 @@
+# dedupe developer tasks. Tests start their own redis-server processes on free loopback ports;
+# they never use (or start) the system Redis service.
+
+PY ?= python3
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+PYTEST_ARGS ?=
+LINT_DIRS := $(wildcard dedupe tests examples benchmarks)
+
+.PHONY: help install redis-server venv test lint format demo bench bench-quick soak clean distclean
+
+help:
+	@echo "make install | test | lint | format | demo | bench | bench-quick | soak | clean | distclean"
+
+install: redis-server venv
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -e '.[dev]'
+
+# redis-server/redis-cli are only needed as binaries; the system service is never started.
+redis-server:
+	@if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then \
+		echo "redis-server: $$(command -v redis-server)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing redis-server with apt-get (the system service will not be started)"; \
+		policy=/usr/sbin/policy-rc.d; made_policy=0; \
+		if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy; chmod +x $$policy; made_policy=1; fi; \
+		status=0; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server || status=$$?; \
+		if [ $$made_policy = 1 ]; then rm -f $$policy; fi; \
+		exit $$status; \
+	else \
+		echo "redis-server is not installed. Run:"; \
+		echo "  sudo apt-get update && sudo apt-get install -y redis-server"; \
+		echo "(you do not need to start the service; the tests start their own servers)"; \
+		exit 1; \
+	fi
+
+venv:
+	@if [ ! -x $(PYTHON) ]; then \
+		echo "creating $(VENV) with $(PY)"; \
+		$(PY) -m venv $(VENV) || { rm -rf $(VENV); echo "'$(PY) -m venv' failed (on Debian/Ubuntu: apt-get install -y python3-venv)"; exit 1; }; \
+	fi
+
+test:
+	$(PYTHON) -m pytest -m "not soak" $(PYTEST_ARGS)
+
+lint:
+	$(VENV)/bin/ruff check $(LINT_DIRS)
+	$(VENV)/bin/ruff format --check $(LINT_DIRS)
+	$(VENV)/bin/mypy
+
+format:
+	$(VENV)/bin/ruff format $(LINT_DIRS)
+	$(VENV)/bin/ruff check --fix $(LINT_DIRS)
+
+demo:
+	$(PYTHON) examples/demo.py
+
+bench:
+	$(VENV)/bin/pip install -e '.[bench]' -q
+	$(PYTHON) -m benchmarks
+
+bench-quick:
+	$(VENV)/bin/pip install -e '.[bench]' -q
+	$(PYTHON) -m benchmarks --quick
+
+# Long stress run (tests/soak.py); not part of `make test`.
+soak:
+	$(PYTHON) -m tests.soak
+
+clean:
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,129 @@
+"""Shared pytest fixtures: private redis-server processes on loopback (never the system Redis).
+
+- ``redis_server`` (session): one standalone server; ``redis_url`` / ``redis_client`` point at it.
+- ``prefix``: a unique key prefix per test, so tests share that server without FLUSHALL.
+- ``fresh_redis``: a private server per test, for tests that kill/pause/restart it.
+- ``redis_cluster`` / ``redis_sentinel`` (session): started on first use only. After each test
+  that used one, a dead/paused node is brought back (``reset()``) so the next test finds it
+  healthy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from hypothesis import HealthCheck, settings
+
+from dedupe._servers import RedisClusterSet, RedisSentinelSet, RedisServer
+
+# --------------------------------------------------------------------------- hypothesis
+
+_truthy = {"1", "true", "yes", "on"}
+settings.register_profile(
+    "dedupe",
+    deadline=None,  # real Redis round-trips make timings noisy
+    max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "50")),
+    # Deterministic in CI (CI=true) unless HYPOTHESIS_DERANDOMIZE says otherwise.
+    derandomize=os.environ.get("HYPOTHESIS_DERANDOMIZE", os.environ.get("CI", "")).lower()
+    in _truthy,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dedupe"))
+
+# --------------------------------------------------------------------------- start-up times
+
+STARTUP_SECONDS: dict[str, float] = {}
+
+
+def _timed_start(name: str, start: float) -> None:
+    STARTUP_SECONDS[name] = time.monotonic() - start
+    print(f"\n[dedupe] {name} started in {STARTUP_SECONDS[name]:.2f}s")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if STARTUP_SECONDS:
+        times = ", ".join(f"{k} {v:.2f}s" for k, v in STARTUP_SECONDS.items())
+        terminalreporter.write_line(f"dedupe test servers start-up: {times}")
+
+
+# --------------------------------------------------------------------------- standalone
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    t0 = time.monotonic()
+    server = RedisServer().start()
+    _timed_start("standalone", t0)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis_server.client()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def fresh_redis() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --------------------------------------------------------------------------- cluster / sentinel
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterSet]:
+    t0 = time.monotonic()
+    cluster = RedisClusterSet(masters=3).start()
+    _timed_start("cluster(3 masters)", t0)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinelSet]:
+    t0 = time.monotonic()
+    sset = RedisSentinelSet().start()
+    _timed_start("sentinel(1+1+3)", t0)
+    try:
+        yield sset
+    finally:
+        sset.stop()
+
+
+@pytest.fixture(autouse=True)
+def _heal_shared_sets(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used a shared cluster/sentinel set, undo any chaos it caused
+    (paused or killed nodes, a failover): the next test finds a healthy set."""
+    yield
+    if "redis_cluster" in request.fixturenames:
+        request.getfixturevalue("redis_cluster").reset()
+    if "redis_sentinel" in request.fixturenames:
+        request.getfixturevalue("redis_sentinel").reset()
