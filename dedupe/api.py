@@ -13,9 +13,11 @@ from typing import Any, Final, ParamSpec, Protocol, TypeVar, cast, overload
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 import wrapt
 
-from .backend import Backend, BackendConfig
+from .backend import AsyncClient, Backend, BackendConfig, SyncClient
 from .drivers import aio, sync
 from .envelope import Codec, Serializer, resolve_serializer
 from .keys import KeyBuilder, key_builder, names_for, validate_job_id, validate_prefix
@@ -56,8 +58,8 @@ class Settings:
     """The validated configuration of one SingleFlight."""
 
     url: str | None = None
-    client: redis.Redis | None = None
-    async_client: redis.asyncio.Redis | None = None
+    client: SyncClient | None = None
+    async_client: AsyncClient | None = None
     prefix: str = "dedupe"
     lock_ttl: float = 10.0
     wait_timeout: float | None = None
@@ -69,15 +71,23 @@ class Settings:
     connect_timeout: float = 2.0
     socket_timeout: float = 5.0
     health_check_interval: float = 5.0
+    min_replicas_ack: int = 0
+    replica_ack_timeout: float = 1.0
 
     def validated(self) -> Settings:
         if self.url is not None and not isinstance(self.url, str):
             raise TypeError(f"url must be a str, not {type(self.url).__name__}")
-        if self.client is not None and not isinstance(self.client, redis.Redis):
-            raise TypeError(f"client must be a redis.Redis, not {type(self.client).__name__}")
-        if self.async_client is not None and not isinstance(self.async_client, redis.asyncio.Redis):
+        if self.client is not None and not isinstance(
+            self.client, (redis.Redis, redis.cluster.RedisCluster)
+        ):
             raise TypeError(
-                "async_client must be a redis.asyncio.Redis, "
+                f"client must be a redis.Redis or RedisCluster, not {type(self.client).__name__}"
+            )
+        if self.async_client is not None and not isinstance(
+            self.async_client, (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)
+        ):
+            raise TypeError(
+                "async_client must be a redis.asyncio.Redis or RedisCluster, "
                 f"not {type(self.async_client).__name__}"
             )
         validate_prefix(self.prefix)
@@ -91,6 +101,8 @@ class Settings:
         _seconds("health_check_interval", self.health_check_interval, allow_zero=False)
         _size("inline_max_bytes", self.inline_max_bytes)
         _size("max_payload_bytes", self.max_payload_bytes, allow_none=True)
+        _size("min_replicas_ack", self.min_replicas_ack)
+        _seconds("replica_ack_timeout", self.replica_ack_timeout, allow_zero=False)
         resolve_serializer(self.serializer)
         if self.secret is not None and not isinstance(self.secret, (str, bytes)):
             raise TypeError(f"secret must be str or bytes, not {type(self.secret).__name__}")
@@ -127,8 +139,8 @@ class SingleFlight:
         self,
         url: str | None = None,
         *,
-        client: redis.Redis | None = None,
-        async_client: redis.asyncio.Redis | None = None,
+        client: SyncClient | None = None,
+        async_client: AsyncClient | None = None,
         prefix: str = "dedupe",
         lock_ttl: float = 10.0,
         wait_timeout: float | None = None,
@@ -140,6 +152,8 @@ class SingleFlight:
         connect_timeout: float = 2.0,
         socket_timeout: float = 5.0,
         health_check_interval: float = 5.0,
+        min_replicas_ack: int = 0,
+        replica_ack_timeout: float = 1.0,
     ) -> None:
         self._lock = threading.Lock()
         self._settings = Settings(
@@ -157,6 +171,8 @@ class SingleFlight:
             connect_timeout=connect_timeout,
             socket_timeout=socket_timeout,
             health_check_interval=health_check_interval,
+            min_replicas_ack=min_replicas_ack,
+            replica_ack_timeout=replica_ack_timeout,
         ).validated()
         self._backend: Backend | None = None
 
@@ -233,6 +249,8 @@ class SingleFlight:
                 grace_ms=lock_ms + 2000,
                 inline_max_bytes=s.inline_max_bytes,
                 deadline=deadline,
+                min_replicas=s.min_replicas_ack,
+                replica_timeout_ms=round(s.replica_ack_timeout * 1000),
             )
 
         return make

@@ -280,6 +280,24 @@ async def run_script_async(client: AsyncClient, call: ScriptCall) -> Any:
         return await client.eval(*call.eval_args())
 
 
+def wait_replicas(client: SyncClient, lock_key: str, replicas: int, timeout_ms: int) -> int:
+    c: Any = client  # redis-py leaves execute_command untyped
+    if isinstance(client, redis.cluster.RedisCluster):
+        node = c.get_node_from_key(lock_key)
+        return int(c.execute_command("WAIT", replicas, timeout_ms, target_nodes=node))
+    return int(c.execute_command("WAIT", replicas, timeout_ms))
+
+
+async def wait_replicas_async(
+    client: AsyncClient, lock_key: str, replicas: int, timeout_ms: int
+) -> int:
+    c: Any = client
+    if isinstance(client, redis.asyncio.cluster.RedisCluster):
+        node = c.get_node_from_key(lock_key)
+        return int(await c.execute_command("WAIT", replicas, timeout_ms, target_nodes=node))
+    return int(await c.execute_command("WAIT", replicas, timeout_ms))
+
+
 def _after_fork_in_child() -> None:
     for backend in list(_live):
         backend.after_fork()

@@ -37,6 +37,7 @@ __all__ = [
     "Discard",
     "FlightSpec",
     "Lead",
+    "Replicate",
     "Subscribe",
     "Wait",
     "is_abort",
@@ -70,6 +71,8 @@ class FlightSpec:
     grace_ms: int  # how long any outcome stays readable for followers that missed the message
     inline_max_bytes: int
     deadline: float | None  # on the clock given to run_flight; None: wait while a leader lives
+    min_replicas: int = 0  # replicas that must acknowledge a new lease (WAIT) before we lead
+    replica_timeout_ms: int = 1000
 
     def slack(self, pttl_ms: int) -> float:
         """Extra wait past the lease, so the re-check lands after a dead leader's lease expired."""
@@ -115,6 +118,13 @@ class Lead(NamedTuple):
     lock_value: str
 
 
+class Replicate(NamedTuple):
+    """WAIT for replicas to acknowledge our writes. Reply: how many did."""
+
+    replicas: int
+    timeout_ms: int
+
+
 class Complete(NamedTuple):
     """Run the complete script. Reply: True if the lease was still ours."""
 
@@ -131,7 +141,7 @@ class Discard(NamedTuple):
     record: bytes
 
 
-Command: TypeAlias = Acquire | Subscribe | Wait | Lead | Complete | Discard
+Command: TypeAlias = Acquire | Subscribe | Wait | Lead | Complete | Discard | Replicate
 Flight: TypeAlias = Generator[Command, object, Outcome]
 
 
@@ -156,6 +166,9 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
     while True:
         reply = yield Acquire(waiting)
         assert isinstance(reply, Acquired)
+        if reply.state == BUSY and reply.holder.partition(":")[2] == spec.owner:
+            # Our own lease: an acquire whose reply was lost and that the client retried.
+            reply = Acquired(LEAD, token=int(holder_token(reply.holder) or 0))
         if reply.state == LEAD:
             return (yield from _lead(spec, codec, reply.token))
         if reply.state == DONE:
@@ -225,6 +238,16 @@ def _count_rejected(spec: FlightSpec, exc: EnvelopeError) -> None:
 
 def _lead(spec: FlightSpec, codec: Codec, token: int) -> Flight:
     lock_value = f"{token}:{spec.owner}"
+    if spec.min_replicas:
+        acked = yield Replicate(spec.min_replicas, spec.replica_timeout_ms)
+        assert isinstance(acked, int)
+        if acked < spec.min_replicas:
+            # A lease only the master knows of could vanish in a failover: give it back.
+            yield Complete(lock_value, b"", 0, make_notice(NOTICE_ABORTED, token), token)
+            raise BackendUnavailable(
+                f"only {acked} of {spec.min_replicas} replicas acknowledged the lease on "
+                f"{spec.names.job_id!r} within {spec.replica_timeout_ms} ms"
+            )
     outcome = yield Lead(token, lock_value)
     assert isinstance(outcome, Outcome)
     try:

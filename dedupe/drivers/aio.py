@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..backend import Backend, run_script_async
+from ..backend import Backend, run_script_async, wait_replicas_async
 from ..commands import acquire_call, complete_call, discard_call, parse_acquired, translate
 from ..context import Flight, check_reentry, leading
 from ..envelope import Outcome
@@ -25,6 +25,7 @@ from ..protocol import (
     Discard,
     FlightSpec,
     Lead,
+    Replicate,
     Subscribe,
     Wait,
     is_abort,
@@ -158,6 +159,9 @@ class _Driver:
             return bool(await run_script_async(self.client, call))
         if isinstance(cmd, Discard):
             return await run_script_async(self.client, discard_call(spec, cmd))
+        if isinstance(cmd, Replicate):
+            lock = spec.names.lock
+            return await wait_replicas_async(self.client, lock, cmd.replicas, cmd.timeout_ms)
         raise TypeError(f"unknown command {cmd!r}")
 
     async def lead(self, cmd: Lead) -> Outcome:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..backend import Backend, run_script
+from ..backend import Backend, run_script, wait_replicas
 from ..commands import acquire_call, complete_call, discard_call, parse_acquired, translate
 from ..context import Flight, check_reentry, leading
 from ..envelope import Outcome
@@ -19,6 +19,7 @@ from ..protocol import (
     Discard,
     FlightSpec,
     Lead,
+    Replicate,
     Subscribe,
     Wait,
     is_abort,
@@ -131,6 +132,8 @@ class _Driver:
             return bool(run_script(self.client, complete_call(spec, cmd, self.backend.publish)))
         if isinstance(cmd, Discard):
             return run_script(self.client, discard_call(spec, cmd))
+        if isinstance(cmd, Replicate):
+            return wait_replicas(self.client, spec.names.lock, cmd.replicas, cmd.timeout_ms)
         raise TypeError(f"unknown command {cmd!r}")
 
     def lead(self, cmd: Lead) -> Outcome:
