@@ -67,12 +67,13 @@ class Settings:
     serializer: str | Serializer = "pickle"
     secret: str | bytes | None = None
     inline_max_bytes: int = 32 * 1024
-    max_payload_bytes: int | None = None
+    max_payload_bytes: int | None = 64 * 1024 * 1024
     connect_timeout: float = 2.0
     socket_timeout: float = 5.0
     health_check_interval: float = 5.0
     min_replicas_ack: int = 0
     replica_ack_timeout: float = 1.0
+    on_backend_error: str = "raise"
 
     def validated(self) -> Settings:
         if self.url is not None and not isinstance(self.url, str):
@@ -102,6 +103,10 @@ class Settings:
         _size("inline_max_bytes", self.inline_max_bytes)
         _size("max_payload_bytes", self.max_payload_bytes, allow_none=True)
         _size("min_replicas_ack", self.min_replicas_ack)
+        if self.on_backend_error not in ("raise", "local"):
+            raise ValueError(
+                f"on_backend_error must be 'raise' or 'local', not {self.on_backend_error!r}"
+            )
         _seconds("replica_ack_timeout", self.replica_ack_timeout, allow_zero=False)
         resolve_serializer(self.serializer)
         if self.secret is not None and not isinstance(self.secret, (str, bytes)):
@@ -148,12 +153,13 @@ class SingleFlight:
         serializer: str | Serializer = "pickle",
         secret: str | bytes | None = None,
         inline_max_bytes: int = 32 * 1024,
-        max_payload_bytes: int | None = None,
+        max_payload_bytes: int | None = 64 * 1024 * 1024,
         connect_timeout: float = 2.0,
         socket_timeout: float = 5.0,
         health_check_interval: float = 5.0,
         min_replicas_ack: int = 0,
         replica_ack_timeout: float = 1.0,
+        on_backend_error: str = "raise",
     ) -> None:
         self._lock = threading.Lock()
         self._settings = Settings(
@@ -173,6 +179,7 @@ class SingleFlight:
             health_check_interval=health_check_interval,
             min_replicas_ack=min_replicas_ack,
             replica_ack_timeout=replica_ack_timeout,
+            on_backend_error=on_backend_error,
         ).validated()
         self._backend: Backend | None = None
 
@@ -201,6 +208,10 @@ class SingleFlight:
         if old is not None:
             old.close()
 
+    def stats(self) -> dict[str, int]:
+        """Counters: envelopes rejected, hub reconnects, leases lost, local runs, flights now."""
+        return self.backend().stats()
+
     def backend(self) -> Backend:
         backend = self._backend
         if backend is None:
@@ -228,6 +239,7 @@ class SingleFlight:
                 socket_timeout=s.socket_timeout,
                 health_check_interval=s.health_check_interval,
                 codec=codec,
+                on_backend_error=s.on_backend_error,
             )
         )
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import logging
 import os
 import threading
+import time
 import uuid
 import weakref
 from dataclasses import dataclass
@@ -42,7 +44,12 @@ from .topology import (
 
 __all__ = ["Backend", "BackendConfig"]
 
+log = logging.getLogger("dedupe")
+
 _live: weakref.WeakSet[Backend] = weakref.WeakSet()
+# While Redis is down under on_backend_error="local", calls skip it for this long, so an
+# unreachable server costs one connect timeout per pause, not one per call.
+_OUTAGE_PAUSE = 1.0
 
 SyncClient: TypeAlias = "redis.Redis | redis.cluster.RedisCluster"
 AsyncClient: TypeAlias = "redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster"
@@ -57,6 +64,7 @@ class BackendConfig:
     socket_timeout: float
     health_check_interval: float
     codec: Codec
+    on_backend_error: str = "raise"
 
 
 def _client_options(cfg: BackendConfig, retry_cls: type[Any]) -> dict[str, Any]:
@@ -149,6 +157,50 @@ class Backend:
         self.async_flights = InFlight()
         self._owner_base = uuid.uuid4().hex[:16]
         self._owner_seq = itertools.count(1)
+        self._down_until = 0.0
+        self._in_outage = False
+        self.local_runs = 0
+
+    # --- outages (on_backend_error="local") ---------------------------------------------------
+
+    def skip_redis(self) -> bool:
+        """True while a recent outage says not to try Redis yet (local mode only)."""
+        return self._in_outage and time.monotonic() < self._down_until
+
+    def fall_back(self, exc: Exception) -> bool:
+        """Redis failed: True if the policy is to run locally instead of raising."""
+        if self.cfg.on_backend_error != "local":
+            return False
+        with self._lock:
+            self._down_until = time.monotonic() + _OUTAGE_PAUSE
+            if not self._in_outage:
+                self._in_outage = True
+                log.warning(
+                    "dedupe: Redis is unavailable (%s); running flights with in-process "
+                    "deduplication only until it answers again",
+                    exc,
+                )
+        return True
+
+    def ran_locally(self) -> None:
+        self.local_runs += 1
+
+    def answered(self) -> None:
+        """A flight went through Redis: any outage is over."""
+        if self._in_outage:
+            with self._lock:
+                if self._in_outage:
+                    self._in_outage = False
+                    log.warning("dedupe: Redis answers again; flights are distributed again")
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "rejected_envelopes": self.codec.rejected,
+            "hub_reconnects": self._hub.reconnects if self._hub else 0,
+            "leases_lost": self._renewer.lost if self._renewer else 0,
+            "local_runs": self.local_runs,
+            "flights_in_process": len(self.sync_flights) + len(self.async_flights),
+        }
 
     def after_fork(self) -> None:
         # The parent's threads are gone and its sockets are not ours to use or close.

@@ -154,6 +154,7 @@ class Codec:
         self.serializer = serializer
         self.secret = secret
         self.max_payload_bytes = max_payload_bytes
+        self.rejected = 0  # envelopes refused (bad signature, foreign bytes): never unpickled
 
     # --- encoding ---------------------------------------------------------------------------
 
@@ -222,17 +223,19 @@ class Codec:
 
     def decode(self, envelope: bytes, *, channel: str, token: int) -> Outcome:
         """Rebuild an outcome; raises EnvelopeError (TamperedEnvelope) on unreadable input."""
+        # With a secret set, nothing unverifiable is an error to report: it is ignored.
+        bad = TamperedEnvelope if self.secret else EnvelopeError
         if len(envelope) < _HEADER_LEN or envelope[:2] != MAGIC:
-            raise EnvelopeError("not a dedupe envelope (bad magic or truncated)")
+            raise bad("not a dedupe envelope (bad magic or truncated)")
         version, kind, ident, flags = envelope[2], envelope[3], envelope[4], envelope[5]
         if version != VERSION:
-            raise EnvelopeError(
+            raise bad(
                 f"envelope format version {version} is not supported by this dedupe "
                 f"(it reads version {VERSION}); run one dedupe version across the fleet"
             )
         header, rest = envelope[:_HEADER_LEN], envelope[_HEADER_LEN:]
         if flags & ~_SIGNED or kind not in _KINDS:
-            raise EnvelopeError("envelope has unknown flags or kind")
+            raise bad("envelope has unknown flags or kind")
         if flags & _SIGNED:
             if len(rest) < _MAC_LEN:
                 raise TamperedEnvelope("signed envelope is truncated")
@@ -267,20 +270,21 @@ class Codec:
             type_name = str(meta["type"])
             message = str(meta.get("message", ""))
             remote_tb = str(meta.get("traceback", ""))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise EnvelopeError(f"malformed error envelope: {exc!r}") from exc
         error: BaseException | None = None
         pickled = meta.get("pickle")
         if pickled and self.serializer is PICKLE:
             try:
                 candidate = pickle.loads(base64.b64decode(pickled))
-                if isinstance(candidate, BaseException):
+                # Leaders never ship aborts (KeyboardInterrupt, SystemExit): refuse them.
+                if isinstance(candidate, Exception):
                     error = candidate
             except Exception:
                 error = None
         elif meta.get("module") == "builtins" and isinstance(meta.get("args"), list):
             cls = getattr(builtins, str(meta.get("name")), None)
-            if isinstance(cls, type) and issubclass(cls, BaseException):
+            if isinstance(cls, type) and issubclass(cls, Exception):
                 try:
                     error = cls(*meta["args"])
                 except Exception:

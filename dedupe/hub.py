@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from redis.exceptions import ResponseError
+
 from .protocol import RECHECK
 from .signals import Latch, Mailbox
 
@@ -220,13 +222,34 @@ class Hub:
             else:
                 del self._channels[channel]
 
-    def _moved(self, channel: str, state: _Channel) -> None:
+    def _on_error_reply(self, link: _Link, exc: ResponseError) -> None:
+        """An error reply to one of our commands: re-route every channel whose slot moved."""
+        log.info("dedupe: pub/sub command failed on %s: %s; re-routing", link.name, exc)
+        with self._lock:
+            try:
+                self._router.refresh()
+            except Exception as refresh_exc:
+                log.warning("dedupe: could not refresh the cluster layout: %s", refresh_exc)
+            for channel, state in list(self._channels.items()):
+                if state.link is not link or not state.pending:
+                    continue
+                try:
+                    moved = self._router.link_for(channel) != link.name
+                except Exception:
+                    moved = False
+                if moved:
+                    self._moved(channel, state, refresh=False)
+        # A command that failed for another reason leaves its confirmation unset: the
+        # follower's bounded wait then kicks the connection, which re-subscribes everything.
+
+    def _moved(self, channel: str, state: _Channel, *, refresh: bool = True) -> None:
         """The server unsubscribed a channel itself: follow its slot to the new owner."""
         log.info("dedupe: %r was unsubscribed by the server; re-subscribing", channel)
-        try:
-            self._router.refresh()
-        except Exception as exc:  # the next reconnect or re-check retries it
-            log.warning("dedupe: could not refresh the cluster layout: %s", exc)
+        if refresh:
+            try:
+                self._router.refresh()
+            except Exception as exc:  # the next reconnect or re-check retries it
+                log.warning("dedupe: could not refresh the cluster layout: %s", exc)
         state.pending.clear()
         state.confirmed = Latch()
         if not state.mailboxes:
@@ -284,22 +307,31 @@ class _Link:
         delay = 0.0
         while not self._closed.is_set():
             try:
-                conn = self._connect()
-                conn.connect()
-            except Exception as exc:
-                delay = min(2.0, max(0.05, delay * 2))
-                log.info("dedupe: pub/sub connect failed: %s", exc)
-                self._closed.wait(delay * random.uniform(0.5, 1.0))
-                continue
-            up = time.monotonic()
-            with self.hub._lock:
-                self.conn = conn
-                self.hub._on_connect(self)
-            try:
-                self._read(conn)
-            except Exception as exc:
-                if not self._closed.is_set():
-                    log.info("dedupe: pub/sub connection lost: %s", exc)
+                up = self._session()
+            except Exception:  # a bug must not kill the thread every follower relies on
+                log.exception("dedupe: pub/sub reader failed; restarting it")
+                up = 0.0
+            delay = 0.0 if up > 1.0 else min(2.0, max(0.05, delay * 2))
+            self._closed.wait(delay * random.uniform(0.5, 1.0))
+
+    def _session(self) -> float:
+        """Connect, subscribe and read until the connection fails; how long it was up."""
+        try:
+            conn = self._connect()
+            conn.connect()
+        except Exception as exc:
+            log.info("dedupe: pub/sub connect failed: %s", exc)
+            return 0.0
+        up = time.monotonic()
+        with self.hub._lock:
+            self.conn = conn
+            self.hub._on_connect(self)
+        try:
+            self._read(conn)
+        except Exception as exc:
+            if not self._closed.is_set():
+                log.info("dedupe: pub/sub connection lost: %s", exc)
+        finally:
             with self.hub._lock:
                 if self.conn is conn:
                     self.conn = None
@@ -308,8 +340,7 @@ class _Link:
                 conn.disconnect()
             except Exception:
                 pass
-            delay = 0.0 if time.monotonic() - up > 1.0 else min(2.0, max(0.05, delay * 2))
-            self._closed.wait(delay * random.uniform(0.5, 1.0))
+        return time.monotonic() - up
 
     def _read(self, conn: Connection) -> None:
         interval = self.hub._health_interval
@@ -318,7 +349,12 @@ class _Link:
             if self.conn is not conn:
                 raise ConnectionError("connection replaced after a failed send")
             if conn.can_read(timeout=interval):
-                reply = conn.read_response()
+                try:
+                    reply = conn.read_response()
+                except ResponseError as exc:
+                    # e.g. MOVED for a shard channel whose slot left this node.
+                    self.hub._on_error_reply(self, exc)
+                    continue
                 ping_sent = False  # any traffic proves the socket is alive
                 if isinstance(reply, list) and reply and reply[0] == b"pong":
                     continue

@@ -67,6 +67,7 @@ def _tag(job_id: str) -> str:
 
 
 def names_for(prefix: str, job_id: str) -> Names:
+    validate_prefix(prefix)
     tag = _tag(validate_job_id(job_id))
     base = f"{prefix}:{{{tag}}}"
     return Names(job_id, f"{base}:lock", f"{base}:token", f"{base}:result", base)

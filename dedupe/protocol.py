@@ -218,21 +218,17 @@ def _read(spec: FlightSpec, codec: Codec, data: bytes) -> Outcome | None:
         record = parse_record(data)
         return codec.decode(record.envelope, channel=spec.names.channel, token=record.token)
     except TamperedEnvelope as exc:
-        _count_rejected(spec, exc)
+        _reject(spec, codec, exc)
         return None
     except EnvelopeError as exc:
         if data[:1].isdigit() and b":" in data[:64]:
             raise
-        _count_rejected(spec, exc)  # not even a record: somebody else's bytes on our channel
+        _reject(spec, codec, exc)  # not even a record: somebody else's bytes on our channel
         return None
 
 
-rejected_envelopes = 0
-
-
-def _count_rejected(spec: FlightSpec, exc: EnvelopeError) -> None:
-    global rejected_envelopes
-    rejected_envelopes += 1
+def _reject(spec: FlightSpec, codec: Codec, exc: EnvelopeError) -> None:
+    codec.rejected += 1
     log.warning("dedupe: ignored an outcome for %r: %s", spec.names.job_id, exc)
 
 

@@ -53,6 +53,7 @@ class Renewer:
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.lost = 0
 
     def add(self, lease: Lease) -> None:
         with self._cond:
@@ -122,8 +123,8 @@ class Renewer:
         lease.last_ok = now
         heapq.heappush(self._heap, (now + lease.interval, next(self._seq), lease))
 
-    @staticmethod
-    def _lose(lease: Lease, why: str) -> None:
+    def _lose(self, lease: Lease, why: str) -> None:
+        self.lost += 1
         lease.active = False
         lease.lost.set()
         log.warning("dedupe: lease on %r lost: %s", lease.job_id, why)

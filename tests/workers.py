@@ -46,6 +46,13 @@ def _job(url: str, prefix: str, behaviour: str, duration: float) -> Any:
     r.rpush(f"{prefix}:tokens", flight.token)
     r.set(f"{prefix}:leader-pid", os.getpid())
     r.rpush(f"{prefix}:started", os.getpid())
+    if behaviour in ("wait-go", "wait-go-lost"):
+        # Held open until the test pushes to <prefix>:go (or the duration runs out).
+        r.blpop([f"{prefix}:go"], timeout=duration)
+        if behaviour == "wait-go-lost":
+            # Paused past its lease: the renewer must find out, and tell the function.
+            r.rpush(f"{prefix}:lost", int(flight.lost_event.wait(10)))
+        return {"pid": os.getpid(), "token": flight.token}
     deadline = time.monotonic() + duration
     while time.monotonic() < deadline:  # interruptible by signals, unlike one long sleep
         time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))

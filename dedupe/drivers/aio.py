@@ -8,6 +8,7 @@ that no caller awaits any more, is cancelled.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -85,7 +86,7 @@ def _leave(table: InFlight, entry: Entry) -> None:
 async def _drive(driver: _Driver, table: InFlight, key: str) -> None:
     shared: Outcome | object = RETRY
     try:
-        outcome = await driver.run()
+        outcome = await _run(driver)
         if is_abort(outcome.error):
             assert outcome.error is not None
             raise outcome.error  # the waiters were told; the abort goes on up, as it would
@@ -94,6 +95,28 @@ async def _drive(driver: _Driver, table: InFlight, key: str) -> None:
         shared = Outcome(error=exc)  # BackendUnavailable and kin reach every caller
     finally:
         table.finish(key, driver.entry, shared)  # type: ignore[arg-type]
+
+
+async def _run(driver: _Driver) -> Outcome:
+    backend = driver.backend
+    if not backend.skip_redis():
+        try:
+            outcome = await driver.run()
+        except BackendUnavailable as exc:
+            if not backend.fall_back(exc):
+                raise
+        else:
+            backend.answered()
+            return outcome
+    # on_backend_error="local": deduplicated in this process only, and no fencing token.
+    backend.ran_locally()
+    names = driver.spec.names
+    driver.entry.leading = True
+    try:
+        with leading(names.channel, Flight(names.job_id, 0, threading.Event())):
+            return Outcome(value=await driver.fn(*driver.args, **driver.kwargs))
+    except BaseException as exc:
+        return Outcome(error=exc)
 
 
 class _Driver:

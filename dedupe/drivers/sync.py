@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -58,7 +59,7 @@ def call(
             return result.unwrap()
         shared: Outcome | object = RETRY
         try:
-            outcome = _Driver(backend, spec, fn, args, kwargs).run()
+            outcome = _run(backend, spec, fn, args, kwargs)
         except WaitTimeout:
             raise  # our own deadline, not the other callers': they start over
         except Exception as exc:
@@ -70,6 +71,32 @@ def call(
             return outcome.unwrap()
         finally:
             table.finish(key, entry, shared)  # type: ignore[arg-type]
+
+
+def _run(
+    backend: Backend,
+    spec: FlightSpec,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Outcome:
+    if not backend.skip_redis():
+        try:
+            outcome = _Driver(backend, spec, fn, args, kwargs).run()
+        except BackendUnavailable as exc:
+            if not backend.fall_back(exc):
+                raise
+        else:
+            backend.answered()
+            return outcome
+    # on_backend_error="local": deduplicated in this process only, and no fencing token.
+    backend.ran_locally()
+    names = spec.names
+    try:
+        with leading(names.channel, Flight(names.job_id, 0, threading.Event())):
+            return Outcome(value=fn(*args, **kwargs))
+    except BaseException as exc:
+        return Outcome(error=exc)
 
 
 class _Driver:
