@@ -233,6 +233,9 @@ class Backend:
         loop = asyncio.get_running_loop()
         client = self._async_by_loop.get(loop)
         if client is None:
+            # Clients of closed loops cannot be used again (their sockets belong to the loop).
+            for old in [lp for lp in list(self._async_by_loop) if lp.is_closed()]:
+                self._async_by_loop.pop(old, None)
             # redis.asyncio connections belong to one loop; keep one client per loop.
             opts = _client_options(self.cfg, redis.asyncio.retry.Retry)
             given = self.cfg.client

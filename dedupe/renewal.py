@@ -56,14 +56,18 @@ class Renewer:
         self.lost = 0
 
     def add(self, lease: Lease) -> None:
+        entry = (lease.last_ok + lease.interval, next(self._seq), lease)
         with self._cond:
-            heapq.heappush(self._heap, (lease.last_ok + lease.interval, next(self._seq), lease))
+            heapq.heappush(self._heap, entry)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="dedupe-renewer", daemon=True
                 )
                 self._thread.start()
-            self._cond.notify()
+            # Wake the thread only if it must now wake earlier: most flights end before their
+            # first renewal and must not cost a context switch each.
+            if self._heap[0] is entry:
+                self._cond.notify()
 
     def remove(self, lease: Lease) -> None:
         # Lazy: the heap entry is skipped when it comes due. A renewal already in flight is

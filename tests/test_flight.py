@@ -434,3 +434,25 @@ def test_sync_twin_of_async_client(redis_server: Any, prefix: str) -> None:
 
     assert asyncio.run(sf.call("twin-async", job)) == 6
     sf.close()
+
+
+def test_default_instance_is_lazy_and_configurable(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dedupe import single_flight
+
+    before = single_flight.settings
+    monkeypatch.setenv("DEDUPE_REDIS_URL", redis_url)
+    try:
+        single_flight.configure(prefix=prefix, result_ttl=0)
+
+        @single_flight(key="d:{n}")
+        def double(n: int) -> int:
+            return 2 * n
+
+        assert double(21) == 42  # the URL came from DEDUPE_REDIS_URL, read on first use
+        single_flight.configure(url="redis://127.0.0.1:1/0", connect_timeout=0.5)
+        with pytest.raises(BackendUnavailable):
+            double(1)  # decorated earlier, configured later: the new settings apply
+    finally:
+        single_flight.configure(**{f: getattr(before, f) for f in before.__dataclass_fields__})
