@@ -79,7 +79,7 @@ def test_killed_pubsub_connections_cost_a_recheck_not_a_lease(
     assert killed >= 3
     if finish == "after-resubscribe":
         until(lambda: numsub(redis_client, channel) == 3, what="followers re-subscribed")
-    redis_client.rpush(f"{prefix}:go", 1)
+    redis_client.rpush(f"{prefix}:go:{leader.pid}", 1)
     leader_result = leader_out.get(timeout=20)
     followers = [item for _ in range(3) for item in out.get(timeout=20)]
     assert leader_result[0] == "ok"
@@ -163,12 +163,12 @@ def test_paused_leader_loses_its_lease_and_spares_the_new_one(
     assert got is not None and int(got[1]) == b.pid
     b_lock = redis_client.get(lock_key)
     os.kill(a.pid, signal.SIGCONT)
-    redis_client.rpush(f"{prefix}:go", 1)  # let a finish first
+    redis_client.rpush(f"{prefix}:go:{a.pid}", 1)  # let a finish first
     assert redis_client.blpop([f"{prefix}:lost"], timeout=20) == (f"{prefix}:lost".encode(), b"1")
     result_a = out_a.get(timeout=20)
     assert result_a[0] == "ok" and result_a[2]["pid"] == a.pid
     assert redis_client.get(lock_key) == b_lock  # a's completion did not touch b's lease
-    redis_client.rpush(f"{prefix}:go", 1)
+    redis_client.rpush(f"{prefix}:go:{b.pid}", 1)
     result_b = out_b.get(timeout=20)
     assert result_b[0] == "ok"
     assert result_b[2]["token"] > result_a[2]["token"]

@@ -47,8 +47,8 @@ def _job(url: str, prefix: str, behaviour: str, duration: float) -> Any:
     r.set(f"{prefix}:leader-pid", os.getpid())
     r.rpush(f"{prefix}:started", os.getpid())
     if behaviour in ("wait-go", "wait-go-lost"):
-        # Held open until the test pushes to <prefix>:go (or the duration runs out).
-        r.blpop([f"{prefix}:go"], timeout=duration)
+        # Held open until the test pushes to <prefix>:go:<pid> (or the duration runs out).
+        r.blpop([f"{prefix}:go:{os.getpid()}"], timeout=duration)
         if behaviour == "wait-go-lost":
             # Paused past its lease: the renewer must find out, and tell the function.
             r.rpush(f"{prefix}:lost", int(flight.lost_event.wait(10)))
