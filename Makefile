@@ -64,9 +64,10 @@ bench-quick:
 	$(VENV)/bin/pip install -e '.[bench]' -q
 	$(PYTHON) -m benchmarks --quick
 
-# Long stress run (tests/soak.py); not part of `make test`.
+# Long stress run (tests/soak.py); not part of `make test`. E.g. SOAK_ARGS="--minutes 1 --seed 7".
+SOAK_ARGS ?=
 soak:
-	$(PYTHON) -m tests.soak
+	$(PYTHON) -m tests.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
