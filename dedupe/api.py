@@ -182,6 +182,7 @@ class SingleFlight:
             on_backend_error=on_backend_error,
         ).validated()
         self._backend: Backend | None = None
+        self._params: dict[_Overrides, tuple[Settings, tuple[int, int, int, int, int]]] = {}
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -244,12 +245,9 @@ class SingleFlight:
         )
 
     def _spec_maker(self, job_id: str, o: _Overrides) -> Callable[[float | None], FlightSpec]:
-        s = self._settings
         backend = self.backend()
-        names = names_for(s.prefix, job_id)
-        lock_ms = max(10, round((o.lock_ttl if o.lock_ttl is not None else s.lock_ttl) * 1000))
-        keep = o.result_ttl if o.result_ttl is not None else s.result_ttl
-        keep_ms = round(keep * 1000)
+        names = names_for(self._settings.prefix, job_id)
+        lock_ms, keep_ms, inline, replicas, replica_ms = self._flight_params(o)
 
         def make(deadline: float | None) -> FlightSpec:
             return FlightSpec(
@@ -259,13 +257,30 @@ class SingleFlight:
                 token_ttl_ms=_TOKEN_TTL_MS,
                 keep_ms=keep_ms,
                 grace_ms=lock_ms + 2000,
-                inline_max_bytes=s.inline_max_bytes,
+                inline_max_bytes=inline,
                 deadline=deadline,
-                min_replicas=s.min_replicas_ack,
-                replica_timeout_ms=round(s.replica_ack_timeout * 1000),
+                min_replicas=replicas,
+                replica_timeout_ms=replica_ms,
             )
 
         return make
+
+    def _flight_params(self, o: _Overrides) -> tuple[int, int, int, int, int]:
+        """A function's flight parameters, worked out once per settings and overrides."""
+        s = self._settings
+        cached = self._params.get(o)
+        if cached is None or cached[0] is not s:
+            lock = o.lock_ttl if o.lock_ttl is not None else s.lock_ttl
+            keep = o.result_ttl if o.result_ttl is not None else s.result_ttl
+            params = (
+                max(10, round(lock * 1000)),
+                round(keep * 1000),
+                s.inline_max_bytes,
+                s.min_replicas_ack,
+                round(s.replica_ack_timeout * 1000),
+            )
+            self._params[o] = cached = (s, params)
+        return cached[1]
 
     def _wait_timeout(self, o: _Overrides) -> float | None:
         return self._settings.wait_timeout if o.wait_timeout is _UNSET else o.wait_timeout

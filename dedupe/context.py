@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 from .errors import LeaseLost, ReentrantFlight
+from .renewal import LostSignal
 
 __all__ = ["Flight", "check_reentry", "current_flight", "leading"]
 
@@ -21,7 +22,7 @@ class Flight:
 
     __slots__ = ("_lost", "key", "token")
 
-    def __init__(self, key: str, token: int, lost: threading.Event) -> None:
+    def __init__(self, key: str, token: int, lost: LostSignal) -> None:
         self.key = key
         self.token = token
         self._lost = lost
@@ -34,7 +35,7 @@ class Flight:
     @property
     def lost_event(self) -> threading.Event:
         """Set when the lease is lost; wait on it from a watchdog of your own."""
-        return self._lost
+        return self._lost.event()
 
     def check(self) -> None:
         """Raise LeaseLost if the lease was lost; call it before a side effect."""

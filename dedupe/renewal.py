@@ -15,9 +15,39 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["Lease", "Renewer"]
+__all__ = ["Lease", "LostSignal", "Renewer"]
 
 log = logging.getLogger("dedupe")
+
+
+class LostSignal:
+    """Set when a lease is lost. Its threading.Event is made only if someone waits on it:
+    most flights never look, and an Event costs more than the rest of a lease."""
+
+    __slots__ = ("_event", "_set")
+    _guard = threading.Lock()
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: threading.Event | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        with self._guard:
+            self._set = True
+            event = self._event
+        if event is not None:
+            event.set()
+
+    def event(self) -> threading.Event:
+        with self._guard:
+            if self._event is None:
+                self._event = threading.Event()
+                if self._set:
+                    self._event.set()
+            return self._event
 
 
 class Lease:
@@ -30,7 +60,7 @@ class Lease:
         self.lock_key = lock_key
         self.value = value
         self.ttl = ttl
-        self.lost = threading.Event()
+        self.lost = LostSignal()
         self.active = True
         self.last_ok = time.monotonic()
 
@@ -48,7 +78,7 @@ class Renewer:
 
     def __init__(self, renew: RenewFn) -> None:
         self._renew = renew
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._heap: list[tuple[float, int, Lease]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None

@@ -28,6 +28,13 @@ def _waker_for(fut: asyncio.Future[None]) -> Callable[[], None]:
 
     def wake() -> None:
         try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            _wake(fut)  # on the waiter's own loop: no self-pipe write, no extra loop turn
+            return
+        try:
             loop.call_soon_threadsafe(_wake, fut)
         except RuntimeError:
             pass  # the waiter's loop is closed: nobody is left to wake

@@ -8,7 +8,6 @@ that no caller awaits any more, is cancelled.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -32,7 +31,7 @@ from ..protocol import (
     is_abort,
     run_flight,
 )
-from ..renewal import Lease
+from ..renewal import Lease, LostSignal
 from ..signals import Mailbox
 
 __all__ = ["call"]
@@ -113,7 +112,7 @@ async def _run(driver: _Driver) -> Outcome:
     names = driver.spec.names
     driver.entry.leading = True
     try:
-        with leading(names.channel, Flight(names.job_id, 0, threading.Event())):
+        with leading(names.channel, Flight(names.job_id, 0, LostSignal())):
             return Outcome(value=await driver.fn(*driver.args, **driver.kwargs))
     except BaseException as exc:
         return Outcome(error=exc)

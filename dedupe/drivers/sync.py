@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +25,7 @@ from ..protocol import (
     is_abort,
     run_flight,
 )
-from ..renewal import Lease
+from ..renewal import Lease, LostSignal
 from ..signals import Mailbox
 
 __all__ = ["call"]
@@ -93,7 +92,7 @@ def _run(
     backend.ran_locally()
     names = spec.names
     try:
-        with leading(names.channel, Flight(names.job_id, 0, threading.Event())):
+        with leading(names.channel, Flight(names.job_id, 0, LostSignal())):
             return Outcome(value=fn(*args, **kwargs))
     except BaseException as exc:
         return Outcome(error=exc)
