@@ -488,5 +488,3 @@ def test_backend_unavailable_while_following_propagates(stage: str) -> None:
         assert isinstance(d.command, Wait)
     with pytest.raises(BackendUnavailable):
         d.throw(BackendUnavailable("no redis"))
-
-
