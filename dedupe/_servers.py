@@ -852,7 +852,30 @@ class RedisSentinelSet:
         _wait_until(
             "replica link up", lambda: self._replica_link_up(self.replica), left(), self.log_tail
         )
-        _wait_until("healthy sentinel view", self.is_healthy, left(), self.log_tail, 0.1)
+
+        def settled() -> bool:
+            # A sentinel may start a second, spurious failover just after the first one:
+            # follow the roles it settles on rather than the ones seen a moment ago.
+            addr = self._all_sentinels_report()
+            if addr is None or self._server_at(addr) is None:
+                return False
+            self._sync_roles(addr)
+            return (
+                self.master.running
+                and self.replica.running
+                and self._replica_link_up(self.replica)
+                and self._master_counts_replica()
+                and self.is_healthy()
+            )
+
+        _wait_until("healthy sentinel view", settled, left(), self.log_tail, 0.1)
+
+    def _master_counts_replica(self) -> bool:
+        """The master sees the replica online: only then does WAIT count it."""
+        with _probe(self.master.host, self.master.port) as c:
+            info = c.info("replication")
+        replica = info.get("slave0")
+        return isinstance(replica, dict) and replica.get("state") == "online"
 
     def stop(self) -> None:
         for s in [*self.sentinels, self.replica, self.master]:

@@ -26,7 +26,7 @@ import redis.asyncio.retry
 import redis.cluster
 import redis.connection as sconn
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import NoScriptError
+from redis.exceptions import ClusterError, NoScriptError, TryAgainError
 
 from .commands import ScriptCall, renew_call
 from .envelope import Codec
@@ -321,18 +321,52 @@ class Backend:
             self._sync = None
 
 
-def run_script(client: SyncClient, call: ScriptCall) -> Any:
+# While a Cluster slot migrates, a multi-key script may meet TRYAGAIN until it is done. Every
+# script is safe to re-send (acquire recognises its own lease; the rest compare, then act).
+_MIGRATION_PATIENCE = 5.0
+_RETRY_IN_MIGRATION = (TryAgainError, ClusterError)
+
+
+def _once(client: Any, call: ScriptCall) -> Any:
     try:
         return client.evalsha(*call.evalsha_args())
     except NoScriptError:
         return client.eval(*call.eval_args())
 
 
-async def run_script_async(client: AsyncClient, call: ScriptCall) -> Any:
+def run_script(client: SyncClient, call: ScriptCall) -> Any:
+    if not isinstance(client, redis.cluster.RedisCluster):
+        return _once(client, call)
+    deadline, delay = time.monotonic() + _MIGRATION_PATIENCE, 0.02
+    while True:
+        try:
+            return _once(client, call)
+        except _RETRY_IN_MIGRATION:
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(0.2, delay * 2)
+
+
+async def _once_async(client: Any, call: ScriptCall) -> Any:
     try:
         return await client.evalsha(*call.evalsha_args())
     except NoScriptError:
         return await client.eval(*call.eval_args())
+
+
+async def run_script_async(client: AsyncClient, call: ScriptCall) -> Any:
+    if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+        return await _once_async(client, call)
+    deadline, delay = time.monotonic() + _MIGRATION_PATIENCE, 0.02
+    while True:
+        try:
+            return await _once_async(client, call)
+        except _RETRY_IN_MIGRATION:
+            if time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(0.2, delay * 2)
 
 
 def wait_replicas(client: SyncClient, lock_key: str, replicas: int, timeout_ms: int) -> int:

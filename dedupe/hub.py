@@ -190,7 +190,10 @@ class Hub:
             if not st.mailboxes:
                 del self._channels[ch]
                 continue
-            st.confirmed = Latch()
+            # A latch not yet set may have a follower waiting on it: keep it, it will be
+            # set by the re-subscription's ack. A set one describes a subscription now gone.
+            if st.confirmed.is_set():
+                st.confirmed = Latch()
             for mailbox in st.mailboxes:
                 mailbox.put(RECHECK)
 
@@ -251,7 +254,8 @@ class Hub:
             except Exception as exc:  # the next reconnect or re-check retries it
                 log.warning("dedupe: could not refresh the cluster layout: %s", exc)
         state.pending.clear()
-        state.confirmed = Latch()
+        if state.confirmed.is_set():
+            state.confirmed = Latch()
         if not state.mailboxes:
             del self._channels[channel]
             return

@@ -1,0 +1,721 @@
+"""dedupe on a real 3-master Redis Cluster: herds across processes, sharded pub/sub, slot moves.
+
+Every job's keys and channel share one hash slot; followers SSUBSCRIBE on the node that owns
+it. Synchronisation is through multiprocessing barriers and Redis itself (BLPOP on lists the
+jobs push to, PUBSUB SHARDNUMSUB on the owning node), never sleeps.
+
+A test that moves a slot moves it back before it ends (the session fixture's ``reset()`` heals
+dead or paused nodes, not the slot layout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio.cluster
+import redis.cluster
+import topology_workers as tw
+from redis.crc import key_slot
+
+from dedupe import SingleFlight
+from dedupe._servers import RedisClusterSet, RedisServer
+from dedupe.keys import names_for
+
+pytestmark = pytest.mark.cluster
+
+SPAWN = mp.get_context("spawn")
+
+
+# --------------------------------------------------------------------------- cluster helpers
+
+
+def slot_of(prefix: str, job_id: str) -> int:
+    return key_slot(names_for(prefix, job_id).channel.encode())
+
+
+def slot_owners(cluster: RedisClusterSet) -> dict[int, list[tuple[int, int]]]:
+    """{master port: [(first slot, last slot), ...]} as the first node reports it."""
+    with cluster.servers[0].client() as c:
+        raw = c.execute_command("CLUSTER", "SLOTS")
+    owners: dict[int, list[tuple[int, int]]] = {}
+    for entry in raw:
+        owners.setdefault(int(entry[2][1]), []).append((int(entry[0]), int(entry[1])))
+    return owners
+
+
+def owner_of(cluster: RedisClusterSet, slot: int) -> RedisServer:
+    for port, ranges in slot_owners(cluster).items():
+        if any(lo <= slot <= hi for lo, hi in ranges):
+            return next(s for s in cluster.servers if s.port == port)
+    raise AssertionError(f"slot {slot} is not covered")
+
+
+def jobs_on_each_master(cluster: RedisClusterSet, prefix: str, stem: str) -> list[str]:
+    """One job id per master (in the order of cluster.servers), avoiding the aux slot."""
+    aux_slot = key_slot(tw.aux({"prefix": prefix}, "x", "y").encode())
+    layout = slot_owners(cluster)
+
+    def port_of(slot: int) -> int:
+        return next(p for p, rs in layout.items() if any(lo <= slot <= hi for lo, hi in rs))
+
+    found: dict[int, str] = {}
+    for i in range(1000):
+        job_id = f"{stem}-{i}"
+        slot = slot_of(prefix, job_id)
+        if slot != aux_slot:
+            found.setdefault(port_of(slot), job_id)
+        if len(found) == len(cluster.servers):
+            break
+    jobs = [found[s.port] for s in cluster.servers]
+    owners = {owner_of(cluster, slot_of(prefix, j)).port for j in jobs}
+    assert owners == {s.port for s in cluster.servers}  # one job on each master
+    return jobs
+
+
+def node_id(server: RedisServer) -> str:
+    with server.client() as c:
+        return str(c.execute_command("CLUSTER", "MYID").decode())
+
+
+def shard_numsub(server: RedisServer, channel: str) -> int:
+    with server.client() as c:
+        reply = c.execute_command("PUBSUB", "SHARDNUMSUB", channel)
+    return int(reply[1])
+
+
+def wait_shard_subscribers(
+    server: RedisServer, channel: str, n: int, timeout: float = 30, *, exact: bool = False
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = shard_numsub(server, channel)
+        if got == n or (got > n and not exact):
+            return
+        assert time.monotonic() < deadline, f"{got} shard subscribers on :{server.port}, not {n}"
+        time.sleep(0.01)
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def migrate_slot(
+    cluster: RedisClusterSet, slot: int, src: RedisServer, dst: RedisServer, *, finish: bool = True
+) -> None:
+    """Move ``slot`` from ``src`` to ``dst`` the way ``redis-cli --cluster reshard`` does.
+
+    With ``finish=False`` the slot is left open (IMPORTING on dst, MIGRATING on src) with
+    every key already moved; call :func:`finish_migration` to assign it.
+    """
+    src_id, dst_id = node_id(src), node_id(dst)
+    with dst.client() as d, src.client() as s:
+        d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+        s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+        for _ in range(1000):
+            keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100)
+            if not keys:
+                break
+            s.execute_command("MIGRATE", dst.host, dst.port, "", 0, 5000, "REPLACE", "KEYS",
+                              *keys)  # fmt: skip
+        else:
+            raise AssertionError(f"slot {slot} did not empty")
+    if finish:
+        finish_migration(cluster, slot, src, dst)
+
+
+def finish_migration(
+    cluster: RedisClusterSet, slot: int, src: RedisServer, dst: RedisServer
+) -> None:
+    dst_id = node_id(dst)
+    others = [s for s in cluster.servers if s is not src and s is not dst]
+    for server in [dst, src, *others]:  # the order redis-cli uses
+        with server.client() as c:
+            c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+    wait_until("every node to agree on the slot layout", cluster.is_healthy)
+    assert owner_of(cluster, slot) is dst
+
+
+def restore_slot(cluster: RedisClusterSet, slot: int, home: RedisServer) -> None:
+    """Close any open migration of ``slot`` and give it back to ``home`` with its keys."""
+    for server in cluster.servers:
+        with server.client() as c:
+            c.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+    wait_until("a stable slot layout", cluster.is_healthy)
+    owner = owner_of(cluster, slot)
+    if owner is not home:
+        migrate_slot(cluster, slot, owner, home)
+    home_id = node_id(home)
+    for server in cluster.servers:  # keys a half-done migration left on a non-owner
+        if server is home:
+            continue
+        with server.client() as c:
+            keys = c.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+            if keys:
+                c.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", home_id)
+                c.execute_command("MIGRATE", home.host, home.port, "", 0, 5000, "REPLACE",
+                                  "KEYS", *keys)  # fmt: skip
+                c.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+
+
+def errorstat(server: RedisServer, name: str) -> int:
+    with server.client() as c:
+        info = c.info("errorstats")
+    entry = info.get(f"errorstat_{name}", {})
+    return int(entry.get("count", 0)) if isinstance(entry, dict) else 0
+
+
+def assert_clean(cluster: RedisClusterSet, prefix: str) -> None:
+    """No key of the prefix without a TTL, and no shard channel left, on any node."""
+    seen = 0
+    for server in cluster.servers:
+        with server.client() as c:
+            for key in c.scan_iter(match=f"{prefix}:*", count=1000):
+                seen += 1
+                assert c.pttl(key) > 0, f"{key!r} on :{server.port} has no TTL"
+    assert seen, "the flights should have left their result/token keys"
+
+    def no_channels() -> bool:
+        for server in cluster.servers:
+            with server.client() as c:
+                if c.execute_command("PUBSUB", "SHARDCHANNELS", f"{prefix}:*"):
+                    return False
+        return True
+
+    # A follower process that exited may still be closing its socket: bounded wait.
+    wait_until("every node to drop the shard channels", no_channels)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def env(redis_cluster: RedisClusterSet, prefix: str) -> dict[str, Any]:
+    return {"topology": "cluster", "nodes": redis_cluster.startup_nodes, "prefix": prefix}
+
+
+@pytest.fixture
+def aux(
+    redis_cluster: RedisClusterSet, env: dict[str, Any]
+) -> Iterator[redis.cluster.RedisCluster]:
+    """A cluster client for the test's bookkeeping keys, which it deletes afterwards."""
+    client = tw.sync_client(env)
+    try:
+        yield client
+    finally:
+        client.close()
+        for server in redis_cluster.servers:
+            with server.client() as c:
+                for key in c.scan_iter(match=f"{env['prefix']}-aux:*", count=1000):
+                    c.delete(key)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    started: list[Any] = []
+    yield started
+    for p in started:
+        if p.is_alive():
+            p.kill()  # by PID, through the Process object
+        p.join(5)
+
+
+def start(procs: list[Any], target: Any, *args: Any) -> Any:
+    p = SPAWN.Process(target=target, args=args)
+    p.start()
+    procs.append(p)
+    return p
+
+
+def gather(queue: Any, n: int, timeout: float = 45) -> list[dict[str, Any]]:
+    return [queue.get(timeout=timeout) for _ in range(n)]
+
+
+def runs(aux: redis.cluster.RedisCluster, env: dict[str, Any], job_id: str) -> int:
+    return int(aux.get(tw.aux(env, job_id, "runs")) or 0)
+
+
+def wait_started(aux: redis.cluster.RedisCluster, env: dict[str, Any], job_id: str) -> int:
+    got = aux.blpop([tw.aux(env, job_id, "started")], timeout=30)
+    assert got is not None, f"{job_id} never started"
+    return int(got[1])
+
+
+def release(aux: redis.cluster.RedisCluster, env: dict[str, Any], job_id: str) -> None:
+    aux.rpush(tw.aux(env, job_id, "go"), 1)
+
+
+# --------------------------------------------------------------------------- herds
+
+
+@pytest.mark.timeout(60)
+def test_herds_on_every_master_across_processes_and_spellings(
+    redis_cluster: RedisClusterSet,
+    env: dict[str, Any],
+    aux: redis.cluster.RedisCluster,
+    procs: list[Any],
+) -> None:
+    """Four processes, each with another client spelling, herd onto one job per master."""
+    jobs = jobs_on_each_master(redis_cluster, env["prefix"], "herd")
+    per_job = 3
+    calls = [j for j in jobs for _ in range(per_job)]
+    layout = [("url", "sync"), ("client", "sync"), ("async_client", "async"), ("url", "async")]
+    barrier, out = SPAWN.Barrier(len(layout)), SPAWN.Queue()
+    job = ("cluster", env, "value", 0.5)
+    for spelling, mode in layout:
+        start(procs, tw.herd, env, spelling, mode, calls, job, barrier, out, {})
+    reports = gather(out, len(layout))
+    results = [r for rep in reports for r in rep["results"]]
+    assert len(results) == len(layout) * len(calls)
+    assert {r["kind"] for r in results} == {"ok"}, [r for r in results if r["kind"] != "ok"]
+    for job_id in jobs:
+        assert runs(aux, env, job_id) == 1, job_id
+        served = [r["value"] for r in results if r["job"] == job_id]
+        assert len(served) == len(layout) * per_job
+        assert len({(v["pid"], v["token"]) for v in served}) == 1  # the one leader's value
+    assert all(rep["hub"] == {} for rep in reports)
+    assert_clean(redis_cluster, env["prefix"])
+
+
+@pytest.mark.timeout(60)
+def test_exception_reaches_every_caller_on_every_master(
+    redis_cluster: RedisClusterSet,
+    env: dict[str, Any],
+    aux: redis.cluster.RedisCluster,
+    procs: list[Any],
+) -> None:
+    jobs = jobs_on_each_master(redis_cluster, env["prefix"], "boom")
+    calls = [j for j in jobs for _ in range(2)]
+    layout = [("url", "sync"), ("async_client", "async")]
+    barrier, out = SPAWN.Barrier(len(layout)), SPAWN.Queue()
+    job = ("cluster", env, "raise", 0.4)
+    for spelling, mode in layout:
+        start(procs, tw.herd, env, spelling, mode, calls, job, barrier, out, {})
+    results = [r for rep in gather(out, len(layout)) for r in rep["results"]]
+    assert len(results) == len(layout) * len(calls)
+    for r in results:
+        assert r["kind"] == "err", r
+        info = r["value"]
+        assert (info["module"], info["type"]) == ("topology_workers", "Custom")
+        assert info["args"] == [repr(f"{r['job']} failed"), "42"]
+        assert "in _result" in info["traceback"]  # the leader's frames travelled too
+    for job_id in jobs:
+        assert runs(aux, env, job_id) == 1
+    assert_clean(redis_cluster, env["prefix"])
+
+
+@pytest.mark.timeout(60)
+def test_sigkilled_leader_is_taken_over(
+    redis_cluster: RedisClusterSet,
+    env: dict[str, Any],
+    aux: redis.cluster.RedisCluster,
+    procs: list[Any],
+) -> None:
+    job_id = jobs_on_each_master(redis_cluster, env["prefix"], "kill")[1]
+    owner = owner_of(redis_cluster, slot_of(env["prefix"], job_id))
+    kw = {"lock_ttl": 1.0}
+    leader_out, out = SPAWN.Queue(), SPAWN.Queue()
+    held = ("cluster", env, "value", "go")  # never released: only SIGKILL ends it
+    leader = start(procs, tw.call_once, env, "url", job_id, held, leader_out, kw)
+    assert wait_started(aux, env, job_id) == leader.pid
+    barrier = SPAWN.Barrier(2)
+    taker = ("cluster", env, "value", 0.0)
+    start(procs, tw.herd, env, "client", "sync", [job_id] * 3, taker, barrier, out, kw)
+    start(procs, tw.herd, env, "url", "async", [job_id] * 3, taker, barrier, out, kw)
+    wait_shard_subscribers(owner, names_for(env["prefix"], job_id).channel, 2)
+    os.kill(leader.pid, signal.SIGKILL)
+    results = [r for rep in gather(out, 2) for r in rep["results"]]
+    assert {r["kind"] for r in results} == {"ok"}, results
+    assert len({(r["value"]["pid"], r["value"]["token"]) for r in results}) == 1
+    assert results[0]["value"]["pid"] != leader.pid
+    assert runs(aux, env, job_id) == 2  # the dead leader and one taker
+    tokens = [int(t) for t in aux.lrange(tw.aux(env, job_id, "tokens"), 0, -1)]
+    assert tokens[1] > tokens[0]  # the new lease is fenced above the dead one
+
+
+# --------------------------------------------------------------------------- client spellings
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("spelling", ["client", "async_client", "url"])
+def test_client_spellings_lead_and_follow_on_every_master(
+    redis_cluster: RedisClusterSet, env: dict[str, Any], spelling: str
+) -> None:
+    """Each spelling, as a follower (sharded pub/sub) and then as a leader, on each master."""
+    jobs = jobs_on_each_master(redis_cluster, env["prefix"], f"spell-{spelling}")
+    leader = tw.make_sf(env, "url", result_ttl=0)
+    gates = {j: threading.Event() for j in jobs}
+    started = {j: threading.Event() for j in jobs}
+
+    def held(job_id: str) -> str:
+        started[job_id].set()
+        assert gates[job_id].wait(20)
+        return f"leader:{job_id}"
+
+    leaders = [threading.Thread(target=leader.call, args=(j, held, j)) for j in jobs]
+    for t in leaders:
+        t.start()
+    for j in jobs:
+        assert started[j].wait(20)
+
+    def ran_here(job_id: str) -> str:
+        return f"follower ran {job_id}"
+
+    async def aran_here(job_id: str) -> str:
+        return f"follower ran {job_id}"
+
+    async def follow_async(sf: SingleFlight) -> list[Any]:
+        return list(await asyncio.gather(*(sf.call(j, aran_here, j) for j in jobs)))
+
+    got: list[Any] = []
+
+    def follow() -> None:
+        if spelling == "async_client":
+
+            async def main() -> None:
+                sf = tw.make_sf(env, spelling, result_ttl=0)
+                got.extend(await follow_async(sf))
+                got.append(await sf.call("solo-" + jobs[0], aran_here, "solo"))
+                got.append(await asyncio.to_thread(tw.hub_channels_when_idle, sf))
+                sf.close()
+                await sf.settings.async_client.aclose()  # type: ignore[union-attr]
+
+            asyncio.run(main())
+        else:
+            sf = tw.make_sf(env, spelling, result_ttl=0)
+            with_threads: dict[str, Any] = {}
+
+            def one(job_id: str) -> None:
+                with_threads[job_id] = sf.call(job_id, ran_here, job_id)
+
+            ts = [threading.Thread(target=one, args=(j,)) for j in jobs]
+            for t in ts:
+                t.start()
+            for t in ts:
+                t.join(20)
+            got.extend(with_threads.get(j) for j in jobs)
+            got.append(sf.call("solo-" + jobs[0], ran_here, "solo"))
+            got.append(tw.hub_channels_when_idle(sf))
+            sf.close()
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    for j in jobs:
+        owner = owner_of(redis_cluster, slot_of(env["prefix"], j))
+        wait_shard_subscribers(owner, names_for(env["prefix"], j).channel, 1)
+    for gate in gates.values():
+        gate.set()
+    follower.join(20)
+    for t in leaders:
+        t.join(20)
+    assert got[: len(jobs)] == [f"leader:{j}" for j in jobs]
+    assert got[len(jobs)] == "follower ran solo"
+    assert got[len(jobs) + 1] == {}
+    leader.close()
+
+
+# --------------------------------------------------------------------------- slot migration
+
+
+@pytest.mark.timeout(60)
+def test_slot_migrates_while_followers_wait(
+    redis_cluster: RedisClusterSet,
+    env: dict[str, Any],
+    aux: redis.cluster.RedisCluster,
+    procs: list[Any],
+) -> None:
+    """The server's sunsubscribe moves the followers to the new owner; the leader, finishing
+    after the move, SPUBLISHes there; everyone is served by that message, well inside the
+    lease (so not by a lease-timeout re-check)."""
+    prefix = env["prefix"]
+    job_id = jobs_on_each_master(redis_cluster, prefix, "move")[0]
+    slot = slot_of(prefix, job_id)
+    channel = names_for(prefix, job_id).channel
+    src = owner_of(redis_cluster, slot)
+    dst = next(s for s in redis_cluster.servers if s is not src)
+    kw = {"lock_ttl": 10.0}
+    leader_out, out = SPAWN.Queue(), SPAWN.Queue()
+    held = ("cluster", env, "value", "go")
+    leader = start(procs, tw.call_once, env, "client", job_id, held, leader_out, kw)
+    try:
+        assert wait_started(aux, env, job_id) == leader.pid
+        barrier = SPAWN.Barrier(2)
+        fallback = ("cluster", env, "value", 0.0)
+        start(procs, tw.herd, env, "url", "sync", [job_id] * 3, fallback, barrier, out, kw)
+        start(procs, tw.herd, env, "async_client", "async", [job_id] * 3, fallback, barrier, out,
+              kw)  # fmt: skip
+        wait_shard_subscribers(src, channel, 2, exact=True)
+
+        migrate_slot(redis_cluster, slot, src, dst)
+        wait_shard_subscribers(dst, channel, 2, exact=True)  # re-subscribed at the new owner
+        assert shard_numsub(src, channel) == 0
+        with dst.client() as d:
+            assert d.exists(names_for(prefix, job_id).lock) == 1  # the lease moved along
+
+        released = time.monotonic()
+        release(aux, env, job_id)
+        leader_result = leader_out.get(timeout=30)
+        reports = gather(out, 2)
+    finally:
+        restore_slot(redis_cluster, slot, src)
+    assert leader_result["kind"] == "ok", leader_result
+    results = [r for rep in reports for r in rep["results"]]
+    assert {r["kind"] for r in results} == {"ok"}, results
+    assert {r["value"]["pid"] for r in results} == {leader.pid}
+    assert runs(aux, env, job_id) == 1
+    slowest = max(r["ended"] for r in results) - released
+    assert slowest < 5.0, f"followers took {slowest:.2f}s: served by re-check, not by message"
+    assert all(rep["hub"] == {} for rep in reports)
+    assert_clean(redis_cluster, prefix)
+
+
+def _stale_client_views(client: Any, slot: int) -> int:
+    return int(client.nodes_manager.get_node_from_slot(slot).port)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_moved_during_acquire_rereads_state_at_the_new_owner(
+    redis_cluster: RedisClusterSet, env: dict[str, Any], mode: str
+) -> None:
+    """A client keeps its slot cache from before the job's slot moved: its next acquire meets
+    MOVED, is re-sent to the new owner and reads the state there (a fresh result), instead of
+    leading blindly."""
+    prefix = env["prefix"]
+    job_id = jobs_on_each_master(redis_cluster, prefix, f"stale-{mode}")[2]
+    slot = slot_of(prefix, job_id)
+    src = owner_of(redis_cluster, slot)
+    dst = next(s for s in redis_cluster.servers if s is not src)
+    ran: list[str] = []
+
+    def job(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    async def ajob(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    async def scenario(sf: SingleFlight, client: Any) -> list[Any]:
+        got = [await _call(sf, job_id, job, ajob, mode, "first")]  # warms the slot cache
+        await asyncio.to_thread(migrate_slot, redis_cluster, slot, src, dst)
+        assert _stale_client_views(client, slot) == src.port
+        got.append(await _call(sf, job_id, job, ajob, mode, "second"))
+        assert _stale_client_views(client, slot) == dst.port  # MOVED taught it
+        return got
+
+    try:
+        if mode == "sync":
+            client = tw.sync_client(env)
+            sf = SingleFlight(client=client, prefix=prefix, result_ttl=30)
+            try:
+                got = asyncio.run(scenario(sf, client))
+            finally:
+                sf.close()
+                client.close()
+        else:
+
+            async def main() -> list[Any]:
+                client = tw.async_client(env)
+                await client.initialize()
+                sf = SingleFlight(async_client=client, prefix=prefix, result_ttl=30)
+                try:
+                    return await scenario(sf, client)
+                finally:
+                    sf.close()
+                    await client.aclose()
+
+            got = asyncio.run(main())
+    finally:
+        restore_slot(redis_cluster, slot, src)
+    assert got == ["first", "first"]
+    assert ran == ["first"]
+
+
+async def _call(sf: SingleFlight, job_id: str, job: Any, ajob: Any, mode: str, tag: str) -> Any:
+    if mode == "sync":
+        return await asyncio.to_thread(sf.call, job_id, job, tag)
+    return await sf.call(job_id, ajob, tag)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_stale_follower_resubscribes_at_the_new_owner(
+    redis_cluster: RedisClusterSet, env: dict[str, Any], mode: str
+) -> None:
+    """As above, but in round 2 a leader holds the job at the new owner: the stale process's
+    acquire meets MOVED, and its hub (whose routes are stale too) must SSUBSCRIBE at the new
+    owner and still be served by the leader's SPUBLISH."""
+    prefix = env["prefix"]
+    job_id = jobs_on_each_master(redis_cluster, prefix, f"restale-{mode}")[0]
+    slot = slot_of(prefix, job_id)
+    channel = names_for(prefix, job_id).channel
+    src = owner_of(redis_cluster, slot)
+    dst = next(s for s in redis_cluster.servers if s is not src)
+    leader = tw.make_sf(env, "url", result_ttl=0)
+    ran: list[str] = []
+    gates = [threading.Event(), threading.Event()]
+    starts = [threading.Event(), threading.Event()]
+
+    def held(i: int) -> str:
+        ran.append(f"leader-{i}")
+        starts[i].set()
+        assert gates[i].wait(20)
+        return f"round-{i}"
+
+    def job(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    async def ajob(tag: str) -> str:
+        ran.append(tag)
+        return tag
+
+    async def round_(stale: SingleFlight, i: int, owner: RedisServer) -> Any:
+        lead = threading.Thread(target=leader.call, args=(job_id, held, i))
+        lead.start()
+        assert await asyncio.to_thread(starts[i].wait, 20)
+        follow = asyncio.ensure_future(_call(stale, job_id, job, ajob, mode, f"stale-{i}"))
+        await asyncio.to_thread(wait_shard_subscribers, owner, channel, 1)
+        gates[i].set()
+        try:
+            return await asyncio.wait_for(follow, 15)
+        finally:
+            gates[i].set()
+            await asyncio.to_thread(lead.join, 20)
+
+    async def scenario(stale: SingleFlight, client: Any) -> list[Any]:
+        got = [await round_(stale, 0, src)]
+        await asyncio.to_thread(migrate_slot, redis_cluster, slot, src, dst)
+        assert _stale_client_views(client, slot) == src.port
+        try:
+            got.append(await round_(stale, 1, dst))
+        except Exception as exc:
+            got.append(repr(exc))
+        got.append(await asyncio.to_thread(tw.hub_channels_when_idle, stale))
+        return got
+
+    try:
+        if mode == "sync":
+            client = tw.sync_client(env)
+            stale = SingleFlight(client=client, prefix=prefix, connect_timeout=1, socket_timeout=2)
+            got = asyncio.run(scenario(stale, client))
+            stale.close()
+        else:
+
+            async def main() -> list[Any]:
+                client = tw.async_client(env)
+                await client.initialize()
+                sf = SingleFlight(
+                    async_client=client, prefix=prefix, connect_timeout=1, socket_timeout=2
+                )
+                try:
+                    return await scenario(sf, client)
+                finally:
+                    sf.close()
+                    await client.aclose()
+
+            got = asyncio.run(main())
+    finally:
+        restore_slot(redis_cluster, slot, src)
+        leader.close()
+    assert got == ["round-0", "round-1", {}]
+    assert ran == ["leader-0", "leader-1"]
+
+
+# redis-py gives up on one command after RedisClusterRequestTTL (16) redirects/TRYAGAINs.
+_REDIS_PY_BUDGET = redis.cluster.RedisCluster.RedisClusterRequestTTL
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("window", "mode"), [("brief", "sync"), ("long", "sync"), ("long", "async")]
+)
+def test_acquire_during_an_open_migration_waits_it_out(
+    redis_cluster: RedisClusterSet, env: dict[str, Any], window: str, mode: str
+) -> None:
+    """While a slot is open (MIGRATING/IMPORTING) the job's keys are split or in flight, so a
+    multi-key acquire meets ASK and then TRYAGAIN. It must be retried, not fail the caller,
+    and not blindly re-acquire: once the move completes the caller follows the live leader.
+
+    ``brief``: the move completes at the first TRYAGAIN. ``long``: it stays open until the
+    caller has met more TRYAGAINs than redis-py retries one command (a slot with many keys)."""
+    tryagains = 1 if window == "brief" else _REDIS_PY_BUDGET + 1
+    prefix = env["prefix"]
+    job_id = jobs_on_each_master(redis_cluster, prefix, f"ask-{window}-{mode}")[1]
+    slot = slot_of(prefix, job_id)
+    src = owner_of(redis_cluster, slot)
+    dst = next(s for s in redis_cluster.servers if s is not src)
+    leader = tw.make_sf(env, "url", result_ttl=0, lock_ttl=5)
+    follower = tw.make_sf(env, "url", result_ttl=0, lock_ttl=5, connect_timeout=1, socket_timeout=2)
+    gate, started = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def held() -> str:
+        ran.append("leader")
+        started.set()
+        assert gate.wait(20)
+        return "leader"
+
+    def own() -> str:
+        ran.append("follower")
+        return "follower"
+
+    async def aown() -> str:
+        return own()
+
+    got: list[Any] = []
+    lead = threading.Thread(target=lambda: got.append(leader.call(job_id, held)))
+    lead.start()
+    try:
+        assert started.wait(20)
+        migrate_slot(redis_cluster, slot, src, dst, finish=False)  # open, keys at dst
+        before = errorstat(dst, "TRYAGAIN") + errorstat(src, "TRYAGAIN")
+        outcome: list[Any] = []
+
+        def follow() -> None:
+            try:
+                if mode == "sync":
+                    outcome.append(follower.call(job_id, own))
+                else:
+                    outcome.append(asyncio.run(follower.call(job_id, aown)))
+            except Exception as exc:
+                outcome.append(exc)
+
+        f = threading.Thread(target=follow)
+        f.start()
+        wait_until(
+            f"the follower's acquire to meet TRYAGAIN {tryagains} times, or to give up",
+            lambda: (
+                errorstat(dst, "TRYAGAIN") + errorstat(src, "TRYAGAIN") >= before + tryagains
+                or not f.is_alive()
+            ),
+        )
+        finish_migration(redis_cluster, slot, src, dst)
+        channel = names_for(prefix, job_id).channel
+        # Release the leader only once the follower follows it (or has given up).
+        wait_until(
+            "the follower to subscribe at the new owner, or to give up",
+            lambda: shard_numsub(dst, channel) >= 1 or not f.is_alive(),
+        )
+        gate.set()
+        f.join(20)
+        lead.join(20)
+    finally:
+        gate.set()
+        restore_slot(redis_cluster, slot, src)
+        leader.close()
+        follower.close()
+    assert outcome == ["leader"], outcome
+    assert ran == ["leader"]
