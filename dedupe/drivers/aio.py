@@ -52,9 +52,13 @@ async def call(
     key = spec.names.channel
     check_reentry(key, spec.names.job_id)
     table = backend.async_flights
+    attempts = 0
     while True:
         entry, created = table.join(key)
+        attempts += 1
         if created:
+            if attempts > 1:
+                spec = make_spec(None)  # a fresh owner id for every lease attempt
             driver = _Driver(backend, spec, fn, args, kwargs, entry)
             entry.task = asyncio.get_running_loop().create_task(_drive(driver, table, key))
         left = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -45,8 +45,12 @@ def call(
     key = spec.names.channel
     check_reentry(key, spec.names.job_id)
     table = backend.sync_flights
+    attempts = 0
     while True:
         entry, created = table.join(key)
+        attempts += 1
+        if created and attempts > 1:
+            spec = make_spec(deadline)  # a fresh owner id for every lease attempt
         if not created:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not entry.result.wait(left):
