@@ -20,7 +20,7 @@ import wrapt
 from .backend import AsyncClient, Backend, BackendConfig, SyncClient
 from .drivers import aio, sync
 from .envelope import Codec, Serializer, resolve_serializer
-from .keys import KeyBuilder, key_builder, names_for, validate_job_id, validate_prefix
+from .keys import KeyBuilder, Names, key_builder, names_for, validate_job_id, validate_prefix
 from .protocol import FlightSpec
 
 __all__ = ["SingleFlight", "single_flight"]
@@ -244,9 +244,9 @@ class SingleFlight:
             )
         )
 
-    def _spec_maker(self, job_id: str, o: _Overrides) -> Callable[[float | None], FlightSpec]:
-        backend = self.backend()
-        names = names_for(self._settings.prefix, job_id)
+    def _spec_maker(
+        self, backend: Backend, names: Names, o: _Overrides
+    ) -> Callable[[float | None], FlightSpec]:
         lock_ms, keep_ms, inline, replicas, replica_ms = self._flight_params(o)
 
         def make(deadline: float | None) -> FlightSpec:
@@ -288,14 +288,20 @@ class SingleFlight:
     # --- running ------------------------------------------------------------------------------
 
     def _run_sync(self, job_id: str, o: _Overrides, fn: Callable[..., R], args: Any, kw: Any) -> R:
-        make = self._spec_maker(job_id, o)
-        return cast(R, sync.call(self.backend(), make, self._wait_timeout(o), fn, args, kw))
+        backend = self.backend()
+        names = names_for(self._settings.prefix, job_id)
+        make = self._spec_maker(backend, names, o)
+        wait = self._wait_timeout(o)
+        return cast(R, sync.call(backend, names, make, wait, fn, args, kw))
 
     async def _run_async(
         self, job_id: str, o: _Overrides, fn: Callable[..., Awaitable[R]], args: Any, kw: Any
     ) -> R:
-        make = self._spec_maker(job_id, o)
-        result = await aio.call(self.backend(), make, self._wait_timeout(o), fn, args, kw)  # type: ignore[arg-type]
+        backend = self.backend()
+        names = names_for(self._settings.prefix, job_id)
+        make = self._spec_maker(backend, names, o)
+        wait = self._wait_timeout(o)
+        result = await aio.call(backend, names, make, wait, fn, args, kw)  # type: ignore[arg-type]
         return cast(R, result)
 
     @overload

@@ -298,7 +298,8 @@ class Backend:
         return renewer
 
     def _renew(self, lock_key: str, lock_value: str, ttl_ms: int) -> int:
-        return int(run_script(self.sync_client(), renew_call(lock_key, lock_value, ttl_ms)))
+        call = renew_call(lock_key, lock_value, ttl_ms)
+        return int(run_script(self.sync_client(), call, self.kind == "cluster"))
 
     def owner(self) -> str:
         return f"{self._owner_base}.{next(self._owner_seq)}"
@@ -334,8 +335,8 @@ def _once(client: Any, call: ScriptCall) -> Any:
         return client.eval(*call.eval_args())
 
 
-def run_script(client: SyncClient, call: ScriptCall) -> Any:
-    if not isinstance(client, redis.cluster.RedisCluster):
+def run_script(client: SyncClient, call: ScriptCall, cluster: bool = False) -> Any:
+    if not cluster:
         return _once(client, call)
     deadline, delay = time.monotonic() + _MIGRATION_PATIENCE, 0.02
     while True:
@@ -355,8 +356,8 @@ async def _once_async(client: Any, call: ScriptCall) -> Any:
         return await client.eval(*call.eval_args())
 
 
-async def run_script_async(client: AsyncClient, call: ScriptCall) -> Any:
-    if not isinstance(client, redis.asyncio.cluster.RedisCluster):
+async def run_script_async(client: AsyncClient, call: ScriptCall, cluster: bool = False) -> Any:
+    if not cluster:
         return await _once_async(client, call)
     deadline, delay = time.monotonic() + _MIGRATION_PATIENCE, 0.02
     while True:

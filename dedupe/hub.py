@@ -31,7 +31,10 @@ __all__ = ["Hub", "Router", "SingleRouter"]
 log = logging.getLogger("dedupe")
 
 Item = bytes | object  # a message, or RECHECK
-_BATCH = 512  # channels per re-subscribe command
+_BATCH = 512  # channels per (re-)subscribe or unsubscribe command
+# Unsubscribing waits this long, off the caller's path: a follower returns without paying for
+# it, a hot key's next follower reuses the subscription, and unsubscribes go out in batches.
+_LINGER = 0.05
 
 
 class Connection(Protocol):
@@ -69,13 +72,14 @@ class SingleRouter:
 
 
 class _Channel:
-    __slots__ = ("confirmed", "link", "mailboxes", "pending")
+    __slots__ = ("confirmed", "leaving", "link", "mailboxes", "pending")
 
     def __init__(self, link: _Link) -> None:
         self.link = link
         self.mailboxes: set[Mailbox[Item]] = set()
         self.pending: deque[bool] = deque()  # sent and not yet acked: True subscribe, False un-
         self.confirmed: Latch[bool] = Latch()
+        self.leaving = False  # an UNSUBSCRIBE is queued, not yet sent
 
 
 class Hub:
@@ -88,6 +92,9 @@ class Hub:
         self._links: dict[str, _Link] = {}
         self._health_interval = health_interval
         self._closed = False
+        self._leaving: list[str] = []
+        self._leaving_cond = threading.Condition(self._lock)
+        self._sender: threading.Thread | None = None
         if sharded:
             self.sub, self.unsub = "SSUBSCRIBE", "SUNSUBSCRIBE"
             self._msg, self._ack, self._nack = b"smessage", b"ssubscribe", b"sunsubscribe"
@@ -109,9 +116,12 @@ class Hub:
             first = not state.mailboxes
             state.mailboxes.add(mailbox)
             if first:
-                state.confirmed = Latch()
-                if state.link.send(self.sub, channel):
-                    state.pending.append(True)
+                if state.leaving:
+                    state.leaving = False  # still subscribed at the server: keep it
+                else:
+                    state.confirmed = Latch()
+                    if state.link.send(self.sub, channel):
+                        state.pending.append(True)
             return state.confirmed
 
     def confirmation(self, channel: str) -> Latch[bool]:
@@ -128,12 +138,43 @@ class Hub:
             if state is None or mailbox not in state.mailboxes:
                 return
             state.mailboxes.discard(mailbox)
-            if state.mailboxes:
+            if state.mailboxes or state.leaving:
                 return
-            if state.link.send(self.unsub, channel):
-                state.pending.append(False)
-            if not state.pending:
-                del self._channels[channel]
+            state.leaving = True
+            self._leaving.append(channel)
+            if self._sender is None:
+                self._sender = threading.Thread(
+                    target=self._send_unsubscribes, name="dedupe-hub-unsubscribe", daemon=True
+                )
+                self._sender.start()
+            self._leaving_cond.notify()
+
+    def _send_unsubscribes(self) -> None:
+        while True:
+            with self._lock:
+                while not self._leaving and not self._closed:
+                    self._leaving_cond.wait()
+                if self._closed:
+                    return
+            time.sleep(_LINGER)
+            with self._lock:
+                by_link: dict[_Link, list[str]] = {}
+                for channel in self._leaving:
+                    state = self._channels.get(channel)
+                    if state is not None and state.leaving and not state.mailboxes:
+                        state.leaving = False
+                        by_link.setdefault(state.link, []).append(channel)
+                self._leaving.clear()
+                for link, channels in by_link.items():
+                    for i in range(0, len(channels), _BATCH):
+                        batch = channels[i : i + _BATCH]
+                        sent = link.send(self.unsub, *batch)
+                        for channel in batch:
+                            state = self._channels[channel]
+                            if sent:
+                                state.pending.append(False)
+                            elif not state.pending:
+                                del self._channels[channel]  # no connection: nothing to undo
 
     def kick(self, channel: str) -> None:
         """A confirmation is overdue: drop that connection so it reconnects afresh."""
@@ -156,6 +197,7 @@ class Hub:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            self._leaving_cond.notify_all()
             links = list(self._links.values())
             self._links.clear()
         for link in links:
@@ -220,9 +262,9 @@ class Hub:
                 return
             if state.pending:
                 return
-            if state.mailboxes:
-                state.confirmed.set(True)
-            else:
+            if subscribed:
+                state.confirmed.set(True)  # the server has us subscribed now
+            elif not state.mailboxes:
                 del self._channels[channel]
 
     def _on_error_reply(self, link: _Link, exc: ResponseError) -> None:

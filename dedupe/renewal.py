@@ -83,6 +83,7 @@ class Renewer:
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._wake_at = float("inf")  # when the thread means to wake next
         self.lost = 0
 
     def add(self, lease: Lease) -> None:
@@ -96,7 +97,8 @@ class Renewer:
                 self._thread.start()
             # Wake the thread only if it must now wake earlier: most flights end before their
             # first renewal and must not cost a context switch each.
-            if self._heap[0] is entry:
+            if entry[0] < self._wake_at:
+                self._wake_at = entry[0]
                 self._cond.notify()
 
     def remove(self, lease: Lease) -> None:
@@ -119,14 +121,17 @@ class Renewer:
                 while self._heap and not self._heap[0][2].active:
                     heapq.heappop(self._heap)
                 if not self._heap:
+                    self._wake_at = float("inf")
                     self._cond.wait()
                     continue
                 due, _, lease = self._heap[0]
                 now = time.monotonic()
                 if due > now:
+                    self._wake_at = due
                     self._cond.wait(due - now)
                     continue
                 heapq.heappop(self._heap)
+                self._wake_at = now  # busy: no need to be woken
                 self._renew_one(lease, now)
 
     def _renew_one(self, lease: Lease, now: float) -> None:

@@ -49,9 +49,10 @@ if type(t) ~= 'number' or t == 1 then
   -- Seed a new counter from the clock, so tokens keep growing after the counter expires.
   local now = redis.call('TIME')
   t = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  redis.call('SET', KEYS[2], string.format('%d', t))
+  redis.call('SET', KEYS[2], string.format('%d', t), 'PX', ARGV[3])
+else
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[1], string.format('%d', t) .. ':' .. ARGV[1], 'PX', ARGV[2])
 return {2, t}
 """

@@ -43,10 +43,15 @@ def _waker_for(fut: asyncio.Future[None]) -> Callable[[], None]:
 
 
 async def _await_for(fut: asyncio.Future[None], timeout: float | None) -> None:
+    # A timer on the future itself: asyncio.wait_for would add a task and two loop turns.
+    if timeout is None:
+        await fut
+        return
+    timer = fut.get_loop().call_later(max(0.0, timeout), _wake, fut)
     try:
-        await asyncio.wait_for(fut, timeout)
-    except asyncio.TimeoutError:
-        pass
+        await fut
+    finally:
+        timer.cancel()
 
 
 class Latch(Generic[T]):

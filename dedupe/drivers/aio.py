@@ -18,6 +18,7 @@ from ..context import Flight, check_reentry, leading
 from ..envelope import Outcome
 from ..errors import BackendUnavailable, WaitTimeout
 from ..inflight import RETRY, Entry, InFlight
+from ..keys import Names
 from ..protocol import (
     Acquire,
     Command,
@@ -39,27 +40,23 @@ __all__ = ["call"]
 
 async def call(
     backend: Backend,
+    names: Names,
     make_spec: Callable[[float | None], FlightSpec],
     wait_timeout: float | None,
     fn: Callable[..., Coroutine[Any, Any, Any]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    """Await ``fn`` once across every caller of the spec's key, and return its outcome."""
+    """Await ``fn`` once across every caller of the job, and return its outcome."""
     deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
-    # The shared task follows with no deadline of its own: each caller keeps its own.
-    spec = make_spec(None)
-    key = spec.names.channel
-    check_reentry(key, spec.names.job_id)
+    key = names.channel
+    check_reentry(key, names.job_id)
     table = backend.async_flights
-    attempts = 0
     while True:
         entry, created = table.join(key)
-        attempts += 1
         if created:
-            if attempts > 1:
-                spec = make_spec(None)  # a fresh owner id for every lease attempt
-            driver = _Driver(backend, spec, fn, args, kwargs, entry)
+            # The shared task follows with no deadline of its own: each caller keeps its own.
+            driver = _Driver(backend, make_spec(None), fn, args, kwargs, entry)
             entry.task = asyncio.get_running_loop().create_task(_drive(driver, table, key))
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
@@ -69,7 +66,7 @@ async def call(
             raise
         if not done:
             _leave(table, entry)
-            raise WaitTimeout(f"waited {wait_timeout}s for {spec.names.job_id!r}")
+            raise WaitTimeout(f"waited {wait_timeout}s for {names.job_id!r}")
         result = entry.result.get()
         if result is RETRY:
             continue
@@ -134,6 +131,7 @@ class _Driver:
     ) -> None:
         self.backend = backend
         self.client = backend.async_client()
+        self.cluster = backend.kind == "cluster"  # isinstance on cluster clients is slow
         self.spec = spec
         self.fn, self.args, self.kwargs = fn, args, kwargs
         self.entry = entry
@@ -162,7 +160,8 @@ class _Driver:
     async def execute(self, cmd: Command) -> object:
         spec = self.spec
         if isinstance(cmd, Acquire):
-            return parse_acquired(await run_script_async(self.client, acquire_call(spec, cmd)))
+            call = acquire_call(spec, cmd)
+            return parse_acquired(await run_script_async(self.client, call, self.cluster))
         if isinstance(cmd, Wait):
             assert self.mailbox is not None
             return await self.mailbox.get_async(cmd.timeout)
@@ -182,9 +181,9 @@ class _Driver:
             return await self.lead(cmd)
         if isinstance(cmd, Complete):
             call = complete_call(spec, cmd, self.backend.publish)
-            return bool(await run_script_async(self.client, call))
+            return bool(await run_script_async(self.client, call, self.cluster))
         if isinstance(cmd, Discard):
-            return await run_script_async(self.client, discard_call(spec, cmd))
+            return await run_script_async(self.client, discard_call(spec, cmd), self.cluster)
         if isinstance(cmd, Replicate):
             lock = spec.names.lock
             return await wait_replicas_async(self.client, lock, cmd.replicas, cmd.timeout_ms)

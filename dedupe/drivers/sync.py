@@ -12,6 +12,7 @@ from ..context import Flight, check_reentry, leading
 from ..envelope import Outcome
 from ..errors import BackendUnavailable, WaitTimeout
 from ..inflight import RETRY
+from ..keys import Names
 from ..protocol import (
     Acquire,
     Command,
@@ -33,33 +34,30 @@ __all__ = ["call"]
 
 def call(
     backend: Backend,
+    names: Names,
     make_spec: Callable[[float | None], FlightSpec],
     wait_timeout: float | None,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
-    """Run ``fn`` once across every caller of the spec's key, and return its outcome."""
+    """Run ``fn`` once across every caller of the job, and return its outcome."""
     deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
-    spec = make_spec(deadline)
-    key = spec.names.channel
-    check_reentry(key, spec.names.job_id)
+    key = names.channel
+    check_reentry(key, names.job_id)
     table = backend.sync_flights
-    attempts = 0
     while True:
         entry, created = table.join(key)
-        attempts += 1
-        if created and attempts > 1:
-            spec = make_spec(deadline)  # a fresh owner id for every lease attempt
         if not created:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not entry.result.wait(left):
-                raise WaitTimeout(f"waited {wait_timeout}s for {spec.names.job_id!r}")
+                raise WaitTimeout(f"waited {wait_timeout}s for {names.job_id!r}")
             result = entry.result.get()
             if result is RETRY:
                 continue
             assert isinstance(result, Outcome)
             return result.unwrap()
+        spec = make_spec(deadline)  # only the driver needs one: joiners stay cheap
         shared: Outcome | object = RETRY
         try:
             outcome = _run(backend, spec, fn, args, kwargs)
@@ -113,6 +111,7 @@ class _Driver:
     ) -> None:
         self.backend = backend
         self.client = backend.sync_client()
+        self.cluster = backend.kind == "cluster"  # isinstance on cluster clients is slow
         self.spec = spec
         self.fn, self.args, self.kwargs = fn, args, kwargs
         self.mailbox: Mailbox[object] | None = None
@@ -140,7 +139,8 @@ class _Driver:
     def execute(self, cmd: Command) -> object:
         spec = self.spec
         if isinstance(cmd, Acquire):
-            return parse_acquired(run_script(self.client, acquire_call(spec, cmd)))
+            call = acquire_call(spec, cmd)
+            return parse_acquired(run_script(self.client, call, self.cluster))
         if isinstance(cmd, Wait):
             assert self.mailbox is not None
             return self.mailbox.get(cmd.timeout)
@@ -159,9 +159,10 @@ class _Driver:
         if isinstance(cmd, Lead):
             return self.lead(cmd)
         if isinstance(cmd, Complete):
-            return bool(run_script(self.client, complete_call(spec, cmd, self.backend.publish)))
+            call = complete_call(spec, cmd, self.backend.publish)
+            return bool(run_script(self.client, call, self.cluster))
         if isinstance(cmd, Discard):
-            return run_script(self.client, discard_call(spec, cmd))
+            return run_script(self.client, discard_call(spec, cmd), self.cluster)
         if isinstance(cmd, Replicate):
             return wait_replicas(self.client, spec.names.lock, cmd.replicas, cmd.timeout_ms)
         raise TypeError(f"unknown command {cmd!r}")
