@@ -1,7 +1,9 @@
 """The per-process pub/sub hub: one subscriber connection per Redis node, shared by all flights.
 
 Channels are reference-counted: the first follower of a job subscribes, the last one out
-unsubscribes. A reader thread per connection owns all reads; callers only send. A follower
+unsubscribes, a moment later and from a hub thread, so that it does not wait for it and a
+hot key's next follower finds the subscription still open. A reader thread per connection
+owns all reads; callers only send. A follower
 may re-check the job's state only after the server confirmed its subscription, so the hub
 tracks the acks of every SUBSCRIBE/UNSUBSCRIBE it sent, in order.
 
@@ -188,11 +190,6 @@ class Hub:
         """Channels held now, with their number of local subscribers (for hygiene checks)."""
         with self._lock:
             return {ch: len(st.mailboxes) for ch, st in self._channels.items()}
-
-    def server_channels(self) -> int:
-        """Channels the server still has us subscribed to, as far as acks tell."""
-        with self._lock:
-            return sum(1 for st in self._channels.values() if st.confirmed.is_set())
 
     def close(self) -> None:
         with self._lock:

@@ -12,28 +12,15 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..backend import Backend, run_script_async, wait_replicas_async
-from ..commands import acquire_call, complete_call, discard_call, parse_acquired, translate
-from ..context import Flight, check_reentry, leading
+from ..backend import AsyncClient, Backend, run_script_async, wait_replicas_async
+from ..commands import translate
+from ..context import check_reentry
 from ..envelope import Outcome
 from ..errors import BackendUnavailable, WaitTimeout
 from ..inflight import RETRY, Entry, InFlight
 from ..keys import Names
-from ..protocol import (
-    Acquire,
-    Command,
-    Complete,
-    Discard,
-    FlightSpec,
-    Lead,
-    Replicate,
-    Subscribe,
-    Wait,
-    is_abort,
-    run_flight,
-)
-from ..renewal import Lease, LostSignal
-from ..signals import Mailbox
+from ..protocol import Command, FlightSpec, Lead, Replicate, Subscribe, Wait, is_abort, run_flight
+from .base import DriverBase, local_leader
 
 __all__ = ["call"]
 
@@ -108,18 +95,15 @@ async def _run(driver: _Driver) -> Outcome:
         else:
             backend.answered()
             return outcome
-    # on_backend_error="local": deduplicated in this process only, and no fencing token.
-    backend.ran_locally()
-    names = driver.spec.names
     driver.entry.leading = True
     try:
-        with leading(names.channel, Flight(names.job_id, 0, LostSignal())):
+        with local_leader(backend, driver.spec.names):
             return Outcome(value=await driver.fn(*driver.args, **driver.kwargs))
     except BaseException as exc:
         return Outcome(error=exc)
 
 
-class _Driver:
+class _Driver(DriverBase):
     def __init__(
         self,
         backend: Backend,
@@ -129,16 +113,12 @@ class _Driver:
         kwargs: dict[str, Any],
         entry: Entry,
     ) -> None:
-        self.backend = backend
-        self.client = backend.async_client()
-        self.cluster = backend.kind == "cluster"  # isinstance on cluster clients is slow
-        self.spec = spec
-        self.fn, self.args, self.kwargs = fn, args, kwargs
+        super().__init__(backend, spec, fn, args, kwargs)
         self.entry = entry
-        self.mailbox: Mailbox[object] | None = None
 
     async def run(self) -> Outcome:
-        flight = run_flight(self.spec, self.backend.codec, time.monotonic)
+        client = self.backend.async_client()
+        flight = run_flight(self.spec, self.codec, time.monotonic)
         reply: object = None
         error: Exception | None = None
         try:
@@ -149,56 +129,32 @@ class _Driver:
                     return stop.value  # type: ignore[no-any-return]
                 reply, error = None, None
                 try:
-                    reply = await self.execute(cmd)
+                    reply = await self.execute(client, cmd)
                 except Exception as exc:
                     error = translate(exc)
         finally:
             flight.close()
-            if self.mailbox is not None:
-                self.backend.hub().unsubscribe(self.spec.names.channel, self.mailbox)
+            self.release()
 
-    async def execute(self, cmd: Command) -> object:
-        spec = self.spec
-        if isinstance(cmd, Acquire):
-            call = acquire_call(spec, cmd)
-            return parse_acquired(await run_script_async(self.client, call, self.cluster))
+    async def execute(self, client: AsyncClient, cmd: Command) -> object:
+        script = self.script_for(cmd)
+        if script is not None:
+            return self.reply_of(cmd, await run_script_async(client, script, self.cluster))
         if isinstance(cmd, Wait):
             assert self.mailbox is not None
             return await self.mailbox.get_async(cmd.timeout)
         if isinstance(cmd, Subscribe):
-            hub = self.backend.hub()
-            channel = spec.names.channel
-            if self.mailbox is None:
-                self.mailbox = Mailbox()
-                latch = hub.subscribe(channel, self.mailbox)
-            else:
-                latch = hub.confirmation(channel)
-            if not await latch.wait_async(self.backend.confirm_timeout):
-                hub.kick(channel)
-                raise BackendUnavailable(f"Redis did not confirm the subscription to {channel!r}")
+            if not await self.subscription().wait_async(self.backend.confirm_timeout):
+                raise self.unconfirmed()
             return None
         if isinstance(cmd, Lead):
-            return await self.lead(cmd)
-        if isinstance(cmd, Complete):
-            call = complete_call(spec, cmd, self.backend.publish)
-            return bool(await run_script_async(self.client, call, self.cluster))
-        if isinstance(cmd, Discard):
-            return await run_script_async(self.client, discard_call(spec, cmd), self.cluster)
+            self.entry.leading = True
+            try:
+                with self.leased(cmd):
+                    return Outcome(value=await self.fn(*self.args, **self.kwargs))
+            except BaseException as exc:  # an abort too: the protocol must tell the waiters
+                return Outcome(error=exc)
         if isinstance(cmd, Replicate):
-            lock = spec.names.lock
-            return await wait_replicas_async(self.client, lock, cmd.replicas, cmd.timeout_ms)
+            lock = self.spec.names.lock
+            return await wait_replicas_async(client, lock, cmd.replicas, cmd.timeout_ms)
         raise TypeError(f"unknown command {cmd!r}")
-
-    async def lead(self, cmd: Lead) -> Outcome:
-        names = self.spec.names
-        lease = Lease(names.job_id, names.lock, cmd.lock_value, self.spec.lock_ttl_ms / 1000)
-        renewer = self.backend.renewer()
-        renewer.add(lease)
-        self.entry.leading = True
-        try:
-            with leading(names.channel, Flight(names.job_id, cmd.token, lease.lost)):
-                return Outcome(value=await self.fn(*self.args, **self.kwargs))
-        except BaseException as exc:  # an abort too: the protocol must tell the waiters
-            return Outcome(error=exc)
-        finally:
-            renewer.remove(lease)

@@ -6,28 +6,15 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..backend import Backend, run_script, wait_replicas
-from ..commands import acquire_call, complete_call, discard_call, parse_acquired, translate
-from ..context import Flight, check_reentry, leading
+from ..backend import Backend, SyncClient, run_script, wait_replicas
+from ..commands import translate
+from ..context import check_reentry
 from ..envelope import Outcome
 from ..errors import BackendUnavailable, WaitTimeout
 from ..inflight import RETRY
 from ..keys import Names
-from ..protocol import (
-    Acquire,
-    Command,
-    Complete,
-    Discard,
-    FlightSpec,
-    Lead,
-    Replicate,
-    Subscribe,
-    Wait,
-    is_abort,
-    run_flight,
-)
-from ..renewal import Lease, LostSignal
-from ..signals import Mailbox
+from ..protocol import Command, FlightSpec, Lead, Replicate, Subscribe, Wait, is_abort, run_flight
+from .base import DriverBase, local_leader
 
 __all__ = ["call"]
 
@@ -90,34 +77,17 @@ def _run(
         else:
             backend.answered()
             return outcome
-    # on_backend_error="local": deduplicated in this process only, and no fencing token.
-    backend.ran_locally()
-    names = spec.names
     try:
-        with leading(names.channel, Flight(names.job_id, 0, LostSignal())):
+        with local_leader(backend, spec.names):
             return Outcome(value=fn(*args, **kwargs))
     except BaseException as exc:
         return Outcome(error=exc)
 
 
-class _Driver:
-    def __init__(
-        self,
-        backend: Backend,
-        spec: FlightSpec,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        self.backend = backend
-        self.client = backend.sync_client()
-        self.cluster = backend.kind == "cluster"  # isinstance on cluster clients is slow
-        self.spec = spec
-        self.fn, self.args, self.kwargs = fn, args, kwargs
-        self.mailbox: Mailbox[object] | None = None
-
+class _Driver(DriverBase):
     def run(self) -> Outcome:
-        flight = run_flight(self.spec, self.backend.codec, time.monotonic)
+        client = self.backend.sync_client()
+        flight = run_flight(self.spec, self.codec, time.monotonic)
         reply: object = None
         error: Exception | None = None
         try:
@@ -128,54 +98,30 @@ class _Driver:
                     return stop.value  # type: ignore[no-any-return]
                 reply, error = None, None
                 try:
-                    reply = self.execute(cmd)
+                    reply = self.execute(client, cmd)
                 except Exception as exc:
                     error = translate(exc)
         finally:
             flight.close()
-            if self.mailbox is not None:
-                self.backend.hub().unsubscribe(self.spec.names.channel, self.mailbox)
+            self.release()
 
-    def execute(self, cmd: Command) -> object:
-        spec = self.spec
-        if isinstance(cmd, Acquire):
-            call = acquire_call(spec, cmd)
-            return parse_acquired(run_script(self.client, call, self.cluster))
+    def execute(self, client: SyncClient, cmd: Command) -> object:
+        script = self.script_for(cmd)
+        if script is not None:
+            return self.reply_of(cmd, run_script(client, script, self.cluster))
         if isinstance(cmd, Wait):
             assert self.mailbox is not None
             return self.mailbox.get(cmd.timeout)
         if isinstance(cmd, Subscribe):
-            hub = self.backend.hub()
-            channel = spec.names.channel
-            if self.mailbox is None:
-                self.mailbox = Mailbox()
-                latch = hub.subscribe(channel, self.mailbox)
-            else:
-                latch = hub.confirmation(channel)
-            if not latch.wait(self.backend.confirm_timeout):
-                hub.kick(channel)
-                raise BackendUnavailable(f"Redis did not confirm the subscription to {channel!r}")
+            if not self.subscription().wait(self.backend.confirm_timeout):
+                raise self.unconfirmed()
             return None
         if isinstance(cmd, Lead):
-            return self.lead(cmd)
-        if isinstance(cmd, Complete):
-            call = complete_call(spec, cmd, self.backend.publish)
-            return bool(run_script(self.client, call, self.cluster))
-        if isinstance(cmd, Discard):
-            return run_script(self.client, discard_call(spec, cmd), self.cluster)
+            try:
+                with self.leased(cmd):
+                    return Outcome(value=self.fn(*self.args, **self.kwargs))
+            except BaseException as exc:  # an abort too: the protocol must tell the waiters
+                return Outcome(error=exc)
         if isinstance(cmd, Replicate):
-            return wait_replicas(self.client, spec.names.lock, cmd.replicas, cmd.timeout_ms)
+            return wait_replicas(client, self.spec.names.lock, cmd.replicas, cmd.timeout_ms)
         raise TypeError(f"unknown command {cmd!r}")
-
-    def lead(self, cmd: Lead) -> Outcome:
-        names = self.spec.names
-        lease = Lease(names.job_id, names.lock, cmd.lock_value, self.spec.lock_ttl_ms / 1000)
-        renewer = self.backend.renewer()
-        renewer.add(lease)
-        try:
-            with leading(names.channel, Flight(names.job_id, cmd.token, lease.lost)):
-                return Outcome(value=self.fn(*self.args, **self.kwargs))
-        except BaseException as exc:  # an abort too: the protocol must tell the waiters
-            return Outcome(error=exc)
-        finally:
-            renewer.remove(lease)
