@@ -56,13 +56,17 @@ format:
 demo:
 	$(PYTHON) examples/demo.py
 
+# Benchmarks against raw redis-py and the peers (benchmarks/; results in benchmarks/results/).
+# `make bench` takes about 10 minutes, `make bench-quick` under 2. Extra flags: BENCH_ARGS=...
+BENCH_ARGS ?=
+
 bench:
 	$(VENV)/bin/pip install -e '.[bench]' -q
-	$(PYTHON) -m benchmarks
+	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 
 bench-quick:
 	$(VENV)/bin/pip install -e '.[bench]' -q
-	$(PYTHON) -m benchmarks --quick
+	$(PYTHON) -m benchmarks --quick $(BENCH_ARGS)
 
 # Long stress run (tests/soak.py); not part of `make test`. E.g. SOAK_ARGS="--minutes 1 --seed 7".
 SOAK_ARGS ?=

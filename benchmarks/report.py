@@ -1,0 +1,447 @@
+"""Turns scenario results into the markdown report and the PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .scenarios import JOB_S, Params
+from .stats import Spread, percentile, ratios
+
+PEERS_SYNC = ("python-redis-lock", "redis-py Lock", "dogpile.cache")
+PEERS_ASYNC = ("cashews",)
+CONTROL = "no lock (control)"
+
+
+def _ok(flag: bool) -> str:
+    return "met" if flag else "**missed**"
+
+
+class Report:
+    def __init__(self, res: dict[str, Any], p: Params, meta: dict[str, str]) -> None:
+        self.res, self.p, self.meta = res, p, meta
+        self.targets: list[tuple[str, str, str, str]] = []  # (scenario, target, measured, verdict)
+        self.lines: list[str] = []
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.lines.append("| " + " | ".join(header) + " |")
+        self.lines.append("| " + " | ".join("---" for _ in header) + " |")
+        for row in rows:
+            self.lines.append("| " + " | ".join(row) + " |")
+        self.lines.append("")
+
+    def target(self, scenario: str, what: str, measured: str, met: bool | str) -> None:
+        verdict = met if isinstance(met, str) else _ok(met)
+        self.targets.append((scenario, what, measured, verdict))
+
+    # --- sections -----------------------------------------------------------------------------
+
+    def build(self) -> str:
+        p = self.p
+        head = [
+            f"# dedupe benchmarks ({'--quick' if p.quick else 'full'})",
+            "",
+            " · ".join(f"{k}: {v}" for k, v in self.meta.items()),
+            "",
+            f"Every figure is the median of {p.repeats} repeats, with the min-max over the "
+            "repeats in brackets. Within a repeat every tool ran once, in rotated order, so each "
+            "ratio compares runs interleaved in time on this (noisy, shared) machine.",
+            "",
+            "Counting: *server cmds* are `INFO commandstats` calls after `CONFIG RESETSTAT` "
+            "(every command the server executed, including each `redis.call` inside a Lua "
+            "script; the benchmark's own CONFIG/INFO and connection handshakes excluded). "
+            "*Round trips* are requests sent by the clients, counted in every process by "
+            "wrapping redis-py's `Connection.send_command` (sync and asyncio; handshakes "
+            "excluded; pub/sub SUBSCRIBE/UNSUBSCRIBE count one each).",
+            "",
+        ]
+        self.lines = []
+        for name in ("overhead", "wake", "stampede", "steady", "throughput", "memory"):
+            if name in self.res:
+                getattr(self, f"_{name}")(self.res[name])
+        body = self.lines
+        self.lines = []
+        self.lines.append("## Targets")
+        self.lines.append("")
+        self.table(["scenario", "target", "measured", "verdict"], [list(t) for t in self.targets])
+        return "\n".join(head + self.lines + body)
+
+    def _overhead(self, res: dict[str, Any]) -> None:
+        self.lines += ["## 1. Uncontended overhead (no-op, fresh key per call)", ""]
+        raw = "raw SET NX PX + EVALSHA"
+        rows = []
+        for mode in ("sync", "async"):
+            runs = res[mode]
+            base = [percentile(x, 50) / 1000 for x in runs[raw]]
+            for tool, lats in runs.items():
+                med = [percentile(x, 50) / 1000 for x in lats]
+                p99 = [percentile(x, 99) / 1000 for x in lats]
+                mean = [sum(x) / len(x) / 1000 for x in lats]
+                rows.append(
+                    [
+                        mode,
+                        tool,
+                        Spread.of(med).fmt(0),
+                        Spread.of(p99).fmt(0),
+                        Spread.of(mean).fmt(0),
+                        "1.00x" if tool == raw else ratios(med, base).ratio(),
+                    ]
+                )
+            dd = [percentile(x, 50) for x in runs["dedupe"]]
+            r = ratios(dd, [percentile(x, 50) for x in runs[raw]])
+            self.target("1", f"{mode}: dedupe ≤ 1.3x raw", r.ratio(), r.median <= 1.3)
+            for peer in runs:
+                if peer in (raw, "dedupe"):
+                    continue
+                rp = ratios(dd, [percentile(x, 50) for x in runs[peer]])
+                self.target("1", f"{mode}: dedupe faster than {peer}", rp.ratio(), rp.median < 1)
+        self.table(["mode", "tool", "median µs/call", "p99 µs", "mean µs", "median vs raw"], rows)
+        self.lines.append(
+            f"{self.p.overhead_calls} calls per run. The leader path, counted over 100 calls:"
+        )
+        self.lines.append("")
+        rows = []
+        for mode, cs in res["commandstats"].items():
+            server = ", ".join(f"{k} {v:g}" for k, v in sorted(cs["server"].items()))
+            top = cs["server"].get("evalsha", 0) + cs["server"].get("eval", 0)
+            rows.append([mode, f"{cs['client']:.2f}", f"{top:.2f}", server])
+            self.target(
+                "1",
+                f"{mode}: leader path = 2 round trips",
+                f"{cs['client']:.2f} sent; EVALSHA {top:.2f}/call",
+                abs(cs["client"] - 2) < 0.01,
+            )
+        self.table(
+            ["mode", "round trips/call (client)", "EVALSHA/call (server)", "commandstats per call"],
+            rows,
+        )
+
+    def _wake(self, res: dict[str, Any]) -> None:
+        self.lines += [
+            "## 2. Follower wake latency (leader's job done → follower returns, other process)",
+            "",
+        ]
+        raw = res["raw PUBLISH→receive"]["samples"]
+        raw50 = [percentile(s, 50) for s in raw]
+        raw99 = [percentile(s, 99) for s in raw]
+        rows = []
+        for tool, e in res.items():
+            s50 = [percentile(s, 50) for s in e["samples"]]
+            s99 = [percentile(s, 99) for s in e["samples"]]
+            n = sum(len(s) for s in e["samples"])
+            r50, r99 = ratios(s50, raw50), ratios(s99, raw99)
+            rows.append(
+                [
+                    tool,
+                    Spread.of(s50).fmt(2),
+                    Spread.of(s99).fmt(2),
+                    r50.ratio(1),
+                    r99.ratio(1),
+                    f"{n} ({e['dropped']} dropped)",
+                ]
+            )
+            if tool.startswith("dedupe"):
+                self.target("2", f"{tool}: p50 ≤ 1.5x raw", r50.ratio(), r50.median <= 1.5)
+                self.target("2", f"{tool}: p99 ≤ 2x raw", r99.ratio(), r99.median <= 2)
+        self.table(["tool", "p50 ms", "p99 ms", "p50 vs raw", "p99 vs raw", "samples"], rows)
+        self.lines.append(
+            f"{self.p.wake_flights} flights per run; the leader's job takes "
+            f"{self.p.wake_hold * 1000:.0f} ms and 3 followers (one per process) join "
+            f"{self.p.wake_delay * 1000:.0f} ms after it started. Dropped: a follower that "
+            "became the leader or arrived after the job had finished."
+        )
+        self.lines.append("")
+
+    def _crowd_rows(
+        self, res: dict[str, Any], peers: tuple[str, ...], label: str, per_call: bool = False
+    ) -> list[list[str]]:
+        rows = []
+        d99: dict[str, list[float]] = {}
+        job = JOB_S * 1000
+        for tool, e in res.items():
+            p50 = [percentile(x, 50) for x in e["lat"]]
+            p99 = [percentile(x, 99) for x in e["lat"]]
+            d99[tool] = p99
+            row = [tool]
+            if per_call:
+                calls_per_key = [c / e["keys"] for c in e["calls"]]
+                row += [
+                    Spread.of(e["exec"]).fmt(2),
+                    Spread.of(p50).fmt(1),
+                    Spread.of(p99).fmt(1),
+                    Spread.of(e["wall_key"]).fmt(0),
+                    Spread.of(e["server"]).fmt(1),
+                    Spread.of(e["client"]).fmt(1),
+                    Spread.of([c / k for c, k in zip(e["client"], calls_per_key, strict=True)]).fmt(
+                        2
+                    ),
+                ]
+            else:
+                a50 = [percentile(x, 50) for x in e["after_job"]]
+                a99 = [percentile(x, 99) for x in e["after_job"]]
+                row += [
+                    f"{e['keys']}",
+                    Spread.of(e["exec"]).fmt(2),
+                    Spread.of([x - job for x in p50]).fmt(1),
+                    Spread.of([x - job for x in p99]).fmt(1),
+                    f"{Spread.of(a50).median:.1f} / {Spread.of(a99).median:.1f}",
+                    Spread.of(e["wall_key"]).fmt(0),
+                    Spread.of(e["server"]).fmt(1),
+                    Spread.of(e["client"]).fmt(1),
+                ]
+            row.append(Spread.of(e["cpu_key"]).fmt(1))
+            if e["wrong"] or e["errors"]:
+                row[0] += f" ⚠ {e['wrong']} wrong values"
+            rows.append(row)
+        if "dedupe" in res:
+            dd = res["dedupe"]
+            ok_exec = all(abs(x - 1.0) < 1e-9 for x in dd["exec"])
+            self.target(
+                label,
+                "dedupe executions/key = 1.00",
+                Spread.of(dd["exec"]).fmt(2),
+                ok_exec,
+            )
+            present = [t for t in peers if t in res]
+            if present and not per_call:
+                n = len(dd["lat"])
+                best_ex, best_rt, dd_ex = [], [], []
+                for i in range(n):
+                    best_ex.append(
+                        min(d99[t][i] - JOB_S * 1000 for t in present if i < len(d99[t]))
+                    )
+                    best_rt.append(min(res[t]["client"][i] for t in present))
+                    dd_ex.append(d99["dedupe"][i] - JOB_S * 1000)
+                r = ratios(dd_ex, best_ex)
+                self.target(label, "dedupe p99 excess ≤ 0.5x best peer", r.ratio(), r.median <= 0.5)
+                r = ratios(dd["client"], best_rt)
+                self.target(
+                    label, "dedupe round trips/key ≤ 0.1x best peer", r.ratio(), r.median <= 0.1
+                )
+        return rows
+
+    def _stampede(self, res: dict[str, Any]) -> None:
+        p = self.p
+        header = [
+            "tool",
+            "keys/run",
+            "executions/key",
+            "p50 excess ms",
+            "p99 excess ms",
+            "job end → return p50 / p99 ms",
+            "wall ms/key",
+            "server cmds/key",
+            "round trips/key",
+            "client CPU ms/key",
+        ]
+        self.lines += [
+            f"## 3. Stampede: {p.procs} processes x {p.threads} threads (sync), "
+            f"x {p.tasks} tasks (async), {JOB_S * 1000:.0f} ms job, 1 KB result",
+            "",
+            "Each key in turn: all callers meet at a cross-process barrier, then call it cold. "
+            "Peers run cache-aside under their lock. Excess = caller latency - 20 ms job; "
+            "'job end → return': from the end of the (first) execution to each caller's "
+            "return. Client CPU: all 4 processes' CPU time during the run, per key. "
+            f"Polling peers ({', '.join(p.slow_tools)}) get {p.stampede_keys_slow} key(s) per "
+            f"run instead of {p.stampede_keys}: each of their keys takes seconds.",
+            "",
+            "### sync",
+            "",
+        ]
+        self.table(header, self._crowd_rows(res["sync"], PEERS_SYNC, "3 sync"))
+        self.lines += ["### async", ""]
+        self.table(header, self._crowd_rows(res["async"], PEERS_ASYNC, "3 async"))
+        for mode in ("sync", "async"):
+            dd = res[mode].get("dedupe")
+            if dd:
+                bd = ", ".join(f"{k} {v:.1f}" for k, v in sorted(dd["breakdown"].items()))
+                self.lines.append(f"dedupe {mode}, server commands per key (last run): {bd}")
+                self.lines.append("")
+
+    def _steady(self, res: dict[str, Any]) -> None:
+        p = self.p
+        header = [
+            "tool",
+            "executions/key",
+            "p50 ms",
+            "p99 ms",
+            "wall ms",
+            "server cmds/key",
+            "round trips/key",
+            "round trips/call",
+            "client CPU ms/key",
+        ]
+        self.lines += [
+            f"## 4. Steady traffic over cold keys: {p.procs} x {p.threads} callers, each visiting "
+            f"all {p.steady_keys} keys in its own random order",
+            "",
+            "result_ttl / cache TTL cover the run, so late callers are served the kept value. "
+            "The floor is one read per call (round trips/call = 1.00). "
+            "'dedupe+local copy' keeps each value in the process for at most result_ttl.",
+            "",
+        ]
+        self.table(header, self._crowd_rows(res, PEERS_SYNC, "4", per_call=True))
+        if "dedupe" in res:
+            dd = res["dedupe"]
+            rt = [c / (n / dd["keys"]) for c, n in zip(dd["client"], dd["calls"], strict=True)]
+            self.target(
+                "4", "dedupe round trips per call (floor: 1.00)", Spread.of(rt).fmt(2), "shown"
+            )
+        if "dedupe+local copy" in res and "dedupe" in res:
+            loc, dd = res["dedupe+local copy"], res["dedupe"]
+            r = ratios(loc["client"], dd["client"])
+            self.target("4", "local copy: round trips vs plain dedupe", r.ratio(), r.median < 1)
+
+    def _throughput(self, res: dict[str, Any]) -> None:
+        raw = "raw SET NX PX + EVALSHA"
+        self.lines += [
+            "## 5. Throughput: distinct keys, one process (8 threads sync, 100 tasks async)",
+            "",
+        ]
+        rows = []
+        for mode in ("sync", "async"):
+            base = res[mode][raw]
+            for tool, rates in res[mode].items():
+                r = ratios(rates, base)
+                rows.append([mode, tool, Spread.of(rates).fmt(0), r.ratio()])
+                if tool == "dedupe":
+                    self.target(
+                        "5", f"{mode}: dedupe ≥ 0.7x raw flights/s", r.ratio(), r.median >= 0.7
+                    )
+        self.table(["mode", "tool", "flights/s", "vs raw"], rows)
+        self.lines.append(f"{self.p.throughput_seconds:g} s per run.")
+        self.lines.append("")
+
+    def _memory(self, res: dict[str, Any]) -> None:
+        self.lines += ["## 6. Memory", ""]
+        empty = res["sync_flights"] == 0 and res["async_flights"] == 0 and res["hub_channels"] == 0
+        self.table(
+            [
+                "flights",
+                "of them cross-table followers",
+                "seconds",
+                "RSS before → after (MB)",
+                "growth MB",
+                "sync / async flights left",
+                "hub channels left",
+            ],
+            [
+                [
+                    f"{res['flights']:,}",
+                    f"{res['contended']:,}",
+                    f"{res['seconds']:.1f}",
+                    f"{res['rss_before_mb']:.1f} → {res['rss_after_mb']:.1f}",
+                    f"{res['growth_mb']:.2f}",
+                    f"{res['sync_flights']} / {res['async_flights']}",
+                    f"{res['hub_channels']}",
+                ]
+            ],
+        )
+        self.lines.append(
+            "Async, 100 tasks, distinct keys; every 50th flight also has a sync caller in a "
+            "thread, which follows through the pub/sub hub. RSS measured after a 2,000-flight "
+            "warm-up and after the run (gc collected)."
+        )
+        self.lines.append("")
+        self.target("6", "RSS growth < 10 MB", f"{res['growth_mb']:.2f} MB", res["growth_mb"] < 10)
+        self.target("6", "in-process tables empty", "yes" if empty else "no", empty)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plots(res: dict[str, Any], outdir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: list[Path] = []
+
+    def cdf(ax: Any, data: dict[str, list[float]], xlabel: str) -> None:
+        for name, vals in data.items():
+            vals = sorted(v for v in vals if v > 0)
+            if not vals:
+                continue
+            ys = [(i + 1) / len(vals) for i in range(len(vals))]
+            ax.plot(vals, ys, label=name, lw=1.6 if name.startswith("dedupe") else 1.1)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("fraction of calls ≤ x")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+
+    if "stampede" in res:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for ax, mode in zip(axes, ("sync", "async"), strict=True):
+            data = {
+                t: [x for run in e["lat"] for x in run] for t, e in res["stampede"][mode].items()
+            }
+            cdf(ax, data, "caller latency, ms (log)")
+            ax.axvline(JOB_S * 1000, color="grey", ls=":", lw=1)
+            ax.set_title(f"Stampede latency distribution ({mode})")
+        fig.tight_layout()
+        path = outdir / "stampede_latency.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+
+        fig, ax = plt.subplots(figsize=(12, 4.5))
+        labels, server, client = [], [], []
+        for mode in ("sync", "async"):
+            for t, e in res["stampede"][mode].items():
+                labels.append(f"{t}\n({mode})")
+                server.append(Spread.of(e["server"]).median)
+                client.append(Spread.of(e["client"]).median)
+        xs = range(len(labels))
+        ax.bar([x - 0.2 for x in xs], server, 0.4, label="server commands/key (commandstats)")
+        ax.bar([x + 0.2 for x in xs], client, 0.4, label="client round trips/key")
+        for x, s, c in zip(xs, server, client, strict=True):
+            ax.text(x - 0.2, s, f"{s:.0f}", ha="center", va="bottom", fontsize=7)
+            ax.text(x + 0.2, c, f"{c:.0f}", ha="center", va="bottom", fontsize=7)
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_ylabel("per key (log)")
+        ax.set_title("Stampede: Redis commands per key per tool")
+        ax.legend(fontsize=8)
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        fig.tight_layout()
+        path = outdir / "commands_per_key.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+
+    if "wake" in res:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        data = {t: [x for run in e["samples"] for x in run] for t, e in res["wake"].items()}
+        cdf(ax, data, "wake latency, ms (log)")
+        ax.set_title("Follower wake latency after the leader finishes (other process)")
+        fig.tight_layout()
+        path = outdir / "wake_latency.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+
+    if "overhead" in res:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        labels, vals, errs = [], [], []
+        for mode in ("sync", "async"):
+            for t, lats in res["overhead"][mode].items():
+                sp = Spread.of([percentile(x, 50) / 1000 for x in lats])
+                labels.append(f"{t}\n({mode})")
+                vals.append(sp.median)
+                errs.append((sp.median - sp.lo, sp.hi - sp.median))
+        ax.bar(range(len(vals)), vals, yerr=list(zip(*errs, strict=True)), capsize=3)
+        ax.set_xticks(range(len(vals)))
+        ax.set_xticklabels(labels, fontsize=7)
+        ax.set_ylabel("median µs per call")
+        ax.set_title("Uncontended overhead (acquire+release on a fresh key)")
+        fig.tight_layout()
+        path = outdir / "overhead.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path)
+    return made
