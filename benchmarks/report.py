@@ -279,7 +279,8 @@ class Report:
             "",
             "result_ttl / cache TTL cover the run, so late callers are served the kept value. "
             "The floor is one read per call (round trips/call = 1.00). "
-            "'dedupe+local copy' keeps each value in the process for at most result_ttl.",
+            "'dedupe+local copy' is dedupe with local_cache=True: each kept value stays in "
+            "the process while Redis keeps it fresh.",
             "",
         ]
         self.table(header, self._crowd_rows(res, PEERS_SYNC, "4", per_call=True))

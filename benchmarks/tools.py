@@ -89,9 +89,12 @@ class AsyncTool(Protocol):
 
 class DedupeSync:
     name = "dedupe"
+    local_cache = False
 
     def __init__(self, url: str, prefix: str, job: Job, ttl: float) -> None:
-        self.sf = SingleFlight(url, prefix=prefix, result_ttl=ttl, lock_ttl=LOCK_TTL_S)
+        self.sf = SingleFlight(
+            url, prefix=prefix, result_ttl=ttl, lock_ttl=LOCK_TTL_S, local_cache=self.local_cache
+        )
 
         @self.sf(key="{key}")
         def cached(key: str) -> bytes:
@@ -104,25 +107,11 @@ class DedupeSync:
 
 
 class DedupeLocalSync(DedupeSync):
-    """dedupe plus a process-local copy of each kept value, held no longer than result_ttl."""
+    """dedupe with local_cache=True: a process-local copy of each kept value, held no longer
+    than Redis keeps it fresh (result_ttl after the flight)."""
 
     name = "dedupe+local copy"
-
-    def __init__(self, url: str, prefix: str, job: Job, ttl: float) -> None:
-        super().__init__(url, prefix, job, ttl)
-        remote = self.get
-        local: dict[str, tuple[float, Any]] = {}
-
-        def get(key: str) -> Any:
-            hit = local.get(key)
-            now = time.monotonic()
-            if hit is not None and hit[0] > now:
-                return hit[1]
-            value = remote(key)
-            local[key] = (now + ttl, value)
-            return value
-
-        self.get = get
+    local_cache = True
 
 
 class _CacheAside:

@@ -74,6 +74,7 @@ class Settings:
     min_replicas_ack: int = 0
     replica_ack_timeout: float = 1.0
     on_backend_error: str = "raise"
+    local_cache: bool = False
 
     def validated(self) -> Settings:
         if self.url is not None and not isinstance(self.url, str):
@@ -103,6 +104,8 @@ class Settings:
         _size("inline_max_bytes", self.inline_max_bytes)
         _size("max_payload_bytes", self.max_payload_bytes, allow_none=True)
         _size("min_replicas_ack", self.min_replicas_ack)
+        if not isinstance(self.local_cache, bool):
+            raise TypeError(f"local_cache must be a bool, not {type(self.local_cache).__name__}")
         if self.on_backend_error not in ("raise", "local"):
             raise ValueError(
                 f"on_backend_error must be 'raise' or 'local', not {self.on_backend_error!r}"
@@ -160,6 +163,7 @@ class SingleFlight:
         min_replicas_ack: int = 0,
         replica_ack_timeout: float = 1.0,
         on_backend_error: str = "raise",
+        local_cache: bool = False,
     ) -> None:
         self._lock = threading.Lock()
         self._settings = Settings(
@@ -180,6 +184,7 @@ class SingleFlight:
             min_replicas_ack=min_replicas_ack,
             replica_ack_timeout=replica_ack_timeout,
             on_backend_error=on_backend_error,
+            local_cache=local_cache,
         ).validated()
         self._backend: Backend | None = None
         self._params: dict[_Overrides, tuple[Settings, tuple[int, int, int, int, int]]] = {}
@@ -241,6 +246,7 @@ class SingleFlight:
                 health_check_interval=s.health_check_interval,
                 codec=codec,
                 on_backend_error=s.on_backend_error,
+                local_cache=s.local_cache,
             )
         )
 

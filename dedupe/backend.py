@@ -32,6 +32,7 @@ from .commands import ScriptCall, renew_call
 from .envelope import Codec
 from .hub import Connection, Hub, Router, SingleRouter
 from .inflight import InFlight
+from .kept import LocalCopies
 from .renewal import Renewer
 from .topology import (
     ClusterRouter,
@@ -65,6 +66,7 @@ class BackendConfig:
     health_check_interval: float
     codec: Codec
     on_backend_error: str = "raise"
+    local_cache: bool = False
 
 
 def _client_options(cfg: BackendConfig, retry_cls: type[Any]) -> dict[str, Any]:
@@ -155,6 +157,7 @@ class Backend:
         self._renewer: Renewer | None = None
         self.sync_flights = InFlight()
         self.async_flights = InFlight()
+        self.local_copies = LocalCopies() if self.cfg.local_cache else None
         self._owner_base = uuid.uuid4().hex[:16]
         self._owner_seq = itertools.count(1)
         self._down_until = 0.0
@@ -200,6 +203,7 @@ class Backend:
             "leases_lost": self._renewer.lost if self._renewer else 0,
             "local_runs": self.local_runs,
             "flights_in_process": len(self.sync_flights) + len(self.async_flights),
+            "local_copies": len(self.local_copies) if self.local_copies is not None else 0,
         }
 
     def after_fork(self) -> None:

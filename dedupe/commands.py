@@ -92,7 +92,7 @@ def renew_call(lock_key: str, lock_value: str, ttl_ms: int) -> ScriptCall:
 def parse_acquired(raw: Any) -> Acquired:
     state = int(raw[0])
     if state == DONE:
-        return Acquired(DONE, record=bytes(raw[1]))
+        return Acquired(DONE, record=bytes(raw[1]), fresh_ms=int(raw[2]) if len(raw) > 2 else 0)
     if state == BUSY:
         holder = raw[2].decode("utf-8", "replace") if isinstance(raw[2], bytes) else str(raw[2])
         return Acquired(BUSY, pttl_ms=int(raw[1]), holder=holder)

@@ -11,7 +11,7 @@ import os
 import pickle
 import socket
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
 import cloudpickle
@@ -52,6 +52,8 @@ class Outcome:
 
     value: Any = None
     error: BaseException | None = None
+    # How much longer new callers may be given this value (result_ttl); not part of its identity.
+    fresh_ms: int = field(default=0, compare=False)
 
     def unwrap(self) -> Any:
         if self.error is not None:

@@ -91,6 +91,7 @@ class Acquire(NamedTuple):
 class Acquired(NamedTuple):
     state: int  # DONE, BUSY or LEAD
     record: bytes = b""  # DONE: the record
+    fresh_ms: int = 0  # DONE: how much longer the record's value is fresh for new callers
     pttl_ms: int = 0  # BUSY: the lease's remaining time
     holder: str = ""  # BUSY: the lock value "<token>:<owner>"
     token: int = 0  # LEAD: our fencing token
@@ -174,6 +175,7 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
         if reply.state == DONE:
             outcome = _read(spec, codec, reply.record)
             if outcome is not None:
+                outcome.fresh_ms = reply.fresh_ms if outcome.error is None else 0
                 return outcome
             bad_records += 1
             if bad_records >= _MAX_BAD_RECORDS:
@@ -208,6 +210,9 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
                 break  # the leader gave up: take over now
             outcome = _read(spec, codec, message)
             if outcome is not None:
+                # Published the moment it was stored: fresh for about its keep time.
+                if outcome.error is None:
+                    outcome.fresh_ms = parse_record(message).keep_ms
                 return outcome
             break
 
@@ -257,6 +262,7 @@ def _lead(spec: FlightSpec, codec: Codec, token: int) -> Flight:
         record = make_record(token, keep, ttl, envelope)
         message = b"" if len(record) <= spec.inline_max_bytes else make_notice(NOTICE_STORED, token)
         owned = yield Complete(lock_value, record, ttl, message, token)
+        outcome.fresh_ms = keep
         if not owned:
             log.warning(
                 "dedupe: the lease on %r (token %d) was lost before the leader finished; "

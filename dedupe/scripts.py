@@ -18,7 +18,8 @@ __all__ = ["ACQUIRE", "COMPLETE", "DISCARD", "RENEW"]
 
 # KEYS: lock, token, result
 # ARGV: owner, lock_ttl_ms, token_ttl_ms, waiting_token ('' for none)
-# -> {0, record}               an outcome is there for us
+# -> {0, record, fresh_ms}     an outcome is there for us; fresh_ms: how much longer new
+#                              callers may be given it (0: only its waiters may)
 #    {1, pttl_ms, lock_value}  another holder leads
 #    {2, token}                we lead now, under lock value "<token>:<owner>"
 ACQUIRE: Final = """
@@ -26,11 +27,12 @@ local rec = redis.pcall('GET', KEYS[3])
 if type(rec) == 'string' then
   local tok, keep, ttl = string.match(rec, '^(%d+):(%d+):(%d+):')
   if tok then
-    if tok == ARGV[4] then return {0, rec} end
     keep = tonumber(keep)
-    if keep > 0 and tonumber(ttl) - redis.call('PTTL', KEYS[3]) < keep then
-      return {0, rec}
+    if keep > 0 then
+      local fresh = keep - (tonumber(ttl) - redis.call('PTTL', KEYS[3]))
+      if fresh > 0 then return {0, rec, fresh} end
     end
+    if tok == ARGV[4] then return {0, rec, 0} end
   end
 end
 local pttl = redis.call('PTTL', KEYS[1])

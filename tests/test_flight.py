@@ -459,3 +459,67 @@ def test_default_instance_is_lazy_and_configurable(
             double(1)  # decorated earlier, configured later: the new settings apply
     finally:
         single_flight.configure(**{f: getattr(before, f) for f in before.__dataclass_fields__})
+
+
+def test_local_cache_serves_kept_values_without_a_round_trip(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    leader = SingleFlight(redis_url, prefix=prefix, result_ttl=0.5, local_cache=True)
+    late = SingleFlight(redis_url, prefix=prefix, result_ttl=0.5, local_cache=True)
+    runs = 0
+
+    def job() -> dict[str, int]:
+        nonlocal runs
+        runs += 1
+        return {"run": runs}
+
+    first = leader.call("hot", job)
+    assert late.call("hot", job) == first  # read from Redis: fresh there
+    redis_client.config_resetstat()
+    assert leader.call("hot", job) is first  # the leader's own copy: the very same object
+    assert late.call("hot", job) == first  # the late reader's copy
+    calls = commandstats(redis_client)
+    assert "evalsha" not in calls and "eval" not in calls  # neither touched Redis
+    assert runs == 1
+    assert leader.stats()["local_copies"] == 1
+    # Copies last no longer than Redis keeps the value fresh (result_ttl after the flight).
+    result_key = f"{prefix}:{{hot}}:result"
+    ttl_total = int(redis_client.get(result_key).split(b":")[2])  # type: ignore[union-attr]
+    deadline = time.monotonic() + 10
+    while (
+        redis_client.pttl(result_key) > ttl_total - 500 - 5
+        or leader.backend().local_copies.get(f"{prefix}:{{hot}}")[0]
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert leader.call("hot", job) == {"run": 2}
+    leader.close()
+    late.close()
+
+
+def test_local_cache_fills_from_a_followed_flight(sf: SingleFlight, redis_url: str) -> None:
+    follower = SingleFlight(redis_url, prefix=sf.settings.prefix, result_ttl=30, local_cache=True)
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        started.set()
+        release.wait(10)
+        return "value"
+
+    t = threading.Thread(target=lambda: sf.call("f", slow))
+    t.start()
+    assert started.wait(10)
+    got: list[str] = []
+    f = threading.Thread(target=lambda: got.append(follower.call("f", slow)))
+    f.start()
+    deadline = time.monotonic() + 10
+    while not follower.backend().hub().channels():
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    release.set()
+    t.join(10)
+    f.join(10)
+    assert got == ["value"]
+    # The copy came with the published record: no flight needed for the next call.
+    assert follower.call("f", lambda: "must not run") == "value"
+    follower.close()

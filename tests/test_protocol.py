@@ -488,3 +488,34 @@ def test_backend_unavailable_while_following_propagates(stage: str) -> None:
         assert isinstance(d.command, Wait)
     with pytest.raises(BackendUnavailable):
         d.throw(BackendUnavailable("no redis"))
+
+
+# --------------------------------------------------------------------------- freshness
+
+
+def test_freshness_travels_with_each_kind_of_outcome() -> None:
+    """How long a value may still be handed to new callers (local_cache relies on it)."""
+    lead = Driver(make_spec(keep_ms=3_000))
+    lead.send(Acquired(LEAD, token=1))
+    lead.send(Outcome(value="v"))
+    lead.send(True)
+    assert lead.result is not None and lead.result.fresh_ms == 3_000
+
+    failed = Driver(make_spec(keep_ms=3_000))
+    failed.send(Acquired(LEAD, token=1))
+    failed.send(Outcome(error=ValueError("x")))
+    failed.send(True)
+    assert failed.result is not None and failed.result.fresh_ms == 0
+
+    read = Driver()
+    read.send(Acquired(DONE, record=record_for("kept"), fresh_ms=250))
+    assert read.result is not None and read.result.fresh_ms == 250
+
+    published = Driver()
+    follow_until_wait(published)
+    published.send(record_for("pushed", token=7))  # record_for keeps it 1000 ms
+    assert published.result is not None and published.result.fresh_ms == 1_000
+
+    error_read = Driver()
+    error_read.send(Acquired(DONE, record=record_for(error=KeyError("k")), fresh_ms=250))
+    assert error_read.result is not None and error_read.result.fresh_ms == 0

@@ -38,6 +38,11 @@ async def call(
     deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
     key = names.channel
     check_reentry(key, names.job_id)
+    copies = backend.local_copies
+    if copies is not None:
+        hit, value = copies.get(key)
+        if hit:
+            return value
     table = backend.async_flights
     while True:
         entry, created = table.join(key)
@@ -78,6 +83,9 @@ async def _drive(driver: _Driver, table: InFlight, key: str) -> None:
             assert outcome.error is not None
             raise outcome.error  # the waiters were told; the abort goes on up, as it would
         shared = outcome
+        copies = driver.backend.local_copies
+        if copies is not None and outcome.error is None:
+            copies.put(key, outcome.value, outcome.fresh_ms)
     except Exception as exc:
         shared = Outcome(error=exc)  # BackendUnavailable and kin reach every caller
     finally:
