@@ -255,7 +255,7 @@ def parts(url: str, out: Path) -> None:
 
     kb = key_builder(getattr(noop, "__wrapped__"), "{i}")  # noqa: B009
     o = _Overrides()
-    make = sf._spec_maker("job", o)
+    make = sf._spec_maker(backend, names_for("parts", "job"), o)
     spec = make(None)
     payload = b"x" * 1024
     env = codec.encode(Outcome(value=None), channel=spec.names.channel, token=1)
@@ -284,15 +284,19 @@ def parts(url: str, out: Path) -> None:
 
     items: list[tuple[str, Any, int]] = [
         (
-            "key builder: signature.bind + template (KeyBuilder.__call__)",
+            "key builder: bind arguments + template (KeyBuilder.__call__)",
             lambda: kb((1,), {}),
             20000,
         ),
         ("names_for (validate + tag + 4 f-strings)", lambda: names_for("dedupe", "job:1"), 20000),
-        ("SingleFlight._spec_maker(...) + make(None)", lambda: sf._spec_maker("j", o)(None), 20000),
+        (
+            "names_for + SingleFlight._spec_maker(...) + make(None)",
+            lambda: sf._spec_maker(backend, names_for("parts", "j"), o)(None),
+            20000,
+        ),
         ("backend.owner() (uuid base + counter)", backend.owner, 20000),
         (
-            "codec.encode(None) (cloudpickle)",
+            "codec.encode(None)",
             lambda: codec.encode(Outcome(value=None), channel="c", token=1),
             20000,
         ),

@@ -79,6 +79,9 @@ class Renewer:
     def __init__(self, renew: RenewFn) -> None:
         self._renew = renew
         self._cond = threading.Condition(threading.Lock())
+        # New leases wait in a plain list; only the thread moves them into the heap, and most
+        # are finished (and dropped) by then: a flight shorter than ttl/3 costs an append.
+        self._incoming: list[Lease] = []
         self._heap: list[tuple[float, int, Lease]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
@@ -87,23 +90,23 @@ class Renewer:
         self.lost = 0
 
     def add(self, lease: Lease) -> None:
-        entry = (lease.last_ok + lease.interval, next(self._seq), lease)
+        due = lease.last_ok + lease.interval
         with self._cond:
-            heapq.heappush(self._heap, entry)
+            self._incoming.append(lease)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="dedupe-renewer", daemon=True
                 )
                 self._thread.start()
-            # Wake the thread only if it must now wake earlier: most flights end before their
-            # first renewal and must not cost a context switch each.
-            if entry[0] < self._wake_at:
-                self._wake_at = entry[0]
+            # Wake the thread only if it must now wake earlier than it planned.
+            if due < self._wake_at:
+                self._wake_at = due
                 self._cond.notify()
 
     def remove(self, lease: Lease) -> None:
-        # Lazy: the heap entry is skipped when it comes due. A renewal already in flight is
-        # harmless: completion deletes the lock, and renewal only extends a lock still ours.
+        # Lazy: a finished lease is dropped when the thread next looks at it. A renewal already
+        # in flight is harmless: completion deletes the lock, and renewal only extends a lock
+        # that is still ours.
         lease.active = False
 
     def close(self) -> None:
@@ -113,11 +116,17 @@ class Renewer:
 
     def pending(self) -> int:
         with self._cond:
-            return sum(1 for _, _, lease in self._heap if lease.active)
+            queued = sum(1 for lease in self._incoming if lease.active)
+            return queued + sum(1 for _, _, lease in self._heap if lease.active)
 
     def _run(self) -> None:
         with self._cond:
             while not self._closed:
+                for lease in self._incoming:
+                    if lease.active:
+                        due = lease.last_ok + lease.interval
+                        heapq.heappush(self._heap, (due, next(self._seq), lease))
+                self._incoming.clear()
                 while self._heap and not self._heap[0][2].active:
                     heapq.heappop(self._heap)
                 if not self._heap:

@@ -523,3 +523,18 @@ def test_local_cache_fills_from_a_followed_flight(sf: SingleFlight, redis_url: s
     # The copy came with the published record: no flight needed for the next call.
     assert follower.call("f", lambda: "must not run") == "value"
     follower.close()
+
+
+async def test_call_detects_every_kind_of_coroutine_function(sf: SingleFlight) -> None:
+    import functools
+
+    class Job:
+        async def __call__(self, x: int) -> int:
+            return x
+
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    assert await sf.call("callable-object", Job(), 3) == 3
+    assert await sf.call("partial", functools.partial(add, 4), 1) == 5
+    assert sf.call("plain", lambda: 6) == 6
