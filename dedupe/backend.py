@@ -79,47 +79,33 @@ def _client_options(cfg: BackendConfig, retry_cls: type[Any]) -> dict[str, Any]:
     }
 
 
-def _twin_kwargs(pool: Any, target: type[Any]) -> dict[str, Any]:
-    """Connection settings of one client, fit for a client of the other kind (sync/async)."""
-    accepted = set(inspect.signature(target.__init__).parameters)
+# Connection classes of redis-py's sync and asyncio clients that mean the same transport.
+_ASYNC_TO_SYNC: dict[Any, Any] = {
+    aconn.Connection: sconn.Connection,
+    aconn.SSLConnection: sconn.SSLConnection,
+    aconn.UnixDomainSocketConnection: sconn.UnixDomainSocketConnection,
+}
+_SYNC_TO_ASYNC = {v: k for k, v in _ASYNC_TO_SYNC.items()}
+
+
+def _twin(client: Any, *, to_async: bool) -> Any:
+    """A client of the other kind (sync/async) with the same connection settings."""
+    pool = client.connection_pool
+    cls = (_SYNC_TO_ASYNC if to_async else _ASYNC_TO_SYNC).get(pool.connection_class)
+    if cls is None:
+        given, wanted = ("client", "async_client") if to_async else ("async_client", "client")
+        raise TypeError(
+            f"cannot derive a client from {pool.connection_class.__name__}; "
+            f"pass {wanted}= as well as {given}="
+        )
+    accepted = set(inspect.signature(cls.__init__).parameters)
     skip = {"retry", "connection_pool", "redis_connect_func", "event_dispatcher"}
-    return {k: v for k, v in pool.connection_kwargs.items() if k in accepted and k not in skip}
-
-
-def _sync_twin(client: Any) -> redis.Redis:
-    pool = client.connection_pool
-    kinds = {
-        aconn.Connection: sconn.Connection,
-        aconn.SSLConnection: sconn.SSLConnection,
-        aconn.UnixDomainSocketConnection: sconn.UnixDomainSocketConnection,
-    }
-    cls = kinds.get(pool.connection_class)
-    if cls is None:
-        raise TypeError(
-            f"cannot derive a sync client from {pool.connection_class.__name__}; "
-            "pass client= as well as async_client="
+    kw = {k: v for k, v in pool.connection_kwargs.items() if k in accepted and k not in skip}
+    if to_async:
+        return redis.asyncio.Redis(
+            connection_pool=redis.asyncio.ConnectionPool(connection_class=cls, **kw)
         )
-    kw = _twin_kwargs(pool, cls)
     return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=cls, **kw))
-
-
-def _async_twin(client: Any) -> redis.asyncio.Redis:
-    pool = client.connection_pool
-    kinds = {
-        sconn.Connection: aconn.Connection,
-        sconn.SSLConnection: aconn.SSLConnection,
-        sconn.UnixDomainSocketConnection: aconn.UnixDomainSocketConnection,
-    }
-    cls = kinds.get(pool.connection_class)
-    if cls is None:
-        raise TypeError(
-            f"cannot derive an asyncio client from {pool.connection_class.__name__}; "
-            "pass async_client= as well as client="
-        )
-    kw = _twin_kwargs(pool, cls)
-    return redis.asyncio.Redis(
-        connection_pool=redis.asyncio.ConnectionPool(connection_class=cls, **kw)
-    )
 
 
 def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -227,7 +213,7 @@ class Backend:
                         self._sync = sentinel_twin(given, opts, to_async=False)
                     else:
                         assert given is not None
-                        self._sync = _sync_twin(given)
+                        self._sync = _twin(given, to_async=False)
                 client = self._sync
         return client
 
@@ -251,7 +237,7 @@ class Backend:
                 client = sentinel_twin(given, opts, to_async=True)
             else:
                 assert given is not None
-                client = _async_twin(given)
+                client = _twin(given, to_async=True)
             self._async_by_loop[loop] = client
         return client
 

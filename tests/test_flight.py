@@ -438,6 +438,12 @@ def test_sync_twin_of_async_client(redis_server: Any, prefix: str) -> None:
     assert asyncio.run(sf.call("twin-async", job)) == 6
     sf.close()
 
+    client = redis.Redis(port=redis_server.port)
+    sync_only = SingleFlight(client=client, prefix=prefix)
+    assert asyncio.run(sync_only.call("twin-async-2", job)) == 6  # a derived asyncio client
+    sync_only.close()
+    client.close()
+
 
 def test_default_instance_is_lazy_and_configurable(
     redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
