@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -27,6 +28,7 @@ import redis.cluster
 import redis.connection as sconn
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ClusterError, NoScriptError, TryAgainError
+from redis.retry import Retry
 
 from .commands import ScriptCall, renew_call
 from .envelope import Codec
@@ -36,8 +38,7 @@ from .kept import LocalCopies
 from .renewal import Renewer
 from .topology import (
     ClusterRouter,
-    cluster_twin_async,
-    cluster_twin_sync,
+    cluster_twin,
     kind_of_clients,
     parse_url,
     sentinel_twin,
@@ -203,17 +204,7 @@ class Backend:
         if client is None:
             with self._lock:
                 if self._sync is None:
-                    opts = _client_options(self.cfg, redis.retry.Retry)
-                    given = self.cfg.async_client
-                    if self.target is not None:
-                        self._sync = self.target.sync_client(opts)
-                    elif self.kind == "cluster":
-                        self._sync = cluster_twin_sync(given, opts)
-                    elif self.kind == "sentinel":
-                        self._sync = sentinel_twin(given, opts, to_async=False)
-                    else:
-                        assert given is not None
-                        self._sync = _twin(given, to_async=False)
+                    self._sync = self._build_client(to_async=False)
                 client = self._sync
         return client
 
@@ -227,19 +218,20 @@ class Backend:
             for old in [lp for lp in list(self._async_by_loop) if lp.is_closed()]:
                 self._async_by_loop.pop(old, None)
             # redis.asyncio connections belong to one loop; keep one client per loop.
-            opts = _client_options(self.cfg, redis.asyncio.retry.Retry)
-            given = self.cfg.client
-            if self.target is not None:
-                client = self.target.async_client(opts)
-            elif self.kind == "cluster":
-                client = cluster_twin_async(given, opts)
-            elif self.kind == "sentinel":
-                client = sentinel_twin(given, opts, to_async=True)
-            else:
-                assert given is not None
-                client = _twin(given, to_async=True)
-            self._async_by_loop[loop] = client
+            client = self._async_by_loop[loop] = self._build_client(to_async=True)
         return client
+
+    def _build_client(self, *, to_async: bool) -> Any:
+        """A client from the URL, or the twin of the client of the other kind we were given."""
+        opts = _client_options(self.cfg, redis.asyncio.retry.Retry if to_async else Retry)
+        if self.target is not None:
+            return self.target.client(opts, to_async=to_async)
+        given = self.cfg.client if to_async else self.cfg.async_client
+        if self.kind == "cluster":
+            return cluster_twin(given, opts, to_async=to_async)
+        if self.kind == "sentinel":
+            return sentinel_twin(given, opts, to_async=to_async)
+        return _twin(given, to_async=to_async)
 
     # --- shared machinery ---------------------------------------------------------------------
 
@@ -325,18 +317,23 @@ def _once(client: Any, call: ScriptCall) -> Any:
         return client.eval(*call.eval_args())
 
 
+def _migration_pauses() -> Iterator[float]:
+    """How long to pause before each re-send after TRYAGAIN; ends when patience runs out."""
+    deadline, delay = time.monotonic() + _MIGRATION_PATIENCE, 0.02
+    while time.monotonic() + delay <= deadline:
+        yield delay
+        delay = min(0.2, delay * 2)
+
+
 def run_script(client: SyncClient, call: ScriptCall, cluster: bool = False) -> Any:
     if not cluster:
         return _once(client, call)
-    deadline, delay = time.monotonic() + _MIGRATION_PATIENCE, 0.02
-    while True:
+    for pause in _migration_pauses():
         try:
             return _once(client, call)
         except _RETRY_IN_MIGRATION:
-            if time.monotonic() + delay > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(0.2, delay * 2)
+            time.sleep(pause)
+    return _once(client, call)
 
 
 async def _once_async(client: Any, call: ScriptCall) -> Any:
@@ -349,15 +346,12 @@ async def _once_async(client: Any, call: ScriptCall) -> Any:
 async def run_script_async(client: AsyncClient, call: ScriptCall, cluster: bool = False) -> Any:
     if not cluster:
         return await _once_async(client, call)
-    deadline, delay = time.monotonic() + _MIGRATION_PATIENCE, 0.02
-    while True:
+    for pause in _migration_pauses():
         try:
             return await _once_async(client, call)
         except _RETRY_IN_MIGRATION:
-            if time.monotonic() + delay > deadline:
-                raise
-            await asyncio.sleep(delay)
-            delay = min(0.2, delay * 2)
+            await asyncio.sleep(pause)
+    return await _once_async(client, call)
 
 
 def wait_replicas(client: SyncClient, lock_key: str, replicas: int, timeout_ms: int) -> int:

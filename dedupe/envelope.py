@@ -12,7 +12,7 @@ import pickle
 import socket
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 
 import cloudpickle
 from tblib import Traceback
@@ -326,8 +326,7 @@ def _safe_str(exc: BaseException) -> str:
 # b"A:<token>" (the leader aborted: re-check now).
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(NamedTuple):
     token: int
     keep_ms: int
     ttl_ms: int

@@ -122,8 +122,7 @@ class Hub:
                     state.leaving = False  # still subscribed at the server: keep it
                 else:
                     state.confirmed = Latch()
-                    if state.link.send(self.sub, channel):
-                        state.pending.append(True)
+                    self._send(state.link, [channel], subscribe=True)
             return state.confirmed
 
     def confirmation(self, channel: str) -> Latch[bool]:
@@ -168,15 +167,7 @@ class Hub:
                         by_link.setdefault(state.link, []).append(channel)
                 self._leaving.clear()
                 for link, channels in by_link.items():
-                    for i in range(0, len(channels), _BATCH):
-                        batch = channels[i : i + _BATCH]
-                        sent = link.send(self.unsub, *batch)
-                        for channel in batch:
-                            state = self._channels[channel]
-                            if sent:
-                                state.pending.append(False)
-                            elif not state.pending:
-                                del self._channels[channel]  # no connection: nothing to undo
+                    self._send(link, channels, subscribe=False)
 
     def kick(self, channel: str) -> None:
         """A confirmation is overdue: drop that connection so it reconnects afresh."""
@@ -213,11 +204,20 @@ class Hub:
     def _on_connect(self, link: _Link) -> None:
         """Called with the lock held once a link (re)connected: subscribe its channels."""
         mine = [ch for ch, st in self._channels.items() if st.link is link and st.mailboxes]
-        for i in range(0, len(mine), _BATCH):
-            batch = mine[i : i + _BATCH]
-            if link.send(self.sub, *batch):
-                for ch in batch:
-                    self._channels[ch].pending.append(True)
+        self._send(link, mine, subscribe=True)
+
+    def _send(self, link: _Link, channels: list[str], *, subscribe: bool) -> None:
+        """(Un)subscribe channels in batches (lock held), noting each command awaiting its ack."""
+        command = self.sub if subscribe else self.unsub
+        for i in range(0, len(channels), _BATCH):
+            batch = channels[i : i + _BATCH]
+            sent = link.send(command, *batch)
+            for channel in batch:
+                state = self._channels[channel]
+                if sent:
+                    state.pending.append(subscribe)
+                elif not state.pending and not state.mailboxes:
+                    del self._channels[channel]  # no connection: nothing left to undo
 
     def _on_lost(self, link: _Link) -> None:
         """Called with the lock held when a link's connection dropped."""
@@ -299,8 +299,7 @@ class Hub:
             del self._channels[channel]
             return
         state.link = self._link(channel)
-        if state.link.send(self.sub, channel):
-            state.pending.append(True)
+        self._send(state.link, [channel], subscribe=True)
         for mailbox in state.mailboxes:
             mailbox.put(RECHECK)
 

@@ -173,9 +173,8 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
         if reply.state == LEAD:
             return (yield from _lead(spec, codec, reply.token))
         if reply.state == DONE:
-            outcome = _read(spec, codec, reply.record)
+            outcome = _read(spec, codec, reply.record, fresh_ms=reply.fresh_ms)
             if outcome is not None:
-                outcome.fresh_ms = reply.fresh_ms if outcome.error is None else 0
                 return outcome
             bad_records += 1
             if bad_records >= _MAX_BAD_RECORDS:
@@ -208,20 +207,21 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
                 break  # too large to travel inline: the re-check reads it
             if kind == NOTICE_ABORTED:
                 break  # the leader gave up: take over now
-            outcome = _read(spec, codec, message)
+            outcome = _read(spec, codec, message, fresh_ms=None)
             if outcome is not None:
-                # Published the moment it was stored: fresh for about its keep time.
-                if outcome.error is None:
-                    outcome.fresh_ms = parse_record(message).keep_ms
                 return outcome
             break
 
 
-def _read(spec: FlightSpec, codec: Codec, data: bytes) -> Outcome | None:
-    """Decode a record; None if it must be ignored (foreign or failed its signature)."""
+def _read(spec: FlightSpec, codec: Codec, data: bytes, *, fresh_ms: int | None) -> Outcome | None:
+    """Decode a record; None if it must be ignored (foreign or failed its signature).
+
+    ``fresh_ms`` is how much longer its value may be given to new callers; None for a record
+    just published, which is fresh for its whole keep time.
+    """
     try:
         record = parse_record(data)
-        return codec.decode(record.envelope, channel=spec.names.channel, token=record.token)
+        outcome = codec.decode(record.envelope, channel=spec.names.channel, token=record.token)
     except TamperedEnvelope as exc:
         _reject(spec, codec, exc)
         return None
@@ -230,6 +230,9 @@ def _read(spec: FlightSpec, codec: Codec, data: bytes) -> Outcome | None:
             raise
         _reject(spec, codec, exc)  # not even a record: somebody else's bytes on our channel
         return None
+    if outcome.error is None:
+        outcome.fresh_ms = record.keep_ms if fresh_ms is None else fresh_ms
+    return outcome
 
 
 def _reject(spec: FlightSpec, codec: Codec, exc: EnvelopeError) -> None:

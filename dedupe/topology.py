@@ -35,8 +35,7 @@ __all__ = [
     "ClusterRouter",
     "Kind",
     "Target",
-    "cluster_twin_async",
-    "cluster_twin_sync",
+    "cluster_twin",
     "kind_of_clients",
     "parse_url",
     "sentinel_twin",
@@ -58,27 +57,19 @@ class Target:
     password: str | None = None
     ssl: bool = False
 
-    def sync_client(self, opts: dict[str, Any]) -> Any:
+    def client(self, opts: dict[str, Any], *, to_async: bool) -> Any:
+        """A client for this target: redis-py's sync one, or its asyncio twin."""
         if self.kind == "cluster":
-            nodes = [_cluster.ClusterNode(h, p) for h, p in self.hosts]
-            return redis.cluster.RedisCluster(startup_nodes=nodes, **self._auth(), **opts)
+            cluster = _acluster if to_async else _cluster
+            nodes = [cluster.ClusterNode(h, p) for h, p in self.hosts]
+            return cluster.RedisCluster(startup_nodes=nodes, **self._auth(), **opts)
         if self.kind == "sentinel":
-            sentinel = _sentinel.Sentinel(
+            sentinel = (_asentinel if to_async else _sentinel).Sentinel(
                 list(self.hosts), sentinel_kwargs=self._sentinel_opts(opts), **self._auth(), **opts
             )
             return sentinel.master_for(self.service, db=self.db)
-        return redis.Redis.from_url(self.url, **opts)
-
-    def async_client(self, opts: dict[str, Any]) -> Any:
-        if self.kind == "cluster":
-            nodes = [_acluster.ClusterNode(h, p) for h, p in self.hosts]
-            return redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **self._auth(), **opts)
-        if self.kind == "sentinel":
-            sentinel = _asentinel.Sentinel(
-                list(self.hosts), sentinel_kwargs=self._sentinel_opts(opts), **self._auth(), **opts
-            )
-            return sentinel.master_for(self.service, db=self.db)
-        return redis.asyncio.Redis.from_url(self.url, **opts)
+        standalone: Any = redis.asyncio.Redis if to_async else redis.Redis
+        return standalone.from_url(self.url, **opts)
 
     def _auth(self) -> dict[str, Any]:
         auth: dict[str, Any] = {}
@@ -151,19 +142,13 @@ def kind_of_clients(client: Any, async_client: Any) -> Kind:
     return "standalone"
 
 
-def cluster_twin_sync(client: Any, opts: dict[str, Any]) -> redis.cluster.RedisCluster:
-    """A sync cluster client for the nodes of an asyncio one (for the hub and the renewer)."""
-    nodes = [_cluster.ClusterNode(n.host, n.port) for n in client.get_nodes()]
+def cluster_twin(client: Any, opts: dict[str, Any], *, to_async: bool) -> Any:
+    """A cluster client of the other kind (sync/async) for the same nodes."""
+    cluster = _acluster if to_async else _cluster
+    nodes = [cluster.ClusterNode(n.host, n.port) for n in client.get_nodes()]
     kw = _node_kwargs(client.get_default_node())
     kw.update(opts)
-    return redis.cluster.RedisCluster(startup_nodes=nodes, **kw)
-
-
-def cluster_twin_async(client: Any, opts: dict[str, Any]) -> redis.asyncio.cluster.RedisCluster:
-    nodes = [_acluster.ClusterNode(n.host, n.port) for n in client.get_nodes()]
-    kw = _node_kwargs(client.get_default_node())
-    kw.update(opts)
-    return redis.asyncio.cluster.RedisCluster(startup_nodes=nodes, **kw)
+    return cluster.RedisCluster(startup_nodes=nodes, **kw)
 
 
 def _node_kwargs(node: Any) -> dict[str, Any]:
