@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
@@ -82,6 +84,18 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 @pytest.fixture
 def prefix() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """Spawned test processes (see helpers.start); any still running are ended by PID."""
+    started: list[Any] = []
+    yield started
+    for p in started:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGCONT)  # a test may have left it stopped
+            p.kill()
+        p.join(5)
 
 
 @pytest.fixture

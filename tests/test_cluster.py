@@ -11,12 +11,11 @@ dead or paused nodes, not the slot layout).
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +23,7 @@ import redis
 import redis.asyncio.cluster
 import redis.cluster
 import topology_workers as tw
+from helpers import SPAWN, start, until
 from redis.crc import key_slot
 
 from dedupe import SingleFlight
@@ -31,8 +31,6 @@ from dedupe._servers import RedisClusterSet, RedisServer
 from dedupe.keys import names_for
 
 pytestmark = pytest.mark.cluster
-
-SPAWN = mp.get_context("spawn")
 
 
 # --------------------------------------------------------------------------- cluster helpers
@@ -104,13 +102,6 @@ def wait_shard_subscribers(
         time.sleep(0.01)
 
 
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def migrate_slot(
     cluster: RedisClusterSet, slot: int, src: RedisServer, dst: RedisServer, *, finish: bool = True
 ) -> None:
@@ -143,7 +134,7 @@ def finish_migration(
     for server in [dst, src, *others]:  # the order redis-cli uses
         with server.client() as c:
             c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
-    wait_until("every node to agree on the slot layout", cluster.is_healthy)
+    until(cluster.is_healthy, what="every node to agree on the slot layout")
     assert owner_of(cluster, slot) is dst
 
 
@@ -152,7 +143,7 @@ def restore_slot(cluster: RedisClusterSet, slot: int, home: RedisServer) -> None
     for server in cluster.servers:
         with server.client() as c:
             c.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
-    wait_until("a stable slot layout", cluster.is_healthy)
+    until(cluster.is_healthy, what="a stable slot layout")
     owner = owner_of(cluster, slot)
     if owner is not home:
         migrate_slot(cluster, slot, owner, home)
@@ -194,7 +185,7 @@ def assert_clean(cluster: RedisClusterSet, prefix: str) -> None:
         return True
 
     # A follower process that exited may still be closing its socket: bounded wait.
-    wait_until("every node to drop the shard channels", no_channels)
+    until(no_channels, what="every node to drop the shard channels")
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -219,23 +210,6 @@ def aux(
             with server.client() as c:
                 for key in c.scan_iter(match=f"{env['prefix']}-aux:*", count=1000):
                     c.delete(key)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Any]]:
-    started: list[Any] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()  # by PID, through the Process object
-        p.join(5)
-
-
-def start(procs: list[Any], target: Any, *args: Any) -> Any:
-    p = SPAWN.Process(target=target, args=args)
-    p.start()
-    procs.append(p)
-    return p
 
 
 def gather(queue: Any, n: int, timeout: float = 45) -> list[dict[str, Any]]:
@@ -698,19 +672,19 @@ def test_acquire_during_an_open_migration_waits_it_out(
 
         f = threading.Thread(target=follow)
         f.start()
-        wait_until(
-            f"the follower's acquire to meet TRYAGAIN {tryagains} times, or to give up",
+        until(
             lambda: (
                 errorstat(dst, "TRYAGAIN") + errorstat(src, "TRYAGAIN") >= before + tryagains
                 or not f.is_alive()
             ),
+            what=f"the follower's acquire to meet TRYAGAIN {tryagains} times, or to give up",
         )
         finish_migration(redis_cluster, slot, src, dst)
         channel = names_for(prefix, job_id).channel
         # Release the leader only once the follower follows it (or has given up).
-        wait_until(
-            "the follower to subscribe at the new owner, or to give up",
+        until(
             lambda: shard_numsub(dst, channel) >= 1 or not f.is_alive(),
+            what="the follower to subscribe at the new owner, or to give up",
         )
         gate.set()
         f.join(20)

@@ -8,53 +8,25 @@ expiry must rescue the waiters: if it did not, the test's own timeout would fail
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
 import workers
+from helpers import SPAWN, start, until
 
 from dedupe import BackendUnavailable, SingleFlight, current_flight
 from dedupe._servers import RedisServer
 from dedupe.envelope import Codec, Outcome, make_record
 from dedupe.keys import names_for
 
-SPAWN = mp.get_context("spawn")
-
-
-def until(predicate: Callable[[], bool], timeout: float = 15, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
 
 def numsub(client: redis.Redis, channel: str) -> int:
     return int(client.pubsub_numsub(channel)[0][1])
-
-
-def start(procs: list[Any], target: Any, *args: Any) -> Any:
-    p = SPAWN.Process(target=target, args=args)
-    p.start()
-    procs.append(p)
-    return p
-
-
-@pytest.fixture
-def procs() -> Any:
-    started: list[Any] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGCONT)
-            p.kill()
-        p.join(5)
 
 
 @pytest.mark.timeout(40)

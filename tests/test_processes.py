@@ -10,17 +10,15 @@ import multiprocessing as mp
 import os
 import signal
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 import workers
+from helpers import SPAWN, start
 
 from dedupe import SingleFlight
 from dedupe.keys import names_for
-
-SPAWN = mp.get_context("spawn")
 
 
 def gather(queue: Any, n: int, timeout: float = 60) -> list[Any]:
@@ -43,23 +41,6 @@ def wait_subscribers(client: redis.Redis, channel: str, n: int, timeout: float =
     while client.pubsub_numsub(channel)[0][1] < n:
         assert time.monotonic() < deadline, f"fewer than {n} followers subscribed"
         time.sleep(0.01)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Any]]:
-    started: list[Any] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()  # by PID, through the Process object
-        p.join(5)
-
-
-def start(procs: list[Any], target: Any, *args: Any) -> Any:
-    p = SPAWN.Process(target=target, args=args)
-    p.start()
-    procs.append(p)
-    return p
 
 
 @pytest.mark.timeout(60)

@@ -11,22 +11,19 @@ killed master back as a replica of the new one.
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import topology_workers as tw
+from helpers import SPAWN, start
 
 from dedupe import BackendUnavailable, SingleFlight, current_flight
 from dedupe._servers import RedisSentinelSet
 from dedupe.keys import names_for
 
 pytestmark = pytest.mark.sentinel
-
-SPAWN = mp.get_context("spawn")
 
 
 @pytest.fixture
@@ -37,23 +34,6 @@ def env(redis_sentinel: RedisSentinelSet, prefix: str) -> dict[str, Any]:
         "service": redis_sentinel.service_name,
         "prefix": prefix,
     }
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Any]]:
-    started: list[Any] = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            p.kill()  # by PID, through the Process object
-        p.join(5)
-
-
-def start(procs: list[Any], target: Any, *args: Any) -> Any:
-    p = SPAWN.Process(target=target, args=args)
-    p.start()
-    procs.append(p)
-    return p
 
 
 def wait_subscribers(sset: RedisSentinelSet, channel: str, n: int, timeout: float = 30) -> None:
