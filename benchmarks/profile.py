@@ -24,7 +24,7 @@ import timeit
 from pathlib import Path
 from typing import Any
 
-from dedupe._servers import RedisServer
+from devtools.servers import RedisServer
 
 from .tools import DedupeNoop, DedupeNoopAsync, RawAsync, RawSync
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import redis
 
-from dedupe._servers import RedisServer
+from devtools.servers import RedisServer
 
 from . import scenarios
 from .pool import WorkerPool

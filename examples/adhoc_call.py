@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 from dedupe import SingleFlight, current_flight
-from dedupe._servers import RedisServer
+from devtools.servers import RedisServer
 
 CALLERS = 5
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from dedupe import SingleFlight
-from dedupe._servers import RedisServer
+from devtools.servers import RedisServer
 
 REQUESTS = 50
 

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import redis
 
 from dedupe import SingleFlight
-from dedupe._servers import RedisServer
+from devtools.servers import RedisServer
 
 CALLERS = 20
 

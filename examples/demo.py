@@ -27,7 +27,7 @@ from typing import Any
 import redis
 
 from dedupe import SingleFlight, current_flight
-from dedupe._servers import RedisServer
+from devtools.servers import RedisServer
 
 PROCESSES, THREADS = 4, 9
 KEYS = ("daily", "weekly", "monthly")

@@ -21,7 +21,7 @@ import pytest
 import redis
 from hypothesis import HealthCheck, settings
 
-from dedupe._servers import RedisClusterSet, RedisSentinelSet, RedisServer
+from devtools.servers import RedisClusterSet, RedisSentinelSet, RedisServer
 
 # --------------------------------------------------------------------------- hypothesis
 

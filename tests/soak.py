@@ -113,7 +113,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from dedupe import BackendUnavailable, SingleFlight, WaitTimeout, current_flight
-from dedupe._servers import RedisServer
+from devtools.servers import RedisServer
 from dedupe.keys import names_for
 
 __all__ = ["main"]

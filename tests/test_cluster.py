@@ -27,7 +27,7 @@ from helpers import SPAWN, start, until
 from redis.crc import key_slot
 
 from dedupe import SingleFlight
-from dedupe._servers import RedisClusterSet, RedisServer
+from devtools.servers import RedisClusterSet, RedisServer
 from dedupe.keys import names_for
 
 pytestmark = pytest.mark.cluster

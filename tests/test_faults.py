@@ -20,7 +20,7 @@ import workers
 from helpers import SPAWN, start, until
 
 from dedupe import BackendUnavailable, SingleFlight, current_flight
-from dedupe._servers import RedisServer
+from devtools.servers import RedisServer
 from dedupe.envelope import Codec, Outcome, make_record
 from dedupe.keys import names_for
 

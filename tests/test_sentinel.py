@@ -20,7 +20,7 @@ import topology_workers as tw
 from helpers import SPAWN, start
 
 from dedupe import BackendUnavailable, SingleFlight, current_flight
-from dedupe._servers import RedisSentinelSet
+from devtools.servers import RedisSentinelSet
 from dedupe.keys import names_for
 
 pytestmark = pytest.mark.sentinel

@@ -1,4 +1,4 @@
-"""Tests of dedupe._servers: the private redis-server processes every other test relies on."""
+"""Tests of devtools.servers: the private redis-server processes every other test relies on."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dedupe import _servers
-from dedupe._servers import (
+from devtools import servers as _servers
+from devtools.servers import (
     RedisClusterSet,
     RedisSentinelSet,
     RedisServer,
@@ -226,7 +226,7 @@ def test_forked_child_atexit_leaves_parent_servers_alone() -> None:
 def test_atexit_stops_servers_of_an_exiting_process(tmp_path: Path) -> None:
     script = tmp_path / "child.py"
     script.write_text(
-        "from dedupe._servers import RedisServer\n"
+        "from devtools.servers import RedisServer\n"
         "s = RedisServer().start()\n"
         "print(s.pid, s.port, flush=True)\n"
     )
@@ -243,7 +243,7 @@ def test_atexit_stops_servers_of_an_exiting_process(tmp_path: Path) -> None:
 
 
 def test_cli_runs_until_stdin_closes_or_sigterm() -> None:
-    cmd = [sys.executable, "-m", "dedupe._servers", "standalone"]
+    cmd = [sys.executable, "-m", "devtools.servers", "standalone"]
     # 1) stop by closing stdin
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

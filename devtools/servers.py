@@ -11,7 +11,7 @@ Child processes should be handed ``server.url`` / ``server.port`` only; a pickle
 :class:`RedisServer` arrives as a *detached* handle that can still build clients and send
 signals by PID, but cannot reap the process.
 
-Run ``python -m dedupe._servers [standalone|cluster|sentinel]`` to start one set, print its
+Run ``python -m devtools.servers [standalone|cluster|sentinel]`` to start one set, print its
 addresses as one JSON line and keep it up until SIGINT/SIGTERM or end of stdin.
 """
 
@@ -936,10 +936,10 @@ def _stdin_is_pipe() -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dedupe._servers [standalone|cluster|sentinel] [--port N]``."""
+    """``python -m devtools.servers [standalone|cluster|sentinel] [--port N]``."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m dedupe._servers", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m devtools.servers", description=__doc__)
     kinds = ["standalone", "cluster", "sentinel"]
     p.add_argument("kind", nargs="?", default="standalone", choices=kinds)
     p.add_argument("--port", type=int, default=None, help="standalone only")

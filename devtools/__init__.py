@@ -1,0 +1,1 @@
+"""Developer tools beside the library: private redis-server processes for tests, demo and benchmarks (not shipped in the wheel)."""
