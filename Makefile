@@ -5,15 +5,19 @@ PY ?= python3
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
-LINT_DIRS := $(wildcard dedupe tests examples benchmarks)
+LINT_DIRS := $(wildcard dedupe devtools tests examples benchmarks)
 
-.PHONY: help install redis-server venv test lint format demo bench bench-quick soak clean distclean
+.PHONY: help install redis-server venv test lint format demo bench bench-quick compat soak clean distclean
 
 help:
-	@echo "make install | test | lint | format | demo | bench | bench-quick | soak | clean | distclean"
+	@echo "make install | test | lint | format | demo | bench | bench-quick | compat | soak | clean | distclean"
 
+# The distribution is redis-single-flight (import name: dedupe). A venv made before the rename
+# still holds this checkout as an editable "dedupe": drop that one first.
 install: redis-server venv
 	$(PYTHON) -m pip install -q --upgrade pip
+	@if $(PYTHON) -m pip show -f dedupe 2>/dev/null | grep -q '_editable_impl_dedupe.pth'; then \
+		$(PYTHON) -m pip uninstall -q -y dedupe; fi
 	$(PYTHON) -m pip install -q -e '.[dev]'
 
 # redis-server/redis-cli are only needed as binaries; the system service is never started.
@@ -44,20 +48,24 @@ venv:
 test:
 	$(PYTHON) -m pytest -m "not soak" $(PYTEST_ARGS)
 
+# Python 3.11 runs the tests; mypy checks the oldest (3.10) and newest (3.13) supported too.
 lint:
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VENV)/bin/ruff format --check $(LINT_DIRS)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy --python-version 3.13
 
 format:
 	$(VENV)/bin/ruff format $(LINT_DIRS)
 	$(VENV)/bin/ruff check --fix $(LINT_DIRS)
 
+# A private redis-server for examples/demo.py (which itself runs against any Redis URL).
 demo:
-	$(PYTHON) examples/demo.py
+	$(PYTHON) -m devtools.demo
 
 # Benchmarks against raw redis-py and the peers (benchmarks/; results in benchmarks/results/).
 # `make bench` takes about 10 minutes, `make bench-quick` under 2. Extra flags: BENCH_ARGS=...
+# bench-quick writes to benchmarks/results/quick/ (git-ignored): the committed full results stay.
 BENCH_ARGS ?=
 
 bench:
@@ -66,7 +74,14 @@ bench:
 
 bench-quick:
 	$(VENV)/bin/pip install -e '.[bench]' -q
-	$(PYTHON) -m benchmarks --quick $(BENCH_ARGS)
+	$(PYTHON) -m benchmarks --quick --out benchmarks/results/quick $(BENCH_ARGS)
+
+# The `core` tests against the oldest and newest redis-py of each supported major, with and
+# without hiredis, each in a plain venv under .compat/ (git-ignored). About 10 minutes.
+# E.g. COMPAT_ARGS="--redis 8.1.0 --hiredis without -- -m core -x".
+COMPAT_ARGS ?=
+compat:
+	$(PYTHON) -m devtools.compat $(COMPAT_ARGS)
 
 # Long stress run (tests/soak.py); not part of `make test`. E.g. SOAK_ARGS="--minutes 1 --seed 7".
 SOAK_ARGS ?=
@@ -74,8 +89,21 @@ soak:
 	$(PYTHON) -m tests.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis .compat
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
 	rm -rf $(VENV)
+
+# --- simulate (owned by the SIM helper) ---
+# Deterministic simulation (tests/sim): the real protocol and Lua scripts under simulated
+# processes, network, clocks and Redis. `make simulate SEED=123` replays one schedule (shrunk
+# and printed if it fails); without SEED it runs schedules for MINUTES and prints the figures.
+# STEPS: steps per schedule. SIM_ARGS: e.g. --package /path/to/checkout, --ignore KIND.
+SEED ?=
+STEPS ?= 60
+MINUTES ?= 10
+SIM_ARGS ?=
+.PHONY: simulate
+simulate:
+	$(PYTHON) -m tests.sim --steps $(STEPS) $(if $(SEED),--seed $(SEED),--minutes $(MINUTES) --keep-going) $(SIM_ARGS)

@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of: {', '.join(SCENARIOS)}",
     )
-    ap.add_argument("--out", default=str(RESULTS), help="where latest.md and the plots go")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help=f"where latest.md and the plots go (default {RESULTS}; with --quick, its quick/,"
+        " git-ignored, so a quick run never replaces the committed full results)",
+    )
     ns = ap.parse_args(argv)
     only = [s.strip() for s in ns.only.split(",") if s.strip()]
     unknown = set(only) - set(SCENARIOS)
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
 
     p = scenarios.Params.make(ns.quick)
-    outdir = Path(ns.out)
+    outdir = Path(ns.out) if ns.out else (RESULTS / "quick" if ns.quick else RESULTS)
     outdir.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     res: dict[str, Any] = {}

@@ -1,10 +1,13 @@
 """dedupe: distributed single-flight on Redis. One runs the work; all get its outcome."""
 
-from .api import SingleFlight, single_flight
+from .api import INHERIT, AsyncFlightFunction, FlightFunction, SingleFlight, single_flight
 from .context import Flight, current_flight
 from .envelope import Serializer
 from .errors import (
+    BackendBusy,
+    BackendOutOfMemory,
     BackendUnavailable,
+    ConfigurationError,
     DedupeError,
     EnvelopeError,
     LeaseLost,
@@ -14,18 +17,26 @@ from .errors import (
     ResultTooLarge,
     WaitTimeout,
 )
+from .inflight import Served
 
 __all__ = [
+    "INHERIT",
+    "AsyncFlightFunction",
+    "BackendBusy",
+    "BackendOutOfMemory",
     "BackendUnavailable",
+    "ConfigurationError",
     "DedupeError",
     "EnvelopeError",
     "Flight",
+    "FlightFunction",
     "LeaseLost",
     "ReentrantFlight",
     "RemoteError",
     "ResultNotSerializable",
     "ResultTooLarge",
     "Serializer",
+    "Served",
     "SingleFlight",
     "WaitTimeout",
     "current_flight",

@@ -16,6 +16,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -26,16 +27,19 @@ import redis.asyncio.connection as aconn
 import redis.asyncio.retry
 import redis.cluster
 import redis.connection as sconn
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ClusterError, NoScriptError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from .commands import ScriptCall, renew_call
+from .commands import ScriptCall
 from .envelope import Codec
+from .errors import BackendUnavailable
 from .hub import Connection, Hub, Router, SingleRouter
 from .inflight import InFlight
 from .kept import LocalCopies
-from .renewal import Renewer
+from .renewal import Renewer, renew_many
 from .topology import (
     ClusterRouter,
     cluster_twin,
@@ -46,12 +50,16 @@ from .topology import (
 
 __all__ = ["Backend", "BackendConfig"]
 
-log = logging.getLogger("dedupe")
+log = logging.getLogger(__name__)
 
 _live: weakref.WeakSet[Backend] = weakref.WeakSet()
 # While Redis is down under on_backend_error="local", calls skip it for this long, so an
 # unreachable server costs one connect timeout per pause, not one per call.
 _OUTAGE_PAUSE = 1.0
+# Commands in flight at once per client (per event loop for asyncio). More callers queue
+# for a slot instead of failing with "Too many connections"; pools are sized above it.
+_SLOTS = 64
+_POOL_SIZE = _SLOTS + 16
 
 SyncClient: TypeAlias = "redis.Redis | redis.cluster.RedisCluster"
 AsyncClient: TypeAlias = "redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster"
@@ -68,14 +76,24 @@ class BackendConfig:
     codec: Codec
     on_backend_error: str = "raise"
     local_cache: bool = False
+    queue_timeout: float = 20.0  # longest wait for a free command slot
+    lock_ttl: float = 10.0  # how long close() waits for running flights by default
+    local_cache_max_bytes: int = 32 * 1024 * 1024
+    name: str = "dedupe"  # CLIENT SETNAME prefix of our connections
 
 
 def _client_options(cfg: BackendConfig, retry_cls: type[Any]) -> dict[str, Any]:
     # Bounded everywhere: a dead Redis must surface as BackendUnavailable, never as a hang.
+    # One retry, and only for a connection that failed (a stale pooled socket after a
+    # restart), never after a timeout: a command takes at most connect_timeout +
+    # socket_timeout, the documented bound.
     return {
         "socket_connect_timeout": cfg.connect_timeout,
         "socket_timeout": cfg.socket_timeout,
-        "retry": retry_cls(ExponentialBackoff(cap=0.1, base=0.01), 1),
+        "retry": retry_cls(
+            ExponentialBackoff(cap=0.1, base=0.01), 1, supported_errors=(RedisConnectionError,)
+        ),
+        "max_connections": _POOL_SIZE,
         "health_check_interval": cfg.health_check_interval,
     }
 
@@ -136,15 +154,24 @@ class Backend:
 
     def _init_process_state(self) -> None:
         self._lock = threading.RLock()
+        # Fields below are set once under _lock (double-checked) and read without it.
         self._sync: SyncClient | None = self.cfg.client
-        self._async_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = (
+        # Per event loop: its client (redis.asyncio connections belong to one loop), its
+        # command slots and its table of flights. Guarded by _lock.
+        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
         self._hub: Hub | None = None
         self._renewer: Renewer | None = None
+        self._renewal: SyncClient | None = None  # built by the first renewal, on its thread
         self.sync_flights = InFlight()
-        self.async_flights = InFlight()
-        self.local_copies = LocalCopies() if self.cfg.local_cache else None
+        self._sync_slots = threading.BoundedSemaphore(_SLOTS)
+        self._active = 0  # flights running on this backend (guarded by _lock)
+        self._idle = threading.Condition(self._lock)  # notified when _active drops to 0
+        self._retired = False  # configure() replaced us: close when the last flight ends
+        self.local_copies = (
+            LocalCopies(max_bytes=self.cfg.local_cache_max_bytes) if self.cfg.local_cache else None
+        )
         self._owner_base = uuid.uuid4().hex[:16]
         self._owner_seq = itertools.count(1)
         self._down_until = 0.0
@@ -166,7 +193,7 @@ class Backend:
             if not self._in_outage:
                 self._in_outage = True
                 log.warning(
-                    "dedupe: Redis is unavailable (%s); running flights with in-process "
+                    "Redis is unavailable (%s); running flights with in-process "
                     "deduplication only until it answers again",
                     exc,
                 )
@@ -181,7 +208,7 @@ class Backend:
             with self._lock:
                 if self._in_outage:
                     self._in_outage = False
-                    log.warning("dedupe: Redis answers again; flights are distributed again")
+                    log.warning("Redis answers again; flights are distributed again")
 
     def stats(self) -> dict[str, int]:
         return {
@@ -189,13 +216,89 @@ class Backend:
             "hub_reconnects": self._hub.reconnects if self._hub else 0,
             "leases_lost": self._renewer.lost if self._renewer else 0,
             "local_runs": self.local_runs,
-            "flights_in_process": len(self.sync_flights) + len(self.async_flights),
+            "flights_in_process": len(self.sync_flights)
+            + sum(len(state.flights) for state in list(self._per_loop.values())),
             "local_copies": len(self.local_copies) if self.local_copies is not None else 0,
+            **{
+                f"lease_{k}": v for k, v in (self._renewer.stats() if self._renewer else {}).items()
+            },
         }
 
     def after_fork(self) -> None:
         # The parent's threads are gone and its sockets are not ours to use or close.
         self._init_process_state()
+
+    # --- flights running on this backend ------------------------------------------------------
+
+    @contextmanager
+    def flight(self) -> Iterator[None]:
+        """Count a running flight, so that close() and configure() can wait for it."""
+        with self._lock:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                idle = self._active == 0
+                if idle:
+                    self._idle.notify_all()
+            if idle and self._retired:
+                self.close(timeout=0)
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """One of the client's command slots: past _SLOTS concurrent commands, callers queue."""
+        if not self._sync_slots.acquire(timeout=self.cfg.queue_timeout):
+            raise BackendUnavailable(
+                f"all {_SLOTS} Redis command slots of this process stayed busy for "
+                f"{self.cfg.queue_timeout:g} s"
+            )
+        try:
+            yield
+        finally:
+            self._sync_slots.release()
+
+    async def take_slot(self, slots: asyncio.Semaphore) -> None:
+        """The asyncio twin of slot(): queue for a command slot, for queue_timeout at most."""
+        if not slots.locked():
+            await slots.acquire()  # free: no timer, no task
+            return
+        # A timer, not asyncio.wait_for: thousands of queued callers must not mean thousands
+        # of extra tasks on the loop.
+        task = asyncio.current_task()
+        assert task is not None
+        fired: list[bool] = []
+
+        def expire() -> None:
+            fired.append(True)
+            task.cancel()
+
+        timer = asyncio.get_running_loop().call_later(self.cfg.queue_timeout, expire)
+        try:
+            await slots.acquire()
+        except asyncio.CancelledError:
+            if not fired:
+                raise
+            if hasattr(task, "uncancel"):
+                task.uncancel()  # our own cancel, not the caller's (3.11+)
+            raise BackendUnavailable(
+                f"all {_SLOTS} Redis command slots of this event loop stayed busy for "
+                f"{self.cfg.queue_timeout:g} s"
+            ) from None
+        finally:
+            timer.cancel()
+
+    def async_flights(self) -> InFlight:
+        """The running loop's table of flights."""
+        return self._loop_state().flights
+
+    def async_client_and_slots(self) -> tuple[AsyncClient, asyncio.Semaphore]:
+        state = self._loop_state()
+        client = state.client
+        if client is None:
+            client = state.client = self.cfg.async_client or self._build_client(to_async=True)
+        return client, state.slots
 
     # --- clients ------------------------------------------------------------------------------
 
@@ -209,21 +312,34 @@ class Backend:
         return client
 
     def async_client(self) -> AsyncClient:
-        if self.cfg.async_client is not None:
-            return self.cfg.async_client
+        return self.async_client_and_slots()[0]
+
+    def _loop_state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
-        client = self._async_by_loop.get(loop)
-        if client is None:
-            # Clients of closed loops cannot be used again (their sockets belong to the loop).
-            for old in [lp for lp in list(self._async_by_loop) if lp.is_closed()]:
-                self._async_by_loop.pop(old, None)
-            # redis.asyncio connections belong to one loop; keep one client per loop.
-            client = self._async_by_loop[loop] = self._build_client(to_async=True)
-        return client
+        state = self._per_loop.get(loop)
+        if state is None:
+            with self._lock:
+                state = self._per_loop.get(loop)
+                if state is None:
+                    # What belonged to closed loops cannot be used again: drop it.
+                    for old in [lp for lp in list(self._per_loop) if lp.is_closed()]:
+                        self._per_loop.pop(old, None)
+                    state = self._per_loop[loop] = _LoopState()
+        return state
+
+    async def aclose_loop_client(self) -> None:
+        """Close the running loop's client (redis.asyncio clients must be closed on their loop)."""
+        loop = asyncio.get_running_loop()
+        state = self._per_loop.get(loop)
+        if state is not None and state.client is not None and self.cfg.async_client is None:
+            client, state.client = state.client, None
+            await client.aclose()
 
     def _build_client(self, *, to_async: bool) -> Any:
         """A client from the URL, or the twin of the client of the other kind we were given."""
         opts = _client_options(self.cfg, redis.asyncio.retry.Retry if to_async else Retry)
+        if self.kind == "cluster":
+            opts.pop("max_connections")  # per node, and the cluster clients size their own
         if self.target is not None:
             return self.target.client(opts, to_async=to_async)
         given = self.cfg.client if to_async else self.cfg.async_client
@@ -275,13 +391,54 @@ class Backend:
         if renewer is None:
             with self._lock:
                 if self._renewer is None:
-                    self._renewer = Renewer(self._renew)
+                    self._renewer = Renewer(self._renew_batch, self._renewal_group)
                 renewer = self._renewer
         return renewer
 
-    def _renew(self, lock_key: str, lock_value: str, ttl_ms: int) -> int:
-        call = renew_call(lock_key, lock_value, ttl_ms)
-        return int(run_script(self.sync_client(), call, self.kind == "cluster"))
+    def _renew_batch(self, items: list[tuple[str, str, int]]) -> list[int]:
+        # Runs on a renewal worker thread: one round trip per server for the whole batch.
+        return renew_many(self._renewal_client(), items)
+
+    def _renewal_group(self, lock_key: str) -> str:
+        # Called by the renewal scheduler: no network I/O. One group per Cluster node.
+        client: Any = self._renewal
+        if client is None or self.kind != "cluster":
+            return ""
+        return str(client.get_node_from_key(lock_key).name)
+
+    def _renewal_client(self) -> SyncClient:
+        client = self._renewal
+        if client is None:
+            with self._lock:
+                if self._renewal is None:
+                    self._renewal = self._build_renewal_client()
+                client = self._renewal
+        return client
+
+    def _build_renewal_client(self) -> Any:
+        """A sync client of our own for renewals: no retries, and timeouts of at most a
+        quarter of the lease, so each batch round trip ends well inside lock_ttl/3."""
+        bound = self.cfg.lock_ttl / 4
+        opts: dict[str, Any] = {
+            "socket_connect_timeout": min(self.cfg.connect_timeout, bound),
+            "socket_timeout": min(self.cfg.socket_timeout, bound),
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+        }
+        if self.target is not None:
+            return self.target.client(opts, to_async=False)
+        given: Any = self.cfg.client if self.cfg.client is not None else self.cfg.async_client
+        if self.kind == "cluster":
+            return cluster_twin(given, opts, to_async=False)
+        if self.kind == "sentinel":
+            return sentinel_twin(given, opts, to_async=False)
+        pool = given.connection_pool
+        cls = _ASYNC_TO_SYNC.get(pool.connection_class, pool.connection_class)
+        accepted = set(inspect.signature(cls.__init__).parameters)
+        skip = {"retry", "connection_pool", "redis_connect_func", "event_dispatcher"}
+        kw = {k: v for k, v in pool.connection_kwargs.items() if k in accepted and k not in skip}
+        kw.update({k: v for k, v in opts.items() if k in accepted})
+        return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=cls, **kw))
 
     def owner(self) -> str:
         return f"{self._owner_base}.{next(self._owner_seq)}"
@@ -291,17 +448,59 @@ class Backend:
         """How long a follower waits for the server to confirm its subscription."""
         return self.cfg.connect_timeout + self.cfg.socket_timeout
 
-    def close(self) -> None:
+    def hub_started(self) -> bool:
+        return self._hub is not None
+
+    def close(self, timeout: float | None = None) -> None:
+        """Wait up to ``timeout`` (None: a lease's length) for running flights, then stop the
+        hub and the renewer and close the clients built here. Leases still held by then stop
+        being renewed: their leaders learn it from their Flight, and a waiter takes over."""
+        wait = self.cfg.lock_ttl if timeout is None else timeout
         with self._lock:
+            if wait > 0 and self._active:
+                end = time.monotonic() + wait
+                while self._active and time.monotonic() < end:
+                    self._idle.wait(end - time.monotonic())
+            if self._active:
+                log.warning(
+                    "closing with %d flights still running; their leases stop being renewed",
+                    self._active,
+                )
             hub, self._hub = self._hub, None
             renewer, self._renewer = self._renewer, None
+            renewal, self._renewal = self._renewal, None
+            sync, self._sync = self._sync, self.cfg.client
+            states = list(self._per_loop.values())
+            self._per_loop.clear()
         if hub is not None:
             hub.close()
         if renewer is not None:
             renewer.close()
-        if self.cfg.client is None and self._sync is not None:
-            self._sync.close()
-            self._sync = None
+        if renewal is not None:
+            renewal.close()
+        if self.cfg.client is None and sync is not None:
+            sync.close()
+        del states  # their clients belong to their loops: aclose() closes the running one's
+
+    def retire(self) -> None:
+        """configure() replaced this backend: flights already running finish on it (leases
+        renewed), and it closes itself when the last one ends."""
+        with self._lock:
+            self._retired = True
+            idle = self._active == 0
+        if idle:
+            self.close(timeout=0)
+
+
+class _LoopState:
+    """What a backend keeps per asyncio event loop."""
+
+    __slots__ = ("client", "flights", "slots")
+
+    def __init__(self) -> None:
+        self.client: AsyncClient | None = None
+        self.slots = asyncio.Semaphore(_SLOTS)
+        self.flights = InFlight()
 
 
 # While a Cluster slot migrates, a multi-key script may meet TRYAGAIN until it is done. Every
@@ -343,8 +542,20 @@ async def _once_async(client: Any, call: ScriptCall) -> Any:
         return await client.eval(*call.eval_args())
 
 
+def _connect_timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, RedisTimeoutError) and str(exc).startswith("Timeout connecting")
+
+
 async def run_script_async(client: AsyncClient, call: ScriptCall, cluster: bool = False) -> Any:
     if not cluster:
+        try:
+            return await _once_async(client, call)
+        except RedisTimeoutError as exc:
+            # A connect that timed out never reached Redis, and on a loop busy starting
+            # thousands of tasks its timer fires before the loop looks at the socket: one
+            # more try, on a loop that has caught up. Read timeouts are never retried.
+            if not _connect_timed_out(exc):
+                raise
         return await _once_async(client, call)
     for pause in _migration_pauses():
         try:
@@ -354,22 +565,20 @@ async def run_script_async(client: AsyncClient, call: ScriptCall, cluster: bool 
     return await _once_async(client, call)
 
 
-def wait_replicas(client: SyncClient, lock_key: str, replicas: int, timeout_ms: int) -> int:
-    c: Any = client  # redis-py leaves execute_command untyped
-    if isinstance(client, redis.cluster.RedisCluster):
-        node = c.get_node_from_key(lock_key)
-        return int(c.execute_command("WAIT", replicas, timeout_ms, target_nodes=node))
-    return int(c.execute_command("WAIT", replicas, timeout_ms))
-
-
-async def wait_replicas_async(
-    client: AsyncClient, lock_key: str, replicas: int, timeout_ms: int
-) -> int:
+def acquire_and_wait(
+    backend: Backend, client: SyncClient, call: ScriptCall, spec: Any
+) -> tuple[Any, int]:
+    """The acquire script and WAIT on ONE connection: WAIT vouches only for the writes of
+    the connection it runs on (min_replicas_ack)."""
     c: Any = client
-    if isinstance(client, redis.asyncio.cluster.RedisCluster):
-        node = c.get_node_from_key(lock_key)
-        return int(await c.execute_command("WAIT", replicas, timeout_ms, target_nodes=node))
-    return int(await c.execute_command("WAIT", replicas, timeout_ms))
+    if isinstance(client, redis.cluster.RedisCluster):
+        c = c.get_redis_connection(c.get_node_from_key(spec.names.lock))
+    with backend.slot():
+        pipe = c.pipeline(transaction=False)
+        pipe.eval(*call.eval_args())
+        pipe.execute_command("WAIT", spec.min_replicas, spec.replica_timeout_ms)
+        raw, acked = pipe.execute()
+    return raw, int(acked)
 
 
 def _after_fork_in_child() -> None:

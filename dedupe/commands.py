@@ -12,8 +12,24 @@ from typing import Any, NamedTuple
 import redis.exceptions as rexc
 
 from . import scripts
-from .errors import BackendUnavailable
-from .protocol import BUSY, DONE, LEAD, Acquire, Acquired, Complete, Discard, FlightSpec
+from .errors import (
+    BackendBusy,
+    BackendOutOfMemory,
+    BackendUnavailable,
+    ConfigurationError,
+    DedupeError,
+)
+from .protocol import (
+    BUSY,
+    DONE,
+    LEAD,
+    Acquire,
+    Acquired,
+    Complete,
+    Completed,
+    Discard,
+    FlightSpec,
+)
 
 __all__ = [
     "ScriptCall",
@@ -21,6 +37,7 @@ __all__ = [
     "complete_call",
     "discard_call",
     "parse_acquired",
+    "parse_completed",
     "renew_call",
     "translate",
 ]
@@ -59,7 +76,7 @@ def acquire_call(spec: FlightSpec, cmd: Acquire) -> ScriptCall:
     return ScriptCall(
         ACQUIRE,
         (n.lock, n.token, n.result),
-        (spec.owner, spec.lock_ttl_ms, spec.token_ttl_ms, cmd.waiting_token),
+        (spec.owner, spec.lock_ttl_ms, spec.token_ttl_ms, cmd.floor),
     )
 
 
@@ -67,7 +84,7 @@ def complete_call(spec: FlightSpec, cmd: Complete, publish: str) -> ScriptCall:
     n = spec.names
     return ScriptCall(
         COMPLETE,
-        (n.lock, n.result),
+        (n.lock, n.result, n.token),
         (
             cmd.lock_value,
             cmd.record,
@@ -100,6 +117,13 @@ def parse_acquired(raw: Any) -> Acquired:
     raise ValueError(f"unexpected acquire reply {raw!r}")
 
 
+def parse_completed(raw: Any) -> Completed:
+    err = raw[1] if len(raw) > 1 else b""
+    return Completed(
+        int(raw[0]), err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err)
+    )
+
+
 _UNAVAILABLE = (
     rexc.ConnectionError,
     rexc.TimeoutError,
@@ -115,16 +139,99 @@ _UNAVAILABLE = (
 )
 
 
+# The ACL a dedupe user needs; named in every permission error.
+ACL_NEEDED = (
+    "commands +evalsha +eval +publish +spublish +subscribe +ssubscribe +unsubscribe "
+    "+sunsubscribe +ping +wait +del, keys ~<prefix>:* and channels &<prefix>:*"
+)
+
+
+_AUTH = (
+    rexc.AuthenticationError,
+    rexc.AuthenticationWrongNumberOfArgsError,
+    rexc.AuthorizationError,
+)
+
+
+def _wrap(error: Exception, cause: Exception) -> Exception:
+    error.__cause__ = cause
+    return error
+
+
 def translate(exc: Exception) -> Exception:
-    """Redis failures become BackendUnavailable; anything else is a bug and stays as it is."""
-    if isinstance(exc, BackendUnavailable):
+    """A failure met while talking to Redis, as the DedupeError a user can act on.
+
+    Outages (unreachable, timed out, loading, failing over, BUSY, OOM) become
+    BackendUnavailable or a subclass; what only a configuration change fixes (credentials,
+    ACL, a Cluster node behind a ``redis://`` URL, a client that decodes replies) becomes
+    ConfigurationError. Anything else is a bug and stays as it is.
+    """
+    if isinstance(exc, DedupeError):
         return exc
+    text = str(exc)
+    if isinstance(exc, _AUTH):
+        return _wrap(
+            ConfigurationError(
+                f"Redis refused the credentials: {text}. Check the username and password "
+                "(in the URL, as redis://user:password@host:port/0, or on the client you pass)"
+            ),
+            exc,
+        )
+    if isinstance(exc, rexc.NoPermissionError) or (
+        isinstance(exc, rexc.ResponseError) and "The user executing the script can't" in text
+    ):
+        return _wrap(
+            ConfigurationError(f"Redis ACL denied dedupe: {text}. The ACL user needs {ACL_NEEDED}"),
+            exc,
+        )
+    if isinstance(exc, rexc.OutOfMemoryError):
+        return _wrap(
+            BackendOutOfMemory(
+                f"Redis is out of memory and refused a write: {text}. Raise maxmemory, or "
+                "set maxmemory-policy to an evicting policy (volatile-ttl suits dedupe's keys)"
+            ),
+            exc,
+        )
+    if isinstance(exc, rexc.ResponseError) and text.startswith("BUSY"):
+        return _wrap(
+            BackendBusy(
+                f"Redis is busy running a script (not dedupe's): {text} Another client's "
+                "script blocks the server; SCRIPT KILL ends it"
+            ),
+            exc,
+        )
+    if isinstance(exc, rexc.AskError):  # MovedError too: a standalone client met a Cluster
+        code = getattr(exc, "status_code", None) or "MOVED"
+        return _wrap(
+            ConfigurationError(
+                f"the server is a Redis Cluster node (it answered {code} {text}): use a "
+                "redis+cluster://host:port URL or a RedisCluster client"
+            ),
+            exc,
+        )
+    if isinstance(exc, UnicodeDecodeError):
+        return _wrap(
+            ConfigurationError(
+                "a Redis reply could not be decoded: the client was built with "
+                "decode_responses=True, and dedupe's records are bytes. Pass a client "
+                "without decode_responses (or a url=) to SingleFlight"
+            ),
+            exc,
+        )
+    if isinstance(exc, RuntimeError) and "backend is closed" in text:
+        return _wrap(
+            BackendUnavailable(
+                "the SingleFlight was closed or reconfigured while this call ran; call again"
+            ),
+            exc,
+        )
+    if isinstance(exc, LookupError) and "not subscribed to" in text:
+        return _wrap(
+            BackendUnavailable(f"the pub/sub subscription was dropped mid-call ({text})"),
+            exc,
+        )
     if isinstance(exc, _UNAVAILABLE):
-        error = BackendUnavailable(f"Redis is unavailable: {type(exc).__name__}: {exc}")
-        error.__cause__ = exc
-        return error
-    if isinstance(exc, rexc.ResponseError) and str(exc).startswith(("LOADING", "MASTERDOWN")):
-        error = BackendUnavailable(f"Redis is not ready: {exc}")
-        error.__cause__ = exc
-        return error
+        return _wrap(BackendUnavailable(f"Redis is unavailable: {type(exc).__name__}: {text}"), exc)
+    if isinstance(exc, rexc.ResponseError) and text.startswith(("LOADING", "MASTERDOWN")):
+        return _wrap(BackendUnavailable(f"Redis is not ready: {text}"), exc)
     return exc

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -29,16 +31,34 @@ class Flight:
 
     @property
     def lease_lost(self) -> bool:
-        """True once the lease is known lost: another caller may be running the job too."""
+        """True once the lease is lost or may have expired by the local clock (the last
+        confirmed renewal is older than the lease, less a margin): another caller may be
+        running the job too. Computed on every read, whatever the network is doing."""
         return self._lost.is_set()
 
     @property
     def lost_event(self) -> threading.Event:
-        """Set when the lease is lost; wait on it from a watchdog of your own."""
+        """A threading.Event set when the lease is lost; wait on it from a watchdog thread."""
         return self._lost.event()
 
+    async def wait_lost(self, timeout: float | None = None) -> bool:
+        """Wait on the running event loop (any loop) until the lease is lost; True then, or
+        False if ``timeout`` seconds passed first. Race it against your work, e.g. with
+        ``asyncio.wait`` or a TaskGroup, to stop when another caller may take over."""
+        return await self._lost.wait_async(timeout)
+
+    @property
+    def time_left(self) -> float:
+        """Seconds until the lease counts as lost unless a renewal is confirmed first
+        (0.0 once lost; inf for a flight that holds no lease)."""
+        if self._lost.is_set():
+            return 0.0
+        left = self._lost.deadline - time.monotonic()
+        return left if math.isinf(left) else max(0.0, left)
+
     def check(self) -> None:
-        """Raise LeaseLost if the lease was lost; call it before a side effect."""
+        """Raise LeaseLost if the lease is lost or may have expired; call it before a side
+        effect (and fence the side effect with ``token``)."""
         if self._lost.is_set():
             raise LeaseLost(f"the lease on {self.key!r} (token {self.token}) was lost")
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 __all__ = [
+    "BackendBusy",
+    "BackendOutOfMemory",
     "BackendUnavailable",
+    "ConfigurationError",
     "DedupeError",
     "EnvelopeError",
     "LeaseLost",
@@ -20,11 +23,48 @@ class DedupeError(Exception):
 
 
 class WaitTimeout(DedupeError, TimeoutError):
-    """This caller waited ``wait_timeout`` for another leader; the flight goes on without it."""
+    """This caller waited ``wait_timeout`` for another leader; the flight goes on without it.
+
+    ``WaitTimeout(job_id=..., seconds=...)`` builds the message; ``.job_id`` and ``.seconds``
+    are then set (None when only a message was given).
+    """
+
+    def __init__(
+        self, message: str = "", *, job_id: str | None = None, seconds: float | None = None
+    ) -> None:
+        if not message and job_id is not None:
+            waited = "" if seconds is None else f" {seconds:g} s"
+            message = (
+                f"waited{waited} (wait_timeout) for the leader of {job_id!r}; the flight "
+                "goes on without this caller"
+            )
+        super().__init__(message)
+        self.job_id = job_id
+        self.seconds = seconds
 
 
 class BackendUnavailable(DedupeError, ConnectionError):
-    """Redis could not be reached (or did not answer) within the configured bounds."""
+    """Redis could not be reached (or did not answer) within the configured bounds.
+
+    With ``on_backend_error="local"`` these (and only these) make flights run in-process.
+    """
+
+
+class BackendBusy(BackendUnavailable):
+    """Redis answered BUSY: a script runs past ``lua-time-limit``/``busy-reply-threshold``
+    (another client's, as dedupe's scripts are short); ``SCRIPT KILL`` ends it."""
+
+
+class BackendOutOfMemory(BackendUnavailable):
+    """Redis refused a write with OOM: it reached ``maxmemory`` and its ``maxmemory-policy``
+    (e.g. ``noeviction``) evicts nothing. Raise maxmemory or choose an evicting policy."""
+
+
+class ConfigurationError(DedupeError):
+    """Redis refused dedupe for a reason only a change of configuration fixes: a wrong password
+    or user, an ACL that lacks a command, key or channel dedupe needs, a ``redis://`` URL
+    pointed at a Cluster node, a client that decodes replies. Never an outage: it is raised
+    even with ``on_backend_error="local"``. The message names what to change."""
 
 
 class ResultNotSerializable(DedupeError):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Final
+from typing import Any, Final, NamedTuple
 
 from .envelope import Outcome
 from .signals import Latch
 
-__all__ = ["RETRY", "Entry", "InFlight"]
+__all__ = ["RETRY", "Entry", "InFlight", "Served"]
 
 
 class _Retry:
@@ -24,13 +24,14 @@ RETRY: Final = _Retry()
 class Entry:
     """One key's flight in this process; its first caller drives it, the others wait here."""
 
-    __slots__ = ("leading", "result", "task", "waiters")
+    __slots__ = ("leading", "result", "role", "task", "waiters")
 
     def __init__(self) -> None:
         self.result: Latch[Outcome | _Retry] = Latch()
-        self.waiters = 1  # async callers still awaiting it; 0 lets a following driver stop
+        self.waiters = 1  # async callers still awaiting it (guarded by InFlight._lock)
         self.task: asyncio.Task[None] | None = None
-        self.leading = False
+        self.leading = False  # set by the driver when it leads; read by waiting callers
+        self.role = "leader"  # how the driver came by the outcome (see Served.role)
 
 
 class InFlight:
@@ -38,7 +39,7 @@ class InFlight:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[str, Entry] = {}
+        self._entries: dict[str, Entry] = {}  # guarded by _lock
 
     def join(self, key: str) -> tuple[Entry, bool]:
         """The key's entry, and whether this caller created it (and so must drive it)."""
@@ -64,3 +65,16 @@ class InFlight:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+class Served(NamedTuple):
+    """A call's value with how it came by it (``detail=True``), like Go's ``shared``.
+
+    ``role``: "leader" (this call ran the function), "local" (joined a call of this
+    process), "remote" (another process's leader), "kept" (a value kept from a flight that
+    had finished). ``shared`` is True unless this call ran the function itself.
+    """
+
+    value: Any
+    shared: bool
+    role: str

@@ -3,41 +3,124 @@ would still hand it to a new caller, so a hot key costs no round trip within res
 
 from __future__ import annotations
 
+import heapq
+import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["LocalCopies"]
+__all__ = ["LocalCopies", "estimate_size"]
+
+DEFAULT_MAX_BYTES = 32 * 1024 * 1024
+# The size estimate looks at no more than this many objects of one value: a huge value is
+# then estimated low, but costs no more than this to measure.
+_MAX_VISITS = 10_000
+
+
+def estimate_size(value: object) -> int:
+    """Bytes a value holds, roughly: sys.getsizeof over containers, each object once."""
+    seen: set[int] = set()
+    stack = [value]
+    total = 0
+    while stack and len(seen) < _MAX_VISITS:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        try:
+            total += sys.getsizeof(obj)
+        except TypeError:
+            total += 64
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        else:
+            attrs = getattr(obj, "__dict__", None)
+            if isinstance(attrs, dict):
+                stack.append(attrs)
+    return total
 
 
 class LocalCopies:
-    """Fresh values by key, bounded in number; the oldest entry goes first when full."""
+    """Fresh values by key, bounded in entries and in estimated bytes.
 
-    def __init__(self, max_entries: int = 10_000) -> None:
+    Expired entries are dropped on every put (soonest expiry first, from a heap), so none
+    outlives its freshness by more than the next put; when a bound is reached the oldest
+    entries go first. One lock guards ``_entries``, ``_expiry`` and ``_bytes``; ``get``
+    reads ``_entries`` without it (a dict lookup is atomic) and takes it only to delete.
+    """
+
+    def __init__(
+        self,
+        max_entries: int = 10_000,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
-        self._entries: dict[str, tuple[float, Any]] = {}
+        # key -> (expires at, value, estimated bytes); insertion order is age order.
+        self._entries: dict[str, tuple[float, Any, int]] = {}
+        self._expiry: list[tuple[float, str]] = []  # may hold stale pairs; checked on pop
+        self._bytes = 0
         self._max = max_entries
+        self._max_bytes = max_bytes
 
     def get(self, key: str) -> tuple[bool, Any]:
         hit = self._entries.get(key)
         if hit is None:
             return False, None
-        if hit[0] > time.monotonic():
+        if hit[0] > self._clock():
             return True, hit[1]
         with self._lock:
             if self._entries.get(key) is hit:
-                del self._entries[key]
+                self._drop(key)
         return False, None
 
     def put(self, key: str, value: Any, fresh_ms: int) -> None:
         if fresh_ms <= 0:
             return
-        expires = time.monotonic() + fresh_ms / 1000
+        size = estimate_size(value)
+        now = self._clock()
+        expires = now + fresh_ms / 1000
         with self._lock:
-            self._entries.pop(key, None)
-            self._entries[key] = (expires, value)
-            if len(self._entries) > self._max:
-                del self._entries[next(iter(self._entries))]
+            if key in self._entries:
+                self._drop(key)
+            self._evict_expired(now)
+            if size > self._max_bytes:
+                return  # larger than the whole bound: not worth a copy
+            self._entries[key] = (expires, value, size)
+            self._bytes += size
+            heapq.heappush(self._expiry, (expires, key))
+            while len(self._entries) > self._max or self._bytes > self._max_bytes:
+                self._drop(next(iter(self._entries)))
+            if len(self._expiry) > 2 * len(self._entries) + 64:
+                self._expiry = [(e[0], k) for k, e in self._entries.items()]
+                heapq.heapify(self._expiry)
+
+    def discard(self, key: str) -> None:
+        """Forget the copy of ``key`` now (``SingleFlight.forget``)."""
+        with self._lock:
+            if key in self._entries:
+                self._drop(key)
+
+    def _drop(self, key: str) -> None:
+        self._bytes -= self._entries.pop(key)[2]
+
+    def _evict_expired(self, now: float) -> None:
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            expires, key = heapq.heappop(heap)
+            entry = self._entries.get(key)
+            if entry is not None and entry[0] == expires:
+                self._drop(key)
+
+    @property
+    def nbytes(self) -> int:
+        """The estimated bytes of the copies held now."""
+        return self._bytes
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -2,25 +2,36 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import decimal
 import enum
 import fractions
+import functools
 import hashlib
 import inspect
 import pathlib
 import re
 import string
 import uuid
+import zoneinfo
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-__all__ = ["KeyBuilder", "Names", "key_builder", "names_for", "validate_job_id", "validate_prefix"]
+__all__ = [
+    "KeyBuilder",
+    "Names",
+    "args_digest",
+    "function_name",
+    "key_builder",
+    "names_for",
+    "validate_job_id",
+    "validate_prefix",
+]
 
 # Longer ids, and ids Redis Cluster would mis-tag or a terminal would mangle, go by digest.
 _MAX_PLAIN_ID = 200
-_ADDRESS = re.compile(r"\bat 0x[0-9a-fA-F]+")
 _MAX_DEPTH = 64
 
 
@@ -74,85 +85,252 @@ def names_for(prefix: str, job_id: str) -> Names:
 
 
 # --- canonical encoding of arguments -------------------------------------------------------
+#
+# A bare key digests only values whose encoding is canonical: equal in every process, and
+# distinct for values a function could tell apart. Each encoding starts with a type tag, so
+# 1, 1.0, True and "1" are four keys. Nothing is encoded through repr(): a repr may summarise
+# (numpy, pandas) or carry an address, and two different values would share a key.
 
 
 def _qualname(tp: type) -> str:
     return f"{tp.__module__}.{tp.__qualname__}"
 
 
+def _refuse(where: str, obj: object, why: str = "") -> TypeError:
+    tp = type(obj)
+    return TypeError(
+        f"argument {where!r} ({_qualname(tp)}) has no canonical encoding for a bare @sf key"
+        f"{': ' + why if why else ''}. Bare keys take None, bool, int, float, str, bytes, "
+        "tuples, lists, sets and dicts of them, Enum members, dataclasses and NamedTuples "
+        "of them, Decimal, Fraction, complex, UUID, dates, times and paths; for anything "
+        "else pass key= (a template such as 'user:{user.id}' or a callable) that says what "
+        "identifies the call"
+    )
+
+
+def _seq(tag: str, items: Any, where: str, depth: int) -> str:
+    inner = ",".join(_canon(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(items))
+    return f"{tag}({inner})"
+
+
+def _mapping(obj: Any, where: str, depth: int) -> str:
+    pairs = sorted(
+        f"{_canon(k, f'{where}.keys()', depth + 1)}={_canon(v, f'{where}[{k!r}]', depth + 1)}"
+        for k, v in obj.items()
+    )
+    return f"d({','.join(pairs)})"
+
+
+def _tz(tz: object, where: str) -> str:
+    if tz is None:
+        return "-"
+    if type(tz) is datetime.timezone:
+        return f"tz{tz!r}"
+    if type(tz) is zoneinfo.ZoneInfo:
+        return f"zi{tz.key}"
+    raise _refuse(f"{where}.tzinfo", tz, "only datetime.timezone and zoneinfo.ZoneInfo are")
+
+
+def _moment(obj: Any, where: str, depth: int) -> str:
+    return f"r{_qualname(type(obj))}:{obj.replace(tzinfo=None)!r}|{_tz(obj.tzinfo, where)}"
+
+
+def _reprs(obj: object, where: str, depth: int) -> str:
+    # repr of these exact stdlib types is their full value, the same in every process.
+    return f"r{_qualname(type(obj))}:{obj!r}"
+
+
+def _float(obj: Any, where: str, depth: int) -> str:
+    return f"f{obj!r}"
+
+
+def _bytes(obj: Any, where: str, depth: int) -> str:
+    return f"y{bytes(obj).hex()}"
+
+
+def _str(obj: Any, where: str, depth: int) -> str:
+    return f"s{len(obj)}:{obj}"
+
+
+def _set(obj: Any, where: str, depth: int) -> str:
+    return f"S({','.join(sorted(_canon(v, f'{where}{{}}', depth + 1) for v in obj))})"
+
+
+_Encoder = Callable[[Any, str, int], str]
+_EXACT: dict[type, _Encoder] = {
+    type(None): lambda obj, where, depth: "N",
+    bool: lambda obj, where, depth: "b1" if obj else "b0",
+    int: lambda obj, where, depth: f"i{obj}",
+    float: _float,
+    str: _str,
+    bytes: _bytes,
+    bytearray: _bytes,
+    tuple: lambda obj, where, depth: _seq("t", obj, where, depth),
+    list: lambda obj, where, depth: _seq("l", obj, where, depth),
+    range: lambda obj, where, depth: f"R{obj.start}:{obj.stop}:{obj.step}",
+    set: _set,
+    frozenset: _set,
+    dict: _mapping,
+    collections.OrderedDict: _mapping,
+    collections.defaultdict: _mapping,
+    collections.Counter: _mapping,
+    decimal.Decimal: _reprs,
+    fractions.Fraction: _reprs,
+    complex: _reprs,
+    uuid.UUID: _reprs,
+    datetime.date: _reprs,
+    datetime.timedelta: _reprs,
+    datetime.timezone: _reprs,
+    datetime.datetime: _moment,
+    datetime.time: _moment,
+    zoneinfo.ZoneInfo: lambda obj, where, depth: f"zi{obj.key}",
+    pathlib.PurePosixPath: _reprs,
+    pathlib.PureWindowsPath: _reprs,
+    pathlib.PosixPath: _reprs,
+    pathlib.WindowsPath: _reprs,
+}
+# Subclasses of these are canonical only if they hold no state of their own.
+_BASES: tuple[type, ...] = (int, float, str, bytes)
+
+
 def _canon(obj: object, where: str, depth: int = 0) -> str:
     if depth > _MAX_DEPTH:
         raise TypeError(f"argument {where!r} is nested too deeply to build a stable key")
     tp = type(obj)
-    if obj is None:
-        return "N"
-    if tp is bool:
-        return "b1" if obj else "b0"
-    if tp is int:
-        return f"i{obj}"
-    if tp is float:
-        return f"f{obj!r}"
-    if tp is str:
-        text: str = obj  # type: ignore[assignment]
-        return f"s{len(text)}:{text}"
-    if tp in (bytes, bytearray):
-        raw: bytes = bytes(obj)  # type: ignore[call-overload]
-        return f"y{raw.hex()}"
-    if tp in (tuple, list):
-        items: Any = obj
-        inner = ",".join(_canon(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(items))
-        return f"{'t' if tp is tuple else 'l'}({inner})"
-    if tp in (set, frozenset):
-        members: Any = obj
-        inner = ",".join(sorted(_canon(v, f"{where}{{}}", depth + 1) for v in members))
-        return f"S({inner})"
-    if isinstance(obj, dict):
-        mapping: Any = obj
-        pairs = sorted(
-            f"{_canon(k, f'{where}.keys()', depth + 1)}={_canon(v, f'{where}[{k!r}]', depth + 1)}"
-            for k, v in mapping.items()
-        )
-        return f"d({','.join(pairs)})"
+    encode = _EXACT.get(tp)
+    if encode is not None:
+        return encode(obj, where, depth)
     if isinstance(obj, enum.Enum):
         return f"e{_qualname(tp)}.{obj.name}"
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    if isinstance(obj, type):
+        if "<locals>" in obj.__qualname__:
+            raise _refuse(where, obj, "a class defined inside a function has no stable name")
+        return f"c{_qualname(obj)}"
+    if dataclasses.is_dataclass(obj):
         fields = ",".join(
             f"{f.name}={_canon(getattr(obj, f.name), f'{where}.{f.name}', depth + 1)}"
             for f in dataclasses.fields(obj)
         )
         return f"D{_qualname(tp)}({fields})"
-    if isinstance(
-        obj,
-        (
-            int,
-            float,
-            str,
-            bytes,
-            decimal.Decimal,
-            fractions.Fraction,
-            complex,
-            uuid.UUID,
-            datetime.date,
-            datetime.time,
-            datetime.timedelta,
-            datetime.tzinfo,
-            pathlib.PurePath,
-        ),
-    ):
-        return f"r{_qualname(tp)}:{obj!r}"
-    text = repr(obj)
-    if _ADDRESS.search(text) or text == object.__repr__(obj):
-        raise TypeError(
-            f"argument {where!r} ({_qualname(tp)}) has no stable representation for a key: its "
-            "repr carries a memory address; give the class a __repr__, or pass key= instead"
-        )
-    return f"r{_qualname(tp)}:{text}"
+    if isinstance(obj, tuple) and isinstance(getattr(tp, "_fields", None), tuple):
+        return _seq(f"T{_qualname(tp)}", obj, where, depth)  # a NamedTuple
+    if isinstance(obj, _BASES) and not getattr(obj, "__dict__", None):
+        base = next(b for b in tp.__mro__ if b in _EXACT)
+        return f"x{_qualname(tp)}:{_EXACT[base](obj, where, depth)}"
+    raise _refuse(where, obj)
+
+
+_MUTABLE = (list, dict, set, bytearray)
+
+
+def _mutable_part(obj: object, where: str, depth: int = 0) -> str | None:
+    """Where a canonical value holds something mutable (e.g. "'runs' (a list)"), else None."""
+    if depth > _MAX_DEPTH:
+        return None  # _canon already refused anything this deep
+    if isinstance(obj, _MUTABLE):
+        return f"{where!r} (a {type(obj).__name__})"
+    if isinstance(obj, (tuple, frozenset)):
+        for i, item in enumerate(obj):
+            found = _mutable_part(item, f"{where}[{i}]", depth + 1)
+            if found:
+                return found
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if not type(obj).__dataclass_params__.frozen:  # type: ignore[attr-defined]
+            return f"{where!r} (a dataclass that is not frozen)"
+        for f in dataclasses.fields(obj):
+            found = _mutable_part(getattr(obj, f.name), f"{where}.{f.name}", depth + 1)
+            if found:
+                return found
+    return None
 
 
 def args_digest(arguments: Mapping[str, object]) -> str:
     """A digest of bound arguments that is identical in every process and every call form."""
     canon = ";".join(f"{name}={_canon(value, name)}" for name, value in arguments.items())
     return hashlib.sha256(canon.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+# --- what a function is, for its key -----------------------------------------------------------
+
+
+def function_name(fn: Callable[..., object]) -> str:
+    """``module.qualname`` of a function, method, partial or callable object."""
+    target: Any = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    if inspect.ismethod(target):
+        target = target.__func__
+    qualname = getattr(target, "__qualname__", None)
+    module = getattr(target, "__module__", None)
+    if not isinstance(qualname, str) or not isinstance(module, str):
+        qualname, module = type(target).__qualname__, type(target).__module__
+    return f"{module}.{qualname}"
+
+
+def _bound_state(fn: Callable[..., object]) -> Callable[[], dict[str, object]]:
+    """What ``fn`` carries besides its code and arguments (partial arguments, a bound self,
+    closure cells), checked canonical now; the returned function reads it again per call.
+
+    Raises TypeError when that state could not be part of a bare key.
+    """
+    name = function_name(fn)
+    fixed: dict[str, object] = {}
+    target: Any = fn
+    level = 0
+    while isinstance(target, functools.partial):
+        fixed[f"@partial{level}.args"] = target.args
+        fixed[f"@partial{level}.keywords"] = dict(target.keywords)
+        target, level = target.func, level + 1
+    if inspect.ismethod(target):
+        fixed["@self"] = target.__self__
+        target = target.__func__
+    if getattr(target, "__name__", None) == "<lambda>":
+        raise TypeError(
+            f"a bare @sf key cannot tell lambdas apart ({name}): every lambda of a module has "
+            "the same name. Use a def, or pass key="
+        )
+    if not inspect.isfunction(target) and not inspect.isbuiltin(target):
+        fixed["@object"] = target  # a callable object: it is its own state
+    cells: list[tuple[str, Any]] = []
+    code = getattr(target, "__code__", None)
+    closure = getattr(target, "__closure__", None) or ()
+    if code is not None:
+        # __class__ is the cell behind super(); the qualname already names the class.
+        cells = [(v, c) for v, c in zip(code.co_freevars, closure, strict=True) if v != "__class__"]
+
+    def state() -> dict[str, object]:
+        values = dict(fixed)
+        for var, cell in cells:
+            try:
+                values[f"@{var}"] = cell.cell_contents
+            except ValueError:
+                raise TypeError(
+                    f"{name} is a closure over {var!r}, which is not bound yet; a bare @sf key "
+                    "digests the values a closure captures. Pass key="
+                ) from None
+        return values
+
+    captured = {f"@{var}" for var, _ in cells}
+    for where, value in state().items():
+        what = "captures" if where in captured else "is bound to"
+        try:
+            _canon(value, where)
+        except TypeError as exc:
+            reason = str(exc).replace(f"argument {where!r} ", "", 1)
+            raise TypeError(
+                f"{name} {what} {where[1:]!r}, which a bare @sf key cannot digest, so two "
+                f"such functions would share results: {reason}"
+            ) from None
+        mutable = _mutable_part(value, where[1:]) if where in captured else None
+        if mutable is not None:
+            raise TypeError(
+                f"{name} captures {where[1:]!r}, and {mutable} can change between calls, so a "
+                "bare @sf key over it would not be stable. Capture immutable values only "
+                "(tuples, frozensets, frozen dataclasses, scalars), or pass key="
+            )
+    if not fixed and not cells:
+        return dict
+    return state
 
 
 # --- builders -------------------------------------------------------------------------------
@@ -215,13 +393,47 @@ def _template_fields(template: str) -> list[str]:
     return roots
 
 
-def key_builder(fn: Callable[..., object], key: str | Callable[..., str] | None) -> KeyBuilder:
-    """Check a key spec against ``fn`` once, at decoration time, and return its builder."""
+def key_builder(
+    fn: Callable[..., object],
+    key: str | Callable[..., str] | None,
+    namespace: bool | str = True,
+) -> KeyBuilder:
+    """Check a key spec against ``fn`` once, at decoration time, and return its builder.
+
+    Job ids are ``<namespace>:<key>``. The namespace is ``module.qualname`` of ``fn``
+    (``namespace=True``), a string of your own, or nothing (``namespace=False``: the key
+    alone is the job id, shared with any other function and with ``call()`` using it).
+    Without ``key`` the key is a digest of the arguments (and of what ``fn`` captures).
+    """
+    if isinstance(namespace, bool):
+        ns = function_name(fn) if namespace else ""
+    elif isinstance(namespace, str) and namespace:
+        ns = namespace
+    else:
+        raise TypeError(f"namespace must be True, False or a non-empty str, not {namespace!r}")
     params = inspect.signature(fn).parameters
-    where = getattr(fn, "__qualname__", repr(fn))
+    where = function_name(fn)
     if key is None:
-        prefix = f"{getattr(fn, '__module__', '?')}.{where}"
-        return KeyBuilder(fn, lambda arguments: f"{prefix}:{args_digest(arguments)}")
+        if not ns:
+            raise TypeError(
+                "namespace=False needs key=: a bare key is a digest of the arguments only, "
+                "so every function's calls with equal arguments would share one result"
+            )
+        state = _bound_state(fn)
+        plain = state is dict
+
+        def build_bare(arguments: dict[str, Any]) -> str:
+            if plain:
+                return f"{ns}:{args_digest(arguments)}"
+            return f"{ns}:{args_digest({**arguments, **state()})}"
+
+        return KeyBuilder(fn, build_bare)
+    if namespace is True and getattr(_innermost(fn), "__name__", None) == "<lambda>":
+        raise TypeError(
+            f"every lambda of a module has one name ({where}), so its keys cannot be "
+            "namespaced by it: use a def, or pass namespace='<a name of your own>' (or "
+            "namespace=False to share the key with other functions)"
+        )
     if isinstance(key, str):
         if not key:
             raise ValueError("key template must not be empty")
@@ -236,17 +448,28 @@ def key_builder(fn: Callable[..., object], key: str | Callable[..., str] | None)
                     f"key template {key!r} names {name!r}, but {where} has no argument {name!r}"
                 )
         template = key
+        head = f"{ns}:" if ns else ""
 
         def build_from_template(arguments: dict[str, Any]) -> str:
             try:
-                return template.format(**arguments)
+                return head + template.format(**arguments)
             except (AttributeError, KeyError, IndexError) as exc:
                 raise TypeError(f"key template {template!r} failed for {where}: {exc}") from exc
 
         return KeyBuilder(fn, build_from_template)
     if callable(key):
-        return KeyBuilder(fn, _callable_key(fn, key, where, params))
+        build = _callable_key(fn, key, where, params)
+        if not ns:
+            return KeyBuilder(fn, build)
+        return KeyBuilder(fn, lambda arguments: f"{ns}:{build(arguments)}")
     raise TypeError(f"key must be a str template, a callable or None, not {type(key).__name__}")
+
+
+def _innermost(fn: Callable[..., object]) -> Any:
+    target: Any = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    return target.__func__ if inspect.ismethod(target) else target
 
 
 def _callable_key(

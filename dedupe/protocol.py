@@ -14,17 +14,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeAlias
 
-from .envelope import (
-    KIND_VALUE,
-    NOTICE_ABORTED,
-    NOTICE_STORED,
-    Codec,
-    Outcome,
-    TamperedEnvelope,
-    make_notice,
-    make_record,
-    parse_record,
-)
+from .envelope import NOTICE_ABORTED, NOTICE_STORED, Codec, Notice, Opened, Outcome
 from .errors import BackendUnavailable, EnvelopeError, WaitTimeout
 from .keys import Names
 
@@ -34,9 +24,12 @@ __all__ = [
     "Acquired",
     "Command",
     "Complete",
+    "Completed",
     "Discard",
+    "Finished",
     "FlightSpec",
     "Lead",
+    "Pause",
     "Replicate",
     "Subscribe",
     "Wait",
@@ -44,10 +37,7 @@ __all__ = [
     "run_flight",
 ]
 
-log = logging.getLogger("dedupe")
-
-# After this many unreadable records in a row, stop re-checking and report it.
-_MAX_BAD_RECORDS: Final = 8
+log = logging.getLogger(__name__)
 
 
 class _Recheck:
@@ -73,6 +63,7 @@ class FlightSpec:
     deadline: float | None  # on the clock given to run_flight; None: wait while a leader lives
     min_replicas: int = 0  # replicas that must acknowledge a new lease (WAIT) before we lead
     replica_timeout_ms: int = 1000
+    max_hold_ms: int = 300_000  # a leader's hold on one lease; renewal stops after it
 
     def slack(self, pttl_ms: int) -> float:
         """Extra wait past the lease, so the re-check lands after a dead leader's lease expired."""
@@ -83,9 +74,13 @@ class FlightSpec:
 
 
 class Acquire(NamedTuple):
-    """Run the acquire script. Reply: Acquired."""
+    """Run the acquire script. Reply: Acquired.
 
-    waiting_token: str
+    ``floor``: the newest lease token this flight waited on ('' for none); the script
+    never hands it an outcome of an older lease.
+    """
+
+    floor: str
 
 
 class Acquired(NamedTuple):
@@ -103,7 +98,19 @@ LEAD: Final = 2
 
 
 class Subscribe(NamedTuple):
-    """Make sure the channel is subscribed and the server confirmed it. Reply: None."""
+    """Subscribe to the job's channel; wait up to ``timeout`` for the server to confirm it.
+
+    Reply: True if confirmed. Nothing depends on it: a slow or failing pub/sub connection
+    costs latency (the wait then ends with the lease), never the call.
+    """
+
+    timeout: float
+
+
+class Pause(NamedTuple):
+    """Sleep (off the event loop for async). Reply: None."""
+
+    seconds: float
 
 
 class Wait(NamedTuple):
@@ -127,7 +134,7 @@ class Replicate(NamedTuple):
 
 
 class Complete(NamedTuple):
-    """Run the complete script. Reply: True if the lease was still ours."""
+    """Run the complete script. Reply: Completed."""
 
     lock_value: str
     record: bytes
@@ -136,14 +143,19 @@ class Complete(NamedTuple):
     token: int
 
 
+class Completed(NamedTuple):
+    state: int  # 1: the lease was ours; 0: lost, but no newer lease: shared; -1: withheld
+    publish_error: str = ""  # the PUBLISH failed (stored all the same), e.g. an ACL
+
+
 class Discard(NamedTuple):
     """Drop an unreadable record from the result key, if unchanged. Reply: ignored."""
 
     record: bytes
 
 
-Command: TypeAlias = Acquire | Subscribe | Wait | Lead | Complete | Discard | Replicate
-Flight: TypeAlias = Generator[Command, object, Outcome]
+Command: TypeAlias = Acquire | Subscribe | Wait | Lead | Complete | Discard | Replicate | Pause
+Flight: TypeAlias = Generator[Command, object, "Finished"]
 
 
 def is_abort(error: BaseException | None) -> bool:
@@ -159,121 +171,153 @@ def holder_token(holder: str) -> str:
 # --- the flight -----------------------------------------------------------------------------
 
 
+class Finished(NamedTuple):
+    """What run_flight returns: the outcome, how this flight came by it, and its lease."""
+
+    outcome: Outcome
+    role: str  # "leader" (ran it), "remote" (another process's leader), "kept" (a kept value)
+    token: int  # the fencing token of the lease whose outcome this is (0 if unknown)
+    waited: bool = False  # a leader that waited on another lease first: a takeover
+
+
 def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Flight:
     """Drive one flight to its outcome; the caller sends replies to the yielded commands."""
-    waiting = ""
+    floor = 0  # the newest lease we waited on: an outcome of an older one is never ours
     subscribed = False
-    bad_records = 0
+    bad = 0
     while True:
-        reply = yield Acquire(waiting)
+        reply = yield Acquire(str(floor) if floor else "")
         assert isinstance(reply, Acquired)
         if reply.state == BUSY and reply.holder.partition(":")[2] == spec.owner:
             # Our own lease: an acquire whose reply was lost and that the client retried.
             reply = Acquired(LEAD, token=int(holder_token(reply.holder) or 0))
         if reply.state == LEAD:
-            return (yield from _lead(spec, codec, reply.token))
+            return (yield from _lead(spec, codec, reply.token, waited=floor > 0))
         if reply.state == DONE:
-            outcome = _read(spec, codec, reply.record, fresh_ms=reply.fresh_ms)
-            if outcome is not None:
-                return outcome
-            bad_records += 1
-            if bad_records >= _MAX_BAD_RECORDS:
-                raise EnvelopeError(f"the outcome of {spec.names.job_id!r} keeps failing to verify")
+            opened = _open(spec, codec, reply.record)
+            if isinstance(opened, Opened) and opened.token >= floor:
+                outcome = opened.outcome
+                if outcome.error is None:
+                    outcome.fresh_ms = reply.fresh_ms
+                return Finished(outcome, "remote" if floor else "kept", opened.token)
+            # Unreadable, forged or foreign: ignored (and counted). Drop it if unchanged, and
+            # back off a little if it keeps coming, so a writer cannot make us spin.
+            bad += 1
             yield Discard(reply.record)
+            if bad > 1:
+                yield Pause(_bounded(spec, clock, min(1.0, 0.005 * 2**bad)))
             continue
-        waiting = holder_token(reply.holder)
-        if not subscribed:
-            # Subscribe first, then re-check: a publish between the two is then never missed.
-            yield Subscribe()
-            subscribed = True
-            continue
+        floor = max(floor, _token_of(reply.holder))
         timeout = reply.pttl_ms / 1000 + spec.slack(reply.pttl_ms)
         if spec.deadline is not None:
             left = spec.deadline - clock()
             if left <= 0:
                 raise WaitTimeout(f"waited the wait_timeout for {spec.names.job_id!r}")
             timeout = min(timeout, left)
+        if not subscribed:
+            # Subscribe first, then re-check: a publish between the two is then never missed.
+            # The confirmation only hurries things along: the wait below is bounded by the
+            # lease either way, and the re-check at its end finds a stored outcome.
+            subscribed = True
+            yield Subscribe(timeout)
+            continue
+        until = clock() + timeout
         while True:
-            message = yield Wait(timeout)
+            message = yield Wait(max(0.0, until - clock()))
             if message is None:
-                break  # lease ran out or deadline: re-check
+                break  # the lease ran out, or the deadline: re-check
             if message is RECHECK:
-                yield Subscribe()
+                # The subscription dropped (and may have missed messages): give the hub until
+                # the lease's end to re-subscribe (a restarting Redis answers nothing before
+                # that anyway), then re-check.
+                yield Subscribe(max(0.0, until - clock()))
                 break
             assert isinstance(message, bytes)
-            kind, _, rest = message.partition(b":")
-            if kind == NOTICE_STORED:
-                waiting = rest.decode("ascii", "replace")
-                break  # too large to travel inline: the re-check reads it
-            if kind == NOTICE_ABORTED:
-                break  # the leader gave up: take over now
-            outcome = _read(spec, codec, message, fresh_ms=None)
-            if outcome is not None:
-                return outcome
-            break
+            opened = _open(spec, codec, message)
+            if opened is None or opened.token < floor:
+                continue  # forged, foreign, or an older lease's: not ours, keep waiting
+            if isinstance(opened, Notice):
+                break  # stored (too large to travel inline) or aborted: the re-check tells
+            outcome = opened.outcome
+            if outcome.error is None:
+                outcome.fresh_ms = opened.keep_ms
+            return Finished(outcome, "remote", opened.token)
 
 
-def _read(spec: FlightSpec, codec: Codec, data: bytes, *, fresh_ms: int | None) -> Outcome | None:
-    """Decode a record; None if it must be ignored (foreign or failed its signature).
+def _bounded(spec: FlightSpec, clock: Callable[[], float], seconds: float) -> float:
+    if spec.deadline is None:
+        return seconds
+    left = spec.deadline - clock()
+    if left <= 0:
+        raise WaitTimeout(f"waited the wait_timeout for {spec.names.job_id!r}")
+    return min(seconds, left)
 
-    ``fresh_ms`` is how much longer its value may be given to new callers; None for a record
-    just published, which is fresh for its whole keep time.
-    """
+
+def _token_of(holder: str) -> int:
+    token = holder_token(holder)
+    return int(token) if token and len(token) <= 20 else 0
+
+
+def _open(spec: FlightSpec, codec: Codec, data: bytes) -> Opened | Notice | None:
+    """Decode a record or notice; None if it must be ignored (unreadable, forged, foreign)."""
     try:
-        record = parse_record(data)
-        outcome = codec.decode(record.envelope, channel=spec.names.channel, token=record.token)
-    except TamperedEnvelope as exc:
-        _reject(spec, codec, exc)
-        return None
+        return codec.open(data, channel=spec.names.channel)
     except EnvelopeError as exc:
-        if data[:1].isdigit() and b":" in data[:64]:
-            raise
-        _reject(spec, codec, exc)  # not even a record: somebody else's bytes on our channel
+        codec.rejected += 1
+        log.warning("ignored an outcome for %r: %s", spec.names.job_id, exc)
         return None
-    if outcome.error is None:
-        outcome.fresh_ms = record.keep_ms if fresh_ms is None else fresh_ms
-    return outcome
 
 
-def _reject(spec: FlightSpec, codec: Codec, exc: EnvelopeError) -> None:
-    codec.rejected += 1
-    log.warning("dedupe: ignored an outcome for %r: %s", spec.names.job_id, exc)
-
-
-def _lead(spec: FlightSpec, codec: Codec, token: int) -> Flight:
+def _lead(spec: FlightSpec, codec: Codec, token: int, *, waited: bool) -> Flight:
     lock_value = f"{token}:{spec.owner}"
+    channel = spec.names.channel
     if spec.min_replicas:
         acked = yield Replicate(spec.min_replicas, spec.replica_timeout_ms)
         assert isinstance(acked, int)
         if acked < spec.min_replicas:
             # A lease only the master knows of could vanish in a failover: give it back.
-            yield Complete(lock_value, b"", 0, make_notice(NOTICE_ABORTED, token), token)
+            notice = codec.notice(NOTICE_ABORTED, channel=channel, token=token)
+            yield Complete(lock_value, b"", 0, notice, token)
             raise BackendUnavailable(
                 f"only {acked} of {spec.min_replicas} replicas acknowledged the lease on "
                 f"{spec.names.job_id!r} within {spec.replica_timeout_ms} ms"
             )
     outcome = yield Lead(token, lock_value)
     assert isinstance(outcome, Outcome)
+    done = Finished(outcome, "leader", token, waited)
     try:
         if is_abort(outcome.error):
             # Nothing to keep; tell the followers at once so one of them takes over.
-            yield Complete(lock_value, b"", 0, make_notice(NOTICE_ABORTED, token), token)
-            return outcome
-        envelope = codec.encode(outcome, channel=spec.names.channel, token=token)
-        keep = spec.keep_ms if envelope[3] == KIND_VALUE else 0
+            notice = codec.notice(NOTICE_ABORTED, channel=channel, token=token)
+            yield Complete(lock_value, b"", 0, notice, token)
+            return done
+        keep = spec.keep_ms if outcome.error is None else 0
         ttl = max(keep, spec.grace_ms)
-        record = make_record(token, keep, ttl, envelope)
-        message = b"" if len(record) <= spec.inline_max_bytes else make_notice(NOTICE_STORED, token)
-        owned = yield Complete(lock_value, record, ttl, message, token)
-        outcome.fresh_ms = keep
-        if not owned:
+        record = codec.seal(outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl)
+        message = b""
+        if len(record) > spec.inline_max_bytes:
+            message = codec.notice(NOTICE_STORED, channel=channel, token=token)
+        completed = yield Complete(lock_value, record, ttl, message, token)
+        assert isinstance(completed, Completed)
+        outcome.fresh_ms = keep if completed.state >= 0 else 0
+        if completed.state < 1:
             log.warning(
-                "dedupe: the lease on %r (token %d) was lost before the leader finished; "
-                "another caller may have run it too",
+                "the lease on %r (token %d) was lost before the leader finished; %s",
                 spec.names.job_id,
                 token,
+                "its outcome went to its own callers only (a newer flight has started)"
+                if completed.state < 0
+                else "no other leader started, so its outcome was shared",
             )
-    except BackendUnavailable as exc:
-        # The outcome is still ours to return; waiters elsewhere re-check when Redis is back.
-        log.warning("dedupe: could not publish the outcome of %r: %s", spec.names.job_id, exc)
-    return outcome
+        if completed.publish_error:
+            log.warning(
+                "could not publish the outcome of %r (%s); followers read it on re-check",
+                spec.names.job_id,
+                completed.publish_error,
+            )
+    except Exception as exc:  # a computed value is never thrown away
+        # Redis down, an ACL, an encoding bug: the outcome is still ours to return; waiters
+        # elsewhere find no outcome and take over when the lease runs out.
+        log.warning("could not store the outcome of %r: %s", spec.names.job_id, exc)
+        outcome.fresh_ms = 0
+    return done

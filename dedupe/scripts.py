@@ -6,8 +6,9 @@ scripts run unchanged on a single server and on Redis Cluster.
 A record (what the result key holds) starts with ``<token>:<keep_ms>:<ttl_ms>:``;
 the scripts read only that header. A record is "fresh" for new callers while less than
 ``keep_ms`` has passed since it was written (``ttl_ms - PTTL``); after that, until its
-``ttl_ms`` runs out, only a follower that waits on that very token may read it. That
-grace lets a follower that lost the pub/sub message still find the outcome on re-check.
+``ttl_ms`` runs out, only a follower that waited on that lease (or an older one) may read
+it. That grace lets a follower that lost the pub/sub message still find the outcome on
+re-check.
 """
 
 from __future__ import annotations
@@ -17,22 +18,26 @@ from typing import Final
 __all__ = ["ACQUIRE", "COMPLETE", "DISCARD", "RENEW"]
 
 # KEYS: lock, token, result
-# ARGV: owner, lock_ttl_ms, token_ttl_ms, waiting_token ('' for none)
+# ARGV: owner, lock_ttl_ms, token_ttl_ms, floor_token ('' for none)
 # -> {0, record, fresh_ms}     an outcome is there for us; fresh_ms: how much longer new
 #                              callers may be given it (0: only its waiters may)
 #    {1, pttl_ms, lock_value}  another holder leads
 #    {2, token}                we lead now, under lock value "<token>:<owner>"
+# A caller that waited on lease T passes floor T: records of older leases are never its
+# outcome, however fresh. Tokens are max(counter + 1, server time in microseconds), so they
+# grow across restarts and counter expiry (more than one lease per microsecond never happens).
 ACQUIRE: Final = """
+local floor = tonumber(ARGV[4])
 local rec = redis.pcall('GET', KEYS[3])
 if type(rec) == 'string' then
   local tok, keep, ttl = string.match(rec, '^(%d+):(%d+):(%d+):')
-  if tok then
+  if tok and (floor == nil or tonumber(tok) >= floor) then
     keep = tonumber(keep)
     if keep > 0 then
       local fresh = keep - (tonumber(ttl) - redis.call('PTTL', KEYS[3]))
       if fresh > 0 then return {0, rec, fresh} end
     end
-    if tok == ARGV[4] then return {0, rec, 0} end
+    if floor ~= nil then return {0, rec, 0} end
   end
 end
 local pttl = redis.call('PTTL', KEYS[1])
@@ -46,17 +51,16 @@ if pttl >= 0 then
   if type(holder) ~= 'string' then holder = '' end
   return {1, pttl, holder}
 end
-local t = redis.pcall('INCR', KEYS[2])
-if type(t) ~= 'number' or t == 1 then
-  -- Seed a new counter from the clock, so tokens keep growing after the counter expires.
-  local now = redis.call('TIME')
-  t = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  redis.call('SET', KEYS[2], string.format('%d', t), 'PX', ARGV[3])
-else
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-end
-redis.call('SET', KEYS[1], string.format('%d', t) .. ':' .. ARGV[1], 'PX', ARGV[2])
-return {2, t}
+local now = redis.call('TIME')
+local t = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local last = redis.pcall('GET', KEYS[2])
+last = type(last) == 'string' and string.match(last, '^%d+$') and tonumber(last) or 0
+if last > 9000000000000000 then last = 0 end  -- not ours: beyond what a double holds exactly
+if last >= t then t = last + 1 end
+local ts = string.format('%d', t)
+redis.call('SET', KEYS[2], ts, 'PX', ARGV[3])
+redis.call('SET', KEYS[1], ts .. ':' .. ARGV[1], 'PX', ARGV[2])
+return {2, ts}
 """
 
 # KEYS: lock
@@ -69,30 +73,30 @@ end
 return 0
 """
 
-# KEYS: lock, result
+# KEYS: lock, result, token
 # ARGV: lock_value, record ('' to store nothing), record_ttl_ms, message ('' to publish the
 #       record itself), channel, publish command ('PUBLISH' or 'SPUBLISH'), token
-# -> 1 if the lease was still ours, else 0
+# -> {1, err}  the lease was still ours: stored (if asked) and published
+#    {0, err}  the lease was lost but no newer lease was granted: stored and published
+#    {-1, ''}  a newer lease exists or may have existed: nothing stored or published
+# err is '' or the error of the publish, which alone may fail (an ACL without PUBLISH):
+# the outcome is stored by then, so followers find it on their re-check.
 COMPLETE: Final = """
 local owned = 0
 if redis.pcall('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   owned = 1
+elseif redis.pcall('GET', KEYS[3]) ~= ARGV[7] then
+  -- Our lease is gone and the counter moved on (or expired): an outcome of ours would be
+  -- older than a flight that has started since. It goes to our own callers only.
+  return {-1, ''}
 end
-if ARGV[2] ~= '' then
-  local store = owned == 1
-  if not store then
-    -- A leader that lost its lease must not overwrite a newer leader's outcome.
-    local cur = redis.pcall('GET', KEYS[2])
-    local tok = type(cur) == 'string' and string.match(cur, '^(%d+):') or nil
-    store = tok == nil or tonumber(tok) <= tonumber(ARGV[7])
-  end
-  if store then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
-end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
 local msg = ARGV[4]
 if msg == '' then msg = ARGV[2] end
-redis.call(ARGV[6], ARGV[5], msg)
-return owned
+local sent = redis.pcall(ARGV[6], ARGV[5], msg)
+if type(sent) == 'table' and sent.err then return {owned, sent.err} end
+return {owned, ''}
 """
 
 # KEYS: result

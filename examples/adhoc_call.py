@@ -1,12 +1,11 @@
 """Ad hoc single-flight with ``sf.call(job_id, fn, *args)``: no decorator needed.
 
-    python examples/adhoc_call.py [redis://127.0.0.1:6379/0]
+    python examples/adhoc_call.py redis://127.0.0.1:6379/0
 
 Five threads, then five tasks, need a fresh token for "svc-a"; each time one refresh runs.
 Inside it, ``current_flight().token`` is the fencing token of the lease: it grows with every
 new flight of the job id, so a store can reject writes from a leader that was superseded.
-The Redis URL comes from argv[1] or DEDUPE_REDIS_URL; without either, a private
-redis-server is started for the run.
+The Redis URL comes from argv[1] or DEDUPE_REDIS_URL; any Redis 7.0 or later will do.
 """
 
 from __future__ import annotations
@@ -15,12 +14,9 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 from dedupe import SingleFlight, current_flight
-from devtools.servers import RedisServer
 
 CALLERS = 5
 
@@ -52,33 +48,29 @@ async def refresh_from_tasks() -> list[str]:
     return await asyncio.gather(*calls)
 
 
-@contextmanager
-def redis_url() -> Iterator[str]:
-    url = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("DEDUPE_REDIS_URL")
-    if url:
-        yield url
-    else:
-        with RedisServer() as server:  # a throwaway redis-server on a free loopback port
-            yield server.url
+def redis_url() -> str:
+    """The Redis to use: argv[1], else DEDUPE_REDIS_URL."""
+    url = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("DEDUPE_REDIS_URL", "")
+    if not url:
+        sys.exit(f"usage: python {sys.argv[0]} REDIS_URL (or set DEDUPE_REDIS_URL)")
+    return url
 
 
 def main() -> int:
-    with redis_url() as url:
-        sf.configure(url=url)
+    url = redis_url()
+    sf.configure(url=url)
 
-        print(f"sync: {CALLERS} threads call sf.call('token-refresh', refresh_token, 'svc-a')")
-        with ThreadPoolExecutor(CALLERS) as pool:
-            sync_results = list(
-                pool.map(lambda _: sf.call("token-refresh", refresh_token, "svc-a"), range(CALLERS))
-            )
-        print(f"  {len(set(sync_results))} distinct result for {len(sync_results)} callers")
-
-        print(
-            f"async: {CALLERS} tasks await sf.call('token-refresh', refresh_token_async, 'svc-a')"
+    print(f"sync: {CALLERS} threads call sf.call('token-refresh', refresh_token, 'svc-a')")
+    with ThreadPoolExecutor(CALLERS) as pool:
+        sync_results = list(
+            pool.map(lambda _: sf.call("token-refresh", refresh_token, "svc-a"), range(CALLERS))
         )
-        async_results = asyncio.run(refresh_from_tasks())
-        print(f"  {len(set(async_results))} distinct result for {len(async_results)} callers")
-        sf.close()
+    print(f"  {len(set(sync_results))} distinct result for {len(sync_results)} callers")
+
+    print(f"async: {CALLERS} tasks await sf.call('token-refresh', refresh_token_async, 'svc-a')")
+    async_results = asyncio.run(refresh_from_tasks())
+    print(f"  {len(set(async_results))} distinct result for {len(async_results)} callers")
+    sf.close()
 
     print(f"refreshes: {len(fencing_tokens)}; fencing tokens: {fencing_tokens}")
     grew = len(fencing_tokens) == 2 and fencing_tokens[0] < fencing_tokens[1]

@@ -1,10 +1,9 @@
 """An async request handler: 50 concurrent requests for one report build it once.
 
-    python examples/async_handler.py [redis://127.0.0.1:6379/0]
+    python examples/async_handler.py redis://127.0.0.1:6379/0
 
 An exception raised by the one execution reaches every request that waited for it.
-The Redis URL comes from argv[1] or DEDUPE_REDIS_URL; without either, a private
-redis-server is started for the run.
+The Redis URL comes from argv[1] or DEDUPE_REDIS_URL; any Redis 7.0 or later will do.
 """
 
 from __future__ import annotations
@@ -13,11 +12,8 @@ import asyncio
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from dedupe import SingleFlight
-from devtools.servers import RedisServer
 
 REQUESTS = 50
 
@@ -60,21 +56,19 @@ async def serve() -> bool:
     return await burst("/reports/broken") == {500: REQUESTS} and ok
 
 
-@contextmanager
-def redis_url() -> Iterator[str]:
-    url = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("DEDUPE_REDIS_URL")
-    if url:
-        yield url
-    else:
-        with RedisServer() as server:  # a throwaway redis-server on a free loopback port
-            yield server.url
+def redis_url() -> str:
+    """The Redis to use: argv[1], else DEDUPE_REDIS_URL."""
+    url = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("DEDUPE_REDIS_URL", "")
+    if not url:
+        sys.exit(f"usage: python {sys.argv[0]} REDIS_URL (or set DEDUPE_REDIS_URL)")
+    return url
 
 
 def main() -> int:
-    with redis_url() as url:
-        sf.configure(url=url)
-        ok = asyncio.run(serve())
-        sf.close()
+    url = redis_url()
+    sf.configure(url=url)
+    ok = asyncio.run(serve())
+    sf.close()
     return 0 if ok and builds == {"q3-sales": 1, "broken": 1} else 1
 
 

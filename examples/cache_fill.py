@@ -1,9 +1,8 @@
 """Cache fill without a stampede: many threads miss the cache at once, the database is hit once.
 
-    python examples/cache_fill.py [redis://127.0.0.1:6379/0]
+    python examples/cache_fill.py redis://127.0.0.1:6379/0
 
-The Redis URL comes from argv[1] or DEDUPE_REDIS_URL; without either, a private
-redis-server is started for the run.
+The Redis URL comes from argv[1] or DEDUPE_REDIS_URL; any Redis 7.0 or later will do.
 """
 
 from __future__ import annotations
@@ -13,14 +12,11 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import redis
 
 from dedupe import SingleFlight
-from devtools.servers import RedisServer
 
 CALLERS = 20
 
@@ -47,32 +43,30 @@ def get_user(user_id: int) -> dict[str, object]:
     return load_user(user_id)
 
 
-@contextmanager
-def redis_url() -> Iterator[str]:
-    url = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("DEDUPE_REDIS_URL")
-    if url:
-        yield url
-    else:
-        with RedisServer() as server:  # a throwaway redis-server on a free loopback port
-            yield server.url
+def redis_url() -> str:
+    """The Redis to use: argv[1], else DEDUPE_REDIS_URL."""
+    url = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("DEDUPE_REDIS_URL", "")
+    if not url:
+        sys.exit(f"usage: python {sys.argv[0]} REDIS_URL (or set DEDUPE_REDIS_URL)")
+    return url
 
 
 def main() -> int:
     global cache
-    with redis_url() as url:
-        sf.configure(url=url)
-        cache = redis.Redis.from_url(url)
-        cache.delete("cache:user:42")  # start cold
+    url = redis_url()
+    sf.configure(url=url)
+    cache = redis.Redis.from_url(url)
+    cache.delete("cache:user:42")  # start cold
 
-        start = threading.Barrier(CALLERS)
+    start = threading.Barrier(CALLERS)
 
-        def request(_: int) -> dict[str, object]:
-            start.wait()  # every caller misses the cache at the same moment
-            return get_user(42)
+    def request(_: int) -> dict[str, object]:
+        start.wait()  # every caller misses the cache at the same moment
+        return get_user(42)
 
-        with ThreadPoolExecutor(CALLERS) as pool:
-            users = list(pool.map(request, range(CALLERS)))
-        sf.close()
+    with ThreadPoolExecutor(CALLERS) as pool:
+        users = list(pool.map(request, range(CALLERS)))
+    sf.close()
 
     served = sum(user == {"id": 42, "name": "user-42"} for user in users)
     print(f"{CALLERS} threads asked for user 42 at once")

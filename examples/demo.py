@@ -1,11 +1,14 @@
-"""The dedupe demo (``make demo``): many processes, one execution per key, and a takeover.
+"""The dedupe demo: many processes, one execution per key, and a takeover.
+
+    python examples/demo.py redis://127.0.0.1:6379/0     (``make demo`` starts a private server)
 
 Act 1: 4 processes x 9 threads call build_report() for 3 keys at the same moment;
        each key runs once and every caller gets its value.
 Act 2: the leader of a key is SIGKILLed mid-run; once its lease expires a waiting caller
        in another process takes over, and every surviving caller gets the value.
 
-A private redis-server is started on a free loopback port and stopped at the end.
+The Redis URL comes from argv[1] or DEDUPE_REDIS_URL; any Redis 7.0 or later will do. The
+demo's bookkeeping keys are named per run (``demo:<run>:...``) and deleted at the end.
 Exits 0 if every invariant held, 1 otherwise.
 """
 
@@ -18,6 +21,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.process import BaseProcess
@@ -27,7 +31,6 @@ from typing import Any
 import redis
 
 from dedupe import SingleFlight, current_flight
-from devtools.servers import RedisServer
 
 PROCESSES, THREADS = 4, 9
 KEYS = ("daily", "weekly", "monthly")
@@ -35,6 +38,13 @@ WORK_SECONDS = 0.5
 LOCK_TTL = 2.0  # act 2: how long a dead leader's lease keeps the others waiting
 
 sf = SingleFlight()  # reads DEDUPE_REDIS_URL, which main() sets for every worker process
+# Names this run's bookkeeping keys; main() sets it before spawning the workers.
+RUN_ENV = "DEDUPE_DEMO_RUN"
+
+
+def k(*parts: object) -> str:
+    """A bookkeeping key of this run: demo:<run>:<parts...>."""
+    return ":".join(["demo", os.environ[RUN_ENV], *map(str, parts)])
 
 
 @functools.cache
@@ -44,18 +54,18 @@ def db() -> redis.Redis:
 
 @sf(key="report:{name}")
 def build_report(name: str) -> str:
-    db().incr(f"demo:executions:{name}")
+    db().incr(k("executions", name))
     time.sleep(WORK_SECONDS)
     return f"{name} report by pid {os.getpid()}"
 
 
 @sf(key="export:{name}", lock_ttl=LOCK_TTL)
 def export(name: str) -> str:
-    run = db().incr(f"demo:executions:{name}")
+    run = db().incr(k("executions", name))
     flight = current_flight()
     assert flight is not None
     db().hset(
-        f"demo:run:{name}:{run}",
+        k("run", name, run),
         mapping={"pid": os.getpid(), "token": flight.token, "started": time.time()},
     )
     time.sleep(3600 if run == 1 else WORK_SECONDS)  # the first leader hangs: act 2 kills it
@@ -74,7 +84,7 @@ def worker(job: str, names: list[str], barrier: Barrier) -> None:
         value = JOBS[job](name)
         seconds = time.monotonic() - t0
         served = json.dumps({"pid": os.getpid(), "value": value, "seconds": seconds})
-        db().rpush(f"demo:served:{name}", served)
+        db().rpush(k("served", name), served)
 
     with ThreadPoolExecutor(len(names)) as pool:
         list(pool.map(call, names))  # re-raises a failed call: the process exits non-zero
@@ -104,7 +114,7 @@ def join(procs: list[BaseProcess], timeout: float = 30.0) -> None:
 
 def served(r: redis.Redis, name: str) -> list[dict[str, Any]]:
     """What each caller of ``name`` got: its pid, the value and how long it waited."""
-    return [json.loads(item) for item in r.lrange(f"demo:served:{name}", 0, -1)]
+    return [json.loads(item) for item in r.lrange(k("served", name), 0, -1)]
 
 
 def act1(r: redis.Redis) -> bool:
@@ -121,7 +131,7 @@ def act1(r: redis.Redis) -> bool:
     for key in KEYS:
         callers = sum(row.count(key) for row in names)
         got = served(r, key)
-        executions = int(r.get(f"demo:executions:{key}") or 0)
+        executions = int(r.get(k("executions", key)) or 0)
         processes = len({c["pid"] for c in got})
         wall = max((c["seconds"] for c in got), default=0.0)
         ok = ok and executions == 1 and len(got) == callers and len({c["value"] for c in got}) == 1
@@ -143,7 +153,7 @@ def act2(r: redis.Redis) -> bool:
     procs = start_workers("export", [[name] * threads for _ in range(processes)])
 
     deadline = time.monotonic() + 10
-    while not (first := r.hgetall(f"demo:run:{name}:1")) and time.monotonic() < deadline:
+    while not (first := r.hgetall(k("run", name, 1))) and time.monotonic() < deadline:
         time.sleep(0.05)
     if not first:
         print("  FAILED: no leader started")
@@ -157,7 +167,7 @@ def act2(r: redis.Redis) -> bool:
     print(f"  leader pid {leader} holds the lease (fencing token {first['token']}): SIGKILL")
     join(procs)
 
-    second = r.hgetall(f"demo:run:{name}:2")
+    second = r.hgetall(k("run", name, 2))
     if not second:
         print("  FAILED: nobody took over")
         return False
@@ -171,7 +181,7 @@ def act2(r: redis.Redis) -> bool:
     values = {c["value"] for c in got}
     print(f"  {len(got)} of {survivors} surviving callers got {', '.join(map(repr, values))}")
     ok = (
-        int(r.get(f"demo:executions:{name}") or 0) == 2
+        int(r.get(k("executions", name)) or 0) == 2
         and int(second["token"]) > int(first["token"])
         and took <= LOCK_TTL + 1.0
         and len(got) == survivors
@@ -186,15 +196,29 @@ def act2(r: redis.Redis) -> bool:
     return ok
 
 
+def redis_url() -> str:
+    """The Redis to use: argv[1], else DEDUPE_REDIS_URL."""
+    url = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("DEDUPE_REDIS_URL", "")
+    if not url:
+        sys.exit(f"usage: python {sys.argv[0]} REDIS_URL (or set DEDUPE_REDIS_URL)")
+    return url
+
+
 def main() -> int:
     started = time.monotonic()
-    with RedisServer() as server:
-        os.environ["DEDUPE_REDIS_URL"] = server.url  # inherited by the worker processes
-        r = server.client(decode_responses=True)
-        print(f"redis-server {server.url} (pid {server.pid})\n")
+    url = redis_url()
+    os.environ["DEDUPE_REDIS_URL"] = url  # inherited by the worker processes
+    os.environ[RUN_ENV] = uuid.uuid4().hex[:8]
+    r = redis.Redis.from_url(url, decode_responses=True)
+    try:
         ok = act1(r)
         print()
         ok = act2(r) and ok
+    finally:
+        mine = list(r.scan_iter(match=k("*"), count=1000))  # only this run's bookkeeping keys
+        if mine:
+            r.delete(*mine)
+        r.close()
     print(f"\n{'OK' if ok else 'FAILED'} in {time.monotonic() - started:.1f} s")
     return 0 if ok else 1
 

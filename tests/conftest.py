@@ -3,6 +3,8 @@
 - ``redis_server`` (session): one standalone server; ``redis_url`` / ``redis_client`` point at it.
 - ``prefix``: a unique key prefix per test, so tests share that server without FLUSHALL.
 - ``fresh_redis``: a private server per test, for tests that kill/pause/restart it.
+- ``legacy_redis``: a private Redis 6.2 server per test (older than dedupe's minimum, 7.0), for
+  tests of what dedupe does there; its binary is fetched once into .compat/ (see devtools).
 - ``redis_cluster`` / ``redis_sentinel`` (session): started on first use only. After each test
   that used one, a dead/paused node is brought back (``reset()``) so the next test finds it
   healthy.
@@ -21,7 +23,12 @@ import pytest
 import redis
 from hypothesis import HealthCheck, settings
 
-from devtools.servers import RedisClusterSet, RedisSentinelSet, RedisServer
+from devtools.servers import (
+    RedisClusterSet,
+    RedisSentinelSet,
+    RedisServer,
+    legacy_redis_server_binary,
+)
 
 # --------------------------------------------------------------------------- hypothesis
 
@@ -101,6 +108,15 @@ def procs() -> Iterator[list[Any]]:
 @pytest.fixture
 def fresh_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def legacy_redis() -> Iterator[RedisServer]:
+    server = RedisServer(binary=legacy_redis_server_binary()).start()
     try:
         yield server
     finally:

@@ -23,6 +23,7 @@ from dedupe import (
     WaitTimeout,
     current_flight,
 )
+from dedupe.keys import names_for
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -100,7 +101,7 @@ async def test_tasks_share_one_run(sf: SingleFlight) -> None:
     results = await asyncio.gather(*(report("q3") for _ in range(50)))
     assert runs == 1
     assert results == ["report q3"] * 50
-    assert len(sf.backend().async_flights) == 0
+    assert sf.stats()["flights_in_process"] == 0
 
 
 def test_follower_instance_gets_leader_value(sf: SingleFlight, other: SingleFlight) -> None:
@@ -154,7 +155,7 @@ def test_result_ttl_serves_late_callers_then_expires(
     assert value(1) == 10  # within result_ttl: served from the kept value
     assert runs == 1
     # Wait, through Redis, until the kept value is older than result_ttl.
-    result_key = f"{prefix}:{{v:1}}:result"
+    result_key = names_for(prefix, value.job_id(1)).result
     ttl_total = int(redis_client.get(result_key).split(b":")[2])  # type: ignore[union-attr]
     deadline = time.monotonic() + 10
     while redis_client.pttl(result_key) > ttl_total - 300 - 5:
@@ -209,7 +210,7 @@ def test_wait_timeout_only_fails_the_waiter(sf: SingleFlight, other: SingleFligh
     t.start()
     assert started.wait(10)
 
-    @other(key="slow", wait_timeout=0.2)
+    @other(key="slow", wait_timeout=0.2, namespace=False)
     def impatient() -> str:
         raise AssertionError("the follower must not run while the leader holds the lease")
 
@@ -244,7 +245,7 @@ def test_local_waiter_timeout_leaves_leader_alone(sf: SingleFlight) -> None:
 def test_current_flight_and_growing_tokens(sf: SingleFlight) -> None:
     seen: list[Any] = []
 
-    @sf(key="tok")
+    @sf(key="tok", namespace=False)
     def job() -> int:
         flight = current_flight()
         assert flight is not None
@@ -369,7 +370,7 @@ def test_methods_key_on_self(sf: SingleFlight) -> None:
         def get(self, n: int) -> tuple[int, int]:
             self.calls += 1
             flight = current_flight()
-            assert flight is not None and flight.key == f"repo:{self.id}:{n}"
+            assert flight is not None and flight.key == Repo.get.job_id(self, n)
             return (self.id, n)
 
     repo = Repo(3)

@@ -28,7 +28,7 @@ def _assert_clean(instances: list[SingleFlight], client: redis.Redis, prefix: st
     assert client.pubsub_channels(f"{prefix}:*") == []
     for sf in instances:
         backend = sf.backend()
-        assert len(backend.sync_flights) == 0 and len(backend.async_flights) == 0
+        assert backend.stats()["flights_in_process"] == 0
         assert backend.renewer().pending() == 0
 
 

@@ -380,3 +380,21 @@ def test_sentinel_failover_after_master_sigkill(redis_sentinel: RedisSentinelSet
     assert redis_sentinel.is_healthy()
     with old_master.client(decode_responses=True) as c:
         assert c.execute_command("ROLE")[0] == "slave"
+
+
+def test_legacy_redis_is_a_6_2_server_of_our_own(legacy_redis: RedisServer) -> None:
+    with legacy_redis.client() as c:
+        info = c.info("server")
+    assert str(info["redis_version"]).startswith("6.2.")
+    assert info["process_id"] == legacy_redis.pid
+    assert _servers.server_version(legacy_redis.binary) < (7, 0, 0) <= _servers.server_version()
+
+
+@pytest.mark.timeout(60)
+def test_a_cluster_can_run_an_older_binary() -> None:
+    with RedisClusterSet(binary=_servers.legacy_redis_server_binary()) as cluster:
+        assert cluster.is_healthy()
+        for host, port in cluster.startup_nodes:
+            with redis.Redis(host=host, port=port) as c:
+                assert str(c.info("server")["redis_version"]).startswith("6.2.")
+    assert not any(s.running for s in cluster.servers)

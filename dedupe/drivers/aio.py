@@ -2,7 +2,8 @@
 
 The flight runs in a task separate from its callers, so a cancelled caller stops waiting
 alone: the shared work and the other callers go on. A flight that is only following, and
-that no caller awaits any more, is cancelled.
+that no caller awaits any more, is cancelled. Each event loop has its own table of flights:
+a loop that stops mid-flight strands only its own callers, never another loop's.
 """
 
 from __future__ import annotations
@@ -12,15 +13,26 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from ..backend import AsyncClient, Backend, run_script_async, wait_replicas_async
+from ..backend import AsyncClient, Backend, acquire_and_wait, run_script_async
 from ..commands import translate
-from ..context import check_reentry
 from ..envelope import Outcome
-from ..errors import BackendUnavailable, WaitTimeout
+from ..errors import BackendUnavailable
 from ..inflight import RETRY, Entry, InFlight
 from ..keys import Names
-from ..protocol import Command, FlightSpec, Lead, Replicate, Subscribe, Wait, is_abort, run_flight
-from .base import DriverBase, local_leader
+from ..protocol import (
+    Acquire,
+    Command,
+    Finished,
+    FlightSpec,
+    Lead,
+    Pause,
+    Replicate,
+    Subscribe,
+    Wait,
+    is_abort,
+    run_flight,
+)
+from .base import MISS, CallPlan, DriverBase, local_flight, share
 
 __all__ = ["call"]
 
@@ -33,82 +45,82 @@ async def call(
     fn: Callable[..., Coroutine[Any, Any, Any]],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    *,
+    detail: bool = False,
 ) -> Any:
     """Await ``fn`` once across every caller of the job, and return its outcome."""
-    deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
-    key = names.channel
-    check_reentry(key, names.job_id)
-    copies = backend.local_copies
-    if copies is not None:
-        hit, value = copies.get(key)
-        if hit:
-            return value
-    table = backend.async_flights
+    plan = CallPlan(backend, names, wait_timeout, detail)
+    kept = plan.kept()
+    if kept is not MISS:
+        return kept
+    table = backend.async_flights()
     while True:
-        entry, created = table.join(key)
+        entry, created = table.join(plan.key)
         if created:
             # The shared task follows with no deadline of its own: each caller keeps its own.
             driver = _Driver(backend, make_spec(None), fn, args, kwargs, entry)
-            entry.task = asyncio.get_running_loop().create_task(_drive(driver, table, key))
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            entry.task = asyncio.get_running_loop().create_task(_drive(driver, table, plan.key))
         try:
-            done = await entry.result.wait_async(left)
+            done = await entry.result.wait_async(plan.left())
+            if not done and created and entry.leading:
+                # Our own call runs the function: wait_timeout bounds waiting on others only
+                # (as in the sync driver, whose leader's caller is the one running it).
+                done = await entry.result.wait_async(None)
         except BaseException:
             _leave(table, entry)
             raise
         if not done:
             _leave(table, entry)
-            raise WaitTimeout(f"waited {wait_timeout}s for {names.job_id!r}")
+            raise plan.timed_out()
         result = entry.result.get()
         if result is RETRY:
             continue
         assert isinstance(result, Outcome)
-        return result.unwrap()
+        return plan.deliver(result, entry.role if created else "local", own=created)
 
 
 def _leave(table: InFlight, entry: Entry) -> None:
     task = entry.task
     if table.leave(entry) == 0 and not entry.leading and task is not None and not task.done():
-        try:
-            task.get_loop().call_soon_threadsafe(task.cancel)
-        except RuntimeError:
-            pass  # its loop is closed, and the task with it
+        task.cancel()  # same loop: the table is this loop's
 
 
 async def _drive(driver: _Driver, table: InFlight, key: str) -> None:
     shared: Outcome | object = RETRY
     try:
-        outcome = await _run(driver)
+        finished = await _run(driver)
+        driver.entry.role = finished.role
+        outcome = finished.outcome
         if is_abort(outcome.error):
             assert outcome.error is not None
             raise outcome.error  # the waiters were told; the abort goes on up, as it would
-        shared = outcome
-        copies = driver.backend.local_copies
-        if copies is not None and outcome.error is None:
-            copies.put(key, outcome.value, outcome.fresh_ms)
+        shared = share(driver.backend, key, finished)
     except Exception as exc:
         shared = Outcome(error=exc)  # BackendUnavailable and kin reach every caller
     finally:
         table.finish(key, driver.entry, shared)  # type: ignore[arg-type]
 
 
-async def _run(driver: _Driver) -> Outcome:
+async def _run(driver: _Driver) -> Finished:
     backend = driver.backend
-    if not backend.skip_redis():
-        try:
-            outcome = await driver.run()
-        except BackendUnavailable as exc:
-            if not backend.fall_back(exc):
-                raise
-        else:
-            backend.answered()
-            return outcome
+    with backend.flight():
+        if not backend.skip_redis():
+            try:
+                finished = await driver.run()
+            except BackendUnavailable as exc:
+                if not backend.fall_back(exc):
+                    raise
+            else:
+                backend.answered()
+                return finished
     driver.entry.leading = True
     try:
-        with local_leader(backend, driver.spec.names):
-            return Outcome(value=await driver.fn(*driver.args, **driver.kwargs))
+        with local_flight(backend, driver.spec.names):
+            return Finished(
+                Outcome(value=await driver.fn(*driver.args, **driver.kwargs)), "leader", 0
+            )
     except BaseException as exc:
-        return Outcome(error=exc)
+        return Finished(Outcome(error=exc), "leader", 0)
 
 
 class _Driver(DriverBase):
@@ -124,8 +136,8 @@ class _Driver(DriverBase):
         super().__init__(backend, spec, fn, args, kwargs)
         self.entry = entry
 
-    async def run(self) -> Outcome:
-        client = self.backend.async_client()
+    async def run(self) -> Finished:
+        client, slots = self.backend.async_client_and_slots()
         flight = run_flight(self.spec, self.codec, time.monotonic)
         reply: object = None
         error: Exception | None = None
@@ -137,32 +149,47 @@ class _Driver(DriverBase):
                     return stop.value  # type: ignore[no-any-return]
                 reply, error = None, None
                 try:
-                    reply = await self.execute(client, cmd)
+                    reply = await self.execute(client, slots, cmd)
                 except Exception as exc:
                     error = translate(exc)
         finally:
             flight.close()
-            self.release()
+            self.finish()
 
-    async def execute(self, client: AsyncClient, cmd: Command) -> object:
+    async def execute(self, client: AsyncClient, slots: asyncio.Semaphore, cmd: Command) -> object:
         script = self.script_for(cmd)
         if script is not None:
-            return self.reply_of(cmd, await run_script_async(client, script, self.cluster))
+            if isinstance(cmd, Acquire) and self.spec.min_replicas:
+                # Acquire and WAIT on one connection; the sync client has the one-node pipeline.
+                sync_client = await asyncio.to_thread(self.backend.sync_client)
+                raw, self.acked = await asyncio.to_thread(
+                    acquire_and_wait, self.backend, sync_client, script, self.spec
+                )
+                return self.reply_of(cmd, raw)
+            await self.backend.take_slot(slots)
+            try:
+                return self.reply_of(cmd, await run_script_async(client, script, self.cluster))
+            finally:
+                slots.release()
         if isinstance(cmd, Wait):
             assert self.mailbox is not None
             return await self.mailbox.get_async(cmd.timeout)
         if isinstance(cmd, Subscribe):
-            if not await self.subscription().wait_async(self.backend.confirm_timeout):
-                raise self.unconfirmed()
-            return None
+            if not self.backend.hub_started():
+                await asyncio.to_thread(self.backend.hub)  # building it may do network I/O
+            latch = self.subscribe()
+            return await latch.wait_async(self.confirm_timeout(cmd.timeout)) and latch.get()
         if isinstance(cmd, Lead):
             self.entry.leading = True
+            flight = self.start_lease(cmd, asyncio.get_running_loop())
             try:
-                with self.leased(cmd):
+                with self.as_leader(flight):
                     return Outcome(value=await self.fn(*self.args, **self.kwargs))
             except BaseException as exc:  # an abort too: the protocol must tell the waiters
                 return Outcome(error=exc)
+        if isinstance(cmd, Pause):
+            await asyncio.sleep(cmd.seconds)
+            return None
         if isinstance(cmd, Replicate):
-            lock = self.spec.names.lock
-            return await wait_replicas_async(client, lock, cmd.replicas, cmd.timeout_ms)
+            return self.acked
         raise TypeError(f"unknown command {cmd!r}")

@@ -1,22 +1,111 @@
-"""What both drivers share: everything about carrying a command except the waiting itself."""
+"""What both drivers share: every decision of a call and of carrying a command, but the waiting.
+
+The sync and async drivers differ only in how they block (a thread or an await); the
+call's decisions (deadline, kept copies, what joiners get, how each caller raises) live in
+``CallPlan``, and the protocol's in ``run_flight``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any
+import asyncio
+import copy
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Final
 
 from ..backend import Backend
-from ..commands import ScriptCall, acquire_call, complete_call, discard_call, parse_acquired
-from ..context import Flight, leading
-from ..envelope import Codec
-from ..errors import BackendUnavailable
+from ..commands import (
+    ScriptCall,
+    acquire_call,
+    complete_call,
+    discard_call,
+    parse_acquired,
+    parse_completed,
+)
+from ..context import Flight, check_reentry, leading
+from ..envelope import Codec, Outcome
+from ..errors import WaitTimeout
+from ..inflight import RETRY, Served
 from ..keys import Names
-from ..protocol import Acquire, Command, Complete, Discard, FlightSpec, Lead
+from ..protocol import Acquire, Command, Complete, Discard, Finished, FlightSpec, Lead, is_abort
 from ..renewal import Lease, LostSignal
 from ..signals import Latch, Mailbox
 
-__all__ = ["DriverBase", "local_leader"]
+__all__ = ["MISS", "CallPlan", "DriverBase", "local_flight", "share"]
+
+MISS: Final = object()
+"""CallPlan.kept() found no local copy."""
+
+
+class CallPlan:
+    """One caller's decisions, the same for both drivers."""
+
+    __slots__ = ("backend", "deadline", "detail", "key", "names", "wait_timeout")
+
+    def __init__(
+        self, backend: Backend, names: Names, wait_timeout: float | None, detail: bool
+    ) -> None:
+        self.backend = backend
+        self.names = names
+        self.key = names.channel
+        self.wait_timeout = wait_timeout
+        self.deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
+        self.detail = detail
+        check_reentry(self.key, names.job_id)
+
+    def kept(self) -> Any:
+        """A fresh local copy (local_cache=True) as this call's result, else MISS."""
+        copies = self.backend.local_copies
+        if copies is None:
+            return MISS
+        hit, value = copies.get(self.key)
+        if not hit:
+            return MISS
+        return Served(value, True, "kept") if self.detail else value
+
+    def left(self) -> float | None:
+        """How long this caller may still wait (None: as long as a leader lives)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def timed_out(self) -> WaitTimeout:
+        return WaitTimeout(job_id=self.names.job_id, seconds=self.wait_timeout)
+
+    def deliver(self, outcome: Outcome, role: str, *, own: bool) -> Any:
+        """Return the value, or raise the error: the original for the caller whose flight
+        made it, a copy for every other caller (one object raised by 50 callers would pile
+        50 callers' frames onto one traceback)."""
+        error = outcome.error
+        if error is not None:
+            raise error if own else _copy_of(error)
+        if self.detail:
+            return Served(outcome.value, role != "leader", role)
+        return outcome.value
+
+
+def _copy_of(error: BaseException) -> BaseException:
+    tb = error.__traceback__
+    try:
+        dup = copy.copy(error)
+    except Exception:
+        return error.with_traceback(tb)  # cannot be copied: at least do not grow its frames
+    if type(dup) is not type(error):
+        return error.with_traceback(tb)
+    dup.__cause__, dup.__context__ = error.__cause__, error.__context__
+    dup.__suppress_context__ = error.__suppress_context__
+    return dup.with_traceback(tb)
+
+
+def share(backend: Backend, key: str, finished: Finished) -> Outcome | object:
+    """What the callers who joined this flight in-process get: its outcome, or RETRY after an
+    abort (they start over: one of them leads)."""
+    outcome = finished.outcome
+    if is_abort(outcome.error):
+        return RETRY
+    copies = backend.local_copies
+    if copies is not None and outcome.error is None:
+        copies.put(key, outcome.value, outcome.fresh_ms)
+    return outcome
 
 
 class DriverBase:
@@ -36,12 +125,18 @@ class DriverBase:
         self.spec = spec
         self.fn, self.args, self.kwargs = fn, args, kwargs
         self.mailbox: Mailbox[object] | None = None
+        self.lease: Lease | None = None
+        self.acked = 0  # replicas that acknowledged our acquire (min_replicas_ack)
+        self.acquire_sent = 0.0  # monotonic time the last acquire was sent
 
     def script_for(self, cmd: Command) -> ScriptCall | None:
         """The script a command runs, if it is one of the script commands."""
         if isinstance(cmd, Acquire):
+            self.acquire_sent = time.monotonic()
             return acquire_call(self.spec, cmd)
         if isinstance(cmd, Complete):
+            if self.lease is not None:  # our own complete may now delete the lock
+                self.backend.renewer().completing(self.lease)
             return complete_call(self.spec, cmd, self.backend.publish)
         if isinstance(cmd, Discard):
             return discard_call(self.spec, cmd)
@@ -52,11 +147,11 @@ class DriverBase:
         if isinstance(cmd, Acquire):
             return parse_acquired(raw)
         if isinstance(cmd, Complete):
-            return bool(raw)
+            return parse_completed(raw)
         return raw
 
-    def subscription(self) -> Latch[bool]:
-        """Subscribe (first time) or look up the current subscription (after a RECHECK)."""
+    def subscribe(self) -> Latch[bool]:
+        """Subscribe (first time), or the current subscription's confirmation."""
         hub = self.backend.hub()
         channel = self.spec.names.channel
         if self.mailbox is None:
@@ -64,34 +159,40 @@ class DriverBase:
             return hub.subscribe(channel, self.mailbox)
         return hub.confirmation(channel)
 
-    def unconfirmed(self) -> BackendUnavailable:
-        """The server never confirmed the subscription: reconnect the hub, fail this call."""
-        channel = self.spec.names.channel
-        self.backend.hub().kick(channel)
-        return BackendUnavailable(f"Redis did not confirm the subscription to {channel!r}")
+    def confirm_timeout(self, timeout: float) -> float:
+        return min(timeout, self.backend.confirm_timeout)
 
-    def release(self) -> None:
+    def start_lease(self, cmd: Lead, loop: asyncio.AbstractEventLoop | None = None) -> Flight:
+        """The lease is renewed from here until ``finish()``: after the complete script, so a
+        slow encode or a slow complete never lets a waiter take over a live leader."""
+        names, spec = self.spec.names, self.spec
+        lease = Lease(
+            names.job_id,
+            names.lock,
+            cmd.lock_value,
+            spec.lock_ttl_ms / 1000,
+            acquired_at=self.acquire_sent,  # the lease's clock starts when we asked for it
+            max_hold=spec.max_hold_ms / 1000,
+            loop=loop,
+        )
+        self.backend.renewer().add(lease)
+        self.lease = lease
+        return Flight(names.job_id, cmd.token, lease.lost)
+
+    def as_leader(self, flight: Flight) -> AbstractContextManager[None]:
+        """While the function runs: current_flight() set, reentry guarded."""
+        return leading(self.spec.names.channel, flight)
+
+    def finish(self) -> None:
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            self.backend.renewer().remove(lease)
         if self.mailbox is not None:
             self.backend.hub().unsubscribe(self.spec.names.channel, self.mailbox)
             self.mailbox = None
 
-    @contextmanager
-    def leased(self, cmd: Lead) -> Iterator[None]:
-        """Run the body as the leader: lease renewed, current_flight() set, reentry guarded."""
-        names = self.spec.names
-        lease = Lease(names.job_id, names.lock, cmd.lock_value, self.spec.lock_ttl_ms / 1000)
-        renewer = self.backend.renewer()
-        renewer.add(lease)
-        try:
-            with leading(names.channel, Flight(names.job_id, cmd.token, lease.lost)):
-                yield
-        finally:
-            renewer.remove(lease)
 
-
-@contextmanager
-def local_leader(backend: Backend, names: Names) -> Iterator[None]:
+def local_flight(backend: Backend, names: Names) -> AbstractContextManager[None]:
     """on_backend_error="local": lead in this process only, with no lease and token 0."""
     backend.ran_locally()
-    with leading(names.channel, Flight(names.job_id, 0, LostSignal())):
-        yield
+    return leading(names.channel, Flight(names.job_id, 0, LostSignal()))

@@ -6,15 +6,25 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..backend import Backend, SyncClient, run_script, wait_replicas
+from ..backend import Backend, SyncClient, acquire_and_wait, run_script
 from ..commands import translate
-from ..context import check_reentry
 from ..envelope import Outcome
 from ..errors import BackendUnavailable, WaitTimeout
 from ..inflight import RETRY
 from ..keys import Names
-from ..protocol import Command, FlightSpec, Lead, Replicate, Subscribe, Wait, is_abort, run_flight
-from .base import DriverBase, local_leader
+from ..protocol import (
+    Acquire,
+    Command,
+    Finished,
+    FlightSpec,
+    Lead,
+    Pause,
+    Replicate,
+    Subscribe,
+    Wait,
+    run_flight,
+)
+from .base import MISS, CallPlan, DriverBase, local_flight, share
 
 __all__ = ["call"]
 
@@ -27,45 +37,38 @@ def call(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    *,
+    detail: bool = False,
 ) -> Any:
     """Run ``fn`` once across every caller of the job, and return its outcome."""
-    deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
-    key = names.channel
-    check_reentry(key, names.job_id)
-    copies = backend.local_copies
-    if copies is not None:
-        hit, value = copies.get(key)
-        if hit:
-            return value
+    plan = CallPlan(backend, names, wait_timeout, detail)
+    kept = plan.kept()
+    if kept is not MISS:
+        return kept
     table = backend.sync_flights
     while True:
-        entry, created = table.join(key)
+        entry, created = table.join(plan.key)
         if not created:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not entry.result.wait(left):
-                raise WaitTimeout(f"waited {wait_timeout}s for {names.job_id!r}")
+            if not entry.result.wait(plan.left()):
+                raise plan.timed_out()
             result = entry.result.get()
             if result is RETRY:
                 continue
             assert isinstance(result, Outcome)
-            return result.unwrap()
-        spec = make_spec(deadline)  # only the driver needs one: joiners stay cheap
+            return plan.deliver(result, "local", own=False)
         shared: Outcome | object = RETRY
         try:
-            outcome = _run(backend, spec, fn, args, kwargs)
+            finished = _run(backend, make_spec(plan.deadline), fn, args, kwargs)
         except WaitTimeout:
-            raise  # our own deadline, not the other callers': they start over
+            raise plan.timed_out() from None  # ours alone: the other callers start over
         except Exception as exc:
             shared = Outcome(error=exc)
             raise
         else:
-            if not is_abort(outcome.error):
-                shared = outcome
-                if copies is not None and outcome.error is None:
-                    copies.put(key, outcome.value, outcome.fresh_ms)
-            return outcome.unwrap()
+            shared = share(backend, plan.key, finished)
+            return plan.deliver(finished.outcome, finished.role, own=True)
         finally:
-            table.finish(key, entry, shared)  # type: ignore[arg-type]
+            table.finish(plan.key, entry, shared)  # type: ignore[arg-type]
 
 
 def _run(
@@ -74,25 +77,26 @@ def _run(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-) -> Outcome:
-    if not backend.skip_redis():
-        try:
-            outcome = _Driver(backend, spec, fn, args, kwargs).run()
-        except BackendUnavailable as exc:
-            if not backend.fall_back(exc):
-                raise
-        else:
-            backend.answered()
-            return outcome
+) -> Finished:
+    with backend.flight():
+        if not backend.skip_redis():
+            try:
+                finished = _Driver(backend, spec, fn, args, kwargs).run()
+            except BackendUnavailable as exc:
+                if not backend.fall_back(exc):
+                    raise
+            else:
+                backend.answered()
+                return finished
     try:
-        with local_leader(backend, spec.names):
-            return Outcome(value=fn(*args, **kwargs))
+        with local_flight(backend, spec.names):
+            return Finished(Outcome(value=fn(*args, **kwargs)), "leader", 0)
     except BaseException as exc:
-        return Outcome(error=exc)
+        return Finished(Outcome(error=exc), "leader", 0)
 
 
 class _Driver(DriverBase):
-    def run(self) -> Outcome:
+    def run(self) -> Finished:
         client = self.backend.sync_client()
         flight = run_flight(self.spec, self.codec, time.monotonic)
         reply: object = None
@@ -110,25 +114,32 @@ class _Driver(DriverBase):
                     error = translate(exc)
         finally:
             flight.close()
-            self.release()
+            self.finish()
 
     def execute(self, client: SyncClient, cmd: Command) -> object:
         script = self.script_for(cmd)
         if script is not None:
-            return self.reply_of(cmd, run_script(client, script, self.cluster))
+            if isinstance(cmd, Acquire) and self.spec.min_replicas:
+                raw, self.acked = acquire_and_wait(self.backend, client, script, self.spec)
+                return self.reply_of(cmd, raw)
+            with self.backend.slot():
+                return self.reply_of(cmd, run_script(client, script, self.cluster))
         if isinstance(cmd, Wait):
             assert self.mailbox is not None
             return self.mailbox.get(cmd.timeout)
         if isinstance(cmd, Subscribe):
-            if not self.subscription().wait(self.backend.confirm_timeout):
-                raise self.unconfirmed()
-            return None
+            latch = self.subscribe()
+            return latch.wait(self.confirm_timeout(cmd.timeout)) and latch.get()
         if isinstance(cmd, Lead):
+            flight = self.start_lease(cmd)
             try:
-                with self.leased(cmd):
+                with self.as_leader(flight):
                     return Outcome(value=self.fn(*self.args, **self.kwargs))
             except BaseException as exc:  # an abort too: the protocol must tell the waiters
                 return Outcome(error=exc)
+        if isinstance(cmd, Pause):
+            time.sleep(cmd.seconds)
+            return None
         if isinstance(cmd, Replicate):
-            return wait_replicas(client, self.spec.names.lock, cmd.replicas, cmd.timeout_ms)
+            return self.acked
         raise TypeError(f"unknown command {cmd!r}")

@@ -1,0 +1,311 @@
+"""What Redis holds for dedupe's jobs: who leads, which lease, what is kept, who waits.
+
+Pure functions over a redis-py *sync* client (``redis.Redis`` or ``RedisCluster``); only
+:func:`forget` writes. Nothing here deserializes a kept value: an operator's tool must not
+unpickle what it finds in Redis.
+
+A job's keys (see ``dedupe.keys.names_for``) are ``<prefix>:{<tag>}:lock`` (the lease,
+value ``"<token>:<owner>"``), ``:token`` (the fencing counter), ``:result`` (the kept
+outcome record, header ``"<token>:<keep_ms>:<ttl_ms>:"``) and the channel
+``<prefix>:{<tag>}`` followers subscribe to (sharded pub/sub on Cluster). The tag is the
+job id itself, or ``#`` and 40 hex digits of its SHA-256 for ids that cannot be a hash tag
+(long, unprintable, with braces); such a tag is accepted wherever a job id is.
+
+The owner id of a lease, :func:`format_owner`, is ``<host>/<pid>/<start-ms>/<instance>.<seq>``:
+the host and process that lead, when the lease began (Unix ms), the SingleFlight
+instance (random, new after a fork) and the flight's number in it. No ``:``, since the
+lock value is ``<token>:<owner>``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis
+import redis.cluster
+
+from .keys import Names, names_for, validate_job_id, validate_prefix
+
+__all__ = [
+    "Holder",
+    "JobState",
+    "Kept",
+    "OwnerIds",
+    "forget",
+    "format_owner",
+    "inspect",
+    "names_of",
+    "parse_owner",
+    "scan",
+]
+
+_DIGEST_TAG: Final = re.compile(r"#[0-9a-f]{40}")
+_UNSAFE: Final = re.compile(r"[:/\s]")
+_KIND_NAMES: Final = {
+    ord("v"): "value",
+    ord("e"): "error",
+    ord("u"): "unserializable",
+    ord("l"): "too_large",
+}
+# SCAN returns at most about COUNT keys per round trip; bigger pages mean fewer trips.
+_SCAN_COUNT: Final = 1000
+
+
+# --- owner ids -----------------------------------------------------------------------------
+
+
+def _host() -> str:
+    return _UNSAFE.sub("_", socket.gethostname()) or "localhost"
+
+
+def format_owner(instance: str, seq: int, *, started_ms: int | None = None) -> str:
+    """The owner id of one lease, naming this host and process; see the module docstring.
+
+    ``instance`` identifies the SingleFlight in the process (e.g. 16 random hex digits);
+    ``started_ms`` defaults to now. Host names lose any ``:``, ``/`` or white space.
+    """
+    if not instance or _UNSAFE.search(instance) or "." in instance:
+        raise ValueError(f"owner instance must be non-empty, without ':', '/', '.': {instance!r}")
+    start = int(time.time() * 1000) if started_ms is None else started_ms
+    return f"{_host()}/{os.getpid()}/{start}/{instance}.{seq}"
+
+
+class OwnerIds:
+    """Owner ids for one SingleFlight in one process: ``ids()`` gives the next lease's.
+
+    Host and pid are read once, so make a new one in a forked child (its pid differs).
+    Each id costs one clock read and a string format.
+    """
+
+    __slots__ = ("_head", "_seq", "instance")
+
+    def __init__(self, instance: str | None = None) -> None:
+        self.instance = uuid.uuid4().hex[:16] if instance is None else instance
+        format_owner(self.instance, 0)  # validates the instance
+        self._head = f"{_host()}/{os.getpid()}/"
+        self._seq = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._head}{int(time.time() * 1000)}/{self.instance}.{next(self._seq)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds a lease, from the lock value ``"<token>:<owner>"``.
+
+    ``host``, ``pid`` and ``started_ms`` are None for owners in another format (an older
+    dedupe's random id); ``owner`` is always the raw owner id.
+    """
+
+    token: int
+    owner: str
+    host: str | None = None
+    pid: int | None = None
+    started_ms: int | None = None  # Unix time in ms when the lease was taken
+    instance: str | None = None
+    seq: int | None = None
+
+
+def parse_owner(lock_value: str | bytes) -> Holder:
+    """Parse a lock value ``"<token>:<owner>"``; raises ValueError if it is not one."""
+    text = lock_value.decode("utf-8", "replace") if isinstance(lock_value, bytes) else lock_value
+    token_text, sep, owner = text.partition(":")
+    if not sep or not token_text.isdigit():
+        raise ValueError(f"not a dedupe lock value (expected '<token>:<owner>'): {text!r}")
+    token = int(token_text)
+    parts = owner.split("/")
+    if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit():
+        instance, dot, seq = parts[3].rpartition(".")
+        return Holder(
+            token,
+            owner,
+            host=parts[0],
+            pid=int(parts[1]),
+            started_ms=int(parts[2]),
+            instance=instance if dot else parts[3],
+            seq=int(seq) if dot and seq.isdigit() else None,
+        )
+    return Holder(token, owner)
+
+
+# --- job state -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Kept:
+    """The outcome record in the result key (header only: the value is never decoded)."""
+
+    token: int  # the lease whose outcome it is
+    kind: str  # value, error, unserializable, too_large, or "unknown"
+    keep_ms: int  # how long after it was written new callers are served it (result_ttl)
+    ttl_ms: int  # how long it stays in Redis in all (keep_ms, or the grace for followers)
+    age_ms: int  # how long ago it was written
+    fresh_ms: int  # how much longer new callers are served it (0: only its own waiters)
+    size: int  # bytes
+
+
+@dataclass(frozen=True, slots=True)
+class JobState:
+    """One job as Redis sees it now (read without a transaction: a snapshot, not atomic)."""
+
+    job_id: str  # as asked (a job id, or a '#…' digest tag)
+    tag: str  # the hash tag in its keys
+    names: Names
+    holder: Holder | None  # None: nobody leads it now
+    lease_ms: int | None  # how long the lease has left; None without a lease
+    token_counter: int | None  # the fencing counter (the newest token handed out), if kept
+    kept: Kept | None  # the outcome record, if one is there
+    subscribers: int  # processes subscribed to its channel (waiting followers' hubs)
+    unreadable_lock: str | None = None  # a lock value dedupe did not write, as found
+
+    @property
+    def in_flight(self) -> bool:
+        return self.holder is not None or self.unreadable_lock is not None
+
+
+def names_of(prefix: str, job_id: str) -> Names:
+    """A job's Redis names; a ``#``-and-40-hex-digits id is taken as a digest tag (from scan)."""
+    validate_prefix(prefix)
+    validate_job_id(job_id)
+    if _DIGEST_TAG.fullmatch(job_id):
+        base = f"{prefix}:{{{job_id}}}"
+        return Names(job_id, f"{base}:lock", f"{base}:token", f"{base}:result", base)
+    return names_for(prefix, job_id)
+
+
+def _text(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+
+def _raw(value: Any) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value
+    # decode_responses=True clients hand us str; surrogateescape round-trips what it can.
+    return str(value).encode("utf-8", "surrogateescape")
+
+
+def _kept(record: bytes | None, pttl: int) -> Kept | None:
+    if record is None:
+        return None
+    parts = record.split(b":", 3)
+    if len(parts) != 4 or not all(p.isdigit() for p in parts[:3]):
+        return Kept(0, "unknown", 0, 0, 0, 0, len(record))
+    token, keep_ms, ttl_ms = (int(p) for p in parts[:3])
+    envelope = parts[3]
+    kind = "unknown"
+    if envelope[:2] == b"DD" and len(envelope) >= 4:
+        kind = _KIND_NAMES.get(envelope[3], "unknown")
+    left = max(pttl, 0)
+    age = max(0, ttl_ms - left)
+    fresh = max(0, keep_ms - age) if kind == "value" else 0
+    return Kept(token, kind, keep_ms, ttl_ms, age, fresh, len(record))
+
+
+def _is_cluster(client: Any) -> bool:
+    return isinstance(client, redis.cluster.RedisCluster)
+
+
+def _subscribers(client: Any, channel: str) -> int:
+    if _is_cluster(client):
+        # dedupe subscribes with SSUBSCRIBE on the primary that owns the channel's slot.
+        node = client.get_node_from_key(channel)
+        reply = client.execute_command("PUBSUB SHARDNUMSUB", channel, target_nodes=node)
+    else:
+        reply = client.execute_command("PUBSUB NUMSUB", channel)
+    # redis-py turns the flat reply into [(channel, count)]; some versions leave it flat.
+    if reply and isinstance(reply[0], (tuple, list)):
+        return int(reply[0][1])
+    return int(reply[1]) if len(reply) > 1 else 0
+
+
+def inspect(client: Any, prefix: str, job_id: str) -> JobState:
+    """Read a job's lease, fencing counter, kept outcome and subscribers from Redis."""
+    names = names_of(prefix, job_id)
+    pipe = client.pipeline(transaction=False) if not _is_cluster(client) else client.pipeline()
+    pipe.get(names.lock)
+    pipe.pttl(names.lock)
+    pipe.get(names.token)
+    pipe.get(names.result)
+    pipe.pttl(names.result)
+    lock_raw, lock_pttl, counter_raw, record_raw, record_pttl = pipe.execute()
+    holder: Holder | None = None
+    unreadable: str | None = None
+    lock_text = _text(lock_raw)
+    if lock_text is not None:
+        try:
+            holder = parse_owner(lock_text)
+        except ValueError:
+            unreadable = lock_text
+    counter_text = _text(counter_raw)
+    tag = names.channel[len(prefix) + 2 : -1]
+    return JobState(
+        job_id=job_id,
+        tag=tag,
+        names=names,
+        holder=holder,
+        lease_ms=int(lock_pttl) if lock_text is not None and int(lock_pttl) >= 0 else None,
+        token_counter=int(counter_text) if counter_text and counter_text.isdigit() else None,
+        kept=_kept(_raw(record_raw), int(record_pttl)),
+        subscribers=_subscribers(client, names.channel),
+        unreadable_lock=unreadable,
+    )
+
+
+def forget(client: Any, prefix: str, job_id: str) -> bool:
+    """Drop a job's kept outcome (DEL its result key); True if there was one.
+
+    The lease is left alone: a running leader still finishes, and stores its own outcome.
+    """
+    names = names_of(prefix, job_id)
+    return bool(client.delete(names.result))
+
+
+# --- listing -------------------------------------------------------------------------------
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+def _nodes(client: Any) -> Iterator[Any]:
+    """A plain redis.Redis per place to SCAN: the client itself, or each Cluster primary."""
+    if not _is_cluster(client):
+        yield client
+        return
+    for node in client.get_primaries():
+        conn = node.redis_connection
+        if conn is None:  # not connected yet: let the cluster client make one
+            conn = client.get_redis_connection(node)
+        yield conn
+
+
+def scan(client: Any, prefix: str) -> list[str]:
+    """The jobs under ``prefix`` that Redis holds a lease or an outcome for, sorted.
+
+    Each is the job id, or the ``#…`` digest tag of an id that cannot be a hash tag (which
+    :func:`inspect` and :func:`forget` accept). SCAN-based (never KEYS), over every primary
+    on Cluster; a job that appears or goes during the scan may or may not be listed.
+    """
+    validate_prefix(prefix)
+    head = _glob_escape(prefix) + ":{"
+    found: set[str] = set()
+    start = len(prefix) + 2
+    for node in _nodes(client):
+        for suffix in (":lock", ":result"):
+            for key in node.scan_iter(match=f"{head}*}}{suffix}", count=_SCAN_COUNT):
+                text = _text(key)
+                assert text is not None
+                found.add(text[start : -len(suffix) - 1])
+    return sorted(found)

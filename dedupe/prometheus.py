@@ -1,0 +1,151 @@
+"""Prometheus metrics for dedupe (``pip install 'redis-single-flight[prometheus]'``).
+
+``instrument(registry)`` registers dedupe's metrics on a prometheus-client
+CollectorRegistry (the default one if none is given) and feeds them from
+:mod:`dedupe.events`. Labels ``prefix`` (the SingleFlight's key prefix), ``role`` (leader,
+local, remote, kept, unknown) and ``outcome`` (value, error, timeout, backend_error); the
+four event counters have ``prefix`` only:
+
+==================================  =========  ===============================================
+``dedupe_calls_total``              counter    calls that ended, one per call
+``dedupe_call_duration_seconds``    histogram  a call's start to its end
+``dedupe_run_duration_seconds``     histogram  time the function ran (leaders, local runs)
+``dedupe_wait_duration_seconds``    histogram  time a follower waited for another's run
+``dedupe_takeovers_total``          counter    leads taken after a leader's lease expired
+``dedupe_leases_lost_total``        counter    leases a running leader lost
+``dedupe_envelopes_rejected_total`` counter    outcome records ignored (bad signature, ...)
+``dedupe_local_runs_total``         counter    runs without Redis (local fallback)
+==================================  =========  ===============================================
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Final
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+
+from . import events
+from .events import Event
+
+__all__ = ["PrometheusMetrics", "instrument"]
+
+BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    float("inf"),
+)
+_LABELS: Final = ("prefix", "role", "outcome")
+_PREFIX: Final = ("prefix",)
+
+
+class PrometheusMetrics:
+    """dedupe's collectors on one registry, fed by events while installed."""
+
+    def __init__(self, registry: CollectorRegistry, namespace: str = "dedupe") -> None:
+        self.registry = registry
+        self._lock = threading.Lock()  # guards _remove
+        self._made: list[Counter | Histogram] = []
+        try:
+            self.calls = self._counter(namespace, "calls", "Calls that ended", _LABELS)
+            self.call_duration = self._histogram(
+                namespace, "call_duration_seconds", "A call's start to its end"
+            )
+            self.run_duration = self._histogram(
+                namespace, "run_duration_seconds", "Time the function ran"
+            )
+            self.wait_duration = self._histogram(
+                namespace, "wait_duration_seconds", "Time a follower waited for another's run"
+            )
+            self.marks = {
+                "takeover": self._counter(
+                    namespace, "takeovers", "Leads taken after a leader's lease expired", _PREFIX
+                ),
+                "lease_lost": self._counter(
+                    namespace, "leases_lost", "Leases a running leader lost", _PREFIX
+                ),
+                "rejected": self._counter(
+                    namespace, "envelopes_rejected", "Outcome records ignored", _PREFIX
+                ),
+                "local_run": self._counter(
+                    namespace, "local_runs", "Runs without Redis (local fallback)", _PREFIX
+                ),
+            }
+        except ValueError:
+            self._unregister()  # leave the registry as we found it
+            raise
+        self._remove = events.add_listener(self)
+
+    def _counter(
+        self, namespace: str, name: str, text: str, labels: tuple[str, ...] = ()
+    ) -> Counter:
+        c = Counter(name, text, labels, namespace=namespace, registry=self.registry)
+        self._made.append(c)
+        return c
+
+    def _histogram(self, namespace: str, name: str, text: str) -> Histogram:
+        h = Histogram(
+            name, text, _LABELS, namespace=namespace, buckets=BUCKETS, registry=self.registry
+        )
+        self._made.append(h)
+        return h
+
+    def _unregister(self) -> None:
+        for collector in self._made:
+            try:
+                self.registry.unregister(collector)
+            except KeyError:
+                pass  # already gone
+        self._made = []
+
+    def __call__(self, event: Event) -> None:
+        counter = self.marks.get(event.kind)
+        if counter is not None:
+            counter.labels(event.prefix).inc()
+            return
+        labels = (event.prefix, event.role or "unknown", event.outcome)
+        self.calls.labels(*labels).inc()
+        if event.duration_s is not None:
+            self.call_duration.labels(*labels).observe(event.duration_s)
+        if event.run_s is not None:
+            self.run_duration.labels(*labels).observe(event.run_s)
+        if event.wait_s is not None:
+            self.wait_duration.labels(*labels).observe(event.wait_s)
+
+    def uninstrument(self) -> None:
+        """Stop feeding these metrics and unregister them from the registry."""
+        with self._lock:
+            remove, self._remove = self._remove, _nothing
+        remove()
+        self._unregister()
+
+
+def _nothing() -> None:
+    return None
+
+
+def instrument(
+    registry: CollectorRegistry | None = None, *, namespace: str = "dedupe"
+) -> PrometheusMetrics:
+    """Register dedupe's metrics on ``registry`` (default: the global REGISTRY) and feed them.
+
+    Raises ValueError (prometheus-client's duplicate-timeseries error) if that registry
+    already has dedupe's metrics: call ``uninstrument()`` on the first one, or use another
+    ``namespace``.
+    """
+    return PrometheusMetrics(REGISTRY if registry is None else registry, namespace)

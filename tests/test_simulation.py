@@ -1,0 +1,216 @@
+"""The deterministic simulator (tests/sim): real run_flight and Lua scripts, a simulated world.
+
+A bounded share of what ``make simulate`` runs: a thousand seeded schedules with every
+invariant checked after every step. Then the simulator itself: the Lua conversion rules of
+its Redis, determinism and replay, and that it does catch defects (planted ones, since the
+real ones are fixed) and shrinks them to a few steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.sim.redis import ScriptError, SimRedis
+from tests.sim.schedule import Step, explore, run, shrink
+from tests.sim.world import KINDS, Api, Params
+
+BOUNDED_SCHEDULES = 1500
+STEPS = 60
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> Iterator[None]:
+    # The protocol logs every lost lease and withheld outcome; the sim provokes thousands.
+    logger = logging.getLogger("dedupe")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    yield
+    logger.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def api() -> Api:
+    return Api()
+
+
+def _report(out: Any) -> str:
+    assert out.violation is not None
+    return f"seed {out.seed}: {out.violation}; replay with `make simulate SEED={out.seed}`"
+
+
+@pytest.mark.timeout(120)
+def test_bounded_run_finds_nothing(api: Api) -> None:
+    params = Params()
+    steps = 0
+    for seed in range(1, BOUNDED_SCHEDULES + 1):
+        out = explore(seed, STEPS, params, api)
+        steps += len(out.steps)
+        if out.violation is not None:
+            small = shrink(out, params, api, budget=10)
+            trace = run(small.seed, small.steps, params, api, trace=True)
+            pytest.fail(_report(out) + "\n" + "\n".join(trace.lines))
+    assert steps == BOUNDED_SCHEDULES * STEPS  # every schedule ran to its end
+
+
+# --- the simulated Redis ----------------------------------------------------------------------
+
+
+def _redis() -> tuple[SimRedis, list[int], list[tuple[bytes, bytes]]]:
+    now = [5_000_000]
+    published: list[tuple[bytes, bytes]] = []
+
+    def publish(channel: bytes, message: bytes) -> int:
+        published.append((channel, message))
+        return 1
+
+    r = SimRedis(lambda: now[0], publish)
+    return r, now, published
+
+
+def _eval(r: SimRedis, lua: str, keys: list[bytes] = [], args: list[bytes] = []) -> Any:  # noqa: B006
+    return r.evalsha(r.load(lua), keys, args)
+
+
+def test_lua_replies_follow_redis_conversion() -> None:
+    r, _, _ = _redis()
+    assert _eval(r, "return 2.7") == 2  # a Lua number is truncated to an integer reply
+    assert _eval(r, "return {1, 'a', nil, 3}") == [1, b"a"]  # an array ends at its first nil
+    assert _eval(r, "return false") is None
+    assert _eval(r, "return true") == 1
+    assert _eval(r, "return redis.call('GET', 'missing')") is None
+    assert _eval(r, "return type(redis.call('GET', 'missing'))") == b"boolean"  # nil is false
+    assert _eval(r, "return redis.call('SET', 'k', 'v')") == b"OK"
+    assert _eval(r, "return ARGV[1] .. KEYS[1]", [b"k"], [b"7"]) == b"7k"  # arguments are strings
+    with pytest.raises(ScriptError, match="boom"):
+        _eval(r, "return {err = 'boom'}")
+    with pytest.raises(ScriptError, match="not an integer"):
+        _eval(r, "redis.call('SET', 'k', 'x'); return redis.call('INCR', 'k')")
+    # pcall hands the error back as a table; call raises it.
+    assert _eval(r, "local e = redis.pcall('INCR', 'k'); return e.err") == (
+        b"ERR value is not an integer or out of range"
+    )
+
+
+def test_keys_expire_on_the_store_clock_and_restart_loses_them() -> None:
+    r, now, published = _redis()
+    assert _eval(r, "return redis.call('SET', 'k', 'v', 'NX', 'PX', 100)") == b"OK"
+    assert _eval(r, "return redis.call('SET', 'k', 'w', 'NX', 'PX', 100)") is None
+    assert r.pttl(b"k") == 100
+    assert _eval(r, "redis.call('SET', 'p', 'v'); return redis.call('PTTL', 'p')") == -1
+    assert _eval(r, "return redis.call('PTTL', 'nothing')") == -2
+    now[0] += 99_000
+    assert r.get(b"k") == b"v"
+    now[0] += 1_000
+    assert r.get(b"k") is None
+    assert _eval(r, "return redis.call('PUBLISH', 'ch', 'hi')") == 1
+    assert published == [(b"ch", b"hi")]
+    before = _eval(r, "local t = redis.call('TIME'); return t[1] * 1000000 + t[2]")
+    r.restart(jump_ms=5)
+    assert r.live_keys() == []
+    after = _eval(r, "local t = redis.call('TIME'); return t[1] * 1000000 + t[2]")
+    assert after - before == 5_000
+
+
+def test_the_real_scripts_are_loaded(api: Api) -> None:
+    names = {s.lua for s in api.scripts}
+    import dedupe.scripts as scripts
+
+    assert {scripts.ACQUIRE, scripts.COMPLETE, scripts.RENEW} <= names
+
+
+# --- determinism, replay, and that the simulator can fail -------------------------------------
+
+
+def test_a_seed_replays_to_the_same_trace(api: Api) -> None:
+    params = Params()
+    first = explore(77, STEPS, params, api)
+    again = explore(77, STEPS, params, api)
+    assert first.steps == again.steps
+    a = run(77, first.steps, params, api, trace=True).lines
+    b = run(77, first.steps, params, api, trace=True).lines
+    assert a == b and len(a) > STEPS
+
+
+def test_followers_get_the_leaders_value(api: Api) -> None:
+    """A plain flight: one leader, a follower in another process, a joiner in the same one."""
+    steps: list[Step] = [("call", 0, 0, 0), ("deliver", 0), ("deliver", 0), ("call", 1, 0, 0)]
+    steps += [("call", 0, 0, 0)] + [("deliver", 0)] * 6 + [("finish", 0, "ok")]
+    out = run(1, steps, Params(), api, trace=True)
+    assert out.violation is None, "\n".join(out.lines)
+    ends = [line for line in out.lines if " ends: value " in line]
+    assert len(ends) == 3, "\n".join(out.lines)
+    assert len({line.rsplit(" ", 1)[1] for line in ends}) == 1  # one value, from one lease
+
+
+def _first_failure(api: Api, params: Params, kind: str, limit: int = 3000) -> Any:
+    for seed in range(1, limit + 1):
+        out = explore(seed, STEPS, params, api, KINDS - {kind})
+        if out.violation is not None:
+            assert out.violation.kind == kind, _report(out)
+            return out
+    pytest.fail(f"no {kind} in {limit} schedules")
+
+
+@pytest.mark.timeout(120)
+def test_finds_a_leader_that_does_not_know_its_lease_is_gone(api: Api) -> None:
+    """Planted defect: the renewer learns of a loss only from a failed renewal (the old one).
+    A paused or cut-off leader then runs on while a new lease is granted elsewhere."""
+    blind = _blind_renewer(api)
+    out = _first_failure(blind, Params(), "unaware-leader")
+    others = KINDS - {"unaware-leader"}
+    small = shrink(out, Params(), blind, budget=15, ignored=others)
+    assert len(small.steps) <= 8, small.steps
+    replayed = run(small.seed, small.steps, Params(), blind, ignored=others)
+    assert replayed.violation is not None and replayed.violation.kind == "unaware-leader"
+
+
+def _blind_renewer(api: Api) -> Api:
+    blind = Api()
+    blind.clock_renewer = False
+    return blind
+
+
+class _ForgetfulCodec:
+    """Planted defect: every outcome claims to be of the newest lease (no floor holds)."""
+
+    def __init__(self, codec: Any) -> None:
+        self._codec = codec
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._codec, name)
+
+    def open(self, data: bytes, *, channel: str) -> Any:
+        opened = self._codec.open(data, channel=channel)
+        return opened._replace(token=10**17)
+
+
+@pytest.mark.timeout(120)
+def test_finds_an_old_outcome_returned_to_a_newer_flight(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tests.sim.world as world
+
+    real = world.World.__init__
+
+    def forgetful(self: Any, *args: Any, **kwargs: Any) -> None:
+        real(self, *args, **kwargs)
+        self.codec = _ForgetfulCodec(self.codec)
+
+    monkeypatch.setattr(world.World, "__init__", forgetful)
+    wanted = {"older-outcome", "stale-outcome"}
+    others = KINDS - wanted  # real defects elsewhere must not mask the planted one
+    out = None
+    for seed in range(1, 3001):
+        out = explore(seed, STEPS, Params(), api, others)
+        if out.violation is not None:
+            break
+    assert out is not None and out.violation is not None, "no failure in 3000 schedules"
+    assert out.violation.kind in wanted, _report(out)
+    small = shrink(out, Params(), api, budget=15, ignored=others)
+    assert len(small.steps) <= 25, small.steps
+    replayed = run(small.seed, small.steps, Params(), api, ignored=others)
+    assert replayed.violation is not None and replayed.violation.kind == out.violation.kind
