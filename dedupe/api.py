@@ -8,6 +8,7 @@ import inspect
 import math
 import os
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import (
@@ -387,6 +388,8 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 # --- the instance -------------------------------------------------------------------------
 
 
+_instances: weakref.WeakSet[SingleFlight] = weakref.WeakSet()  # for the fork handler below
+
 class SingleFlight:
     """Runs a function once across every concurrent caller that shares a Redis.
 
@@ -462,7 +465,8 @@ class SingleFlight:
         max_hold: float = 300.0,
         local_cache_max_bytes: int = 32 * 1024 * 1024,
     ) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _backend and _settings swaps
+        _instances.add(self)
         self._settings = Settings(
             url=url,
             client=client,
@@ -844,3 +848,14 @@ class SingleFlight:
 
 single_flight: Final = SingleFlight()
 """The default instance: Redis from DEDUPE_REDIS_URL, else redis://localhost:6379/0, lazily."""
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork time stays held in the child for good: give
+    # every instance a fresh one there (its backend re-creates its own state, backend.py).
+    for sf in list(_instances):
+        sf._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

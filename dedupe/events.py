@@ -51,6 +51,7 @@ __all__ = [
     "mark",
     "outcome_of",
     "trace_context",
+    "tracers",
 ]
 
 log = logging.getLogger("dedupe")
@@ -62,6 +63,7 @@ Kind = Literal[
     "kept",
     "timeout",
     "backend_error",
+    "failed",
     "takeover",
     "lease_lost",
     "rejected",
@@ -69,9 +71,11 @@ Kind = Literal[
 ]
 
 CALL_KINDS: Final = frozenset(
-    {"lead", "follow_local", "follow_remote", "kept", "timeout", "backend_error"}
+    {"lead", "follow_local", "follow_remote", "kept", "timeout", "backend_error", "failed"}
 )
-"""Kinds that end a call: exactly one per call, so counting them counts calls."""
+"""Kinds that end a call: exactly one per call, so counting them counts calls. ``failed``:
+the call ended with an exception before it had a role (a permission error from Redis, an
+interrupted or cancelled wait)."""
 MARK_KINDS: Final = frozenset({"takeover", "lease_lost", "rejected", "local_run"})
 """Kinds that mark a moment: several, or none, per call."""
 KINDS: Final = CALL_KINDS | MARK_KINDS
@@ -295,7 +299,7 @@ class Call:
         if outcome in ("timeout", "backend_error"):
             kind = outcome  # type: ignore[assignment]
         else:
-            kind = _KIND_OF_ROLE.get(role, "lead")
+            kind = _KIND_OF_ROLE.get(role, "failed")
         if (wait_s is None and role in ("local", "remote")) or kind == "timeout":
             wait_s = duration if wait_s is None else wait_s
         if run_s is None and kind == "lead":

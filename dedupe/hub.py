@@ -59,6 +59,7 @@ log = logging.getLogger("dedupe")
 
 Item = bytes | object  # a message, or RECHECK
 _BATCH = 512  # channels per (re-)subscribe or unsubscribe command
+_PIPELINE = 64  # commands per socket write (the reader's PING waits for one write at most)
 # Unsubscribing waits this long, off the caller's path: a follower returns without paying for
 # it, a hot key's next follower reuses the subscription, and unsubscribes go out in batches.
 _LINGER = 0.05
@@ -798,17 +799,24 @@ class _Link:
                     self._wake.wait(due)
                 commands = hub._plan(self, now)
                 fifo = self.fifo
-            for sent in commands:
-                if not self._send(conn, fifo, sent):
+            for i in range(0, len(commands), _PIPELINE):
+                if not self._send(conn, fifo, commands[i : i + _PIPELINE]):
                     break
 
-    def _send(self, conn: Connection, fifo: deque[_Sent], sent: _Sent, timeout: float = -1) -> bool:
-        """Send one command on ``conn``, noting it in that connection's FIFO first."""
+    def _send(
+        self, conn: Connection, fifo: deque[_Sent], commands: list[_Sent], timeout: float = -1
+    ) -> bool:
+        """Send commands on ``conn`` in one write, noting each in that connection's FIFO."""
         if not self.send_lock.acquire(timeout=timeout):
             return False
         try:
-            fifo.append(sent)  # before the bytes leave: its reply cannot come first
-            conn.send_command(*sent.args)
+            fifo.extend(commands)  # before the bytes leave: their replies cannot come first
+            pack = getattr(conn, "pack_commands", None)
+            if pack is not None and len(commands) > 1:
+                conn.send_packed_command(pack([c.args for c in commands]))  # type: ignore[attr-defined]
+            else:
+                for sent in commands:
+                    conn.send_command(*sent.args)
         except Exception as exc:
             log.info("dedupe: pub/sub send on %s failed (%s); reconnecting", self.name, exc)
             _shutdown(conn)
@@ -887,6 +895,6 @@ class _Link:
                     "(half-open or stalled connection)"
                 )
             # A writer stuck in a send for a whole interval means a stalled socket too.
-            if not self._send(conn, fifo, _Sent("ping", ("PING",), []), timeout=interval):
+            if not self._send(conn, fifo, [_Sent("ping", ("PING",), [])], timeout=interval):
                 raise ConnectionError(f"pub/sub connection to {self.name} is stalled")
             ping_sent = True

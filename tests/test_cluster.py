@@ -384,9 +384,8 @@ def test_pubsub_kill_under_a_herd_on_one_master(
     prefix = env["prefix"]
     jobs = jobs_on_one_master(redis_cluster, prefix, "killed", 30, master)
     held = ("cluster", env, "value", "go")
-    leader_out, out = SPAWN.Queue(), SPAWN.Queue()
-    leader = start(procs, tw.herd, env, "url", "sync", jobs, held, SPAWN.Barrier(1), leader_out,
-                   {})  # fmt: skip
+    leader_out, out, alone = SPAWN.Queue(), SPAWN.Queue(), SPAWN.Barrier(1)
+    leader = start(procs, tw.herd, env, "url", "sync", jobs, held, alone, leader_out, {})
     for job_id in jobs:
         assert wait_started(aux, env, job_id) == leader.pid
     barrier = SPAWN.Barrier(2)

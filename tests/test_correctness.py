@@ -467,3 +467,138 @@ def test_min_replicas_ack_waits_on_the_acquiring_connection(
         sf.close(timeout=0)
     assert runs == []
     assert len(errors) == 8 and all("replicas acknowledged" in str(e) for e in errors), errors
+
+
+@pytest.mark.timeout(60)
+def test_configure_under_a_running_flight_keeps_its_lease(
+    redis_url: str, redis_client: redis.Redis, prefix: str, sfs: list[Any]
+) -> None:
+    """configure() mid-flight: the running leader finishes on the old backend with its lease
+    renewed (no second run), and its follower gets its value."""
+    sf = _sf(sfs, redis_url, prefix, lock_ttl=0.3, max_hold=30)
+    other = _sf(sfs, redis_url, prefix, lock_ttl=0.3, max_hold=30)
+    running, release = threading.Event(), threading.Event()
+    runs: list[str] = []
+    lost: list[bool] = []
+
+    def job() -> str:
+        runs.append("a")
+        running.set()
+        assert release.wait(20)
+        flight = current_flight()
+        assert flight is not None
+        lost.append(flight.lease_lost)
+        return "a"
+
+    results: dict[str, Any] = {}
+    ta = threading.Thread(target=lambda: results.__setitem__("a", sf.call("cfg", job)))
+    ta.start()
+    assert running.wait(10)
+    sf.configure(result_ttl=5)  # a new backend for new calls; the old one keeps renewing
+    tb = threading.Thread(
+        target=lambda: results.__setitem__("b", other.call("cfg", lambda: runs.append("b")))
+    )
+    tb.start()
+    lock = names_for(prefix, "cfg").lock
+    value = redis_client.get(lock)
+    # Watch the lease through 10 lease lengths: always the same holder, never lapsed.
+    seen_renewals = 0
+    last = redis_client.pttl(lock)
+    while seen_renewals < 10:
+        assert redis_client.get(lock) == value, "the lease lapsed under configure()"
+        now = redis_client.pttl(lock)
+        if now > last:
+            seen_renewals += 1
+        last = now
+        threading.Event().wait(0.02)
+    release.set()
+    ta.join(10)
+    tb.join(10)
+    assert runs == ["a"] and lost == [False]
+    assert results == {"a": "a", "b": "a"}
+
+
+@pytest.mark.timeout(60)
+def test_close_under_a_running_flight_hands_over(
+    redis_url: str, prefix: str, sfs: list[Any]
+) -> None:
+    """close() with a flight still running past its timeout: its lease stops being renewed,
+    its leader learns so, and a waiter elsewhere takes over."""
+    sf = _sf(sfs, redis_url, prefix, lock_ttl=0.3)
+    other = _sf(sfs, redis_url, prefix, lock_ttl=0.3)
+    running, release = threading.Event(), threading.Event()
+    lost: list[bool] = []
+
+    def job() -> str:
+        running.set()
+        flight = current_flight()
+        assert flight is not None
+        lost.append(flight.lost_event.wait(20))
+        release.wait(20)
+        return "a"
+
+    ta = threading.Thread(target=lambda: sf.call("close", job))
+    ta.start()
+    assert running.wait(10)
+    sf.close(timeout=0.05)
+    assert other.call("close", lambda: "b") == "b"
+    release.set()
+    ta.join(10)
+    assert lost == [True]
+
+
+@pytest.mark.timeout(60)
+def test_fork_while_locks_are_held_and_a_flight_runs(redis_url: str, prefix: str) -> None:
+    """A child forked while another thread holds the instance's lock and a flight leads
+    works on its own: no lock inherited locked, its own tables, the parent's lease followed."""
+    sf = SingleFlight(redis_url, prefix=prefix, lock_ttl=1.0, result_ttl=10)
+    holding, release_lock = threading.Event(), threading.Event()
+    running, release_job = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        with sf._lock:
+            holding.set()
+            release_lock.wait(20)
+
+    def job() -> str:
+        running.set()
+        assert release_job.wait(20)
+        return "parent"
+
+    th = threading.Thread(target=hold_lock)
+    tj = threading.Thread(target=lambda: sf.call("k1", job))
+    try:
+        sf.call("warm", lambda: 0)  # the backend exists before the fork
+        th.start()
+        tj.start()
+        assert holding.wait(10) and running.wait(10)
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if both calls come back right
+            code = 1
+            try:
+                sf.configure(result_ttl=10)  # takes the lock another thread held at fork
+                ok = sf.call("k2", lambda: "child") == "child"
+                ok = ok and sf.call("k1", lambda: "child-ran-it") == "parent"
+                code = 0 if ok else 2
+            finally:
+                os._exit(code)
+        release_lock.set()
+        release_job.set()
+        deadline = 30
+        status = 0
+        for _ in range(deadline * 100):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            threading.Event().wait(0.01)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError("the forked child hung")
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release_lock.set()
+        release_job.set()
+        th.join(10)
+        tj.join(10)
+        sf.close(timeout=0)

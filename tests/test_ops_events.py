@@ -132,6 +132,7 @@ def test_a_failing_listener_is_logged_once_and_never_breaks_the_flight(
         ("leader", ValueError("boom"), "lead", "error"),
         ("remote", WaitTimeout("late"), "timeout", "timeout"),
         ("", BackendUnavailable("down"), "backend_error", "backend_error"),
+        ("", KeyboardInterrupt(), "failed", "error"),
     ],
 )
 def test_how_a_call_ends_decides_its_kind_and_outcome(
@@ -149,7 +150,7 @@ def test_how_a_call_ends_decides_its_kind_and_outcome(
     assert event is not None
     assert (event.kind, event.outcome, event.role) == (kind, outcome, role)
     assert kind in events.CALL_KINDS
-    assert event.detail == ("ValueError" if outcome == "error" else "")
+    assert event.detail == (type(error).__name__ if outcome == "error" else "")
     if role in ("local", "remote") or kind == "timeout":
         assert event.wait_s == event.duration_s  # a follower's call is all waiting
     else:

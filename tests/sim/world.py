@@ -197,6 +197,7 @@ class Lease:
     lost: bool = False
     active: bool = True
     running: bool = True  # the user's function is still running under it
+    completing: bool = False  # our complete script is on its way: a gone lock is our release
 
 
 @dataclass(eq=False)
@@ -793,7 +794,8 @@ class Driver:
         if hasattr(self.spec, "max_hold_ms"):
             self.spec.max_hold_ms = p.max_hold_ms
         self.gen = api.protocol.run_flight(self.spec, world.codec, proc.clock)
-        self.shim = _Shim(self.spec)
+        # k1 publishes as on a cluster (SPUBLISH); the sim's subscribers get both alike.
+        self.shim = _Shim(self.spec, "SPUBLISH" if self.key == "k1" else "PUBLISH")
         self.seen = 0
         self.lead_token = 0
         self.lease: Lease | None = None
@@ -829,6 +831,8 @@ class Driver:
         if sc is not None:
             if name == "Acquire":
                 self.acquire_sent = self.proc.clock()
+            elif name == "Complete" and self.lease is not None:
+                self.lease.completing = True  # as Renewer.completing()
             w.script(self.proc, sc, lambda raw, err: self._scripted(cmd, raw, err))
             return None
         bound = self.spec.lock_ttl_ms / 1000 + self.spec.slack(self.spec.lock_ttl_ms) + 1e-6
@@ -1064,6 +1068,9 @@ class Renewal:
                 self.schedule(sent + min(lease.ttl / 9, left / 2))
                 return
             if not raw:
+                if lease.completing:
+                    lease.active = False  # our own complete deleted it: not a loss
+                    return
                 self.lose("the lock is no longer ours")
                 return
             if w.known_lost(self.proc, lease):
@@ -1093,15 +1100,18 @@ class _Box(list):  # type: ignore[type-arg]
 class _Shim:
     """Stands in for DriverBase's self in ``script_for``: the spec and the publish command."""
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, spec: Any, publish: str) -> None:
         self.spec = spec
-        self.backend = _ShimBackend()
+        self.backend = _ShimBackend(publish)
         self.cluster = False
+        self.lease = None  # the sim's renewer stand-in keeps its own leases
+        self.acquire_sent = 0.0  # set by script_for on the real clock: the sim keeps its own
 
 
 class _ShimBackend:
-    publish = "PUBLISH"
-    kind = "single"
+    def __init__(self, publish: str) -> None:
+        self.publish = publish
+        self.kind = "single"
 
 
 def _enc(value: Any) -> bytes:

@@ -1,0 +1,245 @@
+"""Client cost per uncontended flight, counted in instructions under ``valgrind --tool=callgrind``.
+
+Instruction counts do not depend on what else the (shared, noisy) machine is doing, so this
+scenario measures every change without noise. Each tool runs in a fresh process under
+callgrind: a warm-up, then N calls on fresh keys, then 2N more. The process calls
+``os.getpgrp()`` (a function nothing else calls) after the warm-up, after N calls and after 3N,
+and callgrind dumps its counters on entering it (``--dump-before=os_getpgrp``); the difference
+of the counts through 3N calls and through N calls, divided by 2N, is the cost of one call,
+with start-up, imports, warm-up and shutdown removed. Every thread of the process is counted (the renewal thread and the pub/sub
+hub too), but not the redis-server, which runs outside valgrind.
+
+``python -m benchmarks.callgrind [--calls N] [--tools a,b] [--functions TOOL]``; ``--functions``
+also writes ``callgrind_annotate``'s per-function counts (``--dump-instr=no``) of the last 2N
+calls of that tool, per call, to ``results/profile/``. It starts its own redis-server. The worker side
+(``--worker TOOL N URL``) runs inside valgrind and is not meant to be called by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TOOLS = ("raw-sync", "dedupe-sync", "raw-async", "dedupe-async")
+LABELS = {
+    "raw-sync": "raw SET NX PX + EVALSHA (redis-py)",
+    "dedupe-sync": "dedupe (sync)",
+    "raw-async": "raw SET NX PX + EVALSHA (redis.asyncio)",
+    "dedupe-async": "dedupe (async)",
+}
+PAIRS = (("sync", "dedupe-sync", "raw-sync"), ("async", "dedupe-async", "raw-async"))
+WARM = 100  # calls before the measured ones, in both runs: connections, scripts, caches
+OUT = Path(__file__).resolve().parent / "results" / "profile"
+
+
+# --------------------------------------------------------------------------- worker (in valgrind)
+
+
+def _worker(tool: str, n: int, url: str) -> None:
+    from .tools import DedupeNoop, DedupeNoopAsync, RawAsync, RawSync
+
+    prefix = f"cg:{tool}:{n}:{os.getpid()}"
+    marks = (WARM, WARM + n, WARM + 3 * n)  # callgrind dumps at each os.getpgrp()
+    if tool.endswith("-sync"):
+        t: Any = (RawSync if tool == "raw-sync" else DedupeNoop)(url, prefix)
+        i = 0
+        for mark in marks:
+            while i < mark:
+                t(i)
+                i += 1
+            os.getpgrp()
+        t.close()
+        return
+
+    async def run() -> None:
+        a: Any = (RawAsync if tool == "raw-async" else DedupeNoopAsync)(url, prefix)
+        await a.start()
+        i = 0
+        for mark in marks:
+            while i < mark:
+                await a(i)
+                i += 1
+            os.getpgrp()
+        await a.close()
+
+    asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def _total(path: Path) -> int:
+    """The Ir total of a callgrind output file (the 'totals:' or 'summary:' line)."""
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+def _env(extra_path: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    parts = [p for p in (extra_path, env.get("PYTHONPATH"), root) if p]
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env["PYTHONHASHSEED"] = "0"  # the same dict layouts in every run
+    return env
+
+
+def run_one(
+    tool: str,
+    n: int,
+    url: str,
+    workdir: Path,
+    *,
+    extra_path: str | None = None,
+    timeout: float = 900,
+) -> dict[str, Any]:
+    """One process running ``tool``: instructions of its N and of its next 2N calls."""
+    out = workdir / f"cg.{tool}.out"
+    cmd = [
+        "valgrind",
+        "--tool=callgrind",
+        "--dump-instr=no",
+        "--collect-jumps=no",
+        "--dump-before=os_getpgrp",
+        f"--callgrind-out-file={out}",
+        sys.executable,
+        "-m",
+        "benchmarks.callgrind",
+        "--worker",
+        tool,
+        str(n),
+        url,
+    ]
+    proc = subprocess.run(
+        cmd, env=_env(extra_path), capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"callgrind run of {tool} failed:\n{proc.stderr[-3000:]}")
+    # Dump k holds the counts since dump k-1: 1 = start-up and warm-up, 2 = N calls, 3 = 2N.
+    dumps = {int(p.suffix[1:]): p for p in workdir.glob(f"cg.{tool}.out.*")}
+    if not {2, 3} <= set(dumps):
+        raise RuntimeError(f"callgrind wrote no marker dumps for {tool}: {sorted(dumps)}")
+    first, second = _total(dumps[2]), _total(dumps[3])
+    return {
+        "per_call": (second - first) / n,  # = (I(3N) - I(N)) / 2N, start-up removed
+        "n_calls": first,
+        "2n_calls": second,
+        "calls": n,
+        "dump": dumps[3],
+    }
+
+
+def per_call(
+    tools: tuple[str, ...],
+    n: int,
+    url: str,
+    *,
+    extra_path: str | None = None,
+    keep: Path | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Instructions per call for each tool: (I(3N) - I(N)) / 2N."""
+    res: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="dedupe-cg-") as tmp:
+        work = Path(tmp)
+        for tool in tools:
+            t0 = time.monotonic()
+            r = run_one(tool, n, url, work, extra_path=extra_path)
+            dump = r.pop("dump")
+            r["seconds"] = time.monotonic() - t0
+            res[tool] = r
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy(dump, keep / f"callgrind.{tool}.out")
+            print(
+                f"  callgrind {tool}: {r['per_call'] / 1000:.0f}k instr/call ({r['seconds']:.0f} s)",
+                flush=True,
+            )
+    return res
+
+
+def functions(path: Path, calls: int, limit: int = 40) -> str:
+    """callgrind_annotate's per-function (self and inclusive) counts, per call."""
+    out = subprocess.run(
+        ["callgrind_annotate", "--inclusive=no", f"--threshold=99", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    ).stdout
+    rows = []
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*)", line)
+        if m:
+            rows.append((int(m.group(1).replace(",", "")), m.group(2).strip()))
+    lines = [f"{'self instr/call':>16}  function (over {calls} calls)"]
+    for ir, fn in rows[:limit]:
+        lines.append(f"{ir / calls:16,.0f}  {fn}")
+    return "\n".join(lines)
+
+
+def available() -> bool:
+    return shutil.which("valgrind") is not None
+
+
+def scenario(url: str, quick: bool) -> dict[str, Any]:
+    """The `make bench` scenario: per-call instructions of dedupe and raw, sync and async."""
+    if not available():
+        return {"skipped": "valgrind is not installed (apt-get install valgrind)"}
+    n = 100 if quick else 300
+    return {"calls": n, "tools": per_call(TOOLS, n, url)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.callgrind", description=__doc__)
+    ap.add_argument("--worker", nargs=3, metavar=("TOOL", "N", "URL"), help=argparse.SUPPRESS)
+    ap.add_argument("--calls", type=int, default=300, help="N (the runs do N and 3N calls)")
+    ap.add_argument("--tools", default=",".join(TOOLS), help=f"subset of {', '.join(TOOLS)}")
+    ap.add_argument("--functions", default="", help="also write per-function counts of TOOL")
+    ap.add_argument("--path", default=None, help="prepend this to PYTHONPATH (a patched copy)")
+    ns = ap.parse_args(argv)
+    if ns.worker:
+        tool, n, url = ns.worker
+        _worker(tool, int(n), url)
+        return 0
+    if not available():
+        print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
+        return 1
+    from devtools.servers import RedisServer
+
+    tools = tuple(t.strip() for t in ns.tools.split(",") if t.strip())
+    bad = set(tools) - set(TOOLS)
+    if bad:
+        ap.error(f"unknown tools: {', '.join(sorted(bad))}")
+    server = RedisServer().start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="dedupe-cgf-") as keep:
+            res = per_call(tools, ns.calls, server.url, extra_path=ns.path, keep=Path(keep))
+            if ns.functions:
+                OUT.mkdir(parents=True, exist_ok=True)
+                dump = Path(keep) / f"callgrind.{ns.functions}.out"
+                text = functions(dump, 2 * ns.calls)
+                dest = OUT / f"callgrind-{ns.functions}.txt"
+                dest.write_text(text + "\n")
+                print(f"wrote {dest}")
+    finally:
+        server.stop()
+    for tool, r in res.items():
+        print(f"{LABELS[tool]:45} {r['per_call']:>10,.0f} instr/call")
+    for mode, dd, raw in PAIRS:
+        if dd in res and raw in res:
+            print(f"{mode}: dedupe / raw = {res[dd]['per_call'] / res[raw]['per_call']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
