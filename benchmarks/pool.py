@@ -112,6 +112,7 @@ def worker_main(
     idx: int, n: int, url: str, commands: Any, results: Any, phase: Any, keybar: Any
 ) -> None:
     counting.install()
+    install_legs()
     while True:
         try:
             task = commands.get(timeout=3600)
@@ -168,6 +169,7 @@ class _Ctx:
         self.phase.wait(BARRIER_TIMEOUT)
         self.phase.wait(BARRIER_TIMEOUT)
         self.job.reset()
+        legs()  # drop the warm-up's stamps
         self.base = counting.value()
         self.cpu0 = time.process_time()
 
@@ -176,6 +178,7 @@ class _Ctx:
         res["cpu_s"] = time.process_time() - self.cpu0
         res["executions"] = self.job.executions
         res["done_ns"] = dict(self.job.done_ns)
+        res["legs"] = legs()
         return res
 
 
@@ -331,10 +334,13 @@ def _wake_sync(ctx: _Ctx, call: Callable[[str], tuple[int, int]]) -> dict[str, A
     """Worker 0 leads each key; the others join ``delay`` later and follow."""
     keys: list[str] = ctx.task["keys"]
     delay = ctx.task["delay"]
+    followers = ctx.task.get("followers", ctx.n - 1)
     ctx.go()
     calls = []
     for key in keys:
         ctx.keybar.wait(BARRIER_TIMEOUT)
+        if ctx.idx > followers:
+            continue  # this run has fewer followers: wait at the barriers only
         if ctx.idx:
             time.sleep(delay)
         t0, t1 = call(key)
@@ -401,10 +407,13 @@ async def _run_async_tool(ctx: _Ctx, tool: Any) -> dict[str, Any]:
         return ctx.finish(lat_ns=lat, ret_ns=rets, spans=spans, wrong=wrong, errors=errors[:5])
     if kind == "wake":
         delay = task["delay"]
+        followers = task.get("followers", ctx.n - 1)
         ctx.go()
         calls = []
         for key in keys:
             ctx.keybar.wait(BARRIER_TIMEOUT)
+            if ctx.idx > followers:
+                continue  # this run has fewer followers: wait at the barriers only
             if ctx.idx:
                 await asyncio.sleep(delay)
             t0 = time.monotonic_ns()
@@ -417,23 +426,57 @@ async def _run_async_tool(ctx: _Ctx, tool: Any) -> dict[str, Any]:
 # --- raw pub/sub baseline ----------------------------------------------------------------
 
 
+def _subscriber(url: str, channel: str, out: queue.SimpleQueue[tuple[bytes, int]]) -> Any:
+    """A redis-py connection subscribed to ``channel``, and a thread blocked reading it.
+
+    The fastest redis-py receives a message: a thread parked in the socket read, which stamps
+    each message the moment redis-py has parsed it. It ends on the message ``b"end"``."""
+    import redis.connection as sconn
+
+    pool = redis.ConnectionPool.from_url(url)
+    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "socket_timeout"}
+    conn = sconn.Connection(**kwargs, socket_timeout=None)
+    conn.connect()
+    conn.send_command("SUBSCRIBE", channel)
+    ack = conn.read_response()
+    if not (isinstance(ack, list) and ack[0] == b"subscribe"):
+        raise WorkerError(f"unexpected subscribe reply {ack!r}")
+
+    def read() -> None:
+        while True:
+            try:
+                reply = conn.read_response()
+            except Exception:
+                return
+            t = time.monotonic_ns()
+            if isinstance(reply, list) and reply[0] == b"message":
+                if reply[2] == b"end":
+                    return
+                out.put((reply[2], t))
+
+    th = threading.Thread(target=read, name="raw-subscriber", daemon=True)
+    th.start()
+    return conn, th
+
+
 def _wake_raw(ctx: _Ctx) -> dict[str, Any]:
-    """Worker 0 publishes ``hold`` after each barrier; the others are subscribed and receive."""
+    """Worker 0 publishes ``hold`` after each barrier; followers 1..F receive it on a thread
+    blocked on its socket (the others wait at the barriers only)."""
     task = ctx.task
     channel = f"{task['prefix']}:ch"
+    followers = task.get("followers", ctx.n - 1)
     r = redis.Redis.from_url(ctx.url)
-    ps = None
+    got_q: queue.SimpleQueue[tuple[bytes, int]] = queue.SimpleQueue()
+    sub: Any = None
     try:
-        if ctx.idx:
-            ps = r.pubsub(ignore_subscribe_messages=True)
-            ps.subscribe(channel)
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:  # wait for the server's confirmation
-                ps.get_message(timeout=0.1)
-                if ps.subscribed and r.pubsub_numsub(channel)[0][1] >= ctx.n - 1:
-                    break
+        if 0 < ctx.idx <= followers:
+            sub = _subscriber(ctx.url, channel, got_q)
         else:
-            r.ping()
+            deadline = time.monotonic() + 10
+            while r.pubsub_numsub(channel)[0][1] < followers:  # every follower subscribed
+                if time.monotonic() > deadline:
+                    raise WorkerError("raw subscribers did not subscribe in 10 s")
+                time.sleep(0.01)
         ctx.keybar.wait(BARRIER_TIMEOUT)  # everyone subscribed
         ctx.go()
         calls = []
@@ -447,20 +490,91 @@ def _wake_raw(ctx: _Ctx) -> dict[str, Any]:
                 r.publish(channel, key.encode() + b"|" + payload)
                 done[key] = t_done
                 continue
-            assert ps is not None
+            if sub is None:
+                continue
             t0 = time.monotonic_ns()
             end = time.monotonic() + 5
-            got = None
-            while time.monotonic() < end:
-                msg = ps.get_message(timeout=max(0.0, end - time.monotonic()))
-                if msg and msg["type"] == "message" and msg["data"].startswith(key.encode() + b"|"):
-                    got = time.monotonic_ns()
+            got = -1
+            want = key.encode() + b"|"
+            while (left := end - time.monotonic()) > 0:
+                try:
+                    data, t = got_q.get(timeout=left)
+                except queue.Empty:
                     break
-            calls.append((key, t0, got if got is not None else -1))
+                if data.startswith(want):
+                    got = t
+                    break
+            calls.append((key, t0, got))
+        if ctx.idx == 0:
+            r.publish(channel, b"end")
         res = ctx.finish(calls=calls)
         res["done_ns"] = done
         return res
     finally:
-        if ps is not None:
-            ps.close()
+        if sub is not None:
+            conn, th = sub
+            th.join(2.0)
+            conn.disconnect()
         r.close()
+
+
+# --- the three legs of a wake-up ------------------------------------------------------------
+# Timestamps taken by wrapping redis-py and the hub from outside (dedupe itself is not
+# changed): the leader's complete script going out, and each follower's hub reading the
+# message. The job's end and the caller's return are stamped by the scenario already.
+
+_legs: dict[str, dict[str, int]] = {"complete": {}, "hub": {}}
+
+
+def _tag(name: Any) -> str:
+    text = name.decode() if isinstance(name, bytes) else str(name)
+    lo, hi = text.find("{"), text.find("}")
+    return text[lo + 1 : hi] if 0 <= lo < hi else text
+
+
+def install_legs() -> None:
+    """Stamp complete-script sends (any redis-py connection) and hub message reads."""
+    import redis.asyncio.connection as aconn
+    import redis.connection as sconn
+
+    from dedupe import commands, hub
+
+    if getattr(hub.Hub, "_bench_legs", False):
+        return
+    sha = commands.COMPLETE.sha
+    complete = _legs["complete"]
+    seen = _legs["hub"]
+    sync_send = sconn.AbstractConnection.send_command
+    async_send = aconn.AbstractConnection.send_command
+
+    def stamp(args: tuple[Any, ...]) -> None:
+        if len(args) > 3 and args[0] in ("EVALSHA", "EVAL") and args[1] == sha:
+            complete.setdefault(_tag(args[3]), time.monotonic_ns())
+
+    def send_command(self: Any, *args: Any, **kwargs: Any) -> Any:
+        stamp(args)
+        return sync_send(self, *args, **kwargs)
+
+    async def asend_command(self: Any, *args: Any, **kwargs: Any) -> Any:
+        stamp(args)
+        return await async_send(self, *args, **kwargs)
+
+    on_reply = hub.Hub._on_reply
+
+    def _on_reply(self: Any, link: Any, reply: Any) -> None:
+        if isinstance(reply, list) and len(reply) >= 3 and reply[0] in (b"message", b"smessage"):
+            seen.setdefault(_tag(reply[1]), time.monotonic_ns())
+        on_reply(self, link, reply)
+
+    sconn.AbstractConnection.send_command = send_command  # type: ignore[method-assign]
+    aconn.AbstractConnection.send_command = asend_command  # type: ignore[method-assign]
+    hub.Hub._on_reply = _on_reply  # type: ignore[method-assign]
+    hub.Hub._bench_legs = True  # type: ignore[attr-defined]
+
+
+def legs() -> dict[str, dict[str, int]]:
+    """The stamps so far (bench key -> monotonic ns), and clear them."""
+    out = {k: dict(v) for k, v in _legs.items()}
+    for v in _legs.values():
+        v.clear()
+    return out

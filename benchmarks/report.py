@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .scenarios import JOB_S, Params
+from .scenarios import JOB_S, RAW_WAKE, Params
 from .stats import Spread, percentile, ratios
 
 PEERS_SYNC = ("python-redis-lock", "redis-py Lock", "dogpile.cache")
@@ -122,33 +122,63 @@ class Report:
         self.lines += [
             "## 2. Follower wake latency (leader's job done → follower returns, other process)",
             "",
+            "The floor (*raw PUBLISH→receive*) is the fastest redis-py delivers a message: a "
+            "thread in another process blocked in its socket read, stamped the moment redis-py "
+            "parsed the message, measured from just before the PUBLISH. The ratios are taken "
+            "per repeat against the floor of the same repeat.",
+            "",
         ]
-        raw = res["raw PUBLISH→receive"]["samples"]
-        raw50 = [percentile(s, 50) for s in raw]
-        raw99 = [percentile(s, 99) for s in raw]
-        rows = []
-        for tool, e in res.items():
-            s50 = [percentile(s, 50) for s in e["samples"]]
-            s99 = [percentile(s, 99) for s in e["samples"]]
-            n = sum(len(s) for s in e["samples"])
-            r50, r99 = ratios(s50, raw50), ratios(s99, raw99)
-            rows.append(
-                [
-                    tool,
-                    Spread.of(s50).fmt(2),
-                    Spread.of(s99).fmt(2),
-                    r50.ratio(1),
-                    r99.ratio(1),
-                    f"{n} ({e['dropped']} dropped)",
-                ]
+        for followers, tools in res.items():
+            raw = tools[RAW_WAKE]["samples"]
+            raw50 = [percentile(s, 50) for s in raw]
+            raw99 = [percentile(s, 99) for s in raw]
+            rows = []
+            for tool, e in tools.items():
+                s50 = [percentile(s, 50) for s in e["samples"]]
+                s99 = [percentile(s, 99) for s in e["samples"]]
+                n = sum(len(s) for s in e["samples"])
+                r50, r99 = ratios(s50, raw50), ratios(s99, raw99)
+                rows.append(
+                    [
+                        tool,
+                        Spread.of(s50).fmt(2),
+                        Spread.of(s99).fmt(2),
+                        "1.00x" if tool == RAW_WAKE else r50.ratio(),
+                        "1.00x" if tool == RAW_WAKE else r99.ratio(),
+                        f"{n} ({e['dropped']} dropped)",
+                    ]
+                )
+                if tool.startswith("dedupe"):
+                    where = f"{tool}, {followers} follower(s)"
+                    self.target("2", f"{where}: p50 ≤ 1.5x floor", r50.ratio(), r50.median <= 1.5)
+                    self.target("2", f"{where}: p99 ≤ 2x floor", r99.ratio(), r99.median <= 2)
+            self.lines += [f"### {followers} follower process(es)", ""]
+            self.table(
+                ["tool", "p50 ms", "p99 ms", "p50 vs floor", "p99 vs floor", "samples"], rows
             )
-            if tool.startswith("dedupe"):
-                self.target("2", f"{tool}: p50 ≤ 1.5x raw", r50.ratio(), r50.median <= 1.5)
-                self.target("2", f"{tool}: p99 ≤ 2x raw", r99.ratio(), r99.median <= 2)
-        self.table(["tool", "p50 ms", "p99 ms", "p50 vs raw", "p99 vs raw", "samples"], rows)
+            leg_rows = []
+            for tool, e in tools.items():
+                runs = [lg for lg in e.get("legs", []) if lg and lg.get("hub→return")]
+                if not tool.startswith("dedupe") or not runs:
+                    continue
+                cells = [tool]
+                for leg in ("job→complete", "complete→hub", "hub→return"):
+                    m50 = Spread.of([percentile(lg[leg], 50) * 1000 for lg in runs])
+                    m99 = Spread.of([percentile(lg[leg], 99) * 1000 for lg in runs])
+                    cells.append(f"{m50.fmt(0)} / {m99.median:.0f}")
+                leg_rows.append(cells)
+            if leg_rows:
+                self.lines.append(
+                    "The three legs of a dedupe wake-up, p50 / p99 µs (stamped by wrapping "
+                    "redis-py's send_command and the hub's message dispatch from outside): the "
+                    "job's return to the complete script going out, from there to the "
+                    "follower's hub reading the message, and from there to the caller's return."
+                )
+                self.lines.append("")
+                self.table(["tool", "job → complete", "complete → hub", "hub → return"], leg_rows)
         self.lines.append(
             f"{self.p.wake_flights} flights per run; the leader's job takes "
-            f"{self.p.wake_hold * 1000:.0f} ms and 3 followers (one per process) join "
+            f"{self.p.wake_hold * 1000:.0f} ms and the followers (one per process) join "
             f"{self.p.wake_delay * 1000:.0f} ms after it started. Dropped: a follower that "
             "became the leader or arrived after the job had finished."
         )
@@ -416,10 +446,13 @@ def plots(res: dict[str, Any], outdir: Path) -> list[Path]:
         made.append(path)
 
     if "wake" in res:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        data = {t: [x for run in e["samples"] for x in run] for t, e in res["wake"].items()}
-        cdf(ax, data, "wake latency, ms (log)")
-        ax.set_title("Follower wake latency after the leader finishes (other process)")
+        panels = list(res["wake"].items())
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+        for ax, (followers, tools) in zip(axes[0], panels, strict=True):
+            data = {t: [x for run in e["samples"] for x in run] for t, e in tools.items()}
+            floor = data.pop(RAW_WAKE, [])
+            cdf(ax, {"raw floor (blocked redis-py reader)": floor, **data}, "wake latency, ms (log)")
+            ax.set_title(f"Wake latency vs the raw floor, {followers} follower process(es)")
         fig.tight_layout()
         path = outdir / "wake_latency.png"
         fig.savefig(path, dpi=110)

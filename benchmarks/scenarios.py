@@ -173,49 +173,75 @@ WAKE_TOOLS = [
     ("dogpile.cache", "sync"),
     ("cashews", "async"),
 ]
+WAKE_FOLLOWERS = (1, 3)
+RAW_WAKE = "raw PUBLISH→receive"
 
 
 def wake(pool: WorkerPool, p: Params) -> dict[str, Any]:
-    """Worker 0 leads; workers 1..3 follow from other processes. Latency from the leader's
-    job finishing to each follower's call returning."""
-    out: dict[str, dict[str, Any]] = {}
+    """Worker 0 leads; 1 or 3 followers (one per process) follow. Latency from the leader's
+    job finishing to each follower's call returning; for the raw floor, from just before the
+    PUBLISH to the moment a blocked subscriber thread in another process parsed it."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for r in range(p.repeats):
-        for tool, mode in _rotate(WAKE_TOOLS, r):
-            label = tool if tool.startswith("raw") else f"{tool} ({mode})"
-            prefix = f"b2:{r}:{tool}:{mode}".replace(" ", "_")
-            flights = p.wake_flights_slow if tool in p.slow_tools else p.wake_flights
-            task = {
-                "kind": "wake",
-                "tool": tool,
-                "mode": mode,
-                "prefix": prefix,
-                "keys": [f"k{i}" for i in range(flights)],
-                "job_s": p.wake_hold,
-                "hold": p.wake_hold,
-                "delay": p.wake_delay,
-                "payload": 64,
-                "threads": 1,
-                "tasks": 1,
-            }
-            res = pool.run(task)
-            done: dict[str, int] = {}
-            for w in res:
-                for key, t in w["done_ns"].items():
-                    done.setdefault(key, t)
-            led = {key for w in res[1:] for key in w["done_ns"]}
-            samples, dropped = [], 0
-            for w in res[1:]:
-                for key, t0, t1 in w["calls"]:
-                    td = done.get(key)
-                    if td is None or t1 < 0 or key in led or t0 > td:
-                        dropped += 1  # a follower led, came too late, or got nothing
-                        continue
-                    samples.append((t1 - td) / 1e6)
-            entry = out.setdefault(label, {"samples": [], "dropped": 0})
-            entry["samples"].append(samples)
-            entry["dropped"] += dropped
+        for followers in WAKE_FOLLOWERS:
+            # The peers only with 3 followers: the floor and dedupe with both.
+            tools = [t for t in WAKE_TOOLS if followers == 3 or t[0] in (RAW_WAKE, "dedupe")]
+            for tool, mode in _rotate(tools, r):
+                label = tool if tool == RAW_WAKE else f"{tool} ({mode})"
+                prefix = f"b2:{r}:{followers}:{tool}:{mode}".replace(" ", "_")
+                flights = p.wake_flights_slow if tool in p.slow_tools else p.wake_flights
+                task = {
+                    "kind": "wake",
+                    "tool": tool,
+                    "mode": mode,
+                    "prefix": prefix,
+                    "keys": [f"k{i}" for i in range(flights)],
+                    "job_s": p.wake_hold,
+                    "hold": p.wake_hold,
+                    "delay": p.wake_delay,
+                    "payload": 64,
+                    "threads": 1,
+                    "tasks": 1,
+                    "followers": followers,
+                }
+                res = pool.run(task)
+                entry = out.setdefault(str(followers), {}).setdefault(
+                    label, {"samples": [], "dropped": 0, "legs": []}
+                )
+                samples, dropped, legs = _wake_samples(res)
+                entry["samples"].append(samples)
+                entry["dropped"] += dropped
+                entry["legs"].append(legs)
         _log(f"  wake repeat {r + 1}/{p.repeats} done")
     return out
+
+
+def _wake_samples(res: list[dict[str, Any]]) -> tuple[list[float], int, dict[str, list[float]]]:
+    """Wake latencies (ms) of the followers, the dropped count, and the three legs (ms)."""
+    done: dict[str, int] = {}
+    complete: dict[str, int] = {}
+    for w in res:
+        for key, t in w["done_ns"].items():
+            done.setdefault(key, t)
+        complete.update(w.get("legs", {}).get("complete", {}))
+    led = {key for w in res[1:] for key in w["done_ns"]}
+    samples: list[float] = []
+    legs: dict[str, list[float]] = {"job→complete": [], "complete→hub": [], "hub→return": []}
+    dropped = 0
+    for w in res[1:]:
+        hub = w.get("legs", {}).get("hub", {})
+        for key, t0, t1 in w["calls"]:
+            td = done.get(key)
+            if td is None or t1 < 0 or key in led or t0 > td:
+                dropped += 1  # a follower led, came too late, or got nothing
+                continue
+            samples.append((t1 - td) / 1e6)
+            tc, th = complete.get(key), hub.get(key)
+            if tc is not None and th is not None:
+                legs["job→complete"].append((tc - td) / 1e6)
+                legs["complete→hub"].append((th - tc) / 1e6)
+                legs["hub→return"].append((t1 - th) / 1e6)
+    return samples, dropped, legs
 
 
 # --------------------------------------------------------------------------- 3/4. stampede, steady

@@ -557,11 +557,6 @@ class SingleFlight:
                 parse_url(url)
             except ValueError as exc:
                 raise ValueError(f"DEDUPE_REDIS_URL: {exc}") from None
-        optional: dict[str, Any] = {
-            "lock_ttl": s.lock_ttl,
-            "local_cache_max_bytes": s.local_cache_max_bytes,
-        }
-        fields = BackendConfig.__dataclass_fields__
         return Backend(
             BackendConfig(
                 url=url,
@@ -573,7 +568,9 @@ class SingleFlight:
                 codec=codec,
                 on_backend_error=s.on_backend_error,
                 local_cache=s.local_cache,
-                **{k: v for k, v in optional.items() if k in fields},
+                lock_ttl=s.lock_ttl,
+                local_cache_max_bytes=s.local_cache_max_bytes,
+                name=s.prefix,
             )
         )
 

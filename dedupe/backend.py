@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import itertools
 import logging
 import os
+import re
+import socket
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +38,7 @@ from .envelope import Codec
 from .errors import BackendUnavailable
 from .hub import Connection, Hub, Router, SingleRouter
 from .inflight import InFlight
+from .inspector import OwnerIds
 from .kept import LocalCopies
 from .renewal import Renewer, renew_many
 from .topology import (
@@ -82,6 +83,12 @@ class BackendConfig:
     name: str = "dedupe"  # CLIENT SETNAME prefix of our connections
 
 
+def _client_name(cfg: BackendConfig, role: str) -> str:
+    """CLIENT SETNAME of our connections: an operator sees whose they are in CLIENT LIST."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+    return f"{cfg.name}:{role}:{host}:{os.getpid()}"
+
+
 def _client_options(cfg: BackendConfig, retry_cls: type[Any]) -> dict[str, Any]:
     # Bounded everywhere: a dead Redis must surface as BackendUnavailable, never as a hang.
     # One retry, and only for a connection that failed (a stale pooled socket after a
@@ -94,6 +101,7 @@ def _client_options(cfg: BackendConfig, retry_cls: type[Any]) -> dict[str, Any]:
             ExponentialBackoff(cap=0.1, base=0.01), 1, supported_errors=(RedisConnectionError,)
         ),
         "max_connections": _POOL_SIZE,
+        "client_name": _client_name(cfg, "cmd"),
         "health_check_interval": cfg.health_check_interval,
     }
 
@@ -127,12 +135,17 @@ def _twin(client: Any, *, to_async: bool) -> Any:
     return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=cls, **kw))
 
 
-def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+def _hub_kwargs(kwargs: dict[str, Any], name: str) -> dict[str, Any]:
     # The hub reads RESP2 pub/sub frames as bytes and does its own health checks;
     # redis-py's maintenance notifications need RESP3, so they stay off its connections.
     kw = {k: v for k, v in kwargs.items() if not k.startswith("maint_notif")}
-    kw.update(protocol=2, health_check_interval=0, decode_responses=False)
+    kw.update(protocol=2, health_check_interval=0, decode_responses=False, client_name=name)
     return kw
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
 
 
 class Backend:
@@ -151,6 +164,15 @@ class Backend:
         self.publish = "SPUBLISH" if self.kind == "cluster" else "PUBLISH"
         self._init_process_state()
         _live.add(self)
+        where = "the clients given" if self.target is None else _redact(cfg.url)
+        log.info(
+            "prefix %r on %s (%s); %s; on_backend_error=%s",
+            cfg.name,
+            where,
+            self.kind,
+            self.codec.mode,
+            cfg.on_backend_error,
+        )
 
     def _init_process_state(self) -> None:
         self._lock = threading.RLock()
@@ -172,8 +194,7 @@ class Backend:
         self.local_copies = (
             LocalCopies(max_bytes=self.cfg.local_cache_max_bytes) if self.cfg.local_cache else None
         )
-        self._owner_base = uuid.uuid4().hex[:16]
-        self._owner_seq = itertools.count(1)
+        self._owner_ids = OwnerIds()  # "<host>/<pid>/<start-ms>/<instance>.<seq>"
         self._down_until = 0.0
         self._in_outage = False
         self.local_runs = 0
@@ -368,7 +389,7 @@ class Backend:
         client: Any = self.sync_client()
         if self.kind == "cluster":
             node_pool = client.get_default_node().redis_connection.connection_pool
-            base = _hub_kwargs(node_pool.connection_kwargs)
+            base = _hub_kwargs(node_pool.connection_kwargs, _client_name(self.cfg, "hub"))
             node_cls = node_pool.connection_class
 
             def make(host: str, port: int) -> Connection:
@@ -377,7 +398,7 @@ class Backend:
 
             return ClusterRouter(client, make)
         pool = client.connection_pool
-        kwargs = _hub_kwargs(pool.connection_kwargs)
+        kwargs = _hub_kwargs(pool.connection_kwargs, _client_name(self.cfg, "hub"))
         cls = pool.connection_class
 
         def connect() -> Connection:
@@ -424,6 +445,7 @@ class Backend:
             "socket_timeout": min(self.cfg.socket_timeout, bound),
             "retry": Retry(NoBackoff(), 0),
             "health_check_interval": 0,
+            "client_name": _client_name(self.cfg, "renew"),
         }
         if self.target is not None:
             return self.target.client(opts, to_async=False)
@@ -441,7 +463,7 @@ class Backend:
         return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=cls, **kw))
 
     def owner(self) -> str:
-        return f"{self._owner_base}.{next(self._owner_seq)}"
+        return self._owner_ids()
 
     @property
     def confirm_timeout(self) -> float:

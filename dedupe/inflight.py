@@ -24,7 +24,7 @@ RETRY: Final = _Retry()
 class Entry:
     """One key's flight in this process; its first caller drives it, the others wait here."""
 
-    __slots__ = ("leading", "result", "role", "task", "waiters")
+    __slots__ = ("leading", "result", "role", "task", "token", "trace", "waiters")
 
     def __init__(self) -> None:
         self.result: Latch[Outcome | _Retry] = Latch()
@@ -32,6 +32,8 @@ class Entry:
         self.task: asyncio.Task[None] | None = None
         self.leading = False  # set by the driver when it leads; read by waiting callers
         self.role = "leader"  # how the driver came by the outcome (see Served.role)
+        self.token = 0  # the fencing token of the outcome's lease (for dedupe.events)
+        self.trace = b""  # the leader's traceparent, from the outcome record
 
 
 class InFlight:

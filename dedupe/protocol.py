@@ -14,6 +14,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeAlias
 
+from . import events
 from .envelope import NOTICE_ABORTED, NOTICE_STORED, Codec, Notice, Opened, Outcome
 from .errors import BackendUnavailable, EnvelopeError, WaitTimeout
 from .keys import Names
@@ -178,6 +179,7 @@ class Finished(NamedTuple):
     role: str  # "leader" (ran it), "remote" (another process's leader), "kept" (a kept value)
     token: int  # the fencing token of the lease whose outcome this is (0 if unknown)
     waited: bool = False  # a leader that waited on another lease first: a takeover
+    trace: bytes = b""  # a follower: the leader's traceparent, from the record it read
 
 
 def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Flight:
@@ -192,6 +194,15 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
             # Our own lease: an acquire whose reply was lost and that the client retried.
             reply = Acquired(LEAD, token=int(holder_token(reply.holder) or 0))
         if reply.state == LEAD:
+            if floor:
+                log.debug(
+                    "taking over %r after lease %d: leading with %d",
+                    spec.names.job_id,
+                    floor,
+                    reply.token,
+                )
+            else:
+                log.debug("leading %r with lease %d", spec.names.job_id, reply.token)
             return (yield from _lead(spec, codec, reply.token, waited=floor > 0))
         if reply.state == DONE:
             opened = _open(spec, codec, reply.record)
@@ -199,7 +210,9 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
                 outcome = opened.outcome
                 if outcome.error is None:
                     outcome.fresh_ms = reply.fresh_ms
-                return Finished(outcome, "remote" if floor else "kept", opened.token)
+                return Finished(
+                    outcome, "remote" if floor else "kept", opened.token, trace=opened.trace
+                )
             # Unreadable, forged or foreign: ignored (and counted). Drop it if unchanged, and
             # back off a little if it keeps coming, so a writer cannot make us spin.
             bad += 1
@@ -208,6 +221,9 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
                 yield Pause(_bounded(spec, clock, min(1.0, 0.005 * 2**bad)))
             continue
         floor = max(floor, _token_of(reply.holder))
+        log.debug(
+            "following %r: lease %s, %d ms left", spec.names.job_id, reply.holder, reply.pttl_ms
+        )
         timeout = reply.pttl_ms / 1000 + spec.slack(reply.pttl_ms)
         if spec.deadline is not None:
             left = spec.deadline - clock()
@@ -225,11 +241,13 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
         while True:
             message = yield Wait(max(0.0, until - clock()))
             if message is None:
+                log.debug("re-checking %r: the lease ran out", spec.names.job_id)
                 break  # the lease ran out, or the deadline: re-check
             if message is RECHECK:
                 # The subscription dropped (and may have missed messages): give the hub until
                 # the lease's end to re-subscribe (a restarting Redis answers nothing before
                 # that anyway), then re-check.
+                log.debug("re-checking %r: the subscription dropped", spec.names.job_id)
                 yield Subscribe(max(0.0, until - clock()))
                 break
             assert isinstance(message, bytes)
@@ -237,11 +255,12 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
             if opened is None or opened.token < floor:
                 continue  # forged, foreign, or an older lease's: not ours, keep waiting
             if isinstance(opened, Notice):
+                log.debug("re-checking %r: notice %r", spec.names.job_id, opened.kind)
                 break  # stored (too large to travel inline) or aborted: the re-check tells
             outcome = opened.outcome
             if outcome.error is None:
                 outcome.fresh_ms = opened.keep_ms
-            return Finished(outcome, "remote", opened.token)
+            return Finished(outcome, "remote", opened.token, trace=opened.trace)
 
 
 def _bounded(spec: FlightSpec, clock: Callable[[], float], seconds: float) -> float:
@@ -262,9 +281,10 @@ def _open(spec: FlightSpec, codec: Codec, data: bytes) -> Opened | Notice | None
     """Decode a record or notice; None if it must be ignored (unreadable, forged, foreign)."""
     try:
         return codec.open(data, channel=spec.names.channel)
-    except EnvelopeError as exc:
-        codec.rejected += 1
+    except EnvelopeError as exc:  # codec.open counted it in codec.rejected
         log.warning("ignored an outcome for %r: %s", spec.names.job_id, exc)
+        if events.enabled:
+            events.mark("rejected", spec.names, detail=str(exc))
         return None
 
 
@@ -293,7 +313,10 @@ def _lead(spec: FlightSpec, codec: Codec, token: int, *, waited: bool) -> Flight
             return done
         keep = spec.keep_ms if outcome.error is None else 0
         ttl = max(keep, spec.grace_ms)
-        record = codec.seal(outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl)
+        trace = events.trace_context() if events.enabled else b""
+        record = codec.seal(
+            outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl, trace=trace
+        )
         message = b""
         if len(record) > spec.inline_max_bytes:
             message = codec.notice(NOTICE_STORED, channel=channel, token=token)
@@ -301,6 +324,8 @@ def _lead(spec: FlightSpec, codec: Codec, token: int, *, waited: bool) -> Flight
         assert isinstance(completed, Completed)
         outcome.fresh_ms = keep if completed.state >= 0 else 0
         if completed.state < 1:
+            if events.enabled:
+                events.mark("lease_lost", spec.names, token=token, role="leader")
             log.warning(
                 "the lease on %r (token %d) was lost before the leader finished; %s",
                 spec.names.job_id,

@@ -304,10 +304,11 @@ def test_two_event_loops_one_stopped_mid_flight(
         return "never"
 
     loop1 = asyncio.new_event_loop()
+    tasks: list[Any] = []
 
     def run_loop1() -> None:
         asyncio.set_event_loop(loop1)
-        loop1.create_task(sf.call("two-loops", stuck))
+        tasks.append(loop1.create_task(sf.call("two-loops", stuck)))
         loop1.run_forever()
 
     t1 = threading.Thread(target=run_loop1, daemon=True)
@@ -411,7 +412,7 @@ def test_wait_timeout_says_how_long(redis_url: str, prefix: str, sfs: list[Any])
     t = threading.Thread(target=lambda: sf_a.call("slow", slow))
     t.start()
     assert running.wait(10)
-    with pytest.raises(WaitTimeout, match="0.2 s"):
+    with pytest.raises(WaitTimeout, match=r"0\.2 s"):
         sf_b.call("slow", lambda: None)
     go.set()
     t.join(10)

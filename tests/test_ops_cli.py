@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect as pyinspect
 import io
 import json
 import os
@@ -26,9 +25,6 @@ from dedupe.inspector import Holder, JobState, Kept, parse_owner
 from dedupe.keys import names_for
 
 pytestmark = pytest.mark.timeout(60)
-
-# The lease's owner id names host and pid once the lead's Backend makes it with OwnerIds.
-OWNER_HOOKED = "OwnerIds" in pyinspect.getsource(dedupe.backend)
 
 
 def dedupe(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -137,9 +133,6 @@ def test_ls_inspect_forget_around_a_running_flight(
     assert in_process("ls", *base) == (0, f"no flights or kept outcomes under prefix {prefix!r}\n")
 
 
-@pytest.mark.xfail(
-    not OWNER_HOOKED, reason="needs Backend.owner() to use inspector.OwnerIds", strict=True
-)
 def test_ls_shows_the_holders_host_and_pid(
     redis_url: str, redis_client: redis.Redis, prefix: str
 ) -> None:

@@ -1,8 +1,6 @@
 """Events, OpenTelemetry and Prometheus on real flights: herds across processes, takeovers.
 
-These need the drivers' calls to dedupe.events (the hooks listed in the OPS report); until
-those are in, every test here is an expected failure (strict: once the hooks land, a test
-that still fails is a real failure, and the xfail marker must come off).
+They go through the drivers' calls to dedupe.events, on real flights.
 """
 
 from __future__ import annotations
@@ -19,23 +17,12 @@ from helpers import SPAWN, start, until
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-import dedupe.drivers.base
 from dedupe import SingleFlight, events, otel
 from dedupe import prometheus as prom
 from dedupe.events import Event
 from dedupe.keys import names_for
 
-HOOKED = hasattr(dedupe.drivers.base, "events")
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.xfail(not HOOKED, reason="the drivers do not call dedupe.events yet", strict=True),
-]
-
-
-@pytest.fixture(autouse=True)
-def _hooked() -> None:
-    # Fail at once, not after the waits below time out, while the hooks are not in.
-    assert HOOKED, "dedupe.drivers.base does not import dedupe.events"
+pytestmark = pytest.mark.timeout(60)
 
 
 def _pipeline() -> tuple[Any, Any, Any]:

@@ -1,6 +1,6 @@
 """The deterministic simulator (tests/sim): real run_flight and Lua scripts, a simulated world.
 
-A bounded share of what ``make simulate`` runs: a thousand seeded schedules with every
+A bounded share of what ``make simulate`` runs: 1,200 seeded schedules with every
 invariant checked after every step. Then the simulator itself: the Lua conversion rules of
 its Redis, determinism and replay, and that it does catch defects (planted ones, since the
 real ones are fixed) and shrinks them to a few steps.
@@ -18,7 +18,7 @@ from tests.sim.redis import ScriptError, SimRedis
 from tests.sim.schedule import Step, explore, run, shrink
 from tests.sim.world import KINDS, Api, Params
 
-BOUNDED_SCHEDULES = 1500
+BOUNDED_SCHEDULES = 1200
 STEPS = 60
 
 

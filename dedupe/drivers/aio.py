@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from .. import events
 from ..backend import AsyncClient, Backend, acquire_and_wait, run_script_async
 from ..commands import translate
 from ..envelope import Outcome
@@ -50,33 +51,42 @@ async def call(
 ) -> Any:
     """Await ``fn`` once across every caller of the job, and return its outcome."""
     plan = CallPlan(backend, names, wait_timeout, detail)
-    kept = plan.kept()
-    if kept is not MISS:
-        return kept
-    table = backend.async_flights()
-    while True:
-        entry, created = table.join(plan.key)
-        if created:
-            # The shared task follows with no deadline of its own: each caller keeps its own.
-            driver = _Driver(backend, make_spec(None), fn, args, kwargs, entry)
-            entry.task = asyncio.get_running_loop().create_task(_drive(driver, table, plan.key))
-        try:
-            done = await entry.result.wait_async(plan.left())
-            if not done and created and entry.leading:
-                # Our own call runs the function: wait_timeout bounds waiting on others only
-                # (as in the sync driver, whose leader's caller is the one running it).
-                done = await entry.result.wait_async(None)
-        except BaseException:
-            _leave(table, entry)
-            raise
-        if not done:
-            _leave(table, entry)
-            raise plan.timed_out()
-        result = entry.result.get()
-        if result is RETRY:
-            continue
-        assert isinstance(result, Outcome)
-        return plan.deliver(result, entry.role if created else "local", own=created)
+    try:
+        kept = plan.kept()
+        if kept is not MISS:
+            return kept
+        table = backend.async_flights()
+        while True:
+            entry, created = table.join(plan.key)
+            if created:
+                # The shared task follows with no deadline of its own: each caller keeps its own.
+                driver = _Driver(backend, make_spec(None), fn, args, kwargs, entry)
+                entry.task = asyncio.get_running_loop().create_task(_drive(driver, table, plan.key))
+            try:
+                done = await entry.result.wait_async(plan.left())
+                if not done and created and entry.leading:
+                    # Our own call runs the function: wait_timeout bounds waiting on others only
+                    # (as in the sync driver, whose leader's caller is the one running it).
+                    done = await entry.result.wait_async(None)
+            except BaseException:
+                _leave(table, entry)
+                raise
+            if not done:
+                _leave(table, entry)
+                raise plan.timed_out("" if created else "local")
+            result = entry.result.get()
+            if result is RETRY:
+                continue
+            assert isinstance(result, Outcome)
+            if created:
+                return plan.deliver(
+                    result, entry.role, own=True, token=entry.token, trace=entry.trace
+                )
+            return plan.deliver(result, "local", own=False)
+
+    except BaseException as exc:
+        plan.failed(exc)  # WaitTimeout, BackendUnavailable, a cancellation: unless reported
+        raise
 
 
 def _leave(table: InFlight, entry: Entry) -> None:
@@ -90,6 +100,9 @@ async def _drive(driver: _Driver, table: InFlight, key: str) -> None:
     try:
         finished = await _run(driver)
         driver.entry.role = finished.role
+        driver.entry.token, driver.entry.trace = finished.token, finished.trace
+        if finished.waited and events.enabled:
+            events.mark("takeover", driver.spec.names, token=finished.token, role="leader")
         outcome = finished.outcome
         if is_abort(outcome.error):
             assert outcome.error is not None

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Final
 
+from .. import events
 from ..backend import Backend
 from ..commands import (
     ScriptCall,
@@ -41,7 +42,7 @@ MISS: Final = object()
 class CallPlan:
     """One caller's decisions, the same for both drivers."""
 
-    __slots__ = ("backend", "deadline", "detail", "key", "names", "wait_timeout")
+    __slots__ = ("backend", "deadline", "detail", "key", "names", "obs", "wait_timeout")
 
     def __init__(
         self, backend: Backend, names: Names, wait_timeout: float | None, detail: bool
@@ -53,6 +54,8 @@ class CallPlan:
         self.deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
         self.detail = detail
         check_reentry(self.key, names.job_id)
+        # Observed only while an adapter listens: otherwise one attribute read.
+        self.obs = events.begin(names) if events.enabled else None
 
     def kept(self) -> Any:
         """A fresh local copy (local_cache=True) as this call's result, else MISS."""
@@ -62,20 +65,34 @@ class CallPlan:
         hit, value = copies.get(self.key)
         if not hit:
             return MISS
+        if self.obs is not None:
+            self.obs.end("kept")
         return Served(value, True, "kept") if self.detail else value
 
     def left(self) -> float | None:
         """How long this caller may still wait (None: as long as a leader lives)."""
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
-    def timed_out(self) -> WaitTimeout:
-        return WaitTimeout(job_id=self.names.job_id, seconds=self.wait_timeout)
+    def timed_out(self, role: str = "") -> WaitTimeout:
+        exc = WaitTimeout(job_id=self.names.job_id, seconds=self.wait_timeout)
+        if self.obs is not None:
+            self.obs.end(role, exc)
+        return exc
 
-    def deliver(self, outcome: Outcome, role: str, *, own: bool) -> Any:
+    def failed(self, exc: BaseException) -> None:
+        """The call ends with an exception no other line reported (a no-op if one did)."""
+        if self.obs is not None:
+            self.obs.end("", exc)
+
+    def deliver(
+        self, outcome: Outcome, role: str, *, own: bool, token: int = 0, trace: bytes = b""
+    ) -> Any:
         """Return the value, or raise the error: the original for the caller whose flight
         made it, a copy for every other caller (one object raised by 50 callers would pile
         50 callers' frames onto one traceback)."""
         error = outcome.error
+        if self.obs is not None:
+            self.obs.end(role, error, token=token, leader_trace=trace)
         if error is not None:
             raise error if own else _copy_of(error)
         if self.detail:
@@ -195,4 +212,6 @@ class DriverBase:
 def local_flight(backend: Backend, names: Names) -> AbstractContextManager[None]:
     """on_backend_error="local": lead in this process only, with no lease and token 0."""
     backend.ran_locally()
+    if events.enabled:
+        events.mark("local_run", names, role="leader")
     return leading(names.channel, Flight(names.job_id, 0, LostSignal()))

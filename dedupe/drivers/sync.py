@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from .. import events
 from ..backend import Backend, SyncClient, acquire_and_wait, run_script
 from ..commands import translate
 from ..envelope import Outcome
@@ -42,33 +43,46 @@ def call(
 ) -> Any:
     """Run ``fn`` once across every caller of the job, and return its outcome."""
     plan = CallPlan(backend, names, wait_timeout, detail)
-    kept = plan.kept()
-    if kept is not MISS:
-        return kept
-    table = backend.sync_flights
-    while True:
-        entry, created = table.join(plan.key)
-        if not created:
-            if not entry.result.wait(plan.left()):
-                raise plan.timed_out()
-            result = entry.result.get()
-            if result is RETRY:
-                continue
-            assert isinstance(result, Outcome)
-            return plan.deliver(result, "local", own=False)
-        shared: Outcome | object = RETRY
-        try:
-            finished = _run(backend, make_spec(plan.deadline), fn, args, kwargs)
-        except WaitTimeout:
-            raise plan.timed_out() from None  # ours alone: the other callers start over
-        except Exception as exc:
-            shared = Outcome(error=exc)
-            raise
-        else:
-            shared = share(backend, plan.key, finished)
-            return plan.deliver(finished.outcome, finished.role, own=True)
-        finally:
-            table.finish(plan.key, entry, shared)  # type: ignore[arg-type]
+    try:
+        kept = plan.kept()
+        if kept is not MISS:
+            return kept
+        table = backend.sync_flights
+        while True:
+            entry, created = table.join(plan.key)
+            if not created:
+                if not entry.result.wait(plan.left()):
+                    raise plan.timed_out("local")
+                result = entry.result.get()
+                if result is RETRY:
+                    continue
+                assert isinstance(result, Outcome)
+                return plan.deliver(result, "local", own=False)
+            shared: Outcome | object = RETRY
+            try:
+                finished = _run(backend, make_spec(plan.deadline), fn, args, kwargs)
+            except WaitTimeout:
+                raise plan.timed_out("remote") from None  # ours alone: the other callers start over
+            except Exception as exc:
+                shared = Outcome(error=exc)
+                raise
+            else:
+                shared = share(backend, plan.key, finished)
+                if finished.waited and events.enabled:
+                    events.mark("takeover", names, token=finished.token, role="leader")
+                return plan.deliver(
+                    finished.outcome,
+                    finished.role,
+                    own=True,
+                    token=finished.token,
+                    trace=finished.trace,
+                )
+            finally:
+                table.finish(plan.key, entry, shared)  # type: ignore[arg-type]
+
+    except BaseException as exc:
+        plan.failed(exc)  # WaitTimeout, BackendUnavailable, an abort: unless reported
+        raise
 
 
 def _run(

@@ -1,7 +1,7 @@
 """The simulated world: processes running the real ``run_flight``, a network, one Redis.
 
-Nothing here runs on its own: every step of a schedule (tests/sim/schedule.py) is applied
-with ``World.apply``, and time moves only in ``advance``. True time is an integer count of
+Nothing here runs on its own: every step of a schedule is applied by ``schedule.apply``,
+and time moves only in ``World.advance``. True time is an integer count of
 microseconds; the store's clock is true time plus an offset (a restart may move it), and
 each process's monotonic clock is ``base + true * (1 + drift)`` with ``|drift| <= max_drift``
 (the skew bound the invariants allow for). A paused process keeps its clock running but
@@ -19,6 +19,26 @@ The network holds requests (process -> Redis), replies and pub/sub messages in t
 a step delivers, drops or duplicates one of them. A dropped request never ran; a dropped
 reply ran; either way the client gives up after ``socket_timeout`` on its own clock, as
 redis-py does, and the driver sees BackendUnavailable (through ``dedupe.commands.translate``).
+
+Invariants (``KINDS``), checked as things happen and after every step:
+- no caller returns an outcome of a lease older than the one its flight waited on or it
+  joined (older-outcome); one that drove its own flight gets none older than a lease granted
+  before it started, unless its own leader made it (stale-outcome); no outcome is stored or
+  published after a newer lease was granted (stale-record, stale-publish);
+- a live lock is never replaced, and fencing tokens strictly grow per key, across restarts
+  (lock-overwrite, token-order);
+- when a lease is granted, every older leader still running its function knows its lease is
+  lost, by its own clock, unless a Redis restart dropped the lock (unaware-leader); the skew
+  bound is ``max_drift``;
+- the protocol never waits past the lease bound; a caller with a wait_timeout ends within
+  it plus one subscribe and one round trip, pauses not counted; after the faults stop, every
+  call ends (unbounded-wait, missed-deadline, stuck-call); so a finished outcome reaches every
+  caller that joined its flight, unless BackendUnavailable or WaitTimeout says why not;
+- no key lives without a TTL or longer than its bound (ttl).
+
+Not modelled: the asyncio driver (the sync driver's decisions are mirrored), the renewer's
+batching and worker threads, TIME going backwards. The network is harsher than TCP: it may
+reorder messages of one pub/sub connection. A restart takes at least 1 ms of Redis's clock.
 """
 
 from __future__ import annotations
@@ -456,6 +476,8 @@ class World:
 
     def deliver(self, n: int, *, mode: str = "deliver") -> str:
         items = self.deliverable()
+        if mode == "dup":
+            items = [i for i in items if i.kind != "reply"]  # a reply answers one request
         if not items:
             return "nothing in transit"
         item = items[n % len(items)]
@@ -464,8 +486,6 @@ class World:
             self.faults += 1
             return f"lost {item.label}"
         if mode == "dup":
-            if item.kind == "reply":
-                return f"(a reply is not duplicated) {item.label}"
             self.net.append(
                 Item(next(self.seq), item.kind, item.proc, item.epoch, item.label, item.deliver)
             )
