@@ -135,11 +135,12 @@ def _twin(client: Any, *, to_async: bool) -> Any:
     return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=cls, **kw))
 
 
-def _hub_kwargs(kwargs: dict[str, Any], name: str) -> dict[str, Any]:
+def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     # The hub reads RESP2 pub/sub frames as bytes and does its own health checks;
     # redis-py's maintenance notifications need RESP3, so they stay off its connections.
     kw = {k: v for k, v in kwargs.items() if not k.startswith("maint_notif")}
-    kw.update(protocol=2, health_check_interval=0, decode_responses=False, client_name=name)
+    # The hub names its connections itself (CLIENT SETNAME as the first command).
+    kw.update(protocol=2, health_check_interval=0, decode_responses=False, client_name=None)
     return kw
 
 
@@ -377,10 +378,13 @@ class Backend:
         if hub is None:
             with self._lock:
                 if self._hub is None:
+                    # The router is built on a hub thread (on Cluster that is network I/O):
+                    # making the hub costs the caller, or its event loop, nothing.
                     self._hub = Hub(
-                        self._router(),
+                        self._router,
                         sharded=self.kind == "cluster",
                         health_interval=self.cfg.health_check_interval,
+                        name=_client_name(self.cfg, "hub"),
                     )
                 hub = self._hub
         return hub
@@ -389,7 +393,7 @@ class Backend:
         client: Any = self.sync_client()
         if self.kind == "cluster":
             node_pool = client.get_default_node().redis_connection.connection_pool
-            base = _hub_kwargs(node_pool.connection_kwargs, _client_name(self.cfg, "hub"))
+            base = _hub_kwargs(node_pool.connection_kwargs)
             node_cls = node_pool.connection_class
 
             def make(host: str, port: int) -> Connection:
@@ -398,7 +402,7 @@ class Backend:
 
             return ClusterRouter(client, make)
         pool = client.connection_pool
-        kwargs = _hub_kwargs(pool.connection_kwargs, _client_name(self.cfg, "hub"))
+        kwargs = _hub_kwargs(pool.connection_kwargs)
         cls = pool.connection_class
 
         def connect() -> Connection:
@@ -469,9 +473,6 @@ class Backend:
     def confirm_timeout(self) -> float:
         """How long a follower waits for the server to confirm its subscription."""
         return self.cfg.connect_timeout + self.cfg.socket_timeout
-
-    def hub_started(self) -> bool:
-        return self._hub is not None
 
     def close(self, timeout: float | None = None) -> None:
         """Wait up to ``timeout`` (None: a lease's length) for running flights, then stop the

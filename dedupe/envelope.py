@@ -15,13 +15,16 @@ Record (the result key's value, and what a leader publishes inline)::
     flags (1 byte)                       bit 0: signed
     trace length (2 bytes, big endian)
     trace (that many bytes)              opaque to dedupe (OpenTelemetry context later)
-    MAC (32 bytes, only when signed)     HMAC-SHA256 over the rest, see ``_MAC domain``
+    MAC (32 bytes, only when signed)     HMAC-SHA256, see below
     body                                 value, or the error metadata (safe encoding)
 
-MAC input: ``b"dedupe/record/2\\0" + len(channel) (4 bytes) + channel + header + every
-envelope byte before the MAC + body``. Notices are ``N:<token>`` (outcome stored, read the
-result key) and ``A:<token>`` (the leader aborted); when signed, ``:`` and a 32-byte MAC over
-``b"dedupe/notice/2\\0" + len(channel) + channel + b"N:<token>"`` follow.
+MAC input: ``b"dedupe/record/2\\0" + len(channel) (4 bytes, big endian) + channel (UTF-8) +
+header + every envelope byte before the MAC + body``: a record verifies only for its own job,
+with its own token, keep and ttl. The first key signs; a record verifies if any key matches.
+
+Notices are ``N:<token>`` (outcome stored, read the result key) and ``A:<token>`` (the leader
+aborted); when signed, ``:`` and a 32-byte MAC over ``b"dedupe/notice/2\\0" + len(channel) +
+channel + b"N:<token>"`` follow.
 """
 
 from __future__ import annotations

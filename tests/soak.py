@@ -20,7 +20,12 @@ every job short). Meanwhile the parent injects, at random intervals (``--fault-i
   removed when it ends), SIGKILLs that worker by PID, reaps it, removes its entries from the
   overlap gauges (a dead process runs nothing) and spawns a replacement worker;
 - ``kill_pubsub``: ``CLIENT KILL TYPE pubsub`` (every worker's hub connection);
-- ``restart_redis``: SIGKILL redis-server and start it again on the same port, empty.
+- ``restart_redis``: SIGKILL redis-server and start it again on the same port, empty;
+- ``pause_leader``: SIGSTOP a worker that runs a job for lock_ttl + 0.2-1.0 s, then SIGCONT:
+  a late leader that finishes while a newer flight of its key runs;
+- ``partition``: blackhole a worker's link to Redis (each worker's dedupe talks to Redis
+  through its own loopback proxy, ``tests/proxy.py``; sockets stay open, half-open) for
+  lock_ttl + 0.2-1.0 s, preferably a running leader's, then heal it.
 
 Invariant 1 - no overlapping executions while both leases were valid
 --------------------------------------------------------------------
@@ -68,6 +73,14 @@ running when the worker stops (plus the bound), an exception of another type, or
 exception that belongs to another key is a violation. Calls in flight in a worker that the
 injector SIGKILLs are not counted (they died with it).
 
+Invariant 4 - outcomes never go back in time
+--------------------------------------------
+Every call served another process's outcome or a kept one (``detailed()`` role "remote" or
+"kept") records when it began and the token of the run whose value it got. A violation is
+such a call that got a token older than that of a run which had started (so its lease had
+been granted) more than 50 ms before the call began. Local joiners and leaders are not
+checked: they get the outcome of the flight they joined or ran, by design.
+
 Invariant 3 - clean after quiesce
 ---------------------------------
 At the end the injector stops, the workers stop calling, wait for their calls to return and
@@ -96,6 +109,7 @@ import multiprocessing as mp
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -113,8 +127,9 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from dedupe import BackendUnavailable, SingleFlight, WaitTimeout, current_flight
-from devtools.servers import RedisServer
 from dedupe.keys import names_for
+from devtools.servers import RedisServer
+from tests.proxy import Proxy
 
 __all__ = ["main"]
 __test__ = False  # never a pytest module
@@ -337,6 +352,17 @@ def _job(key: str, behaviour: str, duration_ms: int, size: int) -> dict[str, Any
     return {"key": key, "token": token, "blob": "x" * size}
 
 
+def _paused_during(w: _Worker, t0: float, t1: float) -> float:
+    """Seconds this process spent stopped (SIGSTOP by the injector) within [t0, t1]."""
+    try:
+        r = redis.Redis(host=w.cfg["host"], port=w.cfg["port"], socket_timeout=1.0)
+        spans = [_text(s).split(":") for s in r.lrange(f"soak:pauses:{w.pid}", 0, -1)]
+        r.close()
+    except redis.RedisError:
+        return float("inf")  # cannot tell (Redis down): excuse rather than guess
+    return sum(max(0.0, min(t1, float(b)) - max(t0, float(a))) for a, b in spans)
+
+
 def _caller(w: _Worker, work: Any, ti: int, stop: threading.Event) -> None:
     cfg = w.cfg
     rng = random.Random(f"{cfg['seed']}:{w.idx}:{ti}")
@@ -352,10 +378,12 @@ def _caller(w: _Worker, work: Any, ti: int, stop: threading.Event) -> None:
             duration = rng.randint(*SLOW_MS)
         seq = w.next_seq()
         t0 = time.monotonic()
+        t_call = time.time()
         w.current[ti] = (seq, t0, key)
         pause = 0.0
         try:
-            value = work(key, behaviour, duration, size)
+            served = work.detailed(key, behaviour, duration, size)
+            value = served.value
         except SoakJobError as exc:
             outcome = "SoakJobError"
             if exc.args[0] != key:
@@ -380,11 +408,28 @@ def _caller(w: _Worker, work: Any, ti: int, stop: threading.Event) -> None:
             outcome = "ok"
             if not isinstance(value, dict) or value.get("key") != key:
                 w.violation("wrong-key", asked=key, got=repr(value)[:200])
+            elif served.role in ("remote", "kept"):
+                # Invariant 4 (checked by the parent): an outcome from another process is of
+                # the newest lease granted before this call began, or a newer one.
+                w.log_run(
+                    {
+                        "ev": "call",
+                        "rid": f"call:{w.pid}:{seq}",
+                        "key": key,
+                        "token": value["token"],
+                        "role": served.role,
+                        "t_call": t_call,
+                    }
+                )
         elapsed = time.monotonic() - t0
         w.current[ti] = None
         w.count(outcome, elapsed)
         if elapsed > bound:
-            w.violation("late", key=key, outcome=outcome, elapsed=round(elapsed, 3), bound=bound)
+            paused = _paused_during(w, t_call, time.time())
+            if elapsed - paused > bound:
+                w.violation(
+                    "late", key=key, outcome=outcome, elapsed=round(elapsed, 3), bound=bound
+                )
         if pause:
             stop.wait(pause)
 
@@ -480,6 +525,7 @@ class Soak:
         self.server = RedisServer()
         self.logdir = Path(tempfile.mkdtemp(prefix="dedupe-soak-"))
         self.procs: dict[int, Any] = {}  # idx -> Process
+        self.proxies: dict[int, Proxy] = {}  # idx -> the worker's link to Redis
         self.next_idx = 0
         self.killed: dict[int, float] = {}  # pid -> wall time its death was confirmed
         self.faults: Counter[str] = Counter()
@@ -539,8 +585,13 @@ class Soak:
     def spawn(self) -> None:
         idx = self.next_idx
         self.next_idx += 1
+        # dedupe reaches Redis through a proxy of its own (the partition fault); the job's
+        # gauge scripts go straight to the server, so the judge sees the truth.
+        proxy = self.proxies[idx] = Proxy((self.server.host, self.server.port)).start()
+        cfg = self.cfg()
+        cfg["url"] = "redis://{}:{}/0".format(*proxy.address)
         p = SPAWN.Process(
-            target=worker_main, args=(idx, self.cfg(), str(self.logdir)), name=f"soak-w{idx}"
+            target=worker_main, args=(idx, cfg, str(self.logdir)), name=f"soak-w{idx}"
         )
         p.start()
         self.procs[idx] = p
@@ -572,6 +623,9 @@ class Soak:
             p = self.procs.pop(idx)
             p.kill()  # SIGKILL by PID
             p.join(10)
+            proxy = self.proxies.pop(idx, None)
+            if proxy is not None:
+                proxy.close()
             if p.is_alive():
                 self.violations.append(f"worker pid {pid} survived SIGKILL for 10 s")
             self.killed[pid] = time.time()
@@ -611,9 +665,57 @@ class Soak:
             self.client().set(EPOCH_KEY, f"restart-{self.restarts}-{time.time()}", nx=True)
         self.faults["restart_redis"] += 1
 
+    def _leader_worker(self) -> tuple[int, Any] | None:
+        """A worker running a job now (its pid is in soak:leader:<key>), if any."""
+        c = self.client()
+        keys = [f"hot-{i}" for i in range(self.ns.keys)]
+        self.rng.shuffle(keys)
+        alive = {p.pid: idx for idx, p in self.procs.items() if p.is_alive()}
+        for key in keys:
+            raw = c.get(f"soak:leader:{key}")
+            if raw:
+                idx = alive.get(int(_text(raw).split(":", 1)[0]))
+                if idx is not None:
+                    return idx, self.procs[idx]
+        return None
+
+    def pause_leader(self) -> None:
+        """SIGSTOP a running leader past its lease, then SIGCONT: a late leader finishes
+        while a newer flight of its key runs (its outcome must reach nobody but its callers)."""
+        found = self._leader_worker()
+        if found is None:
+            self.faults["pause_leader (no leader running: skipped)"] += 1
+            return
+        _, p = found
+        span = self.ns.lock_ttl + self.rng.uniform(0.2, 1.0)
+        t0 = time.time()
+        os.kill(p.pid, signal.SIGSTOP)
+        try:
+            time.sleep(span)
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        with contextlib.suppress(redis.RedisError):
+            self.client().rpush(f"soak:pauses:{p.pid}", f"{t0}:{time.time()}")
+        self.faults["pause_leader"] += 1
+
+    def partition(self) -> None:
+        """Blackhole one worker's link to Redis (sockets stay open: half-open) past the lease,
+        preferably a running leader's, then heal it."""
+        found = self._leader_worker()
+        idx = found[0] if found else self.rng.choice(list(self.proxies))
+        proxy = self.proxies.get(idx)
+        if proxy is None:
+            return
+        proxy.blackhole()
+        try:
+            time.sleep(self.ns.lock_ttl + self.rng.uniform(0.2, 1.0))
+        finally:
+            proxy.heal()
+        self.faults["partition" + (" (of a leader)" if found else "")] += 1
+
     def inject(self) -> None:
-        kinds = ["kill_leader", "kill_pubsub", "restart_redis"]
-        kind = self.rng.choices(kinds, weights=[0.4, 0.35, 0.25])[0]
+        kinds = ["kill_leader", "kill_pubsub", "restart_redis", "pause_leader", "partition"]
+        kind = self.rng.choices(kinds, weights=[0.25, 0.2, 0.15, 0.2, 0.2])[0]
         try:
             getattr(self, kind)()
         except redis.RedisError as exc:  # e.g. during the seconds after a restart
@@ -664,8 +766,11 @@ class Soak:
         finally:
             for p in self.procs.values():
                 if p.is_alive():
+                    os.kill(p.pid, signal.SIGCONT)
                     p.kill()
                     p.join(5)
+            for proxy in self.proxies.values():
+                proxy.close()
             self.server.stop()
         elapsed = time.monotonic() - t_begin
         ok = self.report(elapsed)
@@ -729,14 +834,43 @@ class Soak:
     def load_runs(self) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         starts: dict[str, dict[str, Any]] = {}
         ends: dict[str, dict[str, Any]] = {}
+        self.calls: list[dict[str, Any]] = []
         for path in self.logdir.glob("*.runs.jsonl"):
             for line in path.read_text().splitlines():
                 try:
                     rec = json.loads(line)
                 except ValueError:
                     continue  # the torn last line of a SIGKILLed worker
+                if rec["ev"] == "call":
+                    self.calls.append(rec)
+                    continue
                 (starts if rec["ev"] == "start" else ends)[rec["rid"]] = rec
         return starts, ends
+
+    def check_outcome_order(self, starts: dict[str, dict[str, Any]]) -> list[str]:
+        """Invariant 4: a call served another process's outcome (or a kept one) never gets an
+        outcome of a lease older than one granted before the call began. A run's t_before
+        comes after its lease was granted, so "run started before the call" is conservative;
+        _ORDER_SLACK covers a message already on its way when the newer lease was granted."""
+        by_key: dict[str, list[tuple[float, int]]] = {}
+        for s in starts.values():
+            by_key.setdefault(s["key"], []).append((s["t_before"], int(s["token"])))
+        bad = []
+        for runs in by_key.values():
+            runs.sort()
+        import bisect
+
+        for c in self.calls:
+            runs = by_key.get(c["key"], [])
+            cut = bisect.bisect_left(runs, (c["t_call"] - _ORDER_SLACK, -1))
+            newest = max((tok for _, tok in runs[:cut]), default=0)
+            if int(c["token"]) < newest:
+                bad.append(
+                    f"outcome went back in time on {c['key']}: a {c['role']} call begun at "
+                    f"{c['t_call']:.3f} got token {c['token']}, older than token {newest} "
+                    "whose run had started before it"
+                )
+        return bad
 
     def adjudicate(self) -> tuple[Counter[str], list[str], int, int]:
         starts, ends = self.load_runs()
@@ -809,9 +943,11 @@ class Soak:
                 if k != "flights_in_process":
                     sf_totals[k] += v
         excused, bad, suspects, lost = self.adjudicate()
+        order_bad = self.check_outcome_order(self.load_runs()[0])
         total = sum(counts.values())
         v1, v2 = len(bad), worker_viol_count
         v3 = len(self.violations)
+        v4 = len(order_bad)
         print()
         print("=" * 30 + " soak summary " + "=" * 30)
         print(
@@ -845,8 +981,11 @@ class Soak:
         print(f"keys under {PREFIX}: at quiesce: {getattr(self, 'keys_scanned', '?')}")
         print(
             f"invariant violations: 1 (overlap) {v1}; 2 (call bound / outcome) {v2}; "
-            f"3 (quiesce) {v3}"
+            f"3 (quiesce) {v3}; 4 (outcome older than a lease granted before the call) {v4} "
+            f"of {len(self.calls)} cross-process outcomes"
         )
+        for line in order_bad[:20]:
+            print(f"  [4] {line}")
         for line in bad[:20]:
             print(f"  [1] {line}")
         for v in worker_viol[:20]:
@@ -855,12 +994,14 @@ class Soak:
             print(f"  [3] {line}")
         if self.details:
             (self.logdir / "violations.jsonl").write_text("\n".join(self.details) + "\n")
-        ok = v1 == v2 == v3 == 0
+        ok = v1 == v2 == v3 == v4 == 0
         print("RESULT: " + ("PASS" if ok else "FAIL"))
         return ok
 
 
-FAULT_KINDS = {"kill_leader", "kill_pubsub", "restart_redis"}
+FAULT_KINDS = {"kill_leader", "kill_pubsub", "restart_redis", "pause_leader", "partition"}
+# See check_outcome_order: how long a message may have been on its way.
+_ORDER_SLACK = 0.05
 
 
 def main(argv: list[str] | None = None) -> int:

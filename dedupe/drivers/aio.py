@@ -188,8 +188,6 @@ class _Driver(DriverBase):
             assert self.mailbox is not None
             return await self.mailbox.get_async(cmd.timeout)
         if isinstance(cmd, Subscribe):
-            if not self.backend.hub_started():
-                await asyncio.to_thread(self.backend.hub)  # building it may do network I/O
             latch = self.subscribe()
             return await latch.wait_async(self.confirm_timeout(cmd.timeout)) and latch.get()
         if isinstance(cmd, Lead):

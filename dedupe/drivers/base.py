@@ -169,12 +169,10 @@ class DriverBase:
 
     def subscribe(self) -> Latch[bool]:
         """Subscribe (first time), or the current subscription's confirmation."""
-        hub = self.backend.hub()
-        channel = self.spec.names.channel
         if self.mailbox is None:
             self.mailbox = Mailbox()
-            return hub.subscribe(channel, self.mailbox)
-        return hub.confirmation(channel)
+        # Idempotent: after a RECHECK it hands back the current subscription's confirmation.
+        return self.backend.hub().subscribe(self.spec.names.channel, self.mailbox)
 
     def confirm_timeout(self, timeout: float) -> float:
         return min(timeout, self.backend.confirm_timeout)
