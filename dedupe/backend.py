@@ -281,6 +281,11 @@ class Backend:
         finally:
             self._sync_slots.release()
 
+    def run_cluster_script(self, call: ScriptCall) -> Any:
+        """A script over the sync Cluster client (for asyncio callers, on a worker thread)."""
+        with self.slot():
+            return run_script(self.sync_client(), call, True)
+
     async def take_slot(self, slots: asyncio.Semaphore) -> None:
         """The asyncio twin of slot(): queue for a command slot, for queue_timeout at most."""
         if not slots.locked():
@@ -362,6 +367,11 @@ class Backend:
         opts = _client_options(self.cfg, redis.asyncio.retry.Retry if to_async else Retry)
         if self.kind == "cluster":
             opts.pop("max_connections")  # per node, and the cluster clients size their own
+            # A cluster client retries by re-discovering the topology, which drops every
+            # connection of its nodes, in use or not: with a retry policy of ours, one failed
+            # command under concurrency cut others off mid-command (seen with redis.asyncio).
+            # Its own policy (a few retries with backoff) stays.
+            opts.pop("retry")
         if self.target is not None:
             return self.target.client(opts, to_async=to_async)
         given = self.cfg.client if to_async else self.cfg.async_client

@@ -179,6 +179,13 @@ class _Driver(DriverBase):
                     acquire_and_wait, self.backend, sync_client, script, self.spec
                 )
                 return self.reply_of(cmd, raw)
+            if self.cluster:
+                # redis.asyncio's RedisCluster drops connections other tasks are using when
+                # one command fails (it re-discovers the topology), and under concurrency we
+                # saw it hand out a connection mid-handshake: Cluster commands go through the
+                # thread-safe sync client on worker threads instead.
+                raw = await asyncio.to_thread(self.backend.run_cluster_script, script)
+                return self.reply_of(cmd, raw)
             await self.backend.take_slot(slots)
             try:
                 return self.reply_of(cmd, await run_script_async(client, script, self.cluster))
