@@ -110,6 +110,8 @@ def run_one(
         "--tool=callgrind",
         "--dump-instr=no",
         "--collect-jumps=no",
+        "--compress-strings=no",  # each dump file readable alone
+        "--compress-pos=no",
         "--dump-before=os_getpgrp",
         f"--callgrind-out-file={out}",
         sys.executable,
@@ -159,7 +161,7 @@ def per_call(
             res[tool] = r
             if keep is not None:
                 keep.mkdir(parents=True, exist_ok=True)
-                shutil.copy(dump, keep / f"callgrind.{tool}.out")
+                shutil.copy(dump, keep / f"callgrind.{tool}.out")  # the last 2N calls
             print(
                 f"  callgrind {tool}: {r['per_call'] / 1000:.0f}k instr/call ({r['seconds']:.0f} s)",
                 flush=True,
@@ -168,22 +170,31 @@ def per_call(
 
 
 def functions(path: Path, calls: int, limit: int = 40) -> str:
-    """callgrind_annotate's per-function (self and inclusive) counts, per call."""
-    out = subprocess.run(
-        ["callgrind_annotate", "--inclusive=no", f"--threshold=99", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    ).stdout
-    rows = []
-    for line in out.splitlines():
-        m = re.match(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.*)", line)
-        if m:
-            rows.append((int(m.group(1).replace(",", "")), m.group(2).strip()))
-    lines = [f"{'self instr/call':>16}  function (over {calls} calls)"]
-    for ir, fn in rows[:limit]:
-        lines.append(f"{ir / calls:16,.0f}  {fn}")
+    """Self instructions per call of each C function (callgrind's own file format, read here:
+    a cost line that follows a ``calls=`` line is the callee's inclusive cost, not self)."""
+    own: dict[str, int] = {}
+    fn, ob, after_call = "?", "", False
+    with path.open(errors="replace") as f:
+        for line in f:
+            head = line[:1]
+            if line.startswith("fn="):
+                fn, after_call = line[3:].strip(), False
+            elif line.startswith("ob="):
+                ob = line[3:].strip().rsplit("/", 1)[-1]
+            elif line.startswith("calls="):
+                after_call = True
+            elif head.isdigit() or head in "+-*":
+                fields = line.split()
+                if after_call:
+                    after_call = False
+                elif len(fields) > 1:
+                    name = f"{fn} [{ob}]"
+                    own[name] = own.get(name, 0) + int(fields[1])
+    total = sum(own.values())
+    lines = [f"{total / calls:16,.0f}  TOTAL instructions per call (over {calls} calls)", ""]
+    lines.append(f"{'self instr/call':>16}  C function [object]")
+    for name, ir in sorted(own.items(), key=lambda kv: -kv[1])[:limit]:
+        lines.append(f"{ir / calls:16,.0f}  {name}")
     return "\n".join(lines)
 
 

@@ -17,7 +17,8 @@ from .errors import (
     ResultTooLarge,
     WaitTimeout,
 )
-from .inflight import Served
+from .inflight import InFlightInfo, Served
+from .inspector import JobState
 
 __all__ = [
     "INHERIT",
@@ -30,6 +31,8 @@ __all__ = [
     "EnvelopeError",
     "Flight",
     "FlightFunction",
+    "InFlightInfo",
+    "JobState",
     "LeaseLost",
     "ReentrantFlight",
     "RemoteError",

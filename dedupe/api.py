@@ -27,11 +27,13 @@ import redis.asyncio.cluster
 import redis.cluster
 import wrapt
 
+from . import inspector
 from .backend import AsyncClient, Backend, BackendConfig, SyncClient
 from .commands import translate
 from .drivers import aio, sync
 from .envelope import SecretSpec, Serializer, codec_for, validate_security
-from .inflight import Served
+from .inflight import InFlightInfo, Served
+from .inspector import JobState
 from .keys import KeyBuilder, Names, key_builder, names_for, validate_job_id, validate_prefix
 from .protocol import FlightSpec
 from .topology import parse_url
@@ -390,6 +392,7 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 
 _instances: weakref.WeakSet[SingleFlight] = weakref.WeakSet()  # for the fork handler below
 
+
 class SingleFlight:
     """Runs a function once across every concurrent caller that shares a Redis.
 
@@ -707,6 +710,23 @@ class SingleFlight:
         if _is_async(fn):
             return _named(self._run_async(job_id, _Overrides(), fn, args, kwargs, detail), fn)
         return self._run_sync(job_id, _Overrides(), fn, args, kwargs, detail)
+
+    def inflight(self) -> list[InFlightInfo]:
+        """The flights of this process now: job id, leading or following, local waiters, age."""
+        return self.backend().inflight()
+
+    def inspect(self, job_id: str) -> JobState:
+        """What Redis holds for ``job_id`` now: holder (host, pid, lease start), fencing
+        token, lease time left, the kept outcome and its age, subscribers across nodes. Reads
+        only; see dedupe.inspector.JobState."""
+        validate_job_id(job_id)
+        try:
+            return inspector.inspect(self.backend().sync_client(), self._settings.prefix, job_id)
+        except Exception as exc:
+            error = translate(exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     def forget(self, job_id: str) -> None:
         """Drop the value kept for ``job_id`` (in Redis, and this process's local copy), so

@@ -37,7 +37,7 @@ from .commands import ScriptCall
 from .envelope import Codec
 from .errors import BackendUnavailable
 from .hub import Connection, Hub, Router, SingleRouter
-from .inflight import InFlight
+from .inflight import InFlight, InFlightInfo
 from .inspector import OwnerIds
 from .kept import LocalCopies
 from .renewal import Renewer, renew_many
@@ -245,6 +245,12 @@ class Backend:
                 f"lease_{k}": v for k, v in (self._renewer.stats() if self._renewer else {}).items()
             },
         }
+
+    def inflight(self) -> list[InFlightInfo]:
+        flights = self.sync_flights.snapshot("sync")
+        for state in list(self._per_loop.values()):
+            flights.extend(state.flights.snapshot("async"))
+        return flights
 
     def after_fork(self) -> None:
         # The parent's threads are gone and its sockets are not ours to use or close.

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any, Final, NamedTuple
 
 from .envelope import Outcome
 from .signals import Latch
 
-__all__ = ["RETRY", "Entry", "InFlight", "Served"]
+__all__ = ["RETRY", "Entry", "InFlight", "InFlightInfo", "Served"]
 
 
 class _Retry:
@@ -24,7 +25,17 @@ RETRY: Final = _Retry()
 class Entry:
     """One key's flight in this process; its first caller drives it, the others wait here."""
 
-    __slots__ = ("leading", "result", "role", "task", "token", "trace", "waiters")
+    __slots__ = (
+        "job_id",
+        "leading",
+        "result",
+        "role",
+        "started",
+        "task",
+        "token",
+        "trace",
+        "waiters",
+    )
 
     def __init__(self) -> None:
         self.result: Latch[Outcome | _Retry] = Latch()
@@ -34,6 +45,8 @@ class Entry:
         self.role = "leader"  # how the driver came by the outcome (see Served.role)
         self.token = 0  # the fencing token of the outcome's lease (for dedupe.events)
         self.trace = b""  # the leader's traceparent, from the outcome record
+        self.job_id = ""  # set by the driver that created it (for inflight())
+        self.started = time.monotonic()
 
 
 class InFlight:
@@ -67,6 +80,28 @@ class InFlight:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def snapshot(self, kind: str) -> list[InFlightInfo]:
+        """What runs now (for SingleFlight.inflight())."""
+        now = time.monotonic()
+        with self._lock:
+            entries = list(self._entries.values())
+        return [
+            InFlightInfo(
+                e.job_id, "leading" if e.leading else "following", e.waiters, now - e.started, kind
+            )
+            for e in entries
+        ]
+
+
+class InFlightInfo(NamedTuple):
+    """One flight of this process, as ``SingleFlight.inflight()`` lists it."""
+
+    job_id: str
+    state: str  # "leading" (this process runs the function) or "following" (waiting on Redis)
+    waiters: int  # callers of this process on it (async: still awaiting; sync: at least 1)
+    age_s: float  # since its first caller joined
+    driver: str  # "sync" or "async"
 
 
 class Served(NamedTuple):

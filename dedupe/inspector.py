@@ -145,7 +145,7 @@ class Kept:
 
     token: int  # the lease whose outcome it is
     kind: str  # value, error, unserializable, too_large, or "unknown"
-    keep_ms: int  # how long after it was written new callers are served it (result_ttl)
+    keep_ms: int  # how long after its lease's grant new callers are served it (result_ttl + run)
     ttl_ms: int  # how long it stays in Redis in all (keep_ms, or the grace for followers)
     age_ms: int  # how long ago it was written
     fresh_ms: int  # how much longer new callers are served it (0: only its own waiters)
@@ -209,7 +209,12 @@ def _kept(record: bytes | None, pttl: int) -> Kept | None:
         kind = _KIND_NAMES.get(envelope[3], "unknown")
     left = max(pttl, 0)
     age = max(0, ttl_ms - left)
-    fresh = max(0, keep_ms - age) if kind == "value" else 0
+    # As the acquire script judges it: keep_ms since written, and since the lease's grant
+    # (the token is the server's microseconds then); a longer life than sealed: not fresh.
+    since_grant = time.time() * 1000 - token / 1000
+    fresh = 0
+    if kind == "value" and pttl <= ttl_ms:
+        fresh = max(0, min(keep_ms - age, int(keep_ms - since_grant)))
     return Kept(token, kind, keep_ms, ttl_ms, age, fresh, len(record))
 
 

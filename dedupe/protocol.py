@@ -10,12 +10,13 @@ whole protocol can be tested by feeding it scripted replies.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeAlias
 
 from . import events
-from .envelope import NOTICE_ABORTED, NOTICE_STORED, Codec, Notice, Opened, Outcome
+from .envelope import NOTICE_ABORTED, NOTICE_STORED, Codec, Notice, Opened, Outcome, header_of
 from .errors import BackendUnavailable, EnvelopeError, WaitTimeout
 from .keys import Names
 
@@ -188,6 +189,7 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
     subscribed = False
     bad = 0
     while True:
+        asked = clock()  # the lease, if granted now, began no earlier than this
         reply = yield Acquire(str(floor) if floor else "")
         assert isinstance(reply, Acquired)
         if reply.state == BUSY and reply.holder.partition(":")[2] == spec.owner:
@@ -203,7 +205,7 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
                 )
             else:
                 log.debug("leading %r with lease %d", spec.names.job_id, reply.token)
-            return (yield from _lead(spec, codec, reply.token, waited=floor > 0))
+            return (yield from _lead(spec, codec, clock, reply.token, asked, waited=floor > 0))
         if reply.state == DONE:
             opened = _open(spec, codec, reply.record)
             if isinstance(opened, Opened) and opened.token >= floor:
@@ -252,14 +254,17 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
                 break
             assert isinstance(message, bytes)
             opened = _open(spec, codec, message)
-            if opened is None or opened.token < floor:
-                continue  # forged, foreign, or an older lease's: not ours, keep waiting
+            if opened is None:
+                continue  # forged or foreign: ignored (counted by the codec), keep waiting
+            if opened.token < floor:
+                codec.count_rejection()  # genuine, but of an older lease: a replay
+                continue
             if isinstance(opened, Notice):
                 log.debug("re-checking %r: notice %r", spec.names.job_id, opened.kind)
                 break  # stored (too large to travel inline) or aborted: the re-check tells
             outcome = opened.outcome
             if outcome.error is None:
-                outcome.fresh_ms = opened.keep_ms
+                outcome.fresh_ms = min(opened.keep_ms, spec.keep_ms)
             return Finished(outcome, "remote", opened.token, trace=opened.trace)
 
 
@@ -282,13 +287,33 @@ def _open(spec: FlightSpec, codec: Codec, data: bytes) -> Opened | Notice | None
     try:
         return codec.open(data, channel=spec.names.channel)
     except EnvelopeError as exc:  # codec.open counted it in codec.rejected
-        log.warning("ignored an outcome for %r: %s", spec.names.job_id, exc)
+        _warn_rejected(spec.names.job_id, exc)
         if events.enabled:
             events.mark("rejected", spec.names, detail=str(exc))
         return None
 
 
-def _lead(spec: FlightSpec, codec: Codec, token: int, *, waited: bool) -> Flight:
+_last_rejection_warning = -1.0  # monotonic time of the last one (a race here costs a line)
+
+
+def _warn_rejected(job_id: str, exc: EnvelopeError) -> None:
+    """At most one line a second: whoever may PUBLISH must not be able to flood the log."""
+    global _last_rejection_warning
+    now = time.monotonic()
+    if now - _last_rejection_warning >= 1.0:
+        _last_rejection_warning = now
+        log.warning("ignored an outcome for %r (counted in stats()): %s", job_id, exc)
+
+
+def _lead(
+    spec: FlightSpec,
+    codec: Codec,
+    clock: Callable[[], float],
+    token: int,
+    asked: float,
+    *,
+    waited: bool,
+) -> Flight:
     lock_value = f"{token}:{spec.owner}"
     channel = spec.names.channel
     if spec.min_replicas:
@@ -311,12 +336,17 @@ def _lead(spec: FlightSpec, codec: Codec, token: int, *, waited: bool) -> Flight
             notice = codec.notice(NOTICE_ABORTED, channel=channel, token=token)
             yield Complete(lock_value, b"", 0, notice, token)
             return done
-        keep = spec.keep_ms if outcome.error is None else 0
-        ttl = max(keep, spec.grace_ms)
+        # Fresh for result_ttl after the run: sealed as keep since the grant (the token's
+        # time), so that a record written back later can never pass for fresh.
+        run_ms = max(0, round((clock() - asked) * 1000))
+        keep = spec.keep_ms + run_ms if outcome.error is None and spec.keep_ms else 0
+        ttl = max(spec.keep_ms, spec.grace_ms)
         trace = events.trace_context() if events.enabled else b""
         record = codec.seal(
             outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl, trace=trace
         )
+        # seal keeps nothing fresh of an outcome that other processes could not read.
+        keep = min(spec.keep_ms, header_of(record).keep_ms)
         message = b""
         if len(record) > spec.inline_max_bytes:
             message = codec.notice(NOTICE_STORED, channel=channel, token=token)

@@ -5,10 +5,11 @@ scripts run unchanged on a single server and on Redis Cluster.
 
 A record (what the result key holds) starts with ``<token>:<keep_ms>:<ttl_ms>:``;
 the scripts read only that header. A record is "fresh" for new callers while less than
-``keep_ms`` has passed since it was written (``ttl_ms - PTTL``); after that, until its
-``ttl_ms`` runs out, only a follower that waited on that lease (or an older one) may read
-it. That grace lets a follower that lost the pub/sub message still find the outcome on
-re-check.
+``keep_ms`` has passed since it was written (``ttl_ms - PTTL``) and since its lease was
+granted (the token: server microseconds); ``keep_ms`` is result_ttl plus the run. After
+that, until its ``ttl_ms`` runs out, only a follower that waited on that lease (or an
+older one) may read it. That grace lets a follower that lost the pub/sub message still find
+the outcome on re-check.
 """
 
 from __future__ import annotations
@@ -32,9 +33,15 @@ local rec = redis.pcall('GET', KEYS[3])
 if type(rec) == 'string' then
   local tok, keep, ttl = string.match(rec, '^(%d+):(%d+):(%d+):')
   if tok and (floor == nil or tonumber(tok) >= floor) then
-    keep = tonumber(keep)
-    if keep > 0 then
-      local fresh = keep - (tonumber(ttl) - redis.call('PTTL', KEYS[3]))
+    keep, ttl = tonumber(keep), tonumber(ttl)
+    local pttl = redis.call('PTTL', KEYS[3])
+    -- Fresh while both clocks agree: the key's own (keep_ms since it was written) and the
+    -- server's (keep_ms since the lease's grant, which the token is, in microseconds). A
+    -- record written back later, or with a longer life than it was sealed with, is stale.
+    if keep > 0 and pttl <= ttl then
+      local now = redis.call('TIME')
+      local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+      local fresh = math.min(keep - (ttl - pttl), math.floor(tonumber(tok) / 1000) + keep - now_ms)
       if fresh > 0 then return {0, rec, fresh} end
     end
     if floor ~= nil then return {0, rec, 0} end

@@ -603,3 +603,31 @@ def test_fork_while_locks_are_held_and_a_flight_runs(redis_url: str, prefix: str
         th.join(10)
         tj.join(10)
         sf.close(timeout=0)
+
+
+@pytest.mark.timeout(30)
+def test_inflight_and_inspect_show_a_running_flight(
+    redis_url: str, prefix: str, sfs: list[Any]
+) -> None:
+    sf = _sf(sfs, redis_url, prefix, lock_ttl=5)
+    running, release = threading.Event(), threading.Event()
+
+    def job() -> str:
+        running.set()
+        assert release.wait(20)
+        return "v"
+
+    t = threading.Thread(target=lambda: sf.call("seen", job))
+    t.start()
+    try:
+        assert running.wait(10)
+        [info] = sf.inflight()
+        assert (info.job_id, info.state, info.driver) == ("seen", "leading", "sync")
+        assert info.age_s >= 0
+        state = sf.inspect("seen")
+        assert state.holder is not None and state.holder.pid == os.getpid()
+        assert state.lease_ms is not None and 0 < state.lease_ms <= 5000
+    finally:
+        release.set()
+        t.join(10)
+    assert sf.inflight() == []

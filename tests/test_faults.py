@@ -20,9 +20,9 @@ import workers
 from helpers import SPAWN, start, until
 
 from dedupe import BackendUnavailable, SingleFlight, current_flight
-from devtools.servers import RedisServer
-from dedupe.envelope import Codec, Outcome, make_record
+from dedupe.envelope import Codec, Outcome
 from dedupe.keys import names_for
+from devtools.servers import RedisServer
 
 
 def numsub(client: redis.Redis, channel: str) -> int:
@@ -149,8 +149,9 @@ def test_paused_leader_loses_its_lease_and_spares_the_new_one(
 def _forged(prefix: str, job_id: str, secret: bytes | None, token: int, value: Any) -> bytes:
     codec = Codec(secret=secret)
     channel = names_for(prefix, job_id).channel
-    envelope = codec.encode(Outcome(value=value), channel=channel, token=token)
-    return make_record(token, 60_000, 60_000, envelope)
+    return codec.seal(
+        Outcome(value=value), channel=channel, token=token, keep_ms=60_000, ttl_ms=60_000
+    )
 
 
 @pytest.mark.timeout(30)

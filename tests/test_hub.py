@@ -33,6 +33,8 @@ from devtools.servers import RedisClusterSet, RedisServer
 
 # --------------------------------------------------------------------------- a faulty proxy
 
+pytestmark = pytest.mark.core
+
 
 class FaultProxy:
     """A TCP proxy on loopback: forwards both ways; ``blackhole()`` stops forwarding (sockets

@@ -148,7 +148,8 @@ def test_a_held_lease_its_follower_then_its_kept_outcome(
     assert state.holder is None and state.subscribers == 0
     kept = state.kept
     assert kept is not None
-    assert (kept.token, kept.kind, kept.keep_ms) == (token, "value", 30_000)
+    assert (kept.token, kept.kind) == (token, "value")
+    assert 30_000 <= kept.keep_ms < 40_000  # result_ttl plus the run (from the lease's grant)
     assert 0 <= kept.age_ms < kept.keep_ms and 0 < kept.fresh_ms <= 30_000
     assert kept.size == len(redis_client.get(names.result) or b"")
     assert scan(redis_client, prefix) == ["report:42"]

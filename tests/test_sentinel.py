@@ -23,7 +23,7 @@ from dedupe import BackendUnavailable, SingleFlight, current_flight
 from devtools.servers import RedisSentinelSet
 from dedupe.keys import names_for
 
-pytestmark = pytest.mark.sentinel
+pytestmark = [pytest.mark.sentinel, pytest.mark.core]
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ def test_bounded_run_finds_nothing(api: Api) -> None:
         out = explore(seed, STEPS, params, api)
         steps += len(out.steps)
         if out.violation is not None:
-            small = shrink(out, params, api, budget=10)
+            small = shrink(out, params, api, budget=100)
             trace = run(small.seed, small.steps, params, api, trace=True)
             pytest.fail(_report(out) + "\n" + "\n".join(trace.lines))
     assert steps == BOUNDED_SCHEDULES * STEPS  # every schedule ran to its end
@@ -162,7 +162,7 @@ def test_finds_a_leader_that_does_not_know_its_lease_is_gone(api: Api) -> None:
     blind = _blind_renewer(api)
     out = _first_failure(blind, Params(), "unaware-leader")
     others = KINDS - {"unaware-leader"}
-    small = shrink(out, Params(), blind, budget=15, ignored=others)
+    small = shrink(out, Params(), blind, budget=100, ignored=others)
     assert len(small.steps) <= 8, small.steps
     replayed = run(small.seed, small.steps, Params(), blind, ignored=others)
     assert replayed.violation is not None and replayed.violation.kind == "unaware-leader"
@@ -210,7 +210,28 @@ def test_finds_an_old_outcome_returned_to_a_newer_flight(
             break
     assert out is not None and out.violation is not None, "no failure in 3000 schedules"
     assert out.violation.kind in wanted, _report(out)
-    small = shrink(out, Params(), api, budget=15, ignored=others)
+    small = shrink(out, Params(), api, budget=100, ignored=others)
     assert len(small.steps) <= 25, small.steps
     replayed = run(small.seed, small.steps, Params(), api, ignored=others)
     assert replayed.violation is not None and replayed.violation.kind == out.violation.kind
+
+
+def test_a_leader_that_finds_its_own_lease_dates_it_from_when_it_began(api: Api) -> None:
+    """Found by the long run (seed 255262), rewritten by hand: p1's re-check acquire is sent
+    twice (a client retry); the first copy finds p0's dead lease busy, and its reply holds p1
+    waiting; the second copy, after that lease expired, grants p1 a lease whose reply is
+    discarded. p1's next acquire finds its own lease with only ~2 s of 3 left. If p1 dates
+    the lease from that acquire, it believes in it for ~1 s longer than Redis keeps it, and
+    p2 is granted a new lease while p1 still runs, unaware."""
+    steps: list[Step] = [
+        ("call", 0, 0, 0), ("deliver", 0), ("deliver", 0), ("kill", 0),  # a dead leader's lease
+        ("call", 1, 0, 0), ("deliver", 0), ("deliver", 0), ("deliver", 0), ("deliver", 0),
+        ("dup", 0), ("deliver", 0),  # the re-check, sent twice: the first copy finds it busy
+        ("advance", 1000), ("deliver", 1),  # its reply, late: p1 waits out the dead lease
+        ("advance", 2100), ("deliver", 0),  # the second copy grants p1 a lease; reply lost
+        ("next",), ("deliver", 0), ("deliver", 0), ("deliver", 0),  # p1 finds its own lease
+        ("pause", 1, 3000), ("advance", 2100),  # p1 leads; nothing renews it
+        ("call", 2, 0, 0), ("deliver", 0),  # p2 acquires once Redis dropped p1's lease
+    ]  # fmt: skip
+    out = run(1, steps, Params(), api, trace=True)
+    assert out.violation is None, "\n".join(out.lines)

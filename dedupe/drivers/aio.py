@@ -59,6 +59,7 @@ async def call(
         while True:
             entry, created = table.join(plan.key)
             if created:
+                entry.job_id = names.job_id
                 # The shared task follows with no deadline of its own: each caller keeps its own.
                 driver = _Driver(backend, make_spec(None), fn, args, kwargs, entry)
                 entry.task = asyncio.get_running_loop().create_task(_drive(driver, table, plan.key))
@@ -137,18 +138,6 @@ async def _run(driver: _Driver) -> Finished:
 
 
 class _Driver(DriverBase):
-    def __init__(
-        self,
-        backend: Backend,
-        spec: FlightSpec,
-        fn: Callable[..., Coroutine[Any, Any, Any]],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        entry: Entry,
-    ) -> None:
-        super().__init__(backend, spec, fn, args, kwargs)
-        self.entry = entry
-
     async def run(self) -> Finished:
         client, slots = self.backend.async_client_and_slots()
         flight = run_flight(self.spec, self.codec, time.monotonic)

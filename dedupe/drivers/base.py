@@ -27,7 +27,7 @@ from ..commands import (
 from ..context import Flight, check_reentry, leading
 from ..envelope import Codec, Outcome
 from ..errors import WaitTimeout
-from ..inflight import RETRY, Served
+from ..inflight import RETRY, Entry, Served
 from ..keys import Names
 from ..protocol import Acquire, Command, Complete, Discard, Finished, FlightSpec, Lead, is_abort
 from ..renewal import Lease, LostSignal
@@ -135,8 +135,10 @@ class DriverBase:
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        entry: Entry,
     ) -> None:
         self.backend = backend
+        self.entry = entry  # this process's entry of the flight (its callers wait on it)
         self.codec: Codec = backend.codec
         self.cluster = backend.kind == "cluster"  # isinstance on cluster clients is slow
         self.spec = spec

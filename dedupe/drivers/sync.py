@@ -11,7 +11,7 @@ from ..backend import Backend, SyncClient, acquire_and_wait, run_script
 from ..commands import translate
 from ..envelope import Outcome
 from ..errors import BackendUnavailable, WaitTimeout
-from ..inflight import RETRY
+from ..inflight import RETRY, Entry
 from ..keys import Names
 from ..protocol import (
     Acquire,
@@ -50,7 +50,9 @@ def call(
         table = backend.sync_flights
         while True:
             entry, created = table.join(plan.key)
-            if not created:
+            if created:
+                entry.job_id = names.job_id
+            else:
                 if not entry.result.wait(plan.left()):
                     raise plan.timed_out("local")
                 result = entry.result.get()
@@ -60,7 +62,7 @@ def call(
                 return plan.deliver(result, "local", own=False)
             shared: Outcome | object = RETRY
             try:
-                finished = _run(backend, make_spec(plan.deadline), fn, args, kwargs)
+                finished = _run(backend, make_spec(plan.deadline), fn, args, kwargs, entry)
             except WaitTimeout:
                 raise plan.timed_out("remote") from None  # ours alone: the other callers start over
             except Exception as exc:
@@ -91,11 +93,12 @@ def _run(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    entry: Entry,
 ) -> Finished:
     with backend.flight():
         if not backend.skip_redis():
             try:
-                finished = _Driver(backend, spec, fn, args, kwargs).run()
+                finished = _Driver(backend, spec, fn, args, kwargs, entry).run()
             except BackendUnavailable as exc:
                 if not backend.fall_back(exc):
                     raise
@@ -145,6 +148,7 @@ class _Driver(DriverBase):
             latch = self.subscribe()
             return latch.wait(self.confirm_timeout(cmd.timeout)) and latch.get()
         if isinstance(cmd, Lead):
+            self.entry.leading = True
             flight = self.start_lease(cmd)
             try:
                 with self.as_leader(flight):

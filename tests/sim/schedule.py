@@ -256,23 +256,33 @@ def shrink(
     api: Api,
     budget: float = 20.0,
     ignored: frozenset[str] = frozenset(),
+    max_runs: int = 4000,
 ) -> Outcome:
-    """Delta debugging: the shortest sub-schedule (then the smallest numbers) failing alike."""
+    """Delta debugging: the shortest sub-schedule (then the smallest numbers) failing alike.
+
+    Bounded by ``max_runs`` replays (deterministic) and by ``budget`` seconds (a safety net).
+    """
     assert out.violation is not None
     kind = out.violation.kind
     best = out
-    stop = time.monotonic() + budget
+    deadline = time.monotonic() + budget
+    runs = 0
+
+    def more() -> bool:
+        return runs < max_runs and time.monotonic() < deadline
 
     def fails(steps: list[Step]) -> Outcome | None:
+        nonlocal runs
+        runs += 1
         trial = run(out.seed, steps, params, api, ignored=ignored)
         if trial.violation is not None and trial.violation.kind == kind:
             return trial
         return None
 
     chunk = max(1, len(best.steps) // 2)
-    while chunk >= 1 and time.monotonic() < stop:
+    while chunk >= 1 and more():
         i, shrunk = 0, False
-        while i < len(best.steps) and time.monotonic() < stop:
+        while i < len(best.steps) and more():
             trial = fails(best.steps[:i] + best.steps[i + chunk :])
             if trial is not None:
                 best, shrunk = trial, True
@@ -282,12 +292,12 @@ def shrink(
             chunk //= 2
     # Steps that only matter together (a call and the drop of its request): remove pairs.
     removed = True
-    while removed and time.monotonic() < stop:
+    while removed and more():
         removed = False
         n = len(best.steps)
         for i in range(n):
             for j in range(i + 1, n):
-                if time.monotonic() >= stop:
+                if not more():
                     break
                 trial = fails([s for k, s in enumerate(best.steps) if k not in (i, j)])
                 if trial is not None:
@@ -297,7 +307,7 @@ def shrink(
                 break
     # Smaller numbers read better: deliver the oldest item, shorter pauses and waits.
     for i in range(len(best.steps)):
-        if time.monotonic() >= stop:
+        if not more():
             break
         step = best.steps[i]
         for simpler in _simpler(step):

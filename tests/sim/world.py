@@ -49,7 +49,9 @@ import inspect
 import itertools
 import math
 import re
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -847,10 +849,11 @@ class Driver:
     def handle(self, cmd: Any) -> tuple[object, BaseException | None] | None:
         api, w = self.w.api, self.w
         name = type(cmd).__name__
-        sc = api.base.DriverBase.script_for(self.shim, cmd)
+        with _clock(self.proc.clock):  # script_for notes when an acquire is sent
+            sc = api.base.DriverBase.script_for(self.shim, cmd)
         if sc is not None:
             if name == "Acquire":
-                self.acquire_sent = self.proc.clock()
+                self.acquire_sent = self.proc.clock()  # for drivers that do not note it
             elif name == "Complete" and self.lease is not None:
                 self.lease.completing = True  # as Renewer.completing()
             w.script(self.proc, sc, lambda raw, err: self._scripted(cmd, raw, err))
@@ -966,8 +969,14 @@ class Driver:
             for joiner in entry.joiners:
                 joiner.own_token = self.lead_token
         ttl = self.spec.lock_ttl_ms / 1000
-        start = self.acquire_sent if w.api.lease_from_acquire else proc.clock()
-        hold = getattr(self.spec, "max_hold_ms", 0) / 1000 if w.api.lease_max_hold else 0
+        dated = self._driver_lease(cmd)
+        if dated is not None:
+            start, margin, hold_until = dated  # exactly as the driver dates it
+        else:
+            start = self.acquire_sent if w.api.lease_from_acquire else proc.clock()
+            hold = getattr(self.spec, "max_hold_ms", 0) / 1000 if w.api.lease_max_hold else 0
+            margin = w.api.margin(ttl, w.p.loss_margin)
+            hold_until = start + hold if hold else float("inf")
         lease = Lease(
             self.key,
             self.names.lock,
@@ -976,8 +985,8 @@ class Driver:
             ttl,
             start,
             w.grants.get((self.key, int(cmd.token)), w.redis.restarts),
-            w.api.margin(ttl, w.p.loss_margin),
-            start + hold if hold else float("inf"),
+            margin,
+            hold_until,
         )
         self.lease = lease
         proc.leases.append(lease)
@@ -986,6 +995,20 @@ class Driver:
         w.jobs.append(Job(proc, self.epoch, self, int(cmd.token), seq))
         w.log(f"{proc.name()} leads {self.key} with lease {cmd.token}: job runs")
         return None
+
+    def _driver_lease(self, cmd: Any) -> tuple[float, float, float] | None:
+        """The real ``DriverBase.start_lease`` on the process's clock: (start, margin, hold end).
+
+        None for a driver without it (the old code): the stand-in then dates the lease itself.
+        """
+        start_lease = getattr(self.w.api.base.DriverBase, "start_lease", None)
+        if start_lease is None or not self.w.api.lease_from_acquire:
+            return None
+        stub = self.shim.backend.stub
+        with _clock(self.proc.clock):
+            start_lease(self.shim, cmd)
+        lease = stub.added[-1]
+        return float(lease.sent_at), float(lease.margin), float(lease.hold_until)
 
     def led(self, outcome: Any) -> None:
         """The job finished: the function's outcome is the Lead reply."""
@@ -1117,21 +1140,52 @@ class _Box(list):  # type: ignore[type-arg]
     waker: Callable[[], None] | None = None
 
 
+@contextmanager
+def _clock(now: Callable[[], float]) -> Iterator[None]:
+    """While the driver's own bookkeeping runs, time.monotonic reads the process's clock."""
+    real = time.monotonic
+    time.monotonic = now
+    try:
+        yield
+    finally:
+        time.monotonic = real
+
+
+class _RenewerStub:
+    """What ``start_lease`` and ``script_for`` hand leases to; the stand-in does the renewing."""
+
+    def __init__(self) -> None:
+        self.added: list[Any] = []
+
+    def add(self, lease: Any) -> None:
+        self.added.append(lease)
+
+    def remove(self, lease: Any) -> None:
+        pass
+
+    def completing(self, lease: Any) -> None:
+        pass
+
+
 class _Shim:
-    """Stands in for DriverBase's self in ``script_for``: the spec and the publish command."""
+    """Stands in for DriverBase's self in ``script_for`` and ``start_lease``."""
 
     def __init__(self, spec: Any, publish: str) -> None:
         self.spec = spec
         self.backend = _ShimBackend(publish)
         self.cluster = False
-        self.lease = None  # the sim's renewer stand-in keeps its own leases
-        self.acquire_sent = 0.0  # set by script_for on the real clock: the sim keeps its own
+        self.lease: Any = None  # set by start_lease; the stand-in renews its own copy
+        self.acquire_sent = 0.0  # set by script_for (on the process's clock, see _clock)
 
 
 class _ShimBackend:
     def __init__(self, publish: str) -> None:
         self.publish = publish
         self.kind = "single"
+        self.stub = _RenewerStub()
+
+    def renewer(self) -> _RenewerStub:
+        return self.stub
 
 
 def _enc(value: Any) -> bytes:
