@@ -17,7 +17,9 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import queue
+import faulthandler
 import random
+import signal
 import threading
 import time
 import traceback
@@ -111,6 +113,7 @@ class WorkerPool:
 def worker_main(
     idx: int, n: int, url: str, commands: Any, results: Any, phase: Any, keybar: Any
 ) -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: where a stuck worker is
     counting.install()
     install_legs()
     while True:
@@ -434,8 +437,13 @@ def _subscriber(url: str, channel: str, out: queue.SimpleQueue[tuple[bytes, int]
     import redis.connection as sconn
 
     pool = redis.ConnectionPool.from_url(url)
-    kwargs = {k: v for k, v in pool.connection_kwargs.items() if k != "socket_timeout"}
-    conn = sconn.Connection(**kwargs, socket_timeout=None)
+    kwargs = {
+        k: v
+        for k, v in pool.connection_kwargs.items()
+        if k not in ("socket_timeout", "protocol") and not k.startswith("maint_notif")
+    }
+    # RESP2: the messages come back from read_response (RESP3 hands pushes to a handler).
+    conn = sconn.Connection(**kwargs, socket_timeout=None, protocol=2)
     conn.connect()
     conn.send_command("SUBSCRIBE", channel)
     ack = conn.read_response()
@@ -529,7 +537,8 @@ _legs: dict[str, dict[str, int]] = {"complete": {}, "hub": {}}
 def _tag(name: Any) -> str:
     text = name.decode() if isinstance(name, bytes) else str(name)
     lo, hi = text.find("{"), text.find("}")
-    return text[lo + 1 : hi] if 0 <= lo < hi else text
+    tag = text[lo + 1 : hi] if 0 <= lo < hi else text
+    return tag.rsplit(":", 1)[-1]  # the job id is "<function>:<key>"; the scenario's key
 
 
 def install_legs() -> None:

@@ -20,8 +20,8 @@ import topology_workers as tw
 from helpers import SPAWN, start
 
 from dedupe import BackendUnavailable, SingleFlight, current_flight
-from devtools.servers import RedisSentinelSet
 from dedupe.keys import names_for
+from devtools.servers import RedisSentinelSet
 
 pytestmark = [pytest.mark.sentinel, pytest.mark.core]
 
