@@ -726,6 +726,13 @@ class Soak:
             if not p.is_alive():
                 p.join(1)
                 self.procs.pop(idx)
+                # A violation of its own (below); its runs end with it, as a killed worker's.
+                self.killed[p.pid] = time.time()
+                with contextlib.suppress(redis.RedisError):
+                    self.forget_pid(p.pid)
+                proxy = self.proxies.pop(idx, None)
+                if proxy is not None:
+                    proxy.close()
                 msg = f"worker w{idx} pid {p.pid} died on its own (exit code {p.exitcode})"
                 self.crashed.append(msg)
                 self.violations.append(msg)

@@ -793,3 +793,30 @@ def test_acquire_during_an_open_migration_waits_it_out(
         follower.close()
     assert outcome == ["leader"], outcome
     assert ran == ["leader"]
+
+
+@pytest.mark.timeout(30)
+def test_readme_async_client_snippet_with_a_sync_first_call(
+    redis_cluster: RedisClusterSet, prefix: str
+) -> None:
+    """SingleFlight(async_client=RedisCluster(host=..., port=...)) whose first call is sync:
+    the sync twin is derived from a client that has not connected yet."""
+    host, port = redis_cluster.startup_nodes[0]
+    client = redis.asyncio.cluster.RedisCluster(host=host, port=port)
+    sf = SingleFlight(async_client=client, prefix=prefix)
+    try:
+        assert sf.call("first-sync", lambda: 1) == 1
+
+        async def two() -> int:
+            return 2
+
+        async def main() -> int:
+            try:
+                return await sf.call("then-async", two)
+            finally:
+                await sf.aclose()
+                await client.aclose()
+
+        assert asyncio.run(main()) == 2
+    finally:
+        sf.close(timeout=0)

@@ -19,7 +19,7 @@ import pytest
 import redis
 from helpers import SPAWN, start, until
 
-from dedupe import SingleFlight, WaitTimeout, current_flight
+from dedupe import BackendUnavailable, SingleFlight, WaitTimeout, current_flight
 from dedupe.keys import names_for
 from devtools.servers import RedisServer
 
@@ -631,3 +631,43 @@ def test_inflight_and_inspect_show_a_running_flight(
         release.set()
         t.join(10)
     assert sf.inflight() == []
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_half_open_redis_fails_the_call_within_its_bound(
+    redis_server: RedisServer, prefix: str, kind: str
+) -> None:
+    """Redis stops answering but the sockets stay open: the call raises BackendUnavailable
+    (the documented bound is connect_timeout + socket_timeout; pytest's timeout would catch
+    a hang), and works again once the link heals."""
+    from proxy import Proxy
+
+    with Proxy(redis_server.address).start() as proxy:
+        url = "redis://{}:{}/0".format(*proxy.address)
+        sf = SingleFlight(url, prefix=prefix, connect_timeout=0.5, socket_timeout=0.5)
+        try:
+
+            async def aval() -> str:
+                return "v"
+
+            def run() -> Any:
+                if kind == "sync":
+                    return sf.call("half-open", lambda: "v")
+
+                async def main() -> Any:
+                    try:
+                        return await sf.call("half-open", aval)
+                    finally:
+                        await sf.aclose()
+
+                return asyncio.run(main())
+
+            assert run() == "v"  # connections are pooled and warm
+            proxy.blackhole()
+            with pytest.raises(BackendUnavailable):
+                run()
+            proxy.heal()
+            assert run() == "v"
+        finally:
+            sf.close(timeout=0)
