@@ -42,6 +42,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+# How often a follower whose subscription is not confirmed re-checks the job's state.
+_POLL: Final = 0.5
+
+
 class _Recheck:
     def __repr__(self) -> str:
         return "RECHECK"
@@ -187,6 +191,7 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
     """Drive one flight to its outcome; the caller sends replies to the yielded commands."""
     floor = 0  # the newest lease we waited on: an outcome of an older one is never ours
     subscribed = False
+    confirmed = False  # no message can wake us unless the server confirmed the subscription
     bad = 0
     while True:
         asked = clock()  # the lease, if granted now, began no earlier than this
@@ -237,8 +242,12 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
             # The confirmation only hurries things along: the wait below is bounded by the
             # lease either way, and the re-check at its end finds a stored outcome.
             subscribed = True
-            yield Subscribe(timeout)
+            confirmed = bool((yield Subscribe(timeout)))
             continue
+        if not confirmed:
+            # Pub/sub is denied, slow or down: no message may come, so look again sooner
+            # than the lease's end (a round trip per _POLL, only in this degraded state).
+            timeout = min(timeout, _POLL)
         until = clock() + timeout
         while True:
             message = yield Wait(max(0.0, until - clock()))
@@ -250,7 +259,7 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
                 # the lease's end to re-subscribe (a restarting Redis answers nothing before
                 # that anyway), then re-check.
                 log.debug("re-checking %r: the subscription dropped", spec.names.job_id)
-                yield Subscribe(max(0.0, until - clock()))
+                confirmed = bool((yield Subscribe(max(0.0, until - clock()))))
                 break
             assert isinstance(message, bytes)
             opened = _open(spec, codec, message)

@@ -287,14 +287,20 @@ def test_an_older_leases_outcome_is_never_taken(secret: bytes | None) -> None:
     assert d.outcome == Outcome(value="right")
 
 
-def test_subscription_unconfirmed_still_rechecks_and_waits_for_the_lease() -> None:
+def test_subscription_unconfirmed_still_rechecks_and_polls_within_the_lease() -> None:
     d = Driver()
     sub = d.send(busy(3_000))
     assert isinstance(sub, Subscribe) and sub.timeout <= 3.1
     assert d.send(False) == Acquire("7")  # no confirmation: re-check all the same
     wait = d.send(busy(2_000))
-    assert isinstance(wait, Wait) and 2.0 <= wait.timeout < 2.2
-    assert d.send(None) == Acquire("7")  # the lease ran out: re-check
+    assert isinstance(wait, Wait) and wait.timeout == 0.5  # no message may come: poll
+    assert d.send(None) == Acquire("7")
+
+
+def test_confirmed_subscription_waits_for_the_whole_lease() -> None:
+    d = Driver()
+    wait = follow_until_wait(d, pttl_ms=2_000)
+    assert 2.0 <= wait.timeout < 2.2
 
 
 def test_recheck_reply_waits_for_the_resubscription_then_rechecks() -> None:
