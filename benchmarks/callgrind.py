@@ -6,13 +6,14 @@ callgrind: a warm-up, then N calls on fresh keys, then 2N more. The process call
 ``os.getpgrp()`` (a function nothing else calls) after the warm-up, after N calls and after 3N,
 and callgrind dumps its counters on entering it (``--dump-before=os_getpgrp``); the difference
 of the counts through 3N calls and through N calls, divided by 2N, is the cost of one call,
-with start-up, imports, warm-up and shutdown removed. Every thread of the process is counted (the renewal thread and the pub/sub
-hub too), but not the redis-server, which runs outside valgrind.
+with start-up, imports, warm-up and shutdown removed. Every thread of the process is counted
+(the renewal thread and the pub/sub hub too), but not the redis-server, outside valgrind.
 
 ``python -m benchmarks.callgrind [--calls N] [--tools a,b] [--functions TOOL]``; ``--functions``
-also writes ``callgrind_annotate``'s per-function counts (``--dump-instr=no``) of the last 2N
-calls of that tool, per call, to ``results/profile/``. It starts its own redis-server. The worker side
-(``--worker TOOL N URL``) runs inside valgrind and is not meant to be called by hand.
+also writes the per-C-function self counts (``--dump-instr=no``) of the last 2N calls of that
+tool, per call, to ``results/profile/``, and ``--pyfuncs TOOL`` the Python bytecodes each Python
+function runs per call (``sys.settrace``, deterministic, outside valgrind). It starts its own
+redis-server. ``--worker TOOL N URL`` runs inside valgrind; it is not meant to be run by hand.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -162,10 +162,8 @@ def per_call(
             if keep is not None:
                 keep.mkdir(parents=True, exist_ok=True)
                 shutil.copy(dump, keep / f"callgrind.{tool}.out")  # the last 2N calls
-            print(
-                f"  callgrind {tool}: {r['per_call'] / 1000:.0f}k instr/call ({r['seconds']:.0f} s)",
-                flush=True,
-            )
+            k = r["per_call"] / 1000
+            print(f"  callgrind {tool}: {k:.0f}k instr/call ({r['seconds']:.0f} s)", flush=True)
     return res
 
 
@@ -198,6 +196,65 @@ def functions(path: Path, calls: int, limit: int = 40) -> str:
     return "\n".join(lines)
 
 
+def pyfuncs(tool: str, n: int, url: str, limit: int = 120) -> str:
+    """Python bytecodes run per call, per Python function (all threads), over ``n`` calls."""
+    import threading
+    from types import FrameType
+
+    from .tools import DedupeNoop, DedupeNoopAsync, RawAsync, RawSync
+
+    counts: dict[tuple[str, str, int], int] = {}
+    calls: dict[tuple[str, str, int], int] = {}
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+        code = frame.f_code
+        where = (code.co_filename, code.co_name, code.co_firstlineno)
+        if event == "call":
+            frame.f_trace_opcodes = True
+            calls[where] = calls.get(where, 0) + 1
+        elif event == "opcode":
+            counts[where] = counts.get(where, 0) + 1
+        return tracer
+
+    prefix = f"pf:{tool}:{os.getpid()}"
+    if tool.endswith("-sync"):
+        t: Any = (RawSync if tool == "raw-sync" else DedupeNoop)(url, prefix)
+        for i in range(WARM):
+            t(i)
+        threading.settrace(tracer)
+        sys.settrace(tracer)
+        for i in range(WARM, WARM + n):
+            t(i)
+        sys.settrace(None)
+        threading.settrace(None)  # type: ignore[arg-type]
+        t.close()
+    else:
+
+        async def run() -> None:
+            a: Any = (RawAsync if tool == "raw-async" else DedupeNoopAsync)(url, prefix)
+            await a.start()
+            for i in range(WARM):
+                await a(i)
+            threading.settrace(tracer)
+            sys.settrace(tracer)
+            for i in range(WARM, WARM + n):
+                await a(i)
+            sys.settrace(None)
+            threading.settrace(None)  # type: ignore[arg-type]
+            await a.close()
+
+        asyncio.run(run())
+    total = sum(counts.values())
+    lines = [f"{total / n:12,.0f}  TOTAL bytecodes per call ({tool}, {n} calls)", ""]
+    lines.append(f"{'bytecodes/call':>14} {'calls/call':>10}  function")
+    for where, c in sorted(counts.items(), key=lambda kv: -kv[1])[:limit]:
+        file = where[0].split("site-packages/")[-1].split("/work/main/")[-1]
+        lines.append(
+            f"{c / n:14,.0f} {calls.get(where, 0) / n:10.2f}  {where[1]} ({file}:{where[2]})"
+        )
+    return "\n".join(lines)
+
+
 def available() -> bool:
     return shutil.which("valgrind") is not None
 
@@ -216,11 +273,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=300, help="N (the runs do N and 3N calls)")
     ap.add_argument("--tools", default=",".join(TOOLS), help=f"subset of {', '.join(TOOLS)}")
     ap.add_argument("--functions", default="", help="also write per-function counts of TOOL")
+    ap.add_argument("--pyfuncs", default="", help="Python bytecodes per function of TOOL")
     ap.add_argument("--path", default=None, help="prepend this to PYTHONPATH (a patched copy)")
     ns = ap.parse_args(argv)
     if ns.worker:
         tool, n, url = ns.worker
         _worker(tool, int(n), url)
+        return 0
+    if ns.pyfuncs:
+        from devtools.servers import RedisServer as _Server
+
+        srv = _Server().start()
+        try:
+            text = pyfuncs(ns.pyfuncs, ns.calls, srv.url)
+        finally:
+            srv.stop()
+        OUT.mkdir(parents=True, exist_ok=True)
+        dest = OUT / f"pyfuncs-{ns.pyfuncs}.txt"
+        dest.write_text(text + "\n")
+        print(text)
         return 0
     if not available():
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)

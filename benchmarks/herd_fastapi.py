@@ -64,7 +64,7 @@ def make_app() -> Any:
         from dedupe import SingleFlight
 
         sf = SingleFlight(url, prefix=prefix, result_ttl=60.0, lock_ttl=10.0)
-        shared = sf(key="{key}")(job)
+        shared: Any = sf(key="{key}")(job)
     elif tool == "cashews":
         from cashews import Cache
 
@@ -261,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         res = run(server.url, 2 if ns.quick else 5, 3 if ns.quick else 6)
     finally:
         server.stop()
-    p99 = {t: [percentile([x for h in r["lag"] for x in h], 99) for r in e["runs"]] for t, e in res.items()}
+    p99 = {
+        t: [percentile([x for h in r["lag"] for x in h], 99) for r in e["runs"]]
+        for t, e in res.items()
+    }
     for t in TOOLS:
         print(f"{t}: wake lag p99 {Spread.of(p99[t]).fmt(2)} ms")
     print(f"dedupe / cashews p99 wake lag: {ratios(p99['dedupe'], p99['cashews']).ratio()}")

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import multiprocessing as mp
 import queue
-import faulthandler
 import random
 import signal
 import threading
@@ -443,7 +443,7 @@ def _subscriber(url: str, channel: str, out: queue.SimpleQueue[tuple[bytes, int]
         if k not in ("socket_timeout", "protocol") and not k.startswith("maint_notif")
     }
     # RESP2: the messages come back from read_response (RESP3 hands pushes to a handler).
-    conn = sconn.Connection(**kwargs, socket_timeout=None, protocol=2)
+    conn: Any = sconn.Connection(**kwargs, socket_timeout=None, protocol=2)  # type: ignore[no-untyped-call]
     conn.connect()
     conn.send_command("SUBSCRIBE", channel)
     ack = conn.read_response()
@@ -553,8 +553,8 @@ def install_legs() -> None:
     sha = commands.COMPLETE.sha
     complete = _legs["complete"]
     seen = _legs["hub"]
-    sync_send = sconn.AbstractConnection.send_command
-    async_send = aconn.AbstractConnection.send_command
+    sync_send: Any = sconn.AbstractConnection.send_command
+    async_send: Any = aconn.AbstractConnection.send_command
 
     def stamp(args: tuple[Any, ...]) -> None:
         if len(args) > 3 and args[0] in ("EVALSHA", "EVAL") and args[1] == sha:

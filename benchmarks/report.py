@@ -58,7 +58,16 @@ class Report:
             "",
         ]
         self.lines = []
-        for name in ("overhead", "wake", "stampede", "steady", "throughput", "memory"):
+        for name in (
+            "callgrind",
+            "overhead",
+            "wake",
+            "stampede",
+            "steady",
+            "throughput",
+            "memory",
+            "herd",
+        ):
             if name in self.res:
                 getattr(self, f"_{name}")(self.res[name])
         body = self.lines
@@ -67,6 +76,101 @@ class Report:
         self.lines.append("")
         self.table(["scenario", "target", "measured", "verdict"], [list(t) for t in self.targets])
         return "\n".join(head + self.lines + body)
+
+    def _callgrind(self, res: dict[str, Any]) -> None:
+        from .callgrind import LABELS, PAIRS, WARM
+
+        self.lines += ["## 0. Client cost per uncontended flight, in instructions (callgrind)", ""]
+        if "skipped" in res:
+            self.lines += [f"Skipped: {res['skipped']}.", ""]
+            return
+        tools = res["tools"]
+        rows = []
+        for mode, dd, raw in PAIRS:
+            if dd not in tools or raw not in tools:
+                continue
+            ratio = tools[dd]["per_call"] / tools[raw]["per_call"]
+            for t in (raw, dd):
+                rows.append(
+                    [
+                        mode,
+                        LABELS[t],
+                        f"{tools[t]['per_call']:,.0f}",
+                        "1.00x" if t == raw else f"{ratio:.2f}x",
+                    ]
+                )
+            self.target(
+                "0", f"{mode}: dedupe ≤ 1.2x raw instructions/flight", f"{ratio:.2f}x", ratio <= 1.2
+            )
+        self.table(["mode", "tool", "instructions per call", "vs raw"], rows)
+        n = res["calls"]
+        self.lines.append(
+            f"`valgrind --tool=callgrind`, one process per tool: {WARM} warm-up calls, then "
+            f"{n} and {2 * n} more on fresh keys; counters dumped at each mark, so a call costs "
+            f"(I(3N) - I(N)) / 2N with N = {n}: start-up removed, every thread of the process "
+            "counted (renewal, pub/sub hub), the redis-server not. Instruction counts do not "
+            "depend on the machine's load, so there are no repeats. "
+            "`python -m benchmarks.callgrind --functions dedupe-sync` writes the per-function "
+            "counts."
+        )
+        self.lines.append("")
+
+    def _herd(self, res: dict[str, Any]) -> None:
+        from . import herd_fastapi as hf
+
+        self.lines += [
+            f"## 7. FastAPI herd: uvicorn, {hf.WORKERS} workers, {hf.CONCURRENCY} concurrent "
+            f"httpx requests per key, {hf.JOB_S * 1000:.0f} ms job",
+            "",
+        ]
+        p99: dict[str, list[float]] = {}
+        rows = []
+        for tool, e in res.items():
+            runs = e["runs"]
+            flat = [[x for h in r["lag"] for x in h] for r in runs]
+            p50 = [percentile(x, 50) for x in flat]
+            p99[tool] = [percentile(x, 99) for x in flat]
+            lat99 = [percentile([x for h in r["latency"] for x in h], 99) for r in runs]
+            execs = [x for r in runs for x in r["exec"]]
+            waiters = [x for r in runs for x in r["waiters"]]
+            failed = sum(len(r["errors"]) for r in runs)
+            rows.append(
+                [
+                    tool,
+                    f"{sum(execs) / len(execs):.2f} (max {max(execs)})",
+                    f"{sum(waiters) / len(waiters):.0f}",
+                    Spread.of(p50).fmt(2),
+                    Spread.of(p99[tool]).fmt(2),
+                    Spread.of(lat99).fmt(0),
+                    str(failed),
+                ]
+            )
+            if tool == "dedupe":
+                self.target(
+                    "7", "dedupe executions/herd = 1.00", f"max {max(execs)}", max(execs) == 1
+                )
+        self.table(
+            [
+                "tool",
+                "executions/herd",
+                "waiting requests/herd",
+                "wake lag p50 ms",
+                "wake lag p99 ms",
+                "request p99 ms (client)",
+                "failed requests",
+            ],
+            rows,
+        )
+        if "dedupe" in p99 and "cashews" in p99:
+            r = ratios(p99["dedupe"], p99["cashews"])
+            self.target("7", "dedupe wake lag p99 ≤ 0.5x cashews", r.ratio(), r.median <= 0.5)
+        self.lines.append(
+            "Wake lag: from the job's end (stamped into its value) to a waiting request's "
+            "handler having the value, for every request that was already waiting when the job "
+            "ended. dedupe runs with result_ttl=60 s, cashews with ttl=60 s and lock=True. "
+            "Failed requests: the connection dropped (a stale keep-alive), not counted."
+        )
+        self.lines.append("")
 
     def _overhead(self, res: dict[str, Any]) -> None:
         self.lines += ["## 1. Uncontended overhead (no-op, fresh key per call)", ""]
@@ -245,7 +349,13 @@ class Report:
                     best_rt.append(min(res[t]["client"][i] for t in present))
                     dd_ex.append(d99["dedupe"][i] - JOB_S * 1000)
                 r = ratios(dd_ex, best_ex)
-                self.target(label, "dedupe p99 excess ≤ 0.5x best peer", r.ratio(), r.median <= 0.5)
+                limit = 0.3 if label == "3 async" else 0.5  # issue 12: async ≤ 0.3x cashews
+                self.target(
+                    label,
+                    f"dedupe p99 excess ≤ {limit}x best peer",
+                    r.ratio(),
+                    r.median <= limit,
+                )
                 r = ratios(dd["client"], best_rt)
                 self.target(
                     label, "dedupe round trips/key ≤ 0.1x best peer", r.ratio(), r.median <= 0.1
@@ -338,8 +448,12 @@ class Report:
                 r = ratios(rates, base)
                 rows.append([mode, tool, Spread.of(rates).fmt(0), r.ratio()])
                 if tool == "dedupe":
+                    floor = 0.9 if mode == "sync" else 0.8  # issue 12
                     self.target(
-                        "5", f"{mode}: dedupe ≥ 0.7x raw flights/s", r.ratio(), r.median >= 0.7
+                        "5",
+                        f"{mode}: dedupe ≥ {floor}x raw flights/s",
+                        r.ratio(),
+                        r.median >= floor,
                     )
         self.table(["mode", "tool", "flights/s", "vs raw"], rows)
         self.lines.append(f"{self.p.throughput_seconds:g} s per run.")
@@ -451,7 +565,9 @@ def plots(res: dict[str, Any], outdir: Path) -> list[Path]:
         for ax, (followers, tools) in zip(axes[0], panels, strict=True):
             data = {t: [x for run in e["samples"] for x in run] for t, e in tools.items()}
             floor = data.pop(RAW_WAKE, [])
-            cdf(ax, {"raw floor (blocked redis-py reader)": floor, **data}, "wake latency, ms (log)")
+            cdf(
+                ax, {"raw floor (blocked redis-py reader)": floor, **data}, "wake latency, ms (log)"
+            )
             ax.set_title(f"Wake latency vs the raw floor, {followers} follower process(es)")
         fig.tight_layout()
         path = outdir / "wake_latency.png"

@@ -16,12 +16,21 @@ import redis
 
 from devtools.servers import RedisServer
 
-from . import scenarios
+from . import callgrind, herd_fastapi, scenarios
 from .pool import WorkerPool
 from .report import Report, plots
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = ("overhead", "wake", "stampede", "steady", "throughput", "memory")
+SCENARIOS = (
+    "callgrind",
+    "overhead",
+    "wake",
+    "stampede",
+    "steady",
+    "throughput",
+    "memory",
+    "herd",
+)
 
 
 def _version(dist: str) -> str:
@@ -95,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{name}] {timings[name]:.1f}s", flush=True)
             admin.flushall()
 
+        timed("callgrind", callgrind.scenario, server.url, p.quick)
         timed("overhead", scenarios.overhead, server.url, p)
         if {"wake", "stampede", "steady"} & set(only):
             t0 = time.monotonic()
@@ -107,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             pool = None
         timed("throughput", scenarios.throughput, server.url, p)
         timed("memory", scenarios.memory, server.url, p)
+        timed("herd", herd_fastapi.run, server.url, 2 if p.quick else 5, 3 if p.quick else 6)
         admin.close()
     finally:
         if pool is not None:

@@ -559,7 +559,7 @@ async def _memory_async(url: str, flights: int) -> dict[str, Any]:
         "rss_after_mb": rss1 / 1024,
         "growth_mb": (rss1 - rss0) / 1024,
         "sync_flights": len(backend.sync_flights),
-        "async_flights": len(backend.async_flights),
+        "async_flights": backend.stats()["flights_in_process"] - len(backend.sync_flights),
         "hub_channels": len(hub.channels()),
         "renewer_pending": backend.renewer().pending(),
     }

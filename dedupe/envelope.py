@@ -78,7 +78,7 @@ __all__ = [
     "validate_security",
 ]
 
-log = logging.getLogger("dedupe")
+log = logging.getLogger(__name__)
 
 MAGIC: Final = b"DD"
 VERSION: Final = 2
@@ -484,13 +484,11 @@ def _env_keys(environ: Mapping[str, str]) -> tuple[bytes, ...]:
     if raw is None:
         near = sorted(k for k in environ if "SECRET" in k.upper() and "DEDUP" in k.upper())
         if near:
-            log.warning(
-                "dedupe: %s is not set (found %s): records are not signed", SECRET_ENV, near
-            )
+            log.warning("%s is not set (found %s): records are not signed", SECRET_ENV, near)
         return ()
     parts = [p.strip() for p in raw.split(SECRET_SEPARATOR)]
     if not any(parts):
-        log.warning("dedupe: %s is set but empty: records are not signed", SECRET_ENV)
+        log.warning("%s is set but empty: records are not signed", SECRET_ENV)
         return ()
     if not all(parts):
         raise ValueError(f"{SECRET_ENV} has an empty entry between {SECRET_SEPARATOR!r}s")
@@ -918,7 +916,7 @@ class Codec:
             if first:
                 self._warned.add(type_name)
         if first:
-            log.warning("dedupe: %s (first seen on %r; logged once per type)", message, channel)
+            log.warning("%s (first seen on %r; logged once per type)", message, channel)
         return message.encode("utf-8", "replace")
 
     # --- opening ---------------------------------------------------------------------------

@@ -54,7 +54,7 @@ __all__ = [
     "tracers",
 ]
 
-log = logging.getLogger("dedupe")
+log = logging.getLogger(__name__)
 
 Kind = Literal[
     "lead",
@@ -194,7 +194,7 @@ def _complain(what: object, exc: BaseException) -> None:
         return
     _complained.add(key)
     log.warning(
-        "dedupe: event listener %r raised %s: %s (ignored; logged once per listener)",
+        "event listener %r raised %s: %s (ignored; logged once per listener)",
         what,
         type(exc).__name__,
         exc,

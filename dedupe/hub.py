@@ -55,7 +55,7 @@ from .signals import Latch, Mailbox
 
 __all__ = ["Hub", "Router", "SingleRouter"]
 
-log = logging.getLogger("dedupe")
+log = logging.getLogger(__name__)
 
 Item = bytes | object  # a message, or RECHECK
 _BATCH = 512  # channels per (re-)subscribe or unsubscribe command
@@ -319,7 +319,7 @@ class Hub:
             try:
                 name = router.link_for(state.name)
             except Exception as exc:  # e.g. a slot the cached layout does not cover
-                self._log_once("route", "dedupe: cannot route %r yet (%s)", state.name, exc)
+                self._log_once("route", "cannot route %r yet (%s)", state.name, exc)
                 self._refresh_wanted = True
         if name is None:
             state.link = None
@@ -365,7 +365,7 @@ class Hub:
                     router.refresh()
             except Exception as exc:
                 ok = False
-                log.warning("dedupe: could not read the Redis layout for pub/sub: %s", exc)
+                log.warning("could not read the Redis layout for pub/sub: %s", exc)
             with self._lock:
                 if self._closed.is_set():
                     return
@@ -525,9 +525,7 @@ class Hub:
         state = self._channels.get(channel)
         if state is None or state.link is not link:
             return
-        log.info(
-            "dedupe: %r was unsubscribed by %s (slot moved); re-subscribing", channel, link.name
-        )
+        log.info("%r was unsubscribed by %s (slot moved); re-subscribing", channel, link.name)
         state.troubled = True
         for mailbox in state.mailboxes:
             mailbox.put(RECHECK)
@@ -544,7 +542,7 @@ class Hub:
                 raise _Desync(f"unexpected error reply on {link.name}: {exc}")
             code = str(exc).split(" ", 1)[0] or type(exc).__name__
             if head.kind in ("ping", "name"):
-                self._log_once(f"{head.kind}:{code}", "dedupe: %s on %s failed: %s",
+                self._log_once(f"{head.kind}:{code}", "%s on %s failed: %s",
                                head.args[0], link.name, exc)  # fmt: skip
                 return
             if head.kind == "orphan":
@@ -598,7 +596,7 @@ class Hub:
                     f"the channel (&{state.name} or a pattern that matches it) and the command "
                     f"(+{self.sub.lower()}); server said: {exc}"
                 )
-                self._log_once("NOPERM", "dedupe: %s", state.denied)
+                self._log_once("NOPERM", "%s", state.denied)
                 self._resolve(state, False)
                 continue
             if isinstance(exc, (AskError, TryAgainError, ClusterDownError, MovedError)):
@@ -609,12 +607,12 @@ class Hub:
                     self._refresh_wanted = True
                     self._start_route_thread()
                     self._routes.notify()
-                self._log_once(code, "dedupe: %s %r on %s: %s; retrying", self.sub,
+                self._log_once(code, "%s %r on %s: %s; retrying", self.sub,
                                state.name, link.name, exc)  # fmt: skip
                 self._resolve(state, False)
                 state.troubled = True  # its follower stopped waiting: RECHECK once it works
                 continue
-            self._log_once(code, "dedupe: %s %r on %s failed: %s", self.sub, state.name,
+            self._log_once(code, "%s %r on %s failed: %s", self.sub, state.name,
                            link.name, exc)  # fmt: skip
             self._resolve(state, False)
 
@@ -633,7 +631,7 @@ class Hub:
             return
         # We cannot tell what the server kept: drop the connection, which forgets it all, and
         # re-subscribe only what is wanted.
-        self._log_once(code, "dedupe: %s on %s failed: %s; reconnecting", self.unsub,
+        self._log_once(code, "%s on %s failed: %s; reconnecting", self.unsub,
                        link.name, exc)  # fmt: skip
         link.request_drop()
 
@@ -818,7 +816,7 @@ class _Link:
                 for sent in commands:
                     conn.send_command(*sent.args)
         except Exception as exc:
-            log.info("dedupe: pub/sub send on %s failed (%s); reconnecting", self.name, exc)
+            log.info("pub/sub send on %s failed (%s); reconnecting", self.name, exc)
             _shutdown(conn)
             return False
         finally:
@@ -831,7 +829,7 @@ class _Link:
             try:
                 up = self._session()
             except Exception:  # a bug must not kill the thread every follower relies on
-                log.exception("dedupe: pub/sub reader failed; restarting it")
+                log.exception("pub/sub reader failed; restarting it")
                 up = 0.0
             delay = 0.0 if up > 1.0 else min(2.0, max(0.05, delay * 2))
             self._closed.wait(delay * random.uniform(0.5, 1.0))
@@ -848,7 +846,7 @@ class _Link:
                 fifo.append(_Sent("name", ("CLIENT", "SETNAME", self.hub.name), []))
                 conn.send_command("CLIENT", "SETNAME", self.hub.name)
         except Exception as exc:
-            log.info("dedupe: pub/sub connect to %s failed: %s", self.name, exc)
+            log.info("pub/sub connect to %s failed: %s", self.name, exc)
             return 0.0
         up = time.monotonic()
         with self.hub._lock:
@@ -863,7 +861,7 @@ class _Link:
             self._read(conn, fifo)
         except Exception as exc:
             if not self._closed.is_set():
-                log.info("dedupe: pub/sub connection to %s lost: %s", self.name, exc)
+                log.info("pub/sub connection to %s lost: %s", self.name, exc)
         finally:
             with self.hub._lock:
                 self.conn = None

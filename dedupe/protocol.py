@@ -362,17 +362,19 @@ def _lead(
         completed = yield Complete(lock_value, record, ttl, message, token)
         assert isinstance(completed, Completed)
         outcome.fresh_ms = keep if completed.state >= 0 else 0
-        if completed.state < 1:
+        if completed.state < 0:
             if events.enabled:
                 events.mark("lease_lost", spec.names, token=token, role="leader")
             log.warning(
-                "the lease on %r (token %d) was lost before the leader finished; %s",
+                "the lease on %r (token %d) was lost before the leader finished; its outcome "
+                "went to its own callers only (a newer flight has started)",
                 spec.names.job_id,
                 token,
-                "its outcome went to its own callers only (a newer flight has started)"
-                if completed.state < 0
-                else "no other leader started, so its outcome was shared",
             )
+        elif completed.state == 0:
+            # The lock was gone but no newer lease was granted: the lease lapsed unclaimed (the
+            # watchdog reported that), or a retried complete found its own first attempt done.
+            log.debug("completed %r (token %d) after its lock was gone", spec.names.job_id, token)
         if completed.publish_error:
             log.warning(
                 "could not publish the outcome of %r (%s); followers read it on re-check",

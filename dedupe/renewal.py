@@ -49,7 +49,7 @@ __all__ = [
     "renew_many",
 ]
 
-log = logging.getLogger("dedupe")
+log = logging.getLogger(__name__)
 
 RENEW_UNKNOWN = -1
 """A ``renew_many`` reply: no answer for that lease this time (an error reply); try again."""
@@ -407,7 +407,7 @@ class Renewer:
         for lease in held:
             lease.lost.set()
         if held:
-            log.warning("dedupe: renewer closed under %d leases; they count as lost", len(held))
+            log.warning("renewer closed under %d leases; they count as lost", len(held))
 
     def pending(self) -> int:
         """Leases still renewed (not removed, not lost)."""
@@ -480,7 +480,7 @@ class Renewer:
         if lease.loop is not None and lease.loop.is_closed():
             lease.active = False
             self._counts["abandoned"] += 1
-            self._warn("dedupe: lease on %r abandoned: its event loop is closed", lease.job_id)
+            self._warn("lease on %r abandoned: its event loop is closed", lease.job_id)
             return
         if lease._busy:
             self._push(signal._deadline, lease)  # still in flight: look again at the deadline
@@ -512,7 +512,7 @@ class Renewer:
             reason, why = "clock", "no renewal confirmed within the lease (no reply in time)"
         self._counts[f"lost_{reason}"] += 1
         lease.lost.set()
-        self._warn("dedupe: lease on %r lost: %s", lease.job_id, why)
+        self._warn("lease on %r lost: %s", lease.job_id, why)
 
     def _warn(self, msg: str, *args: object) -> None:
         now = time.monotonic()
@@ -528,9 +528,7 @@ class Renewer:
         """Log what waits, with the lock released for the while (called holding it)."""
         logs, self._logs = self._logs, []
         if self._unlogged and time.monotonic() - self._log_window >= 1.0:
-            logs.append(
-                ("dedupe: %d more leases lost or abandoned (see stats())", (self._unlogged,))
-            )
+            logs.append(("%d more leases lost or abandoned (see stats())", (self._unlogged,)))
             self._unlogged = 0
         if not logs:
             return
@@ -607,7 +605,7 @@ class Renewer:
                 c["lost_mismatch"] += 1
                 lease.lost.set()
                 self._warn(
-                    "dedupe: lease on %r lost: the lock is no longer ours (expired or taken over)",
+                    "lease on %r lost: the lock is no longer ours (expired or taken over)",
                     lease.job_id,
                 )
                 continue
@@ -672,7 +670,7 @@ def _note_moved(cluster: Any, replies: list[Any]) -> None:
                 else:  # redis-py < 5.1
                     manager.update_moved_exception(reply)
             except Exception:
-                log.debug("dedupe: could not patch the slot map", exc_info=True)
+                log.debug("could not patch the slot map", exc_info=True)
             return
 
 
@@ -706,7 +704,7 @@ def renew_many(client: Any, items: Sequence[tuple[str, str, int]]) -> list[int]:
             try:
                 c.nodes_manager.initialize()  # a failover may have moved the slots
             except Exception:
-                log.debug("dedupe: could not refresh the cluster slot map", exc_info=True)
+                log.debug("could not refresh the cluster slot map", exc_info=True)
             continue
         _note_moved(c, replies)
         for i, reply in zip(idxs, replies, strict=True):
