@@ -130,6 +130,9 @@ class Lead(NamedTuple):
 
     token: int
     lock_value: str
+    # On run_flight's clock, when the lease began at the latest; None: when the acquire that
+    # granted it was sent (the driver knows).
+    since: float | None = None
 
 
 class Replicate(NamedTuple):
@@ -197,8 +200,11 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
         asked = clock()  # the lease, if granted now, began no earlier than this
         reply = yield Acquire(str(floor) if floor else "")
         assert isinstance(reply, Acquired)
+        since: float | None = None
         if reply.state == BUSY and reply.holder.partition(":")[2] == spec.owner:
-            # Our own lease: an acquire whose reply was lost and that the client retried.
+            # Our own lease: an acquire whose reply was lost and that the client retried. It
+            # began before this acquire, by as much as it has run down (found by simulation).
+            since = asked - max(0, spec.lock_ttl_ms - reply.pttl_ms) / 1000
             reply = Acquired(LEAD, token=int(holder_token(reply.holder) or 0))
         if reply.state == LEAD:
             if floor:
@@ -210,7 +216,11 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
                 )
             else:
                 log.debug("leading %r with lease %d", spec.names.job_id, reply.token)
-            return (yield from _lead(spec, codec, clock, reply.token, asked, waited=floor > 0))
+            return (
+                yield from _lead(
+                    spec, codec, clock, reply.token, asked, waited=floor > 0, since=since
+                )
+            )
         if reply.state == DONE:
             opened = _open(spec, codec, reply.record)
             if isinstance(opened, Opened) and opened.token >= floor:
@@ -322,6 +332,7 @@ def _lead(
     asked: float,
     *,
     waited: bool,
+    since: float | None = None,
 ) -> Flight:
     lock_value = f"{token}:{spec.owner}"
     channel = spec.names.channel
@@ -336,7 +347,7 @@ def _lead(
                 f"only {acked} of {spec.min_replicas} replicas acknowledged the lease on "
                 f"{spec.names.job_id!r} within {spec.replica_timeout_ms} ms"
             )
-    outcome = yield Lead(token, lock_value)
+    outcome = yield Lead(token, lock_value, since)
     assert isinstance(outcome, Outcome)
     done = Finished(outcome, "leader", token, waited)
     try:

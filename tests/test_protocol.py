@@ -227,9 +227,11 @@ def test_a_failing_complete_never_throws_the_value_away(error: Exception) -> Non
     assert d.outcome.fresh_ms == 0
 
 
-def test_busy_under_our_own_lease_leads() -> None:
-    d = Driver()
-    assert d.send(busy(holder="12:me:1")) == Lead(12, "12:me:1")
+def test_busy_under_our_own_lease_leads_dated_from_its_grant() -> None:
+    clock = FakeClock(1000.0)
+    d = Driver(clock=clock)
+    lead = d.send(busy(pttl_ms=7_000, holder="12:me:1"))  # 3 s of our 10 s lease are gone
+    assert lead == Lead(12, "12:me:1", 997.0)
 
 
 def test_lead_waits_for_replicas_when_asked() -> None:

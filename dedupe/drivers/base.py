@@ -188,7 +188,8 @@ class DriverBase:
             names.lock,
             cmd.lock_value,
             spec.lock_ttl_ms / 1000,
-            acquired_at=self.acquire_sent,  # the lease's clock starts when we asked for it
+            # The lease's clock starts when we asked for it (or earlier: see Lead.since).
+            acquired_at=self.acquire_sent if cmd.since is None else cmd.since,
             max_hold=spec.max_hold_ms / 1000,
             loop=loop,
         )
