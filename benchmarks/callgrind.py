@@ -196,7 +196,7 @@ def functions(path: Path, calls: int, limit: int = 40) -> str:
     return "\n".join(lines)
 
 
-def pyfuncs(tool: str, n: int, url: str, limit: int = 120) -> str:
+def pyfuncs(tool: str, n: int, url: str, limit: int = 400) -> str:
     """Python bytecodes run per call, per Python function (all threads), over ``n`` calls."""
     import threading
     from types import FrameType
