@@ -110,6 +110,9 @@ def _copy_of(error: BaseException) -> BaseException:
         return error.with_traceback(tb)
     dup.__cause__, dup.__context__ = error.__cause__, error.__context__
     dup.__suppress_context__ = error.__suppress_context__
+    notes = getattr(error, "__notes__", None)
+    if isinstance(notes, list):
+        dup.__dict__["__notes__"] = list(notes)  # a note one caller adds stays its own
     return dup.with_traceback(tb)
 
 
