@@ -15,6 +15,7 @@ from .errors import (
     RemoteError,
     ResultNotSerializable,
     ResultTooLarge,
+    UnsupportedServer,
     WaitTimeout,
 )
 from .inflight import InFlightInfo, Served
@@ -40,6 +41,7 @@ __all__ = [
     "ResultTooLarge",
     "Serializer",
     "Served",
+    "UnsupportedServer",
     "SingleFlight",
     "WaitTimeout",
     "current_flight",

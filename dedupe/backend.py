@@ -35,7 +35,7 @@ from redis.retry import Retry
 
 from .commands import ScriptCall
 from .envelope import Codec
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, UnsupportedServer
 from .hub import Connection, Hub, Router, SingleRouter
 from .inflight import InFlight, InFlightInfo
 from .inspector import OwnerIds
@@ -179,6 +179,8 @@ class Backend:
         self._lock = threading.RLock()
         # Fields below are set once under _lock (double-checked) and read without it.
         self._sync: SyncClient | None = self.cfg.client
+        # Cluster needs sharded pub/sub (7.0): checked once, before the first lease.
+        self._supported = self.kind != "cluster"
         # Per event loop: its client (redis.asyncio connections belong to one loop), its
         # command slots and its table of flights. Guarded by _lock.
         self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
@@ -337,11 +339,14 @@ class Backend:
 
     def sync_client(self) -> SyncClient:
         client = self._sync
-        if client is None:
+        if client is None or not self._supported:
             with self._lock:
                 if self._sync is None:
                     self._sync = self._build_client(to_async=False)
                 client = self._sync
+                if not self._supported:
+                    _check_cluster_version(client)
+                    self._supported = True
         return client
 
     def async_client(self) -> AsyncClient:
@@ -602,6 +607,24 @@ async def run_script_async(client: AsyncClient, call: ScriptCall, cluster: bool 
         except _RETRY_IN_MIGRATION:
             await asyncio.sleep(pause)
     return await _once_async(client, call)
+
+
+def _check_cluster_version(client: Any) -> None:
+    """UnsupportedServer if a primary runs Redis < 7.0; skipped where INFO is denied or
+    the cluster cannot answer yet (the first command then reports that)."""
+    try:
+        infos = client.info("server", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+    except redis.exceptions.RedisError:
+        return
+    found = infos.values() if isinstance(infos, dict) and "redis_version" not in infos else [infos]
+    for info in found:
+        version = str(info.get("redis_version", "")) if isinstance(info, dict) else ""
+        major = version.split(".")[0]
+        if major.isdigit() and int(major) < 7:
+            raise UnsupportedServer(
+                f"dedupe needs Redis 7.0 or later on a Cluster (sharded pub/sub); a primary "
+                f"runs Redis {version}"
+            )
 
 
 def acquire_and_wait(

@@ -14,6 +14,7 @@ __all__ = [
     "RemoteError",
     "ResultNotSerializable",
     "ResultTooLarge",
+    "UnsupportedServer",
     "WaitTimeout",
 ]
 
@@ -65,6 +66,11 @@ class ConfigurationError(DedupeError):
     or user, an ACL that lacks a command, key or channel dedupe needs, a ``redis://`` URL
     pointed at a Cluster node, a client that decodes replies. Never an outage: it is raised
     even with ``on_backend_error="local"``. The message names what to change."""
+
+
+class UnsupportedServer(ConfigurationError):
+    """The Redis server is too old for this topology: Redis Cluster needs 7.0 or later
+    (sharded pub/sub). Raised at the first call, before any lease is taken."""
 
 
 class ResultNotSerializable(DedupeError):

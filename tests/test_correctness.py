@@ -671,3 +671,40 @@ def test_a_half_open_redis_fails_the_call_within_its_bound(
             assert run() == "v"
         finally:
             sf.close(timeout=0)
+
+
+@pytest.mark.timeout(120)
+def test_a_cluster_older_than_7_is_refused_at_the_first_call() -> None:
+    """Redis 6.2 has no sharded pub/sub: the first call, sync or async, raises
+    UnsupportedServer naming the version, before any lease (no lock key is written)."""
+    from devtools.servers import RedisClusterSet, legacy_redis_server_binary
+
+    from dedupe import UnsupportedServer
+
+    with RedisClusterSet(binary=legacy_redis_server_binary()) as cluster:
+        host, port = cluster.startup_nodes[0]
+        url = f"redis+cluster://{host}:{port}"
+        sf = SingleFlight(url, prefix="old")
+        try:
+            with pytest.raises(UnsupportedServer, match=r"Redis 6\.2"):
+                sf.call("j", lambda: 1)
+        finally:
+            sf.close(timeout=0)
+
+        async def ajob() -> int:
+            return 1
+
+        async def main() -> None:
+            asf = SingleFlight(url, prefix="old")
+            try:
+                with pytest.raises(UnsupportedServer):
+                    await asf.call("j", ajob)
+            finally:
+                await asf.aclose(timeout=0)
+
+        asyncio.run(main())
+        client = cluster.client()
+        try:
+            assert list(client.scan_iter("old:*")) == []
+        finally:
+            client.close()
