@@ -677,9 +677,8 @@ def test_a_half_open_redis_fails_the_call_within_its_bound(
 def test_a_cluster_older_than_7_is_refused_at_the_first_call() -> None:
     """Redis 6.2 has no sharded pub/sub: the first call, sync or async, raises
     UnsupportedServer naming the version, before any lease (no lock key is written)."""
-    from devtools.servers import RedisClusterSet, legacy_redis_server_binary
-
     from dedupe import UnsupportedServer
+    from devtools.servers import RedisClusterSet, legacy_redis_server_binary
 
     with RedisClusterSet(binary=legacy_redis_server_binary()) as cluster:
         host, port = cluster.startup_nodes[0]
