@@ -71,10 +71,12 @@ BENCH_ARGS ?=
 bench:
 	$(VENV)/bin/pip install -e '.[bench]' -q
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
+	$(PYTHON) -m benchmarks.adapters --out benchmarks/results/adapters.md
 
 bench-quick:
 	$(VENV)/bin/pip install -e '.[bench]' -q
 	$(PYTHON) -m benchmarks --quick --out benchmarks/results/quick $(BENCH_ARGS)
+	$(PYTHON) -m benchmarks.adapters --calls 500 --repeats 3 --out benchmarks/results/quick/adapters.md
 
 # The `core` tests against the oldest and newest redis-py of each supported major, with and
 # without hiredis, each in a plain venv under .compat/ (git-ignored). About 10 minutes.
