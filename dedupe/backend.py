@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import logging
 import os
+import queue
 import re
 import socket
 import threading
@@ -190,10 +191,14 @@ class Backend:
         self._renewer: Renewer | None = None
         self._renewal: SyncClient | None = None  # built by the first renewal, on its thread
         self.sync_flights = InFlight()
-        self._sync_slots = threading.BoundedSemaphore(_SLOTS)
+        # A semaphore in C: threading's is Python over a Condition (~80 bytecodes a take).
+        self._sync_slots: queue.SimpleQueue[None] = queue.SimpleQueue()
+        for _ in range(_SLOTS):
+            self._sync_slots.put(None)
         self._active = 0  # flights running on this backend (guarded by _lock)
         self._idle = threading.Condition(self._lock)  # notified when _active drops to 0
         self._retired = False  # configure() replaced us: close when the last flight ends
+        self._closing = 0  # close() calls waiting for _active to drop to 0 (guarded by _lock)
         self.local_copies = (
             LocalCopies(max_bytes=self.cfg.local_cache_max_bytes) if self.cfg.local_cache else None
         )
@@ -263,31 +268,48 @@ class Backend:
     @contextmanager
     def flight(self) -> Iterator[None]:
         """Count a running flight, so that close() and configure() can wait for it."""
-        with self._lock:
-            self._active += 1
+        self.begin_flight()
         try:
             yield
         finally:
-            with self._lock:
-                self._active -= 1
-                idle = self._active == 0
-                if idle:
-                    self._idle.notify_all()
-            if idle and self._retired:
-                self.close(timeout=0)
+            self.end_flight()
+
+    def begin_flight(self) -> None:
+        """flight() without a context manager (the per-call path): end_flight() after."""
+        with self._lock:
+            self._active += 1
+
+    def end_flight(self) -> None:
+        with self._lock:
+            self._active -= 1
+            idle = self._active == 0
+            if idle and self._closing:
+                self._idle.notify_all()  # only close() waits on it
+        if idle and self._retired:
+            self.close(timeout=0)
 
     @contextmanager
     def slot(self) -> Iterator[None]:
         """One of the client's command slots: past _SLOTS concurrent commands, callers queue."""
-        if not self._sync_slots.acquire(timeout=self.cfg.queue_timeout):
-            raise BackendUnavailable(
-                f"all {_SLOTS} Redis command slots of this process stayed busy for "
-                f"{self.cfg.queue_timeout:g} s"
-            )
+        self.take_sync_slot()
         try:
             yield
         finally:
-            self._sync_slots.release()
+            self._sync_slots.put(None)
+
+    def take_sync_slot(self) -> None:
+        """slot() for the per-command path, without a context manager's generator: call
+        release_sync_slot() after."""
+        try:
+            self._sync_slots.get(timeout=self.cfg.queue_timeout)
+        except queue.Empty:
+            raise BackendUnavailable(
+                f"all {_SLOTS} Redis command slots of this process stayed busy for "
+                f"{self.cfg.queue_timeout:g} s"
+            ) from None
+
+    def release_sync_slot(self) -> None:
+        self._sync_slots.put(None)
 
     def run_cluster_script(self, call: ScriptCall) -> Any:
         """A script over the sync Cluster client (for asyncio callers, on a worker thread)."""
@@ -503,8 +525,12 @@ class Backend:
         with self._lock:
             if wait > 0 and self._active:
                 end = time.monotonic() + wait
-                while self._active and time.monotonic() < end:
-                    self._idle.wait(end - time.monotonic())
+                self._closing += 1
+                try:
+                    while self._active and time.monotonic() < end:
+                        self._idle.wait(end - time.monotonic())
+                finally:
+                    self._closing -= 1
             if self._active:
                 log.warning(
                     "closing with %d flights still running; their leases stop being renewed",

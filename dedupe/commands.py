@@ -56,6 +56,7 @@ def _script(lua: str) -> Script:
 ACQUIRE = _script(scripts.ACQUIRE)
 RENEW = _script(scripts.RENEW)
 COMPLETE = _script(scripts.COMPLETE)
+COMPLETE_SHARDED = _script(scripts.COMPLETE_SHARDED)
 DISCARD = _script(scripts.DISCARD)
 
 
@@ -83,17 +84,9 @@ def acquire_call(spec: FlightSpec, cmd: Acquire) -> ScriptCall:
 def complete_call(spec: FlightSpec, cmd: Complete, publish: str) -> ScriptCall:
     n = spec.names
     return ScriptCall(
-        COMPLETE,
+        COMPLETE_SHARDED if publish == "SPUBLISH" else COMPLETE,
         (n.lock, n.result, n.token),
-        (
-            cmd.lock_value,
-            cmd.record,
-            max(1, cmd.record_ttl_ms),
-            cmd.message,
-            n.channel,
-            publish,
-            cmd.token,
-        ),
+        (cmd.lock_value, cmd.record, max(1, cmd.record_ttl_ms), cmd.message),
     )
 
 
@@ -118,6 +111,8 @@ def parse_acquired(raw: Any) -> Acquired:
 
 
 def parse_completed(raw: Any) -> Completed:
+    if isinstance(raw, int):  # the usual reply: no publish error
+        return Completed(raw)
     err = raw[1] if len(raw) > 1 else b""
     return Completed(
         int(raw[0]), err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err)

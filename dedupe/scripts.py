@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ACQUIRE", "COMPLETE", "DISCARD", "RENEW"]
+__all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "RENEW"]
 
 # KEYS: lock, token, result
 # ARGV: owner, lock_ttl_ms, token_ttl_ms, floor_token ('' for none)
@@ -81,30 +81,34 @@ return 0
 """
 
 # KEYS: lock, result, token
-# ARGV: lock_value, record ('' to store nothing), record_ttl_ms, message ('' to publish the
-#       record itself), channel, publish command ('PUBLISH' or 'SPUBLISH'), token
-# -> {1, err}  the lease was still ours: stored (if asked) and published
-#    {0, err}  the lease was lost but no newer lease was granted: stored and published
-#    {-1, ''}  a newer lease exists or may have existed: nothing stored or published
-# err is '' or the error of the publish, which alone may fail (an ACL without PUBLISH):
-# the outcome is stored by then, so followers find it on their re-check.
-COMPLETE: Final = """
+# ARGV: lock_value ("<token>:<owner>"), record ('' to store nothing), record_ttl_ms, message
+#       ('' to publish the record itself)
+# The channel is the lock key without its ":lock" suffix (keys.names_for), the token the
+# lock value's head: neither travels as an argument.
+# -> 1         the lease was still ours: stored (if asked) and published
+#    0         the lease was lost but no newer lease was granted: stored and published
+#    -1        a newer lease exists or may have existed: nothing stored or published
+#    {1|0, err} as 1 or 0, but the publish, which alone may fail (an ACL without PUBLISH),
+#              failed with err: the outcome is stored, so followers find it on re-check.
+_COMPLETE = """
 local owned = 0
 if redis.pcall('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   owned = 1
-elseif redis.pcall('GET', KEYS[3]) ~= ARGV[7] then
+elseif redis.pcall('GET', KEYS[3]) ~= string.match(ARGV[1], '^(%d+):') then
   -- Our lease is gone and the counter moved on (or expired): an outcome of ours would be
   -- older than a flight that has started since. It goes to our own callers only.
-  return {-1, ''}
+  return -1
 end
 if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
 local msg = ARGV[4]
 if msg == '' then msg = ARGV[2] end
-local sent = redis.pcall(ARGV[6], ARGV[5], msg)
+local sent = redis.pcall('@PUBLISH@', string.sub(KEYS[1], 1, -6), msg)
 if type(sent) == 'table' and sent.err then return {owned, sent.err} end
-return {owned, ''}
+return owned
 """
+COMPLETE: Final = _COMPLETE.replace("@PUBLISH@", "PUBLISH")
+COMPLETE_SHARDED: Final = _COMPLETE.replace("@PUBLISH@", "SPUBLISH")  # Redis Cluster
 
 # KEYS: result
 # ARGV: record

@@ -117,7 +117,8 @@ async def _drive(driver: _Driver, table: InFlight, key: str) -> None:
 
 async def _run(driver: _Driver) -> Finished:
     backend = driver.backend
-    with backend.flight():
+    backend.begin_flight()
+    try:
         if not backend.skip_redis():
             try:
                 finished = await driver.run()
@@ -127,6 +128,8 @@ async def _run(driver: _Driver) -> Finished:
             else:
                 backend.answered()
                 return finished
+    finally:
+        backend.end_flight()
     driver.entry.leading = True
     try:
         with local_flight(backend, driver.spec.names):

@@ -95,7 +95,8 @@ def _run(
     kwargs: dict[str, Any],
     entry: Entry,
 ) -> Finished:
-    with backend.flight():
+    backend.begin_flight()
+    try:
         if not backend.skip_redis():
             try:
                 finished = _Driver(backend, spec, fn, args, kwargs, entry).run()
@@ -105,6 +106,8 @@ def _run(
             else:
                 backend.answered()
                 return finished
+    finally:
+        backend.end_flight()
     try:
         with local_flight(backend, spec.names):
             return Finished(Outcome(value=fn(*args, **kwargs)), "leader", 0)
@@ -139,8 +142,12 @@ class _Driver(DriverBase):
             if isinstance(cmd, Acquire) and self.spec.min_replicas:
                 raw, self.acked = acquire_and_wait(self.backend, client, script, self.spec)
                 return self.reply_of(cmd, raw)
-            with self.backend.slot():
+            backend = self.backend
+            backend.take_sync_slot()
+            try:
                 return self.reply_of(cmd, run_script(client, script, self.cluster))
+            finally:
+                backend.release_sync_slot()
         if isinstance(cmd, Wait):
             assert self.mailbox is not None
             return self.mailbox.get(cmd.timeout)
