@@ -92,7 +92,7 @@ def test_renewal_stops_with_the_flight(
 ) -> None:
     # A lease long enough that a loaded machine renews it in time (a renewal later than the
     # lease minus its margin counts as a loss, and renewal then stops for good).
-    sf = SingleFlight(redis_url, prefix=prefix, lock_ttl=0.6)
+    sf = SingleFlight(redis_url, prefix=prefix, lock_ttl=2.0)
     renewed = threading.Event()
     lock_key = f"{prefix}:{{long}}:lock"
 
