@@ -29,7 +29,7 @@ import wrapt
 
 from . import inspector
 from .backend import AsyncClient, Backend, BackendConfig, SyncClient
-from .commands import translate
+from .commands import typed_errors
 from .drivers import aio, sync
 from .envelope import SecretSpec, Serializer, codec_for, validate_security
 from .inflight import InFlightInfo, Served
@@ -720,13 +720,8 @@ class SingleFlight:
         token, lease time left, the kept outcome and its age, subscribers across nodes. Reads
         only; see dedupe.inspector.JobState."""
         validate_job_id(job_id)
-        try:
+        with typed_errors():
             return inspector.inspect(self.backend().sync_client(), self._settings.prefix, job_id)
-        except Exception as exc:
-            error = translate(exc)
-            if error is exc:
-                raise
-            raise error from exc
 
     def forget(self, job_id: str) -> None:
         """Drop the value kept for ``job_id`` (in Redis, and this process's local copy), so
@@ -735,24 +730,14 @@ class SingleFlight:
         functions have ``fn.forget(*args, **kwargs)``; raises BackendUnavailable or
         ConfigurationError as a call would."""
         names, backend = self._forgetting(job_id)
-        try:
+        with typed_errors():
             backend.sync_client().delete(names.result)
-        except Exception as exc:
-            error = translate(exc)
-            if error is exc:
-                raise
-            raise error from exc
 
     async def aforget(self, job_id: str) -> None:
         """``forget`` for asyncio code: the same, over the asyncio client."""
         names, backend = self._forgetting(job_id)
-        try:
+        with typed_errors():
             await backend.async_client().delete(names.result)
-        except Exception as exc:
-            error = translate(exc)
-            if error is exc:
-                raise
-            raise error from exc
 
     def _forgetting(self, job_id: str) -> tuple[Names, Backend]:
         names = names_for(self._settings.prefix, validate_job_id(job_id))

@@ -540,7 +540,7 @@ class Backend:
             renewer, self._renewer = self._renewer, None
             renewal, self._renewal = self._renewal, None
             sync, self._sync = self._sync, self.cfg.client
-            states = list(self._per_loop.values())
+            # asyncio clients belong to their loops: aclose() closes the running loop's.
             self._per_loop.clear()
         if hub is not None:
             hub.close()
@@ -550,7 +550,6 @@ class Backend:
             renewal.close()
         if self.cfg.client is None and sync is not None:
             sync.close()
-        del states  # their clients belong to their loops: aclose() closes the running one's
 
     def retire(self) -> None:
         """configure() replaced this backend: flights already running finish on it (leases

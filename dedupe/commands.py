@@ -6,6 +6,8 @@ Both drivers use these, so the only thing each driver writes for itself is the c
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -40,6 +42,7 @@ __all__ = [
     "parse_completed",
     "renew_call",
     "translate",
+    "typed_errors",
 ]
 
 
@@ -151,6 +154,18 @@ _AUTH = (
 def _wrap(error: Exception, cause: Exception) -> Exception:
     error.__cause__ = cause
     return error
+
+
+@contextmanager
+def typed_errors() -> Iterator[None]:
+    """Redis errors raised in the body leave it as translate() makes them."""
+    try:
+        yield
+    except Exception as exc:
+        error = translate(exc)
+        if error is exc:
+            raise
+        raise error from exc
 
 
 def translate(exc: Exception) -> Exception:

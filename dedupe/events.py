@@ -54,6 +54,29 @@ __all__ = [
     "tracers",
 ]
 
+
+# Seconds, from a cache hit's round-trip to a slow job; both adapters' histograms
+# (OTel's and Prometheus's default buckets assume other scales).
+DURATION_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+
 log = logging.getLogger(__name__)
 
 Kind = Literal[

@@ -44,26 +44,6 @@ from .events import Event
 
 __all__ = ["Instrumentation", "instrument", "parse_traceparent", "uninstrument"]
 
-# Seconds, from a cache hit's round-trip to a slow job; OTel's default buckets assume ms.
-DURATION_BUCKETS: Final = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-)
 
 _TRACEPARENT: Final = re.compile(rb"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _MARK_COUNTERS: Final = {
@@ -136,19 +116,19 @@ class _Metrics:
             "dedupe.call.duration",
             "s",
             "time from a call's start to its end",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+            explicit_bucket_boundaries_advisory=events.DURATION_BUCKETS,
         )
         self.run_duration = meter.create_histogram(
             "dedupe.run.duration",
             "s",
             "time the function ran, in leaders and local runs",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+            explicit_bucket_boundaries_advisory=events.DURATION_BUCKETS,
         )
         self.wait_duration = meter.create_histogram(
             "dedupe.wait.duration",
             "s",
             "time a follower waited for another caller's run",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+            explicit_bucket_boundaries_advisory=events.DURATION_BUCKETS,
         )
         self.marks = {
             kind: meter.create_counter(name, unit, text)

@@ -30,26 +30,7 @@ from .events import Event
 
 __all__ = ["PrometheusMetrics", "instrument"]
 
-BUCKETS: Final = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-    float("inf"),
-)
+BUCKETS: Final = (*events.DURATION_BUCKETS, float("inf"))
 _LABELS: Final = ("prefix", "role", "outcome")
 _PREFIX: Final = ("prefix",)
 

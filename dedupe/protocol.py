@@ -130,9 +130,9 @@ class Lead(NamedTuple):
 
     token: int
     lock_value: str
-    # On run_flight's clock, when the lease began at the latest; None: when the acquire that
-    # granted it was sent (the driver knows).
-    since: float | None = None
+    # On run_flight's clock: the lease began no earlier than this (the acquire's send time,
+    # or earlier for an own lease found through BUSY). Its renewal clock starts here.
+    since: float
 
 
 class Replicate(NamedTuple):
@@ -200,7 +200,7 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
         asked = clock()  # the lease, if granted now, began no earlier than this
         reply = yield Acquire(str(floor) if floor else "")
         assert isinstance(reply, Acquired)
-        since: float | None = None
+        since = asked
         if reply.state == BUSY and reply.holder.partition(":")[2] == spec.owner:
             # Our own lease: an acquire whose reply was lost and that the client retried. It
             # began before this acquire, by as much as it has run down (found by simulation).
@@ -332,7 +332,7 @@ def _lead(
     asked: float,
     *,
     waited: bool,
-    since: float | None = None,
+    since: float,
 ) -> Flight:
     lock_value = f"{token}:{spec.owner}"
     channel = spec.names.channel

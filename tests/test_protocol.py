@@ -145,7 +145,7 @@ def follow_until_wait(d: Driver, pttl_ms: int = 4_000, holder: str = "7:other:99
 def test_uncontended_lead_with_a_value(keep_ms: int, grace_ms: int) -> None:
     d = Driver(make_spec(keep_ms=keep_ms, grace_ms=grace_ms))
     assert d.command == Acquire("")
-    assert d.send(Acquired(LEAD, token=5)) == Lead(5, "5:me:1")
+    assert d.send(Acquired(LEAD, token=5)) == Lead(5, "5:me:1", 1000.0)  # dated from the acquire
     complete = d.send(Outcome(value={"a": 1}))
     assert isinstance(complete, Complete)
     assert complete.lock_value == "5:me:1" and complete.token == 5
@@ -237,7 +237,7 @@ def test_busy_under_our_own_lease_leads_dated_from_its_grant() -> None:
 def test_lead_waits_for_replicas_when_asked() -> None:
     d = Driver(make_spec(min_replicas=1))
     assert d.send(Acquired(LEAD, token=3)) == Replicate(1, 1000)
-    assert d.send(1) == Lead(3, "3:me:1")
+    assert d.send(1) == Lead(3, "3:me:1", 1000.0)
 
 
 def test_lead_without_enough_replicas_gives_the_lease_back() -> None:
@@ -324,7 +324,7 @@ def test_wait_timeout_then_lead_takes_over() -> None:
     d = Driver()
     follow_until_wait(d)
     assert d.send(None) == Acquire("7")
-    assert d.send(Acquired(LEAD, token=8)) == Lead(8, "8:me:1")
+    assert d.send(Acquired(LEAD, token=8)) == Lead(8, "8:me:1", 1000.0)
     d.send(Outcome(value=1))
     d.send(OWNED)
     assert d.result is not None and d.result.waited

@@ -149,12 +149,10 @@ class DriverBase:
         self.mailbox: Mailbox[object] | None = None
         self.lease: Lease | None = None
         self.acked = 0  # replicas that acknowledged our acquire (min_replicas_ack)
-        self.acquire_sent = 0.0  # monotonic time the last acquire was sent
 
     def script_for(self, cmd: Command) -> ScriptCall | None:
         """The script a command runs, if it is one of the script commands."""
         if isinstance(cmd, Acquire):
-            self.acquire_sent = time.monotonic()
             return acquire_call(self.spec, cmd)
         if isinstance(cmd, Complete):
             if self.lease is not None:  # our own complete may now delete the lock
@@ -191,8 +189,7 @@ class DriverBase:
             names.lock,
             cmd.lock_value,
             spec.lock_ttl_ms / 1000,
-            # The lease's clock starts when we asked for it (or earlier: see Lead.since).
-            acquired_at=self.acquire_sent if cmd.since is None else cmd.since,
+            acquired_at=cmd.since,  # run_flight's clock is time.monotonic in both drivers
             max_hold=spec.max_hold_ms / 1000,
             loop=loop,
         )
