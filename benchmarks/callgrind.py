@@ -29,14 +29,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-TOOLS = ("raw-sync", "dedupe-sync", "raw-async", "dedupe-async")
+TOOLS = ("raw-sync", "wire-sync", "dedupe-sync", "raw-async", "wire-async", "dedupe-async")
 LABELS = {
     "raw-sync": "raw SET NX PX + EVALSHA (redis-py)",
+    "wire-sync": "raw, hand-packed on one redis-py Connection",
     "dedupe-sync": "dedupe (sync)",
     "raw-async": "raw SET NX PX + EVALSHA (redis.asyncio)",
+    "wire-async": "raw, hand-packed on one redis.asyncio Connection",
     "dedupe-async": "dedupe (async)",
 }
+# The target compares with raw redis-py; the wire baseline (no pool, no command layer) is
+# shown beside it: it is what dedupe's own layer costs on top of the least redis-py can do.
 PAIRS = (("sync", "dedupe-sync", "raw-sync"), ("async", "dedupe-async", "raw-async"))
+WIRE_PAIRS = (("sync", "dedupe-sync", "wire-sync"), ("async", "dedupe-async", "wire-async"))
 WARM = 100  # calls before the measured ones, in both runs: connections, scripts, caches
 OUT = Path(__file__).resolve().parent / "results" / "profile"
 
@@ -45,12 +50,10 @@ OUT = Path(__file__).resolve().parent / "results" / "profile"
 
 
 def _worker(tool: str, n: int, url: str) -> None:
-    from .tools import DedupeNoop, DedupeNoopAsync, RawAsync, RawSync
-
     prefix = f"cg:{tool}:{n}:{os.getpid()}"
     marks = (WARM, WARM + n, WARM + 3 * n)  # callgrind dumps at each os.getpgrp()
     if tool.endswith("-sync"):
-        t: Any = (RawSync if tool == "raw-sync" else DedupeNoop)(url, prefix)
+        t: Any = _tool_class(tool)(url, prefix)
         i = 0
         for mark in marks:
             while i < mark:
@@ -61,7 +64,7 @@ def _worker(tool: str, n: int, url: str) -> None:
         return
 
     async def run() -> None:
-        a: Any = (RawAsync if tool == "raw-async" else DedupeNoopAsync)(url, prefix)
+        a: Any = _tool_class(tool)(url, prefix)
         await a.start()
         i = 0
         for mark in marks:
@@ -72,6 +75,19 @@ def _worker(tool: str, n: int, url: str) -> None:
         await a.close()
 
     asyncio.run(run())
+
+
+def _tool_class(tool: str) -> Any:
+    from . import tools
+
+    return {
+        "raw-sync": tools.RawSync,
+        "wire-sync": tools.RawWireSync,
+        "dedupe-sync": tools.DedupeNoop,
+        "raw-async": tools.RawAsync,
+        "wire-async": tools.RawWireAsync,
+        "dedupe-async": tools.DedupeNoopAsync,
+    }[tool]
 
 
 # --------------------------------------------------------------------------- parent
@@ -201,8 +217,6 @@ def pyfuncs(tool: str, n: int, url: str, limit: int = 400) -> str:
     import threading
     from types import FrameType
 
-    from .tools import DedupeNoop, DedupeNoopAsync, RawAsync, RawSync
-
     counts: dict[tuple[str, str, int], int] = {}
     calls: dict[tuple[str, str, int], int] = {}
 
@@ -218,7 +232,7 @@ def pyfuncs(tool: str, n: int, url: str, limit: int = 400) -> str:
 
     prefix = f"pf:{tool}:{os.getpid()}"
     if tool.endswith("-sync"):
-        t: Any = (RawSync if tool == "raw-sync" else DedupeNoop)(url, prefix)
+        t: Any = _tool_class(tool)(url, prefix)
         for i in range(WARM):
             t(i)
         threading.settrace(tracer)
@@ -231,7 +245,7 @@ def pyfuncs(tool: str, n: int, url: str, limit: int = 400) -> str:
     else:
 
         async def run() -> None:
-            a: Any = (RawAsync if tool == "raw-async" else DedupeNoopAsync)(url, prefix)
+            a: Any = _tool_class(tool)(url, prefix)
             await a.start()
             for i in range(WARM):
                 await a(i)
@@ -320,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     for mode, dd, raw in PAIRS:
         if dd in res and raw in res:
             print(f"{mode}: dedupe / raw = {res[dd]['per_call'] / res[raw]['per_call']:.2f}x")
+    for mode, dd, wire in WIRE_PAIRS:
+        if dd in res and wire in res:
+            ratio = res[dd]["per_call"] / res[wire]["per_call"]
+            print(f"{mode}: dedupe / hand-packed raw = {ratio:.2f}x")
     return 0
 
 

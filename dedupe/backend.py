@@ -49,6 +49,7 @@ from .topology import (
     parse_url,
     sentinel_twin,
 )
+from .wire import AsyncWire, SyncWire, wire_ready
 
 __all__ = ["Backend", "BackendConfig"]
 
@@ -191,10 +192,17 @@ class Backend:
         self._renewer: Renewer | None = None
         self._renewal: SyncClient | None = None  # built by the first renewal, on its thread
         self.sync_flights = InFlight()
-        # A semaphore in C: threading's is Python over a Condition (~80 bytecodes a take).
+        # How scripts reach Redis: set once under _lock (double-checked), read without it.
+        self._sync_route: _Route | None = None
+        # The command slots: a semaphore in C (threading's is Python over a Condition, ~80
+        # bytecodes a take).
         self._sync_slots: queue.SimpleQueue[None] = queue.SimpleQueue()
         for _ in range(_SLOTS):
             self._sync_slots.put(None)
+        # The route's own connections not in use, last used on top, so that there are only
+        # as many as commands ever ran at once (at most _SLOTS). No lock: list.pop() and
+        # append() are atomic.
+        self._sync_idle: list[Any] = []
         self._active = 0  # flights running on this backend (guarded by _lock)
         self._idle = threading.Condition(self._lock)  # notified when _active drops to 0
         self._retired = False  # configure() replaced us: close when the last flight ends
@@ -291,30 +299,87 @@ class Backend:
     @contextmanager
     def slot(self) -> Iterator[None]:
         """One of the client's command slots: past _SLOTS concurrent commands, callers queue."""
-        self.take_sync_slot()
+        self._take_sync_slot()
         try:
             yield
         finally:
             self._sync_slots.put(None)
 
-    def take_sync_slot(self) -> None:
-        """slot() for the per-command path, without a context manager's generator: call
-        release_sync_slot() after."""
+    def _take_sync_slot(self) -> None:
         try:
-            self._sync_slots.get(timeout=self.cfg.queue_timeout)
+            return self._sync_slots.get(timeout=self.cfg.queue_timeout)
         except queue.Empty:
             raise BackendUnavailable(
                 f"all {_SLOTS} Redis command slots of this process stayed busy for "
                 f"{self.cfg.queue_timeout:g} s"
             ) from None
 
-    def release_sync_slot(self) -> None:
-        self._sync_slots.put(None)
+    def run_sync_script(self, call: ScriptCall) -> Any:
+        """Run one script over the sync client, in a command slot (the per-call path: no
+        context managers)."""
+        route = self._sync_route or self._make_sync_route()
+        self._take_sync_slot()
+        try:
+            wire = route.wire
+            if route.own:
+                idle = self._sync_idle
+                try:
+                    conn = idle.pop()
+                except IndexError:
+                    conn = wire.new_connection()  # type: ignore[union-attr]
+                try:
+                    return wire.run_on(conn, call)  # type: ignore[union-attr]
+                finally:
+                    idle.append(conn)
+            if wire is not None:
+                return wire.run(call)
+            return run_script(route.client, call, self.kind == "cluster")
+        finally:
+            self._sync_slots.put(None)
 
     def run_cluster_script(self, call: ScriptCall) -> Any:
         """A script over the sync Cluster client (for asyncio callers, on a worker thread)."""
         with self.slot():
             return run_script(self.sync_client(), call, True)
+
+    async def run_async_script(self, call: ScriptCall) -> Any:
+        """Run one script over the running loop's client, in one of its command slots."""
+        if self.kind == "cluster":
+            # redis.asyncio's RedisCluster drops connections other tasks are using when one
+            # command fails (it re-discovers the topology), and under concurrency we saw it
+            # hand out a connection mid-handshake: Cluster scripts go through the
+            # thread-safe sync client on worker threads instead.
+            return await asyncio.to_thread(self.run_cluster_script, call)
+        state = self._loop_state()
+        route = state.route or self._make_async_route(state)
+        slots = state.slots
+        await self.take_slot(slots)
+        try:
+            wire = route.wire
+            if route.own:
+                idle = state.idle
+                conn = idle.pop() if idle else wire.new_connection()  # type: ignore[union-attr]
+                try:
+                    return await _connect_retried(wire.run_on, conn, call)  # type: ignore[union-attr]
+                finally:
+                    idle.append(conn)
+            if wire is not None:
+                return await _connect_retried(wire.run, call)
+            return await run_script_async(route.client, call)
+        finally:
+            slots.release()
+
+    def _make_sync_route(self) -> _Route:
+        client = self.sync_client()
+        with self._lock:
+            if self._sync_route is None:
+                self._sync_route = _route(client, self.kind, self.cfg.client is None, False)
+            return self._sync_route
+
+    def _make_async_route(self, state: _LoopState) -> _Route:
+        # The loop's own state: only this loop reads or writes it.
+        state.route = _route(self.async_client(), self.kind, self.cfg.async_client is None, True)
+        return state.route
 
     async def take_slot(self, slots: asyncio.Semaphore) -> None:
         """The asyncio twin of slot(): queue for a command slot, for queue_timeout at most."""
@@ -350,13 +415,6 @@ class Backend:
         """The running loop's table of flights."""
         return self._loop_state().flights
 
-    def async_client_and_slots(self) -> tuple[AsyncClient, asyncio.Semaphore]:
-        state = self._loop_state()
-        client = state.client
-        if client is None:
-            client = state.client = self.cfg.async_client or self._build_client(to_async=True)
-        return client, state.slots
-
     # --- clients ------------------------------------------------------------------------------
 
     def sync_client(self) -> SyncClient:
@@ -372,7 +430,11 @@ class Backend:
         return client
 
     def async_client(self) -> AsyncClient:
-        return self.async_client_and_slots()[0]
+        state = self._loop_state()
+        client = state.client
+        if client is None:
+            client = state.client = self.cfg.async_client or self._build_client(to_async=True)
+        return client
 
     def _loop_state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -391,7 +453,13 @@ class Backend:
         """Close the running loop's client (redis.asyncio clients must be closed on their loop)."""
         loop = asyncio.get_running_loop()
         state = self._per_loop.get(loop)
-        if state is not None and state.client is not None and self.cfg.async_client is None:
+        if state is None:
+            return
+        idle, state.idle = state.idle, []
+        state.route = None
+        for conn in idle:
+            await conn.disconnect()
+        if state.client is not None and self.cfg.async_client is None:
             client, state.client = state.client, None
             await client.aclose()
 
@@ -540,6 +608,8 @@ class Backend:
             renewer, self._renewer = self._renewer, None
             renewal, self._renewal = self._renewal, None
             sync, self._sync = self._sync, self.cfg.client
+            self._sync_route = None
+            own, self._sync_idle = self._sync_idle, []
             # asyncio clients belong to their loops: aclose() closes the running loop's.
             self._per_loop.clear()
         if hub is not None:
@@ -548,6 +618,8 @@ class Backend:
             renewer.close()
         if renewal is not None:
             renewal.close()
+        for conn in own:
+            conn.disconnect()
         if self.cfg.client is None and sync is not None:
             sync.close()
 
@@ -562,14 +634,48 @@ class Backend:
 
 
 class _LoopState:
-    """What a backend keeps per asyncio event loop."""
+    """What a backend keeps per asyncio event loop (used on that loop only: no lock)."""
 
-    __slots__ = ("client", "flights", "slots")
+    __slots__ = ("client", "flights", "idle", "route", "slots")
 
     def __init__(self) -> None:
         self.client: AsyncClient | None = None
+        self.route: _Route | None = None
         self.slots = asyncio.Semaphore(_SLOTS)
+        self.idle: list[Any] = []  # the route's own connections not in use (at most _SLOTS)
         self.flights = InFlight()
+
+
+class _Route:
+    """How scripts reach Redis from one client: over the wire on connections of our own
+    (``own``: a client built here), over the wire through the client's pool (a client
+    passed in, Sentinel), or through the client's command layer (Cluster)."""
+
+    __slots__ = ("client", "own", "wire")
+
+    def __init__(self, client: Any, wire: SyncWire | AsyncWire | None, own: bool) -> None:
+        self.client = client
+        self.wire = wire
+        self.own = own
+
+
+def _route(client: Any, kind: str, built_here: bool, is_async: bool) -> _Route:
+    if kind == "cluster" or not wire_ready(client):
+        return _Route(client, None, False)
+    wire = AsyncWire(client) if is_async else SyncWire(client)
+    return _Route(client, wire, built_here and kind == "standalone")
+
+
+async def _connect_retried(run: Any, *args: Any) -> Any:
+    """A connect that timed out never reached Redis, and on a loop busy starting thousands
+    of tasks its timer fires before the loop looks at the socket: one more try, on a loop
+    that has caught up. Read timeouts are never retried."""
+    try:
+        return await run(*args)
+    except RedisTimeoutError as exc:
+        if not _connect_timed_out(exc):
+            raise
+    return await run(*args)
 
 
 # While a Cluster slot migrates, a multi-key script may meet TRYAGAIN until it is done. Every

@@ -50,10 +50,19 @@ __all__ = [
 class Script:
     lua: str
     sha: str
+    evalsha_head: bytes  # the RESP of "EVALSHA <sha>", ready to send (see wire.pack)
+    eval_head: bytes  # the RESP of "EVAL <lua>"
 
 
 def _script(lua: str) -> Script:
-    return Script(lua, hashlib.sha1(lua.encode()).hexdigest())
+    sha = hashlib.sha1(lua.encode()).hexdigest()
+    body = lua.encode()
+    return Script(
+        lua,
+        sha,
+        b"$7\r\nEVALSHA\r\n$40\r\n%b\r\n" % sha.encode(),
+        b"$4\r\nEVAL\r\n$%d\r\n%b\r\n" % (len(body), body),
+    )
 
 
 ACQUIRE = _script(scripts.ACQUIRE)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from .. import events
-from ..backend import AsyncClient, Backend, acquire_and_wait, run_script_async
+from ..backend import Backend, acquire_and_wait
 from ..commands import translate
 from ..envelope import Outcome
 from ..errors import BackendUnavailable
@@ -142,7 +142,6 @@ async def _run(driver: _Driver) -> Finished:
 
 class _Driver(DriverBase):
     async def run(self) -> Finished:
-        client, slots = self.backend.async_client_and_slots()
         flight = run_flight(self.spec, self.codec, time.monotonic)
         reply: object = None
         error: Exception | None = None
@@ -154,14 +153,14 @@ class _Driver(DriverBase):
                     return stop.value  # type: ignore[no-any-return]
                 reply, error = None, None
                 try:
-                    reply = await self.execute(client, slots, cmd)
+                    reply = await self.execute(cmd)
                 except Exception as exc:
                     error = translate(exc)
         finally:
             flight.close()
             self.finish()
 
-    async def execute(self, client: AsyncClient, slots: asyncio.Semaphore, cmd: Command) -> object:
+    async def execute(self, cmd: Command) -> object:
         script = self.script_for(cmd)
         if script is not None:
             if isinstance(cmd, Acquire) and self.spec.min_replicas:
@@ -171,18 +170,7 @@ class _Driver(DriverBase):
                     acquire_and_wait, self.backend, sync_client, script, self.spec
                 )
                 return self.reply_of(cmd, raw)
-            if self.cluster:
-                # redis.asyncio's RedisCluster drops connections other tasks are using when
-                # one command fails (it re-discovers the topology), and under concurrency we
-                # saw it hand out a connection mid-handshake: Cluster commands go through the
-                # thread-safe sync client on worker threads instead.
-                raw = await asyncio.to_thread(self.backend.run_cluster_script, script)
-                return self.reply_of(cmd, raw)
-            await self.backend.take_slot(slots)
-            try:
-                return self.reply_of(cmd, await run_script_async(client, script, self.cluster))
-            finally:
-                slots.release()
+            return self.reply_of(cmd, await self.backend.run_async_script(script))
         if isinstance(cmd, Wait):
             assert self.mailbox is not None
             return await self.mailbox.get_async(cmd.timeout)

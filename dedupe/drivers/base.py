@@ -143,7 +143,6 @@ class DriverBase:
         self.backend = backend
         self.entry = entry  # this process's entry of the flight (its callers wait on it)
         self.codec: Codec = backend.codec
-        self.cluster = backend.kind == "cluster"  # isinstance on cluster clients is slow
         self.spec = spec
         self.fn, self.args, self.kwargs = fn, args, kwargs
         self.mailbox: Mailbox[object] | None = None

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import events
-from ..backend import Backend, SyncClient, acquire_and_wait, run_script
+from ..backend import Backend, acquire_and_wait
 from ..commands import translate
 from ..envelope import Outcome
 from ..errors import BackendUnavailable, WaitTimeout
@@ -117,7 +117,6 @@ def _run(
 
 class _Driver(DriverBase):
     def run(self) -> Finished:
-        client = self.backend.sync_client()
         flight = run_flight(self.spec, self.codec, time.monotonic)
         reply: object = None
         error: Exception | None = None
@@ -129,25 +128,22 @@ class _Driver(DriverBase):
                     return stop.value  # type: ignore[no-any-return]
                 reply, error = None, None
                 try:
-                    reply = self.execute(client, cmd)
+                    reply = self.execute(cmd)
                 except Exception as exc:
                     error = translate(exc)
         finally:
             flight.close()
             self.finish()
 
-    def execute(self, client: SyncClient, cmd: Command) -> object:
+    def execute(self, cmd: Command) -> object:
         script = self.script_for(cmd)
         if script is not None:
             if isinstance(cmd, Acquire) and self.spec.min_replicas:
-                raw, self.acked = acquire_and_wait(self.backend, client, script, self.spec)
+                raw, self.acked = acquire_and_wait(
+                    self.backend, self.backend.sync_client(), script, self.spec
+                )
                 return self.reply_of(cmd, raw)
-            backend = self.backend
-            backend.take_sync_slot()
-            try:
-                return self.reply_of(cmd, run_script(client, script, self.cluster))
-            finally:
-                backend.release_sync_slot()
+            return self.reply_of(cmd, self.backend.run_sync_script(script))
         if isinstance(cmd, Wait):
             assert self.mailbox is not None
             return self.mailbox.get(cmd.timeout)

@@ -1,0 +1,176 @@
+"""Scripts on the wire: EVALSHA packed here, carried over a redis-py connection.
+
+A flight sends two known scripts. redis-py's command layer (argument encoding, the pool's
+bookkeeping and observability, event dispatch) cost more per flight than all of dedupe's
+own decisions, so standalone and Sentinel clients send them through here instead: packed
+once, written and read on a redis-py ``Connection`` (its socket handling, timeouts, health
+checks, RESP parsing and error types), and retried as the connection's own ``retry`` says.
+
+Connections come from one of two places. A client dedupe built from a URL gives each
+command slot a connection of its own (``Slots``): taking a slot is taking its connection,
+one C-level queue operation. A client the user passed in keeps its own pool and limits:
+each command checks a connection out of that pool and back. Cluster clients keep the
+client path (they route by slot and follow MOVED/ASK).
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import partial
+from typing import Any
+
+from redis.exceptions import NoScriptError, ResponseError
+
+from .commands import ScriptCall
+
+__all__ = ["AsyncWire", "SyncWire", "pack", "wire_ready"]
+
+
+def _bulk(value: str | bytes | int) -> bytes:
+    if type(value) is str:
+        data = value.encode()
+    elif type(value) is int:
+        data = b"%d" % value
+    else:
+        data = value  # type: ignore[assignment]
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+def pack(call: ScriptCall, *, by_sha: bool = True) -> list[bytes]:
+    """The RESP request of EVALSHA (or EVAL, by_sha=False) for one script call, as the one
+    chunk redis-py's send_packed_command writes (a bare bytes would be iterated as ints)."""
+    script = call.script
+    keys, args = call.keys, call.args
+    head = script.evalsha_head if by_sha else script.eval_head
+    parts = [
+        b"*%d\r\n%b$%d\r\n%d\r\n"
+        % (3 + len(keys) + len(args), head, len(str(len(keys))), len(keys))
+    ]
+    parts += map(_bulk, keys)
+    parts += map(_bulk, args)
+    return [b"".join(parts)]
+
+
+def wire_ready(client: Any) -> bool:
+    """True if scripts for this sync or asyncio (non-Cluster) client may go through here:
+    a pooled client (not single-connection) that encodes text as UTF-8, strictly."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None or getattr(client, "connection", None) is not None:
+        return False
+    if getattr(pool, "cache", None) is not None:  # client-side caching wraps connections
+        return False
+    kw = getattr(pool, "connection_kwargs", {})
+    encoding = str(kw.get("encoding", "utf-8")).lower().replace("_", "-")
+    return encoding in ("utf-8", "utf8") and kw.get("encoding_errors", "strict") == "strict"
+
+
+def _takes_command_name(get_connection: Any) -> bool:
+    """redis-py < 6 requires a command name for get_connection(); later ones warn on one."""
+    try:
+        param = inspect.signature(get_connection).parameters.get("command_name")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+def _should_reconnect(conn: Any) -> bool:
+    # redis-py >= 6.2: a server maintenance notification asked for a new connection.
+    check = getattr(conn, "should_reconnect", None)
+    return bool(check()) if check is not None else False
+
+
+class SyncWire:
+    """Scripts over a sync redis-py pool (or over connections the caller holds)."""
+
+    __slots__ = ("_name", "pool")
+
+    def __init__(self, client: Any) -> None:
+        self.pool = client.connection_pool
+        self._name: tuple[str, ...] = (
+            ("EVALSHA",) if _takes_command_name(self.pool.get_connection) else ()
+        )
+
+    def new_connection(self) -> Any:
+        """A connection of the client's settings, owned by the caller (a command slot)."""
+        pool = self.pool
+        return pool.connection_class(**pool.connection_kwargs)
+
+    def run_on(self, conn: Any, call: ScriptCall) -> Any:
+        """Run the script on a connection the caller owns; retried as its retry policy says."""
+        try:
+            return conn.retry.call_with_retry(partial(_roundtrip, conn, call), conn.disconnect)
+        except ResponseError:
+            raise  # the error reply was read whole: the connection is clean
+        except BaseException:
+            conn.disconnect()  # never leave a half-read reply on a connection used again
+            raise
+        finally:
+            if _should_reconnect(conn):
+                conn.disconnect()
+
+    def run(self, call: ScriptCall) -> Any:
+        """Run the script on a connection checked out of the client's pool."""
+        pool = self.pool
+        conn = pool.get_connection(*self._name)
+        try:
+            return conn.retry.call_with_retry(partial(_roundtrip, conn, call), conn.disconnect)
+        finally:
+            pool.release(conn)
+
+
+def _roundtrip(conn: Any, call: ScriptCall) -> Any:
+    conn.send_packed_command(pack(call))
+    try:
+        return conn.read_response()
+    except NoScriptError:  # a restarted or flushed server: send the script itself
+        conn.send_packed_command(pack(call, by_sha=False))
+        return conn.read_response()
+
+
+class AsyncWire:
+    """Scripts over a redis.asyncio pool (or over connections the caller holds)."""
+
+    __slots__ = ("_name", "pool")
+
+    def __init__(self, client: Any) -> None:
+        self.pool = client.connection_pool
+        self._name: tuple[str, ...] = (
+            ("EVALSHA",) if _takes_command_name(self.pool.get_connection) else ()
+        )
+
+    def new_connection(self) -> Any:
+        pool = self.pool
+        return pool.connection_class(**pool.connection_kwargs)
+
+    async def run_on(self, conn: Any, call: ScriptCall) -> Any:
+        try:
+            return await conn.retry.call_with_retry(
+                partial(_aroundtrip, conn, call), lambda error: conn.disconnect()
+            )
+        except ResponseError:
+            raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            if _should_reconnect(conn):
+                await conn.disconnect()
+
+    async def run(self, call: ScriptCall) -> Any:
+        pool = self.pool
+        conn = await pool.get_connection(*self._name)
+        try:
+            return await conn.retry.call_with_retry(
+                partial(_aroundtrip, conn, call), lambda error: conn.disconnect()
+            )
+        finally:
+            await pool.release(conn)
+
+
+async def _aroundtrip(conn: Any, call: ScriptCall) -> Any:
+    await conn.send_packed_command(pack(call))
+    try:
+        return await conn.read_response()
+    except NoScriptError:
+        await conn.send_packed_command(pack(call, by_sha=False))
+        return await conn.read_response()
