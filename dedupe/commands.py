@@ -111,6 +111,8 @@ def renew_call(lock_key: str, lock_value: str, ttl_ms: int) -> ScriptCall:
 
 
 def parse_acquired(raw: Any) -> Acquired:
+    if type(raw) is int:  # the usual reply: we lead, with this token
+        return Acquired(LEAD, token=raw)
     state = int(raw[0])
     if state == DONE:
         return Acquired(DONE, record=bytes(raw[1]), fresh_ms=int(raw[2]) if len(raw) > 2 else 0)

@@ -23,7 +23,8 @@ __all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "RENEW"]
 # -> {0, record, fresh_ms}     an outcome is there for us; fresh_ms: how much longer new
 #                              callers may be given it (0: only its waiters may)
 #    {1, pttl_ms, lock_value}  another holder leads
-#    {2, token}                we lead now, under lock value "<token>:<owner>"
+#    token (an integer)        we lead now, under lock value "<token>:<owner>" (a bare
+#                              integer: the reply of every uncontended call, parsed cheapest)
 # A caller that waited on lease T passes floor T: records of older leases are never its
 # outcome, however fresh. Tokens are max(counter + 1, server time in microseconds), so they
 # grow across restarts and counter expiry (more than one lease per microsecond never happens).
@@ -67,7 +68,7 @@ if last >= t then t = last + 1 end
 local ts = string.format('%d', t)
 redis.call('SET', KEYS[2], ts, 'PX', ARGV[3])
 redis.call('SET', KEYS[1], ts .. ':' .. ARGV[1], 'PX', ARGV[2])
-return {2, ts}
+return t
 """
 
 # KEYS: lock

@@ -459,8 +459,10 @@ class World:
 
         def run() -> Any:
             raw = self.redis.evalsha(sc.script.sha, keys, args)
-            if name == "ACQUIRE" and isinstance(raw, list) and raw and raw[0] == 2:
-                self._granted(key, int(raw[1]), proc)
+            if name == "ACQUIRE" and isinstance(raw, int):
+                self._granted(key, raw, proc)  # a lease granted: the bare token
+            elif name == "ACQUIRE" and isinstance(raw, list) and raw and raw[0] == 2:
+                self._granted(key, int(raw[1]), proc)  # older scripts: {2, token}
             return raw
 
         self.request(proc, f"{name} {key}", run, on_reply)
