@@ -1,11 +1,11 @@
 """Counting Redis requests: client side by wrapping redis-py, server side with INFO commandstats.
 
-Client side, :func:`install` wraps ``send_command`` of redis-py's sync and asyncio connection
-classes, so every request any library sends through redis-py in this process is counted: each
-call is one request written to the socket, that is one round trip (no tool pipelines on these
-paths; blocking commands such as BLPOP count once; SUBSCRIBE/UNSUBSCRIBE on a pub/sub connection
-count once each). The connection handshake (HELLO, CLIENT SETINFO, SELECT, AUTH) is not counted.
-Each thread counts into its own cell, so counting takes no lock.
+Client side, :func:`install` wraps ``send_packed_command`` of redis-py's sync and asyncio
+connection classes, so every request any library sends through redis-py in this process is
+counted: each call is one write of a request to the socket, that is one round trip (a pipeline
+is one write; blocking commands such as BLPOP count once; SUBSCRIBE/UNSUBSCRIBE on a pub/sub
+connection count once per write). The connection handshake (HELLO, CLIENT SETINFO, SELECT,
+AUTH) is not counted. Each thread counts into its own cell, so counting takes no lock.
 
 Server side, :func:`reset_server_stats` runs ``CONFIG RESETSTAT`` before a run and
 :func:`server_commands` sums ``INFO commandstats`` after it: that counts every command the server
@@ -37,39 +37,49 @@ def _cell() -> list[int]:
     return cell
 
 
-def _counted(args: tuple[Any, ...]) -> bool:
-    if not args:
-        return False
-    name = args[0]
-    if isinstance(name, bytes):
-        name = name.decode("ascii", "replace")
-    return str(name).upper() not in _SKIP
+def head_of(packed: Any, count: int = 1) -> list[bytes]:
+    """The first ``count`` words of a packed RESP request (bytes, str or a list of chunks)."""
+    chunk = packed[0] if isinstance(packed, (list, tuple)) else packed
+    if isinstance(chunk, str):
+        chunk = chunk.encode()
+    lines = bytes(chunk[:4096]).split(b"\r\n")
+    # "*N", then "$len", word, "$len", word, ...
+    return [lines[i] for i in range(2, min(len(lines), 2 + 2 * count), 2)]
+
+
+def _counted(packed: Any) -> bool:
+    head = head_of(packed)
+    return bool(head) and head[0].decode("ascii", "replace").upper() not in _SKIP
 
 
 def install() -> None:
-    """Count every request sent through redis-py in this process (idempotent)."""
+    """Count every request sent through redis-py in this process (idempotent).
+
+    ``send_packed_command`` is what writes a request, from redis-py's command layer
+    (``send_command`` calls it), from pipelines (one write: one round trip) and from dedupe's
+    wire, which packs its scripts itself."""
     if _originals:
         return
     import redis.asyncio.connection as aconn
     import redis.connection as sconn
 
-    sync_send = sconn.AbstractConnection.send_command
-    async_send = aconn.AbstractConnection.send_command
+    sync_send = sconn.AbstractConnection.send_packed_command
+    async_send = aconn.AbstractConnection.send_packed_command
 
-    def send_command(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if _counted(args):
+    def send_packed_command(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+        if _counted(command):
             _cell()[0] += 1
-        return sync_send(self, *args, **kwargs)
+        return sync_send(self, command, *args, **kwargs)
 
-    async def asend_command(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if _counted(args):
+    async def asend_packed_command(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+        if _counted(command):
             _cell()[0] += 1
-        return await async_send(self, *args, **kwargs)
+        return await async_send(self, command, *args, **kwargs)
 
     _originals["sync"] = sync_send
     _originals["async"] = async_send
-    sconn.AbstractConnection.send_command = send_command  # type: ignore[method-assign]
-    aconn.AbstractConnection.send_command = asend_command  # type: ignore[method-assign]
+    sconn.AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
+    aconn.AbstractConnection.send_packed_command = asend_packed_command  # type: ignore[method-assign]
 
 
 def uninstall() -> None:
@@ -78,8 +88,8 @@ def uninstall() -> None:
     import redis.asyncio.connection as aconn
     import redis.connection as sconn
 
-    sconn.AbstractConnection.send_command = _originals.pop("sync")  # type: ignore[method-assign]
-    aconn.AbstractConnection.send_command = _originals.pop("async")  # type: ignore[method-assign]
+    sconn.AbstractConnection.send_packed_command = _originals.pop("sync")  # type: ignore[method-assign]
+    aconn.AbstractConnection.send_packed_command = _originals.pop("async")  # type: ignore[method-assign]
 
 
 def value() -> int:

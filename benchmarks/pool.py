@@ -550,23 +550,24 @@ def install_legs() -> None:
 
     if getattr(hub.Hub, "_bench_legs", False):
         return
-    sha = commands.COMPLETE.sha
+    sha = commands.COMPLETE.sha.encode()
     complete = _legs["complete"]
     seen = _legs["hub"]
-    sync_send: Any = sconn.AbstractConnection.send_command
-    async_send: Any = aconn.AbstractConnection.send_command
+    sync_send: Any = sconn.AbstractConnection.send_packed_command
+    async_send: Any = aconn.AbstractConnection.send_packed_command
 
-    def stamp(args: tuple[Any, ...]) -> None:
-        if len(args) > 3 and args[0] in ("EVALSHA", "EVAL") and args[1] == sha:
-            complete.setdefault(_tag(args[3]), time.monotonic_ns())
+    def stamp(command: Any) -> None:
+        head = counting.head_of(command, 4)  # EVALSHA <sha> <numkeys> <lock key>
+        if len(head) == 4 and head[0] == b"EVALSHA" and head[1] == sha:
+            complete.setdefault(_tag(head[3]), time.monotonic_ns())
 
-    def send_command(self: Any, *args: Any, **kwargs: Any) -> Any:
-        stamp(args)
-        return sync_send(self, *args, **kwargs)
+    def send_packed_command(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+        stamp(command)
+        return sync_send(self, command, *args, **kwargs)
 
-    async def asend_command(self: Any, *args: Any, **kwargs: Any) -> Any:
-        stamp(args)
-        return await async_send(self, *args, **kwargs)
+    async def asend_packed_command(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+        stamp(command)
+        return await async_send(self, command, *args, **kwargs)
 
     on_reply = hub.Hub._on_reply
 
@@ -575,8 +576,8 @@ def install_legs() -> None:
             seen.setdefault(_tag(reply[1]), time.monotonic_ns())
         on_reply(self, link, reply)
 
-    sconn.AbstractConnection.send_command = send_command  # type: ignore[method-assign]
-    aconn.AbstractConnection.send_command = asend_command  # type: ignore[method-assign]
+    sconn.AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
+    aconn.AbstractConnection.send_packed_command = asend_packed_command  # type: ignore[method-assign]
     hub.Hub._on_reply = _on_reply  # type: ignore[method-assign]
     hub.Hub._bench_legs = True  # type: ignore[attr-defined]
 

@@ -31,20 +31,24 @@ def pack(call: ScriptCall, *, by_sha: bool = True) -> list[bytes]:
     chunk redis-py's send_packed_command writes (a bare bytes would be iterated as ints)."""
     script = call.script
     keys, args = call.keys, call.args
+    numkeys = b"%d" % len(keys)
     parts = [
-        b"*%d\r\n%b$%d\r\n%d\r\n"
+        b"*%d\r\n%b$%d\r\n%b\r\n"
         % (
             3 + len(keys) + len(args),
             script.evalsha_head if by_sha else script.eval_head,
-            len(str(len(keys))),
-            len(keys),
+            len(numkeys),
+            numkeys,
         )
     ]
-    # One comprehension, no call per argument: text as UTF-8, integers in decimal.
-    for data in [
-        a.encode() if isinstance(a, str) else b"%d" % a if isinstance(a, int) else a
-        for a in (*keys, *args)
-    ]:
+    # Loops, not a call per argument: keys are text (UTF-8), arguments text, ints or bytes.
+    for key in keys:
+        data = key.encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    for arg in args:
+        data = (
+            arg.encode() if isinstance(arg, str) else b"%d" % arg if isinstance(arg, int) else arg
+        )
         parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return [b"".join(parts)]
 
