@@ -15,11 +15,14 @@ client path (they route by slot and follow MOVED/ASK).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from functools import partial
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .commands import ScriptCall
 
@@ -168,9 +171,35 @@ class AsyncWire:
 
 
 async def _aroundtrip(conn: Any, call: ScriptCall) -> Any:
-    await conn.send_packed_command(pack(call))
+    await _asend(conn, pack(call))
     try:
         return await conn.read_response()
     except NoScriptError:
-        await conn.send_packed_command(pack(call, by_sha=False))
+        await _asend(conn, pack(call, by_sha=False))
         return await conn.read_response()
+
+
+async def _asend(conn: Any, packed: list[bytes]) -> None:
+    """send_packed_command without its task per write: with a socket timeout, redis.asyncio
+    wraps every write in asyncio.wait_for, a new task and two loop turns (Python 3.11). A
+    transport write never blocks, so the request goes straight to it; only a write the
+    socket could not take at once waits for drain(), under the socket timeout, as before."""
+    writer = getattr(conn, "_writer", None)  # redis.asyncio's StreamWriter, once connected
+    if writer is None or writer.transport.is_closing():
+        await conn.send_packed_command(packed)  # connects first, redis-py's own way
+        return
+    await conn.check_health()  # a PING if health_check_interval has passed (rarely)
+    if conn._writer is not writer:  # the health check failed and reconnected
+        await conn.send_packed_command(packed)
+        return
+    writer.writelines(packed)
+    if writer.transport.get_write_buffer_size() == 0:
+        return  # all of it is in the kernel's buffer (a lost link shows up in the read)
+    try:
+        await asyncio.wait_for(writer.drain(), conn.socket_timeout)
+    except asyncio.TimeoutError:
+        await conn.disconnect(nowait=True)
+        raise RedisTimeoutError("Timeout writing to socket") from None
+    except OSError as exc:
+        await conn.disconnect(nowait=True)
+        raise RedisConnectionError(f"Error while writing to socket: {exc}") from exc

@@ -273,3 +273,27 @@ def test_non_ascii_job_ids_reach_the_same_keys_as_the_client_api(
         assert runs == [1, 3]
     finally:
         sf.close(timeout=0)
+
+
+def test_an_asyncio_record_larger_than_the_socket_buffer_goes_out_whole(
+    redis_url: str, prefix: str
+) -> None:
+    """A write the kernel cannot take at once waits for the transport to drain."""
+    sf = SingleFlight(redis_url, prefix=prefix, result_ttl=60)
+    big = bytes(range(256)) * (32 * 1024)  # 8 MiB
+
+    async def make() -> bytes:
+        return big
+
+    async def main() -> None:
+        try:
+            assert await sf.call("big", make) == big
+        finally:
+            await sf.aclose()
+
+    try:
+        asyncio.run(main())
+        # Stored whole: a sync caller is served the kept record without running anything.
+        assert sf.call("big", lambda: b"ran again") == big
+    finally:
+        sf.close(timeout=0)
