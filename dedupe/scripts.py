@@ -61,12 +61,22 @@ if pttl >= 0 then
 end
 local now = redis.call('TIME')
 local t = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local last = redis.pcall('GET', KEYS[2])
+local ts = string.format('%d', t)
+-- Set the counter to the clock and read what it held, in one call; it is almost always
+-- behind the clock. If not (a clock that went back, leases within one microsecond), the
+-- token is one past it instead. A value of another type is not ours: overwritten.
+local last = redis.pcall('SET', KEYS[2], ts, 'PX', ARGV[3], 'GET')
+if type(last) == 'table' and last.err then
+  redis.call('SET', KEYS[2], ts, 'PX', ARGV[3])
+  last = false
+end
 last = type(last) == 'string' and string.match(last, '^%d+$') and tonumber(last) or 0
 if last > 9000000000000000 then last = 0 end  -- not ours: beyond what a double holds exactly
-if last >= t then t = last + 1 end
-local ts = string.format('%d', t)
-redis.call('SET', KEYS[2], ts, 'PX', ARGV[3])
+if last >= t then
+  t = last + 1
+  ts = string.format('%d', t)
+  redis.call('SET', KEYS[2], ts, 'PX', ARGV[3])
+end
 redis.call('SET', KEYS[1], ts .. ':' .. ARGV[1], 'PX', ARGV[2])
 return t
 """

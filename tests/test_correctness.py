@@ -127,6 +127,37 @@ def test_fencing_tokens_grow_across_restart_and_a_busy_counter(fresh_redis: Redi
         sf.close(timeout=0)
 
 
+@pytest.mark.timeout(30)
+def test_a_counter_ahead_of_the_clock_or_not_ours_still_gives_larger_tokens(
+    redis_url: str, redis_client: redis.Redis, prefix: str, sfs: list[Any]
+) -> None:
+    """The acquire sets the counter to the clock and reads the old value in one SET ... GET:
+    a counter ahead of the clock must still win, and a key of another type is overwritten."""
+    sf = _sf(sfs, redis_url, prefix, result_ttl=0)
+    names = names_for(prefix, "k")
+    tokens: list[int] = []
+
+    def work() -> int:
+        flight = current_flight()
+        assert flight is not None
+        tokens.append(flight.token)
+        return flight.token
+
+    sf.call("k", work)
+    ahead = tokens[-1] + 10**12  # eleven days of microseconds ahead
+    redis_client.set(names.token, str(ahead), px=60_000)
+    sf.call("k", work)
+    assert tokens[-1] == ahead + 1
+    sf.call("k", work)
+    assert tokens[-1] == ahead + 2
+    redis_client.delete(names.token)
+    redis_client.rpush(names.token, "not", "ours")  # WRONGTYPE for SET ... GET
+    sf.call("k", work)
+    assert redis_client.type(names.token) == b"string"
+    assert redis_client.pttl(names.token) > 0
+    assert 0 < tokens[-1] < ahead  # the clock again: the foreign value told us nothing
+
+
 @pytest.mark.timeout(60)
 def test_what_a_flight_leaves_is_short_lived(
     redis_url: str, redis_client: redis.Redis, prefix: str, sfs: list[Any]
@@ -707,3 +738,48 @@ def test_a_cluster_older_than_7_is_refused_at_the_first_call() -> None:
             assert list(client.scan_iter("old:*")) == []
         finally:
             client.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_standalone_redis_6_2_runs_flights(legacy_redis: RedisServer, prefix: str) -> None:
+    """The oldest server the README supports standalone: every script runs on it (SET ...
+    GET in the acquire is 6.2's), sync and asyncio, leading, kept and followed."""
+    sf = SingleFlight(legacy_redis.url, prefix=prefix, result_ttl=30)
+    gate = threading.Event()
+    runs: list[int] = []
+
+    def slow() -> str:
+        runs.append(1)
+        gate.wait(10)
+        return "v"
+
+    async def aval() -> str:
+        return "a"
+
+    try:
+        leader = threading.Thread(target=lambda: sf.call("slow", slow))
+        leader.start()
+        until(lambda: bool(runs), what="the leader to start")
+        other = SingleFlight(legacy_redis.url, prefix=prefix, result_ttl=30)
+        try:
+            got: list[str] = []
+            follower = threading.Thread(target=lambda: got.append(other.call("slow", slow)))
+            follower.start()
+            until(lambda: bool(other.inflight()), what="the follower to join")
+            gate.set()
+            follower.join(10)
+            leader.join(10)
+            assert got == ["v"] and runs == [1]
+        finally:
+            other.close(timeout=0)
+        assert sf.call("slow", lambda: "again") == "v"  # kept
+
+        async def main() -> str:
+            try:
+                return str(await sf.call("async", aval))
+            finally:
+                await sf.aclose()
+
+        assert asyncio.run(main()) == "a"
+    finally:
+        sf.close(timeout=0)

@@ -1,6 +1,6 @@
 """A simulated Redis that runs the package's real Lua scripts (Lua 5.1 through lupa).
 
-Only the commands the scripts use exist: GET, SET (NX/XX, PX/EX), DEL, EXISTS, PTTL,
+Only the commands the scripts use exist: GET, SET (NX/XX, PX/EX, GET), DEL, EXISTS, PTTL,
 PEXPIRE, INCR, TIME, PUBLISH and SPUBLISH. Values are bytes; keys expire on the store's
 own clock (milliseconds, read from ``now_us``); a restart loses every key and may move
 TIME forward. Replies follow Redis's Lua conversion rules: a Lua number becomes an integer
@@ -192,15 +192,18 @@ class SimRedis:
                 px = n if opts[i] == b"PX" else n * 1000
                 i += 2
                 continue
-            if opts[i] not in (b"NX", b"XX"):
+            if opts[i] not in (b"NX", b"XX", b"GET"):
                 raise _Err(b"ERR syntax error")
             i += 1
-        exists = self._live(key) is not None
+        old = self._live(key)
+        exists = old is not None
         if (b"NX" in opts and exists) or (b"XX" in opts and not exists):
             return None
         if self.on_set is not None:
             self.on_set(key, value, px)
         self.data[key] = (value, None if px is None else self.now_ms() + px)
+        if b"GET" in opts:  # the old value (nil reaches Lua as false), as Redis 6.2+ does
+            return old[0] if old is not None else False
         return self.lua.table_from({b"ok": b"OK"})  # a status reply reaches Lua as {ok=...}
 
     def _del(self, a: list[bytes]) -> Any:
