@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -42,6 +42,7 @@ from .inflight import InFlight, InFlightInfo
 from .inspector import OwnerIds
 from .kept import LocalCopies
 from .renewal import Renewer, renew_many
+from .slots import AsyncSlots
 from .topology import (
     ClusterRouter,
     cluster_twin,
@@ -353,7 +354,7 @@ class Backend:
         state = self._loop_state()
         route = state.route or self._make_async_route(state)
         slots = state.slots
-        await self.take_slot(slots)
+        await slots.take(self.cfg.queue_timeout)
         try:
             wire = route.wire
             if route.own:
@@ -380,36 +381,6 @@ class Backend:
         # The loop's own state: only this loop reads or writes it.
         state.route = _route(self.async_client(), self.kind, self.cfg.async_client is None, True)
         return state.route
-
-    async def take_slot(self, slots: asyncio.Semaphore) -> None:
-        """The asyncio twin of slot(): queue for a command slot, for queue_timeout at most."""
-        if not slots.locked():
-            await slots.acquire()  # free: no timer, no task
-            return
-        # A timer, not asyncio.wait_for: thousands of queued callers must not mean thousands
-        # of extra tasks on the loop.
-        task = asyncio.current_task()
-        assert task is not None
-        fired: list[bool] = []
-
-        def expire() -> None:
-            fired.append(True)
-            task.cancel()
-
-        timer = asyncio.get_running_loop().call_later(self.cfg.queue_timeout, expire)
-        try:
-            await slots.acquire()
-        except asyncio.CancelledError:
-            if not fired:
-                raise
-            if hasattr(task, "uncancel"):
-                task.uncancel()  # our own cancel, not the caller's (3.11+)
-            raise BackendUnavailable(
-                f"all {_SLOTS} Redis command slots of this event loop stayed busy for "
-                f"{self.cfg.queue_timeout:g} s"
-            ) from None
-        finally:
-            timer.cancel()
 
     def async_flights(self) -> InFlight:
         """The running loop's table of flights."""
@@ -446,7 +417,7 @@ class Backend:
                     # What belonged to closed loops cannot be used again: drop it.
                     for old in [lp for lp in list(self._per_loop) if lp.is_closed()]:
                         self._per_loop.pop(old, None)
-                    state = self._per_loop[loop] = _LoopState()
+                    state = self._per_loop[loop] = _LoopState(self.cfg.queue_timeout)
         return state
 
     async def aclose_loop_client(self) -> None:
@@ -638,12 +609,21 @@ class _LoopState:
 
     __slots__ = ("client", "flights", "idle", "route", "slots")
 
-    def __init__(self) -> None:
+    def __init__(self, queue_timeout: float) -> None:
         self.client: AsyncClient | None = None
         self.route: _Route | None = None
-        self.slots = asyncio.Semaphore(_SLOTS)
+        self.slots = AsyncSlots(_SLOTS, _loop_slots_busy(queue_timeout))
         self.idle: list[Any] = []  # the route's own connections not in use (at most _SLOTS)
         self.flights = InFlight()
+
+
+def _loop_slots_busy(timeout: float) -> Callable[[], Exception]:
+    def error() -> Exception:
+        return BackendUnavailable(
+            f"all {_SLOTS} Redis command slots of this event loop stayed busy for {timeout:g} s"
+        )
+
+    return error
 
 
 class _Route:
