@@ -23,7 +23,7 @@ from dedupe.commands import ACQUIRE, COMPLETE, ScriptCall
 from dedupe.wire import pack
 from devtools.servers import RedisServer
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.core]
 
 
 def _ours(client: redis.Redis, prefix: str, role: str = "cmd") -> int:
