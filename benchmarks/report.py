@@ -53,13 +53,15 @@ class Report:
             "(every command the server executed, including each `redis.call` inside a Lua "
             "script; the benchmark's own CONFIG/INFO and connection handshakes excluded). "
             "*Round trips* are requests sent by the clients, counted in every process by "
-            "wrapping redis-py's `Connection.send_command` (sync and asyncio; handshakes "
+            "wrapping redis-py's `Connection.send_packed_command`, every write of a request "
+            "(sync and asyncio; a pipeline is one; dedupe's packed scripts too; handshakes "
             "excluded; pub/sub SUBSCRIBE/UNSUBSCRIBE count one each).",
             "",
         ]
         self.lines = []
         for name in (
             "callgrind",
+            "servertime",
             "overhead",
             "wake",
             "stampede",
@@ -121,6 +123,33 @@ class Report:
             "dedupe's figure is its own layer."
         )
         self.lines.append("")
+
+    def _servertime(self, res: dict[str, Any]) -> None:
+        import statistics
+
+        from . import server_time as st
+
+        usec = res["usec"]
+        self.lines += ["## 0b. Server time of the scripts (INFO commandstats)", ""]
+        self.lines += st.report(usec)
+        self.lines.append("")
+        self.lines.append(
+            "Each case alone after `CONFIG RESETSTAT`, one command per fresh key; Redis's own "
+            "`usec_per_call` (the whole script for EVALSHA). The acquire before the speed work "
+            "runs beside the current one in the same repeats."
+        )
+        self.lines.append("")
+
+        def med(case: str) -> float:
+            return statistics.median(usec[case])
+
+        now, before = med("dedupe acquire"), med("dedupe acquire (before)")
+        self.target(
+            "0b",
+            "acquire script server time comes down (vs the script before)",
+            f"{now:.1f} µs vs {before:.1f} µs ({now / before:.2f}x)",
+            now < before,
+        )
 
     def _herd(self, res: dict[str, Any]) -> None:
         from . import herd_fastapi as hf
@@ -281,7 +310,8 @@ class Report:
             if leg_rows:
                 self.lines.append(
                     "The three legs of a dedupe wake-up, p50 / p99 µs (stamped by wrapping "
-                    "redis-py's send_command and the hub's message dispatch from outside): the "
+                    "redis-py's send_packed_command and the hub's message dispatch from "
+                    "outside): the "
                     "job's return to the complete script going out, from there to the "
                     "follower's hub reading the message, and from there to the caller's return."
                 )

@@ -16,13 +16,14 @@ import redis
 
 from devtools.servers import RedisServer
 
-from . import callgrind, herd_fastapi, scenarios
+from . import callgrind, herd_fastapi, scenarios, server_time
 from .pool import WorkerPool
 from .report import Report, plots
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCENARIOS = (
     "callgrind",
+    "servertime",
     "overhead",
     "wake",
     "stampede",
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             admin.flushall()
 
         timed("callgrind", callgrind.scenario, server.url, p.quick)
+        timed("servertime", server_time.scenario, server.url, p.quick)
         timed("overhead", scenarios.overhead, server.url, p)
         if {"wake", "stampede", "steady"} & set(only):
             t0 = time.monotonic()
