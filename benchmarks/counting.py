@@ -55,41 +55,54 @@ def _counted(packed: Any) -> bool:
 def install() -> None:
     """Count every request sent through redis-py in this process (idempotent).
 
-    ``send_packed_command`` is what writes a request, from redis-py's command layer
+    Sync: ``send_packed_command`` is what writes a request, from redis-py's command layer
     (``send_command`` calls it), from pipelines (one write: one round trip) and from dedupe's
-    wire, which packs its scripts itself."""
+    wire, which packs its scripts itself. asyncio: the write to the stream, where redis.asyncio
+    (through ``send_packed_command``) and dedupe's wire (straight to the transport) both end."""
     if _originals:
         return
-    import redis.asyncio.connection as aconn
+    import asyncio
+
     import redis.connection as sconn
 
     sync_send = sconn.AbstractConnection.send_packed_command
-    async_send = aconn.AbstractConnection.send_packed_command
+    writelines = asyncio.StreamWriter.writelines
+    write = asyncio.StreamWriter.write
 
     def send_packed_command(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
         if _counted(command):
             _cell()[0] += 1
         return sync_send(self, command, *args, **kwargs)
 
-    async def asend_packed_command(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
-        if _counted(command):
+    def counted_writelines(self: Any, data: Any) -> None:
+        data = list(data)
+        if data and _counted(data):
             _cell()[0] += 1
-        return await async_send(self, command, *args, **kwargs)
+        writelines(self, data)
+
+    def counted_write(self: Any, data: Any) -> None:
+        if data and _counted(data):
+            _cell()[0] += 1
+        write(self, data)
 
     _originals["sync"] = sync_send
-    _originals["async"] = async_send
+    _originals["writelines"] = writelines
+    _originals["write"] = write
     sconn.AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
-    aconn.AbstractConnection.send_packed_command = asend_packed_command  # type: ignore[method-assign]
+    asyncio.StreamWriter.writelines = counted_writelines  # type: ignore[method-assign]
+    asyncio.StreamWriter.write = counted_write  # type: ignore[method-assign]
 
 
 def uninstall() -> None:
     if not _originals:
         return
-    import redis.asyncio.connection as aconn
+    import asyncio
+
     import redis.connection as sconn
 
     sconn.AbstractConnection.send_packed_command = _originals.pop("sync")  # type: ignore[method-assign]
-    aconn.AbstractConnection.send_packed_command = _originals.pop("async")  # type: ignore[method-assign]
+    asyncio.StreamWriter.writelines = _originals.pop("writelines")  # type: ignore[method-assign]
+    asyncio.StreamWriter.write = _originals.pop("write")  # type: ignore[method-assign]
 
 
 def value() -> int:

@@ -543,7 +543,6 @@ def _tag(name: Any) -> str:
 
 def install_legs() -> None:
     """Stamp complete-script sends (any redis-py connection) and hub message reads."""
-    import redis.asyncio.connection as aconn
     import redis.connection as sconn
 
     from dedupe import commands, hub
@@ -554,7 +553,7 @@ def install_legs() -> None:
     complete = _legs["complete"]
     seen = _legs["hub"]
     sync_send: Any = sconn.AbstractConnection.send_packed_command
-    async_send: Any = aconn.AbstractConnection.send_packed_command
+    writelines: Any = asyncio.StreamWriter.writelines
 
     def stamp(command: Any) -> None:
         head = counting.head_of(command, 4)  # EVALSHA <sha> <numkeys> <lock key>
@@ -565,9 +564,12 @@ def install_legs() -> None:
         stamp(command)
         return sync_send(self, command, *args, **kwargs)
 
-    async def asend_packed_command(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
-        stamp(command)
-        return await async_send(self, command, *args, **kwargs)
+    def stamped_writelines(self: Any, data: Any) -> None:
+        # asyncio: redis.asyncio and dedupe's wire both end in the stream's writelines.
+        data = list(data)
+        if data:
+            stamp(data)
+        writelines(self, data)
 
     on_reply = hub.Hub._on_reply
 
@@ -577,7 +579,7 @@ def install_legs() -> None:
         on_reply(self, link, reply)
 
     sconn.AbstractConnection.send_packed_command = send_packed_command  # type: ignore[method-assign]
-    aconn.AbstractConnection.send_packed_command = asend_packed_command  # type: ignore[method-assign]
+    asyncio.StreamWriter.writelines = stamped_writelines  # type: ignore[method-assign]
     hub.Hub._on_reply = _on_reply  # type: ignore[method-assign]
     hub.Hub._bench_legs = True  # type: ignore[attr-defined]
 
