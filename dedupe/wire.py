@@ -78,8 +78,8 @@ def _takes_command_name(get_connection: Any) -> bool:
     return param is not None and param.default is inspect.Parameter.empty
 
 
-class SyncWire:
-    """Scripts over a sync redis-py pool (or over connections the caller holds)."""
+class _Wire:
+    """What both wires know of the client: its pool, and how to make a connection like it."""
 
     __slots__ = ("_name", "_notified", "pool")
 
@@ -95,6 +95,12 @@ class SyncWire:
         """A connection of the client's settings, owned by the caller (a command slot)."""
         pool = self.pool
         return pool.connection_class(**pool.connection_kwargs)
+
+
+class SyncWire(_Wire):
+    """Scripts over a sync redis-py pool (or over connections the caller holds)."""
+
+    __slots__ = ()
 
     def run_on(self, conn: Any, call: ScriptCall) -> Any:
         """Run the script on a connection the caller owns; retried as its retry policy says."""
@@ -128,22 +134,10 @@ def _roundtrip(conn: Any, call: ScriptCall) -> Any:
         return conn.read_response()
 
 
-class AsyncWire:
+class AsyncWire(_Wire):
     """Scripts over a redis.asyncio pool (or over connections the caller holds)."""
 
-    __slots__ = ("_name", "_notified", "pool")
-
-    def __init__(self, client: Any) -> None:
-        self.pool = client.connection_pool
-        self._name: tuple[str, ...] = (
-            ("EVALSHA",) if _takes_command_name(self.pool.get_connection) else ()
-        )
-        # redis-py >= 6.2: a server's maintenance notification may ask for a new connection.
-        self._notified = hasattr(self.pool.connection_class, "should_reconnect")
-
-    def new_connection(self) -> Any:
-        pool = self.pool
-        return pool.connection_class(**pool.connection_kwargs)
+    __slots__ = ()
 
     async def run_on(self, conn: Any, call: ScriptCall) -> Any:
         try:

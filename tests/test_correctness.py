@@ -97,6 +97,18 @@ def test_late_leader_never_reaches_a_newer_flight(
     assert sf_d.call(job, never) == "new"
 
 
+def _token_recorder(tokens: list[int]) -> Any:
+    """A job that records (and returns) the fencing token of the flight running it."""
+
+    def work() -> int:
+        flight = current_flight()
+        assert flight is not None
+        tokens.append(flight.token)
+        return flight.token
+
+    return work
+
+
 @pytest.mark.timeout(60)
 def test_fencing_tokens_grow_across_restart_and_a_busy_counter(fresh_redis: RedisServer) -> None:
     """A key leased faster than the clock ticks runs its counter ahead; after a restart (the
@@ -104,12 +116,7 @@ def test_fencing_tokens_grow_across_restart_and_a_busy_counter(fresh_redis: Redi
     url = fresh_redis.url
     sf = SingleFlight(url, prefix="tok", result_ttl=0)
     tokens: list[int] = []
-
-    def work() -> int:
-        flight = current_flight()
-        assert flight is not None
-        tokens.append(flight.token)
-        return flight.token
+    work = _token_recorder(tokens)
 
     try:
         # A key leased as fast as one client can (thousands a second, faster than the
@@ -136,12 +143,7 @@ def test_a_counter_ahead_of_the_clock_or_not_ours_still_gives_larger_tokens(
     sf = _sf(sfs, redis_url, prefix, result_ttl=0)
     names = names_for(prefix, "k")
     tokens: list[int] = []
-
-    def work() -> int:
-        flight = current_flight()
-        assert flight is not None
-        tokens.append(flight.token)
-        return flight.token
+    work = _token_recorder(tokens)
 
     sf.call("k", work)
     ahead = tokens[-1] + 10**12  # eleven days of microseconds ahead
