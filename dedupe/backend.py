@@ -308,7 +308,7 @@ class Backend:
 
     def _take_sync_slot(self) -> None:
         try:
-            return self._sync_slots.get(timeout=self.cfg.queue_timeout)
+            self._sync_slots.get(timeout=self.cfg.queue_timeout)
         except queue.Empty:
             raise BackendUnavailable(
                 f"all {_SLOTS} Redis command slots of this process stayed busy for "
@@ -580,6 +580,7 @@ class Backend:
             renewal, self._renewal = self._renewal, None
             sync, self._sync = self._sync, self.cfg.client
             self._sync_route = None
+            # Connections in use now go back to the old list and close when collected.
             own, self._sync_idle = self._sync_idle, []
             # asyncio clients belong to their loops: aclose() closes the running loop's.
             self._per_loop.clear()
