@@ -8,6 +8,18 @@ from typing import Any
 from .scenarios import JOB_S, RAW_WAKE, Params
 from .stats import Spread, percentile, ratios
 
+# The scenarios, in the order `make bench` runs them and the report shows them.
+SCENARIOS = (
+    "callgrind",
+    "servertime",
+    "overhead",
+    "wake",
+    "stampede",
+    "steady",
+    "throughput",
+    "memory",
+    "herd",
+)
 PEERS_SYNC = ("python-redis-lock", "redis-py Lock", "dogpile.cache")
 PEERS_ASYNC = ("cashews",)
 CONTROL = "no lock (control)"
@@ -59,17 +71,7 @@ class Report:
             "",
         ]
         self.lines = []
-        for name in (
-            "callgrind",
-            "servertime",
-            "overhead",
-            "wake",
-            "stampede",
-            "steady",
-            "throughput",
-            "memory",
-            "herd",
-        ):
+        for name in SCENARIOS:
             if name in self.res:
                 getattr(self, f"_{name}")(self.res[name])
         body = self.lines

@@ -18,20 +18,9 @@ from devtools.servers import RedisServer
 
 from . import callgrind, herd_fastapi, scenarios, server_time
 from .pool import WorkerPool
-from .report import Report, plots
+from .report import SCENARIOS, Report, plots
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SCENARIOS = (
-    "callgrind",
-    "servertime",
-    "overhead",
-    "wake",
-    "stampede",
-    "steady",
-    "throughput",
-    "memory",
-    "herd",
-)
 
 
 def _version(dist: str) -> str:

@@ -608,35 +608,27 @@ class Soak:
 
     # -- faults
     def kill_leader(self) -> None:
-        c = self.client()
-        keys = [f"hot-{i}" for i in range(self.ns.keys)]
-        self.rng.shuffle(keys)
-        alive = {p.pid: idx for idx, p in self.procs.items() if p.is_alive()}
-        for key in keys:
-            raw = c.get(f"soak:leader:{key}")
-            if not raw:
-                continue
-            pid = int(_text(raw).split(":", 1)[0])
-            idx = alive.get(pid)
-            if idx is None:
-                continue
-            p = self.procs.pop(idx)
-            p.kill()  # SIGKILL by PID
-            p.join(10)
-            proxy = self.proxies.pop(idx, None)
-            if proxy is not None:
-                proxy.close()
-            if p.is_alive():
-                self.violations.append(f"worker pid {pid} survived SIGKILL for 10 s")
-            self.killed[pid] = time.time()
-            self.faults["kill_leader"] += 1
-            with contextlib.suppress(redis.RedisError):
-                if c.get(f"soak:leader:{key}") == raw:
-                    self.faults["kill_leader (killed mid-run)"] += 1
-                self.forget_pid(pid)
-            self.spawn()
+        found = self._leader_worker()
+        if found is None:
+            self.faults["kill_leader (no leader running: skipped)"] += 1
             return
-        self.faults["kill_leader (no leader running: skipped)"] += 1
+        idx, p, key, raw = found
+        pid = p.pid
+        del self.procs[idx]
+        p.kill()  # SIGKILL by PID
+        p.join(10)
+        proxy = self.proxies.pop(idx, None)
+        if proxy is not None:
+            proxy.close()
+        if p.is_alive():
+            self.violations.append(f"worker pid {pid} survived SIGKILL for 10 s")
+        self.killed[pid] = time.time()
+        self.faults["kill_leader"] += 1
+        with contextlib.suppress(redis.RedisError):
+            if self.client().get(f"soak:leader:{key}") == raw:
+                self.faults["kill_leader (killed mid-run)"] += 1
+            self.forget_pid(pid)
+        self.spawn()
 
     def forget_pid(self, pid: int) -> None:
         """A killed process runs nothing: drop its entries from the current overlap gauges."""
@@ -665,8 +657,9 @@ class Soak:
             self.client().set(EPOCH_KEY, f"restart-{self.restarts}-{time.time()}", nx=True)
         self.faults["restart_redis"] += 1
 
-    def _leader_worker(self) -> tuple[int, Any] | None:
-        """A worker running a job now (its pid is in soak:leader:<key>), if any."""
+    def _leader_worker(self) -> tuple[int, Any, str, bytes] | None:
+        """A worker running a job now (its pid is in soak:leader:<key>), if any: its index,
+        process, the key it leads and that key's leader record as read."""
         c = self.client()
         keys = [f"hot-{i}" for i in range(self.ns.keys)]
         self.rng.shuffle(keys)
@@ -676,7 +669,7 @@ class Soak:
             if raw:
                 idx = alive.get(int(_text(raw).split(":", 1)[0]))
                 if idx is not None:
-                    return idx, self.procs[idx]
+                    return idx, self.procs[idx], key, raw
         return None
 
     def pause_leader(self) -> None:
@@ -686,7 +679,7 @@ class Soak:
         if found is None:
             self.faults["pause_leader (no leader running: skipped)"] += 1
             return
-        _, p = found
+        p = found[1]
         span = self.ns.lock_ttl + self.rng.uniform(0.2, 1.0)
         t0 = time.time()
         os.kill(p.pid, signal.SIGSTOP)
