@@ -196,7 +196,7 @@ def _raw(value: Any) -> bytes | None:
     return str(value).encode("utf-8", "surrogateescape")
 
 
-def _kept(record: bytes | None, pttl: int) -> Kept | None:
+def _kept(record: bytes | None, pttl: int, counter: str | None) -> Kept | None:
     if record is None:
         return None
     parts = record.split(b":", 3)
@@ -210,10 +210,11 @@ def _kept(record: bytes | None, pttl: int) -> Kept | None:
     left = max(pttl, 0)
     age = max(0, ttl_ms - left)
     # As the acquire script judges it: keep_ms since written, and since the lease's grant
-    # (the token is the server's microseconds then); a longer life than sealed: not fresh.
+    # (the token is the server's microseconds then); a longer life than sealed, or a token
+    # the counter no longer holds (a newer lease was granted): not fresh.
     since_grant = time.time() * 1000 - token / 1000
     fresh = 0
-    if kind == "value" and pttl <= ttl_ms:
+    if kind == "value" and pttl <= ttl_ms and counter == parts[0].decode():
         fresh = max(0, min(keep_ms - age, int(keep_ms - since_grant)))
     return Kept(token, kind, keep_ms, ttl_ms, age, fresh, len(record))
 
@@ -262,7 +263,7 @@ def inspect(client: Any, prefix: str, job_id: str) -> JobState:
         holder=holder,
         lease_ms=int(lock_pttl) if lock_text is not None and int(lock_pttl) >= 0 else None,
         token_counter=int(counter_text) if counter_text and counter_text.isdigit() else None,
-        kept=_kept(_raw(record_raw), int(record_pttl)),
+        kept=_kept(_raw(record_raw), int(record_pttl), counter_text),
         subscribers=_subscribers(client, names.channel),
         unreadable_lock=unreadable,
     )

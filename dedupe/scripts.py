@@ -26,7 +26,9 @@ __all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "RENEW"]
 #    token (an integer)        we lead now, under lock value "<token>:<owner>" (a bare
 #                              integer: the reply of every uncontended call, parsed cheapest)
 # A caller that waited on lease T passes floor T: records of older leases are never its
-# outcome, however fresh. Tokens are max(counter + 1, server time in microseconds), so they
+# outcome, however fresh. A caller with no floor is given a record only while the token
+# counter still holds the record's own token (COMPLETE keeps the counter alive as long as
+# the record): a genuine record of an older lease, written back later, is not fresh. Tokens are max(counter + 1, server time in microseconds), so they
 # grow across restarts and counter expiry (more than one lease per microsecond never happens).
 ACQUIRE: Final = """
 local floor = tonumber(ARGV[4])
@@ -39,7 +41,9 @@ if type(rec) == 'string' then
     -- Fresh while both clocks agree: the key's own (keep_ms since it was written) and the
     -- server's (keep_ms since the lease's grant, which the token is, in microseconds). A
     -- record written back later, or with a longer life than it was sealed with, is stale.
-    if keep > 0 and pttl <= ttl then
+    -- Fresh only while the counter still names its lease: a record of an older lease,
+    -- written back after a newer lease was granted, is never served as fresh.
+    if keep > 0 and pttl <= ttl and redis.pcall('GET', KEYS[2]) == tok then
       local now = redis.call('TIME')
       local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
       local fresh = math.min(keep - (ttl - pttl), math.floor(tonumber(tok) / 1000) + keep - now_ms)
@@ -111,7 +115,21 @@ elseif redis.pcall('GET', KEYS[3]) ~= string.match(ARGV[1], '^(%d+):') then
   -- older than a flight that has started since. It goes to our own callers only.
   return -1
 end
-if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3]) end
+if ARGV[2] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+  -- The counter must outlive the record (ACQUIRE serves a record only while the counter
+  -- holds its token). It holds our token here, or expired during a long run under our
+  -- lock (no lease can have been granted since); any other value is not ours to touch.
+  local tok = string.match(ARGV[1], '^(%d+):')
+  local cur = redis.pcall('GET', KEYS[3])
+  if cur == tok then
+    if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[3]) then
+      redis.call('PEXPIRE', KEYS[3], ARGV[3])
+    end
+  elseif cur == false then
+    redis.call('SET', KEYS[3], tok, 'PX', ARGV[3])
+  end
+end
 local msg = ARGV[4]
 if msg == '' then msg = ARGV[2] end
 local sent = redis.pcall('@PUBLISH@', string.sub(KEYS[1], 1, -6), msg)

@@ -205,10 +205,13 @@ def test_new_callers_recompute_instead_of_running_a_stored_pickle(
     marker = tmp_path / "pwned"
     sf = SingleFlight(redis_url, prefix=prefix, **_settings(config))
     try:
-        # A token of now (tokens are the server's microseconds at the grant), so that the
-        # acquire script takes these for fresh and the codec must refuse them itself.
-        for name, data in hostile_payloads(marker, int(time.time() * 1_000_000)).items():
+        # A token of now (tokens are the server's microseconds at the grant), which the
+        # counter holds too, so that the acquire script takes these for fresh and the codec
+        # must refuse them itself.
+        token = int(time.time() * 1_000_000)
+        for name, data in hostile_payloads(marker, token).items():
             job = f"kept-{name}"
+            writer.set(names_for(prefix, job).token, b"%d" % token, px=60_000)
             writer.set(names_for(prefix, job).result, data, px=60_000)
             if _accepted_without_secret(name, sf.backend().codec):
                 with pytest.raises(RemoteError):  # a forged error: data, not code
@@ -596,3 +599,73 @@ def test_an_unsendable_value_reaches_the_leaders_callers_and_is_named_elsewhere(
     assert f"{__name__}.Opaque" in str(error) and "serializer='pickle'" in str(error)
     warnings = [r for r in caplog.records if "Opaque" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("keys", ["one secret", "rotated"])
+def test_a_genuine_record_of_an_older_lease_written_back_is_not_served(
+    keys: str,
+    attackers: tuple[redis.Redis, redis.Redis],
+    redis_client: redis.Redis,
+    redis_url: str,
+    prefix: str,
+) -> None:
+    """A key writer captures T1's record (result_ttl 30 s), and writes it back with its own
+    TTL while T2 runs and after T2 completed: no new caller gets T1's value."""
+    _, writer = attackers
+    names = names_for(prefix, "revived")
+    old_keys: Any = SECRET if keys == "one secret" else ["k1"]
+    new_keys: Any = SECRET if keys == "one secret" else ["k2", "k1"]
+    first = SingleFlight(redis_url, prefix=prefix, secret=old_keys, result_ttl=30)
+    sf = SingleFlight(redis_url, prefix=prefix, secret=new_keys, result_ttl=30, lock_ttl=30)
+    other = SingleFlight(redis_url, prefix=prefix, secret=new_keys, result_ttl=30)
+    running, release = threading.Event(), threading.Event()
+    results: dict[str, Any] = {}
+
+    def t2() -> str:
+        running.set()
+        assert release.wait(20)
+        return "T2"
+
+    def run(who: str, inst: SingleFlight, fn: Callable[[], str]) -> None:
+        try:
+            results[who] = inst.call_detailed("revived", fn)
+        except BaseException as exc:
+            results[who] = exc
+
+    try:
+        assert first.call("revived", lambda: "T1") == "T1"
+        record = writer.get(names.result)
+        pttl = redis_client.pttl(names.result)
+        assert record is not None and pttl > 20_000
+        sf.forget("revived")
+        lead = threading.Thread(target=run, args=("T2", sf, t2))
+        lead.start()
+        assert running.wait(10)
+        # While T2 runs: T1's record back, with the life it had.
+        writer.set(names.result, record, px=pttl)
+        follow = threading.Thread(target=run, args=("new", other, lambda: "T3"))
+        follow.start()
+        until(
+            lambda: "new" in results or redis_client.pubsub_numsub(names.channel)[0][1] >= 1,
+            what="it follows T2",
+        )
+        assert "new" not in results, results.get("new")
+        kept = other.inspect("revived").kept
+        assert kept is not None and kept.token < _token(redis_client, names.lock)
+        assert kept.fresh_ms == 0  # the ops view judges it as the acquire script does
+        release.set()
+        lead.join(20)
+        follow.join(20)
+        assert results["T2"].value == "T2" and results["T2"].role == "leader"
+        assert results["new"].value == "T2" and results["new"].role == "remote"
+        # After T2 completed: T1's record back again; new callers never get it.
+        writer.set(names.result, record, px=pttl)
+        served = other.call_detailed("revived", lambda: "T4")
+        assert served.value == "T4" and served.role == "leader"
+        assert sf.call("revived", lambda: "T5") == "T4"  # T4's own record is fresh
+    finally:
+        release.set()
+        first.close()
+        sf.close()
+        other.close()
