@@ -16,10 +16,12 @@ import socket
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import redis
 import redis.asyncio
@@ -34,13 +36,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from .commands import ScriptCall
-from .envelope import Codec
+from .commands import ScriptCall, Stamp, complete_call, peek_call
+from .envelope import NOTICE_ABORTED, Codec
 from .errors import BackendUnavailable, UnsupportedServer
 from .hub import Connection, Hub, Router, SingleRouter
 from .inflight import InFlight, InFlightInfo
 from .inspector import OwnerIds
 from .kept import LocalCopies
+from .protocol import Complete, FlightSpec
 from .renewal import Renewer, renew_many
 from .slots import AsyncSlots
 from .topology import (
@@ -64,6 +67,11 @@ _OUTAGE_PAUSE = 1.0
 # for a slot instead of failing with "Too many connections"; pools are sized above it.
 _SLOTS = 64
 _POOL_SIZE = _SLOTS + 16
+# Giving back leases of unanswered acquires: pause between tries; the thread ends when idle.
+_RELEASE_PAUSE = 0.2
+_RELEASE_IDLE = 5.0
+
+_T = TypeVar("_T")
 
 SyncClient: TypeAlias = "redis.Redis | redis.cluster.RedisCluster"
 AsyncClient: TypeAlias = "redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster"
@@ -215,6 +223,14 @@ class Backend:
         self._down_until = 0.0
         self._in_outage = False
         self.local_runs = 0
+        # Blocking work of asyncio callers (Cluster scripts, min_replicas_ack): made once
+        # under _lock, read without it.
+        self._threads: ThreadPoolExecutor | None = None
+        # Leases to give back (release_later), and their thread: all under _lock.
+        self._releases: deque[tuple[FlightSpec, float]] = deque()
+        self._release_wanted = threading.Condition(self._lock)
+        self._releaser: threading.Thread | None = None
+        self._release_stop = False
 
     # --- outages (on_backend_error="local") ---------------------------------------------------
 
@@ -315,9 +331,9 @@ class Backend:
                 f"{self.cfg.queue_timeout:g} s"
             ) from None
 
-    def run_sync_script(self, call: ScriptCall) -> Any:
+    def run_sync_script(self, call: ScriptCall, stamp: Stamp | None = None) -> Any:
         """Run one script over the sync client, in a command slot (the per-call path: no
-        context managers)."""
+        context managers). ``stamp`` learns when its request was written."""
         route = self._sync_route or self._make_sync_route()
         self._take_sync_slot()
         try:
@@ -329,57 +345,118 @@ class Backend:
                 except IndexError:
                     conn = wire.new_connection()  # type: ignore[union-attr]
                 try:
-                    return wire.run_on(conn, call)  # type: ignore[union-attr]
+                    return wire.run_on(conn, call, stamp)  # type: ignore[union-attr]
                 finally:
                     idle.append(conn)
             if wire is not None:
-                return wire.run(call)
-            return run_script(route.client, call, self.kind == "cluster")
+                return wire.run(call, stamp)
+            return run_script(route.client, call, self.kind == "cluster", stamp)
         finally:
             self._sync_slots.put(None)
 
-    def run_cluster_script(self, call: ScriptCall) -> Any:
-        """A script over the sync Cluster client (for asyncio callers, on a worker thread)."""
-        with self.slot():
-            return run_script(self.sync_client(), call, True)
-
-    async def run_async_script(self, call: ScriptCall) -> Any:
+    async def run_async_script(self, call: ScriptCall, stamp: Stamp | None = None) -> Any:
         """Run one script over the running loop's client, in one of its command slots."""
-        if self.kind == "cluster":
-            # redis.asyncio's RedisCluster drops connections other tasks are using when one
-            # command fails (it re-discovers the topology), and under concurrency we saw it
-            # hand out a connection mid-handshake: Cluster scripts go through the
-            # thread-safe sync client on worker threads instead.
-            return await asyncio.to_thread(self.run_cluster_script, call)
         state = self._loop_state()
-        route = state.route or self._make_async_route(state)
         slots = state.slots
         await slots.take(self.cfg.queue_timeout)
         try:
+            if self.kind == "cluster":
+                # redis.asyncio's RedisCluster drops connections other tasks are using when
+                # one command fails (it re-discovers the topology), and under concurrency we
+                # saw it hand out a connection mid-handshake: Cluster scripts go through the
+                # thread-safe sync client, on threads of our own (one per command slot), and
+                # only once this loop's slot is ours: callers queue here, in order and
+                # bounded, not in an executor's queue.
+                return await self.in_thread(self.run_sync_script, call, stamp)
+            route = state.route or self._make_async_route(state)
             wire = route.wire
             if route.own:
                 idle = state.idle
                 conn = idle.pop() if idle else wire.new_connection()  # type: ignore[union-attr]
                 try:
-                    return await _connect_retried(wire.run_on, conn, call)  # type: ignore[union-attr]
+                    return await wire.run_on(conn, call, stamp)  # type: ignore[union-attr]
                 finally:
                     idle.append(conn)
             if wire is not None:
-                return await _connect_retried(wire.run, call)
-            return await run_script_async(route.client, call)
+                return await _connect_retried(wire.run, call, stamp)
+            return await run_script_async(route.client, call, stamp)
         finally:
             slots.release()
+
+    def in_thread(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Run blocking ``fn(*args)`` on one of this backend's threads (at most one per
+        command slot), for asyncio callers; the loop's default executor is not ours to fill."""
+        pool = self._threads
+        if pool is None:
+            with self._lock:
+                if self._threads is None:
+                    self._threads = ThreadPoolExecutor(_SLOTS, thread_name_prefix="dedupe-io")
+                pool = self._threads
+        return asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    # --- giving back a lease an unanswered acquire may have granted ---------------------------
+
+    def release_later(self, spec: FlightSpec, sent: float) -> None:
+        """Give back the lease an acquire sent at ``sent`` may have granted to ``spec.owner``,
+        on a thread of ours: owner-checked, best effort, retried while such a lease could
+        still be alive; it never delays the caller."""
+        with self._lock:
+            self._releases.append((spec, sent + spec.lock_ttl_ms / 1000))
+            if self._releaser is None or not self._releaser.is_alive():
+                self._releaser = threading.Thread(
+                    target=self._release_loop, name="dedupe-release", daemon=True
+                )
+                self._releaser.start()
+            self._release_wanted.notify()
+
+    def _release_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._releases and not self._release_stop:
+                    if not self._release_wanted.wait(_RELEASE_IDLE):
+                        self._releaser = None  # idle: end; the next release starts one
+                        return
+                if self._release_stop:
+                    return
+                spec, until = self._releases.popleft()
+            if not self._release_one(spec):
+                time.sleep(_RELEASE_PAUSE)
+                if time.monotonic() + _RELEASE_PAUSE < until:
+                    with self._lock:
+                        self._releases.append((spec, until))
+
+    def _release_one(self, spec: FlightSpec) -> bool:
+        """True once done (released, or nothing of ours held); False to try again."""
+        try:
+            raw = self.run_sync_script(peek_call(spec))
+            holder = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
+            token, sep, owner = holder.partition(":")
+            if not sep or owner != spec.owner or not token.isdigit():
+                return True  # not ours (or gone): nothing to give back
+            notice = self.codec.notice(NOTICE_ABORTED, channel=spec.names.channel, token=int(token))
+            cmd = Complete(holder, b"", 0, notice, int(token))
+            self.run_sync_script(complete_call(spec, cmd, self.publish))
+            log.info("gave back lease %s on %r after its acquire went unanswered", token,
+                     spec.names.job_id)  # fmt: skip
+            return True
+        except Exception as exc:
+            log.debug("could not give back a lease on %r yet: %s", spec.names.job_id, exc)
+            return False
 
     def _make_sync_route(self) -> _Route:
         client = self.sync_client()
         with self._lock:
             if self._sync_route is None:
-                self._sync_route = _route(client, self.kind, self.cfg.client is None, False)
+                self._sync_route = _route(
+                    client, self.kind, self.cfg.client is None, False, self.command_bound
+                )
             return self._sync_route
 
     def _make_async_route(self, state: _LoopState) -> _Route:
         # The loop's own state: only this loop reads or writes it.
-        state.route = _route(self.async_client(), self.kind, self.cfg.async_client is None, True)
+        state.route = _route(
+            self.async_client(), self.kind, self.cfg.async_client is None, True, self.command_bound
+        )
         return state.route
 
     def async_flights(self) -> InFlight:
@@ -552,6 +629,11 @@ class Backend:
         return self._owner_ids()
 
     @property
+    def command_bound(self) -> float:
+        """The longest one command takes on connections dedupe built (a retry included)."""
+        return self.cfg.connect_timeout + self.cfg.socket_timeout
+
+    @property
     def confirm_timeout(self) -> float:
         """How long a follower waits for the server to confirm its subscription."""
         return self.cfg.connect_timeout + self.cfg.socket_timeout
@@ -580,10 +662,15 @@ class Backend:
             renewal, self._renewal = self._renewal, None
             sync, self._sync = self._sync, self.cfg.client
             self._sync_route = None
+            threads, self._threads = self._threads, None
+            self._release_stop = True
+            self._release_wanted.notify_all()
             # Connections in use now go back to the old list and close when collected.
             own, self._sync_idle = self._sync_idle, []
             # asyncio clients belong to their loops: aclose() closes the running loop's.
             self._per_loop.clear()
+        if threads is not None:
+            threads.shutdown(wait=False)
         if hub is not None:
             hub.close()
         if renewer is not None:
@@ -640,11 +727,14 @@ class _Route:
         self.own = own
 
 
-def _route(client: Any, kind: str, built_here: bool, is_async: bool) -> _Route:
+def _route(client: Any, kind: str, built_here: bool, is_async: bool, bound: float) -> _Route:
+    """``bound``: the longest one command may take on connections of our own, retry included."""
     if kind == "cluster" or not wire_ready(client):
         return _Route(client, None, False)
-    wire = AsyncWire(client) if is_async else SyncWire(client)
-    return _Route(client, wire, built_here and kind == "standalone")
+    own = built_here and kind == "standalone"
+    wire_bound = bound if own else None  # a client passed in keeps its own retry policy
+    wire = AsyncWire(client, wire_bound) if is_async else SyncWire(client, wire_bound)
+    return _Route(client, wire, own)
 
 
 async def _connect_retried(run: Any, *args: Any) -> Any:
@@ -680,14 +770,24 @@ def _migration_pauses() -> Iterator[float]:
         delay = min(0.2, delay * 2)
 
 
-def run_script(client: SyncClient, call: ScriptCall, cluster: bool = False) -> Any:
+def run_script(
+    client: SyncClient, call: ScriptCall, cluster: bool = False, stamp: Stamp | None = None
+) -> Any:
+    """One script through the client's command layer (Cluster, or a client the wire cannot
+    carry); ``stamp`` is set before each send (it then includes the client's own connect)."""
     if not cluster:
+        if stamp is not None:
+            stamp.sent = time.monotonic()
         return _once(client, call)
     for pause in _migration_pauses():
         try:
+            if stamp is not None:
+                stamp.sent = time.monotonic()
             return _once(client, call)
         except _RETRY_IN_MIGRATION:
             time.sleep(pause)
+    if stamp is not None:
+        stamp.sent = time.monotonic()
     return _once(client, call)
 
 
@@ -702,22 +802,20 @@ def _connect_timed_out(exc: BaseException) -> bool:
     return isinstance(exc, RedisTimeoutError) and str(exc).startswith("Timeout connecting")
 
 
-async def run_script_async(client: AsyncClient, call: ScriptCall, cluster: bool = False) -> Any:
-    if not cluster:
-        try:
-            return await _once_async(client, call)
-        except RedisTimeoutError as exc:
-            # A connect that timed out never reached Redis, and on a loop busy starting
-            # thousands of tasks its timer fires before the loop looks at the socket: one
-            # more try, on a loop that has caught up. Read timeouts are never retried.
-            if not _connect_timed_out(exc):
-                raise
+async def run_script_async(client: AsyncClient, call: ScriptCall, stamp: Stamp | None) -> Any:
+    """One script through an asyncio client's command layer (one the wire cannot carry)."""
+    if stamp is not None:
+        stamp.sent = time.monotonic()
+    try:
         return await _once_async(client, call)
-    for pause in _migration_pauses():
-        try:
-            return await _once_async(client, call)
-        except _RETRY_IN_MIGRATION:
-            await asyncio.sleep(pause)
+    except RedisTimeoutError as exc:
+        # A connect that timed out never reached Redis, and on a loop busy starting
+        # thousands of tasks its timer fires before the loop looks at the socket: one
+        # more try, on a loop that has caught up. Read timeouts are never retried.
+        if not _connect_timed_out(exc):
+            raise
+    if stamp is not None:
+        stamp.sent = time.monotonic()
     return await _once_async(client, call)
 
 
@@ -740,7 +838,7 @@ def _check_cluster_version(client: Any) -> None:
 
 
 def acquire_and_wait(
-    backend: Backend, client: SyncClient, call: ScriptCall, spec: Any
+    backend: Backend, client: SyncClient, call: ScriptCall, spec: Any, stamp: Stamp
 ) -> tuple[Any, int]:
     """The acquire script and WAIT on ONE connection: WAIT vouches only for the writes of
     the connection it runs on (min_replicas_ack)."""
@@ -748,6 +846,7 @@ def acquire_and_wait(
     if isinstance(client, redis.cluster.RedisCluster):
         c = c.get_redis_connection(c.get_node_from_key(spec.names.lock))
     with backend.slot():
+        stamp.sent = time.monotonic()
         pipe = c.pipeline(transaction=False)
         pipe.eval(*call.eval_args())
         pipe.execute_command("WAIT", spec.min_replicas, spec.replica_timeout_ms)

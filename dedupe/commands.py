@@ -35,11 +35,13 @@ from .protocol import (
 
 __all__ = [
     "ScriptCall",
+    "Stamp",
     "acquire_call",
     "complete_call",
     "discard_call",
     "parse_acquired",
     "parse_completed",
+    "peek_call",
     "renew_call",
     "translate",
     "typed_errors",
@@ -70,6 +72,18 @@ RENEW = _script(scripts.RENEW)
 COMPLETE = _script(scripts.COMPLETE)
 COMPLETE_SHARDED = _script(scripts.COMPLETE_SHARDED)
 DISCARD = _script(scripts.DISCARD)
+PEEK = _script(scripts.PEEK)
+
+
+class Stamp:
+    """When a command's request was last written to a socket (``time.monotonic``), 0.0
+    until then. A lease is dated from it, never from a queue before it (the lease began no
+    earlier than the write); and a failure after it may have been applied."""
+
+    __slots__ = ("sent",)
+
+    def __init__(self) -> None:
+        self.sent = 0.0
 
 
 class ScriptCall(NamedTuple):  # made twice per flight: a tuple is the cheapest immutable
@@ -106,21 +120,27 @@ def discard_call(spec: FlightSpec, cmd: Discard) -> ScriptCall:
     return ScriptCall(DISCARD, (spec.names.result,), (cmd.record,))
 
 
+def peek_call(spec: FlightSpec) -> ScriptCall:
+    return ScriptCall(PEEK, (spec.names.lock,), ())
+
+
 def renew_call(lock_key: str, lock_value: str, ttl_ms: int) -> ScriptCall:
     return ScriptCall(RENEW, (lock_key,), (lock_value, ttl_ms))
 
 
-def parse_acquired(raw: Any) -> Acquired:
+def parse_acquired(raw: Any, sent: float = 0.0) -> Acquired:
+    """The acquire script's reply; ``sent``: when its request was written (see Acquired)."""
     if type(raw) is int:  # the usual reply: we lead, with this token
-        return Acquired(LEAD, token=raw)
+        return Acquired(LEAD, token=raw, sent=sent)
     state = int(raw[0])
     if state == DONE:
-        return Acquired(DONE, record=bytes(raw[1]), fresh_ms=int(raw[2]) if len(raw) > 2 else 0)
+        fresh = int(raw[2]) if len(raw) > 2 else 0
+        return Acquired(DONE, record=bytes(raw[1]), fresh_ms=fresh, sent=sent)
     if state == BUSY:
         holder = raw[2].decode("utf-8", "replace") if isinstance(raw[2], bytes) else str(raw[2])
-        return Acquired(BUSY, pttl_ms=int(raw[1]), holder=holder)
+        return Acquired(BUSY, pttl_ms=int(raw[1]), holder=holder, sent=sent)
     if state == LEAD:
-        return Acquired(LEAD, token=int(raw[1]))
+        return Acquired(LEAD, token=int(raw[1]), sent=sent)
     raise ValueError(f"unexpected acquire reply {raw!r}")
 
 

@@ -42,6 +42,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import traceback
 import types
 import uuid
@@ -347,6 +348,11 @@ def _hook(obj: dict[str, Any]) -> Any:
 # Built once: json.dumps/loads with any option build a new encoder or decoder per call.
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=True)
 _DECODER: Final = json.JSONDecoder(object_hook=_hook)
+# A value whose tagging pass took longer than this is encoded in pieces: the C encoder holds
+# the GIL for a whole value, and a lease's renewal thread cannot run meanwhile (a 0.2 s
+# encode let a waiter take over a 0.12 s lease). The pure-Python encoder (several times
+# slower) lets other threads run between pieces. Below it, an encode takes a few ms at most.
+_LARGE_SECONDS: Final = 0.005
 
 
 class _Safe:
@@ -358,7 +364,11 @@ class _Safe:
     def dumps(self, value: Any) -> bytes:
         if type(value) is bytes:
             return _RAW_BYTES + value
-        return _ENCODER.encode(_enc(value, 0)).encode("ascii")
+        started = time.perf_counter()
+        tree = _enc(value, 0)  # Python: other threads run between its steps
+        if time.perf_counter() - started < _LARGE_SECONDS:
+            return _ENCODER.encode(tree).encode("ascii")
+        return _in_pieces(tree)
 
     def loads(self, data: bytes) -> Any:
         if data[:1] == _RAW_BYTES:
@@ -367,6 +377,21 @@ class _Safe:
             return _DECODER.decode(bytes(data).decode("utf-8"))
         except Exception as exc:  # ValueError, TypeError, RecursionError, OverflowError, ...
             raise EnvelopeError(f"malformed 'safe' value: {_short(exc)}") from exc
+
+
+def _in_pieces(tree: Any) -> bytes:
+    """A large value's JSON, made so that other threads run meanwhile (see _LARGE_SECONDS):
+    the pure-Python encoder's chunks, joined a few thousand at a time (one join of millions
+    of chunks would itself hold the GIL for a lease's length)."""
+    pieces: list[bytes] = []
+    chunks: list[str] = []
+    for chunk in _ENCODER.iterencode(tree):
+        chunks.append(chunk)
+        if len(chunks) >= 4096:
+            pieces.append("".join(chunks).encode("ascii"))
+            chunks.clear()
+    pieces.append("".join(chunks).encode("ascii"))
+    return b"".join(pieces)
 
 
 class _Json:

@@ -371,11 +371,7 @@ class Hub:
                     return
                 if ok:
                     self._router = router
-                waiting = [self._channels.get(ch) for ch in self._unrouted]
-                self._unrouted.clear()
-                for state in waiting:
-                    if state is not None and state.link is None:
-                        self._place(state)
+                self._place_unrouted()
                 if ok and not self._unrouted:
                     delay = 0.0
                     continue
@@ -383,6 +379,15 @@ class Hub:
                 self._refresh_wanted = True
                 delay = min(_RETRY_MAX, max(_RETRY_FIRST, delay * 2))
                 self._routes.wait(delay)
+
+    def _place_unrouted(self) -> None:
+        # A method of its own (lock held): its locals, which hold channel states, are gone
+        # when it returns, and do not keep them alive while the routing thread is parked.
+        waiting, self._unrouted = self._unrouted, set()
+        for name in waiting:
+            state = self._channels.get(name)
+            if state is not None and state.link is None:
+                self._place(state)
 
     def _reroute(self, state: _Channel) -> None:
         """The channel's subscription is gone from its node: forget it there, route afresh."""
@@ -784,13 +789,8 @@ class _Link:
                         continue
                     while self.leaving and self.leaving[0][0] <= now:
                         self.dirty.add(self.leaving.popleft()[1])
-                    for channel, at in list(self.retries.items()):
-                        if at <= now:
-                            del self.retries[channel]
-                            state = hub._channels.get(channel)
-                            if state is not None and state.link is self:
-                                state.blocked = False
-                                self.dirty.add(channel)
+                    if self.retries:
+                        self._retries_due(now)
                     due = hub._next_due(self, now) if conn is not None else None
                     if conn is not None and (self.orphans or due == 0.0):
                         break
@@ -800,6 +800,17 @@ class _Link:
             for i in range(0, len(commands), _PIPELINE):
                 if not self._send(conn, fifo, commands[i : i + _PIPELINE]):
                     break
+
+    def _retries_due(self, now: float) -> None:
+        # Hub lock held. A method of its own: no channel state stays in the writer's locals
+        # while it waits.
+        for channel, at in list(self.retries.items()):
+            if at <= now:
+                del self.retries[channel]
+                state = self.hub._channels.get(channel)
+                if state is not None and state.link is self:
+                    state.blocked = False
+                    self.dirty.add(channel)
 
     def _send(
         self, conn: Connection, fifo: deque[_Sent], commands: list[_Sent], timeout: float = -1

@@ -32,8 +32,10 @@ __all__ = [
     "FlightSpec",
     "Lead",
     "Pause",
+    "Release",
     "Replicate",
     "Subscribe",
+    "Unanswered",
     "Wait",
     "is_abort",
     "run_flight",
@@ -96,6 +98,20 @@ class Acquired(NamedTuple):
     pttl_ms: int = 0  # BUSY: the lease's remaining time
     holder: str = ""  # BUSY: the lock value "<token>:<owner>"
     token: int = 0  # LEAD: our fencing token
+    # On run_flight's clock: when the request that got this reply was written to the
+    # socket (0.0: unknown, then the time Acquire was yielded stands in). A lease is dated
+    # from it, never from a queue before it.
+    sent: float = 0.0
+
+
+class Unanswered(Exception):
+    """Thrown into run_flight for an Acquire whose request was written but whose reply never
+    came (a timeout, a dropped connection, a cancelled caller): it may have been applied,
+    so a lease may be ours. ``error`` is what the caller will raise."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 DONE: Final = 0
@@ -135,6 +151,12 @@ class Lead(NamedTuple):
     since: float
 
 
+class Release(NamedTuple):
+    """Give back the lease an unanswered Acquire may have granted us: owner-checked, best
+    effort, off the caller's path, so that waiters take over at once rather than at the
+    lease's end. Reply: None (at once: the release runs in the background)."""
+
+
 class Replicate(NamedTuple):
     """WAIT for replicas to acknowledge our writes. Reply: how many did."""
 
@@ -163,7 +185,9 @@ class Discard(NamedTuple):
     record: bytes
 
 
-Command: TypeAlias = Acquire | Subscribe | Wait | Lead | Complete | Discard | Replicate | Pause
+Command: TypeAlias = (
+    Acquire | Subscribe | Wait | Lead | Complete | Discard | Replicate | Pause | Release
+)
 Flight: TypeAlias = Generator[Command, object, "Finished"]
 
 
@@ -197,14 +221,26 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
     confirmed = False  # no message can wake us unless the server confirmed the subscription
     bad = 0
     while True:
-        asked = clock()  # the lease, if granted now, began no earlier than this
-        reply = yield Acquire(str(floor) if floor else "")
+        asked = clock()
+        try:
+            reply = yield Acquire(str(floor) if floor else "")
+        except Unanswered as unanswered:
+            lost: BaseException | None = unanswered.error
+        else:
+            lost = None
+        if lost is not None:
+            # The acquire may have granted us a lease nobody will run: give it back, so
+            # that waiters take over now instead of when it runs out.
+            yield Release()
+            raise lost
         assert isinstance(reply, Acquired)
-        since = asked
+        # The lease, if granted, began no earlier than the request's write (not its queue).
+        sent = reply.sent or asked
+        since = sent
         if reply.state == BUSY and reply.holder.partition(":")[2] == spec.owner:
             # Our own lease: an acquire whose reply was lost and that the client retried. It
             # began before this acquire, by as much as it has run down (found by simulation).
-            since = asked - max(0, spec.lock_ttl_ms - reply.pttl_ms) / 1000
+            since = sent - max(0, spec.lock_ttl_ms - reply.pttl_ms) / 1000
             reply = Acquired(LEAD, token=int(holder_token(reply.holder) or 0))
         if reply.state == LEAD:
             if floor:
@@ -218,7 +254,7 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
                 log.debug("leading %r with lease %d", spec.names.job_id, reply.token)
             return (
                 yield from _lead(
-                    spec, codec, clock, reply.token, asked, waited=floor > 0, since=since
+                    spec, codec, clock, reply.token, sent, waited=floor > 0, since=since
                 )
             )
         if reply.state == DONE:
@@ -329,7 +365,7 @@ def _lead(
     codec: Codec,
     clock: Callable[[], float],
     token: int,
-    asked: float,
+    sent: float,
     *,
     waited: bool,
     since: float,
@@ -358,13 +394,26 @@ def _lead(
             return done
         # Fresh for result_ttl after the run: sealed as keep since the grant (the token's
         # time), so that a record written back later can never pass for fresh.
-        run_ms = max(0, round((clock() - asked) * 1000))
+        run_ms = max(0, round((clock() - sent) * 1000))
         keep = spec.keep_ms + run_ms if outcome.error is None and spec.keep_ms else 0
         ttl = max(spec.keep_ms, spec.grace_ms)
         trace = events.trace_context() if events.enabled else b""
+        sealing = clock()
         record = codec.seal(
             outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl, trace=trace
         )
+        sealed = clock() - sealing
+        if sealed * 1000 > spec.lock_ttl_ms:
+            # The safe serializer encodes a large value in pieces so renewals run meanwhile;
+            # pickle, json or a custom serializer may hold the GIL for the whole encode.
+            log.warning(
+                "sealing the outcome of %r took %.3f s, longer than its lease (%.3f s): a "
+                "serializer that holds the GIL that long keeps the lease from being renewed; "
+                "raise lock_ttl",
+                spec.names.job_id,
+                sealed,
+                spec.lock_ttl_ms / 1000,
+            )
         # seal keeps nothing fresh of an outcome that other processes could not read.
         keep = min(spec.keep_ms, header_of(record).keep_ms)
         message = b""

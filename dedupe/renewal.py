@@ -11,8 +11,12 @@ signal at that instant, for those waiting on ``event()`` or ``wait_async()``.
 Renewals go through one worker thread per group (a Cluster node; one group on a single server
 or Sentinel): a stuck node stalls only its own group. Each worker renews every due lease of its
 group in one round trip (``renew_many``: a pipeline of EVALSHA RENEW, at most ``batch_max`` per
-pipeline). Renewal is owner-checked in Redis and stops for good on a mismatch, a loss by the
-clock, ``max_hold``, or when the lease's asyncio loop is closed.
+pipeline; on Cluster, ``MOVED`` and ``ASK`` are followed once, so a lease stays renewed while its
+slot migrates). Renewal is owner-checked in Redis and stops for good on a mismatch, at
+``max_hold``, or when the lease's asyncio loop is closed. A loss by the clock is reported to the
+leader at once, but renewal goes on while the driver holds the lease: Redis may still hold it
+(a renewer starved past the deadline, a slow link), and a renewal that finds it ours keeps a
+second run from starting beside a live leader; one that finds it gone stops.
 
 Lock order: ``Renewer._lock`` (scheduling state of a renewer and of its leases) may be held
 while taking ``_guard`` (LostSignal state); never the other way round. Neither is held across
@@ -35,7 +39,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.cluster
-from redis.exceptions import MovedError, NoScriptError, ResponseError
+from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError
 
 from .commands import renew_call
 
@@ -188,6 +192,7 @@ class Lease:
         "_entry",
         "_error",
         "_next",
+        "_reported",
         "active",
         "completing",
         "hold_until",
@@ -255,6 +260,7 @@ class Lease:
         self._busy = False  # queued at or in flight with a worker
         self._entry = 0  # sequence number of this lease's one live heap entry (0: none)
         self._error: str | None = None  # the last renewal error, until a renewal succeeds
+        self._reported = False  # its loss was counted and logged (once)
 
     @property
     def expires_at(self) -> float:
@@ -474,16 +480,22 @@ class Renewer:
 
     def _visit(self, lease: Lease, now: float) -> None:
         signal = lease.lost
-        if signal._set or now >= signal._deadline:
-            self._end_by_clock(lease, now)
+        if now >= lease.hold_until:
+            lease.active = False  # max_hold: renewal stops for good, so a waiter takes over
+            self._report(lease, now)
             return
+        if not lease._reported and (signal._set or now >= signal._deadline):
+            self._report(lease, now)  # lost by the clock: the leader knows; renewal goes on
         if lease.loop is not None and lease.loop.is_closed():
             lease.active = False
             self._counts["abandoned"] += 1
             self._warn("lease on %r abandoned: its event loop is closed", lease.job_id)
             return
+        # Look again at the deadline (to report a loss on time), or, once lost, at the
+        # hold's end; a settled renewal schedules its own next look.
+        later = min(signal._deadline if not lease._reported else math.inf, lease.hold_until)
         if lease._busy:
-            self._push(signal._deadline, lease)  # still in flight: look again at the deadline
+            self._push(later, lease)  # still in flight: look again then
             return
         lease._busy = True
         try:
@@ -500,11 +512,15 @@ class Renewer:
             )
             group.thread.start()
         group.cond.notify()
-        self._push(signal._deadline, lease)
+        self._push(later, lease)
 
-    def _end_by_clock(self, lease: Lease, now: float) -> None:
-        lease.active = False
-        if lease.hold_until <= lease.sent_at + lease.ttl - lease.margin and now >= lease.hold_until:
+    def _report(self, lease: Lease, now: float) -> None:
+        """The lease counts as lost (by the clock, or max_hold): tell the leader, count and
+        log it once. Whether renewal goes on is the caller's decision."""
+        if lease._reported:
+            return
+        lease._reported = True
+        if now >= lease.hold_until:
             reason, why = "max_hold", f"held longer than max_hold={lease.max_hold}s"
         elif lease._error is not None:
             reason, why = "error", f"no renewal confirmed within the lease: {lease._error}"
@@ -591,8 +607,9 @@ class Renewer:
                 c["renewed"] += 1
                 deadline = min(sent + lease.ttl - lease.margin, lease.hold_until)
                 if not lease.lost.extend(deadline):
-                    self._end_by_clock(lease, done)  # the reply came after the deadline
-                    continue
+                    # Lost by the clock before this reply came: the leader was told, and
+                    # stays told; Redis still says ours, so renewal goes on while it runs.
+                    self._report(lease, done)
                 lease.sent_at, lease._error = sent, None
                 lease._next = sent + lease.interval
             elif reply == 0 and lease.completing:
@@ -610,11 +627,14 @@ class Renewer:
                 )
                 continue
             else:
-                # No answer: try again while the lease may still be alive.
+                # No answer: try again soon, sooner while the lease may still be alive.
                 lease._error = error or "an error reply"
                 left = lease.lost._deadline - done
-                lease._next = done + max(0.0, min(lease.interval / 3, left / 2))
-            at = min(lease._next, lease.lost._deadline)
+                lease._next = done + (
+                    max(0.0, min(lease.interval / 3, left / 2)) if left > 0 else lease.interval / 3
+                )
+            # Look at the deadline too, to report a loss on time (once reported, no need).
+            at = lease._next if lease._reported else min(lease._next, lease.lost._deadline)
             self._push(at, lease)
             earliest = min(earliest, at)
         if earliest < self._wake_at:
@@ -657,13 +677,27 @@ def _pipelined(client: Any, items: Sequence[tuple[str, str, int]]) -> list[Any]:
     return replies
 
 
+def _redirect(reply: Any) -> tuple[str, str, int] | None:
+    """("MOVED" | "ASK", host, port) for a redirection reply, else None."""
+    if not isinstance(reply, ResponseError):
+        return None
+    if isinstance(reply, AskError):  # MovedError too
+        kind = "MOVED" if isinstance(reply, MovedError) else "ASK"
+        return kind, str(reply.host), int(reply.port)
+    # Older redis-py may leave a pipeline's redirection as a plain ResponseError.
+    parts = str(reply).split()
+    if len(parts) == 3 and parts[0] in ("MOVED", "ASK") and ":" in parts[2]:
+        host, _, port = parts[2].rpartition(":")
+        if port.isdigit():
+            return parts[0], host, int(port)
+    return None
+
+
 def _note_moved(cluster: Any, replies: list[Any]) -> None:
     # A slot moved: patch the slot map (no I/O), so the next renewal goes to the new owner.
     manager = cluster.nodes_manager
     for reply in replies:
-        if isinstance(reply, MovedError) or (
-            isinstance(reply, ResponseError) and str(reply).startswith("MOVED")
-        ):
+        if isinstance(reply, MovedError):
             try:
                 if hasattr(manager, "move_slot"):
                     manager.move_slot(reply)
@@ -672,6 +706,50 @@ def _note_moved(cluster: Any, replies: list[Any]) -> None:
             except Exception:
                 log.debug("could not patch the slot map", exc_info=True)
             return
+
+
+def _follow(
+    cluster: Any, items: Sequence[tuple[str, str, int]], redirects: list[tuple[int, str, str, int]]
+) -> dict[int, Any]:
+    """Send each redirected renewal once more where its reply sent it: after ASKING for ASK
+    (a slot in migration: the key already lives on the importing node), plainly for MOVED.
+    One pipeline per target node; replies by item index (left out: no answer)."""
+    by_target: dict[tuple[str, int], list[tuple[int, str]]] = {}
+    for i, kind, host, port in redirects:
+        by_target.setdefault((host, port), []).append((i, kind))
+    out: dict[int, Any] = {}
+    for (host, port), group in by_target.items():
+        node = cluster.get_node(host=host, port=port)
+        if node is None:
+            continue  # not in the layout we know: no answer this time
+        calls = [renew_call(*items[i]) for i, _ in group]
+        try:
+            pipe = cluster.get_redis_connection(node).pipeline(transaction=False)
+            for (_, kind), call in zip(group, calls, strict=True):
+                if kind == "ASK":
+                    pipe.execute_command("ASKING")
+                pipe.evalsha(*call.evalsha_args())
+            replies = list(pipe.execute(raise_on_error=False))
+        except Exception:
+            log.debug("could not follow a redirection to %s:%s", host, port, exc_info=True)
+            continue
+        it = iter(replies)
+        for (i, kind), call in zip(group, calls, strict=True):
+            if kind == "ASK":
+                next(it)  # ASKING's OK
+            reply = next(it)
+            if isinstance(reply, NoScriptError):
+                try:
+                    conn = cluster.get_redis_connection(node)
+                    pipe = conn.pipeline(transaction=False)
+                    if kind == "ASK":
+                        pipe.execute_command("ASKING")
+                    pipe.eval(*call.eval_args())
+                    reply = pipe.execute(raise_on_error=False)[-1]
+                except Exception:
+                    continue
+            out[i] = reply
+    return out
 
 
 def renew_many(client: Any, items: Sequence[tuple[str, str, int]]) -> list[int]:
@@ -707,8 +785,15 @@ def renew_many(client: Any, items: Sequence[tuple[str, str, int]]) -> list[int]:
                 log.debug("could not refresh the cluster slot map", exc_info=True)
             continue
         _note_moved(c, replies)
+        redirects: list[tuple[int, str, str, int]] = []
         for i, reply in zip(idxs, replies, strict=True):
             out[i] = _flag(reply)
+            target = _redirect(reply)
+            if target is not None:
+                redirects.append((i, *target))
+        if redirects:
+            for i, reply in _follow(c, items, redirects).items():
+                out[i] = _flag(reply)
     if failure is not None and all(r == RENEW_UNKNOWN for r in out):
         raise failure
     return out

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "RENEW"]
+__all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "PEEK", "RENEW"]
 
 # KEYS: lock, token, result
 # ARGV: owner, lock_ttl_ms, token_ttl_ms, floor_token ('' for none)
@@ -28,8 +28,9 @@ __all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "RENEW"]
 # A caller that waited on lease T passes floor T: records of older leases are never its
 # outcome, however fresh. A caller with no floor is given a record only while the token
 # counter still holds the record's own token (COMPLETE keeps the counter alive as long as
-# the record): a genuine record of an older lease, written back later, is not fresh. Tokens are max(counter + 1, server time in microseconds), so they
-# grow across restarts and counter expiry (more than one lease per microsecond never happens).
+# the record): a genuine record of an older lease, written back later, is not fresh.
+# Tokens are max(counter + 1, server time in microseconds), so they grow across restarts
+# and counter expiry (more than one lease per microsecond never happens).
 ACQUIRE: Final = """
 local floor = tonumber(ARGV[4])
 local rec = redis.pcall('GET', KEYS[3])
@@ -145,4 +146,13 @@ COMPLETE_SHARDED: Final = _COMPLETE.replace("@PUBLISH@", "SPUBLISH")  # Redis Cl
 DISCARD: Final = """
 if redis.pcall('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# KEYS: lock
+# -> the lock value ("<token>:<owner>"), or nil
+# Who holds the lease: read before giving back a lease an unanswered acquire may have granted
+# (the give-back itself is COMPLETE with an abort notice, owner-checked). A script, not GET,
+# so that the ACL dedupe needs stays what it is.
+PEEK: Final = """
+return redis.pcall('GET', KEYS[1])
 """

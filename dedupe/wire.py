@@ -17,16 +17,26 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from functools import partial
 from typing import Any
 
+import redis.asyncio.retry
+import redis.retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .commands import ScriptCall
+from .commands import ScriptCall, Stamp
 
 __all__ = ["AsyncWire", "SyncWire", "pack", "wire_ready"]
+
+# A retry on a fresh connection is worth it only with at least this much of the bound left.
+_MIN_RETRY = 0.05
+# Failures after which a command may be tried once more on a fresh connection: the request
+# may or may not have reached Redis, and every script of dedupe is safe to send twice.
+_RETRYABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def pack(call: ScriptCall, *, by_sha: bool = True) -> list[bytes]:
@@ -79,22 +89,44 @@ def _takes_command_name(get_connection: Any) -> bool:
 
 
 class _Wire:
-    """What both wires know of the client: its pool, and how to make a connection like it."""
+    """What both wires know of the client: its pool, and how to make a connection like it.
 
-    __slots__ = ("_name", "_notified", "pool")
+    ``bound``: the longest one command may take on connections of our own (``run_on``),
+    retry included; None for a client passed in, whose own retry policy then applies.
+    """
 
-    def __init__(self, client: Any) -> None:
+    __slots__ = ("_name", "_no_retry", "_notified", "bound", "pool")
+
+    def __init__(self, client: Any, bound: float | None = None) -> None:
         self.pool = client.connection_pool
+        self.bound = bound
         self._name: tuple[str, ...] = (
             ("EVALSHA",) if _takes_command_name(self.pool.get_connection) else ()
         )
         # redis-py >= 6.2: a server's maintenance notification may ask for a new connection.
         self._notified = hasattr(self.pool.connection_class, "should_reconnect")
+        self._no_retry: Any = None  # set by the subclass: a Retry that never retries
 
-    def new_connection(self) -> Any:
-        """A connection of the client's settings, owned by the caller (a command slot)."""
+    def new_connection(self, bound: float | None = None) -> Any:
+        """A connection of the client's settings, owned by the caller (a command slot).
+
+        Our own connections never retry inside redis-py: ``run_on`` retries once itself,
+        within ``bound``. ``bound`` given: a one-off connection whose connect and reads
+        together fit in it (what is left of a command's bound for its retry)."""
         pool = self.pool
-        return pool.connection_class(**pool.connection_kwargs)
+        kw = {**pool.connection_kwargs, "retry": self._no_retry}
+        if bound is not None:
+            for name in ("socket_timeout", "socket_connect_timeout"):
+                given = kw.get(name)
+                kw[name] = bound if given is None else min(given, bound)
+        return pool.connection_class(**kw)
+
+    def retry_bound(self, started: float) -> float | None:
+        """What is left of the command's bound for one retry, or None if not worth one."""
+        if self.bound is None:
+            return None
+        left = self.bound - (time.monotonic() - started)
+        return left if left >= _MIN_RETRY else None
 
 
 class SyncWire(_Wire):
@@ -102,34 +134,60 @@ class SyncWire(_Wire):
 
     __slots__ = ()
 
-    def run_on(self, conn: Any, call: ScriptCall) -> Any:
-        """Run the script on a connection the caller owns; retried as its retry policy says."""
+    def __init__(self, client: Any, bound: float | None = None) -> None:
+        super().__init__(client, bound)
+        self._no_retry = redis.retry.Retry(NoBackoff(), 0)
+
+    def run_on(self, conn: Any, call: ScriptCall, stamp: Stamp | None = None) -> Any:
+        """Run the script on a connection the caller owns. A failure other than an error
+        reply (a timeout too: the reply may be lost on a hanging connection) drops the
+        connection and tries once more on a fresh one, within what is left of ``bound``."""
+        started = time.monotonic()
         try:
-            return conn.retry.call_with_retry(partial(_roundtrip, conn, call), conn.disconnect)
+            return _roundtrip(conn, call, stamp)
         except ResponseError:
             raise  # the error reply was read whole: the connection is clean
-        except BaseException:
+        except _RETRYABLE:
             conn.disconnect()  # never leave a half-read reply on a connection used again
+            left = self.retry_bound(started)
+            if left is None:
+                raise
+        except BaseException:
+            conn.disconnect()
             raise
         finally:
             if self._notified and conn.should_reconnect():
                 conn.disconnect()
+        fresh = self.new_connection(left)
+        try:
+            return _roundtrip(fresh, call, stamp)
+        finally:
+            fresh.disconnect()
 
-    def run(self, call: ScriptCall) -> Any:
-        """Run the script on a connection checked out of the client's pool."""
+    def run(self, call: ScriptCall, stamp: Stamp | None = None) -> Any:
+        """Run the script on a connection checked out of the client's pool (retried as the
+        client's own retry policy says)."""
         pool = self.pool
         conn = pool.get_connection(*self._name)
         try:
-            return conn.retry.call_with_retry(partial(_roundtrip, conn, call), conn.disconnect)
+            return conn.retry.call_with_retry(
+                partial(_roundtrip, conn, call, stamp), conn.disconnect
+            )
         finally:
             pool.release(conn)
 
 
-def _roundtrip(conn: Any, call: ScriptCall) -> Any:
+def _roundtrip(conn: Any, call: ScriptCall, stamp: Stamp | None) -> Any:
+    if stamp is not None:
+        if conn._sock is None:
+            conn.connect()  # a connect is not a send: the stamp comes after it
+        stamp.sent = time.monotonic()
     conn.send_packed_command(pack(call))
     try:
         return conn.read_response()
     except NoScriptError:  # a restarted or flushed server: send the script itself
+        if stamp is not None:
+            stamp.sent = time.monotonic()
         conn.send_packed_command(pack(call, by_sha=False))
         return conn.read_response()
 
@@ -139,36 +197,56 @@ class AsyncWire(_Wire):
 
     __slots__ = ()
 
-    async def run_on(self, conn: Any, call: ScriptCall) -> Any:
+    def __init__(self, client: Any, bound: float | None = None) -> None:
+        super().__init__(client, bound)
+        self._no_retry = redis.asyncio.retry.Retry(NoBackoff(), 0)
+
+    async def run_on(self, conn: Any, call: ScriptCall, stamp: Stamp | None = None) -> Any:
+        """As SyncWire.run_on, on the running loop."""
+        started = time.monotonic()
         try:
-            return await conn.retry.call_with_retry(
-                partial(_aroundtrip, conn, call), lambda error: conn.disconnect()
-            )
+            return await _aroundtrip(conn, call, stamp)
         except ResponseError:
             raise
+        except _RETRYABLE:
+            await conn.disconnect(nowait=True)
+            left = self.retry_bound(started)
+            if left is None:
+                raise
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
         finally:
             if self._notified and conn.should_reconnect():
                 await conn.disconnect()
+        fresh = self.new_connection(left)
+        try:
+            return await _aroundtrip(fresh, call, stamp)
+        finally:
+            await fresh.disconnect(nowait=True)
 
-    async def run(self, call: ScriptCall) -> Any:
+    async def run(self, call: ScriptCall, stamp: Stamp | None = None) -> Any:
         pool = self.pool
         conn = await pool.get_connection(*self._name)
         try:
             return await conn.retry.call_with_retry(
-                partial(_aroundtrip, conn, call), lambda error: conn.disconnect()
+                partial(_aroundtrip, conn, call, stamp), lambda error: conn.disconnect()
             )
         finally:
             await pool.release(conn)
 
 
-async def _aroundtrip(conn: Any, call: ScriptCall) -> Any:
+async def _aroundtrip(conn: Any, call: ScriptCall, stamp: Stamp | None) -> Any:
+    if stamp is not None:
+        if getattr(conn, "_writer", None) is None:
+            await conn.connect()  # a connect is not a send: the stamp comes after it
+        stamp.sent = time.monotonic()
     await _asend(conn, pack(call))
     try:
         return await conn.read_response()
     except NoScriptError:
+        if stamp is not None:
+            stamp.sent = time.monotonic()
         await _asend(conn, pack(call, by_sha=False))
         return await conn.read_response()
 

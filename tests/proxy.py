@@ -3,6 +3,9 @@
 ``blackhole()`` stops forwarding in both directions but keeps every socket open, as a
 half-open partition does: the client's writes succeed and its reads block until its own
 timeout. ``heal()`` delivers what was held back, as TCP retransmission would.
+``lose_reply_to(marker, n)`` drops the reply to each of the next ``n`` requests that contain
+``marker`` (the request itself reaches the server and runs) and leaves that connection
+hanging: nothing more is forwarded on it, either way, but its sockets stay open.
 
 With ``count_resp=True`` it parses the RESP2 streams and counts commands and round trips: a
 round trip starts whenever the client sends a command while none of its earlier commands on
@@ -70,6 +73,8 @@ class _Link:
         self.client, self.server = client, server
         self.outstanding = 0  # commands sent, not yet answered (under proxy._lock)
         self.commands, self.replies = _Counter(), _Counter()
+        self.lose_next = False  # drop the next reply, then hang (under proxy._lock)
+        self.hung = False  # forwards nothing more (under proxy._lock)
 
 
 class Proxy:
@@ -87,6 +92,9 @@ class Proxy:
         self.round_trips = 0  # under _lock
         self.commands = 0  # under _lock
         self.held = 0  # chunks read but held back by the blackhole now (under _lock)
+        self._lose_marker = b""  # under _lock
+        self._lose_count = 0  # under _lock
+        self.lost_replies = 0  # under _lock
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.1)
         self.port: int = self._listener.getsockname()[1]
@@ -104,6 +112,10 @@ class Proxy:
 
     def heal(self) -> None:
         self._open.set()
+
+    def lose_reply_to(self, marker: bytes, n: int = 1) -> None:
+        with self._lock:
+            self._lose_marker, self._lose_count = marker, n
 
     def connections(self) -> int:
         with self._lock:
@@ -181,6 +193,8 @@ class Proxy:
                         return
                 with self._lock:
                     self.held -= 1
+            if self._lost(link, upstream, data):
+                continue
             if self.count_resp:
                 self._count(link, upstream, data)
             try:
@@ -191,6 +205,22 @@ class Proxy:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+
+    def _lost(self, link: _Link, upstream: bool, data: bytes) -> bool:
+        """True if this chunk is not to be forwarded (lose_reply_to)."""
+        with self._lock:
+            if link.hung:
+                return True
+            if upstream:
+                if self._lose_count and self._lose_marker in data:
+                    self._lose_count -= 1
+                    link.lose_next = True
+                return False
+            if link.lose_next:
+                link.lose_next, link.hung = False, True
+                self.lost_replies += 1
+                return True
+            return False
 
     def _count(self, link: _Link, upstream: bool, data: bytes) -> None:
         with self._lock:

@@ -795,6 +795,146 @@ def test_acquire_during_an_open_migration_waits_it_out(
     assert ran == ["leader"]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("during", ["run", "complete"])
+def test_leases_stay_renewed_while_their_slot_migrates(
+    redis_cluster: RedisClusterSet, env: dict[str, Any], during: str
+) -> None:
+    """The lock key moves to the importing node while the slot is still open: the source
+    answers the renewals with ASK. They must follow it there (ASKING, then RENEW), during
+    the run and while the complete waits out TRYAGAIN, or the lease lapses under a live
+    leader and a caller that comes once the move is done runs the job a second time."""
+    prefix = env["prefix"]
+    job_id = jobs_on_each_master(redis_cluster, prefix, f"renew-ask-{during}")[2]
+    slot = slot_of(prefix, job_id)
+    src = owner_of(redis_cluster, slot)
+    dst = next(s for s in redis_cluster.servers if s is not src)
+    lock = names_for(prefix, job_id).lock
+    ttl = 1.5
+    leader = tw.make_sf(env, "url", result_ttl=0, lock_ttl=ttl)
+    follower = tw.make_sf(env, "url", result_ttl=0, lock_ttl=ttl)
+    gate, started = threading.Event(), threading.Event()
+    ran: list[str] = []
+
+    def held() -> str:
+        ran.append("leader")
+        started.set()
+        assert gate.wait(30)
+        return "leader"
+
+    def pttl_at_dst() -> int:
+        with dst.client() as c:
+            pipe = c.pipeline(transaction=False)
+            pipe.execute_command("ASKING")
+            pipe.pttl(lock)
+            return int(pipe.execute()[1])
+
+    def renewed_at_dst(times: int) -> None:
+        """Wait until the lock's TTL at the importing node went up ``times`` times."""
+        last, ups = pttl_at_dst(), 0
+        deadline = time.monotonic() + 4 * ttl * times
+        while ups < times:
+            assert time.monotonic() < deadline, "the lease was not renewed at the importing node"
+            now = pttl_at_dst()
+            assert now > 0, "the lock lapsed under a live leader"
+            ups += now > last
+            last = now
+            time.sleep(0.02)
+
+    got: list[Any] = []
+    lead = threading.Thread(target=lambda: got.append(leader.call(job_id, held)))
+    lead.start()
+    try:
+        assert started.wait(20)
+        migrate_slot(redis_cluster, slot, src, dst, finish=False)  # open, keys at dst
+        renewed_at_dst(3)  # past the TTL it had when it moved: renewed there, never lapsed
+        if during == "complete":
+            gate.set()  # the complete meets TRYAGAIN (the result key is not at dst) ...
+            renewed_at_dst(2)  # ... and the lease is renewed meanwhile
+        finish_migration(redis_cluster, slot, src, dst)
+        outcome: list[Any] = []
+        if during == "run":
+            # Once the move is done, a caller finds the lease live at its new home: it follows.
+            f = threading.Thread(
+                target=lambda: outcome.append(follower.call(job_id, lambda: "follower ran"))
+            )
+            f.start()
+            channel = names_for(prefix, job_id).channel
+            until(
+                lambda: shard_numsub(dst, channel) >= 1 or not f.is_alive(),
+                what="the caller to follow the leader at the new owner",
+            )
+            gate.set()
+            f.join(20)
+        gate.set()
+        lead.join(20)
+    finally:
+        gate.set()
+        restore_slot(redis_cluster, slot, src)
+        leader.close()
+        follower.close()
+    assert ran == ["leader"]
+    assert got == ["leader"]
+    assert outcome == (["leader"] if during == "run" else [])
+
+
+@pytest.mark.timeout(120)
+def test_thousands_of_queued_asyncio_leaders_keep_their_leases(
+    redis_cluster: RedisClusterSet, env: dict[str, Any], procs: list[Any]
+) -> None:
+    """4,000 asyncio leaders in one process, on keys of every master, queue behind the
+    command slots before their acquires go out. Each lease is dated from its send, not from
+    the queue, so none is born lost: every one is renewed past the TTL Redis granted, and a
+    process waiting on 40 of the keys only ever follows (it never runs a job beside a live
+    leader)."""
+    n, ttl = 4000, 1.0
+    keys = [f"load-{i}" for i in range(n)]
+    watched = keys[:: n // 40]
+    sf = tw.make_sf(env, "url", lock_ttl=ttl, result_ttl=30)
+    loop = asyncio.new_event_loop()
+    all_started = threading.Event()
+    started = 0
+    stats: dict[str, int] = {}
+    results: list[Any] = []
+
+    async def job(k: str) -> str:
+        nonlocal started
+        started += 1
+        if started == n:
+            all_started.set()
+        await release.wait()
+        return f"A:{k}"
+
+    async def lead_all() -> list[str]:
+        try:
+            return list(await asyncio.gather(*(sf.call(k, job, k) for k in keys)))
+        finally:
+            stats.update(sf.stats())
+            await sf.aclose()
+
+    release = asyncio.Event()
+    t = threading.Thread(target=lambda: results.append(loop.run_until_complete(lead_all())))
+    t.start()
+    try:
+        assert all_started.wait(60), f"{started} of {n} jobs started"
+        out = SPAWN.Queue()
+        start(procs, tw.follow_many, env, watched, out, {"lock_ttl": ttl})
+        until(
+            lambda: all(sf.inspect(k).subscribers >= 1 for k in watched),
+            30,
+            "the other process to wait on every watched key",
+        )
+        # Every lease renewed past the TTL Redis granted it (3 renewals at ttl/3 each).
+        until(lambda: sf.stats()["lease_renewed"] >= 4 * n, 30, "every lease renewed 4 times")
+    finally:
+        loop.call_soon_threadsafe(release.set)
+        t.join(60)
+        loop.close()
+    assert results == [[f"A:{k}" for k in keys]]
+    assert out.get(timeout=60) == {k: f"A:{k}" for k in watched}
+    assert stats["leases_lost"] == 0, stats
+
+
 @pytest.mark.timeout(30)
 def test_readme_async_client_snippet_with_a_sync_first_call(
     redis_cluster: RedisClusterSet, prefix: str

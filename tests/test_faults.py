@@ -7,6 +7,7 @@ expiry must rescue the waiters: if it did not, the test's own timeout would fail
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -288,3 +289,75 @@ def test_local_fallback_while_redis_is_down(
     assert sf.stats()["local_runs"] >= 2
     sf.close()
     raising.close()
+
+
+@pytest.mark.timeout(25)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+@pytest.mark.parametrize("lost", [1, 2])
+def test_a_lost_acquire_reply_on_a_hanging_connection(
+    redis_server: RedisServer, redis_client: redis.Redis, prefix: str, kind: str, lost: int
+) -> None:
+    """The acquire runs, its reply is lost and its connection hangs (lock_ttl 30 s).
+    One reply lost: the command is tried again on a fresh connection within its bound,
+    finds the lease it was granted, and leads with it: one run, and the caller that waited
+    on that lease gets its value. Two lost (the retry's too): the caller gets
+    BackendUnavailable, and the lease it may hold is given back at once (owner-checked, off
+    its path), so the waiter takes over instead of waiting out the lease (this test's
+    timeout is shorter than the lease)."""
+    from proxy import Proxy
+
+    from dedupe.commands import ACQUIRE
+
+    names = names_for(prefix, "hung")
+    runs: list[str] = []
+    got: dict[str, Any] = {}
+
+    def job(who: str) -> str:
+        runs.append(who)
+        return who
+
+    async def ajob(who: str) -> str:
+        return job(who)
+
+    def run(who: str, sf: SingleFlight) -> None:
+        try:
+            if kind == "sync":
+                got[who] = sf.call_detailed("hung", job, who)
+            else:
+                got[who] = asyncio.run(_acall(sf, ajob, who))
+        except Exception as exc:
+            got[who] = exc
+
+    with Proxy(redis_server.address) as proxy:
+        url = "redis://{}:{}/0".format(*proxy.address)
+        cut = SingleFlight(url, prefix=prefix, lock_ttl=30, connect_timeout=0.5, socket_timeout=1)
+        direct = SingleFlight(redis_server.url, prefix=prefix, lock_ttl=30)
+        try:
+            redis_client.script_load(ACQUIRE.lua)  # the reply lost is the acquire's own
+            proxy.lose_reply_to(ACQUIRE.sha.encode(), lost)
+            a = threading.Thread(target=run, args=("A", cut))
+            a.start()
+            until(lambda: redis_client.exists(names.lock) == 1, 10, "the acquire to run")
+            b = threading.Thread(target=run, args=("B", direct))
+            b.start()
+            a.join(15)
+            b.join(15)
+            assert not a.is_alive() and not b.is_alive()
+            assert proxy.lost_replies == lost
+        finally:
+            cut.close(timeout=0)
+            direct.close(timeout=0)
+    if lost == 1:
+        assert runs == ["A"]
+        assert got["A"].role == "leader" and got["B"].value == "A"
+    else:
+        assert isinstance(got["A"], BackendUnavailable), got["A"]
+        assert runs == ["B"]
+        assert got["B"].role == "leader" and got["B"].value == "B"
+
+
+async def _acall(sf: SingleFlight, fn: Any, *args: Any) -> Any:
+    try:
+        return await sf.call_detailed("hung", fn, *args)
+    finally:
+        await sf.aclose()

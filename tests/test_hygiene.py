@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from typing import Any
@@ -91,7 +92,7 @@ def test_renewal_stops_with_the_flight(
     redis_url: str, prefix: str, redis_client: redis.Redis
 ) -> None:
     # A lease long enough that a loaded machine renews it in time (a renewal later than the
-    # lease minus its margin counts as a loss, and renewal then stops for good).
+    # lease minus its margin counts as a loss).
     sf = SingleFlight(redis_url, prefix=prefix, lock_ttl=2.0)
     renewed = threading.Event()
     lock_key = f"{prefix}:{{long}}:lock"
@@ -114,3 +115,65 @@ def test_renewal_stops_with_the_flight(
     assert redis_client.exists(lock_key) == 0
     assert sf.backend().renewer().pending() == 0
     sf.close()
+
+
+def test_a_finished_flights_hub_objects_are_gone(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    """A follower's channel state and its confirmation latch live as long as its flight:
+    once the flights end (and the subscriptions linger out), none is reachable, not from a
+    parked hub thread's locals either."""
+    from dedupe import signals
+    from dedupe.hub import _Channel
+
+    n = 300
+    leader = SingleFlight(redis_url, prefix=prefix, lock_ttl=10)
+    follower = SingleFlight(redis_url, prefix=prefix, lock_ttl=10)
+    release = threading.Event()
+    all_started = threading.Event()
+    started: list[int] = []
+
+    def hold(i: int) -> int:
+        started.append(i)
+        if len(started) == n:
+            all_started.set()
+        release.wait(20)
+        return i
+
+    def ours() -> tuple[int, int]:
+        gc.collect()
+        objs = gc.get_objects()
+        channels = sum(1 for o in objs if isinstance(o, _Channel) and prefix in o.name)
+        return channels, sum(1 for o in objs if isinstance(o, signals.Latch))
+
+    _, latches_before = ours()
+    threads = [threading.Thread(target=leader.call, args=(f"j{i}", hold, i)) for i in range(n)]
+    for t in threads:
+        t.start()
+    assert all_started.wait(20)
+
+    async def follow_all() -> list[int]:
+        return list(await asyncio.gather(*(follower.call(f"j{i}", _never) for i in range(n))))
+
+    got: list[Any] = []
+    f = threading.Thread(target=lambda: got.append(asyncio.run(follow_all())))
+    f.start()
+    deadline = time.monotonic() + 20
+    while len(follower.backend().hub().channels()) < n:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    release.set()
+    f.join(20)
+    for t in threads:
+        t.join(20)
+    assert got == [list(range(n))]
+    _assert_clean([leader, follower], redis_client, prefix)
+    channels, latches = ours()
+    assert channels == 0, f"{channels} channel states still reachable"
+    assert latches <= latches_before, f"{latches - latches_before} more latches than before"
+    leader.close()
+    follower.close()
+
+
+async def _never() -> int:
+    raise AssertionError("a follower ran the job")

@@ -4,6 +4,7 @@ groups renew independently and in batches, max_hold, async waiting, closed loops
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -15,14 +16,16 @@ from typing import Any
 import pytest
 import redis
 import redis.cluster
-from helpers import until
+import workers
+from helpers import SPAWN, start, until
 from proxy import Proxy
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dedupe import renewal
+from dedupe import SingleFlight, renewal
 from dedupe.context import Flight
 from dedupe.errors import LeaseLost
+from dedupe.keys import names_for
 from dedupe.renewal import RENEW_UNKNOWN, Lease, LostSignal, Renewer, lease_margin, renew_many
 from devtools.servers import RedisClusterSet, RedisServer
 
@@ -223,6 +226,27 @@ def test_ten_thousand_leases_renew_in_a_few_round_trips(
     assert renewer.pending() == 0
 
 
+def test_a_lease_past_its_deadline_at_the_first_look_is_renewed_all_the_same(
+    redis_client: redis.Redis, prefix: str, renewers: Callable[..., Renewer]
+) -> None:
+    """Redis granted a full TTL, but the renewer first looks only after the lease's local
+    deadline (its thread was starved, or the lease was dated too early): the leader is told
+    at once, and the lock is renewed anyway, so it does not lapse under a live leader."""
+    key = f"{prefix}:lock"
+    ttl = 0.6
+    assert redis_client.set(key, "1:me", px=int(ttl * 1000))
+    lease = Lease(key, key, "1:me", ttl, acquired_at=time.monotonic() - ttl, max_hold=None)
+    assert lease.lost.is_set()  # past its deadline before any thread of ours ran
+    renewer = renewers(lambda items: renew_many(redis_client, items))
+    renewer.add(lease)
+    # Renewed for longer than the TTL Redis granted: the lock outlives it, still ours.
+    until(lambda: renewer.stats()["renewed"] >= 5, 10, "renewals past the granted TTL")
+    assert redis_client.get(key) == b"1:me"
+    assert lease.lost.is_set() and renewer.stats()["lost_clock"] == 1
+    renewer.remove(lease)
+    _take_over(redis_client, key, 5)
+
+
 # --------------------------------------------------------------------------- ending a lease
 
 
@@ -344,9 +368,13 @@ def test_a_reply_after_the_deadline_does_not_bring_the_lease_back(
     renewer.add(lease)
     assert lease.lost.event().wait(5)
     release.set()
-    until(lambda: renewer.stats()["renewal_batches"] == 1, 5, "the late reply")
+    until(lambda: renewer.stats()["renewed"] >= 1, 5, "the late reply")
+    # The leader was told, and stays told; Redis says the lock is ours, so it is still
+    # renewed while the driver holds it (a second run must not start beside a live leader).
     assert lease.lost.is_set() and renewer.stats()["lost_clock"] == 1
-    assert renewer.stats()["renewed"] == 0 and renewer.pending() == 0  # reply ignored
+    assert renewer.pending() == 1
+    renewer.remove(lease)
+    until(lambda: renewer.pending() == 0, 5, "renewal to stop once the driver let go")
 
 
 def test_renewal_errors_until_the_deadline_count_as_error(
@@ -562,3 +590,42 @@ def test_renew_many_on_a_cluster_a_frozen_node_costs_only_its_own_keys(
     for key, reply in zip(keys, replies, strict=True):
         on_frozen = cluster.get_node_from_key(key).port == frozen_node.port
         assert reply == (RENEW_UNKNOWN if on_frozen else 1), key
+
+
+# --------------------------------------------------------------------------- a long encode
+
+
+@pytest.mark.timeout(120)
+def test_an_encode_longer_than_the_lease_never_lets_a_waiter_run_the_job(
+    redis_url: str, redis_client: redis.Redis, prefix: str, procs: list[Any]
+) -> None:
+    """The leader's value takes the C JSON encoder several leases to encode. Renewal threads
+    cannot run while one C call holds the GIL, so the safe serializer encodes a value that
+    large in pieces: the lease stays renewed, and the process waiting on it follows."""
+    ttl = 0.2
+    n = 50_000
+    while True:
+        value = [{"id": i, "name": f"item-{i}", "score": i * 0.5} for i in range(n)]
+        started = time.perf_counter()
+        json.dumps(value)
+        if time.perf_counter() - started >= 3 * ttl:
+            break
+        n *= 2
+    channel = names_for(prefix, "big").channel
+    out = SPAWN.Queue()
+    sf = SingleFlight(redis_url, prefix=prefix, lock_ttl=ttl, max_payload_bytes=None)
+
+    def lead() -> list[Any]:
+        redis_client.incr(f"{prefix}:runs")
+        start(procs, workers.call_once, redis_url, prefix, "big", "value", 0.0, out,
+              {"lock_ttl": ttl})  # fmt: skip
+        until(lambda: redis_client.pubsub_numsub(channel)[0][1] >= 1, 30, "a waiter")
+        return value
+
+    try:
+        assert sf.call("big", lead) is value
+    finally:
+        sf.close()
+    kind, _, theirs = out.get(timeout=60)
+    assert int(redis_client.get(f"{prefix}:runs") or 0) == 1
+    assert kind == "ok" and theirs == value

@@ -316,3 +316,24 @@ def call_once(
     sf = make_sf(env, spelling, **sf_kw)
     out.put(_outcome(job_id, time.monotonic(), lambda: sf.call(job_id, run_job, job)))
     sf.close()
+
+
+def follow_many(env: dict[str, Any], job_ids: list[str], out: Any, sf_kw: dict[str, Any]) -> None:
+    """One sync call per job id, each on a thread of its own, all at once; puts {job id: the
+    value, or "ran here" if this process had to run the job itself}."""
+    sf = make_sf(env, "url", **sf_kw)
+    got: dict[str, Any] = {}
+
+    def one(job_id: str) -> None:
+        try:
+            got[job_id] = sf.call(job_id, lambda: "ran here")
+        except Exception as exc:
+            got[job_id] = f"{type(exc).__name__}: {exc}"
+
+    threads = [threading.Thread(target=one, args=(j,)) for j in job_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HOLD_LIMIT * 2)
+    out.put(got)
+    sf.close()

@@ -15,7 +15,6 @@ from typing import Any
 
 from .. import events
 from ..backend import Backend, acquire_and_wait
-from ..commands import translate
 from ..envelope import Outcome
 from ..errors import BackendUnavailable
 from ..inflight import RETRY, Entry, InFlight
@@ -27,6 +26,7 @@ from ..protocol import (
     FlightSpec,
     Lead,
     Pause,
+    Release,
     Replicate,
     Subscribe,
     Wait,
@@ -144,7 +144,7 @@ class _Driver(DriverBase):
     async def run(self) -> Finished:
         flight = run_flight(self.spec, self.codec, time.monotonic)
         reply: object = None
-        error: Exception | None = None
+        error: BaseException | None = None
         try:
             while True:
                 try:
@@ -154,8 +154,8 @@ class _Driver(DriverBase):
                 reply, error = None, None
                 try:
                     reply = await self.execute(cmd)
-                except Exception as exc:
-                    error = translate(exc)
+                except BaseException as exc:  # an abort too: thrown in, it goes on up
+                    error = self.failed(cmd, exc)
         finally:
             flight.close()
             self.finish()
@@ -165,12 +165,13 @@ class _Driver(DriverBase):
         if script is not None:
             if isinstance(cmd, Acquire) and self.spec.min_replicas:
                 # Acquire and WAIT on one connection; the sync client has the one-node pipeline.
-                sync_client = await asyncio.to_thread(self.backend.sync_client)
-                raw, self.acked = await asyncio.to_thread(
-                    acquire_and_wait, self.backend, sync_client, script, self.spec
+                sync_client = await self.backend.in_thread(self.backend.sync_client)
+                raw, self.acked = await self.backend.in_thread(
+                    acquire_and_wait, self.backend, sync_client, script, self.spec, self.stamp
                 )
                 return self.reply_of(cmd, raw)
-            return self.reply_of(cmd, await self.backend.run_async_script(script))
+            stamp = self.stamp if isinstance(cmd, Acquire) else None
+            return self.reply_of(cmd, await self.backend.run_async_script(script, stamp))
         if isinstance(cmd, Wait):
             assert self.mailbox is not None
             return await self.mailbox.get_async(cmd.timeout)
@@ -190,4 +191,7 @@ class _Driver(DriverBase):
             return None
         if isinstance(cmd, Replicate):
             return self.acked
+        if isinstance(cmd, Release):
+            self.release()
+            return None
         raise TypeError(f"unknown command {cmd!r}")

@@ -14,22 +14,36 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Final
 
+from redis.exceptions import ResponseError
+
 from .. import events
 from ..backend import Backend
 from ..commands import (
     ScriptCall,
+    Stamp,
     acquire_call,
     complete_call,
     discard_call,
     parse_acquired,
     parse_completed,
+    translate,
 )
 from ..context import Flight, check_reentry, leading
 from ..envelope import Codec, Outcome
 from ..errors import WaitTimeout
 from ..inflight import RETRY, Entry, Served
 from ..keys import Names
-from ..protocol import Acquire, Command, Complete, Discard, Finished, FlightSpec, Lead, is_abort
+from ..protocol import (
+    Acquire,
+    Command,
+    Complete,
+    Discard,
+    Finished,
+    FlightSpec,
+    Lead,
+    Unanswered,
+    is_abort,
+)
 from ..renewal import Lease, LostSignal
 from ..signals import Latch, Mailbox
 
@@ -148,10 +162,12 @@ class DriverBase:
         self.mailbox: Mailbox[object] | None = None
         self.lease: Lease | None = None
         self.acked = 0  # replicas that acknowledged our acquire (min_replicas_ack)
+        self.stamp = Stamp()  # when the current Acquire's request was written
 
     def script_for(self, cmd: Command) -> ScriptCall | None:
         """The script a command runs, if it is one of the script commands."""
         if isinstance(cmd, Acquire):
+            self.stamp.sent = 0.0
             return acquire_call(self.spec, cmd)
         if isinstance(cmd, Complete):
             if self.lease is not None:  # our own complete may now delete the lock
@@ -161,13 +177,25 @@ class DriverBase:
             return discard_call(self.spec, cmd)
         return None
 
-    @staticmethod
-    def reply_of(cmd: Command, raw: Any) -> object:
+    def reply_of(self, cmd: Command, raw: Any) -> object:
         if isinstance(cmd, Acquire):
-            return parse_acquired(raw)
+            return parse_acquired(raw, self.stamp.sent)
         if isinstance(cmd, Complete):
             return parse_completed(raw)
         return raw
+
+    def failed(self, cmd: Command, exc: BaseException) -> BaseException:
+        """What to throw into the protocol for a command that raised ``exc``: the typed
+        error, or Unanswered for an Acquire written but never answered (which the protocol
+        answers by giving back the lease it may have granted). An error reply was answered."""
+        error = translate(exc) if isinstance(exc, Exception) else exc
+        if self.stamp.sent and isinstance(cmd, Acquire) and not isinstance(exc, ResponseError):
+            return Unanswered(error)
+        return error
+
+    def release(self) -> None:
+        """Release: hand the possible lease to the backend's releaser (off our path)."""
+        self.backend.release_later(self.spec, self.stamp.sent)
 
     def subscribe(self) -> Latch[bool]:
         """Subscribe (first time), or the current subscription's confirmation."""

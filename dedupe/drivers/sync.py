@@ -8,7 +8,6 @@ from typing import Any
 
 from .. import events
 from ..backend import Backend, acquire_and_wait
-from ..commands import translate
 from ..envelope import Outcome
 from ..errors import BackendUnavailable, WaitTimeout
 from ..inflight import RETRY, Entry
@@ -20,6 +19,7 @@ from ..protocol import (
     FlightSpec,
     Lead,
     Pause,
+    Release,
     Replicate,
     Subscribe,
     Wait,
@@ -119,7 +119,7 @@ class _Driver(DriverBase):
     def run(self) -> Finished:
         flight = run_flight(self.spec, self.codec, time.monotonic)
         reply: object = None
-        error: Exception | None = None
+        error: BaseException | None = None
         try:
             while True:
                 try:
@@ -129,8 +129,8 @@ class _Driver(DriverBase):
                 reply, error = None, None
                 try:
                     reply = self.execute(cmd)
-                except Exception as exc:
-                    error = translate(exc)
+                except BaseException as exc:  # an abort too: thrown in, it goes on up
+                    error = self.failed(cmd, exc)
         finally:
             flight.close()
             self.finish()
@@ -140,10 +140,11 @@ class _Driver(DriverBase):
         if script is not None:
             if isinstance(cmd, Acquire) and self.spec.min_replicas:
                 raw, self.acked = acquire_and_wait(
-                    self.backend, self.backend.sync_client(), script, self.spec
+                    self.backend, self.backend.sync_client(), script, self.spec, self.stamp
                 )
                 return self.reply_of(cmd, raw)
-            return self.reply_of(cmd, self.backend.run_sync_script(script))
+            stamp = self.stamp if isinstance(cmd, Acquire) else None
+            return self.reply_of(cmd, self.backend.run_sync_script(script, stamp))
         if isinstance(cmd, Wait):
             assert self.mailbox is not None
             return self.mailbox.get(cmd.timeout)
@@ -163,4 +164,7 @@ class _Driver(DriverBase):
             return None
         if isinstance(cmd, Replicate):
             return self.acked
+        if isinstance(cmd, Release):
+            self.release()
+            return None
         raise TypeError(f"unknown command {cmd!r}")

@@ -819,7 +819,7 @@ class Driver:
             self.spec.max_hold_ms = p.max_hold_ms
         self.gen = api.protocol.run_flight(self.spec, world.codec, proc.clock)
         # k1 publishes as on a cluster (SPUBLISH); the sim's subscribers get both alike.
-        self.shim = _Shim(self.spec, "SPUBLISH" if self.key == "k1" else "PUBLISH")
+        self.shim = _Shim(self.spec, "SPUBLISH" if self.key == "k1" else "PUBLISH", api)
         self.seen = 0
         self.lead_token = 0
         self.lease: Lease | None = None
@@ -856,6 +856,8 @@ class Driver:
         if sc is not None:
             if name == "Acquire":
                 self.acquire_sent = self.proc.clock()  # for drivers that do not note it
+                if hasattr(self.shim, "stamp"):
+                    self.shim.stamp.sent = self.acquire_sent  # written to the socket now
             elif name == "Complete" and self.lease is not None:
                 self.lease.completing = True  # as Renewer.completing()
             w.script(self.proc, sc, lambda raw, err: self._scripted(cmd, raw, err))
@@ -872,6 +874,9 @@ class Driver:
         if name == "Lead":
             self._lead(cmd)
             return None
+        if name == "Release":
+            self._release()
+            return None, None
         if name == "Pause":
             if cmd.seconds > bound:
                 self.w.fail("unbounded-wait", f"Pause({cmd.seconds})")
@@ -884,13 +889,20 @@ class Driver:
 
     def _scripted(self, cmd: Any, raw: Any, error: BaseException | None) -> None:
         api = self.w.api
+        base = api.base.DriverBase
         if error is not None:
             if isinstance(error, ScriptError):
                 self.w.fail("script-error", f"{type(cmd).__name__}: {error}")
                 error = ResponseError(str(error))  # what redis-py raises for an error reply
-            self.resume(None, api.commands.translate(error))
+            failed = getattr(base, "failed", None)  # new drivers: Unanswered for an acquire
+            self.resume(
+                None, failed(self.shim, cmd, error) if failed else api.commands.translate(error)
+            )
             return
-        reply = api.base.DriverBase.reply_of(cmd, raw)
+        if isinstance(inspect.getattr_static(base, "reply_of"), staticmethod):
+            reply = base.reply_of(cmd, raw)
+        else:
+            reply = base.reply_of(self.shim, cmd, raw)
         if type(cmd).__name__ == "Acquire":
             if reply.state == 1:
                 tok = reply.holder.partition(":")[0]
@@ -1011,6 +1023,26 @@ class Driver:
             start_lease(self.shim, cmd)
         lease = stub.added[-1]
         return float(lease.sent_at), float(lease.margin), float(lease.hold_until)
+
+    def _release(self) -> None:
+        """As Backend.release_later: read the holder; if it is our owner, complete with an
+        abort notice (owner-checked). In the background: the flight does not wait."""
+        w, proc, api, spec = self.w, self.proc, self.w.api, self.spec
+        if proc.epoch != self.epoch:
+            return
+
+        def peeked(raw: Any, error: BaseException | None) -> None:
+            holder = raw.decode() if isinstance(raw, bytes) else ""
+            token, sep, owner = holder.partition(":")
+            if error is not None or not sep or owner != spec.owner or not token.isdigit():
+                return
+            notice = w.codec.notice(b"A", channel=spec.names.channel, token=int(token))
+            cmd = api.protocol.Complete(holder, b"", 0, notice, int(token))
+            w.script(proc, api.commands.complete_call(spec, cmd, self.shim.backend.publish),
+                     lambda raw, err: None)  # fmt: skip
+
+        w.log(f"{proc.name()} gives back the lease its unanswered acquire on {self.key} may hold")
+        w.script(proc, api.commands.peek_call(spec), peeked)
 
     def led(self, outcome: Any) -> None:
         """The job finished: the function's outcome is the Lead reply."""
@@ -1170,10 +1202,14 @@ class _RenewerStub:
 
 
 class _Shim:
-    """Stands in for DriverBase's self in ``script_for`` and ``start_lease``."""
+    """Stands in for DriverBase's self in ``script_for``, ``reply_of``, ``failed`` and
+    ``start_lease``."""
 
-    def __init__(self, spec: Any, publish: str) -> None:
+    def __init__(self, spec: Any, publish: str, api: Api) -> None:
         self.spec = spec
+        stamp = getattr(api.commands, "Stamp", None)
+        if stamp is not None:
+            self.stamp = stamp()
         self.backend = _ShimBackend(publish)
         self.cluster = False
         self.lease: Any = None  # set by start_lease; the stand-in renews its own copy
