@@ -202,3 +202,78 @@ def test_a_takeover_and_a_rejected_envelope_are_reported(
     kinds = [e.kind for e in seen]
     assert kinds[-2:] == ["takeover", "lead"] and kinds.count("rejected") == 1
     assert seen[-1].token == seen[-2].token > 0 and seen[-1].role == "leader"
+
+
+def _ids(span: dict[str, Any]) -> tuple[int, int]:
+    trace_id, span_id = span["ids"]
+    return trace_id, span_id
+
+
+def test_in_process_followers_spans_link_to_the_leader_span_sync(
+    redis_url: str, prefix: str
+) -> None:
+    """Threads of one instance join its flight ("local"); another instance (as another
+    process would) follows it through Redis ("remote"), and threads join that one in turn."""
+    _, exporter, _ = _pipeline()
+    leading = SingleFlight(redis_url, prefix=prefix)
+    following = SingleFlight(redis_url, prefix=prefix)
+    release, started = threading.Event(), threading.Event()
+    got: list[str] = []
+
+    def work() -> str:
+        started.set()
+        assert release.wait(30), "never released"
+        return "the leader's value"
+
+    def waiting(sf: SingleFlight) -> int:
+        return sum(info.waiters for info in sf.inflight())
+
+    threads = [threading.Thread(target=lambda: got.append(leading.call("job", work)))]
+    threads[0].start()
+    try:
+        assert started.wait(10)
+        for sf in (leading, leading, following, following, following):
+            threads.append(threading.Thread(target=lambda sf=sf: got.append(sf.call("job", work))))
+            threads[-1].start()
+        until(lambda: waiting(leading) == 3 and waiting(following) == 3, 15, "the followers")
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+        leading.close()
+        following.close()
+        otel.uninstrument()
+    assert got == ["the leader's value"] * 6
+    spans = _spans(exporter)
+    (lead,) = [s for s in spans if s["name"] == "dedupe lead"]
+    remote = [s for s in spans if s["name"] == "dedupe follow_remote"]
+    local = [s for s in spans if s["name"] == "dedupe follow_local"]
+    assert (len(remote), len(local)) == (1, 4)
+    for span in remote + local:
+        assert span["links"] == [_ids(lead)], span  # the span of the run, wherever it ran
+    assert {s["role"] for s in local} == {"local"}
+
+
+def test_in_process_followers_spans_link_to_the_leader_span_async(
+    redis_url: str, prefix: str
+) -> None:
+    _, exporter, _ = _pipeline()
+    sf = SingleFlight(redis_url, prefix=prefix)
+
+    async def work() -> str:
+        return "v"
+
+    async def herd() -> list[str]:
+        # gather starts every caller before the flight's task runs: one leads, three join.
+        return await asyncio.gather(*(sf.call("job", work) for _ in range(4)))
+
+    try:
+        assert asyncio.run(herd()) == ["v"] * 4
+    finally:
+        sf.close()
+        otel.uninstrument()
+    spans = _spans(exporter)
+    (lead,) = [s for s in spans if s["name"] == "dedupe lead"]
+    local = [s for s in spans if s["name"] == "dedupe follow_local"]
+    assert len(local) == 3
+    assert all(s["links"] == [_ids(lead)] for s in local), local
