@@ -29,7 +29,7 @@ import wrapt
 
 from . import inspector
 from .backend import AsyncClient, Backend, BackendConfig, SyncClient
-from .commands import typed_errors
+from .commands import forget_call, typed_errors
 from .drivers import aio, sync
 from .envelope import SecretSpec, Serializer, codec_for, validate_security
 from .inflight import InFlightInfo, Served
@@ -224,13 +224,13 @@ class FlightFunction(Protocol[P, R_co]):
 
     ``fn.job_id(*args, **kwargs)`` is the job id a call would use; ``fn.detailed(...)`` runs
     the call and returns ``Served(value, shared, role)``; ``fn.forget(...)`` drops the value
-    kept for those arguments (see SingleFlight.forget).
+    kept for those arguments and says whether there was one (see SingleFlight.forget).
     """
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
     def job_id(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
     def detailed(self, *args: P.args, **kwargs: P.kwargs) -> Served: ...
-    def forget(self, *args: P.args, **kwargs: P.kwargs) -> None: ...
+    def forget(self, *args: P.args, **kwargs: P.kwargs) -> bool: ...
     @overload
     def __get__(
         self, instance: None, owner: type[Any] | None = None, /
@@ -248,7 +248,7 @@ class AsyncFlightFunction(Protocol[P, R_co]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]: ...
     def job_id(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
     def detailed(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, Served]: ...
-    def forget(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, None]: ...
+    def forget(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, bool]: ...
     @overload
     def __get__(
         self, instance: None, owner: type[Any] | None = None, /
@@ -723,29 +723,33 @@ class SingleFlight:
         with typed_errors():
             return inspector.inspect(self.backend().sync_client(), self._settings.prefix, job_id)
 
-    def forget(self, job_id: str) -> None:
+    def forget(self, job_id: str) -> bool:
         """Drop the value kept for ``job_id`` (in Redis, and this process's local copy), so
         the next call runs the function: call it after a write that makes the value stale.
-        A flight running now still completes and keeps its value as usual. Decorated
-        functions have ``fn.forget(*args, **kwargs)``; raises BackendUnavailable or
-        ConfigurationError as a call would."""
-        names, backend = self._forgetting(job_id)
-        with typed_errors():
-            backend.sync_client().delete(names.result)
 
-    async def aforget(self, job_id: str) -> None:
+        Returns True if a kept value was dropped: one Redis would still have served to new
+        callers, or a fresh local copy (``local_cache``); False if there was none. A flight
+        running now still completes and keeps its value as usual. Decorated functions have
+        ``fn.forget(*args, **kwargs)``; raises BackendUnavailable or ConfigurationError as a
+        call would."""
+        names, backend, dropped = self._forgetting(job_id)
+        with typed_errors():
+            kept = backend.run_sync_script(forget_call(names))
+        return bool(kept) or dropped
+
+    async def aforget(self, job_id: str) -> bool:
         """``forget`` for asyncio code: the same, over the asyncio client."""
-        names, backend = self._forgetting(job_id)
+        names, backend, dropped = self._forgetting(job_id)
         with typed_errors():
-            await backend.async_client().delete(names.result)
+            kept = await backend.run_async_script(forget_call(names))
+        return bool(kept) or dropped
 
-    def _forgetting(self, job_id: str) -> tuple[Names, Backend]:
+    def _forgetting(self, job_id: str) -> tuple[Names, Backend, bool]:
         names = names_for(self._settings.prefix, validate_job_id(job_id))
         backend = self.backend()
         copies = backend.local_copies
-        if copies is not None:
-            copies.discard(names.channel)
-        return names, backend
+        dropped = copies is not None and copies.discard(names.channel)
+        return names, backend, dropped
 
     # --- decorating ---------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from .errors import (
     ConfigurationError,
     DedupeError,
 )
+from .keys import Names
 from .protocol import (
     BUSY,
     DONE,
@@ -38,6 +39,7 @@ __all__ = [
     "acquire_call",
     "complete_call",
     "discard_call",
+    "forget_call",
     "parse_acquired",
     "parse_completed",
     "renew_call",
@@ -70,6 +72,7 @@ RENEW = _script(scripts.RENEW)
 COMPLETE = _script(scripts.COMPLETE)
 COMPLETE_SHARDED = _script(scripts.COMPLETE_SHARDED)
 DISCARD = _script(scripts.DISCARD)
+FORGET = _script(scripts.FORGET)
 
 
 class ScriptCall(NamedTuple):  # made twice per flight: a tuple is the cheapest immutable
@@ -104,6 +107,10 @@ def complete_call(spec: FlightSpec, cmd: Complete, publish: str) -> ScriptCall:
 
 def discard_call(spec: FlightSpec, cmd: Discard) -> ScriptCall:
     return ScriptCall(DISCARD, (spec.names.result,), (cmd.record,))
+
+
+def forget_call(names: Names) -> ScriptCall:
+    return ScriptCall(FORGET, (names.result,), ())
 
 
 def renew_call(lock_key: str, lock_value: str, ttl_ms: int) -> ScriptCall:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "RENEW"]
+__all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "FORGET", "RENEW"]
 
 # KEYS: lock, token, result
 # ARGV: owner, lock_ttl_ms, token_ttl_ms, floor_token ('' for none)
@@ -127,4 +127,29 @@ COMPLETE_SHARDED: Final = _COMPLETE.replace("@PUBLISH@", "SPUBLISH")  # Redis Cl
 DISCARD: Final = """
 if redis.pcall('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# KEYS: result
+# -> 1 the record was fresh: new callers would have been served it (as ACQUIRE judges it,
+#      with no floor); 0 otherwise (none, or one kept only for its flight's own waiters).
+# The key is deleted either way (SingleFlight.forget).
+FORGET: Final = """
+local fresh = 0
+local rec = redis.pcall('GET', KEYS[1])
+if type(rec) == 'string' then
+  local tok, keep, ttl = string.match(rec, '^(%d+):(%d+):(%d+):')
+  if tok then
+    keep, ttl = tonumber(keep), tonumber(ttl)
+    local pttl = redis.call('PTTL', KEYS[1])
+    if keep > 0 and pttl <= ttl then
+      local now = redis.call('TIME')
+      local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+      if math.min(keep - (ttl - pttl), math.floor(tonumber(tok) / 1000) + keep - now_ms) > 0 then
+        fresh = 1
+      end
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+return fresh
 """
