@@ -210,7 +210,7 @@ def _ids(span: dict[str, Any]) -> tuple[int, int]:
 
 
 def test_in_process_followers_spans_link_to_the_leader_span_sync(
-    redis_url: str, prefix: str
+    redis_url: str, prefix: str, redis_client: redis.Redis
 ) -> None:
     """Threads of one instance join its flight ("local"); another instance (as another
     process would) follows it through Redis ("remote"), and threads join that one in turn."""
@@ -235,7 +235,11 @@ def test_in_process_followers_spans_link_to_the_leader_span_sync(
         for sf in (leading, leading, following, following, following):
             threads.append(threading.Thread(target=lambda sf=sf: got.append(sf.call("job", work))))
             threads[-1].start()
+        channel = names_for(prefix, "job").channel
         until(lambda: waiting(leading) == 3 and waiting(following) == 3, 15, "the followers")
+        # ...and the second instance's flight follows the lease (it subscribed once it
+        # found the job busy), so it gets the outcome as a remote follower.
+        until(lambda: redis_client.pubsub_numsub(channel)[0][1] == 1, 15, "the subscription")
     finally:
         release.set()
         for t in threads:
