@@ -7,8 +7,11 @@ import functools
 import inspect
 import math
 import os
+import sys
 import threading
+import warnings
 import weakref
+from asyncio import _get_running_loop  # C: the running loop of this thread, or None
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import (
@@ -34,7 +37,15 @@ from .drivers import aio, sync
 from .envelope import SecretSpec, Serializer, codec_for, validate_security
 from .inflight import InFlightInfo, Served
 from .inspector import JobState
-from .keys import KeyBuilder, Names, key_builder, names_for, validate_job_id, validate_prefix
+from .keys import (
+    KeyBuilder,
+    Names,
+    function_name,
+    key_builder,
+    names_for,
+    validate_job_id,
+    validate_prefix,
+)
 from .protocol import FlightSpec
 from .topology import parse_url
 
@@ -272,12 +283,13 @@ class _Decorator(Protocol):
 class _Flown:
     """One decorated function's flight settings; shared by its wrapper and bound wrappers."""
 
-    __slots__ = ("builder", "is_async", "overrides", "sf")
+    __slots__ = ("builder", "is_async", "overrides", "sf", "warned")
 
     def __init__(
         self, sf: SingleFlight, builder: KeyBuilder, overrides: _Overrides, is_async: bool
     ) -> None:
         self.sf, self.builder, self.overrides, self.is_async = sf, builder, overrides, is_async
+        self.warned = False  # a sync call blocked a running event loop (warned once)
 
     def job_id(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         return self.builder(_full_args(instance, args), kwargs)
@@ -294,6 +306,9 @@ class _Flown:
         if self.is_async:
             coro = self.sf._run_async(job_id, self.overrides, wrapped, args, kwargs, detail)
             return _named(coro, wrapped)
+        if _get_running_loop() is not None and not self.warned:
+            self.warned = True
+            _warn_blocking(wrapped)
         return self.sf._run_sync(job_id, self.overrides, wrapped, args, kwargs, detail)
 
     def forget(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -372,6 +387,49 @@ def _named(coro: Coroutine[Any, Any, R], fn: Callable[..., Any]) -> Coroutine[An
     return coro
 
 
+# --- a sync flight in a thread that runs an event loop ---------------------------------------
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_WRAPT_DIR = os.path.dirname(os.path.abspath(wrapt.__file__)) + os.sep
+_warned_calls: set[object] = set()  # sf.call's sync functions warned about (their code)
+_warned_lock = threading.Lock()  # guards _warned_calls
+
+
+def _warn_blocking(fn: Callable[..., Any]) -> None:
+    """Say, as a RuntimeWarning at the user's call, that a sync flight blocks the running loop."""
+    name = function_name(fn)
+    short = name.rpartition(".")[2] or name
+    # The first frame outside dedupe and wrapt is the user's call.
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(
+        (_PACKAGE_DIR, _WRAPT_DIR)
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(
+        f"{name} is a sync function run as a flight from a thread that runs an asyncio event "
+        "loop: the call blocks that loop until the flight ends (its own run, or the wait for "
+        f"another caller's). Make it an async def function, or call it as "
+        f"`await asyncio.to_thread({short}, ...)` (warned once per function)",
+        RuntimeWarning,
+        stacklevel=level,
+    )
+
+
+def _warn_blocking_once(fn: Callable[..., Any]) -> None:
+    """_warn_blocking for sf.call: once per function (its code, so that a lambda made anew
+    for each call counts as one)."""
+    inner: Any = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    inner = getattr(inner, "__func__", inner)
+    key = getattr(inner, "__code__", None) or type(inner)
+    with _warned_lock:
+        if key in _warned_calls:
+            return
+        _warned_calls.add(key)
+    _warn_blocking(fn)
+
+
 def _full_args(instance: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     # wrapt hands a method's self (or a classmethod's cls) apart; the key binds it too.
     return args if instance is None else (instance, *args)
@@ -397,7 +455,8 @@ class SingleFlight:
     """Runs a function once across every concurrent caller that shares a Redis.
 
     Use it as a decorator (``@sf``, ``@sf(key="user:{user_id}")``) or ad hoc
-    (``sf.call("job-id", fn, *args)``). Sync functions block the caller; coroutine
+    (``sf.call("job-id", fn, *args)``). Sync functions block the caller (in a thread that
+    runs an event loop, the loop: a RuntimeWarning says so, once per function); coroutine
     functions stay coroutine functions. Nothing connects until the first call; every
     argument is checked here (the URL is parsed, not dialled).
 
@@ -709,6 +768,8 @@ class SingleFlight:
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         if _is_async(fn):
             return _named(self._run_async(job_id, _Overrides(), fn, args, kwargs, detail), fn)
+        if _get_running_loop() is not None:
+            _warn_blocking_once(fn)
         return self._run_sync(job_id, _Overrides(), fn, args, kwargs, detail)
 
     def inflight(self) -> list[InFlightInfo]:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -584,3 +585,41 @@ def test_mypy_sees_the_handles_of_decorated_functions(tmp_path: Path) -> None:
     errors = [line for line in proc.stdout.splitlines() if ": error:" in line]
     assert len(errors) == 1, proc.stdout
     assert '"job_id"' in errors[0] and 'expected "int"' in errors[0], proc.stdout
+
+
+# --------------------------------------------------------------------------- blocking a loop
+
+
+def test_a_sync_flight_called_in_a_running_loop_warns_once_naming_the_function(
+    sf: SingleFlight,
+) -> None:
+    @sf(key="load:{n}")
+    def load_blocking(n: int) -> int:
+        return n
+
+    def adhoc_blocking() -> str:
+        return "adhoc"
+
+    async def main() -> None:
+        with pytest.warns(RuntimeWarning, match="load_blocking") as caught:
+            assert load_blocking(1) == 1  # blocks this loop for the whole flight
+        (warning,) = caught
+        text = str(warning.message)
+        assert "async def" in text and "asyncio.to_thread" in text, text
+        assert warning.filename == __file__  # points at the call, not into dedupe
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert load_blocking(2) == 2  # once per function
+            assert load_blocking.detailed(3).value == 3
+            assert await asyncio.to_thread(load_blocking, 4) == 4  # the way out: no loop there
+        with pytest.warns(RuntimeWarning, match="adhoc_blocking") as caught:
+            assert sf.call("adhoc", adhoc_blocking) == "adhoc"
+        assert caught[0].filename == __file__
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert sf.call("adhoc", adhoc_blocking) == "adhoc"
+
+    asyncio.run(main())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_blocking(5) == 5  # no loop runs in this thread now
