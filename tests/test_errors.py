@@ -439,3 +439,19 @@ def test_a_sentinel_service_nobody_knows_is_a_configuration_error(
     text = str(info.value)
     assert "'no-such-service'" in text and redis_sentinel.service_name in text, text
     assert len(text) < 400 and "<redis." not in text, text
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("policy", ["raise", "local"])
+def test_an_unreachable_cluster_is_an_outage(prefix: str, policy: str) -> None:
+    from devtools.servers import free_port
+
+    sf = sf_for(f"redis+cluster://127.0.0.1:{free_port()}", prefix, on_backend_error=policy)
+    try:
+        if policy == "raise":
+            with pytest.raises(BackendUnavailable, match=r"Connection refused|connecting"):
+                sf.call("job", lambda: "ran")
+        else:
+            assert sf.call("job", lambda: "ran") == "ran"  # in-process while Redis is away
+    finally:
+        sf.close()
