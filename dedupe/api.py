@@ -7,8 +7,11 @@ import functools
 import inspect
 import math
 import os
+import sys
 import threading
+import warnings
 import weakref
+from asyncio import _get_running_loop  # C: the running loop of this thread, or None
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import (
@@ -29,12 +32,20 @@ import wrapt
 
 from . import inspector
 from .backend import AsyncClient, Backend, BackendConfig, SyncClient
-from .commands import typed_errors
+from .commands import forget_call, typed_errors
 from .drivers import aio, sync
 from .envelope import SecretSpec, Serializer, codec_for, validate_security
 from .inflight import InFlightInfo, Served
 from .inspector import JobState
-from .keys import KeyBuilder, Names, key_builder, names_for, validate_job_id, validate_prefix
+from .keys import (
+    KeyBuilder,
+    Names,
+    function_name,
+    key_builder,
+    names_for,
+    validate_job_id,
+    validate_prefix,
+)
 from .protocol import FlightSpec
 from .topology import parse_url
 
@@ -224,13 +235,13 @@ class FlightFunction(Protocol[P, R_co]):
 
     ``fn.job_id(*args, **kwargs)`` is the job id a call would use; ``fn.detailed(...)`` runs
     the call and returns ``Served(value, shared, role)``; ``fn.forget(...)`` drops the value
-    kept for those arguments (see SingleFlight.forget).
+    kept for those arguments and says whether there was one (see SingleFlight.forget).
     """
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
     def job_id(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
     def detailed(self, *args: P.args, **kwargs: P.kwargs) -> Served: ...
-    def forget(self, *args: P.args, **kwargs: P.kwargs) -> None: ...
+    def forget(self, *args: P.args, **kwargs: P.kwargs) -> bool: ...
     @overload
     def __get__(
         self, instance: None, owner: type[Any] | None = None, /
@@ -248,7 +259,7 @@ class AsyncFlightFunction(Protocol[P, R_co]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]: ...
     def job_id(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
     def detailed(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, Served]: ...
-    def forget(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, None]: ...
+    def forget(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, bool]: ...
     @overload
     def __get__(
         self, instance: None, owner: type[Any] | None = None, /
@@ -272,12 +283,13 @@ class _Decorator(Protocol):
 class _Flown:
     """One decorated function's flight settings; shared by its wrapper and bound wrappers."""
 
-    __slots__ = ("builder", "is_async", "overrides", "sf")
+    __slots__ = ("builder", "is_async", "overrides", "sf", "warned")
 
     def __init__(
         self, sf: SingleFlight, builder: KeyBuilder, overrides: _Overrides, is_async: bool
     ) -> None:
         self.sf, self.builder, self.overrides, self.is_async = sf, builder, overrides, is_async
+        self.warned = False  # a sync call blocked a running event loop (warned once)
 
     def job_id(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         return self.builder(_full_args(instance, args), kwargs)
@@ -294,6 +306,9 @@ class _Flown:
         if self.is_async:
             coro = self.sf._run_async(job_id, self.overrides, wrapped, args, kwargs, detail)
             return _named(coro, wrapped)
+        if _get_running_loop() is not None and not self.warned:
+            self.warned = True
+            _warn_blocking(wrapped)
         return self.sf._run_sync(job_id, self.overrides, wrapped, args, kwargs, detail)
 
     def forget(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -372,6 +387,49 @@ def _named(coro: Coroutine[Any, Any, R], fn: Callable[..., Any]) -> Coroutine[An
     return coro
 
 
+# --- a sync flight in a thread that runs an event loop ---------------------------------------
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_WRAPT_DIR = os.path.dirname(os.path.abspath(wrapt.__file__)) + os.sep
+_warned_calls: set[object] = set()  # sf.call's sync functions warned about (their code)
+_warned_lock = threading.Lock()  # guards _warned_calls
+
+
+def _warn_blocking(fn: Callable[..., Any]) -> None:
+    """Say, as a RuntimeWarning at the user's call, that a sync flight blocks the running loop."""
+    name = function_name(fn)
+    short = name.rpartition(".")[2] or name
+    # The first frame outside dedupe and wrapt is the user's call.
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(
+        (_PACKAGE_DIR, _WRAPT_DIR)
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(
+        f"{name} is a sync function run as a flight from a thread that runs an asyncio event "
+        "loop: the call blocks that loop until the flight ends (its own run, or the wait for "
+        f"another caller's). Make it an async def function, or call it as "
+        f"`await asyncio.to_thread({short}, ...)` (warned once per function)",
+        RuntimeWarning,
+        stacklevel=level,
+    )
+
+
+def _warn_blocking_once(fn: Callable[..., Any]) -> None:
+    """_warn_blocking for sf.call: once per function (its code, so that a lambda made anew
+    for each call counts as one)."""
+    inner: Any = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    inner = getattr(inner, "__func__", inner)
+    key = getattr(inner, "__code__", None) or type(inner)
+    with _warned_lock:
+        if key in _warned_calls:
+            return
+        _warned_calls.add(key)
+    _warn_blocking(fn)
+
+
 def _full_args(instance: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     # wrapt hands a method's self (or a classmethod's cls) apart; the key binds it too.
     return args if instance is None else (instance, *args)
@@ -397,7 +455,8 @@ class SingleFlight:
     """Runs a function once across every concurrent caller that shares a Redis.
 
     Use it as a decorator (``@sf``, ``@sf(key="user:{user_id}")``) or ad hoc
-    (``sf.call("job-id", fn, *args)``). Sync functions block the caller; coroutine
+    (``sf.call("job-id", fn, *args)``). Sync functions block the caller (in a thread that
+    runs an event loop, the loop: a RuntimeWarning says so, once per function); coroutine
     functions stay coroutine functions. Nothing connects until the first call; every
     argument is checked here (the URL is parsed, not dialled).
 
@@ -709,6 +768,8 @@ class SingleFlight:
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         if _is_async(fn):
             return _named(self._run_async(job_id, _Overrides(), fn, args, kwargs, detail), fn)
+        if _get_running_loop() is not None:
+            _warn_blocking_once(fn)
         return self._run_sync(job_id, _Overrides(), fn, args, kwargs, detail)
 
     def inflight(self) -> list[InFlightInfo]:
@@ -723,29 +784,33 @@ class SingleFlight:
         with typed_errors():
             return inspector.inspect(self.backend().sync_client(), self._settings.prefix, job_id)
 
-    def forget(self, job_id: str) -> None:
+    def forget(self, job_id: str) -> bool:
         """Drop the value kept for ``job_id`` (in Redis, and this process's local copy), so
         the next call runs the function: call it after a write that makes the value stale.
-        A flight running now still completes and keeps its value as usual. Decorated
-        functions have ``fn.forget(*args, **kwargs)``; raises BackendUnavailable or
-        ConfigurationError as a call would."""
-        names, backend = self._forgetting(job_id)
-        with typed_errors():
-            backend.sync_client().delete(names.result)
 
-    async def aforget(self, job_id: str) -> None:
+        Returns True if a kept value was dropped: one Redis would still have served to new
+        callers, or a fresh local copy (``local_cache``); False if there was none. A flight
+        running now still completes and keeps its value as usual. Decorated functions have
+        ``fn.forget(*args, **kwargs)``; raises BackendUnavailable or ConfigurationError as a
+        call would."""
+        names, backend, dropped = self._forgetting(job_id)
+        with typed_errors():
+            kept = backend.run_sync_script(forget_call(names))
+        return bool(kept) or dropped
+
+    async def aforget(self, job_id: str) -> bool:
         """``forget`` for asyncio code: the same, over the asyncio client."""
-        names, backend = self._forgetting(job_id)
+        names, backend, dropped = self._forgetting(job_id)
         with typed_errors():
-            await backend.async_client().delete(names.result)
+            kept = await backend.run_async_script(forget_call(names))
+        return bool(kept) or dropped
 
-    def _forgetting(self, job_id: str) -> tuple[Names, Backend]:
+    def _forgetting(self, job_id: str) -> tuple[Names, Backend, bool]:
         names = names_for(self._settings.prefix, validate_job_id(job_id))
         backend = self.backend()
         copies = backend.local_copies
-        if copies is not None:
-            copies.discard(names.channel)
-        return names, backend
+        dropped = copies is not None and copies.discard(names.channel)
+        return names, backend, dropped
 
     # --- decorating ---------------------------------------------------------------------------
 

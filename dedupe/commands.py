@@ -21,6 +21,7 @@ from .errors import (
     ConfigurationError,
     DedupeError,
 )
+from .keys import Names
 from .protocol import (
     BUSY,
     DONE,
@@ -39,6 +40,7 @@ __all__ = [
     "acquire_call",
     "complete_call",
     "discard_call",
+    "forget_call",
     "parse_acquired",
     "parse_completed",
     "peek_call",
@@ -73,6 +75,7 @@ COMPLETE = _script(scripts.COMPLETE)
 COMPLETE_SHARDED = _script(scripts.COMPLETE_SHARDED)
 DISCARD = _script(scripts.DISCARD)
 PEEK = _script(scripts.PEEK)
+FORGET = _script(scripts.FORGET)
 
 
 class Stamp:
@@ -118,6 +121,10 @@ def complete_call(spec: FlightSpec, cmd: Complete, publish: str) -> ScriptCall:
 
 def discard_call(spec: FlightSpec, cmd: Discard) -> ScriptCall:
     return ScriptCall(DISCARD, (spec.names.result,), (cmd.record,))
+
+
+def forget_call(names: Names) -> ScriptCall:
+    return ScriptCall(FORGET, (names.result, names.token), ())
 
 
 def peek_call(spec: FlightSpec) -> ScriptCall:
@@ -205,7 +212,9 @@ def translate(exc: Exception) -> Exception:
     Outages (unreachable, timed out, loading, failing over, BUSY, OOM) become
     BackendUnavailable or a subclass; what only a configuration change fixes (credentials,
     ACL, a Cluster node behind a ``redis://`` URL, a client that decodes replies) becomes
-    ConfigurationError. Anything else is a bug and stays as it is.
+    ConfigurationError, as do URLs that do not fit the server: a database it does not have, a
+    ``redis+cluster://`` URL at a server that is not a Cluster node. Anything else is a bug
+    and stays as it is.
     """
     if isinstance(exc, DedupeError):
         return exc
@@ -250,6 +259,52 @@ def translate(exc: Exception) -> Exception:
             ),
             exc,
         )
+    if isinstance(exc, rexc.ResponseError) and "DB index is out of range" in text:
+        return _wrap(
+            ConfigurationError(
+                "the Redis server has no such database (it answered: DB index is out of "
+                "range): use a database number below its 'databases' setting (16 by "
+                "default), as in redis://host:port/0"
+            ),
+            exc,
+        )
+    if isinstance(exc, rexc.ResponseError) and "SELECT is not allowed in cluster mode" in text:
+        return _wrap(
+            ConfigurationError(
+                "the server is a Redis Cluster node, which has database 0 only: use a "
+                "redis+cluster://host:port URL or a RedisCluster client"
+            ),
+            exc,
+        )
+    if isinstance(exc, rexc.RedisClusterException):  # the cluster client's own, not a RedisError
+        if "Cluster mode is not enabled" in text:
+            return _wrap(
+                ConfigurationError(
+                    "the server is not a Redis Cluster node (cluster mode is not enabled on "
+                    "it): for one server use a redis://host:port/0 URL or a redis.Redis client"
+                ),
+                exc,
+            )
+        cause = exc.__cause__  # no node answered: why the last one did not
+        if isinstance(cause, Exception) and not isinstance(cause, rexc.RedisClusterException):
+            error = translate(cause)
+            if error is not cause:
+                return _wrap(error, exc)
+        if "cannot be connected" in text:
+            return _wrap(BackendUnavailable(f"Redis Cluster is unavailable: {text}"), exc)
+    if isinstance(exc, rexc.ConnectionError) and type(exc).__name__ == "MasterNotFoundError":
+        # A Sentinel client of the caller's (dedupe's own say why: topology.SyncSentinel):
+        # redis-py's message holds the repr of every sentinel's connection pool.
+        head = text.split(" : ", 1)[0]
+        if "unknown command 'SENTINEL'" in text:
+            return _wrap(
+                ConfigurationError(
+                    f"{head}: a server given as a sentinel is not a Sentinel (it answered: "
+                    "unknown command 'SENTINEL'); for one plain server use redis://host:port/db"
+                ),
+                exc,
+            )
+        return _wrap(BackendUnavailable(f"Redis is unavailable: {head}"), exc)
     if isinstance(exc, UnicodeDecodeError):
         return _wrap(
             ConfigurationError(

@@ -64,8 +64,11 @@ class BackendOutOfMemory(BackendUnavailable):
 class ConfigurationError(DedupeError):
     """Redis refused dedupe for a reason only a change of configuration fixes: a wrong password
     or user, an ACL that lacks a command, key or channel dedupe needs, a ``redis://`` URL
-    pointed at a Cluster node, a client that decodes replies. Never an outage: it is raised
-    even with ``on_backend_error="local"``. The message names what to change."""
+    pointed at a Cluster node, a database the server does not have, a ``redis+cluster://``
+    URL at a server that is not a Cluster node, a ``redis+sentinel://`` URL at servers that
+    are not sentinels or naming a service they do not monitor, a client that decodes
+    replies. Never an outage: it is raised even with ``on_backend_error="local"``. The
+    message names what to change."""
 
 
 class UnsupportedServer(ConfigurationError):

@@ -44,7 +44,7 @@ class Entry:
         self.leading = False  # set by the driver when it leads; read by waiting callers
         self.role = "leader"  # how the driver came by the outcome (see Served.role)
         self.token = 0  # the fencing token of the outcome's lease (for dedupe.events)
-        self.trace = b""  # the leader's traceparent, from the outcome record
+        self.trace = b""  # the traceparent of the span the function ran under (base.run_trace)
         self.job_id = ""  # set by the driver that created it (for inflight())
         self.started = time.monotonic()
 

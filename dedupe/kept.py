@@ -100,11 +100,14 @@ class LocalCopies:
                 self._expiry = [(e[0], k) for k, e in self._entries.items()]
                 heapq.heapify(self._expiry)
 
-    def discard(self, key: str) -> None:
-        """Forget the copy of ``key`` now (``SingleFlight.forget``)."""
+    def discard(self, key: str) -> bool:
+        """Forget the copy of ``key`` now (``SingleFlight.forget``); True if it was fresh."""
         with self._lock:
-            if key in self._entries:
-                self._drop(key)
+            entry = self._entries.get(key)
+            if entry is None:
+                return False
+            self._drop(key)
+        return entry[0] > self._clock()
 
     def _drop(self, key: str) -> None:
         self._bytes -= self._entries.pop(key)[2]

@@ -25,6 +25,7 @@ __all__ = [
     "args_digest",
     "function_name",
     "key_builder",
+    "module_name",
     "names_for",
     "validate_job_id",
     "validate_prefix",
@@ -92,8 +93,14 @@ def names_for(prefix: str, job_id: str) -> Names:
 # (numpy, pandas) or carry an address, and two different values would share a key.
 
 
+def module_name(module: str) -> str:
+    """The name a module goes by in job ids: ``__main__`` also in multiprocessing's spawn and
+    forkserver children, which import the parent's main script again as ``__mp_main__``."""
+    return "__main__" if module == "__mp_main__" else module
+
+
 def _qualname(tp: type) -> str:
-    return f"{tp.__module__}.{tp.__qualname__}"
+    return f"{module_name(tp.__module__)}.{tp.__qualname__}"
 
 
 def _refuse(where: str, obj: object, why: str = "") -> TypeError:
@@ -254,7 +261,12 @@ def args_digest(arguments: Mapping[str, object]) -> str:
 
 
 def function_name(fn: Callable[..., object]) -> str:
-    """``module.qualname`` of a function, method, partial or callable object."""
+    """``module.qualname`` of a function, method, partial or callable object.
+
+    A function of the main script is ``__main__.<qualname>`` in every process, also in
+    spawn and forkserver children (where its module is ``__mp_main__``), so that the
+    children and the parent share its flights.
+    """
     target: Any = fn
     while isinstance(target, functools.partial):
         target = target.func
@@ -264,7 +276,7 @@ def function_name(fn: Callable[..., object]) -> str:
     module = getattr(target, "__module__", None)
     if not isinstance(qualname, str) or not isinstance(module, str):
         qualname, module = type(target).__qualname__, type(target).__module__
-    return f"{module}.{qualname}"
+    return f"{module_name(module)}.{qualname}"
 
 
 def _bound_state(fn: Callable[..., object]) -> Callable[[], dict[str, object]]:

@@ -16,6 +16,16 @@ four event counters have ``prefix`` only:
 ``dedupe_envelopes_rejected_total`` counter    outcome records ignored (bad signature, ...)
 ``dedupe_local_runs_total``         counter    runs without Redis (local fallback)
 ==================================  =========  ===============================================
+
+Several worker processes (gunicorn, uvicorn --workers): prometheus-client's multiprocess mode.
+With ``PROMETHEUS_MULTIPROC_DIR`` set before prometheus-client is first imported, every
+worker's values are written to that directory, and the registry a worker serves gathers all
+of them with ``prometheus_client.multiprocess.MultiProcessCollector``. In that mode
+``instrument()`` registers dedupe's metrics on no registry (as prometheus-client asks: one
+registered beside the MultiProcessCollector would be exported twice, this worker's own values
+beside the total); the registry argument is then only the one you serve. dedupe has only
+counters and histograms, which multiprocess mode sums over every worker, live or gone; no
+gauge needs a ``multiprocess_mode`` or ``mark_process_dead``.
 """
 
 from __future__ import annotations
@@ -23,16 +33,27 @@ from __future__ import annotations
 import threading
 from typing import Final
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, values
 
 from . import events
 from .events import Event
 
-__all__ = ["PrometheusMetrics", "instrument"]
+__all__ = ["PrometheusMetrics", "instrument", "multiprocess_mode"]
 
 BUCKETS: Final = (*events.DURATION_BUCKETS, float("inf"))
 _LABELS: Final = ("prefix", "role", "outcome")
 _PREFIX: Final = ("prefix",)
+
+# Multiprocess mode: the namespaces instrumented in this process. Their metrics are on no
+# registry, so the registry cannot refuse a second instrument() that would count twice.
+_unregistered: set[str] = set()
+_unregistered_lock = threading.Lock()  # guards _unregistered
+
+
+def multiprocess_mode() -> bool:
+    """True if prometheus-client keeps metric values in ``PROMETHEUS_MULTIPROC_DIR`` (it
+    decides once, when it is first imported)."""
+    return values.ValueClass is not values.MutexValue
 
 
 class PrometheusMetrics:
@@ -40,8 +61,23 @@ class PrometheusMetrics:
 
     def __init__(self, registry: CollectorRegistry, namespace: str = "dedupe") -> None:
         self.registry = registry
+        self.multiprocess = multiprocess_mode()
+        # Where the metrics are registered: nowhere in multiprocess mode (see the module doc).
+        self._target: CollectorRegistry | None = None if self.multiprocess else registry
+        self._namespace = namespace
         self._lock = threading.Lock()  # guards _remove
         self._made: list[Counter | Histogram] = []
+        self._reserved = False  # holds its namespace in _unregistered (multiprocess mode)
+        if self.multiprocess:
+            with _unregistered_lock:
+                if namespace in _unregistered:
+                    raise ValueError(
+                        f"Duplicated timeseries: dedupe's metrics (namespace {namespace!r}) are "
+                        "already instrumented in this process; call uninstrument() on the "
+                        "first one, or use another namespace"
+                    )
+                _unregistered.add(namespace)
+                self._reserved = True
         try:
             self.calls = self._counter(namespace, "calls", "Calls that ended", _LABELS)
             self.call_duration = self._histogram(
@@ -75,23 +111,29 @@ class PrometheusMetrics:
     def _counter(
         self, namespace: str, name: str, text: str, labels: tuple[str, ...] = ()
     ) -> Counter:
-        c = Counter(name, text, labels, namespace=namespace, registry=self.registry)
+        c = Counter(name, text, labels, namespace=namespace, registry=self._target)
         self._made.append(c)
         return c
 
     def _histogram(self, namespace: str, name: str, text: str) -> Histogram:
         h = Histogram(
-            name, text, _LABELS, namespace=namespace, buckets=BUCKETS, registry=self.registry
+            name, text, _LABELS, namespace=namespace, buckets=BUCKETS, registry=self._target
         )
         self._made.append(h)
         return h
 
     def _unregister(self) -> None:
-        for collector in self._made:
-            try:
-                self.registry.unregister(collector)
-            except KeyError:
-                pass  # already gone
+        if self._target is None:
+            with _unregistered_lock:
+                if self._reserved:
+                    _unregistered.discard(self._namespace)
+                    self._reserved = False
+        else:
+            for collector in self._made:
+                try:
+                    self._target.unregister(collector)
+                except KeyError:
+                    pass  # already gone
         self._made = []
 
     def __call__(self, event: Event) -> None:
@@ -125,8 +167,10 @@ def instrument(
 ) -> PrometheusMetrics:
     """Register dedupe's metrics on ``registry`` (default: the global REGISTRY) and feed them.
 
+    In prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``) they are
+    registered nowhere: serve a registry with a ``MultiProcessCollector`` (module doc).
     Raises ValueError (prometheus-client's duplicate-timeseries error) if that registry
-    already has dedupe's metrics: call ``uninstrument()`` on the first one, or use another
-    ``namespace``.
+    already has dedupe's metrics (in multiprocess mode: if this process has them): call
+    ``uninstrument()`` on the first one, or use another ``namespace``.
     """
     return PrometheusMetrics(REGISTRY if registry is None else registry, namespace)

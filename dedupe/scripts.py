@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "PEEK", "RENEW"]
+__all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "FORGET", "PEEK", "RENEW"]
 
 # KEYS: lock, token, result
 # ARGV: owner, lock_ttl_ms, token_ttl_ms, floor_token ('' for none)
@@ -155,4 +155,29 @@ return 0
 # so that the ACL dedupe needs stays what it is.
 PEEK: Final = """
 return redis.pcall('GET', KEYS[1])
+"""
+
+# KEYS: result, token
+# -> 1 the record was fresh: new callers would have been served it (as ACQUIRE judges it,
+#      with no floor); 0 otherwise (none, or one kept only for its flight's own waiters).
+# The key is deleted either way (SingleFlight.forget).
+FORGET: Final = """
+local fresh = 0
+local rec = redis.pcall('GET', KEYS[1])
+if type(rec) == 'string' then
+  local tok, keep, ttl = string.match(rec, '^(%d+):(%d+):(%d+):')
+  if tok then
+    keep, ttl = tonumber(keep), tonumber(ttl)
+    local pttl = redis.call('PTTL', KEYS[1])
+    if keep > 0 and pttl <= ttl and redis.pcall('GET', KEYS[2]) == tok then
+      local now = redis.call('TIME')
+      local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+      if math.min(keep - (ttl - pttl), math.floor(tonumber(tok) / 1000) + keep - now_ms) > 0 then
+        fresh = 1
+      end
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+return fresh
 """

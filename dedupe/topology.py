@@ -25,6 +25,7 @@ import redis.cluster
 import redis.sentinel
 from redis.crc import key_slot
 
+from .errors import ConfigurationError
 from .hub import Connection
 
 # Parts of redis-py are untyped; these aliases keep mypy --strict honest about it.
@@ -34,8 +35,10 @@ _sentinel: Any = redis.sentinel
 _asentinel: Any = redis.asyncio.sentinel
 
 __all__ = [
+    "AsyncSentinel",
     "ClusterRouter",
     "Kind",
+    "SyncSentinel",
     "Target",
     "cluster_twin",
     "kind_of_clients",
@@ -66,7 +69,7 @@ class Target:
             nodes = [cluster.ClusterNode(h, p) for h, p in self.hosts]
             return cluster.RedisCluster(startup_nodes=nodes, **self._auth(), **opts)
         if self.kind == "sentinel":
-            sentinel = (_asentinel if to_async else _sentinel).Sentinel(
+            sentinel = (AsyncSentinel if to_async else SyncSentinel)(
                 list(self.hosts), sentinel_kwargs=self._sentinel_opts(opts), **self._auth(), **opts
             )
             return sentinel.master_for(self.service, db=self.db)
@@ -269,6 +272,106 @@ def sentinel_twin(client: Any, opts: dict[str, Any], *, to_async: bool) -> Any:
         hosts.append((kw["host"], int(kw["port"])))
     conn_kw = pool.connection_kwargs
     auth = {k: conn_kw[k] for k in ("username", "password") if conn_kw.get(k)}
-    cls: Any = _asentinel.Sentinel if to_async else _sentinel.Sentinel
+    cls: Any = AsyncSentinel if to_async else SyncSentinel
     manager = cls(hosts, sentinel_kwargs=Target._sentinel_opts(opts), **auth, **opts)
     return manager.master_for(pool.service_name, db=conn_kw.get("db", 0))
+
+
+# --- Sentinel: why no master was found ----------------------------------------------------------
+#
+# redis-py raises MasterNotFoundError (a ConnectionError, so an outage) whatever the reason,
+# with the repr of every sentinel's connection pool in its message. Only an outage should
+# be one: a URL whose "sentinels" are plain servers, or that names a service no sentinel
+# monitors, is fixed by changing the URL. So when discovery fails, the sentinels are asked
+# once more (SENTINEL MASTERS, bounded by the sentinel connections' timeouts) and the answer
+# decides: ConfigurationError, or a MasterNotFoundError with a short message.
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """What one sentinel said to SENTINEL MASTERS."""
+
+    where: str  # host:port
+    kind: Literal["knows", "unknown", "not-sentinel", "unreachable"]
+    detail: str = ""  # the services it knows ("unknown"), or why it did not answer
+
+
+def _where(sentinel: Any) -> str:
+    kw = sentinel.connection_pool.connection_kwargs
+    return f"{kw.get('host')}:{kw.get('port')}"
+
+
+def _answer(where: str, service: str, masters: Any, error: BaseException | None) -> _Answer:
+    if error is None:
+        known = sorted(str(name) for name in (masters or {}))
+        return _Answer(where, "knows" if service in known else "unknown", ", ".join(known))
+    if isinstance(error, redis.exceptions.ResponseError) and "unknown command" in str(error):
+        return _Answer(where, "not-sentinel")
+    return _Answer(where, "unreachable", f"{type(error).__name__}: {error}"[:200])
+
+
+def _no_master(service: str, answers: list[_Answer], not_found: type[Exception]) -> Exception:
+    """The error to raise when no sentinel named a master of ``service``."""
+    if any(a.kind == "knows" for a in answers):
+        up = ", ".join(a.where for a in answers if a.kind == "knows")
+        return not_found(
+            f"no master of {service!r} is up now, according to the sentinels at {up} "
+            "(a failover may be under way)"
+        )
+    plain = [a.where for a in answers if a.kind == "not-sentinel"]
+    blind = [a for a in answers if a.kind == "unknown"]
+    if not plain and not blind:
+        why = "; ".join(f"{a.where}: {a.detail}" for a in answers)
+        return not_found(f"no sentinel of {service!r} answered ({why})")
+    parts = []
+    if plain:
+        parts.append(
+            f"{', '.join(plain)} {'is' if len(plain) == 1 else 'are'} not a Sentinel ("
+            "answered: unknown command 'SENTINEL'): for one plain server use redis://host:port/db; "
+            "redis+sentinel:// lists sentinels, as in redis+sentinel://host:26379/mymaster/0"
+        )
+    if blind:
+        known = sorted({name for a in blind for name in a.detail.split(", ") if name})
+        parts.append(
+            f"no sentinel at {', '.join(a.where for a in blind)} monitors a service "
+            f"{service!r} (they know: {', '.join(known) or 'none'}): name one of those in the URL"
+        )
+    return ConfigurationError("; ".join(parts))
+
+
+class SyncSentinel(_sentinel.Sentinel):  # type: ignore[misc]
+    """redis-py's Sentinel, which says why no master was found (see _no_master)."""
+
+    def discover_master(self, service_name: str) -> Any:
+        try:
+            return super().discover_master(service_name)
+        except _sentinel.MasterNotFoundError:
+            pass
+        answers = []
+        for sentinel in self.sentinels:
+            masters, error = None, None
+            try:
+                masters = sentinel.sentinel_masters()
+            except redis.exceptions.RedisError as exc:
+                error = exc
+            answers.append(_answer(_where(sentinel), service_name, masters, error))
+        raise _no_master(service_name, answers, _sentinel.MasterNotFoundError)
+
+
+class AsyncSentinel(_asentinel.Sentinel):  # type: ignore[misc]
+    """redis.asyncio's Sentinel, which says why no master was found (see _no_master)."""
+
+    async def discover_master(self, service_name: str) -> Any:
+        try:
+            return await super().discover_master(service_name)
+        except _asentinel.MasterNotFoundError:
+            pass
+        answers = []
+        for sentinel in self.sentinels:
+            masters, error = None, None
+            try:
+                masters = await sentinel.sentinel_masters()
+            except redis.exceptions.RedisError as exc:
+                error = exc
+            answers.append(_answer(_where(sentinel), service_name, masters, error))
+        raise _no_master(service_name, answers, _asentinel.MasterNotFoundError)

@@ -724,7 +724,7 @@ class RedisSentinelSet:
         return [s.address for s in self.sentinels]
 
     def sentinel(self, **kw: Any) -> redis.sentinel.Sentinel:
-        return redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+        return redis.sentinel.Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
             self.sentinel_addresses, **kw
         )
 

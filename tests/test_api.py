@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
@@ -177,12 +178,35 @@ def test_forget_makes_the_next_call_run(sf: SingleFlight, prefix: str) -> None:
 
     assert sf.call("report", compute) == 1
     assert sf.call("report", compute) == 1  # kept for result_ttl
-    sf.forget("report")
+    assert sf.forget("report") is True
     assert sf.call("report", compute) == 2
-    sf.forget("never-ran")  # nothing kept: fine
+    assert sf.forget("never-ran") is False  # nothing kept: fine, and said so
 
 
-def test_forget_on_a_decorated_function_and_its_local_copy(redis_url: str, prefix: str) -> None:
+def test_forget_says_whether_a_kept_value_was_dropped(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    sf = SingleFlight(redis_url, prefix=prefix, result_ttl=30.0)
+    brief = SingleFlight(redis_url, prefix=prefix, result_ttl=0)  # keeps nothing
+    try:
+        sf.call("kept", lambda: 1)
+        assert sf.forget("kept") is True
+        assert sf.forget("kept") is False  # already gone
+        # A record that is no longer fresh stays a while for the flight's own waiters; it is
+        # deleted too, but no caller would have been served it: nothing kept was dropped.
+        brief.call("brief", lambda: 2)
+        result = names_for(prefix, "brief").result
+        assert redis_client.exists(result) == 1
+        assert brief.forget("brief") is False
+        assert redis_client.exists(result) == 0
+    finally:
+        sf.close()
+        brief.close()
+
+
+def test_forget_on_a_decorated_function_and_its_local_copy(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
     sf = SingleFlight(redis_url, prefix=prefix, result_ttl=30.0, local_cache=True)
     versions = {"n": 1}
 
@@ -194,8 +218,12 @@ def test_forget_on_a_decorated_function_and_its_local_copy(redis_url: str, prefi
         assert config("a") == 1
         versions["n"] = 2  # a write...
         assert config("a") == 1  # ...the kept value is stale
-        config.forget("a")  # the way out, also for this process's local copy
+        assert config.forget("a") is True  # the way out, also for this process's local copy
         assert config("a") == 2
+        # Only this process's copy is left: dropping it alone counts too.
+        redis_client.delete(names_for(prefix, config.job_id("a")).result)
+        assert config.forget("a") is True
+        assert config.forget("a") is False
     finally:
         sf.close()
 
@@ -214,9 +242,10 @@ def test_aforget_and_async_handles(redis_url: str, prefix: str) -> None:
         assert first == Served(10, False, "leader")
         again = await fetch.detailed(1)
         assert (again.value, again.shared) == (10, True)
-        await fetch.forget(1)
+        assert await fetch.forget(1) is True
+        assert await fetch.forget(1) is False
         assert await fetch(1) == 10
-        await sf.aforget(fetch.job_id(1))
+        assert await sf.aforget(fetch.job_id(1)) is True
         assert await fetch(1) == 10
 
     try:
@@ -533,7 +562,8 @@ ident: str = square.job_id(3)
 detail: Served = square.detailed(3)
 value: int = square(3)
 coro: Coroutine[Any, Any, Served] = asquare.detailed(3)
-forgot: Coroutine[Any, Any, None] = asquare.forget(3)
+forgot: Coroutine[Any, Any, bool] = asquare.forget(3)
+dropped: bool = square.forget(3)
 data: bytes = Repo().get(2)
 rid: str = Repo().get.job_id(2)
 unbound: bytes = Repo.get(Repo(), 2)
@@ -555,3 +585,41 @@ def test_mypy_sees_the_handles_of_decorated_functions(tmp_path: Path) -> None:
     errors = [line for line in proc.stdout.splitlines() if ": error:" in line]
     assert len(errors) == 1, proc.stdout
     assert '"job_id"' in errors[0] and 'expected "int"' in errors[0], proc.stdout
+
+
+# --------------------------------------------------------------------------- blocking a loop
+
+
+def test_a_sync_flight_called_in_a_running_loop_warns_once_naming_the_function(
+    sf: SingleFlight,
+) -> None:
+    @sf(key="load:{n}")
+    def load_blocking(n: int) -> int:
+        return n
+
+    def adhoc_blocking() -> str:
+        return "adhoc"
+
+    async def main() -> None:
+        with pytest.warns(RuntimeWarning, match="load_blocking") as caught:
+            assert load_blocking(1) == 1  # blocks this loop for the whole flight
+        (warning,) = caught
+        text = str(warning.message)
+        assert "async def" in text and "asyncio.to_thread" in text, text
+        assert warning.filename == __file__  # points at the call, not into dedupe
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert load_blocking(2) == 2  # once per function
+            assert load_blocking.detailed(3).value == 3
+            assert await asyncio.to_thread(load_blocking, 4) == 4  # the way out: no loop there
+        with pytest.warns(RuntimeWarning, match="adhoc_blocking") as caught:
+            assert sf.call("adhoc", adhoc_blocking) == "adhoc"
+        assert caught[0].filename == __file__
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert sf.call("adhoc", adhoc_blocking) == "adhoc"
+
+    asyncio.run(main())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_blocking(5) == 5  # no loop runs in this thread now

@@ -991,3 +991,32 @@ def test_async_herd_past_the_pools_on_many_slots(
         sf.close(timeout=0)
     assert got == [i % 40 for i in range(600)]
     assert runs == dict.fromkeys(range(40), 1)
+
+
+@pytest.mark.timeout(60)
+def test_forget_on_a_cluster_says_whether_it_dropped_a_kept_value(
+    redis_cluster: RedisClusterSet, prefix: str
+) -> None:
+    host, port = redis_cluster.startup_nodes[0]
+    sf = SingleFlight(f"redis+cluster://{host}:{port}", prefix=prefix, result_ttl=30)
+    jobs = [f"forget-{i}" for i in range(6)]  # slots on several masters
+
+    async def work() -> str:
+        return "v"
+
+    async def main() -> list[bool]:
+        try:
+            for job in jobs:
+                await sf.call(job, work)
+            return [await sf.aforget(job) for job in jobs] + [await sf.aforget(jobs[0])]
+        finally:
+            await sf.aclose()
+
+    try:
+        assert asyncio.run(main()) == [True] * 6 + [False]
+        for job in jobs:
+            sf.call(job, lambda: "v")
+        assert [sf.forget(job) for job in jobs] == [True] * 6
+        assert sf.forget(jobs[0]) is False
+    finally:
+        sf.close(timeout=0)

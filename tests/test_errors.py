@@ -8,6 +8,7 @@ and a ``redis://`` URL pointed at a Cluster node.
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 import threading
 import time
@@ -87,6 +88,12 @@ from devtools.servers import RedisClusterSet, RedisServer
         (LookupError("not subscribed to 'dedupe:{x}'"), BackendUnavailable, ["subscription"]),
         (rexc.ConnectionError("Connection refused"), BackendUnavailable, ["unavailable"]),
         (rexc.BusyLoadingError("Redis is loading"), BackendUnavailable, ["loading"]),
+        (rexc.ResponseError("DB index is out of range"), ConfigurationError, ["databases"]),
+        (
+            rexc.RedisClusterException("Cluster mode is not enabled on this node"),
+            ConfigurationError,
+            ["not a Redis Cluster node", "redis://"],
+        ),
     ],
 )
 def test_translate_gives_a_typed_error_naming_what_to_change(
@@ -334,5 +341,117 @@ def test_a_redis_url_at_a_cluster_node_is_a_configuration_error(
                 assert "redis+cluster://" in str(exc)
                 outcomes.append("moved")
         assert "moved" in outcomes
+    finally:
+        sf.close()
+
+
+# --------------------------------------------------------------------------- URLs that do not fit
+
+
+def _misfit_url(server: RedisServer, case: str) -> str:
+    where = f"{server.host}:{server.port}"
+    return {
+        "db": f"redis://{where}/99",  # the server has 16 databases
+        "cluster": f"redis+cluster://{where}",  # a standalone server, not a Cluster node
+        "sentinel": f"redis+sentinel://{where}/mymaster",  # a plain server, not a Sentinel
+    }[case]
+
+
+_MISFIT_WORDS = {
+    "db": ["database", "databases", "redis://host:port/0"],
+    "cluster": ["not a Redis Cluster node", "redis://host:port/0"],
+    "sentinel": ["not a Sentinel", "redis://"],
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("case", ["db", "cluster", "sentinel"])
+@pytest.mark.parametrize("policy", ["raise", "local"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_url_that_does_not_fit_the_server_is_a_short_configuration_error(
+    redis_server: RedisServer, prefix: str, case: str, policy: str, mode: str
+) -> None:
+    sf = sf_for(_misfit_url(redis_server, case), prefix, on_backend_error=policy)
+    runs: list[int] = []
+
+    def work() -> str:
+        runs.append(1)
+        return "ran"
+
+    async def awork() -> str:
+        return work()
+
+    async def acall() -> None:
+        try:
+            await sf.call("job", awork)
+        finally:
+            await sf.aclose()
+
+    errors: list[BaseException] = []
+    started = time.monotonic()
+    try:
+        for _ in range(2):  # the second call too: no "outage" mode was entered
+            with pytest.raises(ConfigurationError) as info:
+                if mode == "sync":
+                    sf.call("job", work)
+                else:
+                    asyncio.run(acall())
+            errors.append(info.value)
+        with pytest.raises(ConfigurationError):
+            if mode == "sync":
+                sf.forget("job")
+            else:
+                asyncio.run(sf.aforget("job"))
+    finally:
+        sf.close()
+    assert time.monotonic() - started < 10  # answered at once: nothing waits for a timeout
+    assert runs == []  # never ran locally, whatever the policy
+    for error in errors:
+        text = str(error)
+        for word in _MISFIT_WORDS[case]:
+            assert word in text, (word, text)
+        assert len(text) < 300 and "<redis." not in text, text  # no connection reprs
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.sentinel
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_sentinel_service_nobody_knows_is_a_configuration_error(
+    redis_sentinel: Any, prefix: str, mode: str
+) -> None:
+    hosts = ",".join(f"{h}:{p}" for h, p in redis_sentinel.sentinel_addresses)
+    sf = sf_for(f"redis+sentinel://{hosts}/no-such-service", prefix, on_backend_error="local")
+
+    async def acall() -> None:
+        try:
+            await sf.call("job", asyncio.sleep, 0)
+        finally:
+            await sf.aclose()
+
+    try:
+        with pytest.raises(ConfigurationError) as info:
+            if mode == "sync":
+                sf.call("job", lambda: "ran")
+            else:
+                asyncio.run(acall())
+    finally:
+        sf.close()
+    text = str(info.value)
+    assert "'no-such-service'" in text and redis_sentinel.service_name in text, text
+    assert len(text) < 400 and "<redis." not in text, text
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("policy", ["raise", "local"])
+def test_an_unreachable_cluster_is_an_outage(prefix: str, policy: str) -> None:
+    from devtools.servers import free_port
+
+    sf = sf_for(f"redis+cluster://127.0.0.1:{free_port()}", prefix, on_backend_error=policy)
+    try:
+        if policy == "raise":
+            with pytest.raises(BackendUnavailable, match=r"Connection refused|connecting"):
+                sf.call("job", lambda: "ran")
+        else:
+            assert sf.call("job", lambda: "ran") == "ran"  # in-process while Redis is away
     finally:
         sf.close()

@@ -7,7 +7,9 @@ These tests drive the event surface the way the drivers do (``begin`` ... ``Call
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -348,3 +350,39 @@ def test_prometheus_twice_on_one_registry_is_refused_cleanly() -> None:
         assert _of(_scrape(registry), "dedupe_calls_total") == {_labels("leader", "value"): 1}
     finally:
         first.uninstrument()
+
+
+# --- what the README says the adapters set ---------------------------------------------------
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def _readme_paragraph(heading: str, starts: str) -> str:
+    """The README paragraph starting with ``starts`` under the section ``heading``."""
+    text = README.read_text()
+    section = text.split(f"\n{heading}\n", 1)[1].split("\n#", 1)[0]
+    (paragraph,) = [p for p in section.split("\n\n") if p.startswith(starts)]
+    return paragraph
+
+
+def test_the_readme_names_the_attributes_and_labels_the_adapters_set(sdk: OTel) -> None:
+    registry = CollectorRegistry()
+    metrics = prom.instrument(registry)
+    try:
+        events.begin(JOB).end("leader", token=5)
+        samples = _scrape(registry)
+    finally:
+        metrics.uninstrument()
+    listed = re.findall(r"`([a-z_.]+)`", _readme_paragraph("### Metrics", "Attributes"))
+    otel_names = {name for name in listed if name.startswith("dedupe.")}
+    prom_names = set(listed) - otel_names
+    (point,) = sdk.points("dedupe.calls")
+    assert otel_names == set(point.attributes)  # what OpenTelemetry receives
+    assert prom_names == {
+        label for name, labels in samples if name == "dedupe_calls_total" for label, _ in labels
+    }
+    traces = _readme_paragraph("### Traces", "Each call is a span")
+    (span,) = sdk.spans()
+    assert {name for name in re.findall(r"`([a-z_.]+)`", traces) if "." in name} == set(
+        span.attributes
+    )

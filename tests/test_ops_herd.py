@@ -202,3 +202,159 @@ def test_a_takeover_and_a_rejected_envelope_are_reported(
     kinds = [e.kind for e in seen]
     assert kinds[-2:] == ["takeover", "lead"] and kinds.count("rejected") == 1
     assert seen[-1].token == seen[-2].token > 0 and seen[-1].role == "leader"
+
+
+def _ids(span: dict[str, Any]) -> tuple[int, int]:
+    trace_id, span_id = span["ids"]
+    return trace_id, span_id
+
+
+def test_in_process_followers_spans_link_to_the_leader_span_sync(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    """Threads of one instance join its flight ("local"); another instance (as another
+    process would) follows it through Redis ("remote"), and threads join that one in turn."""
+    _, exporter, _ = _pipeline()
+    leading = SingleFlight(redis_url, prefix=prefix)
+    following = SingleFlight(redis_url, prefix=prefix)
+    release, started = threading.Event(), threading.Event()
+    got: list[str] = []
+
+    def work() -> str:
+        started.set()
+        assert release.wait(30), "never released"
+        return "the leader's value"
+
+    def waiting(sf: SingleFlight) -> int:
+        return sum(info.waiters for info in sf.inflight())
+
+    threads = [threading.Thread(target=lambda: got.append(leading.call("job", work)))]
+    threads[0].start()
+    try:
+        assert started.wait(10)
+        for sf in (leading, leading, following, following, following):
+            threads.append(threading.Thread(target=lambda sf=sf: got.append(sf.call("job", work))))
+            threads[-1].start()
+        channel = names_for(prefix, "job").channel
+        until(lambda: waiting(leading) == 3 and waiting(following) == 3, 15, "the followers")
+        # ...and the second instance's flight follows the lease (it subscribed once it
+        # found the job busy), so it gets the outcome as a remote follower.
+        until(lambda: redis_client.pubsub_numsub(channel)[0][1] == 1, 15, "the subscription")
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+        leading.close()
+        following.close()
+        otel.uninstrument()
+    assert got == ["the leader's value"] * 6
+    spans = _spans(exporter)
+    (lead,) = [s for s in spans if s["name"] == "dedupe lead"]
+    remote = [s for s in spans if s["name"] == "dedupe follow_remote"]
+    local = [s for s in spans if s["name"] == "dedupe follow_local"]
+    assert (len(remote), len(local)) == (1, 4)
+    for span in remote + local:
+        assert span["links"] == [_ids(lead)], span  # the span of the run, wherever it ran
+    assert {s["role"] for s in local} == {"local"}
+
+
+def test_in_process_followers_spans_link_to_the_leader_span_async(
+    redis_url: str, prefix: str
+) -> None:
+    _, exporter, _ = _pipeline()
+    sf = SingleFlight(redis_url, prefix=prefix)
+
+    async def work() -> str:
+        return "v"
+
+    async def herd() -> list[str]:
+        # gather starts every caller before the flight's task runs: one leads, three join.
+        return await asyncio.gather(*(sf.call("job", work) for _ in range(4)))
+
+    try:
+        assert asyncio.run(herd()) == ["v"] * 4
+    finally:
+        sf.close()
+        otel.uninstrument()
+    spans = _spans(exporter)
+    (lead,) = [s for s in spans if s["name"] == "dedupe lead"]
+    local = [s for s in spans if s["name"] == "dedupe follow_local"]
+    assert len(local) == 3
+    assert all(s["links"] == [_ids(lead)] for s in local), local
+
+
+def multiprocess_worker(url: str, prefix: str, job: str, lead: bool, done: Any, out: Any) -> None:
+    """A spawned worker in prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR is
+    set), instrumented on the registry it would serve: prometheus-client's recipe, a
+    CollectorRegistry with a MultiProcessCollector."""
+    from prometheus_client import multiprocess, values
+
+    assert values.ValueClass is not values.MutexValue, "not in multiprocess mode"
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    metrics = prom.instrument(registry)
+    try:
+        prom.instrument(registry)  # would count every call twice: refused, as without the mode
+        raise AssertionError("instrumented twice")
+    except ValueError as exc:
+        assert "Duplicated" in str(exc)
+    sf = SingleFlight(url, prefix=prefix)
+    client = redis.Redis.from_url(url)
+
+    def work() -> str:
+        client.rpush(f"{prefix}:leading", os.getpid())
+        client.blpop([f"{prefix}:go"], timeout=30)
+        return f"run by {os.getpid()}"
+
+    try:
+        if not lead:  # follow: call once the other worker leads
+            assert client.blpop([f"{prefix}:leading"], timeout=30) is not None
+        value = sf.call(job, work)
+        done.wait(30)  # both calls ended: a scrape now sees both workers
+        out.put((lead, value, generate_latest(registry).decode()))
+    finally:
+        metrics.uninstrument()
+        sf.close()
+
+
+def _family_samples(text: str) -> tuple[list[str], dict[tuple[str, str], float]]:
+    families = list(text_string_to_metric_families(text))
+    calls = {
+        (s.labels["role"], s.labels["outcome"]): s.value
+        for f in families
+        if f.name == "dedupe_calls"
+        for s in f.samples
+        if s.name == "dedupe_calls_total"
+    }
+    return [f.name for f in families], calls
+
+
+def test_prometheus_multiprocess_mode_shows_every_worker(
+    redis_url: str,
+    prefix: str,
+    redis_client: redis.Redis,
+    procs: list[Any],
+    tmp_path: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prometheus_client import multiprocess
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))  # the workers inherit it
+    job = "report"
+    done, out = SPAWN.Barrier(2), SPAWN.Queue()
+    start(procs, multiprocess_worker, redis_url, prefix, job, True, done, out)
+    start(procs, multiprocess_worker, redis_url, prefix, job, False, done, out)
+    channel = names_for(prefix, job).channel
+    until(lambda: redis_client.pubsub_numsub(channel)[0][1] == 1, 30, "the follower")
+    redis_client.rpush(f"{prefix}:go", "go")
+    scrapes = [out.get(timeout=30) for _ in range(2)]
+    assert len({value for _, value, _ in scrapes}) == 1  # one run, shared
+    # A scrape in either worker, and in a process that only collects, shows both workers:
+    # one leader and one remote call, each once (no worker's own copy beside the total).
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(tmp_path))
+    texts = [text for _, _, text in scrapes] + [generate_latest(registry).decode()]
+    for text in texts:
+        names, calls = _family_samples(text)
+        assert len(names) == len(set(names)), names  # a family twice: Prometheus rejects it
+        assert calls == {("leader", "value"): 1.0, ("remote", "value"): 1.0}, text

@@ -33,7 +33,7 @@ from ..protocol import (
     is_abort,
     run_flight,
 )
-from .base import MISS, CallPlan, DriverBase, local_flight, share
+from .base import MISS, CallPlan, DriverBase, local_flight, run_trace, share
 
 __all__ = ["call"]
 
@@ -83,7 +83,7 @@ async def call(
                 return plan.deliver(
                     result, entry.role, own=True, token=entry.token, trace=entry.trace
                 )
-            return plan.deliver(result, "local", own=False)
+            return plan.deliver(result, "local", own=False, token=entry.token, trace=entry.trace)
 
     except BaseException as exc:
         plan.failed(exc)  # WaitTimeout, BackendUnavailable, a cancellation: unless reported
@@ -101,7 +101,7 @@ async def _drive(driver: _Driver, table: InFlight, key: str) -> None:
     try:
         finished = await _run(driver)
         driver.entry.role = finished.role
-        driver.entry.token, driver.entry.trace = finished.token, finished.trace
+        driver.entry.token, driver.entry.trace = finished.token, run_trace(finished)
         if finished.waited and events.enabled:
             events.mark("takeover", driver.spec.names, token=finished.token, role="leader")
         outcome = finished.outcome

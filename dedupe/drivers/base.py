@@ -47,7 +47,7 @@ from ..protocol import (
 from ..renewal import Lease, LostSignal
 from ..signals import Latch, Mailbox
 
-__all__ = ["MISS", "CallPlan", "DriverBase", "local_flight", "share"]
+__all__ = ["MISS", "CallPlan", "DriverBase", "local_flight", "run_trace", "share"]
 
 MISS: Final = object()
 """CallPlan.kept() found no local copy."""
@@ -106,7 +106,8 @@ class CallPlan:
         50 callers' frames onto one traceback)."""
         error = outcome.error
         if self.obs is not None:
-            self.obs.end(role, error, token=token, leader_trace=trace)
+            # A leader's span is the run's own: it links to nothing.
+            self.obs.end(role, error, token=token, leader_trace=b"" if role == "leader" else trace)
         if error is not None:
             raise error if own else _copy_of(error)
         if self.detail:
@@ -128,6 +129,15 @@ def _copy_of(error: BaseException) -> BaseException:
     if isinstance(notes, list):
         dup.__dict__["__notes__"] = list(notes)  # a note one caller adds stays its own
     return dup.with_traceback(tb)
+
+
+def run_trace(finished: Finished) -> bytes:
+    """The traceparent of the span under which the function ran, for this process's callers
+    who joined the flight: the current span (the driving caller's own) if this flight led,
+    else the leader's, read from its outcome record. b"" when no tracer listens."""
+    if finished.role == "leader":
+        return events.trace_context() if events.enabled else b""
+    return finished.trace
 
 
 def share(backend: Backend, key: str, finished: Finished) -> Outcome | object:

@@ -25,7 +25,7 @@ from ..protocol import (
     Wait,
     run_flight,
 )
-from .base import MISS, CallPlan, DriverBase, local_flight, share
+from .base import MISS, CallPlan, DriverBase, local_flight, run_trace, share
 
 __all__ = ["call"]
 
@@ -59,7 +59,9 @@ def call(
                 if result is RETRY:
                     continue
                 assert isinstance(result, Outcome)
-                return plan.deliver(result, "local", own=False)
+                return plan.deliver(
+                    result, "local", own=False, token=entry.token, trace=entry.trace
+                )
             shared: Outcome | object = RETRY
             try:
                 finished = _run(backend, make_spec(plan.deadline), fn, args, kwargs, entry)
@@ -69,6 +71,8 @@ def call(
                 shared = Outcome(error=exc)
                 raise
             else:
+                # Read by the callers who joined, once finish() below resolved the entry.
+                entry.token, entry.trace = finished.token, run_trace(finished)
                 shared = share(backend, plan.key, finished)
                 if finished.waited and events.enabled:
                     events.mark("takeover", names, token=finished.token, role="leader")
@@ -77,7 +81,7 @@ def call(
                     finished.role,
                     own=True,
                     token=finished.token,
-                    trace=finished.trace,
+                    trace=entry.trace,
                 )
             finally:
                 table.finish(plan.key, entry, shared)  # type: ignore[arg-type]
