@@ -111,3 +111,8 @@ class RemoteError(DedupeError):
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self.message}" if self.message else self.type_name
+
+
+class ProtocolError(DedupeError, RuntimeError):
+    """A driver broke the contract of dedupe's protocol or call machine (a reply of the wrong
+    kind): a bug in dedupe, never caused by what Redis holds. Not exported."""

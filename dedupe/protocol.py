@@ -1,47 +1,83 @@
 """The flight protocol as a sans-I/O state machine: it yields commands and takes their replies.
 
-One generator, ``run_flight``, decides everything: acquire, subscribe, re-check, wait,
-take over, complete. The sync and async drivers only carry its commands to Redis (and to
-the pub/sub hub) and send the replies back; an I/O failure is thrown into the generator,
-which lets it propagate (as BackendUnavailable) or handles it. Nothing here blocks, so the
-whole protocol can be tested by feeding it scripted replies.
+Charter: every decision of one flight against Redis lives here, in ``run_flight``; the
+drivers only carry its commands to Redis and the pub/sub hub and send the replies back. What
+the scripts decide atomically (freshness, whether a lease is ours, whether an outcome may be
+stored) is in ``scripts.py``; what a caller does around a flight (joining the process's
+flight, waiting, falling back, delivering) is in ``call.py``. Nothing here blocks, reads a
+clock other than the one it is given, logs or emits events: notable moments are yielded as
+``Note`` commands for the driver to log and count. So the whole protocol is tested by feeding
+it scripted replies, and simulated with the real Lua scripts (tests/sim).
+
+States and transitions (``STATE_OF`` names the state each command is yielded in)::
+
+    state        command      reply                          next
+    ACQUIRING    Acquire      Acquired DONE, readable        -> return (kept, or remote)
+                              Acquired DONE, unreadable      -> Discard, (Pause), ACQUIRING
+                              Acquired BUSY, our own lease   -> LEADING (a retried acquire)
+                              Acquired BUSY                  -> SUBSCRIBING (first time)
+                                                                or WAITING
+                              Acquired LEAD                  -> LEADING
+                              Unanswered thrown in           -> Release, raise its error
+    SUBSCRIBING  Subscribe    confirmed: bool                -> ACQUIRING (the re-check)
+    WAITING      Wait         an outcome of our lease+       -> return (remote)
+                              a notice, RECHECK, timeout     -> ACQUIRING
+                              forged, foreign, older         -> WAITING (ignored, counted)
+    LEADING      Lead         Outcome (the function's)       -> COMPLETING
+    COMPLETING   Complete     Completed OWNED / LAPSED       -> return (leader)
+                              Completed WITHHELD             -> return (leader; ours only)
+    (any)        Note         None                           -> the same state
+
+What goes in and what comes out:
+- ``run_flight`` returns a ``Finished``. It raises ``WaitTimeout`` when the spec's deadline
+  passes while following, ``BackendUnavailable`` (or another ``DedupeError``) that the
+  driver threw in for a failed command, unless stated otherwise above (a failed Complete or
+  Discard is absorbed: the leader's outcome is still returned), and ``ProtocolError`` for a
+  reply that breaks the contract (a driver bug, never Redis input: bytes read from Redis are
+  checked and ignored when bad, never raised).
+- The driver may throw into it: a ``DedupeError`` (a command failed), ``Unanswered`` (an
+  Acquire was written but never answered), or an abort (``KeyboardInterrupt``,
+  ``CancelledError``), which goes straight through.
 """
 
 from __future__ import annotations
 
-import logging
-import time
+import enum
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Final, NamedTuple, TypeAlias
+from typing import Final, NamedTuple, TypeAlias, cast
 
-from . import events
 from .envelope import NOTICE_ABORTED, NOTICE_STORED, Codec, Notice, Opened, Outcome, header_of
-from .errors import BackendUnavailable, EnvelopeError, WaitTimeout
+from .errors import BackendUnavailable, EnvelopeError, ProtocolError, WaitTimeout
 from .keys import Names
 
 __all__ = [
+    "BUSY",
+    "DONE",
+    "LEAD",
     "RECHECK",
+    "STATE_OF",
     "Acquire",
+    "AcquireState",
     "Acquired",
     "Command",
     "Complete",
+    "CompleteState",
     "Completed",
     "Discard",
     "Finished",
     "FlightSpec",
+    "FlightState",
     "Lead",
+    "Note",
     "Pause",
     "Release",
-    "Replicate",
     "Subscribe",
     "Unanswered",
     "Wait",
     "is_abort",
     "run_flight",
 ]
-
-log = logging.getLogger(__name__)
 
 
 # How often a follower whose subscription is not confirmed re-checks the job's state.
@@ -55,6 +91,38 @@ class _Recheck:
 
 RECHECK: Final = _Recheck()
 """A Wait reply meaning: the subscription may have missed messages; re-subscribe, re-check."""
+
+
+class FlightState(enum.Enum):
+    """Where a flight is; each command is yielded in one of these (``STATE_OF``)."""
+
+    ACQUIRING = "acquiring"
+    SUBSCRIBING = "subscribing"
+    WAITING = "waiting"
+    LEADING = "leading"
+    COMPLETING = "completing"
+    RELEASING = "releasing"
+
+
+class AcquireState(enum.IntEnum):
+    """The acquire script's verdict (the ints it replies with)."""
+
+    DONE = 0  # an outcome is there for us
+    BUSY = 1  # another holder leads
+    LEAD = 2  # we lead now
+
+
+class CompleteState(enum.IntEnum):
+    """The complete script's verdict (the ints it replies with)."""
+
+    WITHHELD = -1  # a newer lease exists or may have: nothing stored or published
+    LAPSED = 0  # our lease was gone but no newer one was granted: stored and published
+    OWNED = 1  # the lease was still ours: stored and published
+
+
+DONE: Final = AcquireState.DONE
+BUSY: Final = AcquireState.BUSY
+LEAD: Final = AcquireState.LEAD
 
 
 @dataclass(slots=True)
@@ -82,7 +150,7 @@ class FlightSpec:
 
 
 class Acquire(NamedTuple):
-    """Run the acquire script. Reply: Acquired.
+    """Run the acquire script (with min_replicas, WAIT on the same connection). Reply: Acquired.
 
     ``floor``: the newest lease token this flight waited on ('' for none); the script
     never hands it an outcome of an older lease.
@@ -92,7 +160,7 @@ class Acquire(NamedTuple):
 
 
 class Acquired(NamedTuple):
-    state: int  # DONE, BUSY or LEAD
+    state: int  # an AcquireState
     record: bytes = b""  # DONE: the record
     fresh_ms: int = 0  # DONE: how much longer the record's value is fresh for new callers
     pttl_ms: int = 0  # BUSY: the lease's remaining time
@@ -102,6 +170,7 @@ class Acquired(NamedTuple):
     # socket (0.0: unknown, then the time Acquire was yielded stands in). A lease is dated
     # from it, never from a queue before it.
     sent: float = 0.0
+    replicas: int = 0  # LEAD with min_replicas: how many replicas acknowledged the lease
 
 
 class Unanswered(Exception):
@@ -112,11 +181,6 @@ class Unanswered(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-DONE: Final = 0
-BUSY: Final = 1
-LEAD: Final = 2
 
 
 class Subscribe(NamedTuple):
@@ -151,19 +215,6 @@ class Lead(NamedTuple):
     since: float
 
 
-class Release(NamedTuple):
-    """Give back the lease an unanswered Acquire may have granted us: owner-checked, best
-    effort, off the caller's path, so that waiters take over at once rather than at the
-    lease's end. Reply: None (at once: the release runs in the background)."""
-
-
-class Replicate(NamedTuple):
-    """WAIT for replicas to acknowledge our writes. Reply: how many did."""
-
-    replicas: int
-    timeout_ms: int
-
-
 class Complete(NamedTuple):
     """Run the complete script. Reply: Completed."""
 
@@ -175,7 +226,7 @@ class Complete(NamedTuple):
 
 
 class Completed(NamedTuple):
-    state: int  # 1: the lease was ours; 0: lost, but no newer lease: shared; -1: withheld
+    state: int  # a CompleteState
     publish_error: str = ""  # the PUBLISH failed (stored all the same), e.g. an ACL
 
 
@@ -185,10 +236,41 @@ class Discard(NamedTuple):
     record: bytes
 
 
-Command: TypeAlias = (
-    Acquire | Subscribe | Wait | Lead | Complete | Discard | Replicate | Pause | Release
-)
+class Release(NamedTuple):
+    """Give back the lease an unanswered Acquire may have granted us: owner-checked, best
+    effort, off the caller's path, so that waiters take over at once rather than at the
+    lease's end. Reply: None (at once: the release runs in the background)."""
+
+
+class Note(NamedTuple):
+    """Something worth a log line or a count; the protocol goes on. Reply: None.
+
+    ``kind``: "rejected" (a record or message ignored: forged, foreign or unreadable),
+    "withheld" (our lease was lost and a newer one granted: the outcome went to our own
+    callers only), "publish_failed", "store_failed", "slow_seal". ``token``: the lease it is
+    about (0: none); ``detail``: words for the log.
+    """
+
+    kind: str
+    detail: str
+    token: int = 0
+
+
+Command: TypeAlias = Acquire | Subscribe | Wait | Lead | Complete | Discard | Pause | Release | Note
 Flight: TypeAlias = Generator[Command, object, "Finished"]
+
+STATE_OF: Final[dict[type, FlightState | None]] = {
+    Acquire: FlightState.ACQUIRING,
+    Discard: FlightState.ACQUIRING,
+    Pause: FlightState.ACQUIRING,
+    Subscribe: FlightState.SUBSCRIBING,
+    Wait: FlightState.WAITING,
+    Lead: FlightState.LEADING,
+    Complete: FlightState.COMPLETING,
+    Release: FlightState.RELEASING,
+    Note: None,  # in whatever state it was yielded
+}
+"""The state a command is yielded in (see the table above)."""
 
 
 def is_abort(error: BaseException | None) -> bool:
@@ -211,11 +293,24 @@ class Finished(NamedTuple):
     role: str  # "leader" (ran it), "remote" (another process's leader), "kept" (a kept value)
     token: int  # the fencing token of the lease whose outcome this is (0 if unknown)
     waited: bool = False  # a leader that waited on another lease first: a takeover
-    trace: bytes = b""  # a follower: the leader's traceparent, from the record it read
+    # The traceparent of the span the function ran under: ours (leader), or the leader's,
+    # read from its record (remote, kept). b"" when no tracer listens.
+    trace: bytes = b""
 
 
-def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Flight:
-    """Drive one flight to its outcome; the caller sends replies to the yielded commands."""
+def _expect(reply: object, kind: type, cmd: str) -> None:
+    if type(reply) is not kind:
+        raise ProtocolError(f"the reply to {cmd} must be {kind.__name__}, not {reply!r}")
+
+
+def run_flight(
+    spec: FlightSpec, codec: Codec, clock: Callable[[], float], trace: bytes = b""
+) -> Flight:
+    """Drive one flight to its outcome; the caller sends replies to the yielded commands.
+
+    ``clock``: the monotonic clock every time here is on (the spec's deadline too).
+    ``trace``: the leader's W3C traceparent, sealed into the record if this flight leads.
+    """
     floor = 0  # the newest lease we waited on: an outcome of an older one is never ours
     subscribed = False
     confirmed = False  # no message can wake us unless the server confirmed the subscription
@@ -233,32 +328,26 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
             # that waiters take over now instead of when it runs out.
             yield Release()
             raise lost
-        assert isinstance(reply, Acquired)
+        _expect(reply, Acquired, "Acquire")
+        reply = cast(Acquired, reply)
         # The lease, if granted, began no earlier than the request's write (not its queue).
         sent = reply.sent or asked
         since = sent
-        if reply.state == BUSY and reply.holder.partition(":")[2] == spec.owner:
+        state = reply.state
+        if state == BUSY and reply.holder.partition(":")[2] == spec.owner:
             # Our own lease: an acquire whose reply was lost and that the client retried. It
             # began before this acquire, by as much as it has run down (found by simulation).
             since = sent - max(0, spec.lock_ttl_ms - reply.pttl_ms) / 1000
-            reply = Acquired(LEAD, token=int(holder_token(reply.holder) or 0))
-        if reply.state == LEAD:
-            if floor:
-                log.debug(
-                    "taking over %r after lease %d: leading with %d",
-                    spec.names.job_id,
-                    floor,
-                    reply.token,
-                )
-            else:
-                log.debug("leading %r with lease %d", spec.names.job_id, reply.token)
+            reply = Acquired(LEAD, token=int(holder_token(reply.holder) or 0), replicas=-1)
+            state = LEAD
+        if state == LEAD:
             return (
                 yield from _lead(
-                    spec, codec, clock, reply.token, sent, waited=floor > 0, since=since
+                    spec, codec, clock, trace, reply, sent, waited=floor > 0, since=since
                 )
             )
-        if reply.state == DONE:
-            opened = _open(spec, codec, reply.record)
+        if state == DONE:
+            opened = yield from _open(spec, codec, reply.record)
             if isinstance(opened, Opened) and opened.token >= floor:
                 outcome = opened.outcome
                 if outcome.error is None:
@@ -273,10 +362,9 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
             if bad > 1:
                 yield Pause(_bounded(spec, clock, min(1.0, 0.005 * 2**bad)))
             continue
+        if state != BUSY:
+            raise ProtocolError(f"unknown acquire state {state!r}")
         floor = max(floor, _token_of(reply.holder))
-        log.debug(
-            "following %r: lease %s, %d ms left", spec.names.job_id, reply.holder, reply.pttl_ms
-        )
         timeout = reply.pttl_ms / 1000 + spec.slack(reply.pttl_ms)
         if spec.deadline is not None:
             left = spec.deadline - clock()
@@ -298,24 +386,24 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
         while True:
             message = yield Wait(max(0.0, until - clock()))
             if message is None:
-                log.debug("re-checking %r: the lease ran out", spec.names.job_id)
                 break  # the lease ran out, or the deadline: re-check
             if message is RECHECK:
                 # The subscription dropped (and may have missed messages): give the hub until
                 # the lease's end to re-subscribe (a restarting Redis answers nothing before
                 # that anyway), then re-check.
-                log.debug("re-checking %r: the subscription dropped", spec.names.job_id)
                 confirmed = bool((yield Subscribe(max(0.0, until - clock()))))
                 break
-            assert isinstance(message, bytes)
-            opened = _open(spec, codec, message)
+            if type(message) is not bytes:
+                raise ProtocolError(
+                    f"the reply to Wait must be bytes, RECHECK or None: {message!r}"
+                )
+            opened = yield from _open(spec, codec, message)
             if opened is None:
                 continue  # forged or foreign: ignored (counted by the codec), keep waiting
             if opened.token < floor:
                 codec.count_rejection()  # genuine, but of an older lease: a replay
                 continue
             if isinstance(opened, Notice):
-                log.debug("re-checking %r: notice %r", spec.names.job_id, opened.kind)
                 break  # stored (too large to travel inline) or aborted: the re-check tells
             outcome = opened.outcome
             if outcome.error is None:
@@ -337,55 +425,44 @@ def _token_of(holder: str) -> int:
     return int(token) if token and len(token) <= 20 else 0
 
 
-def _open(spec: FlightSpec, codec: Codec, data: bytes) -> Opened | Notice | None:
+def _open(
+    spec: FlightSpec, codec: Codec, data: bytes
+) -> Generator[Command, object, Opened | Notice | None]:
     """Decode a record or notice; None if it must be ignored (unreadable, forged, foreign)."""
     try:
         return codec.open(data, channel=spec.names.channel)
     except EnvelopeError as exc:  # codec.open counted it in codec.rejected
-        _warn_rejected(spec.names.job_id, exc)
-        if events.enabled:
-            events.mark("rejected", spec.names, detail=str(exc))
+        yield Note("rejected", str(exc))
         return None
-
-
-_last_rejection_warning = -1.0  # monotonic time of the last one (a race here costs a line)
-
-
-def _warn_rejected(job_id: str, exc: EnvelopeError) -> None:
-    """At most one line a second: whoever may PUBLISH must not be able to flood the log."""
-    global _last_rejection_warning
-    now = time.monotonic()
-    if now - _last_rejection_warning >= 1.0:
-        _last_rejection_warning = now
-        log.warning("ignored an outcome for %r (counted in stats()): %s", job_id, exc)
 
 
 def _lead(
     spec: FlightSpec,
     codec: Codec,
     clock: Callable[[], float],
-    token: int,
+    trace: bytes,
+    acquired: Acquired,
     sent: float,
     *,
     waited: bool,
     since: float,
 ) -> Flight:
+    token = acquired.token
     lock_value = f"{token}:{spec.owner}"
     channel = spec.names.channel
-    if spec.min_replicas:
-        acked = yield Replicate(spec.min_replicas, spec.replica_timeout_ms)
-        assert isinstance(acked, int)
-        if acked < spec.min_replicas:
-            # A lease only the master knows of could vanish in a failover: give it back.
-            notice = codec.notice(NOTICE_ABORTED, channel=channel, token=token)
-            yield Complete(lock_value, b"", 0, notice, token)
-            raise BackendUnavailable(
-                f"only {acked} of {spec.min_replicas} replicas acknowledged the lease on "
-                f"{spec.names.job_id!r} within {spec.replica_timeout_ms} ms"
-            )
+    # replicas -1: our own lease found by a retried acquire, acknowledged when it was granted.
+    if spec.min_replicas and 0 <= acquired.replicas < spec.min_replicas:
+        # A lease only the master knows of could vanish in a failover: give it back.
+        notice = codec.notice(NOTICE_ABORTED, channel=channel, token=token)
+        yield Complete(lock_value, b"", 0, notice, token)
+        raise BackendUnavailable(
+            f"only {acquired.replicas} of {spec.min_replicas} replicas acknowledged the lease "
+            f"on {spec.names.job_id!r} within {spec.replica_timeout_ms} ms"
+        )
     outcome = yield Lead(token, lock_value, since)
-    assert isinstance(outcome, Outcome)
-    done = Finished(outcome, "leader", token, waited)
+    _expect(outcome, Outcome, "Lead")
+    outcome = cast(Outcome, outcome)
+    done = Finished(outcome, "leader", token, waited, trace)
     try:
         if is_abort(outcome.error):
             # Nothing to keep; tell the followers at once so one of them takes over.
@@ -397,7 +474,6 @@ def _lead(
         run_ms = max(0, round((clock() - sent) * 1000))
         keep = spec.keep_ms + run_ms if outcome.error is None and spec.keep_ms else 0
         ttl = max(spec.keep_ms, spec.grace_ms)
-        trace = events.trace_context() if events.enabled else b""
         sealing = clock()
         record = codec.seal(
             outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl, trace=trace
@@ -406,13 +482,12 @@ def _lead(
         if sealed * 1000 > spec.lock_ttl_ms:
             # The safe serializer encodes a large value in pieces so renewals run meanwhile;
             # pickle, json or a custom serializer may hold the GIL for the whole encode.
-            log.warning(
-                "sealing the outcome of %r took %.3f s, longer than its lease (%.3f s): a "
-                "serializer that holds the GIL that long keeps the lease from being renewed; "
-                "raise lock_ttl",
-                spec.names.job_id,
-                sealed,
-                spec.lock_ttl_ms / 1000,
+            yield Note(
+                "slow_seal",
+                f"sealing the outcome took {sealed:.3f} s, longer than the lease "
+                f"({spec.lock_ttl_ms / 1000:.3f} s): a serializer that holds the GIL that "
+                "long keeps the lease from being renewed; raise lock_ttl",
+                token,
             )
         # seal keeps nothing fresh of an outcome that other processes could not read.
         keep = min(spec.keep_ms, header_of(record).keep_ms)
@@ -420,30 +495,28 @@ def _lead(
         if len(record) > spec.inline_max_bytes:
             message = codec.notice(NOTICE_STORED, channel=channel, token=token)
         completed = yield Complete(lock_value, record, ttl, message, token)
-        assert isinstance(completed, Completed)
+        _expect(completed, Completed, "Complete")
+        completed = cast(Completed, completed)
         outcome.fresh_ms = keep if completed.state >= 0 else 0
-        if completed.state < 0:
-            if events.enabled:
-                events.mark("lease_lost", spec.names, token=token, role="leader")
-            log.warning(
-                "the lease on %r (token %d) was lost before the leader finished; its outcome "
-                "went to its own callers only (a newer flight has started)",
-                spec.names.job_id,
+        if completed.state == CompleteState.WITHHELD:
+            yield Note(
+                "withheld",
+                "the lease was lost before the leader finished; its outcome went to its own "
+                "callers only (a newer flight has started)",
                 token,
             )
-        elif completed.state == 0:
-            # The lock was gone but no newer lease was granted: the lease lapsed unclaimed (the
-            # watchdog reported that), or a retried complete found its own first attempt done.
-            log.debug("completed %r (token %d) after its lock was gone", spec.names.job_id, token)
         if completed.publish_error:
-            log.warning(
-                "could not publish the outcome of %r (%s); followers read it on re-check",
-                spec.names.job_id,
-                completed.publish_error,
+            yield Note(
+                "publish_failed",
+                f"could not publish the outcome ({completed.publish_error}); followers read "
+                "it on re-check",
+                token,
             )
     except Exception as exc:  # a computed value is never thrown away
         # Redis down, an ACL, an encoding bug: the outcome is still ours to return; waiters
         # elsewhere find no outcome and take over when the lease runs out.
-        log.warning("could not store the outcome of %r: %s", spec.names.job_id, exc)
+        if isinstance(exc, ProtocolError):
+            raise
         outcome.fresh_ms = 0
+        yield Note("store_failed", f"could not store the outcome: {exc}", token)
     return done

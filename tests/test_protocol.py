@@ -25,8 +25,8 @@ from dedupe.protocol import (
     Finished,
     FlightSpec,
     Lead,
+    Note,
     Pause,
-    Replicate,
     Subscribe,
     Wait,
     is_abort,
@@ -76,10 +76,15 @@ class Driver:
         self.clock = clock or FakeClock()
         self.gen = run_flight(self.spec, self.codec, self.clock)
         self.commands: list[Any] = []
+        self.notes: list[Note] = []
         self.result: Finished | None = None
         self.command: Any = self._record(next(self.gen))
 
     def _record(self, command: Any) -> Any:
+        # Notes are for the driver's log and events: answered at once, kept in self.notes.
+        while isinstance(command, Note):
+            self.notes.append(command)
+            command = self.gen.send(None)
         self.commands.append(command)
         return command
 
@@ -236,14 +241,12 @@ def test_busy_under_our_own_lease_leads_dated_from_its_grant() -> None:
 
 def test_lead_waits_for_replicas_when_asked() -> None:
     d = Driver(make_spec(min_replicas=1))
-    assert d.send(Acquired(LEAD, token=3)) == Replicate(1, 1000)
-    assert d.send(1) == Lead(3, "3:me:1", 1000.0)
+    assert d.send(Acquired(LEAD, token=3, replicas=1)) == Lead(3, "3:me:1", 1000.0)
 
 
 def test_lead_without_enough_replicas_gives_the_lease_back() -> None:
     d = Driver(make_spec(min_replicas=2))
-    d.send(Acquired(LEAD, token=3))
-    complete = d.send(1)
+    complete = d.send(Acquired(LEAD, token=3, replicas=1))
     assert isinstance(complete, Complete) and complete.record == b""
     with pytest.raises(BackendUnavailable, match="replicas acknowledged"):
         d.send(OWNED)

@@ -1,14 +1,16 @@
-"""What both drivers share: every decision of a call and of carrying a command, but the waiting.
+"""What both drivers share: carrying one flight's commands, but the blocking.
 
-The sync and async drivers differ only in how they block (a thread or an await); the
-call's decisions (deadline, kept copies, what joiners get, how each caller raises) live in
-``CallPlan``, and the protocol's in ``run_flight``.
+The call's decisions live in ``call.run_call`` and the flight's in ``protocol.run_flight``;
+the sync and async drivers are steppers that block (a thread) or await (a task) on what
+those machines yield. What needs no blocking is done here, once for both: turning protocol
+commands into scripts and replies into protocol replies, failures into what the protocol
+is told, the lease and the subscription of a flight, notes and events.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
+import logging
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -18,6 +20,7 @@ from redis.exceptions import ResponseError
 
 from .. import events
 from ..backend import Backend
+from ..call import Begin, End, Takeover
 from ..commands import (
     ScriptCall,
     Stamp,
@@ -28,128 +31,67 @@ from ..commands import (
     parse_completed,
     translate,
 )
-from ..context import Flight, check_reentry, leading
-from ..envelope import Codec, Outcome
-from ..errors import WaitTimeout
-from ..inflight import RETRY, Entry, Served
+from ..context import Flight, leading
+from ..envelope import Codec
+from ..inflight import Entry
 from ..keys import Names
 from ..protocol import (
     Acquire,
     Command,
     Complete,
     Discard,
-    Finished,
     FlightSpec,
     Lead,
+    Note,
+    Release,
     Unanswered,
-    is_abort,
 )
 from ..renewal import Lease, LostSignal
 from ..signals import Latch, Mailbox
 
-__all__ = ["MISS", "CallPlan", "DriverBase", "local_flight", "run_trace", "share"]
+__all__ = ["DriverBase", "local_flight", "note", "observe"]
 
-MISS: Final = object()
-"""CallPlan.kept() found no local copy."""
+log = logging.getLogger("dedupe.protocol")
 
-
-class CallPlan:
-    """One caller's decisions, the same for both drivers."""
-
-    __slots__ = ("backend", "deadline", "detail", "key", "names", "obs", "wait_timeout")
-
-    def __init__(
-        self, backend: Backend, names: Names, wait_timeout: float | None, detail: bool
-    ) -> None:
-        self.backend = backend
-        self.names = names
-        self.key = names.channel
-        self.wait_timeout = wait_timeout
-        self.deadline = None if wait_timeout is None else time.monotonic() + wait_timeout
-        self.detail = detail
-        check_reentry(self.key, names.job_id)
-        # Observed only while an adapter listens: otherwise one attribute read.
-        self.obs = events.begin(names) if events.enabled else None
-
-    def kept(self) -> Any:
-        """A fresh local copy (local_cache=True) as this call's result, else MISS."""
-        copies = self.backend.local_copies
-        if copies is None:
-            return MISS
-        hit, value = copies.get(self.key)
-        if not hit:
-            return MISS
-        if self.obs is not None:
-            self.obs.end("kept")
-        return Served(value, True, "kept") if self.detail else value
-
-    def left(self) -> float | None:
-        """How long this caller may still wait (None: as long as a leader lives)."""
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-
-    def timed_out(self, role: str = "") -> WaitTimeout:
-        exc = WaitTimeout(job_id=self.names.job_id, seconds=self.wait_timeout)
-        if self.obs is not None:
-            self.obs.end(role, exc)
-        return exc
-
-    def failed(self, exc: BaseException) -> None:
-        """The call ends with an exception no other line reported (a no-op if one did)."""
-        if self.obs is not None:
-            self.obs.end("", exc)
-
-    def deliver(
-        self, outcome: Outcome, role: str, *, own: bool, token: int = 0, trace: bytes = b""
-    ) -> Any:
-        """Return the value, or raise the error: the original for the caller whose flight
-        made it, a copy for every other caller (one object raised by 50 callers would pile
-        50 callers' frames onto one traceback)."""
-        error = outcome.error
-        if self.obs is not None:
-            # A leader's span is the run's own: it links to nothing.
-            self.obs.end(role, error, token=token, leader_trace=b"" if role == "leader" else trace)
-        if error is not None:
-            raise error if own else _copy_of(error)
-        if self.detail:
-            return Served(outcome.value, role != "leader", role)
-        return outcome.value
+# Notes that are warnings, and how many lines a second each may log (whoever may PUBLISH
+# must not be able to flood the log with rejections).
+_WARNINGS: Final = {
+    "rejected": "ignored an outcome for %r (counted in stats()): %s",
+    "withheld": "the lease on %r (token %d) was lost before the leader finished: %s",
+    "publish_failed": "%r: %s",
+    "store_failed": "%r: %s",
+    "slow_seal": "%r: %s",
+}
+_last_logged: dict[str, float] = {}  # kind -> monotonic time of its last line (races: a line)
 
 
-def _copy_of(error: BaseException) -> BaseException:
-    tb = error.__traceback__
-    try:
-        dup = copy.copy(error)
-    except Exception:
-        return error.with_traceback(tb)  # cannot be copied: at least do not grow its frames
-    if type(dup) is not type(error):
-        return error.with_traceback(tb)
-    dup.__cause__, dup.__context__ = error.__cause__, error.__context__
-    dup.__suppress_context__ = error.__suppress_context__
-    notes = getattr(error, "__notes__", None)
-    if isinstance(notes, list):
-        dup.__dict__["__notes__"] = list(notes)  # a note one caller adds stays its own
-    return dup.with_traceback(tb)
+def note(names: Names, cmd: Note) -> None:
+    """Log a protocol note (at most one line a second per kind) and report it as an event."""
+    now = time.monotonic()
+    if now - _last_logged.get(cmd.kind, -1.0) >= 1.0:
+        _last_logged[cmd.kind] = now
+        if cmd.kind == "withheld":
+            log.warning(_WARNINGS[cmd.kind], names.job_id, cmd.token, cmd.detail)
+        else:
+            log.warning(_WARNINGS.get(cmd.kind, "%r: %s"), names.job_id, cmd.detail)
+    if events.enabled:
+        if cmd.kind == "rejected":
+            events.mark("rejected", names, detail=cmd.detail)
+        elif cmd.kind == "withheld":
+            events.mark("lease_lost", names, token=cmd.token, role="leader")
 
 
-def run_trace(finished: Finished) -> bytes:
-    """The traceparent of the span under which the function ran, for this process's callers
-    who joined the flight: the current span (the driving caller's own) if this flight led,
-    else the leader's, read from its outcome record. b"" when no tracer listens."""
-    if finished.role == "leader":
-        return events.trace_context() if events.enabled else b""
-    return finished.trace
-
-
-def share(backend: Backend, key: str, finished: Finished) -> Outcome | object:
-    """What the callers who joined this flight in-process get: its outcome, or RETRY after an
-    abort (they start over: one of them leads)."""
-    outcome = finished.outcome
-    if is_abort(outcome.error):
-        return RETRY
-    copies = backend.local_copies
-    if copies is not None and outcome.error is None:
-        copies.put(key, outcome.value, outcome.fresh_ms)
-    return outcome
+def observe(names: Names, cmd: Begin | End | Takeover) -> Any:
+    """Carry the call machine's event commands to dedupe.events."""
+    if type(cmd) is End:
+        if cmd.handle is not None:
+            cmd.handle.end(cmd.role, cmd.error, token=cmd.token, leader_trace=cmd.leader_trace)
+        return None
+    if type(cmd) is Begin:
+        return events.begin(names) if events.enabled else None
+    if type(cmd) is Takeover:
+        events.mark("takeover", names, token=cmd.token, role="leader")
+    return None
 
 
 class DriverBase:
@@ -171,8 +113,9 @@ class DriverBase:
         self.fn, self.args, self.kwargs = fn, args, kwargs
         self.mailbox: Mailbox[object] | None = None
         self.lease: Lease | None = None
-        self.acked = 0  # replicas that acknowledged our acquire (min_replicas_ack)
         self.stamp = Stamp()  # when the current Acquire's request was written
+        # The leader's traceparent, sealed into its record (read in the caller's context).
+        self.trace = events.trace_context() if events.enabled else b""
 
     def script_for(self, cmd: Command) -> ScriptCall | None:
         """The script a command runs, if it is one of the script commands."""
@@ -187,9 +130,11 @@ class DriverBase:
             return discard_call(self.spec, cmd)
         return None
 
-    def reply_of(self, cmd: Command, raw: Any) -> object:
+    def reply_of(self, cmd: Command, raw: Any, replicas: int = 0) -> object:
+        """The protocol's reply to a script command; ``replicas``: what WAIT answered."""
         if isinstance(cmd, Acquire):
-            return parse_acquired(raw, self.stamp.sent)
+            reply = parse_acquired(raw, self.stamp.sent)
+            return reply._replace(replicas=replicas) if replicas else reply
         if isinstance(cmd, Complete):
             return parse_completed(raw)
         return raw
@@ -203,9 +148,21 @@ class DriverBase:
             return Unanswered(error)
         return error
 
-    def release(self) -> None:
-        """Release: hand the possible lease to the backend's releaser (off our path)."""
-        self.backend.release_later(self.spec, self.stamp.sent)
+    def at_once(self, cmd: Command) -> bool:
+        """Carry a command that needs no blocking (Release, Note); False for the others."""
+        if type(cmd) is Note:
+            note(self.spec.names, cmd)
+            return True
+        if type(cmd) is Release:
+            # The possible lease goes to the backend's releaser: off this caller's path.
+            self.backend.release_later(self.spec, self.stamp.sent)
+            return True
+        return False
+
+    def flight_of(self, cmd: Lead, loop: asyncio.AbstractEventLoop | None = None) -> Flight:
+        """A Lead begins: the process's flight now leads, and its lease is renewed."""
+        self.entry.leading = True
+        return self.start_lease(cmd, loop)
 
     def subscribe(self) -> Latch[bool]:
         """Subscribe (first time), or the current subscription's confirmation."""

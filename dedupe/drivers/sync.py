@@ -1,4 +1,4 @@
-"""The sync driver: runs the flight protocol over redis-py, blocking the calling thread."""
+"""The sync driver: steps the call and flight machines over redis-py, blocking the caller."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 
 from .. import events
 from ..backend import Backend, acquire_and_wait
+from ..call import AwaitFlight, Fly, RunHere, run_call
 from ..envelope import Outcome
-from ..errors import BackendUnavailable, WaitTimeout
-from ..inflight import RETRY, Entry
+from ..inflight import Entry
 from ..keys import Names
 from ..protocol import (
     Acquire,
@@ -19,13 +19,11 @@ from ..protocol import (
     FlightSpec,
     Lead,
     Pause,
-    Release,
-    Replicate,
     Subscribe,
     Wait,
     run_flight,
 )
-from .base import MISS, CallPlan, DriverBase, local_flight, run_trace, share
+from .base import DriverBase, local_flight, observe
 
 __all__ = ["call"]
 
@@ -42,86 +40,60 @@ def call(
     detail: bool = False,
 ) -> Any:
     """Run ``fn`` once across every caller of the job, and return its outcome."""
-    plan = CallPlan(backend, names, wait_timeout, detail)
-    try:
-        kept = plan.kept()
-        if kept is not MISS:
-            return kept
-        table = backend.sync_flights
-        while True:
-            entry, created = table.join(plan.key)
-            if created:
-                entry.job_id = names.job_id
+    machine = run_call(
+        backend,
+        backend.sync_flights,
+        names,
+        wait_timeout,
+        time.monotonic,
+        detail=detail,
+        observed=events.enabled,
+    )
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            cmd = machine.send(reply) if error is None else machine.throw(error)
+        except StopIteration as stop:
+            return stop.value
+        reply, error = None, None
+        try:
+            if type(cmd) is Fly:
+                spec = make_spec(cmd.deadline)
+                backend.begin_flight()
+                try:
+                    reply = _Driver(backend, spec, fn, args, kwargs, cmd.entry).run()
+                finally:
+                    backend.end_flight()
+            elif type(cmd) is AwaitFlight:
+                reply = cmd.entry.result.wait(cmd.timeout)
+            elif type(cmd) is RunHere:
+                reply = _run_here(backend, names, cmd.entry, fn, args, kwargs)
             else:
-                if not entry.result.wait(plan.left()):
-                    raise plan.timed_out("local")
-                result = entry.result.get()
-                if result is RETRY:
-                    continue
-                assert isinstance(result, Outcome)
-                return plan.deliver(
-                    result, "local", own=False, token=entry.token, trace=entry.trace
-                )
-            shared: Outcome | object = RETRY
-            try:
-                finished = _run(backend, make_spec(plan.deadline), fn, args, kwargs, entry)
-            except WaitTimeout:
-                raise plan.timed_out("remote") from None  # ours alone: the other callers start over
-            except Exception as exc:
-                shared = Outcome(error=exc)
-                raise
-            else:
-                # Read by the callers who joined, once finish() below resolved the entry.
-                entry.token, entry.trace = finished.token, run_trace(finished)
-                shared = share(backend, plan.key, finished)
-                if finished.waited and events.enabled:
-                    events.mark("takeover", names, token=finished.token, role="leader")
-                return plan.deliver(
-                    finished.outcome,
-                    finished.role,
-                    own=True,
-                    token=finished.token,
-                    trace=entry.trace,
-                )
-            finally:
-                table.finish(plan.key, entry, shared)  # type: ignore[arg-type]
-
-    except BaseException as exc:
-        plan.failed(exc)  # WaitTimeout, BackendUnavailable, an abort: unless reported
-        raise
+                reply = observe(names, cmd)  # type: ignore[arg-type]
+        except BaseException as exc:  # thrown in: the machine tidies up and raises it
+            error = exc
 
 
-def _run(
+def _run_here(
     backend: Backend,
-    spec: FlightSpec,
+    names: Names,
+    entry: Entry,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    entry: Entry,
-) -> Finished:
-    backend.begin_flight()
+) -> Outcome:
+    entry.leading = True
     try:
-        if not backend.skip_redis():
-            try:
-                finished = _Driver(backend, spec, fn, args, kwargs, entry).run()
-            except BackendUnavailable as exc:
-                if not backend.fall_back(exc):
-                    raise
-            else:
-                backend.answered()
-                return finished
-    finally:
-        backend.end_flight()
-    try:
-        with local_flight(backend, spec.names):
-            return Finished(Outcome(value=fn(*args, **kwargs)), "leader", 0)
+        with local_flight(backend, names):
+            return Outcome(value=fn(*args, **kwargs))
     except BaseException as exc:
-        return Finished(Outcome(error=exc), "leader", 0)
+        return Outcome(error=exc)
 
 
 class _Driver(DriverBase):
     def run(self) -> Finished:
-        flight = run_flight(self.spec, self.codec, time.monotonic)
+        flight = run_flight(self.spec, self.codec, time.monotonic, self.trace)
         reply: object = None
         error: BaseException | None = None
         try:
@@ -142,33 +114,29 @@ class _Driver(DriverBase):
     def execute(self, cmd: Command) -> object:
         script = self.script_for(cmd)
         if script is not None:
-            if isinstance(cmd, Acquire) and self.spec.min_replicas:
-                raw, self.acked = acquire_and_wait(
-                    self.backend, self.backend.sync_client(), script, self.spec, self.stamp
-                )
-                return self.reply_of(cmd, raw)
-            stamp = self.stamp if isinstance(cmd, Acquire) else None
-            return self.reply_of(cmd, self.backend.run_sync_script(script, stamp))
-        if isinstance(cmd, Wait):
-            assert self.mailbox is not None
-            return self.mailbox.get(cmd.timeout)
-        if isinstance(cmd, Subscribe):
-            latch = self.subscribe()
-            return latch.wait(self.confirm_timeout(cmd.timeout)) and latch.get()
-        if isinstance(cmd, Lead):
-            self.entry.leading = True
-            flight = self.start_lease(cmd)
+            if type(cmd) is Acquire:
+                if self.spec.min_replicas:
+                    client = self.backend.sync_client()
+                    raw, acked = acquire_and_wait(self.backend, client, script, self.spec,
+                                                  self.stamp)  # fmt: skip
+                    return self.reply_of(cmd, raw, acked)
+                return self.reply_of(cmd, self.backend.run_sync_script(script, self.stamp))
+            return self.reply_of(cmd, self.backend.run_sync_script(script))
+        if type(cmd) is Wait:
+            return self.mailbox.get(cmd.timeout)  # type: ignore[union-attr]
+        if type(cmd) is Lead:
+            flight = self.flight_of(cmd)
             try:
                 with self.as_leader(flight):
                     return Outcome(value=self.fn(*self.args, **self.kwargs))
             except BaseException as exc:  # an abort too: the protocol must tell the waiters
                 return Outcome(error=exc)
-        if isinstance(cmd, Pause):
+        if type(cmd) is Subscribe:
+            latch = self.subscribe()
+            return latch.wait(self.confirm_timeout(cmd.timeout)) and latch.get()
+        if type(cmd) is Pause:
             time.sleep(cmd.seconds)
             return None
-        if isinstance(cmd, Replicate):
-            return self.acked
-        if isinstance(cmd, Release):
-            self.release()
+        if self.at_once(cmd):
             return None
         raise TypeError(f"unknown command {cmd!r}")

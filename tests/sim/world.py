@@ -877,6 +877,9 @@ class Driver:
         if name == "Release":
             self._release()
             return None, None
+        if name == "Note":
+            self.w.log(f"{self.proc.name()} note {cmd.kind}: {cmd.detail}")
+            return None, None
         if name == "Pause":
             if cmd.seconds > bound:
                 self.w.fail("unbounded-wait", f"Pause({cmd.seconds})")

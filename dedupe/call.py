@@ -1,0 +1,385 @@
+"""One caller's call as a sans-I/O machine: join the process's flight, wait, retry, deliver.
+
+Charter: every decision a caller makes around a flight lives here, in ``run_call`` (and in
+``run_shared_flight``, the flight a task runs for its callers on asyncio); ``run_flight``
+(protocol.py) decides the flight itself. The drivers only carry the blocking commands: they
+wait on the process's flight, run the flight protocol, run the function in-process, start or
+cancel a flight task, and report events. The simulator (tests/sim) drives this same machine
+in both modes, so a decision cannot differ between the drivers unnoticed.
+
+What it decides: the local copy (``local_cache``); joining the process's flight for the key,
+or creating it; the caller's deadline (``wait_timeout``); starting over after an abort
+(RETRY); ``on_backend_error="local"`` (run the function in-process while Redis is down); the
+takeover mark; what the callers who joined get (``share``); and what each caller returns or
+raises (the original exception for the caller whose flight made it, a copy for the others).
+
+Two modes, one machine:
+- ``tasked=False`` (sync): the caller that creates the process's flight runs it on its own
+  thread, under its own deadline; when it gives up, the callers who joined start over.
+- ``tasked=True`` (asyncio): the flight runs in a task of its own with no deadline; every
+  caller, its creator too, waits on it with its own deadline, so a cancelled or timed-out
+  caller stops waiting alone. A flight that only follows and that nobody awaits any more is
+  cancelled; one that leads runs on.
+
+States and transitions::
+
+    state        command                 reply                 next
+    START        Begin (observed only)   the observation       -> LOCAL
+    LOCAL        -                       local copy fresh      -> End, return it (kept)
+                                         none                  -> JOINING
+    JOINING      -                       joined another's      -> WAITING
+                                         created (sync)        -> FLYING
+                                         created (asyncio)     -> Launch, WAITING
+    WAITING      AwaitFlight             resolved: outcome     -> End, return or raise it
+                                         resolved: RETRY       -> JOINING
+                                         timed out             -> (Cancel), End, raise WaitTimeout
+                                         (asyncio creator whose flight leads: no timeout)
+    FLYING       Fly                     Finished              -> (Takeover), End, return or raise
+                 (Redis down, "local")   BackendUnavailable    -> RunHere -> End, return or raise
+                                         WaitTimeout           -> End, raise; joiners RETRY
+                                         another error         -> End, raise it; joiners too
+
+Contract: the driver replies to each command as its docstring says; it may throw an abort
+(``CancelledError``, ``KeyboardInterrupt``) into an ``AwaitFlight`` or ``Fly``, which goes
+back out after the machine has tidied up (left the flight, ended the observation). A reply
+of the wrong kind raises ``ProtocolError``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Generator
+from typing import Any, Final, NamedTuple, Protocol, TypeAlias
+
+from .context import check_reentry
+from .envelope import Outcome
+from .errors import BackendUnavailable, ProtocolError, WaitTimeout
+from .inflight import RETRY, Entry, InFlight, Served
+from .keys import Names
+from .protocol import Finished, is_abort
+
+__all__ = [
+    "AwaitFlight",
+    "Begin",
+    "CallCommand",
+    "CallEnv",
+    "Cancel",
+    "End",
+    "Fly",
+    "Launch",
+    "RunHere",
+    "Takeover",
+    "run_call",
+    "run_shared_flight",
+]
+
+
+# --- commands (what the machine asks the driver to do) ----------------------------------------
+
+
+class Begin(NamedTuple):
+    """Start observing the call (events.begin: a span opens, current in the caller's
+    context). Reply: the observation handle (passed back in End)."""
+
+
+class End(NamedTuple):
+    """The call ends: report it (events' Call.end). Reply: None."""
+
+    handle: Any
+    role: str
+    error: BaseException | None = None
+    token: int = 0
+    leader_trace: bytes = b""
+
+
+class Takeover(NamedTuple):
+    """This call's flight took over from a leader that died or gave up (an event). Reply:
+    None."""
+
+    token: int
+
+
+class AwaitFlight(NamedTuple):
+    """Wait until the process's flight ``entry`` is resolved, at most ``timeout`` seconds
+    (None: no bound). Reply: True if resolved."""
+
+    entry: Entry
+    timeout: float | None
+
+
+class Fly(NamedTuple):
+    """Run the flight protocol (run_flight) for ``entry`` on this caller's thread, with the
+    deadline on the machine's clock (None: none). Reply: Finished; its errors are thrown in
+    (BackendUnavailable and kin, WaitTimeout)."""
+
+    entry: Entry
+    deadline: float | None
+
+
+class Launch(NamedTuple):
+    """Start a task that drives ``run_shared_flight`` for ``entry`` (asyncio). Reply: None."""
+
+    entry: Entry
+
+
+class Cancel(NamedTuple):
+    """Cancel ``entry``'s flight task if it is still running (nobody awaits it any more and
+    it only follows). Reply: None."""
+
+    entry: Entry
+
+
+class RunHere(NamedTuple):
+    """Run the function in this process, with no lease (token 0), as a leader; count it as a
+    local run. Reply: Outcome (any BaseException captured in it)."""
+
+    entry: Entry
+
+
+CallCommand: TypeAlias = Begin | End | Takeover | AwaitFlight | Fly | Launch | Cancel | RunHere
+
+
+class CallEnv(Protocol):
+    """What the machine reads and updates in the process (no I/O, nothing that blocks)."""
+
+    local_copies: Any  # LocalCopies | None
+
+    def skip_redis(self) -> bool: ...
+    def fall_back(self, exc: Exception) -> bool: ...
+    def answered(self) -> None: ...
+
+
+_OBSERVE: Final = Begin()
+
+
+# --- the call ---------------------------------------------------------------------------------
+
+
+def run_call(
+    env: CallEnv,
+    table: InFlight,
+    names: Names,
+    wait_timeout: float | None,
+    clock: Callable[[], float],
+    *,
+    detail: bool = False,
+    tasked: bool = False,
+    observed: bool = False,
+) -> Generator[CallCommand, Any, Any]:
+    """One caller's call, to the value it returns (or the exception it raises).
+
+    ``table``: the process's flights (per event loop for asyncio); ``clock``: a monotonic
+    clock (the deadline and Fly's deadline are on it); ``detail``: return ``Served``;
+    ``observed``: events listen (Begin, End and Takeover are yielded only then).
+    """
+    key = names.channel
+    check_reentry(key, names.job_id)  # raises ReentrantFlight: a leader calling its own key
+    handle = (yield _OBSERVE) if observed else None
+    deadline = None if wait_timeout is None else clock() + wait_timeout
+    ended = False  # End was yielded (a later failure does not report the call again)
+    try:
+        copies = env.local_copies
+        if copies is not None:
+            hit, value = copies.get(key)
+            if hit:
+                if observed:
+                    ended = True
+                    yield End(handle, "kept")
+                return Served(value, True, "kept") if detail else value
+        while True:
+            entry, created = table.join(key)
+            if created:
+                entry.job_id = names.job_id
+                if not tasked:
+                    # Sync: this caller runs the flight, under its own deadline.
+                    ended = True  # every way out below ends the observation itself
+                    return (yield from _drive_inline(env, table, names, entry, deadline,
+                                                     wait_timeout, handle, detail, observed))  # fmt: skip
+                yield Launch(entry)
+            left = None if deadline is None else max(0.0, deadline - clock())
+            try:
+                done = yield AwaitFlight(entry, left)
+                if not done and created and entry.leading:
+                    # Our own call runs the function: wait_timeout bounds waiting on others.
+                    done = yield AwaitFlight(entry, None)
+            except BaseException:
+                if tasked:
+                    yield from _leave(table, entry)
+                raise
+            _expect_bool(done)
+            if not done:
+                if tasked:
+                    yield from _leave(table, entry)
+                error = WaitTimeout(job_id=names.job_id, seconds=wait_timeout)
+                if observed:
+                    ended = True
+                    yield End(handle, "" if created else "local", error)
+                raise error
+            result = entry.result.get()
+            if result is RETRY:
+                continue
+            role = entry.role if created else "local"
+            ended = True
+            return (yield from _deliver(result, role, created, entry, handle, detail, observed))
+    except GeneratorExit:
+        raise
+    except BaseException as exc:
+        if observed and not ended:
+            yield End(handle, "", exc)  # an abort, or a failure before any role
+        raise
+
+
+def _drive_inline(
+    env: CallEnv,
+    table: InFlight,
+    names: Names,
+    entry: Entry,
+    deadline: float | None,
+    wait_timeout: float | None,
+    handle: Any,
+    detail: bool,
+    observed: bool,
+) -> Generator[CallCommand, Any, Any]:
+    """A sync caller runs its process's flight; the callers who joined get what it shares."""
+    key = names.channel
+    shared: Outcome | object = RETRY
+    try:
+        try:
+            finished = yield from _fly(env, entry, deadline)
+        except WaitTimeout:
+            # Ours alone: the callers who joined start over (RETRY), one of them leads.
+            error = WaitTimeout(job_id=names.job_id, seconds=wait_timeout)
+            if observed:
+                yield End(handle, "remote", error)
+            raise error from None
+        except GeneratorExit:
+            raise
+        except Exception as exc:
+            shared = Outcome(error=exc)  # BackendUnavailable and kin reach every caller
+            if observed:
+                yield End(handle, "", exc)
+            raise
+        except BaseException as exc:  # an abort of this caller: the joiners start over
+            if observed:
+                yield End(handle, "", exc)
+            raise
+        # Read by the callers who joined, once finish() below resolved the entry.
+        entry.role, entry.token, entry.trace = finished.role, finished.token, finished.trace
+        shared = share(env, key, finished)
+        if finished.waited and observed:
+            yield Takeover(finished.token)
+    finally:
+        table.finish(key, entry, shared)  # type: ignore[arg-type]
+    return (yield from _deliver(finished.outcome, finished.role, True, entry, handle, detail,
+                                observed))  # fmt: skip
+
+
+def run_shared_flight(
+    env: CallEnv, table: InFlight, names: Names, entry: Entry, *, observed: bool = False
+) -> Generator[CallCommand, Any, None]:
+    """The flight an asyncio task runs for its process's callers (see Launch): it resolves
+    ``entry`` with the outcome, or RETRY after an abort (which then goes on up the task)."""
+    key = names.channel
+    shared: Outcome | object = RETRY
+    try:
+        finished = yield from _fly(env, entry, None)
+        entry.role, entry.token, entry.trace = finished.role, finished.token, finished.trace
+        if finished.waited and observed:
+            yield Takeover(finished.token)
+        error = finished.outcome.error
+        if error is not None and is_abort(error):
+            raise error  # the waiters were told; the abort goes on up, as it would
+        shared = share(env, key, finished)
+    except GeneratorExit:
+        raise
+    except Exception as exc:
+        shared = Outcome(error=exc)  # BackendUnavailable and kin reach every caller
+    finally:
+        table.finish(key, entry, shared)  # type: ignore[arg-type]
+
+
+def _fly(
+    env: CallEnv, entry: Entry, deadline: float | None
+) -> Generator[CallCommand, Any, Finished]:
+    """The flight through Redis; or, under on_backend_error="local" while Redis is down,
+    the function in this process."""
+    if not env.skip_redis():
+        try:
+            finished = yield Fly(entry, deadline)
+        except BackendUnavailable as exc:
+            if not env.fall_back(exc):
+                raise
+        else:
+            if type(finished) is not Finished:
+                raise ProtocolError(f"the reply to Fly must be Finished, not {finished!r}")
+            env.answered()
+            return finished
+    outcome = yield RunHere(entry)
+    if type(outcome) is not Outcome:
+        raise ProtocolError(f"the reply to RunHere must be Outcome, not {outcome!r}")
+    return Finished(outcome, "leader", 0)
+
+
+def _leave(table: InFlight, entry: Entry) -> Generator[CallCommand, Any, None]:
+    """An asyncio caller stops waiting; the last one out cancels a flight that only follows."""
+    if table.leave(entry) == 0 and not entry.leading:
+        yield Cancel(entry)
+
+
+def _deliver(
+    result: object,
+    role: str,
+    own: bool,
+    entry: Entry,
+    handle: Any,
+    detail: bool,
+    observed: bool,
+) -> Generator[CallCommand, Any, Any]:
+    """Return the value, or raise the error: the original for the caller whose flight made
+    it, a copy for every other caller (one object raised by 50 callers would pile 50 callers'
+    frames onto one traceback)."""
+    if type(result) is not Outcome:
+        raise ProtocolError(f"a flight's result must be an Outcome, not {result!r}")
+    error = result.error
+    if observed:
+        # A leader's span is the run's own: it links to nothing.
+        trace = b"" if role == "leader" else entry.trace
+        yield End(handle, role, error, entry.token, trace)
+    if error is not None:
+        raise error if own else _copy_of(error)
+    if detail:
+        return Served(result.value, role != "leader", role)
+    return result.value
+
+
+def share(env: CallEnv, key: str, finished: Finished) -> Outcome | object:
+    """What the callers who joined this flight in-process get: its outcome, or RETRY after an
+    abort (they start over: one of them leads). A value is kept as a local copy."""
+    outcome = finished.outcome
+    if is_abort(outcome.error):
+        return RETRY
+    copies = env.local_copies
+    if copies is not None and outcome.error is None:
+        copies.put(key, outcome.value, outcome.fresh_ms)
+    return outcome
+
+
+def _expect_bool(done: object) -> None:
+    if type(done) is not bool:
+        raise ProtocolError(f"the reply to AwaitFlight must be a bool, not {done!r}")
+
+
+def _copy_of(error: BaseException) -> BaseException:
+    tb = error.__traceback__
+    try:
+        dup = copy.copy(error)
+    except Exception:
+        return error.with_traceback(tb)  # cannot be copied: at least do not grow its frames
+    if type(dup) is not type(error):
+        return error.with_traceback(tb)
+    dup.__cause__, dup.__context__ = error.__cause__, error.__context__
+    dup.__suppress_context__ = error.__suppress_context__
+    notes = getattr(error, "__notes__", None)
+    if isinstance(notes, list):
+        dup.__dict__["__notes__"] = list(notes)  # a note one caller adds stays its own
+    return dup.with_traceback(tb)
