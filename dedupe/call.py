@@ -193,8 +193,19 @@ def run_call(
                 if not tasked:
                     # Sync: this caller runs the flight, under its own deadline.
                     ended = True  # every way out below ends the observation itself
-                    return (yield from _drive_inline(env, table, names, entry, deadline,
-                                                     wait_timeout, handle, detail, observed))  # fmt: skip
+                    return (
+                        yield from _drive_inline(
+                            env,
+                            table,
+                            names,
+                            entry,
+                            deadline,
+                            wait_timeout,
+                            handle,
+                            detail,
+                            observed,
+                        )
+                    )
                 yield Launch(entry)
             left = None if deadline is None else max(0.0, deadline - clock())
             try:
