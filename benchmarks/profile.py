@@ -239,7 +239,7 @@ def parts(url: str, out: Path) -> None:
     from dedupe.envelope import Outcome, make_record
     from dedupe.keys import names_for
     from dedupe.protocol import Acquire, Complete
-    from dedupe.renewal import Lease
+    from dedupe.leases import Lease
 
     sf = SingleFlight(url, prefix="parts")
 

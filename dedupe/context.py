@@ -8,7 +8,7 @@ import time
 from contextvars import ContextVar
 
 from .errors import LeaseLost, ReentrantFlight
-from .renewal import LostSignal
+from .leases import LostSignal
 
 __all__ = ["Flight", "check_reentry", "current_flight", "leading"]
 

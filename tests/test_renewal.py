@@ -22,11 +22,12 @@ from proxy import Proxy
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dedupe import SingleFlight, renewal
+from dedupe import SingleFlight, leases
 from dedupe.context import Flight
 from dedupe.errors import LeaseLost
 from dedupe.keys import names_for
-from dedupe.renewal import RENEW_UNKNOWN, Lease, LostSignal, Renewer, lease_margin, renew_many
+from dedupe.leases import RENEW_UNKNOWN, Lease, LostSignal, lease_margin
+from dedupe.renewal import Renewer, renew_many
 from devtools.servers import RedisClusterSet, RedisServer
 
 pytestmark = pytest.mark.timeout(40)
@@ -539,7 +540,7 @@ def test_fork_while_leases_are_held_and_locks_are_taken(
     held, release = threading.Event(), threading.Event()
 
     def hold_locks() -> None:
-        with renewal._guard, renewer._lock:
+        with leases._guard, renewer._lock:
             held.set()
             release.wait(10)
 

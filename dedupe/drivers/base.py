@@ -46,7 +46,7 @@ from ..protocol import (
     Release,
     Unanswered,
 )
-from ..renewal import Lease, LostSignal
+from ..leases import Lease, LostSignal
 from ..signals import Latch, Mailbox
 
 __all__ = ["DriverBase", "local_flight", "note", "observe"]

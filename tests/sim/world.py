@@ -135,7 +135,10 @@ class Api:
         self.renew_through_complete = hasattr(base, "start_lease") and hasattr(base, "finish")
         self.lease_from_acquire = "acquired_at" in start
         self.lease_max_hold = "max_hold" in start
-        self.renewal = importlib.import_module("dedupe.renewal")
+        try:  # where lease_margin lives: leases.py, or renewal.py in older checkouts
+            self.renewal = importlib.import_module("dedupe.leases")
+        except ImportError:
+            self.renewal = importlib.import_module("dedupe.renewal")
         # A renewer that decides a lost lease from its own clock, not only from a failed call.
         self.clock_renewer = hasattr(self.renewal, "lease_margin")
 
