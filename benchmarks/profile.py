@@ -238,8 +238,8 @@ def parts(url: str, out: Path) -> None:
     from dedupe.commands import acquire_call, complete_call
     from dedupe.envelope import Outcome, make_record
     from dedupe.keys import names_for
-    from dedupe.protocol import Acquire, Complete
     from dedupe.leases import Lease
+    from dedupe.protocol import Acquire, Complete
 
     sf = SingleFlight(url, prefix="parts")
 

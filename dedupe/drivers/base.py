@@ -35,6 +35,7 @@ from ..context import Flight, leading
 from ..envelope import Codec
 from ..inflight import Entry
 from ..keys import Names
+from ..leases import Lease, LostSignal
 from ..protocol import (
     Acquire,
     Command,
@@ -46,7 +47,6 @@ from ..protocol import (
     Release,
     Unanswered,
 )
-from ..leases import Lease, LostSignal
 from ..signals import Latch, Mailbox
 
 __all__ = ["DriverBase", "local_flight", "note", "observe"]
