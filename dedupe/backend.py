@@ -7,7 +7,9 @@ pre-forking server can import and configure dedupe before it forks.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import inspect
+import itertools
 import logging
 import os
 import queue
@@ -16,7 +18,6 @@ import socket
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -226,8 +227,10 @@ class Backend:
         # Blocking work of asyncio callers (Cluster scripts, min_replicas_ack): made once
         # under _lock, read without it.
         self._threads: ThreadPoolExecutor | None = None
-        # Leases to give back (release_later), and their thread: all under _lock.
-        self._releases: deque[tuple[FlightSpec, float]] = deque()
+        # Leases to give back (release_later): (next look, seq, spec, until, next pause), a
+        # heap; and their thread: all under _lock.
+        self._releases: list[tuple[float, int, FlightSpec, float, float]] = []
+        self._release_seq = itertools.count()
         self._release_wanted = threading.Condition(self._lock)
         self._releaser: threading.Thread | None = None
         self._release_stop = False
@@ -398,10 +401,16 @@ class Backend:
 
     def release_later(self, spec: FlightSpec, sent: float) -> None:
         """Give back the lease an acquire sent at ``sent`` may have granted to ``spec.owner``,
-        on a thread of ours: owner-checked, best effort, retried while such a lease could
-        still be alive; it never delays the caller."""
+        on a thread of ours: owner-checked, best effort, never delaying the caller.
+
+        The acquire may still be on its way (a slow link delivers it after our look), so we
+        look again, at growing intervals, for as long as such a lease could be alive
+        (``lock_ttl`` after its send): a handful of cheap reads, and a lease granted late is
+        given back at the next look rather than left for the waiters to wait out."""
         with self._lock:
-            self._releases.append((spec, sent + spec.lock_ttl_ms / 1000))
+            until = sent + spec.lock_ttl_ms / 1000
+            heapq.heappush(self._releases, (time.monotonic(), next(self._release_seq), spec,
+                                            until, _RELEASE_PAUSE))  # fmt: skip
             if self._releaser is None or not self._releaser.is_alive():
                 self._releaser = threading.Thread(
                     target=self._release_loop, name="dedupe-release", daemon=True
@@ -412,36 +421,41 @@ class Backend:
     def _release_loop(self) -> None:
         while True:
             with self._lock:
-                while not self._releases and not self._release_stop:
-                    if not self._release_wanted.wait(_RELEASE_IDLE):
-                        self._releaser = None  # idle: end; the next release starts one
-                        return
+                while not self._release_stop:
+                    if not self._releases:
+                        if not self._release_wanted.wait(_RELEASE_IDLE) and not self._releases:
+                            self._releaser = None  # idle: end; the next release starts one
+                            return
+                        continue
+                    due = self._releases[0][0] - time.monotonic()
+                    if due <= 0:
+                        break
+                    self._release_wanted.wait(due)
                 if self._release_stop:
                     return
-                spec, until = self._releases.popleft()
-            if not self._release_one(spec):
-                time.sleep(_RELEASE_PAUSE)
-                if time.monotonic() + _RELEASE_PAUSE < until:
-                    with self._lock:
-                        self._releases.append((spec, until))
+                _, _, spec, until, delay = heapq.heappop(self._releases)
+            self._release_one(spec)
+            at = time.monotonic() + delay
+            if at < until:  # look again while such a lease could still be alive
+                with self._lock:
+                    heapq.heappush(self._releases, (at, next(self._release_seq), spec, until,
+                                                    delay * 2))  # fmt: skip
 
-    def _release_one(self, spec: FlightSpec) -> bool:
-        """True once done (released, or nothing of ours held); False to try again."""
+    def _release_one(self, spec: FlightSpec) -> None:
+        """One look: if the lock is ours, complete with an abort notice (owner-checked)."""
         try:
             raw = self.run_sync_script(peek_call(spec))
             holder = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
             token, sep, owner = holder.partition(":")
             if not sep or owner != spec.owner or not token.isdigit():
-                return True  # not ours (or gone): nothing to give back
+                return  # not ours (or gone)
             notice = self.codec.notice(NOTICE_ABORTED, channel=spec.names.channel, token=int(token))
             cmd = Complete(holder, b"", 0, notice, int(token))
             self.run_sync_script(complete_call(spec, cmd, self.publish))
             log.info("gave back lease %s on %r after its acquire went unanswered", token,
                      spec.names.job_id)  # fmt: skip
-            return True
         except Exception as exc:
             log.debug("could not give back a lease on %r yet: %s", spec.names.job_id, exc)
-            return False
 
     def _make_sync_route(self) -> _Route:
         client = self.sync_client()

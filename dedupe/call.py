@@ -213,6 +213,8 @@ def run_call(
                 if not done and created and entry.leading:
                     # Our own call runs the function: wait_timeout bounds waiting on others.
                     done = yield AwaitFlight(entry, None)
+            except GeneratorExit:
+                raise  # the machine is closed: nothing more may be yielded
             except BaseException:
                 if tasked:
                     yield from _leave(table, entry)

@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .commands import ScriptCall, Stamp
 
-__all__ = ["AsyncWire", "SyncWire", "pack", "wire_ready"]
+__all__ = ["AsyncWire", "SyncWire", "pack", "retry_left", "wire_ready"]
 
 # A retry on a fresh connection is worth it only with at least this much of the bound left.
 _MIN_RETRY = 0.05
@@ -125,8 +125,14 @@ class _Wire:
         """What is left of the command's bound for one retry, or None if not worth one."""
         if self.bound is None:
             return None
-        left = self.bound - (time.monotonic() - started)
-        return left if left >= _MIN_RETRY else None
+        return retry_left(self.bound, time.monotonic() - started)
+
+
+def retry_left(bound: float, elapsed: float) -> float | None:
+    """A command failed ``elapsed`` seconds into its ``bound``: the time its one retry on a
+    fresh connection gets, or None if too little is left to be worth one."""
+    left = bound - elapsed
+    return left if left >= _MIN_RETRY else None
 
 
 class SyncWire(_Wire):

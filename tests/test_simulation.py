@@ -170,7 +170,7 @@ def test_finds_a_leader_that_does_not_know_its_lease_is_gone(api: Api) -> None:
 
 def _blind_renewer(api: Api) -> Api:
     blind = Api()
-    blind.clock_renewer = False
+    blind.blind_renewer = True
     return blind
 
 

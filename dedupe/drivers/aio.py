@@ -139,7 +139,7 @@ async def _run_here(
 
 class _Driver(DriverBase):
     async def run(self) -> Finished:
-        flight = run_flight(self.spec, self.codec, time.monotonic, self.trace)
+        flight = run_flight(self.spec, self.codec, self.clock, self.trace)
         reply: object = None
         error: BaseException | None = None
         try:

@@ -97,6 +97,9 @@ def observe(names: Names, cmd: Begin | End | Takeover) -> Any:
 class DriverBase:
     """One flight's plumbing: scripts to run, the subscription, the lease while leading."""
 
+    # The monotonic clock the flight's times are on (the simulator gives its own).
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+
     def __init__(
         self,
         backend: Backend,
@@ -183,9 +186,10 @@ class DriverBase:
             names.lock,
             cmd.lock_value,
             spec.lock_ttl_ms / 1000,
-            acquired_at=cmd.since,  # run_flight's clock is time.monotonic in both drivers
+            acquired_at=cmd.since,  # on run_flight's clock, self.clock
             max_hold=spec.max_hold_ms / 1000,
             loop=loop,
+            clock=self.clock,
         )
         self.backend.renewer().add(lease)
         self.lease = lease

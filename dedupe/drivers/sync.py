@@ -93,7 +93,7 @@ def _run_here(
 
 class _Driver(DriverBase):
     def run(self) -> Finished:
-        flight = run_flight(self.spec, self.codec, time.monotonic, self.trace)
+        flight = run_flight(self.spec, self.codec, self.clock, self.trace)
         reply: object = None
         error: BaseException | None = None
         try:

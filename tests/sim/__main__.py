@@ -24,11 +24,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schedule", default=None, help="replay this step list (as printed)")
     ap.add_argument("--shrink-seconds", type=float, default=20.0)
     ap.add_argument("--ignore", default="", help="invariant kinds to look past (comma-separated)")
-    ap.add_argument(
-        "--lease-from-acquire",
-        action="store_true",
-        help="date each lease from its acquire's send time (renewal.Lease(acquired_at=))",
-    )
     ap.add_argument("--without", default="", help="step kinds never to schedule (comma-separated)")
     ap.add_argument("--max-drift", type=float, default=None, help="clock-rate skew bound")
     ap.add_argument("--keep-going", action="store_true", help="do not stop at the first failure")
@@ -44,20 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     params = Params()
     if args.max_drift is not None:
         params.max_drift = args.max_drift
-    if args.lease_from_acquire:
-        api.lease_from_acquire = True
     ignored = frozenset(k for k in args.ignore.split(",") if k)
     without = frozenset(k for k in args.without.split(",") if k)
     import dedupe
 
     print(f"dedupe from {dedupe.__file__}")
-    print(
-        f"renewer stand-in: {'clock-decided' if api.clock_renewer else 'failure-decided'} loss; "
-        f"lease renewed {'through complete' if api.renew_through_complete else 'while it runs'}, "
-        f"dated from {'the acquire' if api.lease_from_acquire else 'the function start'}"
-        f"{', max_hold' if api.lease_max_hold else ''}; "
-        f"clock skew bound +-{params.max_drift:.1%}"
-    )
+    print(f"clock skew bound +-{params.max_drift:.1%}")
     if args.schedule is not None:
         steps = [tuple(s) for s in ast.literal_eval(args.schedule)]
         out = run(args.seed or 0, steps, params, api, trace=True, ignored=ignored)

@@ -1,11 +1,14 @@
 """A simulated Redis that runs the package's real Lua scripts (Lua 5.1 through lupa).
 
 Only the commands the scripts use exist: GET, SET (NX/XX, PX/EX, GET), DEL, EXISTS, PTTL,
-PEXPIRE, INCR, TIME, PUBLISH and SPUBLISH. Values are bytes; keys expire on the store's
-own clock (milliseconds, read from ``now_us``); a restart loses every key and may move
-TIME forward. Replies follow Redis's Lua conversion rules: a Lua number becomes an integer
-(truncated), a table an array (up to its first nil), ``{err=...}`` an error, ``{ok=...}``
-a status, false a nil; and the other way round a nil bulk reaches Lua as false.
+PEXPIRE, INCR, TIME, PUBLISH and SPUBLISH. Keys in ``tracked`` live on one of two Cluster
+nodes ("A", "B"): a script running at ``node`` sees only those there (the world decides,
+as Redis Cluster does, where a command may run), and what it writes lives there. Values
+are bytes; keys expire on the store's own clock (milliseconds, read from ``now_us``); a
+restart loses every key and may move TIME forward. Replies follow Redis's Lua conversion
+rules: a Lua number becomes an integer (truncated), a table an array (up to its first nil),
+``{err=...}`` an error, ``{ok=...}`` a status, false a nil; and the other way round a nil
+bulk reaches Lua as false.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class SimRedis:
         self.offset_us = 0  # TIME (and expiry) = true time + offset; a restart may move it
         self.data: dict[bytes, tuple[bytes, int | None]] = {}  # key -> (value, expires at ms)
         self.restarts = 0
+        self.tracked: set[bytes] = set()  # keys of the Cluster slot: each lives on one node
+        self.where: dict[bytes, str] = {}  # tracked key -> the node that holds it
+        self.node = "A"  # where the running command runs
         self.lua = lua51.LuaRuntime(
             encoding=None,
             register_eval=False,
@@ -88,29 +94,59 @@ class SimRedis:
     def time_us(self) -> int:
         return self._now_us() + self.offset_us
 
-    def _live(self, key: bytes) -> tuple[bytes, int | None] | None:
+    def _physical(self, key: bytes) -> tuple[bytes, int | None] | None:
         entry = self.data.get(key)
         if entry is not None and entry[1] is not None and entry[1] <= self.now_ms():
             del self.data[key]
+            self.where.pop(key, None)
             return None
         return entry
+
+    def _live(self, key: bytes) -> tuple[bytes, int | None] | None:
+        """The key as the running command sees it: at its node only, if tracked."""
+        entry = self._physical(key)
+        if entry is not None and key in self.tracked and self.where.get(key, "A") != self.node:
+            return None
+        return entry
+
+    def get_at(self, key: bytes, node: str) -> bytes | None:
+        entry = self._physical(key)
+        if entry is None or (key in self.tracked and self.where.get(key, "A") != node):
+            return None
+        return entry[0]
+
+    def get_any(self, key: bytes) -> bytes | None:
+        entry = self._physical(key)
+        return None if entry is None else entry[0]
+
+    def move(self, key: bytes, node: str) -> None:
+        """MIGRATE: the key, its value and its expiry, now at ``node``."""
+        if self._physical(key) is not None:
+            self.where[key] = node
+
+    def write(self, key: bytes, value: bytes, px: int | None, node: str = "A") -> None:
+        """Someone else's SET (a key writer), at ``node``."""
+        self.data[key] = (value, None if px is None else self.now_ms() + px)
+        if key in self.tracked:
+            self.where[key] = node
 
     def get(self, key: bytes) -> bytes | None:
         entry = self._live(key)
         return None if entry is None else entry[0]
 
     def pttl(self, key: bytes) -> int:
-        entry = self._live(key)
+        entry = self._physical(key)
         if entry is None:
             return -2
         return -1 if entry[1] is None else entry[1] - self.now_ms()
 
     def live_keys(self) -> list[bytes]:
-        return [key for key in list(self.data) if self._live(key) is not None]
+        return [key for key in list(self.data) if self._physical(key) is not None]
 
     def restart(self, jump_ms: int = 0) -> None:
         """Lose every key (no persistence); the clock may jump forward."""
         self.data.clear()
+        self.where.clear()
         # A restart takes time: TIME moves on by at least a millisecond.
         self.offset_us += max(1, jump_ms) * 1000
         self.restarts += 1
@@ -202,6 +238,8 @@ class SimRedis:
         if self.on_set is not None:
             self.on_set(key, value, px)
         self.data[key] = (value, None if px is None else self.now_ms() + px)
+        if key in self.tracked:
+            self.where[key] = self.node
         if b"GET" in opts:  # the old value (nil reaches Lua as false), as Redis 6.2+ does
             return old[0] if old is not None else False
         return self.lua.table_from({b"ok": b"OK"})  # a status reply reaches Lua as {ok=...}
@@ -211,6 +249,7 @@ class SimRedis:
         for key in a:
             if self._live(key) is not None:
                 del self.data[key]
+                self.where.pop(key, None)
                 n += 1
         return n
 
@@ -227,6 +266,7 @@ class SimRedis:
         ms = _int(a[1])
         if ms <= 0:
             del self.data[a[0]]
+            self.where.pop(a[0], None)
         else:
             self.data[a[0]] = (entry[0], self.now_ms() + ms)
         return 1
@@ -235,6 +275,8 @@ class SimRedis:
         entry = self._live(a[0])
         n = (_int(entry[0]) if entry is not None else 0) + 1
         self.data[a[0]] = (str(n).encode(), None if entry is None else entry[1])
+        if a[0] in self.tracked:
+            self.where[a[0]] = self.node
         return n
 
     def _time(self, a: list[bytes]) -> Any:

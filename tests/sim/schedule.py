@@ -6,7 +6,8 @@ by then. So any sub-list of a schedule still replays, and shrinking is plain del
 debugging over the list (then making each step's numbers smaller), keeping the failure's
 kind. Steps:
 
-    ("call", p, k, wait_ms)  process p calls key k (wait_ms 0: no wait_timeout)
+    ("call", p, k, wait_ms, mode)  process p calls key k (wait_ms 0: no wait_timeout) through
+                             the call machine in mode "sync" or "async" (default "sync")
     ("deliver", n)           the n-th deliverable item in transit arrives (0: the oldest)
     ("drop", n)              ... is lost        ("dup", n)  ... arrives twice (later)
     ("next",)                time moves to the next timer (a timeout, a renewal, a resume)
@@ -19,6 +20,14 @@ kind. Steps:
     ("restart", jump_ms)     Redis restarts without persistence; TIME jumps forward
     ("replay", n)            the n-th message published so far is published again
     ("forge", n, k)          bytes that are no genuine outcome, on k's channel or result key
+    ("writeback", n)         a key writer writes the n-th record stored so far back, with the
+                             life it was stored with
+    ("clog", p)              process p's commands wait in its client-side queue (its command
+                             slots) before they are written (again: they are all written)
+    ("send", p, n)           the n-th queued command of p is written
+    ("mig", op)              k1's slot on the Cluster: "open" a migration to the other node,
+                             "move" one key there, "close" it (the rest moves; the target owns it)
+    ("starve", p, ms)        p's renewal thread cannot run for ms (the GIL held, CPU starved)
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ def describe(step: Step) -> str:
     kind = step[0]
     if kind == "call":
         wait = f" wait_timeout={step[3]}ms" if step[3] else ""
-        return f"p{step[1]} calls k{step[2]}{wait}"
+        mode = step[4] if len(step) > 4 else "sync"
+        return f"p{step[1]} calls k{step[2]} ({mode}){wait}"
     if kind in ("deliver", "drop", "dup", "replay"):
         return f"{kind} #{step[1]}"
     if kind == "forge":
@@ -58,6 +68,16 @@ def describe(step: Step) -> str:
         return f"{'kill' if kind == 'kill' else 'cut/heal'} p{step[1]}"
     if kind == "restart":
         return f"restart Redis: keys lost, TIME +{max(1, step[1])} ms"
+    if kind == "writeback":
+        return f"write back stored record #{step[1]}"
+    if kind == "clog":
+        return f"clog/unclog p{step[1]}'s command queue"
+    if kind == "send":
+        return f"p{step[1]} writes queued command #{step[2]}"
+    if kind == "mig":
+        return f"migration: {step[1]}"
+    if kind == "starve":
+        return f"starve p{step[1]}'s renewer for {step[2]} ms"
     return repr(step)
 
 
@@ -67,13 +87,15 @@ def apply(world: World, step: Step) -> str:
     if kind == "call":
         proc = world.procs[step[1] % len(world.procs)]
         key, wait = f"k{step[2] % len(world.names)}", step[3]
+        mode = step[4] if len(step) > 4 else "sync"
 
         def start() -> None:
-            caller = world.call(proc, key, wait)
-            world.log(f"caller #{caller.id} starts on {proc.name()}")
+            caller = world.call(proc, key, wait, mode)
+            world.log(f"caller #{caller.id} ({mode}) starts on {proc.name()}")
 
         # A paused process makes no calls: this one starts when it resumes.
         world.run_on(proc, proc.epoch, start, net=False)
+        world.settle()
         return ""
     if kind in ("deliver", "drop", "dup"):
         return world.deliver(step[1], mode=kind)
@@ -104,6 +126,24 @@ def apply(world: World, step: Step) -> str:
         return world.replay(step[1])
     if kind == "forge":
         return world.forge(step[1], step[2])
+    if kind == "writeback":
+        return world.write_back(step[1])
+    if kind == "clog":
+        proc = world.procs[step[1] % len(world.procs)]
+        proc.clogged = not proc.clogged
+        if not proc.clogged:
+            out = world.send_queued(proc, None)
+            world.settle()
+            return "unclogged; " + out
+        return "clogged"
+    if kind == "send":
+        out = world.send_queued(world.procs[step[1] % len(world.procs)], step[2])
+        world.settle()
+        return out
+    if kind == "mig":
+        return world.migrate(step[1])
+    if kind == "starve":
+        return world.starve(world.procs[step[1] % len(world.procs)], step[2] * 1000)
     raise ValueError(f"unknown step {step!r}")
 
 
@@ -127,6 +167,11 @@ def choose(
     if world.published:
         options.append((1.5, "replay"))
     options.append((0.7, "forge"))
+    if world.stored:
+        options.append((0.8, "writeback"))
+    options += [(1.0, "clog"), (0.8, "mig"), (0.6, "starve")]
+    if any(proc.outbox for proc in world.procs):
+        options.append((6, "send"))
     options = [(w, k) for w, k in options if k not in without]
     if not options:
         return ("next",)  # nothing else can happen: time must move
@@ -134,7 +179,7 @@ def choose(
     p = rng.randrange(params.procs)
     if kind == "call":
         wait = rng.choice((0, 0, 0, 1000, 3000, 6000))
-        return ("call", p, rng.randrange(params.keys), wait)
+        return ("call", p, rng.randrange(params.keys), wait, rng.choice(("sync", "async")))
     if kind in ("deliver", "drop", "dup"):
         return (kind, 0 if rng.random() < 0.6 else rng.randrange(max(1, items)))
     if kind == "advance":
@@ -152,6 +197,18 @@ def choose(
         return ("replay", rng.randrange(len(world.published)))
     if kind == "forge":
         return ("forge", rng.randrange(4), rng.randrange(params.keys))
+    if kind == "writeback":
+        return ("writeback", rng.randrange(len(world.stored)))
+    if kind == "clog":
+        return ("clog", p)
+    if kind == "send":
+        queued = [i for i, proc in enumerate(world.procs) if proc.outbox]
+        proc_i = rng.choice(queued)
+        return ("send", proc_i, rng.randrange(len(world.procs[proc_i].outbox)))
+    if kind == "mig":
+        return ("mig", rng.choice(("open", "move", "move", "close")))
+    if kind == "starve":
+        return ("starve", p, rng.choice((300, 1000, 2500)))
     return ("next",)
 
 
@@ -171,18 +228,28 @@ def drifts_for(seed: int, params: Params) -> list[float]:
 
 def _quiesce(world: World) -> None:
     """Heal everything, then run fault-free until no call is left (or it is stuck)."""
+    world.quiet = True
     for proc in world.procs:
         proc.partitioned = False
+        proc.starved_until = 0
+        if proc.clogged:
+            proc.clogged = False
+            world.send_queued(proc, None)
+    if world.slot.migrating is not None:
+        world.log(world.migrate("close"))
+    world.settle()
     limit = world.now_us + _QUIET_LIMIT_US
     world.log("--- schedule over: links healed, no more faults; draining")
-    while world.now_us < limit and any(
-        not c.done and c.proc.epoch == c.epoch for c in world.callers
-    ):
+    while world.now_us < limit:
         if world.deliverable():
             world.deliver(0)
         elif world.jobs:
             world.log(world.finish_job(0, "ok"))
         else:
+            # Everything in transit arrived: a lease given back has been given back.
+            world.check_orphans()
+            if not any(not c.done and c.proc.epoch == c.epoch for c in world.callers):
+                break
             due = world.next_timer_us()
             if due is None:
                 break
@@ -323,7 +390,13 @@ def _simpler(step: Step) -> list[Step]:
     if kind in ("deliver", "drop", "dup", "replay", "finish") and step[1]:
         return [(kind, 0, *step[2:])]
     if kind == "call" and step[3]:
-        return [("call", step[1], step[2], 0)]
+        return [("call", step[1], step[2], 0, *step[4:])]
+    if kind == "call" and len(step) > 4 and step[4] != "sync":
+        return [("call", step[1], step[2], step[3], "sync")]
+    if kind in ("send",) and step[2]:
+        return [(kind, step[1], 0)]
+    if kind == "starve" and step[2] > 300:
+        return [("starve", step[1], step[2] // 2)]
     if kind == "advance" and step[1] > 50:
         return [("next",), ("advance", step[1] // 2)]
     if kind == "pause" and step[2] > 500:

@@ -1,24 +1,32 @@
-"""The simulated world: processes running the real ``run_flight``, a network, one Redis.
+"""The simulated world: processes running dedupe's real machines, a network, one Redis.
 
-Nothing here runs on its own: every step of a schedule is applied by ``schedule.apply``,
-and time moves only in ``World.advance``. True time is an integer count of
-microseconds; the store's clock is true time plus an offset (a restart may move it), and
-each process's monotonic clock is ``base + true * (1 + drift)`` with ``|drift| <= max_drift``
-(the skew bound the invariants allow for). A paused process keeps its clock running but
-handles nothing: what reaches it waits in its inbox until it resumes.
+What runs is the package's own code: every caller steps the real call machine
+(``call.run_call``, in its sync or its asyncio mode, and ``run_shared_flight`` for asyncio's
+flight task), every flight the real ``protocol.run_flight``, every lease sits in the real
+``leases.LeaseBook`` of its process's renewer, scripts are built and replies parsed by the
+real driver code (``DriverBase.script_for``, ``reply_of``, ``failed``), and the real Lua
+scripts run in a simulated Redis (``redis.py``). The simulator carries their commands, as
+the drivers do, through a world where every step of a schedule is one event.
 
-What each process holds mirrors the sync driver (dedupe/drivers/sync.py): an in-process
-table of flights (the first caller of a key drives ``run_flight``, the others join and get
-its outcome, or start over on RETRY), a pub/sub hub (per-channel mailboxes, a confirmation,
-RECHECK into every mailbox after a reconnect), and a renewer stand-in that renews each
-lease at ttl/3 through the real RENEW script. Script commands become KEYS/ARGV through the
-package's own builders (``DriverBase.script_for`` and ``dedupe.commands``), so the mapping
-cannot drift from the drivers'.
+Nothing here runs on its own: every step is applied by ``schedule.apply``, and time moves
+only in ``World.advance``. True time is an integer count of microseconds; the store's clock
+is true time plus an offset (a restart may move it), and each process's monotonic clock is
+``base + true * (1 + drift)`` with ``|drift| <= max_drift``. A paused process keeps its
+clock running but handles nothing: what reaches it waits in its inbox until it resumes.
 
-The network holds requests (process -> Redis), replies and pub/sub messages in transit;
-a step delivers, drops or duplicates one of them. A dropped request never ran; a dropped
-reply ran; either way the client gives up after ``socket_timeout`` on its own clock, as
-redis-py does, and the driver sees BackendUnavailable (through ``dedupe.commands.translate``).
+The world holds, beside the processes:
+- a network of requests, replies and pub/sub messages in transit; a step delivers, drops
+  or duplicates one. A dropped request never ran; a dropped reply ran; either way the
+  client gives up after ``socket_timeout`` on its own clock and, within the command's bound
+  (``wire.retry_left``), tries once more on a fresh connection, as dedupe's wire does;
+- a client-side queue per process (its command slots): while a process is clogged, its
+  commands wait there before they are written (stamped then, as the wire stamps them);
+- a two-node Cluster for key k1: its slot can migrate between nodes A and B (open, move one
+  key, close), with MOVED, ASK (ASKING) and TRYAGAIN as Redis answers them; the drivers'
+  scripts are re-sent as redis-py's cluster client and dedupe's migration pauses do, and
+  renewals follow redirections as ``renewal._redirect`` decides;
+- a key writer that writes genuine records captured earlier back into result keys, and one
+  that forges records and messages; a publisher that replays genuine messages.
 
 Invariants (``KINDS``), checked as things happen and after every step:
 - no caller returns an outcome of a lease older than the one its flight waited on or it
@@ -28,34 +36,38 @@ Invariants (``KINDS``), checked as things happen and after every step:
 - a live lock is never replaced, and fencing tokens strictly grow per key, across restarts
   (lock-overwrite, token-order);
 - when a lease is granted, every older leader still running its function knows its lease is
-  lost, by its own clock, unless a Redis restart dropped the lock (unaware-leader); the skew
-  bound is ``max_drift``;
+  lost, by its own clock, unless a Redis restart dropped the lock (unaware-leader);
+- a lease is never dated from before its acquire was written (lease-dated-early);
+- a running leader's lock never lapses while its process was healthy and its renewer got an
+  answer to every renewal it sent (lapsed-lease): so a lease is never abandoned, and a slot
+  migration does not cost it;
+- once the faults stop, no lock is left held for a flight that gave up on its acquire
+  without leading (orphaned-lease): waiters must not wait out a lease nobody runs;
 - the protocol never waits past the lease bound; a caller with a wait_timeout ends within
   it plus one subscribe and one round trip, pauses not counted; after the faults stop, every
-  call ends (unbounded-wait, missed-deadline, stuck-call); so a finished outcome reaches every
-  caller that joined its flight, unless BackendUnavailable or WaitTimeout says why not;
+  call ends (unbounded-wait, missed-deadline, stuck-call);
 - no key lives without a TTL or longer than its bound (ttl).
 
-Not modelled: the asyncio driver (the sync driver's decisions are mirrored), the renewer's
-batching and worker threads, TIME going backwards. The network is harsher than TCP: it may
-reorder messages of one pub/sub connection. A restart takes at least 1 ms of Redis's clock.
+Not modelled: on_backend_error="local", local copies, the real hub (its subscription
+machine has a state-machine test of its own), TIME going backwards. The network is harsher
+than TCP: it may reorder messages of one pub/sub connection.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import heapq
 import importlib
-import inspect
 import itertools
 import math
 import re
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import AskError, MovedError, ResponseError, TryAgainError
 
 from .redis import ScriptError, SimRedis
 
@@ -70,6 +82,9 @@ KINDS = frozenset(
         "token-order",  # fencing tokens did not strictly grow (across restarts too)
         "lock-overwrite",  # a live lock was replaced
         "unaware-leader",  # a new lease was granted while the old leader thought it still led
+        "lease-dated-early",  # a lease dated from before its acquire was written
+        "lapsed-lease",  # a lock lapsed under a healthy leader whose renewals were answered
+        "orphaned-lease",  # a lock left held for a flight that gave up before leading
         "missed-deadline",  # a caller waited past its wait_timeout (plus one round trip)
         "unbounded-wait",  # the protocol asked for a wait longer than the lease allows
         "stuck-call",  # after the faults stopped, a call never ended
@@ -83,6 +98,7 @@ KINDS = frozenset(
 
 US = 1_000_000
 _VALUE = re.compile(r"^(k\d+)@(\d+)#(\d+)$")
+CLUSTER_KEY = "k1"  # the key whose slot lives on the two-node Cluster (A, B)
 
 
 class Violation(Exception):
@@ -101,15 +117,16 @@ class Params:
     procs: int = 3
     keys: int = 2
     lock_ttl_ms: int = 3000
-    keep_ms: int = 1000
+    keep_ms: int = 1000  # result_ttl
     grace_ms: int = 3600  # the api's lock_ttl + 2 s, scaled
     token_ttl_ms: int = 10_000
     socket_timeout: float = 1.5
+    connect_timeout: float = 0.6  # with socket_timeout: a command's bound, its retry included
     confirm_timeout: float = 3.0  # the backend's connect_timeout + socket_timeout
+    queue_timeout: float = 6.0  # longest wait for a command slot (the client-side queue)
     # The clock-skew bound: each process's clock runs within +-4 % of the store's rate. A
-    # clock-deciding renewer gives a lease up 5 % early (renewal.lease_margin), which covers it.
+    # clock-deciding renewer gives a lease up 5 % early (leases.lease_margin), which covers it.
     max_drift: float = 0.04
-    loss_margin: float = 0.05  # fraction of the lease a clock-mode renewer gives up early
     secret: bytes = b"sim-secret"
     max_hold_ms: int = 20_000  # where the code has max_hold (the default 300 s, scaled)
 
@@ -118,34 +135,39 @@ class Api:
     """The package under test, imported by name so ``--package`` can point at any checkout."""
 
     def __init__(self) -> None:
-        self.protocol = importlib.import_module("dedupe.protocol")
-        self.commands = importlib.import_module("dedupe.commands")
-        self.envelope = importlib.import_module("dedupe.envelope")
-        self.errors = importlib.import_module("dedupe.errors")
-        self.keys = importlib.import_module("dedupe.keys")
-        self.base = importlib.import_module("dedupe.drivers.base")
+        imp = importlib.import_module
+        self.protocol = imp("dedupe.protocol")
+        self.call = imp("dedupe.call")
+        self.commands = imp("dedupe.commands")
+        self.envelope = _first(imp, "dedupe.sealing", "dedupe.envelope")
+        self.errors = imp("dedupe.errors")
+        self.keys = imp("dedupe.keys")
+        self.base = imp("dedupe.drivers.base")
+        self.leases = imp("dedupe.leases")
+        self.inflight = imp("dedupe.inflight")
+        self.wire = imp("dedupe.wire")
+        self.renewal = imp("dedupe.renewal")
         self.scripts = [
             v for v in vars(self.commands).values() if isinstance(v, self.commands.Script)
         ]
-        # How the driver holds a lease (mirrored by the stand-in): renewed until the complete
-        # script returned (new) or only while the function runs (old); dated from the acquire's
-        # send time or from the start of the function; bounded by max_hold or not.
-        base = self.base.DriverBase
-        start = inspect.getsource(getattr(base, "start_lease", getattr(base, "leased", base)))
-        self.renew_through_complete = hasattr(base, "start_lease") and hasattr(base, "finish")
-        self.lease_from_acquire = "acquired_at" in start
-        self.lease_max_hold = "max_hold" in start
-        try:  # where lease_margin lives: leases.py, or renewal.py in older checkouts
-            self.renewal = importlib.import_module("dedupe.leases")
-        except ImportError:
-            self.renewal = importlib.import_module("dedupe.renewal")
-        # A renewer that decides a lost lease from its own clock, not only from a failed call.
-        self.clock_renewer = hasattr(self.renewal, "lease_margin")
+        self.script_names = {
+            v.sha: name
+            for name, v in vars(self.commands).items()
+            if isinstance(v, self.commands.Script)
+        }
+        spec_fields = {f.name for f in dataclasses.fields(self.protocol.FlightSpec)}
+        self.result_ttl_field = "keep_ms" if "keep_ms" in spec_fields else "result_ttl_ms"
+        # Planted defects (tests of the simulator itself): what to do instead of the real code.
+        self.blind_renewer = False  # the renewer learns of a loss only from a failed renewal
 
-    def margin(self, ttl: float, fallback: float) -> float:
-        if self.clock_renewer:
-            return float(self.renewal.lease_margin(ttl))
-        return ttl * fallback
+
+def _first(imp: Callable[[str], Any], *names: str) -> Any:
+    for name in names:
+        try:
+            return imp(name)
+        except ImportError:
+            continue
+    raise ImportError(names[0])
 
 
 # --- bits of the world --------------------------------------------------------------------
@@ -170,6 +192,7 @@ class Item:
     epoch: int
     label: str
     deliver: Callable[[], None]
+    lease: Any = None  # a renewal's: dropping it is a fault of that lease
 
 
 @dataclass(eq=False)
@@ -177,10 +200,14 @@ class Request:
     proc: Proc
     epoch: int
     label: str
-    run: Callable[[], Any]  # executes at Redis, returns the raw reply
+    run: Callable[[], Any]  # executes at Redis, returns the raw reply (or raises)
     on_reply: Callable[[Any, BaseException | None], None]
+    timeout: float  # seconds on the process's clock, from the write
     answered: bool = False
     timer: Timer | None = None
+    on_sent: Callable[[], None] | None = None
+    queued_at: float = 0.0
+    lease: Any = None
 
 
 @dataclass(eq=False)
@@ -189,53 +216,29 @@ class Caller:
     proc: Proc
     epoch: int
     key: str
+    mode: str  # "sync" or "async": the call machine's mode
     start_us: int
     deadline: float | None  # on its process's clock
     ref_start: int  # the newest lease granted on the key before it started
     paused_at_start: float
-    seen: int = 0  # the newest lease its flight saw (joiners: what the driver saw when joining)
+    seen: int = 0  # the newest lease its flight saw (joiners: what the flight saw when joining)
     joined: bool = False
-    own_token: int = 0  # the lease of the local flight it drove or joined, if that one led
+    own_token: int = 0  # the lease of the process's flight it drove or joined, if that one led
     done: bool = False
     result: str = ""
-    timer: Timer | None = None
-
-
-@dataclass(eq=False)
-class Entry:
-    key: str
-    driver: Driver
-    joiners: list[Caller] = field(default_factory=list)
-
-
-@dataclass(eq=False)
-class Lease:
-    key: str
-    lock_key: str
-    value: str
-    token: int
-    ttl: float
-    last_ok: float
-    restarts: int  # Redis restarts when last confirmed: a restart since loses the lock
-    margin: float  # how early a clock-deciding renewer gives the lease up
-    hold_until: float  # max_hold: renewal stops here (inf: no bound)
-    lost: bool = False
-    active: bool = True
-    running: bool = True  # the user's function is still running under it
-    completing: bool = False  # our complete script is on its way: a gone lock is our release
 
 
 @dataclass(eq=False)
 class Job:
     proc: Proc
     epoch: int
-    driver: Driver
+    flight: FlightRun
     token: int
     seq: int
 
 
 class Hub:
-    """One process's pub/sub hub: channel -> mailboxes, and whether Redis confirmed it."""
+    """One process's pub/sub hub stand-in: channel -> mailboxes, subscribed at one node."""
 
     def __init__(self, world: World, proc: Proc) -> None:
         self.world, self.proc = world, proc
@@ -252,10 +255,11 @@ class Hub:
 
     def _send(self, channel: str) -> None:
         w, p, epoch = self.world, self.proc, self.proc.epoch
+        node = w.node_of(p, channel)
 
         def run() -> Any:
             if p.epoch == epoch:  # a dead process's late SUBSCRIBE subscribes nobody
-                w.subs.setdefault(channel, set()).add(p)
+                w.subs.setdefault((node, channel), set()).add(p)
             return 1
 
         def ack(_: Any, error: BaseException | None) -> None:
@@ -264,7 +268,7 @@ class Hub:
                 for wake in self.waiters.pop(channel, []):
                     wake(True)
 
-        w.request(p, f"SUBSCRIBE {w.short(channel)}", run, ack, timeout=False)
+        w.request(p, f"SUBSCRIBE {w.short(channel)}@{node}", run, ack, timeout=None)
 
     def unsubscribe(self, channel: str, mailbox: list[object]) -> None:
         boxes = self.channels.get(channel)
@@ -274,13 +278,19 @@ class Hub:
         if not boxes:
             del self.channels[channel]
             self.confirmed.pop(channel, None)
-            self.world.subs.get(channel, set()).discard(self.proc)
+            for (_, ch), subs in self.world.subs.items():
+                if ch == channel:
+                    subs.discard(self.proc)
 
-    def reconnect(self) -> None:
-        """The connection dropped (or was kicked): re-subscribe all, every waiter re-checks."""
+    def reconnect(self, only: str | None = None) -> None:
+        """The connection dropped (or the slot moved): re-subscribe, every waiter re-checks."""
         recheck = self.world.api.protocol.RECHECK
         for channel, boxes in list(self.channels.items()):
-            self.world.subs.get(channel, set()).discard(self.proc)
+            if only is not None and channel != only:
+                continue
+            for (_, ch), subs in self.world.subs.items():
+                if ch == channel:
+                    subs.discard(self.proc)
             self.confirmed[channel] = False
             self._send(channel)
             for box in list(boxes):
@@ -289,6 +299,22 @@ class Hub:
     def message(self, channel: str, data: bytes) -> None:
         for box in list(self.channels.get(channel, [])):
             self.world.put(self.proc, box, data)
+
+
+class Env:
+    """What the call machine reads of its process (the CallEnv): no local copies, and no
+    local fallback (on_backend_error="raise")."""
+
+    local_copies = None
+
+    def skip_redis(self) -> bool:
+        return False
+
+    def fall_back(self, exc: Exception) -> bool:
+        return False
+
+    def answered(self) -> None:
+        pass
 
 
 class Proc:
@@ -300,16 +326,24 @@ class Proc:
         self.drift, self.base_us = drift, base_us
         self.paused_until: int | None = None
         self.partitioned = False
+        self.clogged = False  # its commands wait in its client-side queue (command slots)
         self.inbox_net: list[Callable[[], None]] = []
         self.inbox_timers: list[Callable[[], None]] = []
         self.flights = 0
         self.paused_total = 0.0  # seconds of its clock spent paused
+        self.env = Env()
         self.reset()
 
     def reset(self) -> None:
-        self.table: dict[str, Entry] = {}
+        api = self.world.api
+        self.sync_table = api.inflight.InFlight()
+        self.async_table = api.inflight.InFlight()
         self.hub = Hub(self.world, self)
-        self.leases: list[Lease] = []
+        self.renewer = SimRenewer(self.world, self)
+        self.outbox: list[Request] = []
+        self.cluster_view = "A"  # where its cluster client believes k1's slot lives
+        self.faulted_since = 0  # true us of the last fault that touched this process
+        self.starved_until = 0  # true us until which its renewer thread cannot run
 
     def clock(self) -> float:
         return (self.base_us + self.world.now_us * (1 + self.drift)) / US
@@ -320,6 +354,14 @@ class Proc:
 
     def name(self) -> str:
         return f"p{self.idx}" + (f"'{self.epoch}" if self.epoch else "")
+
+
+@dataclass
+class Slot:
+    """k1's slot on the two-node Cluster."""
+
+    owner: str = "A"
+    migrating: tuple[str, str] | None = None  # (source, target) while open
 
 
 # --- the world ----------------------------------------------------------------------------
@@ -334,26 +376,36 @@ class World:
         for script in api.scripts:
             self.redis.load(script.lua)
         self.redis.on_set = self._on_set
-        self.procs = [Proc(self, i, drifts[i], 10_000 * US * (i + 1)) for i in range(params.procs)]
-        self.subs: dict[str, set[Proc]] = {}
+        self.subs: dict[tuple[str, str], set[Proc]] = {}
         self.net: list[Item] = []
         self.timers: list[tuple[int, int, Timer]] = []
         self.seq = itertools.count()
+        self.ready: deque[Callable[[], None]] = deque()  # wake-ups to run after this event
         self.callers: list[Caller] = []
         self.jobs: list[Job] = []
         self.published: list[tuple[str, bytes]] = []
+        self.stored: list[tuple[bytes, bytes, int]] = []  # genuine records written: key, value, px
         self.max_token: dict[str, int] = {}  # newest lease granted per key, across restarts
         self.grants: dict[tuple[str, int], int] = {}  # (key, token) -> Redis restarts by then
+        self.leases: list[SimLease] = []
         self.faults = 0
+        self.ids = itertools.count(1)
         self.codec = api.envelope.Codec(api.envelope.PICKLE, secret=params.secret)
         self.names = {f"k{i}": api.keys.names_for("sim", f"k{i}") for i in range(params.keys)}
         self.by_channel = {n.channel: k for k, n in self.names.items()}
         self.by_lock = {n.lock.encode(): k for k, n in self.names.items()}
         self.by_result = {n.result.encode(): k for k, n in self.names.items()}
+        self.slot = Slot()
+        if CLUSTER_KEY in self.names:
+            n = self.names[CLUSTER_KEY]
+            self.redis.tracked = {x.encode() for x in (n.lock, n.token, n.result)}
+        self.procs = [Proc(self, i, drifts[i], 10_000 * US * (i + 1)) for i in range(params.procs)]
+        self.flight_by_entry: dict[int, FlightRun] = {}
+        self.flight_by_owner: dict[str, FlightRun] = {}
         self.trace = trace
         self.ignored: frozenset[str] = frozenset()
         self.lines: list[str] = []
-        self.ids = itertools.count(1)
+        self.quiet = False  # the faults are over (the drain)
 
     # --- plumbing -------------------------------------------------------------------------
 
@@ -364,9 +416,6 @@ class World:
         if self.trace:
             self.lines.append(f"    {self.now_us / 1000:10.3f} ms  {text}")
 
-    def live(self, proc: Proc, epoch: int) -> bool:
-        return proc.epoch == epoch
-
     def run_on(self, proc: Proc, epoch: int, fn: Callable[[], None], *, net: bool) -> None:
         """Run fn on the process now, or when it resumes; never on a later incarnation."""
         if proc.epoch != epoch:
@@ -375,6 +424,15 @@ class World:
             (proc.inbox_net if net else proc.inbox_timers).append(fn)
             return
         fn()
+
+    def soon(self, fn: Callable[[], None]) -> None:
+        """Run fn once the current event is handled (a thread or task woken now)."""
+        self.ready.append(fn)
+
+    def settle(self) -> None:
+        """Run the wake-ups the last event caused (and theirs), in order."""
+        while self.ready:
+            self.ready.popleft()()
 
     def at(self, proc: Proc | None, when: float, fn: Callable[[], None], label: str) -> Timer:
         """A timer at ``when`` on proc's clock (true microseconds for proc None)."""
@@ -397,19 +455,59 @@ class World:
         run: Callable[[], Any],
         on_reply: Callable[[Any, BaseException | None], None],
         *,
-        timeout: bool = True,
-    ) -> None:
-        req = Request(proc, proc.epoch, label, run, on_reply)
-        if timeout:
+        timeout: float | None = -1.0,
+        on_sent: Callable[[], None] | None = None,
+        queued: bool = False,
+        lease: Any = None,
+    ) -> Request:
+        """Send a request (timeout -1: socket_timeout; None: none). ``queued``: it goes
+        through the process's command slots, which hold it while the process is clogged."""
+        req = Request(proc, proc.epoch, label, run, on_reply,
+                      self.p.socket_timeout if timeout == -1.0 else (timeout or 0.0),
+                      on_sent=on_sent, lease=lease)  # fmt: skip
+        if queued and proc.clogged:
+            req.queued_at = proc.clock()
+            proc.outbox.append(req)
+
+            def give_up() -> None:
+                if req in proc.outbox and not req.answered:
+                    proc.outbox.remove(req)
+                    req.answered = True
+                    self.log(f"{proc.name()}: no command slot for {label} in queue_timeout")
+                    on_reply(None, self.api.errors.BackendUnavailable("sim: no command slot"))
+
+            self.at(proc, proc.clock() + self.p.queue_timeout, give_up, "queue timeout")
+            return req
+        self._write(req, timed=timeout is not None)
+        return req
+
+    def _write(self, req: Request, *, timed: bool = True) -> None:
+        """The request leaves the client: stamped, timed out after its timeout, in transit."""
+        proc = req.proc
+        if req.on_sent is not None:
+            req.on_sent()
+        if timed:
 
             def expire() -> None:
                 if not req.answered:
                     req.answered = True
-                    self.log(f"{proc.name()}: no reply to {label} in socket_timeout")
-                    on_reply(None, TimeoutError(f"sim: no reply within {self.p.socket_timeout}s"))
+                    self.log(f"{proc.name()}: no reply to {req.label} in {req.timeout:.3f}s")
+                    req.on_reply(None, TimeoutError(f"sim: no reply within {req.timeout:.3f}s"))
 
-            req.timer = self.at(proc, proc.clock() + self.p.socket_timeout, expire, "timeout")
-        self._send(Item(next(self.seq), "req", proc, proc.epoch, label, lambda: self._execute(req)))
+            req.timer = self.at(proc, proc.clock() + req.timeout, expire, "timeout")
+        self._send(Item(next(self.seq), "req", proc, proc.epoch, req.label,
+                        lambda: self._execute(req), req.lease))  # fmt: skip
+
+    def send_queued(self, proc: Proc, n: int | None) -> str:
+        """Write the n-th queued command of proc (None: all of them)."""
+        if not proc.outbox:
+            return "nothing queued"
+        picked = list(proc.outbox) if n is None else [proc.outbox[n % len(proc.outbox)]]
+        for req in picked:
+            proc.outbox.remove(req)
+            if not req.answered:
+                self._write(req)
+        return f"{proc.name()} wrote {', '.join(r.label for r in picked)}"
 
     def _send(self, item: Item) -> None:
         self.net.append(item)
@@ -418,7 +516,7 @@ class World:
         """A request reaches Redis: run it (even for a process that died since), reply."""
         try:
             raw, error = req.run(), None
-        except ScriptError as exc:
+        except (ScriptError, ResponseError) as exc:
             raw, error = None, exc
         self.log(f"redis ran {req.label} for {req.proc.name()} -> {_show(raw, error)}")
 
@@ -432,13 +530,14 @@ class World:
 
             self.run_on(req.proc, req.epoch, got, net=True)
 
-        self._send(Item(next(self.seq), "reply", req.proc, req.epoch, f"reply {req.label}", reply))
+        self._send(Item(next(self.seq), "reply", req.proc, req.epoch, f"reply {req.label}",
+                        reply, req.lease))  # fmt: skip
 
     def _publish(self, channel: bytes, data: bytes) -> int:
         ch = channel.decode()
         self.published.append((ch, data))
         self._check_publish(ch, data)
-        receivers = list(self.subs.get(ch, ()))
+        receivers = list(self.subs.get((self.redis.node, ch), ()))
         for proc in receivers:
             self._send_message(proc, ch, data)
         return len(receivers)
@@ -452,29 +551,177 @@ class World:
         label = f"msg {self.short(ch)} {_brief(data)} to {proc.name()}"
         self._send(Item(next(self.seq), "msg", proc, epoch, label, deliver))
 
+    # --- the Cluster of k1 ------------------------------------------------------------------
+
+    def node_of(self, proc: Proc, name: str) -> str:
+        """The node proc's client sends a command on ``name`` (a key or channel) to."""
+        if self.by_channel.get(name) == CLUSTER_KEY or self._key_of(name.encode()) == CLUSTER_KEY:
+            return proc.cluster_view
+        return "A"
+
+    def at_node(self, node: str, keys: list[bytes], asking: bool, run: Callable[[], Any]) -> Any:
+        """Run a command at ``node`` as Redis Cluster would: MOVED, ASK or TRYAGAIN for a
+        slot that is elsewhere or in migration."""
+        if not any(k in self.redis.tracked for k in keys):
+            self.redis.node = "A"
+            return run()
+        slot = self.slot
+        present = [k for k in keys if self.redis.get_at(k, node) is not None]
+        if slot.migrating is None:
+            if node != slot.owner:
+                raise MovedError(f"1 {slot.owner}:1")
+        else:
+            src, dst = slot.migrating
+            if node == src:
+                if len(present) != len(keys):
+                    if present:
+                        raise TryAgainError("Multiple keys request during rehashing of slot")
+                    raise AskError(f"1 {dst}:1")
+            elif node == dst and asking:
+                if len(keys) > 1 and len(present) != len(keys):
+                    raise TryAgainError("Multiple keys request during rehashing of slot")
+            else:
+                raise MovedError(f"1 {src}:1")
+        self.redis.node = node
+        try:
+            return run()
+        finally:
+            self.redis.node = "A"
+
+    def migrate(self, op: str) -> str:
+        """k1's slot: open a migration to the other node, move one key, or close it."""
+        slot = self.slot
+        tracked = sorted(self.redis.tracked)
+        if op == "open":
+            if slot.migrating is not None:
+                return "a migration is open already"
+            other = "B" if slot.owner == "A" else "A"
+            slot.migrating = (slot.owner, other)
+            return f"k1's slot MIGRATING {slot.owner} -> {other}"
+        if slot.migrating is None:
+            return "no migration open"
+        src, dst = slot.migrating
+        if op == "move":
+            for key in tracked:
+                if self.redis.get_at(key, src) is not None:
+                    self.redis.move(key, dst)
+                    return f"moved {key.decode()} to {dst}"
+            return "nothing left to move"
+        for key in tracked:  # close: the rest moves, then the slot is the target's
+            if self.redis.get_at(key, src) is not None:
+                self.redis.move(key, dst)
+        slot.owner, slot.migrating = dst, None
+        channel = self.names[CLUSTER_KEY].channel
+        # The source drops its shard subscribers of the slot (an unsolicited sunsubscribe):
+        # their hubs re-subscribe at the new owner, and every waiter re-checks.
+        for proc in list(self.subs.get((src, channel), ())):
+            self.subs[(src, channel)].discard(proc)
+            epoch = proc.epoch
+
+            def moved(proc: Proc = proc) -> None:
+                proc.cluster_view = dst
+                proc.hub.reconnect(channel)
+
+            self._send(Item(next(self.seq), "msg", proc, epoch, f"sunsubscribe k1 to {proc.name()}",
+                            lambda proc=proc, epoch=epoch, moved=moved: self.run_on(
+                                proc, epoch, moved, net=True)))  # fmt: skip
+        return f"k1's slot now lives on {dst}"
+
+    # --- scripts ------------------------------------------------------------------------------
+
     def script(
-        self, proc: Proc, sc: Any, on_reply: Callable[[Any, BaseException | None], None]
+        self,
+        proc: Proc,
+        sc: Any,
+        on_reply: Callable[[Any, BaseException | None], None],
+        *,
+        stamp: Any = None,
+        queued: bool = True,
     ) -> None:
+        """Run a script as a driver does: through the command slots, the wire's one retry
+        within the command's bound, and (for k1) the cluster client's redirections and
+        dedupe's pauses through an open migration."""
         keys = [_enc(k) for k in sc.keys]
         args = [_enc(a) for a in sc.args]
-        name = _script_name(self.api, sc.script)
+        name = self.api.script_names.get(sc.script.sha, "SCRIPT")
         key = self._key_of(keys[0])
+        bound = self.p.connect_timeout + self.p.socket_timeout
+        state: dict[str, Any] = {"asking": "", "retried": False, "first": 0.0, "retry_left": 0.0,
+                                 "tryagain_until": 0.0, "pause": 0.02}  # fmt: skip
 
-        def run() -> Any:
-            raw = self.redis.evalsha(sc.script.sha, keys, args)
-            if name == "ACQUIRE" and isinstance(raw, int):
-                self._granted(key, raw, proc)  # a lease granted: the bare token
-            elif name == "ACQUIRE" and isinstance(raw, list) and raw and raw[0] == 2:
-                self._granted(key, int(raw[1]), proc)  # older scripts: {2, token}
-            return raw
+        def run_at(node: str, asking: bool) -> Any:
+            def run() -> Any:
+                raw = self.redis.evalsha(sc.script.sha, keys, args)
+                if name == "ACQUIRE" and isinstance(raw, int):
+                    self._granted(key, raw, proc)  # a lease granted: the bare token
+                if name == "COMPLETE" or name == "COMPLETE_SHARDED":
+                    self._completed(key, args)
+                return raw
 
-        self.request(proc, f"{name} {key}", run, on_reply)
+            return self.at_node(node, keys, asking, run)
+
+        def send() -> None:
+            node = state["asking"] or self.node_of(proc, keys[0].decode())
+            asking = bool(state["asking"])
+            label = f"{name} {key}" + (f"@{node}" if key == CLUSTER_KEY else "")
+            first = not state["first"]
+
+            def sent() -> None:
+                now = proc.clock()
+                if not state["first"]:
+                    state["first"] = now
+                if stamp is not None:
+                    stamp.sent = now  # written now (as the wire stamps it)
+
+            timeout = state["retry_left"] or self.p.socket_timeout
+            self.request(proc, label, lambda: run_at(node, asking), answered, timeout=timeout,
+                         on_sent=sent, queued=queued and first)  # fmt: skip
+
+        def answered(raw: Any, error: BaseException | None) -> None:
+            state["asking"] = ""
+            if isinstance(error, MovedError):
+                proc.cluster_view = error.host  # the client patches its slot map, re-sends
+                return send()
+            if isinstance(error, AskError):
+                state["asking"] = error.host
+                return send()
+            if isinstance(error, TryAgainError):
+                now = proc.clock()
+                if not state["tryagain_until"]:
+                    state["tryagain_until"] = now + 5.0  # backend._MIGRATION_PATIENCE
+                pause = state["pause"]
+                if now + pause <= state["tryagain_until"]:
+                    state["pause"] = min(0.2, pause * 2)
+                    self.at(proc, now + pause, lambda: self.run_on(
+                        proc, proc.epoch, send, net=False), "tryagain pause")  # fmt: skip
+                    return None
+            if isinstance(error, TimeoutError) and not state["retried"] and state["first"]:
+                # The wire drops the connection and tries once more, within the bound.
+                left = self.api.wire.retry_left(bound, proc.clock() - state["first"])
+                if left is not None:
+                    state["retried"], state["retry_left"] = True, left
+                    self.log(f"{proc.name()}: {name} {key} tried again, {left:.3f}s left")
+                    return send()
+            on_reply(raw, error)
+            return None
+
+        send()
 
     def _key_of(self, redis_key: bytes) -> str:
         for table in (self.by_lock, self.by_result):
             if redis_key in table:
                 return table[redis_key]
-        return redis_key.decode()
+        text = redis_key.decode("utf-8", "replace")
+        for k, n in self.names.items():
+            if text in (n.lock, n.token, n.result, n.channel):
+                return k
+        return text
+
+    def _completed(self, key: str, args: list[bytes]) -> None:
+        record = args[1] if len(args) > 1 else b""
+        if record:
+            px = int(args[2]) if len(args) > 2 and args[2].isdigit() else 0
+            self.stored.append((self.names[key].result.encode(), record, px))
 
     # --- stepping -------------------------------------------------------------------------
 
@@ -491,17 +738,24 @@ class World:
         if mode == "drop":
             self.net.remove(item)
             self.faults += 1
+            self._fault(item.proc, item.lease)
             return f"lost {item.label}"
         if mode == "dup":
-            self.net.append(
-                Item(next(self.seq), item.kind, item.proc, item.epoch, item.label, item.deliver)
-            )
+            self.net.append(Item(next(self.seq), item.kind, item.proc, item.epoch, item.label,
+                                 item.deliver, item.lease))  # fmt: skip
             self.faults += 1
+            self._fault(item.proc, item.lease)
             return f"duplicated {item.label}"
         self.net.remove(item)
         self.log(f"arrives: {item.label}")
         item.deliver()
+        self.settle()
         return ""
+
+    def _fault(self, proc: Proc, lease: Any = None) -> None:
+        proc.faulted_since = self.now_us
+        if lease is not None:
+            lease.faulted = True
 
     def advance(self, us: int) -> None:
         """Move true time forward, firing every timer that comes due on the way."""
@@ -515,6 +769,7 @@ class World:
                 timer.fn()
             else:
                 self.run_on(timer.proc, timer.epoch, timer.fn, net=False)
+            self.settle()
             self.check_step()
         self.now_us = target
 
@@ -528,6 +783,7 @@ class World:
             return
         self.faults += 1
         proc.paused_until = self.now_us + us
+        self._fault(proc)
         epoch = proc.epoch
 
         def resume() -> None:
@@ -535,12 +791,21 @@ class World:
                 return
             proc.paused_until = None
             proc.paused_total += us * (1 + proc.drift) / US
+            self._fault(proc)
             # What arrived on its sockets first, then the timers that came due meanwhile.
             while proc.inbox_net or proc.inbox_timers:
                 queue = proc.inbox_net if proc.inbox_net else proc.inbox_timers
                 queue.pop(0)()
+                self.settle()
 
         self.at(None, self.now_us + us, resume, "resume")
+
+    def starve(self, proc: Proc, us: int) -> str:
+        """The process's renewal thread cannot run for a while (the GIL held, CPU starved)."""
+        self.faults += 1
+        self._fault(proc)
+        proc.starved_until = max(proc.starved_until, self.now_us + us)
+        return f"{proc.name()}'s renewer starved for {us // 1000} ms"
 
     def kill(self, proc: Proc) -> None:
         """The process dies: its callers, jobs and leases vanish; a fresh one takes the slot."""
@@ -548,14 +813,17 @@ class World:
         for caller in self.callers:
             if caller.proc is proc and caller.epoch == proc.epoch and not caller.done:
                 caller.done, caller.result = True, "killed"
-        for lease in proc.leases:
-            lease.active = lease.running = False
+        for lease in self.leases:
+            if lease.proc is proc:
+                lease.running = False
+                lease.real.active = False
         for subs in self.subs.values():
             subs.discard(proc)
         self.jobs = [j for j in self.jobs if j.proc is not proc]
         proc.epoch += 1
         proc.paused_until = None
         proc.partitioned = False
+        proc.clogged = False
         proc.inbox_net.clear()
         proc.inbox_timers.clear()
         proc.reset()
@@ -564,19 +832,34 @@ class World:
         self.faults += 1
         self.redis.restart(jump_ms)
         self.subs.clear()
+        self.slot = Slot()
         # Connections reset: whatever was in transit is gone; clients time out, hubs reconnect.
         self.net.clear()
         for proc in self.procs:
+            proc.cluster_view = "A"
+            self._fault(proc)
             self.run_on(proc, proc.epoch, proc.hub.reconnect, net=True)
+        self.settle()
 
     def replay(self, n: int) -> str:
         """Someone with access to Redis publishes a genuine earlier message again."""
         if not self.published:
             return "nothing published yet"
         ch, data = self.published[n % len(self.published)]
-        for proc in list(self.subs.get(ch, ())):
-            self._send_message(proc, ch, data)
+        for (_, c), subs in list(self.subs.items()):
+            if c == ch:
+                for proc in list(subs):
+                    self._send_message(proc, ch, data)
         return f"replayed {self.short(ch)} {_brief(data)}"
+
+    def write_back(self, n: int) -> str:
+        """A key writer writes a genuine record captured earlier back into its result key,
+        with the life it was stored with."""
+        if not self.stored:
+            return "nothing stored yet"
+        key, record, px = self.stored[n % len(self.stored)]
+        self.redis.write(key, record, px or None)
+        return f"wrote back {self._key_of(key)}'s {_brief(record)} (px {px})"
 
     def forge(self, n: int, k: int) -> str:
         """Someone writes bytes that are not a genuine outcome: garbage or unsigned look-alikes."""
@@ -587,80 +870,54 @@ class World:
         if variant == 2:
             # A record header the scripts accept (fresh, newest token) on an unsigned body.
             forged = b"%d:1000:3600:DD-forged" % huge
-            self.redis.data[names.result.encode()] = (forged, self.redis.now_ms() + 3600)
+            self.redis.write(names.result.encode(), forged, 3600)
+            self.redis.write(names.token.encode(), b"%d" % huge, 3600)
             return f"forged the result key of {key} (token {huge}, unsigned)"
         data = (b"hello", b"%d:1000:3600:DD-forged" % huge, b"", b"N:%d" % huge)[variant]
-        for proc in list(self.subs.get(names.channel, ())):
-            self._send_message(proc, names.channel, data)
+        for (_, c), subs in list(self.subs.items()):
+            if c == names.channel:
+                for proc in list(subs):
+                    self._send_message(proc, names.channel, data)
         return f"forged a message on {key}: {data!r}"
 
     # --- callers and jobs -----------------------------------------------------------------
 
-    def call(self, proc: Proc, key: str, wait_ms: int) -> Caller:
+    def call(self, proc: Proc, key: str, wait_ms: int, mode: str) -> Caller:
         deadline = proc.clock() + wait_ms / 1000 if wait_ms else None
-        caller = Caller(
-            next(self.ids),
-            proc,
-            proc.epoch,
-            key,
-            self.now_us,
-            deadline,
-            self.max_token.get(key, 0),
-            proc.paused_total,
-        )
+        caller = Caller(next(self.ids), proc, proc.epoch, key, mode, self.now_us, deadline,
+                        self.max_token.get(key, 0), proc.paused_total)  # fmt: skip
         self.callers.append(caller)
-        self._join(caller)
+        CallRun(self, caller, wait_ms / 1000 if wait_ms else None).step(None, None)
         return caller
-
-    def _join(self, caller: Caller) -> None:
-        proc = caller.proc
-        entry = proc.table.get(caller.key)
-        if entry is not None:
-            caller.joined = True
-            caller.seen = max(caller.seen, entry.driver.seen)
-            caller.own_token = entry.driver.lead_token
-            entry.joiners.append(caller)
-            if caller.deadline is not None and caller.timer is None:
-
-                def expire() -> None:
-                    if not caller.done and caller in entry.joiners:
-                        entry.joiners.remove(caller)
-                        self.end(caller, "error", self.api.errors.WaitTimeout("joiner waited"))
-
-                caller.timer = self.at(proc, caller.deadline, expire, "join deadline")
-            return
-        caller.joined = False  # (again) the driver of its own flight
-        driver = Driver(self, caller)
-        proc.table[caller.key] = Entry(caller.key, driver)
-        driver.resume(None, None)
 
     def finish_job(self, n: int, how: str) -> str:
         if not self.jobs:
             return "no job running"
         job = self.jobs.pop(n % len(self.jobs))
-        key = job.driver.key
+        key = job.flight.key
         if how == "ok":
             outcome = self.api.envelope.Outcome(value=f"{key}@{job.token}#{job.seq}")
         elif how == "raise":
             outcome = self.api.envelope.Outcome(error=ValueError(f"{key}@{job.token}#{job.seq}"))
         else:
             outcome = self.api.envelope.Outcome(error=KeyboardInterrupt())
-        self.run_on(job.proc, job.epoch, lambda: job.driver.led(outcome), net=False)
+        self.run_on(job.proc, job.epoch, lambda: job.flight.led(outcome), net=False)
+        self.settle()
         return f"job {key}@{job.token} on {job.proc.name()} -> {how}"
 
     def end(self, caller: Caller, how: str, value: Any) -> None:
         """A caller returns: check what it got (invariant: no outcome older than its lease)."""
+        if caller.done:
+            return
         caller.done = True
-        if caller.timer is not None:
-            caller.timer.cancelled = True
         errors = self.api.errors
-        who = f"caller #{caller.id} ({caller.proc.name()} {caller.key})"
+        who = f"caller #{caller.id} ({caller.proc.name()} {caller.mode} {caller.key})"
         if how == "value" or (isinstance(value, ValueError) and _VALUE.match(str(value))):
             text = str(value)
-        elif isinstance(value, KeyboardInterrupt):
+        elif isinstance(value, (KeyboardInterrupt, asyncio.CancelledError)):
             caller.result = "abort"
             self.log(f"{who} ends: its own job was interrupted")
-            if caller.joined or not caller.own_token:
+            if not caller.own_token:
                 self.fail("unexpected-error", f"{who} got an abort it did not cause")
             return
         elif isinstance(value, (errors.BackendUnavailable, errors.WaitTimeout)):
@@ -710,28 +967,24 @@ class World:
             self.fail("token-order", f"lease {token} on {key} after lease {last}")
         self.max_token[key] = token
         self.grants[(key, token)] = self.redis.restarts
-        for other in self.procs:
-            for lease in other.leases:
-                if lease.key != key or not lease.running or lease.token >= token:
-                    continue
-                if lease.restarts != self.redis.restarts:
-                    continue  # a restart dropped its lock: no clock can tell (documented)
-                if not self.known_lost(other, lease):
-                    age = other.clock() - lease.last_ok
-                    self.fail(
-                        "unaware-leader",
-                        f"lease {token} on {key} granted to {proc.name()} while {other.name()} "
-                        f"still runs lease {lease.token} unaware it is lost "
-                        f"(last renewal {age:.3f}s ago by its clock, ttl {lease.ttl}s)",
-                    )
+        for lease in self.leases:
+            if lease.key != key or not lease.running or lease.token >= token:
+                continue
+            if lease.restarts != self.redis.restarts:
+                continue  # a restart dropped its lock: no clock can tell (documented)
+            if not self.known_lost(lease):
+                age = lease.proc.clock() - lease.real.sent_at
+                self.fail(
+                    "unaware-leader",
+                    f"lease {token} on {key} granted to {proc.name()} while {lease.proc.name()} "
+                    f"still runs lease {lease.token} unaware it is lost "
+                    f"(last renewal {age:.3f}s ago by its clock, ttl {lease.real.ttl}s)",
+                )
 
-    def known_lost(self, proc: Proc, lease: Lease) -> bool:
-        if lease.lost:
-            return True
-        if self.api.clock_renewer:
-            now = proc.clock()
-            return now - lease.last_ok >= lease.ttl - lease.margin or now >= lease.hold_until
-        return False
+    def known_lost(self, lease: SimLease) -> bool:
+        if self.api.blind_renewer:
+            return bool(lease.real.lost._set)  # planted: only a failed renewal tells
+        return bool(lease.real.lost.is_set())
 
     def _on_set(self, key: bytes, value: bytes, px: int | None) -> None:
         if key in self.by_lock:
@@ -758,7 +1011,8 @@ class World:
             )
 
     def check_step(self) -> None:
-        """After every step: keys have bounded lifetimes; callers with deadlines end in time."""
+        """After every step: keys have bounded lifetimes; callers with deadlines end in time;
+        running leaders' locks do not lapse under them while nothing was wrong."""
         p = self.p
         for raw in self.redis.live_keys():
             pttl = self.redis.pttl(raw)
@@ -767,11 +1021,11 @@ class World:
             elif raw in self.by_result:
                 bound = max(p.keep_ms, p.grace_ms)
             else:
-                bound = p.token_ttl_ms
+                bound = max(p.token_ttl_ms, p.keep_ms, p.grace_ms)
             if pttl == -1 or pttl > bound:
                 self.fail("ttl", f"{raw.decode()} lives {pttl} ms (bound {bound} ms)")
         # After the deadline a flight may finish one subscribe and one script call.
-        slack = p.confirm_timeout + p.socket_timeout + 0.1
+        slack = p.confirm_timeout + p.socket_timeout + p.connect_timeout + 0.1
         for caller in self.callers:
             proc = caller.proc
             if caller.done or caller.deadline is None or proc.paused_until is not None:
@@ -786,6 +1040,57 @@ class World:
                     f"caller #{caller.id} ({proc.name()} {caller.key}) still waits "
                     f"{late:.3f}s past its wait_timeout (not counting pauses)",
                 )
+        for lease in self.leases:
+            if lease.running and lease.proc.epoch == lease.epoch:
+                self._check_lapse(lease)
+
+    def _check_lapse(self, lease: SimLease) -> None:
+        """A running lease's lock is gone from Redis: fine if something was wrong (a fault of
+        its process or its renewals within the last lease, a restart, a loss Redis reported,
+        a renewal still unanswered); a violation if its renewer simply did not keep it."""
+        names = self.names[lease.key]
+        held = self.redis.get_any(names.lock.encode())
+        if held == lease.real.value.encode() or lease.lapse_checked:
+            return
+        lease.lapse_checked = True
+        proc = lease.proc
+        window = lease.real.ttl * US * 1.2
+        if (
+            lease.faulted
+            or lease.restarts != self.redis.restarts
+            or proc.paused_until is not None
+            or self.now_us - proc.faulted_since < window + lease.real.ttl * US
+            or lease.outstanding
+            or (lease.real.lost._set and lease.real._error == "mismatch")
+            or not lease.real.active
+        ):
+            return
+        self.fail(
+            "lapsed-lease",
+            f"the lock of lease {lease.token} on {lease.key} ({proc.name()}) lapsed while its "
+            "leader ran, its process was healthy and every renewal it sent was answered",
+        )
+
+    def check_orphans(self) -> None:
+        """The drain: no lock is left held for a live process's flight that gave up on its
+        acquire before leading (its give-back must have run)."""
+        for key, names in self.names.items():
+            held = self.redis.get_any(names.lock.encode())
+            if held is None:
+                continue
+            owner = held.decode().partition(":")[2]
+            run = self.flight_by_owner.get(owner)
+            if run is None or not run.done or not run.unanswered_at or run.lead_token:
+                continue
+            if run.proc.epoch != run.epoch or run.releasing:
+                continue  # dead, or the give-back is still at work
+            if run.proc.clock() >= run.unanswered_at + run.spec.lock_ttl_ms / 1000:
+                continue  # past when such a lease must have run out: it goes by itself
+            self.fail(
+                "orphaned-lease",
+                f"{key}'s lock {held.decode()} is held for {run.proc.name()}'s flight that gave "
+                "up on its acquire without leading; waiters would wait out the lease",
+            )
 
     def check_quiet(self) -> None:
         """After the schedule and a fault-free drain: every call ended."""
@@ -797,119 +1102,317 @@ class World:
                 )
 
 
-class Driver:
+# --- the machines, stepped --------------------------------------------------------------------
+
+
+class CallRun:
+    """One caller: the real call machine (``run_call``) in its sync or asyncio mode."""
+
+    def __init__(self, world: World, caller: Caller, wait_timeout: float | None) -> None:
+        self.w, self.caller = world, caller
+        proc = caller.proc
+        self.proc, self.epoch = proc, caller.epoch
+        self.tasked = caller.mode == "async"
+        table = proc.async_table if self.tasked else proc.sync_table
+        self.table = table
+        self.names = world.names[caller.key]
+        self.machine = world.api.call.run_call(
+            proc.env, table, self.names, wait_timeout, proc.clock, tasked=self.tasked
+        )
+        self.waiting: Any = None  # the entry it awaits
+
+    def step(self, reply: Any, error: BaseException | None) -> None:
+        w, caller = self.w, self.caller
+        if caller.done or self.proc.epoch != self.epoch:
+            return
+        while True:
+            try:
+                cmd = self.machine.send(reply) if error is None else self.machine.throw(error)
+            except StopIteration as stop:
+                w.end(caller, "value", stop.value)
+                return
+            except Violation:
+                raise
+            except BaseException as exc:
+                w.end(caller, "error", exc)
+                return
+            reply, error = None, None
+            kind = type(cmd).__name__
+            if kind == "AwaitFlight":
+                if self._await(cmd.entry, cmd.timeout):
+                    return
+                reply = cmd.entry.result.is_set()
+                self._joined_result(cmd.entry)
+                continue
+            if kind == "Fly":
+                caller.joined = False
+                run = FlightRun(w, self.proc, caller.key, cmd.entry, cmd.deadline, self._flown)
+                self.flight = run
+                run.attach(caller)
+                run.start()
+                return
+            if kind == "Launch":
+                caller.joined = False
+                shared = SharedRun(w, self.proc, caller.key, cmd.entry, self.table)
+                cmd.entry.task = shared
+                shared.attach(caller)
+                shared.start()
+                continue
+            if kind == "Cancel":
+                task = cmd.entry.task
+                if task is not None and not task.done:
+                    task.cancel()
+                continue
+            w.fail("unknown-command", f"the simulator has no handler for {cmd!r}")
+            return
+
+    def _await(self, entry: Any, timeout: float | None) -> bool:
+        """Wait on the process's flight; True if the wait goes on (a waker will step us)."""
+        caller = self.caller
+        run = self.w.flight_by_entry.get(id(entry))
+        if run is not None and caller not in run.attached:
+            caller.joined = True
+            caller.seen = max(caller.seen, run.seen)
+            run.attach(caller)
+        if entry.result.is_set():
+            return False
+        state = {"open": True}
+        w = self.w
+
+        def wake() -> None:
+            if state["open"]:
+                state["open"] = False
+                if timer is not None:
+                    timer.cancelled = True
+                w.soon(lambda: self._resume_await(entry))
+
+        def expire() -> None:
+            if state["open"]:
+                state["open"] = False
+                entry.result.discard_waker(wake)
+                self.step(False, None)
+
+        timer = None
+        if timeout is not None:
+            timer = w.at(self.proc, self.proc.clock() + timeout, expire, "await flight")
+        entry.result.add_waker(wake)
+        return True
+
+    def _resume_await(self, entry: Any) -> None:
+        self._joined_result(entry)
+        self.w.run_on(self.proc, self.epoch, lambda: self.step(True, None), net=False)
+
+    def _joined_result(self, entry: Any) -> None:
+        """A RETRY carries what the aborted flight saw: the caller starts over after it; the
+        caller that launched the flight (asyncio) saw what it saw."""
+        if not entry.result.is_set():
+            return
+        run = self.w.flight_by_entry.get(id(entry))
+        if run is None:
+            return
+        if entry.result.get() is self.w.api.inflight.RETRY or not self.caller.joined:
+            self.caller.seen = max(self.caller.seen, run.seen)
+
+    flight: FlightRun | None = None
+
+    def _flown(self, finished: Any, error: BaseException | None) -> None:
+        if self.flight is not None:  # the caller that drove it saw what its flight saw
+            self.caller.seen = max(self.caller.seen, self.flight.seen)
+        self.step(finished, error)
+
+
+class SharedRun:
+    """asyncio's flight task for one entry: the real ``run_shared_flight``."""
+
+    def __init__(self, world: World, proc: Proc, key: str, entry: Any, table: Any) -> None:
+        self.w, self.proc, self.epoch, self.key, self.entry = world, proc, proc.epoch, key, entry
+        self.machine = world.api.call.run_shared_flight(proc.env, table, world.names[key], entry)
+        self.done = False
+        self.flight: FlightRun | None = None
+        self.attached: list[Caller] = []
+
+    def attach(self, caller: Caller) -> None:
+        self.attached.append(caller)
+
+    def start(self) -> None:
+        self.step(None, None)
+
+    def step(self, reply: Any, error: BaseException | None) -> None:
+        if self.done or self.proc.epoch != self.epoch:
+            return
+        while True:
+            try:
+                cmd = self.machine.send(reply) if error is None else self.machine.throw(error)
+            except StopIteration:
+                self.done = True
+                return
+            except Violation:
+                raise
+            except BaseException:  # an abort goes on up the task: it ends
+                self.done = True
+                return
+            reply, error = None, None
+            kind = type(cmd).__name__
+            if kind == "Fly":
+                run = FlightRun(self.w, self.proc, self.key, self.entry, None, self.step)
+                for caller in self.attached:
+                    run.attach(caller)
+                self.flight = run
+                run.start()
+                return
+            self.w.fail("unknown-command", f"the simulator has no handler for {cmd!r}")
+            return
+
+    def cancel(self) -> None:
+        """task.cancel(): CancelledError where the task awaits (its flight's command)."""
+        if self.flight is not None and not self.flight.done:
+            self.w.log(f"{self.proc.name()} cancels its flight task on {self.key}")
+            self.flight.cancel()
+
+
+class FlightRun:
     """One flight: the real run_flight generator, its commands carried through the world."""
 
-    def __init__(self, world: World, caller: Caller) -> None:
-        self.w, self.caller = world, caller
-        self.proc, self.epoch, self.key = caller.proc, caller.epoch, caller.key
-        proc = self.proc
+    def __init__(
+        self,
+        world: World,
+        proc: Proc,
+        key: str,
+        entry: Any,
+        deadline: float | None,
+        done_cb: Callable[[Any, BaseException | None], None],
+    ) -> None:
+        self.w, self.proc, self.epoch, self.key = world, proc, proc.epoch, key
+        self.entry = entry
+        self.done_cb = done_cb
         proc.flights += 1
         api, p = world.api, world.p
-        self.names = world.names[self.key]
-        self.spec = api.protocol.FlightSpec(
-            names=self.names,
-            owner=f"{proc.name()}:{proc.flights}",
-            lock_ttl_ms=p.lock_ttl_ms,
-            token_ttl_ms=p.token_ttl_ms,
-            keep_ms=p.keep_ms,
-            grace_ms=p.grace_ms,
+        self.names = world.names[key]
+        fields = {
+            "names": self.names,
+            "owner": f"{proc.name()}:{proc.flights}",
+            "lock_ttl_ms": p.lock_ttl_ms,
+            "token_ttl_ms": p.token_ttl_ms,
+            api.result_ttl_field: p.keep_ms,
+            "grace_ms": p.grace_ms,
             # k1's outcomes never travel inline: its followers read the stored record.
-            inline_max_bytes=0 if self.key == "k1" else 32 * 1024,
-            deadline=caller.deadline,
-        )
-        if hasattr(self.spec, "max_hold_ms"):
-            self.spec.max_hold_ms = p.max_hold_ms
+            "inline_max_bytes": 0 if key == CLUSTER_KEY else 32 * 1024,
+            "deadline": deadline,
+            "max_hold_ms": p.max_hold_ms,
+        }
+        self.spec = api.protocol.FlightSpec(**fields)
+        self.shim = _Shim(self.spec, "SPUBLISH" if key == CLUSTER_KEY else "PUBLISH", api, proc)
         self.gen = api.protocol.run_flight(self.spec, world.codec, proc.clock)
-        # k1 publishes as on a cluster (SPUBLISH); the sim's subscribers get both alike.
-        self.shim = _Shim(self.spec, "SPUBLISH" if self.key == "k1" else "PUBLISH", api)
         self.seen = 0
         self.lead_token = 0
-        self.lease: Lease | None = None
+        self.lease: SimLease | None = None
         self.mailbox: list[object] | None = None
-        self.wait_timer: Timer | None = None
         self.done = False
-        self.acquire_sent = 0.0
+        self.unanswered_at = 0.0  # when an acquire of it was written that never got a reply
+        self.releasing = 0  # give-back steps in progress (a request, or a retry's timer)
+        self.pending: Any = None  # the command whose reply it awaits
+        self.attached: list[Caller] = []
+        self.written_at = 0.0  # when the acquire that granted our lease was written
+        world.flight_by_entry[id(entry)] = self
+        world.flight_by_owner[self.spec.owner] = self
+
+    def attach(self, caller: Caller) -> None:
+        if caller not in self.attached:
+            self.attached.append(caller)
+            if self.lead_token:
+                caller.own_token = self.lead_token
+
+    def start(self) -> None:
+        self.resume(None, None)
 
     def resume(self, reply: object, error: BaseException | None) -> None:
         if self.done or self.proc.epoch != self.epoch:
             return
         while True:
+            self.pending = None
             try:
                 cmd = self.gen.send(reply) if error is None else self.gen.throw(error)
             except StopIteration as stop:
                 self.finish(stop.value, None)
                 return
-            except Exception as exc:
+            except Violation:
+                raise
+            except BaseException as exc:
                 self.finish(None, exc)
                 return
             reply, error = None, None
+            self.pending = cmd
             handled = self.handle(cmd)
             if handled is None:
                 return  # the reply comes later
             reply, error = handled
+
+    def cancel(self) -> None:
+        """The task awaiting this flight is cancelled: CancelledError at its pending await,
+        as the driver's failed() turns it (Unanswered for an acquire already written)."""
+        cmd = self.pending
+        if cmd is None or self.done:
+            return
+        self.pending = None  # its late reply is ignored
+        self._cancelled = True
+        error = self.w.api.base.DriverBase.failed(self.shim, cmd, asyncio.CancelledError())
+        self.w.soon(lambda: self.resume(None, error))
+
+    _cancelled = False
 
     # --- commands -------------------------------------------------------------------------
 
     def handle(self, cmd: Any) -> tuple[object, BaseException | None] | None:
         api, w = self.w.api, self.w
         name = type(cmd).__name__
-        with _clock(self.proc.clock):  # script_for notes when an acquire is sent
-            sc = api.base.DriverBase.script_for(self.shim, cmd)
+        sc = api.base.DriverBase.script_for(self.shim, cmd)
         if sc is not None:
-            if name == "Acquire":
-                self.acquire_sent = self.proc.clock()  # for drivers that do not note it
-                if hasattr(self.shim, "stamp"):
-                    self.shim.stamp.sent = self.acquire_sent  # written to the socket now
-            elif name == "Complete" and self.lease is not None:
-                self.lease.completing = True  # as Renewer.completing()
-            w.script(self.proc, sc, lambda raw, err: self._scripted(cmd, raw, err))
+            if name == "Complete" and self.lease is not None:
+                self.lease.real.completing = True  # as Renewer.completing()
+            stamp = self.shim.stamp if name == "Acquire" else None
+            w.script(self.proc, sc, lambda raw, err: self._scripted(cmd, raw, err), stamp=stamp)
             return None
         bound = self.spec.lock_ttl_ms / 1000 + self.spec.slack(self.spec.lock_ttl_ms) + 1e-6
         if name == "Wait":
             if cmd.timeout > bound:
-                self.w.fail(
-                    "unbounded-wait", f"Wait({cmd.timeout}) past the lease bound {bound:.3f}s"
-                )
+                w.fail("unbounded-wait", f"Wait({cmd.timeout}) past the lease bound {bound:.3f}s")
             return self._wait(cmd.timeout)
         if name == "Subscribe":
-            return self._subscribe(getattr(cmd, "timeout", None))
+            return self._subscribe(cmd.timeout)
         if name == "Lead":
             self._lead(cmd)
             return None
-        if name == "Release":
-            self._release()
-            return None, None
-        if name == "Note":
-            self.w.log(f"{self.proc.name()} note {cmd.kind}: {cmd.detail}")
-            return None, None
         if name == "Pause":
             if cmd.seconds > bound:
-                self.w.fail("unbounded-wait", f"Pause({cmd.seconds})")
-            w.at(
-                self.proc, self.proc.clock() + cmd.seconds, lambda: self.resume(None, None), "pause"
-            )
+                w.fail("unbounded-wait", f"Pause({cmd.seconds})")
+            w.at(self.proc, self.proc.clock() + cmd.seconds, lambda: self.resume(None, None),
+                 "pause")  # fmt: skip
             return None
-        self.w.fail("unknown-command", f"the simulator has no handler for {cmd!r}")
+        if name == "Release":
+            self._release(self.shim.stamp.sent)
+            return None, None
+        if name == "Note":
+            w.log(f"{self.proc.name()} note {cmd.kind}: {cmd.detail}")
+            return None, None
+        w.fail("unknown-command", f"the simulator has no handler for {cmd!r}")
         return None
 
     def _scripted(self, cmd: Any, raw: Any, error: BaseException | None) -> None:
-        api = self.w.api
-        base = api.base.DriverBase
+        if self.pending is not cmd:
+            return  # cancelled meanwhile: the reply is not read
+        base = self.w.api.base.DriverBase
         if error is not None:
             if isinstance(error, ScriptError):
                 self.w.fail("script-error", f"{type(cmd).__name__}: {error}")
                 error = ResponseError(str(error))  # what redis-py raises for an error reply
-            failed = getattr(base, "failed", None)  # new drivers: Unanswered for an acquire
-            self.resume(
-                None, failed(self.shim, cmd, error) if failed else api.commands.translate(error)
-            )
+            elif type(cmd).__name__ == "Acquire" and self.shim.stamp.sent:
+                self.unanswered_at = self.shim.stamp.sent  # it may hold a lease now
+            self.resume(None, base.failed(self.shim, cmd, error))
             return
-        if isinstance(inspect.getattr_static(base, "reply_of"), staticmethod):
-            reply = base.reply_of(cmd, raw)
-        else:
-            reply = base.reply_of(self.shim, cmd, raw)
+        reply = base.reply_of(self.shim, cmd, raw)
         if type(cmd).__name__ == "Acquire":
+            # Granted to this very request: it was written when the stamp says.
+            self.written_at = self.shim.stamp.sent if reply.state == 2 else 0.0
             if reply.state == 1:
                 tok = reply.holder.partition(":")[0]
                 if tok.isdigit():
@@ -924,35 +1427,25 @@ class Driver:
             self.proc.hub.subscribe(self.names.channel, self.mailbox)
         return self.mailbox
 
-    def _subscribe(self, timeout: float | None) -> tuple[object, BaseException | None] | None:
+    def _subscribe(self, timeout: float) -> tuple[object, BaseException | None] | None:
         hub, channel = self.proc.hub, self.names.channel
         self._mailbox()
-        new = timeout is not None
         if hub.confirmed.get(channel):
-            return (True if new else None), None
-        limit = (
-            self.w.p.confirm_timeout if timeout is None else min(timeout, self.w.p.confirm_timeout)
-        )
+            return True, None
+        limit = min(timeout, self.w.p.confirm_timeout)
         state = {"open": True}
+        cmd = self.pending
 
         def wake(ok: bool) -> None:
-            if state["open"]:
+            if state["open"] and self.pending is cmd:
                 state["open"] = False
                 timer.cancelled = True
-                self.resume(True if new else None, None)
+                self.w.soon(lambda: self.resume(True, None))
 
         def expire() -> None:
-            if not state["open"]:
-                return
-            state["open"] = False
-            if new:
+            if state["open"] and self.pending is cmd:
+                state["open"] = False
                 self.resume(False, None)
-                return
-            # The old driver: kick the hub (reconnect), fail the call.
-            hub.reconnect()
-            self.resume(
-                None, self.w.api.errors.BackendUnavailable("sim: subscription not confirmed")
-            )
 
         hub.waiters.setdefault(channel, []).append(wake)
         timer = self.w.at(self.proc, self.proc.clock() + limit, expire, "confirm")
@@ -963,15 +1456,16 @@ class Driver:
         if box:
             return box.pop(0), None
         state = {"open": True}
+        cmd = self.pending
 
         def wake() -> None:
-            if state["open"]:
+            if state["open"] and self.pending is cmd:
                 state["open"] = False
                 timer.cancelled = True
-                self.resume(box.pop(0) if box else None, None)
+                self.w.soon(lambda: self.resume(box.pop(0) if box else None, None))
 
         def expire() -> None:
-            if state["open"]:
+            if state["open"] and self.pending is cmd:
                 state["open"] = False
                 box.waker = None  # type: ignore[attr-defined]
                 self.resume(None, None)
@@ -983,192 +1477,236 @@ class Driver:
     def _lead(self, cmd: Any) -> None:
         w, proc = self.w, self.proc
         self.lead_token = int(cmd.token)
-        self.caller.own_token = self.lead_token
-        entry = proc.table.get(self.key)
-        if entry is not None:
-            for joiner in entry.joiners:
-                joiner.own_token = self.lead_token
-        ttl = self.spec.lock_ttl_ms / 1000
-        dated = self._driver_lease(cmd)
-        if dated is not None:
-            start, margin, hold_until = dated  # exactly as the driver dates it
-        else:
-            start = self.acquire_sent if w.api.lease_from_acquire else proc.clock()
-            hold = getattr(self.spec, "max_hold_ms", 0) / 1000 if w.api.lease_max_hold else 0
-            margin = w.api.margin(ttl, w.p.loss_margin)
-            hold_until = start + hold if hold else float("inf")
-        lease = Lease(
-            self.key,
-            self.names.lock,
-            cmd.lock_value,
-            int(cmd.token),
-            ttl,
-            start,
-            w.grants.get((self.key, int(cmd.token)), w.redis.restarts),
-            margin,
-            hold_until,
-        )
+        for caller in self.attached:
+            caller.own_token = self.lead_token
+        self.entry.leading = True
+        real = api_start_lease(w.api, self.shim, cmd)  # the driver's own lease, on our clock
+        # A lease granted to the acquire written at written_at began no earlier than that
+        # write (not when the command was queued). An own lease found by a retried acquire
+        # (written_at 0) is dated back by as much as it has run down: not checked here.
+        if self.written_at and real.sent_at < self.written_at - 1e-6:
+            w.fail(
+                "lease-dated-early",
+                f"lease {cmd.token} on {self.key} ({proc.name()}) is dated from "
+                f"{self.written_at - real.sent_at:.3f}s before its acquire was written",
+            )
+        lease = SimLease(proc, self.epoch, self.key, int(cmd.token), real,
+                         w.grants.get((self.key, int(cmd.token)), w.redis.restarts))  # fmt: skip
         self.lease = lease
-        proc.leases.append(lease)
-        Renewal(w, proc, lease).schedule(lease.last_ok + lease.ttl / 3)
+        w.leases.append(lease)
+        proc.renewer.add(lease)
         seq = next(w.ids)
         w.jobs.append(Job(proc, self.epoch, self, int(cmd.token), seq))
         w.log(f"{proc.name()} leads {self.key} with lease {cmd.token}: job runs")
-        return None
 
-    def _driver_lease(self, cmd: Any) -> tuple[float, float, float] | None:
-        """The real ``DriverBase.start_lease`` on the process's clock: (start, margin, hold end).
-
-        None for a driver without it (the old code): the stand-in then dates the lease itself.
-        """
-        start_lease = getattr(self.w.api.base.DriverBase, "start_lease", None)
-        if start_lease is None or not self.w.api.lease_from_acquire:
-            return None
-        stub = self.shim.backend.stub
-        with _clock(self.proc.clock):
-            start_lease(self.shim, cmd)
-        lease = stub.added[-1]
-        return float(lease.sent_at), float(lease.margin), float(lease.hold_until)
-
-    def _release(self) -> None:
-        """As Backend.release_later: read the holder; if it is our owner, complete with an
+    def _release(self, sent: float) -> None:
+        """As Backend.release_later: look at the holder now and again at growing intervals
+        while a lease of that acquire could be alive; whenever it is ours, complete with an
         abort notice (owner-checked). In the background: the flight does not wait."""
         w, proc, api, spec = self.w, self.proc, self.w.api, self.spec
-        if proc.epoch != self.epoch:
-            return
+        epoch = proc.epoch
+        until = sent + spec.lock_ttl_ms / 1000
+        pause = [0.2]  # backend._RELEASE_PAUSE, doubled after each look
+
+        def look() -> None:
+            self.releasing += 1
+            w.script(proc, api.commands.peek_call(spec), peeked)
+
+        def fire() -> None:
+            self.releasing -= 1  # the look's timer fired
+            if proc.epoch == epoch:
+                look()
+
+        def later() -> None:
+            at = proc.clock() + pause[0]
+            pause[0] *= 2
+            if at < until:
+                self.releasing += 1
+                w.at(proc, at, fire, "release look")
 
         def peeked(raw: Any, error: BaseException | None) -> None:
-            holder = raw.decode() if isinstance(raw, bytes) else ""
+            self.releasing -= 1
+            holder = raw.decode() if error is None and isinstance(raw, bytes) else ""
             token, sep, owner = holder.partition(":")
-            if error is not None or not sep or owner != spec.owner or not token.isdigit():
-                return
-            notice = w.codec.notice(b"A", channel=spec.names.channel, token=int(token))
-            cmd = api.protocol.Complete(holder, b"", 0, notice, int(token))
-            w.script(proc, api.commands.complete_call(spec, cmd, self.shim.backend.publish),
-                     lambda raw, err: None)  # fmt: skip
+            if sep and owner == spec.owner and token.isdigit():
+                notice = w.codec.notice(b"A", channel=spec.names.channel, token=int(token))
+                cmd = api.protocol.Complete(holder, b"", 0, notice, int(token))
+                self.releasing += 1
+
+                def completed(raw: Any, err: BaseException | None) -> None:
+                    self.releasing -= 1
+
+                w.script(proc, api.commands.complete_call(spec, cmd, self.shim.backend.publish),
+                         completed)  # fmt: skip
+            later()
 
         w.log(f"{proc.name()} gives back the lease its unanswered acquire on {self.key} may hold")
-        w.script(proc, api.commands.peek_call(spec), peeked)
+        look()
 
     def led(self, outcome: Any) -> None:
         """The job finished: the function's outcome is the Lead reply."""
-        lease = self.lease
-        if lease is not None:
-            lease.running = False
-            if not self.w.api.renew_through_complete:
-                self._drop_lease()
-        self.resume(outcome, None)
-
-    def _drop_lease(self) -> None:
         if self.lease is not None:
-            self.lease.active = False
-            if self.lease in self.proc.leases:
-                self.proc.leases.remove(self.lease)
-            self.lease = None
-
-    # --- the end of a flight: what sync.call does with it --------------------------------
+            self.lease.running = False
+        self.resume(outcome, None)
 
     def finish(self, value: Any, error: BaseException | None) -> None:
         self.done = True
-        w, api = self.w, self.w.api
-        self._drop_lease()
+        self.pending = None
+        if self.lease is not None:
+            self.lease.running = False
+            self.proc.renewer.remove(self.lease)
         if self.mailbox is not None:
             self.proc.hub.unsubscribe(self.names.channel, self.mailbox)
             self.mailbox = None
-        if isinstance(error, Violation):
-            raise error
-        self.caller.seen = max(self.caller.seen, self.seen)
-        retry = object()
-        shared: Any = retry
-        if error is not None:
-            if not isinstance(error, api.errors.WaitTimeout):
-                shared = api.envelope.Outcome(error=error)
-            w.end(self.caller, "error", error)
-        else:
-            outcome = getattr(value, "outcome", value)  # run_flight returns Finished or Outcome
-            if not api.protocol.is_abort(outcome.error):
-                shared = outcome
-            if outcome.error is None:
-                w.end(self.caller, "value", outcome.value)
-            else:
-                w.end(self.caller, "error", outcome.error)
-        entry = self.proc.table.get(self.key)
-        if entry is None or entry.driver is not self:
+        self.done_cb(value, error)
+
+
+def api_start_lease(api: Api, shim: Any, cmd: Any) -> Any:
+    """The driver's own start_lease: its Lease, dated as the driver dates it."""
+    api.base.DriverBase.start_lease(shim, cmd)
+    return shim.backend.stub.added[-1]
+
+
+# --- the renewer ------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class SimLease:
+    """A lease the world watches: the real Lease, and what the invariants need of it."""
+
+    proc: Proc
+    epoch: int
+    key: str
+    token: int
+    real: Any  # the driver's leases.Lease
+    restarts: int  # Redis restarts when granted: a restart since loses the lock
+    running: bool = True  # the user's function (or its complete) still runs under it
+    faulted: bool = False  # a renewal of it was dropped or duplicated
+    outstanding: int = 0  # renewals sent, not answered
+    lapse_checked: bool = False
+
+
+class SimRenewer:
+    """One process's renewal thread: the real LeaseBook, its batches carried by the world."""
+
+    def __init__(self, world: World, proc: Proc) -> None:
+        self.w, self.proc = world, proc
+        self.book = world.api.leases.LeaseBook(lambda key: world.node_of(proc, key))
+        self.by_real: dict[int, SimLease] = {}
+        self.wake_at = math.inf
+        self.timer: Timer | None = None
+
+    def add(self, lease: SimLease) -> None:
+        self.by_real[id(lease.real)] = lease
+        first = self.book.add(lease.real)
+        if first is not None:
+            self._wake(first)
+
+    def remove(self, lease: SimLease) -> None:
+        lease.real.active = False
+
+    def _wake(self, at: float) -> None:
+        if at >= self.wake_at:
             return
-        del self.proc.table[self.key]
-        for joiner in entry.joiners:
-            if joiner.done:
-                continue
-            if shared is retry:
-                joiner.seen = max(joiner.seen, self.seen)
-                w.log(f"caller #{joiner.id} starts over (RETRY)")
-                w._join(joiner)
-            elif shared.error is None:
-                w.end(joiner, "value", shared.value)
-            else:
-                w.end(joiner, "error", shared.error)
-
-
-class Renewal:
-    """The renewer stand-in for one lease: RENEW at ttl/3 on the process's clock.
-
-    As dedupe/renewal.py: a renewal that fails (no reply in socket_timeout) is retried while
-    ``last_ok + ttl`` lies ahead, else the lease is lost; a 0 reply loses it at once; ``last_ok``
-    is when the last successful renewal was sent. With a clock-deciding renewer (new code) the
-    lease is also lost once ``last_ok + ttl * (1 - loss_margin)`` passes, whatever the network.
-    """
-
-    def __init__(self, world: World, proc: Proc, lease: Lease) -> None:
-        self.w, self.proc, self.lease = world, proc, lease
-
-    def schedule(self, when: float) -> None:
-        self.w.at(self.proc, when, self.fire, "renew")
-        if self.w.api.clock_renewer:
-            lease = self.lease
-            limit = min(lease.last_ok + lease.ttl - lease.margin, lease.hold_until)
-            self.w.at(self.proc, limit, self.expire, "lease deadline")
-
-    def expire(self) -> None:
-        lease = self.lease
-        if lease.active and self.w.known_lost(self.proc, lease):
-            self.lose("no renewal confirmed within the lease")
+        self.wake_at = at
+        if self.timer is not None:
+            self.timer.cancelled = True
+        self.timer = self.w.at(self.proc, at, self.fire, "renewer")
 
     def fire(self) -> None:
-        lease, w = self.lease, self.w
-        if not lease.active or lease.lost:
+        w, proc = self.w, self.proc
+        self.timer, self.wake_at = None, math.inf
+        if w.now_us < proc.starved_until:
+            self._wake(proc.clock() + (proc.starved_until - w.now_us) * (1 + proc.drift) / US)
             return
-        sent = self.proc.clock()
-        sc = w.api.commands.renew_call(lease.lock_key, lease.value, max(1, int(lease.ttl * 1000)))
+        now = proc.clock()
+        groups: dict[str, list[Any]] = {}
+        for group, real in self.book.due(now):
+            groups.setdefault(group, []).append(real)
+        for group, batch in groups.items():
+            self._send(group, batch, now)
+        nxt = self.book.next_look()
+        if not math.isinf(nxt):
+            self._wake(max(nxt, now))
 
-        def done(raw: Any, error: BaseException | None) -> None:
-            if not lease.active or lease.lost:
-                return
+    def _send(self, node: str, batch: list[Any], sent: float) -> None:
+        """One round trip of RENEW for a batch at one node; then the redirections it met,
+        followed once as renewal._redirect decides (ASKING for ASK)."""
+        w, proc, api = self.w, self.proc, self.w.api
+        items = [(lease.lock_key, lease.value, lease.ttl_ms) for lease in batch]
+        sims = [self.by_real.get(id(lease)) for lease in batch]
+        for s in sims:
+            if s is not None:
+                s.outstanding += 1
+
+        def run_one(i: int, at: str, asking: bool) -> Any:
+            sc = api.commands.renew_call(*items[i])
+            keys = [_enc(k) for k in sc.keys]
+            args = [_enc(a) for a in sc.args]
+            try:
+                return w.at_node(at, keys, asking,
+                                 lambda: w.redis.evalsha(sc.script.sha, keys, args))  # fmt: skip
+            except (ResponseError, ScriptError) as exc:
+                return exc
+
+        def answered(replies: Any, error: BaseException | None) -> None:
+            for s in sims:
+                if s is not None:
+                    s.outstanding -= 1
+                    if error is not None:
+                        s.faulted = True  # no answer in time: a slow or broken link
             if error is not None:
-                left = lease.last_ok + lease.ttl - self.proc.clock()
-                if left <= 0:
-                    self.lose(f"renewal failed for longer than the lease: {error}")
-                    return
-                self.schedule(sent + min(lease.ttl / 9, left / 2))
+                self._settle(batch, sent, None, f"{type(error).__name__}: {error}")
                 return
-            if not raw:
-                if lease.completing:
-                    lease.active = False  # our own complete deleted it: not a loss
-                    return
-                self.lose("the lock is no longer ours")
+            out = [_flag(r) for r in replies]
+            redirects = []
+            for i, reply in enumerate(replies):
+                target = api.renewal._redirect(reply)
+                if target is not None:
+                    redirects.append((i, *target))
+                    if target[0] == "MOVED":
+                        proc.cluster_view = target[1]
+            if not redirects:
+                self._settle(batch, sent, out, None)
                 return
-            if w.known_lost(self.proc, lease):
-                # Confirmed too late: a lease the clock gave up on stays lost (LostSignal.extend).
-                self.lose("no renewal confirmed within the lease")
-                return
-            lease.last_ok = sent
-            self.schedule(sent + lease.ttl / 3)
+            for s in sims:
+                if s is not None:
+                    s.outstanding += 1
 
-        w.script(self.proc, sc, done)
+            def followed(more: Any, error2: BaseException | None) -> None:
+                for s in sims:
+                    if s is not None:
+                        s.outstanding -= 1
+                        if error2 is not None:
+                            s.faulted = True
+                if error2 is None:
+                    for (i, _, _, _), reply in zip(redirects, more, strict=True):
+                        out[i] = _flag(reply)
+                self._settle(batch, sent, out, None)
 
-    def lose(self, why: str) -> None:
-        self.lease.lost = True
-        self.lease.active = False
-        self.w.log(f"{self.proc.name()} lease {self.lease.token} on {self.lease.key} lost: {why}")
+            w.request(proc, f"RENEW x{len(redirects)} (redirected)",
+                      lambda: [run_one(i, host, kind == "ASK") for i, kind, host, _ in redirects],
+                      followed, timeout=min(w.p.socket_timeout, batch[0].ttl / 4),
+                      lease=sims[0])  # fmt: skip
+
+        w.request(proc, f"RENEW x{len(batch)}@{node}",
+                  lambda: [run_one(i, node, False) for i in range(len(batch))], answered,
+                  timeout=min(w.p.socket_timeout, batch[0].ttl / 4), lease=sims[0])  # fmt: skip
+
+    def _settle(self, batch: list[Any], sent: float, replies: Any, error: str | None) -> None:
+        now = self.proc.clock()
+        earliest = self.book.settle(batch, sent, now, replies or [], error)
+        if not math.isinf(earliest):
+            self._wake(earliest)
+
+
+def _flag(reply: Any) -> int:
+    if isinstance(reply, Exception):
+        return -1
+    try:
+        return 1 if int(reply) == 1 else 0
+    except (TypeError, ValueError):
+        return -1
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -1180,19 +1718,8 @@ class _Box(list):  # type: ignore[type-arg]
     waker: Callable[[], None] | None = None
 
 
-@contextmanager
-def _clock(now: Callable[[], float]) -> Iterator[None]:
-    """While the driver's own bookkeeping runs, time.monotonic reads the process's clock."""
-    real = time.monotonic
-    time.monotonic = now
-    try:
-        yield
-    finally:
-        time.monotonic = real
-
-
 class _RenewerStub:
-    """What ``start_lease`` and ``script_for`` hand leases to; the stand-in does the renewing."""
+    """What ``start_lease`` hands its lease to; the world's SimRenewer renews it."""
 
     def __init__(self) -> None:
         self.added: list[Any] = []
@@ -1209,17 +1736,14 @@ class _RenewerStub:
 
 class _Shim:
     """Stands in for DriverBase's self in ``script_for``, ``reply_of``, ``failed`` and
-    ``start_lease``."""
+    ``start_lease``: the driver's own code, on the process's clock."""
 
-    def __init__(self, spec: Any, publish: str, api: Api) -> None:
+    def __init__(self, spec: Any, publish: str, api: Api, proc: Proc) -> None:
         self.spec = spec
-        stamp = getattr(api.commands, "Stamp", None)
-        if stamp is not None:
-            self.stamp = stamp()
+        self.stamp = api.commands.Stamp()
         self.backend = _ShimBackend(publish)
-        self.cluster = False
-        self.lease: Any = None  # set by start_lease; the stand-in renews its own copy
-        self.acquire_sent = 0.0  # set by script_for (on the process's clock, see _clock)
+        self.lease: Any = None
+        self.clock = proc.clock
 
 
 class _ShimBackend:
@@ -1241,13 +1765,6 @@ def _enc(value: Any) -> bytes:
     if isinstance(value, (int, float)):
         return repr(value).encode()
     raise TypeError(f"cannot send {value!r}")
-
-
-def _script_name(api: Api, script: Any) -> str:
-    for name, value in vars(api.commands).items():
-        if value is script:
-            return name
-    return "SCRIPT"
 
 
 def _token_in(data: bytes) -> int | None:
@@ -1274,6 +1791,8 @@ def _show(raw: Any, error: BaseException | None) -> str:
         return f"error {error}"
     if isinstance(raw, list):
         return "[" + ", ".join(_show(r, None) for r in raw) + "]"
+    if isinstance(raw, Exception):
+        return f"error {raw}"
     if isinstance(raw, bytes):
         if len(raw) > 40:
             return _brief(raw)
