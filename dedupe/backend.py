@@ -39,7 +39,7 @@ from redis.retry import Retry
 
 from .commands import ScriptCall, Stamp, complete_call, peek_call
 from .envelope import NOTICE_ABORTED, Codec
-from .errors import BackendUnavailable, UnsupportedServer
+from .errors import BackendUnavailable, UnsupportedServer, WaitTimeout
 from .hub import Connection, Hub, Router, SingleRouter
 from .inflight import InFlight, InFlightInfo
 from .inspector import OwnerIds
@@ -325,20 +325,30 @@ class Backend:
         finally:
             self._sync_slots.put(None)
 
-    def _take_sync_slot(self) -> None:
+    def _take_sync_slot(self, deadline: float | None = None) -> None:
+        """Wait for a command slot, at most queue_timeout, and not past ``deadline`` (a
+        caller's wait_timeout, on time.monotonic: then WaitTimeout)."""
+        timeout = self.cfg.queue_timeout
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - time.monotonic()))
         try:
-            self._sync_slots.get(timeout=self.cfg.queue_timeout)
+            self._sync_slots.get(timeout=timeout)
         except queue.Empty:
+            if timeout < self.cfg.queue_timeout:
+                raise WaitTimeout("waited the wait_timeout for a command slot") from None
             raise BackendUnavailable(
                 f"all {_SLOTS} Redis command slots of this process stayed busy for "
                 f"{self.cfg.queue_timeout:g} s"
             ) from None
 
-    def run_sync_script(self, call: ScriptCall, stamp: Stamp | None = None) -> Any:
+    def run_sync_script(
+        self, call: ScriptCall, stamp: Stamp | None = None, deadline: float | None = None
+    ) -> Any:
         """Run one script over the sync client, in a command slot (the per-call path: no
-        context managers). ``stamp`` learns when its request was written."""
+        context managers). ``stamp`` learns when its request was written; ``deadline``
+        bounds the wait for a slot (a caller's wait_timeout, before it holds any lease)."""
         route = self._sync_route or self._make_sync_route()
-        self._take_sync_slot()
+        self._take_sync_slot(deadline)
         try:
             wire = route.wire
             if route.own:
@@ -435,10 +445,11 @@ class Backend:
                     return
                 _, _, spec, until, delay = heapq.heappop(self._releases)
             self._release_one(spec)
-            at = time.monotonic() + delay
-            if at < until:  # look again while such a lease could still be alive
+            now = time.monotonic()
+            if now < until:  # look again while such a lease could still be alive, last at until
                 with self._lock:
-                    heapq.heappush(self._releases, (at, next(self._release_seq), spec, until,
+                    heapq.heappush(self._releases, (min(now + delay, until),
+                                                    next(self._release_seq), spec, until,
                                                     delay * 2))  # fmt: skip
 
     def _release_one(self, spec: FlightSpec) -> None:

@@ -454,12 +454,12 @@ class LeaseBook:
                 )
                 continue
             else:
-                # No answer: try again soon, sooner while the lease may still be alive.
+                # No answer: try again soon, sooner while the lease may still be alive (but
+                # not ever sooner as its deadline nears: at least half a margin apart).
                 lease._error = error or "an error reply"
                 left = lease.lost._deadline - done
-                lease._next = done + (
-                    max(0.0, min(lease.interval / 3, left / 2)) if left > 0 else lease.interval / 3
-                )
+                pause = min(lease.interval / 3, left / 2) if left > 0 else lease.interval / 3
+                lease._next = done + max(pause, lease.margin / 2)
             # Look at the deadline too, to report a loss on time (once reported, no need).
             at = lease._next if lease._reported else min(lease._next, lease.lost._deadline)
             self._push(at, lease)

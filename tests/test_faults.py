@@ -20,7 +20,7 @@ import redis
 import workers
 from helpers import SPAWN, start, until
 
-from dedupe import BackendUnavailable, SingleFlight, current_flight
+from dedupe import BackendUnavailable, SingleFlight, WaitTimeout, current_flight
 from dedupe.envelope import Codec, Outcome
 from dedupe.keys import names_for
 from devtools.servers import RedisServer
@@ -361,3 +361,44 @@ async def _acall(sf: SingleFlight, fn: Any, *args: Any) -> Any:
         return await sf.call_detailed("hung", fn, *args)
     finally:
         await sf.aclose()
+
+
+@pytest.mark.timeout(30)
+def test_a_caller_queued_for_a_command_slot_waits_no_longer_than_its_wait_timeout(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """All 64 command slots of the process hang on a half-open link (found by simulation:
+    a caller whose acquire waited in the client's queue outlived its wait_timeout by the
+    whole queue_timeout). It has no lease yet, so wait_timeout bounds that wait too."""
+    from proxy import Proxy
+
+    from dedupe.backend import _SLOTS
+
+    with Proxy(redis_server.address) as proxy:
+        url = "redis://{}:{}/0".format(*proxy.address)
+        sf = SingleFlight(url, prefix=prefix, wait_timeout=0.5, socket_timeout=10)
+        backend = sf.backend()
+        stuck: list[threading.Thread] = []
+        try:
+            assert sf.call("warm", lambda: 1) == 1
+            proxy.blackhole()
+            for i in range(_SLOTS):
+                t = threading.Thread(target=_swallow, args=(sf, f"stuck-{i}"), daemon=True)
+                t.start()
+                stuck.append(t)
+            until(lambda: backend._sync_slots.qsize() == 0, 10, "every slot taken")
+            with pytest.raises(WaitTimeout) as raised:
+                sf.call("late", lambda: "never")
+            assert raised.value.job_id == "late"
+        finally:
+            proxy.heal()
+            for t in stuck:
+                t.join(15)
+            sf.close(timeout=0)
+
+
+def _swallow(sf: SingleFlight, job: str) -> None:
+    try:
+        sf.call(job, lambda: job)
+    except Exception:
+        pass

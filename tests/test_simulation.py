@@ -1,4 +1,4 @@
-"""The deterministic simulator (tests/sim): real run_flight and Lua scripts, a simulated world.
+"""The deterministic simulator (tests/sim): dedupe's real machines and Lua scripts in a world.
 
 A bounded share of what ``make simulate`` runs: 1,200 seeded schedules with every
 invariant checked after every step. Then the simulator itself: the Lua conversion rules of
@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.sim.mutants import MUTANTS, planted
 from tests.sim.redis import ScriptError, SimRedis
 from tests.sim.schedule import Step, explore, run, shrink
 from tests.sim.world import KINDS, Api, Params
@@ -235,3 +236,28 @@ def test_a_leader_that_finds_its_own_lease_dates_it_from_when_it_began(api: Api)
     ]  # fmt: skip
     out = run(1, steps, Params(), api, trace=True)
     assert out.violation is None, "\n".join(out.lines)
+
+
+# --- the defects of issue 18, planted again, found from random starts ---------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", sorted(MUTANTS))
+def test_finds_each_fixed_defect_planted_again(name: str) -> None:
+    """Each defect found from outside once (a revived record, a lease dated from its queue,
+    a renewer that abandons a lease lost by the clock, renewals that ignore ASK, a lease an
+    unanswered acquire leaves behind) is put back, and random schedules must find it and
+    shrink it to a short schedule that still fails the same way."""
+    with planted(name) as kinds:
+        api, params, others = Api(), Params(), KINDS - kinds
+        out = None
+        for seed in range(1, 12_001):
+            out = explore(seed, STEPS, params, api, others)
+            if out.violation is not None:
+                break
+        assert out is not None and out.violation is not None, f"{name}: not found"
+        assert out.violation.kind in kinds, _report(out)
+        small = shrink(out, params, api, budget=60, ignored=others)
+        assert len(small.steps) <= 30, small.steps
+        replayed = run(small.seed, small.steps, params, api, ignored=others)
+        assert replayed.violation is not None and replayed.violation.kind in kinds

@@ -120,7 +120,9 @@ class _Driver(DriverBase):
                     raw, acked = acquire_and_wait(self.backend, client, script, self.spec,
                                                   self.stamp)  # fmt: skip
                     return self.reply_of(cmd, raw, acked)
-                return self.reply_of(cmd, self.backend.run_sync_script(script, self.stamp))
+                # No lease yet: the caller's wait_timeout bounds its wait for a slot too.
+                raw = self.backend.run_sync_script(script, self.stamp, self.spec.deadline)
+                return self.reply_of(cmd, raw)
             return self.reply_of(cmd, self.backend.run_sync_script(script))
         if type(cmd) is Wait:
             return self.mailbox.get(cmd.timeout)  # type: ignore[union-attr]

@@ -27,11 +27,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--without", default="", help="step kinds never to schedule (comma-separated)")
     ap.add_argument("--max-drift", type=float, default=None, help="clock-rate skew bound")
     ap.add_argument("--keep-going", action="store_true", help="do not stop at the first failure")
+    ap.add_argument(
+        "--mutant",
+        default=None,
+        help="plant a fixed defect again (tests/sim/mutants.py; 'list' names them) and look "
+        "only for the violations that find it",
+    )
     args = ap.parse_args(argv)
     logging.getLogger("dedupe").setLevel(logging.CRITICAL)  # the trace says what happened
     if args.package:
         sys.path.insert(0, args.package)
 
+    from .mutants import MUTANTS, planted
+    from .world import KINDS
+
+    if args.mutant == "list":
+        for name, (plant, _) in MUTANTS.items():
+            print(f"{name}: {(plant.__doc__ or '').split(chr(10))[0]}")
+        return 0
+    if args.mutant is not None:
+        with planted(args.mutant) as kinds:
+            args.mutant = None
+            args.ignore = ",".join(sorted(KINDS - kinds))
+            return main_with(args)
+    return main_with(args)
+
+
+def main_with(args: argparse.Namespace) -> int:
     from .schedule import Outcome, explore, run, shrink
     from .world import Api, Params
 

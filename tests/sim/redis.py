@@ -85,6 +85,8 @@ class SimRedis:
         self.scripts: dict[str, Any] = {}
         # What a script wrote, for the invariants: (key, value, px) of every SET.
         self.on_set: Callable[[bytes, bytes, int | None], None] | None = None
+        # A key found expired: (key, value, when it expired on the store's clock, ms).
+        self.on_expire: Callable[[bytes, bytes, int], None] | None = None
 
     # --- time and keys ----------------------------------------------------------------------
 
@@ -99,6 +101,8 @@ class SimRedis:
         if entry is not None and entry[1] is not None and entry[1] <= self.now_ms():
             del self.data[key]
             self.where.pop(key, None)
+            if self.on_expire is not None:
+                self.on_expire(key, entry[0], entry[1])
             return None
         return entry
 

@@ -155,7 +155,13 @@ def choose(
     active = sum(1 for c in world.callers if not c.done)
     # Time moves on mostly when nothing is in transit: a network that sits on its messages
     # past socket_timeout is a fault like the others, and shows up often enough this way.
-    options: list[tuple[float, str]] = [(3 if items else 14, "next"), (2, "advance")]
+    # While k1's slot migrates, time must move on for a lease to outlive its renewals'
+    # redirections: TRYAGAIN pauses (20 ms) would otherwise eat every "next".
+    moving = world.slot.migrating is not None
+    options: list[tuple[float, str]] = [
+        (3 if items else 14, "next"),
+        (8 if moving else 2, "advance"),
+    ]
     options += [(1.2, "part"), (2, "pause")]
     options += [(0.6, "kill"), (0.5, "restart")]
     if active < 8:
@@ -163,13 +169,13 @@ def choose(
     if items:
         options += [(45, "deliver"), (3, "drop"), (3, "dup")]
     if world.jobs:
-        options.append((10, "finish"))
+        options.append((6, "finish"))
     if world.published:
         options.append((1.5, "replay"))
     options.append((0.7, "forge"))
     if world.stored:
         options.append((0.8, "writeback"))
-    options += [(1.0, "clog"), (0.8, "mig"), (0.6, "starve")]
+    options += [(1.0, "clog"), (1.5, "mig"), (0.6, "starve")]
     if any(proc.outbox for proc in world.procs):
         options.append((6, "send"))
     options = [(w, k) for w, k in options if k not in without]
@@ -206,7 +212,7 @@ def choose(
         proc_i = rng.choice(queued)
         return ("send", proc_i, rng.randrange(len(world.procs[proc_i].outbox)))
     if kind == "mig":
-        return ("mig", rng.choice(("open", "move", "move", "close")))
+        return ("mig", rng.choice(("open", "open", "move", "move", "close")))
     if kind == "starve":
         return ("starve", p, rng.choice((300, 1000, 2500)))
     return ("next",)

@@ -64,7 +64,7 @@ import math
 import re
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import AskError, MovedError, ResponseError, TryAgainError
@@ -99,6 +99,7 @@ KINDS = frozenset(
 US = 1_000_000
 _VALUE = re.compile(r"^(k\d+)@(\d+)#(\d+)$")
 CLUSTER_KEY = "k1"  # the key whose slot lives on the two-node Cluster (A, B)
+_RENEWAL_LATENCY_US = 1000  # a renewal's request or reply, unless a fault gets it first
 
 
 class Violation(Exception):
@@ -342,7 +343,7 @@ class Proc:
         self.renewer = SimRenewer(self.world, self)
         self.outbox: list[Request] = []
         self.cluster_view = "A"  # where its cluster client believes k1's slot lives
-        self.faulted_since = 0  # true us of the last fault that touched this process
+        self.faulted_since = -(10**15)  # true us of the last fault that touched this process
         self.starved_until = 0  # true us until which its renewer thread cannot run
 
     def clock(self) -> float:
@@ -376,6 +377,7 @@ class World:
         for script in api.scripts:
             self.redis.load(script.lua)
         self.redis.on_set = self._on_set
+        self.redis.on_expire = self._on_expire
         self.subs: dict[tuple[str, str], set[Proc]] = {}
         self.net: list[Item] = []
         self.timers: list[tuple[int, int, Timer]] = []
@@ -459,9 +461,12 @@ class World:
         on_sent: Callable[[], None] | None = None,
         queued: bool = False,
         lease: Any = None,
+        deadline: float | None = None,
     ) -> Request:
         """Send a request (timeout -1: socket_timeout; None: none). ``queued``: it goes
-        through the process's command slots, which hold it while the process is clogged."""
+        through the process's command slots, which hold it while the process is clogged, at
+        most queue_timeout and not past ``deadline`` (a caller's wait_timeout: WaitTimeout),
+        as Backend._take_sync_slot does."""
         req = Request(proc, proc.epoch, label, run, on_reply,
                       self.p.socket_timeout if timeout == -1.0 else (timeout or 0.0),
                       on_sent=on_sent, lease=lease)  # fmt: skip
@@ -469,14 +474,21 @@ class World:
             req.queued_at = proc.clock()
             proc.outbox.append(req)
 
+            limit = self.p.queue_timeout
+            if deadline is not None:
+                limit = min(limit, max(0.0, deadline - proc.clock()))
+            errors = self.api.errors
+
             def give_up() -> None:
                 if req in proc.outbox and not req.answered:
                     proc.outbox.remove(req)
                     req.answered = True
-                    self.log(f"{proc.name()}: no command slot for {label} in queue_timeout")
-                    on_reply(None, self.api.errors.BackendUnavailable("sim: no command slot"))
+                    self.log(f"{proc.name()}: no command slot for {label} in {limit:.3f}s")
+                    on_reply(None, errors.WaitTimeout("sim: no slot by the deadline")
+                             if limit < self.p.queue_timeout
+                             else errors.BackendUnavailable("sim: no command slot"))  # fmt: skip
 
-            self.at(proc, proc.clock() + self.p.queue_timeout, give_up, "queue timeout")
+            self.at(proc, proc.clock() + limit, give_up, "queue timeout")
             return req
         self._write(req, timed=timeout is not None)
         return req
@@ -511,6 +523,17 @@ class World:
 
     def _send(self, item: Item) -> None:
         self.net.append(item)
+        if item.lease is not None:
+            # Renewals travel on the renewer's own connection and arrive within a
+            # millisecond unless the schedule drops, duplicates or partitions them first.
+            self.at(None, self.now_us + _RENEWAL_LATENCY_US, lambda: self._arrive(item),
+                    "renewal latency")  # fmt: skip
+
+    def _arrive(self, item: Item) -> None:
+        if item in self.net and not item.proc.partitioned:
+            self.net.remove(item)
+            self.log(f"arrives: {item.label}")
+            item.deliver()
 
     def _execute(self, req: Request) -> None:
         """A request reaches Redis: run it (even for a process that died since), reply."""
@@ -637,6 +660,7 @@ class World:
         *,
         stamp: Any = None,
         queued: bool = True,
+        deadline: float | None = None,
     ) -> None:
         """Run a script as a driver does: through the command slots, the wire's one retry
         within the command's bound, and (for k1) the cluster client's redirections and
@@ -675,7 +699,7 @@ class World:
 
             timeout = state["retry_left"] or self.p.socket_timeout
             self.request(proc, label, lambda: run_at(node, asking), answered, timeout=timeout,
-                         on_sent=sent, queued=queued and first)  # fmt: skip
+                         on_sent=sent, queued=queued and first, deadline=deadline)  # fmt: skip
 
         def answered(raw: Any, error: BaseException | None) -> None:
             state["asking"] = ""
@@ -803,7 +827,6 @@ class World:
     def starve(self, proc: Proc, us: int) -> str:
         """The process's renewal thread cannot run for a while (the GIL held, CPU starved)."""
         self.faults += 1
-        self._fault(proc)
         proc.starved_until = max(proc.starved_until, self.now_us + us)
         return f"{proc.name()}'s renewer starved for {us // 1000} ms"
 
@@ -858,7 +881,8 @@ class World:
         if not self.stored:
             return "nothing stored yet"
         key, record, px = self.stored[n % len(self.stored)]
-        self.redis.write(key, record, px or None)
+        node = self.slot.owner if self._key_of(key) == CLUSTER_KEY else "A"
+        self.redis.write(key, record, px or None, node)
         return f"wrote back {self._key_of(key)}'s {_brief(record)} (px {px})"
 
     def forge(self, n: int, k: int) -> str:
@@ -870,8 +894,10 @@ class World:
         if variant == 2:
             # A record header the scripts accept (fresh, newest token) on an unsigned body.
             forged = b"%d:1000:3600:DD-forged" % huge
-            self.redis.write(names.result.encode(), forged, 3600)
-            self.redis.write(names.token.encode(), b"%d" % huge, 3600)
+            # (The counter is left alone: a key writer who moves it also moves the fencing
+            # tokens the next leases get, which is no record it forged.)
+            node = self.slot.owner if key == CLUSTER_KEY else "A"
+            self.redis.write(names.result.encode(), forged, 3600, node)
             return f"forged the result key of {key} (token {huge}, unsigned)"
         data = (b"hello", b"%d:1000:3600:DD-forged" % huge, b"", b"N:%d" % huge)[variant]
         for (_, c), subs in list(self.subs.items()):
@@ -1040,36 +1066,35 @@ class World:
                     f"caller #{caller.id} ({proc.name()} {caller.key}) still waits "
                     f"{late:.3f}s past its wait_timeout (not counting pauses)",
                 )
-        for lease in self.leases:
-            if lease.running and lease.proc.epoch == lease.epoch:
-                self._check_lapse(lease)
 
-    def _check_lapse(self, lease: SimLease) -> None:
-        """A running lease's lock is gone from Redis: fine if something was wrong (a fault of
-        its process or its renewals within the last lease, a restart, a loss Redis reported,
-        a renewal still unanswered); a violation if its renewer simply did not keep it."""
-        names = self.names[lease.key]
-        held = self.redis.get_any(names.lock.encode())
-        if held == lease.real.value.encode() or lease.lapse_checked:
+    def _on_expire(self, key: bytes, value: bytes, expired_ms: int) -> None:
+        """A lock ran out in Redis: fine if its leader was done, or something was wrong (a
+        fault of its process or of its renewals, a restart, its renewer starved at that
+        moment, a renewal still on its way); a violation if the renewer of a running, healthy
+        leader simply did not keep it."""
+        if key not in self.by_lock:
             return
-        lease.lapse_checked = True
-        proc = lease.proc
-        window = lease.real.ttl * US * 1.2
-        if (
-            lease.faulted
-            or lease.restarts != self.redis.restarts
-            or proc.paused_until is not None
-            or self.now_us - proc.faulted_since < window + lease.real.ttl * US
-            or lease.outstanding
-            or (lease.real.lost._set and lease.real._error == "mismatch")
-            or not lease.real.active
-        ):
-            return
-        self.fail(
-            "lapsed-lease",
-            f"the lock of lease {lease.token} on {lease.key} ({proc.name()}) lapsed while its "
-            "leader ran, its process was healthy and every renewal it sent was answered",
-        )
+        expired_us = expired_ms * 1000 - self.redis.offset_us  # true time
+        for lease in self.leases:
+            if lease.real.value.encode() != value or lease.proc.epoch != lease.epoch:
+                continue
+            proc, ttl_us = lease.proc, lease.real.ttl * US
+            if (
+                not lease.running
+                or lease.faulted
+                or lease.in_transit_at(expired_us)  # the renewer did its part; a slow link
+                or lease.restarts != self.redis.restarts
+                or proc.paused_until is not None
+                or expired_us - proc.faulted_since < ttl_us * 2
+                or expired_us <= proc.starved_until
+                or lease.real.hold_until <= proc.clock()  # max_hold: renewal stops for good
+            ):
+                return
+            self.fail(
+                "lapsed-lease",
+                f"the lock of lease {lease.token} on {lease.key} ({proc.name()}) ran out while "
+                "its leader ran, its process was healthy and every renewal it sent was answered",
+            )
 
     def check_orphans(self) -> None:
         """The drain: no lock is left held for a live process's flight that gave up on its
@@ -1369,8 +1394,10 @@ class FlightRun:
         if sc is not None:
             if name == "Complete" and self.lease is not None:
                 self.lease.real.completing = True  # as Renewer.completing()
-            stamp = self.shim.stamp if name == "Acquire" else None
-            w.script(self.proc, sc, lambda raw, err: self._scripted(cmd, raw, err), stamp=stamp)
+            acquire = name == "Acquire"
+            w.script(self.proc, sc, lambda raw, err: self._scripted(cmd, raw, err),
+                     stamp=self.shim.stamp if acquire else None,
+                     deadline=self.spec.deadline if acquire else None)  # fmt: skip
             return None
         bound = self.spec.lock_ttl_ms / 1000 + self.spec.slack(self.spec.lock_ttl_ms) + 1e-6
         if name == "Wait":
@@ -1518,11 +1545,11 @@ class FlightRun:
                 look()
 
         def later() -> None:
-            at = proc.clock() + pause[0]
-            pause[0] *= 2
-            if at < until:
+            now = proc.clock()
+            if now < until:  # look again while such a lease could be alive, last at until
                 self.releasing += 1
-                w.at(proc, at, fire, "release look")
+                w.at(proc, min(now + pause[0], until), fire, "release look")
+                pause[0] *= 2
 
         def peeked(raw: Any, error: BaseException | None) -> None:
             self.releasing -= 1
@@ -1582,8 +1609,12 @@ class SimLease:
     restarts: int  # Redis restarts when granted: a restart since loses the lock
     running: bool = True  # the user's function (or its complete) still runs under it
     faulted: bool = False  # a renewal of it was dropped or duplicated
-    outstanding: int = 0  # renewals sent, not answered
-    lapse_checked: bool = False
+    # Its renewals' round trips: [sent, answered] in true us (answered None: still out).
+    trips: list[list[Any]] = field(default_factory=list)
+
+    def in_transit_at(self, t: int) -> bool:
+        """Was a renewal of it on its way at true time t?"""
+        return any(sent < t and (done is None or done > t) for sent, done in self.trips)
 
 
 class SimRenewer:
@@ -1635,9 +1666,11 @@ class SimRenewer:
         w, proc, api = self.w, self.proc, self.w.api
         items = [(lease.lock_key, lease.value, lease.ttl_ms) for lease in batch]
         sims = [self.by_real.get(id(lease)) for lease in batch]
+        trip: list[Any] = [w.now_us, None]
         for s in sims:
             if s is not None:
-                s.outstanding += 1
+                s.trips = [t for t in s.trips if t[1] is None or w.now_us - t[1] < 10 * US]
+                s.trips.append(trip)
 
         def run_one(i: int, at: str, asking: bool) -> Any:
             sc = api.commands.renew_call(*items[i])
@@ -1650,11 +1683,10 @@ class SimRenewer:
                 return exc
 
         def answered(replies: Any, error: BaseException | None) -> None:
+            trip[1] = w.now_us
             for s in sims:
-                if s is not None:
-                    s.outstanding -= 1
-                    if error is not None:
-                        s.faulted = True  # no answer in time: a slow or broken link
+                if s is not None and error is not None:
+                    s.faulted = True  # no answer in time: a slow or broken link
             if error is not None:
                 self._settle(batch, sent, None, f"{type(error).__name__}: {error}")
                 return
@@ -1669,16 +1701,16 @@ class SimRenewer:
             if not redirects:
                 self._settle(batch, sent, out, None)
                 return
+            trip2: list[Any] = [w.now_us, None]
             for s in sims:
                 if s is not None:
-                    s.outstanding += 1
+                    s.trips.append(trip2)
 
             def followed(more: Any, error2: BaseException | None) -> None:
+                trip2[1] = w.now_us
                 for s in sims:
-                    if s is not None:
-                        s.outstanding -= 1
-                        if error2 is not None:
-                            s.faulted = True
+                    if s is not None and error2 is not None:
+                        s.faulted = True
                 if error2 is None:
                     for (i, _, _, _), reply in zip(redirects, more, strict=True):
                         out[i] = _flag(reply)

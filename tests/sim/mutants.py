@@ -1,0 +1,107 @@
+"""Defects fixed once, planted again: the simulator must find each one by itself.
+
+``python -m tests.sim --mutant NAME`` runs random schedules against the package with that
+defect put back, and prints the first violation it finds, shrunk; tests/test_simulation.py
+does the same for each, bounded. Each mutant is the smallest change that brings the defect
+back, made to the real code in this process (nothing here stands in for dedupe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["MUTANTS", "planted"]
+
+
+def _revived_record(patch: Callable[[Any, str, Any], None]) -> None:
+    """Issue 18.1: the acquire script serves a fresh-looking record of an older lease (it
+    does not ask whether the token counter still names the record's lease)."""
+    import dedupe.commands as commands
+
+    lua = commands.ACQUIRE.lua
+    check = " and redis.pcall('GET', KEYS[2]) == tok"
+    assert check in lua, "the acquire script's counter check moved: update this mutant"
+    patch(commands, "ACQUIRE", commands._script(lua.replace(check, "")))
+
+
+def _dated_from_queue(patch: Callable[[Any, str, Any], None]) -> None:
+    """Issue 18.2: a lease is dated from when its acquire was asked for, before the client's
+    queue, not from when it was written (the reply's stamp is dropped)."""
+    import dedupe.drivers.base as base
+
+    real = base.parse_acquired
+    patch(base, "parse_acquired", lambda raw, sent=0.0: real(raw, 0.0))
+
+
+def _abandoning_renewer(patch: Callable[[Any, str, Any], None]) -> None:
+    """Issue 18.2: the renewer gives a lease up for good once the clock says it may be lost,
+    although Redis may still hold it."""
+    from dedupe.leases import LeaseBook
+
+    real = LeaseBook._visit
+
+    def visit(self: Any, lease: Any, now: float) -> Any:
+        signal = lease.lost
+        lost = signal._set or now >= signal._deadline
+        if now < lease.hold_until and not lease._reported and lost:
+            self._report(lease, now)
+            lease.active = False
+            return None
+        return real(self, lease, now)
+
+    patch(LeaseBook, "_visit", visit)
+
+
+def _renewals_ignore_ask(patch: Callable[[Any, str, Any], None]) -> None:
+    """Issue 18.3: renewals follow MOVED but not ASK while a slot migrates."""
+    import dedupe.renewal as renewal
+
+    real = renewal._redirect
+
+    def redirect(reply: Any) -> Any:
+        found = real(reply)
+        return None if found is not None and found[0] == "ASK" else found
+
+    patch(renewal, "_redirect", redirect)
+
+
+def _no_give_back(patch: Callable[[Any, str, Any], None]) -> None:
+    """Issue 18.4: a call that gives up after an acquire it never saw answered leaves the
+    lease it may have been granted to run out (waiters wait a whole lease)."""
+    from dedupe.commands import translate
+    from dedupe.drivers.base import DriverBase
+
+    def failed(self: Any, cmd: Any, exc: BaseException) -> BaseException:
+        return translate(exc) if isinstance(exc, Exception) else exc
+
+    patch(DriverBase, "failed", failed)
+
+
+MUTANTS: dict[str, tuple[Callable[[Callable[[Any, str, Any], None]], None], frozenset[str]]] = {
+    # name: (plant it, the invariant kinds that may find it)
+    "revived-record": (_revived_record, frozenset({"stale-outcome", "older-outcome"})),
+    "dated-from-queue": (_dated_from_queue, frozenset({"lease-dated-early"})),
+    "abandoning-renewer": (_abandoning_renewer, frozenset({"lapsed-lease"})),
+    "renewals-ignore-ask": (_renewals_ignore_ask, frozenset({"lapsed-lease"})),
+    "no-give-back": (_no_give_back, frozenset({"orphaned-lease"})),
+}
+
+
+@contextmanager
+def planted(name: str) -> Iterator[frozenset[str]]:
+    """Plant mutant ``name`` in this process for the block; yields the kinds that find it."""
+    plant, kinds = MUTANTS[name]
+    undo: list[tuple[Any, str, Any]] = []
+
+    def patch(owner: Any, attr: str, value: Any) -> None:
+        undo.append((owner, attr, getattr(owner, attr)))
+        setattr(owner, attr, value)
+
+    plant(patch)
+    try:
+        yield kinds
+    finally:
+        for owner, attr, value in reversed(undo):
+            setattr(owner, attr, value)
