@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeAlias
 
 from . import events
-from .envelope import NOTICE_ABORTED, NOTICE_STORED, Codec, Notice, Opened, Outcome, header_of
 from .errors import BackendUnavailable, EnvelopeError, WaitTimeout
 from .keys import Names
+from .record import NOTICE_ABORTED, NOTICE_STORED, header_of, lock_value, parse_lock
+from .sealing import Codec, Notice, Opened, Outcome
 
 __all__ = [
     "RECHECK",
@@ -196,11 +197,6 @@ def is_abort(error: BaseException | None) -> bool:
     return error is not None and not isinstance(error, Exception)
 
 
-def holder_token(holder: str) -> str:
-    token, sep, _ = holder.partition(":")
-    return token if sep and token.isdigit() else ""
-
-
 # --- the flight -----------------------------------------------------------------------------
 
 
@@ -237,11 +233,12 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
         # The lease, if granted, began no earlier than the request's write (not its queue).
         sent = reply.sent or asked
         since = sent
-        if reply.state == BUSY and reply.holder.partition(":")[2] == spec.owner:
+        holder = parse_lock(reply.holder) if reply.state == BUSY else None
+        if holder is not None and holder.owner == spec.owner:
             # Our own lease: an acquire whose reply was lost and that the client retried. It
             # began before this acquire, by as much as it has run down (found by simulation).
             since = sent - max(0, spec.lock_ttl_ms - reply.pttl_ms) / 1000
-            reply = Acquired(LEAD, token=int(holder_token(reply.holder) or 0))
+            reply = Acquired(LEAD, token=holder.token)
         if reply.state == LEAD:
             if floor:
                 log.debug(
@@ -273,7 +270,8 @@ def run_flight(spec: FlightSpec, codec: Codec, clock: Callable[[], float]) -> Fl
             if bad > 1:
                 yield Pause(_bounded(spec, clock, min(1.0, 0.005 * 2**bad)))
             continue
-        floor = max(floor, _token_of(reply.holder))
+        if holder is not None:
+            floor = max(floor, holder.token)
         log.debug(
             "following %r: lease %s, %d ms left", spec.names.job_id, reply.holder, reply.pttl_ms
         )
@@ -332,11 +330,6 @@ def _bounded(spec: FlightSpec, clock: Callable[[], float], seconds: float) -> fl
     return min(seconds, left)
 
 
-def _token_of(holder: str) -> int:
-    token = holder_token(holder)
-    return int(token) if token and len(token) <= 20 else 0
-
-
 def _open(spec: FlightSpec, codec: Codec, data: bytes) -> Opened | Notice | None:
     """Decode a record or notice; None if it must be ignored (unreadable, forged, foreign)."""
     try:
@@ -370,7 +363,7 @@ def _lead(
     waited: bool,
     since: float,
 ) -> Flight:
-    lock_value = f"{token}:{spec.owner}"
+    lock = lock_value(token, spec.owner)
     channel = spec.names.channel
     if spec.min_replicas:
         acked = yield Replicate(spec.min_replicas, spec.replica_timeout_ms)
@@ -378,19 +371,19 @@ def _lead(
         if acked < spec.min_replicas:
             # A lease only the master knows of could vanish in a failover: give it back.
             notice = codec.notice(NOTICE_ABORTED, channel=channel, token=token)
-            yield Complete(lock_value, b"", 0, notice, token)
+            yield Complete(lock, b"", 0, notice, token)
             raise BackendUnavailable(
                 f"only {acked} of {spec.min_replicas} replicas acknowledged the lease on "
                 f"{spec.names.job_id!r} within {spec.replica_timeout_ms} ms"
             )
-    outcome = yield Lead(token, lock_value, since)
+    outcome = yield Lead(token, lock, since)
     assert isinstance(outcome, Outcome)
     done = Finished(outcome, "leader", token, waited)
     try:
         if is_abort(outcome.error):
             # Nothing to keep; tell the followers at once so one of them takes over.
             notice = codec.notice(NOTICE_ABORTED, channel=channel, token=token)
-            yield Complete(lock_value, b"", 0, notice, token)
+            yield Complete(lock, b"", 0, notice, token)
             return done
         # Fresh for result_ttl after the run: sealed as keep since the grant (the token's
         # time), so that a record written back later can never pass for fresh.
@@ -419,7 +412,7 @@ def _lead(
         message = b""
         if len(record) > spec.inline_max_bytes:
             message = codec.notice(NOTICE_STORED, channel=channel, token=token)
-        completed = yield Complete(lock_value, record, ttl, message, token)
+        completed = yield Complete(lock, record, ttl, message, token)
         assert isinstance(completed, Completed)
         outcome.fresh_ms = keep if completed.state >= 0 else 0
         if completed.state < 0:

@@ -15,7 +15,6 @@ from typing import Any
 
 from .. import events
 from ..backend import Backend, acquire_and_wait
-from ..envelope import Outcome
 from ..errors import BackendUnavailable
 from ..inflight import RETRY, Entry, InFlight
 from ..keys import Names
@@ -33,6 +32,7 @@ from ..protocol import (
     is_abort,
     run_flight,
 )
+from ..sealing import Outcome
 from .base import MISS, CallPlan, DriverBase, local_flight, run_trace, share
 
 __all__ = ["call"]

@@ -29,7 +29,6 @@ from ..commands import (
     translate,
 )
 from ..context import Flight, check_reentry, leading
-from ..envelope import Codec, Outcome
 from ..errors import WaitTimeout
 from ..inflight import RETRY, Entry, Served
 from ..keys import Names
@@ -45,6 +44,7 @@ from ..protocol import (
     is_abort,
 )
 from ..renewal import Lease, LostSignal
+from ..sealing import Codec, Outcome
 from ..signals import Latch, Mailbox
 
 __all__ = ["MISS", "CallPlan", "DriverBase", "local_flight", "run_trace", "share"]

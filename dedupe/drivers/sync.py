@@ -8,7 +8,6 @@ from typing import Any
 
 from .. import events
 from ..backend import Backend, acquire_and_wait
-from ..envelope import Outcome
 from ..errors import BackendUnavailable, WaitTimeout
 from ..inflight import RETRY, Entry
 from ..keys import Names
@@ -25,6 +24,7 @@ from ..protocol import (
     Wait,
     run_flight,
 )
+from ..sealing import Outcome
 from .base import MISS, CallPlan, DriverBase, local_flight, run_trace, share
 
 __all__ = ["call"]
