@@ -236,10 +236,10 @@ def parts(url: str, out: Path) -> None:
 
     from dedupe import SingleFlight
     from dedupe.commands import acquire_call, complete_call
-    from dedupe.envelope import Outcome, make_record
     from dedupe.keys import names_for
     from dedupe.leases import Lease
     from dedupe.protocol import Acquire, Complete
+    from dedupe.sealing import Outcome
 
     sf = SingleFlight(url, prefix="parts")
 
@@ -258,9 +258,9 @@ def parts(url: str, out: Path) -> None:
     make = sf._spec_maker(backend, names_for("parts", "job"), o)
     spec = make(None)
     payload = b"x" * 1024
-    env = codec.encode(Outcome(value=None), channel=spec.names.channel, token=1)
-    rec = make_record(1, 1000, 12000, env)
-    env1k = codec.encode(Outcome(value=payload), channel=spec.names.channel, token=1)
+    channel = spec.names.channel
+    rec = codec.seal(Outcome(value=None), channel=channel, token=1, keep_ms=1000, ttl_ms=12000)
+    rec1k = codec.seal(Outcome(value=payload), channel=channel, token=1, keep_ms=1000, ttl_ms=12000)
     renewer = backend.renewer()
 
     def lease_cycle() -> None:
@@ -296,15 +296,17 @@ def parts(url: str, out: Path) -> None:
         ),
         ("backend.owner() (uuid base + counter)", backend.owner, 20000),
         (
-            "codec.encode(None)",
-            lambda: codec.encode(Outcome(value=None), channel="c", token=1),
+            "codec.seal(None)",
+            lambda: codec.seal(
+                Outcome(value=None), channel=channel, token=1, keep_ms=1000, ttl_ms=12000
+            ),
             20000,
         ),
         ("cloudpickle.dumps(None)", lambda: cloudpickle.dumps(None, protocol=5), 20000),
         ("pickle.dumps(None)", lambda: pickle.dumps(None, protocol=5), 20000),
         ("cloudpickle.dumps(1 KB bytes)", lambda: cloudpickle.dumps(payload, protocol=5), 20000),
         ("pickle.dumps(1 KB bytes)", lambda: pickle.dumps(payload, protocol=5), 20000),
-        ("codec.decode(1 KB value)", lambda: codec.decode(env1k, channel="c", token=1), 20000),
+        ("codec.open(1 KB value)", lambda: codec.open(rec1k, channel=channel), 20000),
         (
             "acquire_call + evalsha_args",
             lambda: acquire_call(spec, Acquire("")).evalsha_args(),

@@ -2,7 +2,6 @@
 
 from .api import INHERIT, AsyncFlightFunction, FlightFunction, SingleFlight, single_flight
 from .context import Flight, current_flight
-from .envelope import Serializer
 from .errors import (
     BackendBusy,
     BackendOutOfMemory,
@@ -20,6 +19,7 @@ from .errors import (
 )
 from .inflight import InFlightInfo, Served
 from .inspector import JobState
+from .serializers import Serializer
 
 __all__ = [
     "INHERIT",

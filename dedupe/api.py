@@ -34,7 +34,6 @@ from . import inspector
 from .backend import AsyncClient, Backend, BackendConfig, SyncClient
 from .commands import forget_call, typed_errors
 from .drivers import aio, sync
-from .envelope import SecretSpec, Serializer, codec_for, validate_security
 from .inflight import InFlightInfo, Served
 from .inspector import JobState
 from .keys import (
@@ -47,6 +46,8 @@ from .keys import (
     validate_prefix,
 )
 from .protocol import FlightSpec
+from .sealing import SecretSpec, codec_for, validate_security
+from .serializers import Serializer
 from .topology import parse_url
 
 __all__ = [

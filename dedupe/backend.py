@@ -38,14 +38,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from .commands import ScriptCall, Stamp, complete_call, peek_call
-from .envelope import NOTICE_ABORTED, Codec
 from .errors import BackendUnavailable, UnsupportedServer, WaitTimeout
 from .hub import Connection, Hub, Router, SingleRouter
 from .inflight import InFlight, InFlightInfo
 from .inspector import OwnerIds
 from .kept import LocalCopies
 from .protocol import Complete, FlightSpec
+from .record import NOTICE_ABORTED, parse_lock
 from .renewal import Renewer, renew_many
+from .sealing import Codec
 from .slots import AsyncSlots
 from .topology import (
     ClusterRouter,
@@ -456,14 +457,15 @@ class Backend:
         """One look: if the lock is ours, complete with an abort notice (owner-checked)."""
         try:
             raw = self.run_sync_script(peek_call(spec))
-            holder = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
-            token, sep, owner = holder.partition(":")
-            if not sep or owner != spec.owner or not token.isdigit():
+            value = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
+            holder = parse_lock(value)
+            if holder is None or holder.owner != spec.owner:
                 return  # not ours (or gone)
-            notice = self.codec.notice(NOTICE_ABORTED, channel=spec.names.channel, token=int(token))
-            cmd = Complete(holder, b"", 0, notice, int(token))
+            token = holder.token
+            notice = self.codec.notice(NOTICE_ABORTED, channel=spec.names.channel, token=token)
+            cmd = Complete(value, b"", 0, notice, token)
             self.run_sync_script(complete_call(spec, cmd, self.publish))
-            log.info("gave back lease %s on %r after its acquire went unanswered", token,
+            log.info("gave back lease %d on %r after its acquire went unanswered", token,
                      spec.names.job_id)  # fmt: skip
         except Exception as exc:
             log.debug("could not give back a lease on %r yet: %s", spec.names.job_id, exc)

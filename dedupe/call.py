@@ -52,11 +52,11 @@ from collections.abc import Callable, Generator
 from typing import Any, Final, NamedTuple, Protocol, TypeAlias
 
 from .context import check_reentry
-from .envelope import Outcome
 from .errors import BackendUnavailable, ProtocolError, WaitTimeout
 from .inflight import RETRY, Entry, InFlight, Served
 from .keys import Names
 from .protocol import Finished, is_abort
+from .sealing import Outcome
 
 __all__ = [
     "AwaitFlight",

@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any, Final, NamedTuple
 
-from .envelope import Outcome
+from .sealing import Outcome
 from .signals import Latch
 
 __all__ = ["RETRY", "Entry", "InFlight", "InFlightInfo", "Served"]

@@ -6,7 +6,8 @@ unpickle what it finds in Redis.
 
 A job's keys (see ``dedupe.keys.names_for``) are ``<prefix>:{<tag>}:lock`` (the lease,
 value ``"<token>:<owner>"``), ``:token`` (the fencing counter), ``:result`` (the kept
-outcome record, header ``"<token>:<keep_ms>:<ttl_ms>:"``) and the channel
+outcome record, header ``"<token>:<keep_ms>:<ttl_ms>:"``; both formats are
+``dedupe.record``'s, read here by its functions) and the channel
 ``<prefix>:{<tag>}`` followers subscribe to (sharded pub/sub on Cluster). The tag is the
 job id itself, or ``#`` and 40 hex digits of its SHA-256 for ids that cannot be a hash tag
 (long, unprintable, with braces); such a tag is accepted wherever a job id is.
@@ -33,6 +34,7 @@ import redis
 import redis.cluster
 
 from .keys import Names, names_for, validate_job_id, validate_prefix
+from .record import KIND_AT, KIND_NAMES, MAGIC, fresh_ms, parse_lock, parse_number, read_header
 
 __all__ = [
     "Holder",
@@ -49,12 +51,6 @@ __all__ = [
 
 _DIGEST_TAG: Final = re.compile(r"#[0-9a-f]{40}")
 _UNSAFE: Final = re.compile(r"[:/\s]")
-_KIND_NAMES: Final = {
-    ord("v"): "value",
-    ord("e"): "error",
-    ord("u"): "unserializable",
-    ord("l"): "too_large",
-}
 # SCAN returns at most about COUNT keys per round trip; bigger pages mean fewer trips.
 _SCAN_COUNT: Final = 1000
 
@@ -117,10 +113,10 @@ class Holder:
 def parse_owner(lock_value: str | bytes) -> Holder:
     """Parse a lock value ``"<token>:<owner>"``; raises ValueError if it is not one."""
     text = lock_value.decode("utf-8", "replace") if isinstance(lock_value, bytes) else lock_value
-    token_text, sep, owner = text.partition(":")
-    if not sep or not token_text.isdigit():
+    lock = parse_lock(text)
+    if lock is None:
         raise ValueError(f"not a dedupe lock value (expected '<token>:<owner>'): {text!r}")
-    token = int(token_text)
+    token, owner = lock
     parts = owner.split("/")
     if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit():
         instance, dot, seq = parts[3].rpartition(".")
@@ -196,26 +192,19 @@ def _raw(value: Any) -> bytes | None:
     return str(value).encode("utf-8", "surrogateescape")
 
 
-def _kept(record: bytes | None, pttl: int, counter: str | None) -> Kept | None:
+def _kept(record: bytes | None, pttl: int, counter: bytes | None) -> Kept | None:
     if record is None:
         return None
-    parts = record.split(b":", 3)
-    if len(parts) != 4 or not all(p.isdigit() for p in parts[:3]):
+    header = read_header(record)
+    if header is None:
         return Kept(0, "unknown", 0, 0, 0, 0, len(record))
-    token, keep_ms, ttl_ms = (int(p) for p in parts[:3])
-    envelope = parts[3]
+    token, keep_ms, ttl_ms, end = header
     kind = "unknown"
-    if envelope[:2] == b"DD" and len(envelope) >= 4:
-        kind = _KIND_NAMES.get(envelope[3], "unknown")
-    left = max(pttl, 0)
-    age = max(0, ttl_ms - left)
-    # As the acquire script judges it: keep_ms since written, and since the lease's grant
-    # (the token is the server's microseconds then); a longer life than sealed, or a token
-    # the counter no longer holds (a newer lease was granted): not fresh.
-    since_grant = time.time() * 1000 - token / 1000
-    fresh = 0
-    if kind == "value" and pttl <= ttl_ms and counter == parts[0].decode():
-        fresh = max(0, min(keep_ms - age, int(keep_ms - since_grant)))
+    if record[end : end + 2] == MAGIC and len(record) > end + KIND_AT:
+        kind = KIND_NAMES.get(record[end + KIND_AT], "unknown")
+    age = max(0, ttl_ms - max(pttl, 0))
+    # As the acquire script judges it, by this machine's clock rather than the server's.
+    fresh = max(0, fresh_ms(token, keep_ms, ttl_ms, pttl, counter, int(time.time() * 1000)))
     return Kept(token, kind, keep_ms, ttl_ms, age, fresh, len(record))
 
 
@@ -262,8 +251,8 @@ def inspect(client: Any, prefix: str, job_id: str) -> JobState:
         names=names,
         holder=holder,
         lease_ms=int(lock_pttl) if lock_text is not None and int(lock_pttl) >= 0 else None,
-        token_counter=int(counter_text) if counter_text and counter_text.isdigit() else None,
-        kept=_kept(_raw(record_raw), int(record_pttl), counter_text),
+        token_counter=parse_number(counter_text) if counter_text else None,
+        kept=_kept(_raw(record_raw), int(record_pttl), _raw(counter_raw)),
         subscribers=_subscribers(client, names.channel),
         unreadable_lock=unreadable,
     )

@@ -47,9 +47,10 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeAlias, cast
 
-from .envelope import NOTICE_ABORTED, NOTICE_STORED, Codec, Notice, Opened, Outcome, header_of
 from .errors import BackendUnavailable, EnvelopeError, ProtocolError, WaitTimeout
 from .keys import Names
+from .record import NOTICE_ABORTED, NOTICE_STORED, header_of, lock_value, parse_lock
+from .sealing import Codec, Notice, Opened, Outcome
 
 __all__ = [
     "BUSY",
@@ -278,11 +279,6 @@ def is_abort(error: BaseException | None) -> bool:
     return error is not None and not isinstance(error, Exception)
 
 
-def holder_token(holder: str) -> str:
-    token, sep, _ = holder.partition(":")
-    return token if sep and token.isdigit() else ""
-
-
 # --- the flight -----------------------------------------------------------------------------
 
 
@@ -334,11 +330,12 @@ def run_flight(
         sent = reply.sent or asked
         since = sent
         state = reply.state
-        if state == BUSY and reply.holder.partition(":")[2] == spec.owner:
+        holder = parse_lock(reply.holder) if state == BUSY else None
+        if holder is not None and holder.owner == spec.owner:
             # Our own lease: an acquire whose reply was lost and that the client retried. It
             # began before this acquire, by as much as it has run down (found by simulation).
             since = sent - max(0, spec.lock_ttl_ms - reply.pttl_ms) / 1000
-            reply = Acquired(LEAD, token=int(holder_token(reply.holder) or 0), replicas=-1)
+            reply = Acquired(LEAD, token=holder.token, replicas=-1)
             state = LEAD
         if state == LEAD:
             return (
@@ -364,7 +361,8 @@ def run_flight(
             continue
         if state != BUSY:
             raise ProtocolError(f"unknown acquire state {state!r}")
-        floor = max(floor, _token_of(reply.holder))
+        if holder is not None:
+            floor = max(floor, holder.token)
         timeout = reply.pttl_ms / 1000 + spec.slack(reply.pttl_ms)
         if spec.deadline is not None:
             left = spec.deadline - clock()
@@ -420,11 +418,6 @@ def _bounded(spec: FlightSpec, clock: Callable[[], float], seconds: float) -> fl
     return min(seconds, left)
 
 
-def _token_of(holder: str) -> int:
-    token = holder_token(holder)
-    return int(token) if token and len(token) <= 20 else 0
-
-
 def _open(
     spec: FlightSpec, codec: Codec, data: bytes
 ) -> Generator[Command, object, Opened | Notice | None]:
@@ -448,18 +441,18 @@ def _lead(
     since: float,
 ) -> Flight:
     token = acquired.token
-    lock_value = f"{token}:{spec.owner}"
+    lock = lock_value(token, spec.owner)
     channel = spec.names.channel
     # replicas -1: our own lease found by a retried acquire, acknowledged when it was granted.
     if spec.min_replicas and 0 <= acquired.replicas < spec.min_replicas:
         # A lease only the master knows of could vanish in a failover: give it back.
         notice = codec.notice(NOTICE_ABORTED, channel=channel, token=token)
-        yield Complete(lock_value, b"", 0, notice, token)
+        yield Complete(lock, b"", 0, notice, token)
         raise BackendUnavailable(
             f"only {acquired.replicas} of {spec.min_replicas} replicas acknowledged the lease "
             f"on {spec.names.job_id!r} within {spec.replica_timeout_ms} ms"
         )
-    outcome = yield Lead(token, lock_value, since)
+    outcome = yield Lead(token, lock, since)
     _expect(outcome, Outcome, "Lead")
     outcome = cast(Outcome, outcome)
     done = Finished(outcome, "leader", token, waited, trace)
@@ -467,7 +460,7 @@ def _lead(
         if is_abort(outcome.error):
             # Nothing to keep; tell the followers at once so one of them takes over.
             notice = codec.notice(NOTICE_ABORTED, channel=channel, token=token)
-            yield Complete(lock_value, b"", 0, notice, token)
+            yield Complete(lock, b"", 0, notice, token)
             return done
         # Fresh for result_ttl after the run: sealed as keep since the grant (the token's
         # time), so that a record written back later can never pass for fresh.
@@ -494,7 +487,7 @@ def _lead(
         message = b""
         if len(record) > spec.inline_max_bytes:
             message = codec.notice(NOTICE_STORED, channel=channel, token=token)
-        completed = yield Complete(lock_value, record, ttl, message, token)
+        completed = yield Complete(lock, record, ttl, message, token)
         _expect(completed, Completed, "Complete")
         completed = cast(Completed, completed)
         outcome.fresh_ms = keep if completed.state >= 0 else 0

@@ -3,18 +3,20 @@
 Every script touches only the keys of one job, which share a hash tag, so the same
 scripts run unchanged on a single server and on Redis Cluster.
 
-A record (what the result key holds) starts with ``<token>:<keep_ms>:<ttl_ms>:``;
-the scripts read only that header. A record is "fresh" for new callers while less than
-``keep_ms`` has passed since it was written (``ttl_ms - PTTL``) and since its lease was
-granted (the token: server microseconds); ``keep_ms`` is result_ttl plus the run. After
-that, until its ``ttl_ms`` runs out, only a follower that waited on that lease (or an
-older one) may read it. That grace lets a follower that lost the pub/sub message still find
-the outcome on re-check.
+The record header, the lock value and the freshness rule belong to ``dedupe.record``: the
+scripts that read them start with its Lua text (``record_header``, ``record_fresh``,
+``lock_value``, ``lock_token``), so they read exactly what Python reads. A record is "fresh"
+for new callers while its ``keep_ms`` has not passed since it was written nor since its lease
+was granted, and the token counter still holds its token. After that, until its ``ttl_ms``
+runs out, only a follower that waited on that lease (or an older one) may read it. That
+grace lets a follower that lost the pub/sub message still find the outcome on re-check.
 """
 
 from __future__ import annotations
 
 from typing import Final
+
+from . import record
 
 __all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "FORGET", "PEEK", "RENEW"]
 
@@ -31,27 +33,18 @@ __all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "FORGET", "PEEK
 # the record): a genuine record of an older lease, written back later, is not fresh.
 # Tokens are max(counter + 1, server time in microseconds), so they grow across restarts
 # and counter expiry (more than one lease per microsecond never happens).
-ACQUIRE: Final = """
+ACQUIRE: Final = (
+    record.LUA_HEADER
+    + record.LUA_FRESH
+    + record.LUA_LOCK
+    + """
 local floor = tonumber(ARGV[4])
 local rec = redis.pcall('GET', KEYS[3])
-if type(rec) == 'string' then
-  local tok, keep, ttl = string.match(rec, '^(%d+):(%d+):(%d+):')
-  if tok and (floor == nil or tonumber(tok) >= floor) then
-    keep, ttl = tonumber(keep), tonumber(ttl)
-    local pttl = redis.call('PTTL', KEYS[3])
-    -- Fresh while both clocks agree: the key's own (keep_ms since it was written) and the
-    -- server's (keep_ms since the lease's grant, which the token is, in microseconds). A
-    -- record written back later, or with a longer life than it was sealed with, is stale.
-    -- Fresh only while the counter still names its lease: a record of an older lease,
-    -- written back after a newer lease was granted, is never served as fresh.
-    if keep > 0 and pttl <= ttl and redis.pcall('GET', KEYS[2]) == tok then
-      local now = redis.call('TIME')
-      local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-      local fresh = math.min(keep - (ttl - pttl), math.floor(tonumber(tok) / 1000) + keep - now_ms)
-      if fresh > 0 then return {0, rec, fresh} end
-    end
-    if floor ~= nil then return {0, rec, 0} end
-  end
+local tok, keep, ttl = record_header(rec)
+if tok and (floor == nil or tonumber(tok) >= floor) then
+  local fresh = record_fresh(KEYS[3], KEYS[2], tok, keep, ttl)
+  if fresh > 0 then return {0, rec, fresh} end
+  if floor ~= nil then return {0, rec, 0} end
 end
 local pttl = redis.call('PTTL', KEYS[1])
 if pttl == -1 then
@@ -82,9 +75,10 @@ if last >= t then
   ts = string.format('%d', t)
   redis.call('SET', KEYS[2], ts, 'PX', ARGV[3])
 end
-redis.call('SET', KEYS[1], ts .. ':' .. ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[1], lock_value(ts, ARGV[1]), 'PX', ARGV[2])
 return t
 """
+)
 
 # KEYS: lock
 # ARGV: lock_value, lock_ttl_ms
@@ -106,12 +100,14 @@ return 0
 #    -1        a newer lease exists or may have existed: nothing stored or published
 #    {1|0, err} as 1 or 0, but the publish, which alone may fail (an ACL without PUBLISH),
 #              failed with err: the outcome is stored, so followers find it on re-check.
-_COMPLETE = """
+_COMPLETE = (
+    record.LUA_LOCK
+    + """
 local owned = 0
 if redis.pcall('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   owned = 1
-elseif redis.pcall('GET', KEYS[3]) ~= string.match(ARGV[1], '^(%d+):') then
+elseif redis.pcall('GET', KEYS[3]) ~= lock_token(ARGV[1]) then
   -- Our lease is gone and the counter moved on (or expired): an outcome of ours would be
   -- older than a flight that has started since. It goes to our own callers only.
   return -1
@@ -121,7 +117,7 @@ if ARGV[2] ~= '' then
   -- The counter must outlive the record (ACQUIRE serves a record only while the counter
   -- holds its token). It holds our token here, or expired during a long run under our
   -- lock (no lease can have been granted since); any other value is not ours to touch.
-  local tok = string.match(ARGV[1], '^(%d+):')
+  local tok = lock_token(ARGV[1])
   local cur = redis.pcall('GET', KEYS[3])
   if cur == tok then
     if redis.call('PTTL', KEYS[3]) < tonumber(ARGV[3]) then
@@ -137,6 +133,7 @@ local sent = redis.pcall('@PUBLISH@', string.sub(KEYS[1], 1, -6), msg)
 if type(sent) == 'table' and sent.err then return {owned, sent.err} end
 return owned
 """
+)
 COMPLETE: Final = _COMPLETE.replace("@PUBLISH@", "PUBLISH")
 COMPLETE_SHARDED: Final = _COMPLETE.replace("@PUBLISH@", "SPUBLISH")  # Redis Cluster
 
@@ -161,23 +158,15 @@ return redis.pcall('GET', KEYS[1])
 # -> 1 the record was fresh: new callers would have been served it (as ACQUIRE judges it,
 #      with no floor); 0 otherwise (none, or one kept only for its flight's own waiters).
 # The key is deleted either way (SingleFlight.forget).
-FORGET: Final = """
+FORGET: Final = (
+    record.LUA_HEADER
+    + record.LUA_FRESH
+    + """
 local fresh = 0
 local rec = redis.pcall('GET', KEYS[1])
-if type(rec) == 'string' then
-  local tok, keep, ttl = string.match(rec, '^(%d+):(%d+):(%d+):')
-  if tok then
-    keep, ttl = tonumber(keep), tonumber(ttl)
-    local pttl = redis.call('PTTL', KEYS[1])
-    if keep > 0 and pttl <= ttl and redis.pcall('GET', KEYS[2]) == tok then
-      local now = redis.call('TIME')
-      local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-      if math.min(keep - (ttl - pttl), math.floor(tonumber(tok) / 1000) + keep - now_ms) > 0 then
-        fresh = 1
-      end
-    end
-  end
-end
+local tok, keep, ttl = record_header(rec)
+if tok and record_fresh(KEYS[1], KEYS[2], tok, keep, ttl) > 0 then fresh = 1 end
 redis.call('DEL', KEYS[1])
 return fresh
 """
+)

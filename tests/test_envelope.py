@@ -1,5 +1,6 @@
-"""Unit tests of dedupe.envelope: the safe serializer, exceptions as data, sealing and opening
-records and notices, signing and rotation, fallbacks and limits.
+"""Unit tests of records' envelopes: the safe serializer (dedupe.serializers), exceptions as
+data (dedupe.remote_errors), sealing and opening records and notices, signing and rotation,
+fallbacks and limits (dedupe.sealing).
 
 No Redis server is needed (tests/test_security.py reads real bytes back from one).
 """
@@ -26,25 +27,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dedupe import SingleFlight
-from dedupe import envelope as envmod
-from dedupe.envelope import (
-    JSON,
-    NOTICE_ABORTED,
-    NOTICE_STORED,
-    PICKLE,
-    PICKLE_UNSAFE,
-    SAFE,
-    Codec,
-    Notice,
-    Opened,
-    Outcome,
-    TamperedEnvelope,
-    codec_for,
-    header_of,
-    parse_record,
-    secret_keys,
-)
+from dedupe import SingleFlight, remote_errors, sealing, serializers
 from dedupe.errors import (
     DedupeError,
     EnvelopeError,
@@ -53,6 +36,24 @@ from dedupe.errors import (
     ResultTooLarge,
     WaitTimeout,
 )
+from dedupe.record import (
+    KIND_ERROR,
+    KIND_UNSERIALIZABLE,
+    KIND_VALUE,
+    NOTICE_ABORTED,
+    NOTICE_STORED,
+    header_of,
+)
+from dedupe.sealing import (
+    Codec,
+    Notice,
+    Opened,
+    Outcome,
+    TamperedEnvelope,
+    codec_for,
+    secret_keys,
+)
+from dedupe.serializers import JSON, PICKLE, PICKLE_UNSAFE, SAFE
 
 CHANNEL = "dedupe:{job}"
 TOKEN = 17
@@ -290,7 +291,7 @@ def test_types_safe_cannot_keep_are_refused_not_changed(value: Any) -> None:
     with pytest.raises(TypeError):
         SAFE.dumps(value)
     record = seal(Codec(), Outcome(value=value))
-    assert header_of(record).kind == envmod.KIND_UNSERIALIZABLE
+    assert header_of(record).kind == KIND_UNSERIALIZABLE
     assert header_of(record).keep_ms == 0  # never served to new callers as a cached value
     err = opened(Codec(), record).outcome.error
     assert isinstance(err, ResultNotSerializable)
@@ -320,7 +321,7 @@ def test_the_leader_logs_an_unsendable_type_once(caplog: pytest.LogCaptureFixtur
 
 def test_too_deep_values_are_refused_when_sealed() -> None:
     value: Any = []
-    for _ in range(envmod.MAX_DEPTH + 5):
+    for _ in range(serializers.MAX_DEPTH + 5):
         value = [value]
     assert isinstance(roundtrip(Codec(), Outcome(value=value)).error, ResultNotSerializable)
 
@@ -475,8 +476,8 @@ def _forged_error(meta: dict[str, Any], codec: Codec | None = None) -> Outcome:
     codec = codec or Codec()
     body = SAFE.dumps(meta)
     header = b"%d:0:1000:" % TOKEN
-    head = codec._head(envmod.KIND_ERROR, b"")
-    mac = codec._mac(envmod._RECORD_DOMAIN, CHANNEL, header, head, body) if codec._macs else b""
+    head = codec._head(KIND_ERROR, b"")
+    mac = codec._mac(sealing._RECORD_DOMAIN, CHANNEL, header, head, body) if codec._macs else b""
     return opened(codec, header + head + mac + body).outcome
 
 
@@ -502,7 +503,9 @@ def test_abort_classes_are_never_rebuilt(cls: type[BaseException]) -> None:
 
 def test_a_pickled_abort_is_refused_even_when_signed(monkeypatch: pytest.MonkeyPatch) -> None:
     codec = Codec(PICKLE, secret=SECRET)
-    monkeypatch.setattr(envmod, "_pickled_exception", lambda exc: pickle.dumps(KeyboardInterrupt()))
+    monkeypatch.setattr(
+        remote_errors, "_pickled_exception", lambda exc: pickle.dumps(KeyboardInterrupt())
+    )
     err = roundtrip(codec, Outcome(error=raised(leader_raises_custom))).error
     assert not isinstance(err, KeyboardInterrupt)
     assert type(err) is CustomError  # rebuilt from its args instead
@@ -623,7 +626,7 @@ def test_a_record_carries_its_header_trace_and_outcome() -> None:
         got = opened(codec, record)
         assert (got.token, got.keep_ms, got.ttl_ms, got.trace) == (99, 5, 7, b"t\0r")
         assert got.outcome.value == (1, 2) and got.outcome.fresh_ms == 5
-        assert header_of(record) == (99, 5, 7, envmod.KIND_VALUE)
+        assert header_of(record) == (99, 5, 7, KIND_VALUE)
 
 
 def test_only_values_keep_their_keep_time() -> None:
@@ -899,21 +902,6 @@ def test_custom_serializers() -> None:
         bad.ident = ident
         with pytest.raises(ValueError, match="ident"):
             Codec(bad)
-
-
-# --------------------------------------------------------------------------- transitional API
-
-
-def test_the_transitional_record_parser_bounds_its_digits() -> None:
-    assert parse_record(b"1:2:3:x") == (1, 2, 3, b"x")
-    for data in (b"5" * 5000 + b":1:1:x", b"1:2:3", b"-1:2:3:x"):
-        with pytest.raises(EnvelopeError):
-            parse_record(data)
-    codec = Codec(secret=SECRET)
-    envelope = codec.encode(Outcome(value=(1,)), channel=CHANNEL, token=4)
-    assert codec.decode(envelope, channel=CHANNEL, token=4).value == (1,)
-    with pytest.raises(TamperedEnvelope):
-        codec.decode(envelope, channel=CHANNEL, token=5)
 
 
 def test_single_flight_builds_its_codec_from_secret_or_dedupe_secret(

@@ -21,8 +21,8 @@ import workers
 from helpers import SPAWN, start, until
 
 from dedupe import BackendUnavailable, SingleFlight, WaitTimeout, current_flight
-from dedupe.envelope import Codec, Outcome
 from dedupe.keys import names_for
+from dedupe.sealing import Codec, Outcome
 from devtools.servers import RedisServer
 
 

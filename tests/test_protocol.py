@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from dedupe.envelope import NOTICE_ABORTED, NOTICE_STORED, Codec, Outcome
 from dedupe.errors import BackendUnavailable, WaitTimeout
 from dedupe.keys import names_for
 from dedupe.protocol import (
@@ -32,6 +31,8 @@ from dedupe.protocol import (
     is_abort,
     run_flight,
 )
+from dedupe.record import NOTICE_ABORTED, NOTICE_STORED
+from dedupe.sealing import Codec, Outcome
 
 SECRET = b"protocol-secret-of-some-length"
 NAMES = names_for("t", "job-1")

@@ -25,9 +25,11 @@ import redis
 from helpers import start, until
 
 from dedupe import SingleFlight
-from dedupe.envelope import JSON, NOTICE_STORED, PICKLE, SAFE, Codec, Notice, Opened, Outcome
 from dedupe.errors import EnvelopeError, RemoteError
 from dedupe.keys import names_for
+from dedupe.record import NOTICE_STORED
+from dedupe.sealing import Codec, Notice, Opened, Outcome
+from dedupe.serializers import JSON, PICKLE, SAFE
 from devtools.servers import RedisServer
 
 SECRET = "security-test-secret"

@@ -16,7 +16,6 @@ from typing import Any
 from .. import events
 from ..backend import Backend, acquire_and_wait
 from ..call import AwaitFlight, Cancel, Fly, Launch, RunHere, run_call, run_shared_flight
-from ..envelope import Outcome
 from ..inflight import Entry, InFlight
 from ..keys import Names
 from ..protocol import (
@@ -30,6 +29,7 @@ from ..protocol import (
     Wait,
     run_flight,
 )
+from ..sealing import Outcome
 from .base import DriverBase, local_flight, observe
 
 __all__ = ["call"]

@@ -32,7 +32,6 @@ from ..commands import (
     translate,
 )
 from ..context import Flight, leading
-from ..envelope import Codec
 from ..inflight import Entry
 from ..keys import Names
 from ..leases import Lease, LostSignal
@@ -47,6 +46,7 @@ from ..protocol import (
     Release,
     Unanswered,
 )
+from ..sealing import Codec
 from ..signals import Latch, Mailbox
 
 __all__ = ["DriverBase", "local_flight", "note", "observe"]

@@ -9,7 +9,6 @@ from typing import Any
 from .. import events
 from ..backend import Backend, acquire_and_wait
 from ..call import AwaitFlight, Fly, RunHere, run_call
-from ..envelope import Outcome
 from ..inflight import Entry
 from ..keys import Names
 from ..protocol import (
@@ -23,6 +22,7 @@ from ..protocol import (
     Wait,
     run_flight,
 )
+from ..sealing import Outcome
 from .base import DriverBase, local_flight, observe
 
 __all__ = ["call"]

@@ -21,8 +21,8 @@ def _revived_record(patch: Callable[[Any, str, Any], None]) -> None:
     import dedupe.commands as commands
 
     lua = commands.ACQUIRE.lua
-    check = " and redis.pcall('GET', KEYS[2]) == tok"
-    assert check in lua, "the acquire script's counter check moved: update this mutant"
+    check = " and redis.pcall('GET', counter_key) == tok"
+    assert check in lua, "the scripts' counter check moved: update this mutant"
     patch(commands, "ACQUIRE", commands._script(lua.replace(check, "")))
 
 

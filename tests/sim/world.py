@@ -140,7 +140,8 @@ class Api:
         self.protocol = imp("dedupe.protocol")
         self.call = imp("dedupe.call")
         self.commands = imp("dedupe.commands")
-        self.envelope = _first(imp, "dedupe.sealing", "dedupe.envelope")
+        self.envelope = _first(imp, "dedupe.sealing", "dedupe.envelope")  # Outcome, Codec
+        self.serializers = _first(imp, "dedupe.serializers", "dedupe.envelope")
         self.errors = imp("dedupe.errors")
         self.keys = imp("dedupe.keys")
         self.base = imp("dedupe.drivers.base")
@@ -392,7 +393,7 @@ class World:
         self.leases: list[SimLease] = []
         self.faults = 0
         self.ids = itertools.count(1)
-        self.codec = api.envelope.Codec(api.envelope.PICKLE, secret=params.secret)
+        self.codec = api.envelope.Codec(api.serializers.PICKLE, secret=params.secret)
         self.names = {f"k{i}": api.keys.names_for("sim", f"k{i}") for i in range(params.keys)}
         self.by_channel = {n.channel: k for k, n in self.names.items()}
         self.by_lock = {n.lock.encode(): k for k, n in self.names.items()}

@@ -1,0 +1,499 @@
+"""dedupe.record: the Lua the scripts run and the Python the package runs read records alike.
+
+The same generated and mutated inputs go to both readers of a record's header (Lua 5.1
+through lupa, as Redis runs it, and ``record.read_header``), which must give the same
+verdict: both refuse it, or both read the same three numbers. The freshness rule is held to
+the same answer in both (``record_fresh`` against ``record.fresh_ms``), and so are the real
+ACQUIRE and FORGET scripts, run by the simulator's Redis, against what Python predicts.
+
+Seeded. By default each reader property runs 60 hypothesis examples of 5 to 40 inputs
+each, beside a plain random sweep of 30,000 inputs (about 35,000 headers and 30,500
+freshness cases compared, 300 script runs; a few seconds). ``DEDUPE_RECORD_EXAMPLES=N`` runs
+N hypothesis examples per property and a sweep of 100 * N, with a random seed unless
+``DEDUPE_RECORD_SEED`` is set too.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import HealthCheck, example, given, seed, settings
+from hypothesis import strategies as st
+from lupa import lua51
+
+from dedupe import record
+from dedupe.errors import EnvelopeError
+from dedupe.record import MAX_NUMBER, fresh_ms, parse_lock, read_header
+from dedupe.scripts import ACQUIRE, FORGET
+from dedupe.sealing import Codec, Outcome
+from tests.sim.redis import SimRedis
+
+_LONG = os.environ.get("DEDUPE_RECORD_EXAMPLES")
+_SEED = os.environ.get("DEDUPE_RECORD_SEED", "" if _LONG else "20261201")
+# Hypothesis examples per property; the reader properties take a batch of inputs each.
+HEADERS = int(_LONG) if _LONG else 60
+FRESHNESS = int(_LONG) if _LONG else 60
+SCRIPTS = int(_LONG) if _LONG else 300
+BATCH = 40
+SWEEP = 100 * int(_LONG) if _LONG else 30_000  # plain random inputs, besides hypothesis's
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+pytestmark = pytest.mark.timeout(900 if _LONG else 60)  # a long run takes minutes
+
+
+def examples(n: int) -> Callable[[F], F]:
+    def wrap(fn: F) -> F:
+        fn = settings(
+            max_examples=n,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        )(fn)
+        return seed(int(_SEED))(fn) if _SEED else fn
+
+    return wrap
+
+
+# --------------------------------------------------------------------------- the Lua side
+
+_STUB = b"""
+redis = {}
+function redis.call(...) return _stub(...) end
+function redis.pcall(...) return _stub(...) end
+"""
+
+
+class LuaRecord:
+    """record.LUA_* loaded into Lua 5.1, with a redis.call that answers from ``state``."""
+
+    def __init__(self) -> None:
+        self.lua = lua51.LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
+        self.state: dict[str, Any] = {"pttl": -2, "counter": None, "time": (0, 0)}
+        self.calls: list[bytes] = []
+        self.lua.globals()._stub = self._stub
+        self.lua.execute(_STUB)
+        self.fns = self.lua.execute(
+            (
+                record.LUA_HEADER
+                + record.LUA_FRESH
+                + record.LUA_LOCK
+                + "return {header = record_header, fresh = record_fresh, "
+                "lock_value = lock_value, lock_token = lock_token}"
+            ).encode()
+        )
+
+    def _stub(self, cmd: bytes, *args: Any) -> Any:
+        self.calls.append(cmd)
+        if cmd == b"PTTL":
+            return self.state["pttl"]
+        if cmd == b"GET":
+            counter = self.state["counter"]
+            return False if counter is None else counter  # a nil bulk reaches Lua as false
+        if cmd == b"TIME":
+            sec, usec = self.state["time"]
+            return self.lua.table_from([b"%d" % sec, b"%d" % usec])
+        raise AssertionError(f"unexpected command {cmd!r}")
+
+    def header(self, data: bytes) -> tuple[int, int, int] | None:
+        got = self.fns.header(data)
+        if got is None:
+            return None
+        tok, keep, ttl = got
+        assert isinstance(tok, bytes) and tok.isdigit()
+        return int(tok), keep, ttl
+
+    def fresh(self, token: int, keep: int, ttl: int) -> Any:
+        return self.fns.fresh(b"result", b"counter", b"%d" % token, keep, ttl)
+
+
+LUA = LuaRecord()
+
+
+def python_header(data: bytes) -> tuple[int, int, int] | None:
+    h = read_header(data)
+    return None if h is None else h[:3]
+
+
+# --------------------------------------------------------------------------- inputs
+
+numbers = st.one_of(
+    st.integers(0, 999),
+    st.integers(0, MAX_NUMBER),
+    st.integers(1_700_000_000_000_000, 1_900_000_000_000_000),  # tokens: microseconds now
+    st.sampled_from([0, 1, 9, 10, MAX_NUMBER - 1, MAX_NUMBER]),
+)
+number_text = st.one_of(
+    numbers.map(str),
+    numbers.map(str),
+    st.integers(MAX_NUMBER + 1, 10**30).map(str),  # too large, 16 to 31 digits
+    st.sampled_from(
+        [
+            "9007199254740992",  # 2**53: the first number a double no longer tells apart
+            "9007199254740993",
+            "9999999999999999",
+            "10000000000000000",
+            "18446744073709551616",
+            "1" * 21,  # a 21-digit token: accepted by the old Lua pattern, refused by Python
+            "9" * 25,
+        ]
+    ),
+    st.tuples(st.integers(1, 4), numbers).map(lambda z: "0" * z[0] + str(z[1])),  # leading 0
+    st.text(alphabet="0123456789", min_size=1, max_size=40),  # digit runs, zeros first too
+    st.sampled_from(
+        [
+            "",
+            "+1",
+            "-1",
+            "-0",
+            " 1",
+            "1 ",
+            "0x1f",
+            "1e5",
+            "1.0",
+            "inf",
+            "nan",
+            "\u0661",
+            "\u00b2",
+            "\uff11",
+            "1\u0661",
+        ]
+    ),
+)
+separator = st.sampled_from([":"] * 12 + ["", ";", "::", ": ", "\uff1a", "\0"])
+header_like = st.builds(
+    lambda a, s1, b, s2, c, s3, tail: (a + s1 + b + s2 + c + s3).encode("utf-8") + tail,
+    number_text,
+    separator,
+    number_text,
+    separator,
+    number_text,
+    separator,
+    st.one_of(st.just(b""), st.just(b"DD\x02vs\x00\x00\x00null"), st.binary(max_size=12)),
+)
+
+_CODECS = {"plain": Codec(), "signed": Codec(secret=b"record-test")}
+
+
+def _sealed(codec: str, token: int, keep: int, ttl: int, value: Any) -> bytes:
+    return _CODECS[codec].seal(
+        Outcome(value=value), channel="dedupe:{r}", token=token, keep_ms=keep, ttl_ms=ttl
+    )
+
+
+genuine = st.builds(
+    _sealed,
+    st.sampled_from(sorted(_CODECS)),
+    numbers,
+    numbers,
+    numbers,
+    st.one_of(st.none(), st.integers(), st.text(max_size=8), st.binary(max_size=8)),
+)
+mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 60), st.integers(1, 255)),
+    st.tuples(st.just("digit"), st.integers(0, 60), st.sampled_from(b"0123456789:+- ")),
+    st.tuples(st.just("insert"), st.integers(0, 60), st.sampled_from([b"0", b"9", b":", b"99999"])),
+    st.tuples(st.just("delete"), st.integers(0, 60), st.integers(1, 4)),
+    st.tuples(st.just("truncate"), st.integers(0, 60), st.just(0)),
+)
+
+
+def mutate(data: bytes, ops: list[tuple[str, int, Any]]) -> bytes:
+    buf = bytearray(data)
+    for op, where, arg in ops:
+        if not buf:
+            break
+        i = where % len(buf)
+        if op == "flip":
+            buf[i] ^= arg
+        elif op == "digit":
+            buf[i] = arg
+        elif op == "insert":
+            buf[i:i] = arg
+        elif op == "delete":
+            del buf[i : i + arg]
+        else:
+            del buf[i:]
+    return bytes(buf)
+
+
+mutated = st.builds(mutate, genuine, st.lists(mutation, min_size=1, max_size=3))
+anything = st.one_of(header_like, header_like, genuine, mutated, mutated, st.binary(max_size=40))
+
+# --------------------------------------------------------------------------- the grammar
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"0:0:0:", (0, 0, 0)),
+        (b"1:2:3:DD", (1, 2, 3)),
+        (b"%d:1:1:" % MAX_NUMBER, (MAX_NUMBER, 1, 1)),
+        (b"1:%d:%d:" % (MAX_NUMBER, MAX_NUMBER), (1, MAX_NUMBER, MAX_NUMBER)),
+        (b"%d:1:1:" % (MAX_NUMBER + 1), None),  # beyond what a Lua number holds exactly
+        (b"1:1:%d:" % 10**16, None),  # 17 digits
+        (b"1" * 21 + b":1:1:", None),  # the old readers disagreed on this one
+        (b"01:1:1:", None),  # leading zeros: a number has one spelling
+        (b"1:00:1:", None),
+        (b"+1:1:1:", None),
+        (b"-1:1:1:", None),
+        (b" 1:1:1:", None),
+        (b"1:1:1", None),  # the last colon is part of the header
+        (b"1::1:", None),
+        ("\u0661:1:1:".encode(), None),  # non-ASCII digits
+        ("\uff11:1:1:".encode(), None),
+        (b"", None),
+    ],
+    ids=repr,
+)
+def test_the_grammar_at_its_edges(data: bytes, expected: tuple[int, int, int] | None) -> None:
+    assert python_header(data) == expected
+    assert LUA.header(data) == expected
+
+
+@examples(HEADERS)
+@given(batch=st.lists(anything, min_size=BATCH // 2, max_size=BATCH))
+@example(batch=[b"1" * 21 + b":1:1:DD", b"007:1:1:DD"])
+def test_lua_and_python_read_the_same_headers(batch: list[bytes]) -> None:
+    for data in batch:
+        assert LUA.header(data) == python_header(data), data
+
+
+def _random_field(rng: random.Random) -> bytes:
+    pick = rng.random()
+    if pick < 0.5:
+        return b"%d" % rng.choice([rng.randrange(1000), rng.randrange(MAX_NUMBER + 1)])
+    if pick < 0.7:
+        return b"".join(rng.choice(_DIGIT_BYTES) for _ in range(rng.randrange(1, 26)))
+    if pick < 0.8:
+        return b"0" * rng.randrange(1, 3) + b"%d" % rng.randrange(10**6)
+    if pick < 0.9:
+        return b"%d" % rng.randrange(MAX_NUMBER - 3, 10**17)
+    return rng.choice(_ODD_FIELDS)
+
+
+_DIGIT_BYTES = [bytes([c]) for c in b"0123456789"]
+_ODD_FIELDS = [b"", b"+1", b"-1", b" 1", b"1e3", b"0x1", "\u0661".encode(), "\u00b2".encode()]
+_SEPARATORS = [b":"] * 14 + [b"", b";", b"::", b"\0"]
+
+
+def test_lua_and_python_read_the_same_headers_swept() -> None:
+    """Plain seeded random inputs, many more than hypothesis makes in the same time."""
+    rng = random.Random(int(_SEED) if _SEED else None)
+    for _ in range(SWEEP):
+        data = b"".join(_random_field(rng) + rng.choice(_SEPARATORS) for _ in range(3))
+        if rng.random() < 0.3:
+            data = data[: rng.randrange(len(data) + 1)]
+        data += rng.choice([b"", b"DD\x02v", bytes([rng.randrange(256)])])
+        assert LUA.header(data) == python_header(data), data
+    for _ in range(SWEEP // 10):  # dedupe's own records, mutated
+        data = mutate(rng.choice(_SEALED), [_random_mutation(rng) for _ in range(2)])
+        assert LUA.header(data) == python_header(data), data
+
+
+_SEALED = [
+    _sealed(c, t, k, 12_000, "v")
+    for c in _CODECS
+    for t in (0, 7, 1_790_000_000_000_001)
+    for k in (0, 1500)
+]
+
+
+def _random_mutation(rng: random.Random) -> tuple[str, int, Any]:
+    op = rng.choice(["flip", "digit", "insert", "delete", "truncate"])
+    arg = {
+        "flip": rng.randrange(1, 256),
+        "digit": rng.choice(b"0123456789:+- "),
+        "insert": rng.choice([b"0", b"9", b":", b"99999"]),
+        "delete": rng.randrange(1, 5),
+    }.get(op, 0)
+    return op, rng.randrange(60), arg
+
+
+def test_what_dedupe_seals_both_read() -> None:
+    for codec in sorted(_CODECS):
+        data = _sealed(codec, 1_790_000_000_000_123, 1500, 12000, {"a": 1})
+        assert LUA.header(data) == python_header(data) == (1_790_000_000_000_123, 1500, 12000)
+    with pytest.raises(ValueError, match="2\\*\\*53"):
+        _sealed("plain", MAX_NUMBER + 1, 0, 0, None)
+
+
+# --------------------------------------------------------------------------- freshness
+
+
+@st.composite
+def fresh_cases(draw: st.DrawFn) -> tuple[int, int, int, int, bytes | None, int, int]:
+    token = draw(numbers)
+    keep = draw(st.one_of(st.integers(0, 100_000), numbers))
+    ttl = draw(st.one_of(st.integers(0, 100_000), st.just(keep), numbers))
+    pttl = draw(
+        st.one_of(
+            st.just(-1),
+            st.integers(max(0, ttl - keep - 5), ttl + 5),
+            st.integers(0, 100_000),
+            st.integers(0, MAX_NUMBER),
+        )
+    )
+    grant_ms = token // 1000
+    now_ms = draw(
+        st.one_of(
+            st.integers(max(0, grant_ms - 5), grant_ms + min(keep, 10**13) + 5),
+            st.integers(0, 4_000_000_000_000),
+        )
+    )
+    usec = (now_ms % 1000) * 1000 + draw(st.integers(0, 999))
+    spelt = b"%d" % token
+    counter = draw(
+        st.one_of(
+            st.just(spelt),
+            st.just(spelt),
+            st.none(),
+            st.just(b"%d" % (token + 1)),
+            st.just(b"0" + spelt),
+            st.binary(max_size=20),
+        )
+    )
+    return token, keep, ttl, pttl, counter, now_ms // 1000, usec
+
+
+@examples(FRESHNESS)
+@given(batch=st.lists(fresh_cases(), min_size=5, max_size=BATCH // 2))
+def test_lua_and_python_judge_freshness_alike(
+    batch: list[tuple[int, int, int, int, bytes | None, int, int]],
+) -> None:
+    for token, keep, ttl, pttl, counter, sec, usec in batch:
+        LUA.state.update(pttl=pttl, counter=counter, time=(sec, usec))
+        lua = LUA.fresh(token, keep, ttl)
+        python = fresh_ms(token, keep, ttl, pttl, counter, sec * 1000 + usec // 1000)
+        assert lua == python and type(lua) is int, (token, keep, ttl, pttl, counter, sec, usec)
+
+
+def test_lua_and_python_judge_freshness_alike_swept() -> None:
+    rng = random.Random(int(_SEED) if _SEED else None)
+    for _ in range(SWEEP):
+        token = rng.choice([rng.randrange(MAX_NUMBER + 1), rng.randrange(10**15, 2 * 10**15)])
+        keep = rng.choice([0, rng.randrange(100_000), rng.randrange(MAX_NUMBER + 1)])
+        ttl = rng.choice([keep, rng.randrange(100_000), rng.randrange(MAX_NUMBER + 1)])
+        pttl = rng.choice([-1, max(0, ttl - rng.randrange(keep + 10)), rng.randrange(100_000)])
+        now_ms = token // 1000 + rng.randrange(-5, min(keep, 10**12) + 5)
+        if now_ms < 0 or rng.random() < 0.1:
+            now_ms = rng.randrange(4 * 10**12)
+        sec, usec = now_ms // 1000, (now_ms % 1000) * 1000 + rng.randrange(1000)
+        counter = rng.choice([b"%d" % token, b"%d" % token, None, b"%d" % (token + 1), b"x"])
+        LUA.state.update(pttl=pttl, counter=counter, time=(sec, usec))
+        lua = LUA.fresh(token, keep, ttl)
+        assert lua == fresh_ms(token, keep, ttl, pttl, counter, now_ms), (token, keep, ttl, pttl)
+
+
+def test_freshness_reads_the_counter_and_the_clock_only_when_it_must() -> None:
+    LUA.calls.clear()
+    LUA.state.update(pttl=500, counter=b"1", time=(1, 0))
+    assert LUA.fresh(1, 0, 1000) == 0  # keeps nothing: PTTL only
+    assert LUA.fresh(1, 1000, 100) == 0  # a longer life than sealed
+    assert LUA.calls == [b"PTTL", b"PTTL"]
+    LUA.calls.clear()
+    assert LUA.fresh(2, 1000, 1000) == 0  # the counter names another lease
+    assert LUA.calls == [b"PTTL", b"GET"]
+
+
+# --------------------------------------------------------------------------- the real scripts
+
+
+@st.composite
+def stored_cases(draw: st.DrawFn) -> tuple[bytes, int, bytes | None, int | None, int]:
+    """A result key's bytes and PTTL, the counter, the acquire's floor, and the server's clock:
+    often a plausible record (a recent lease, a short keep), else anything above."""
+    now_us = draw(st.integers(1_700_000_000_000_000, 1_900_000_000_000_000))
+    if draw(st.booleans()):
+        token = now_us - draw(st.integers(0, 5_000_000))
+        keep, ttl = draw(st.integers(0, 5000)), draw(st.integers(0, 5000))
+        data = record.header(token, keep, ttl) + draw(st.binary(max_size=4))
+        if draw(st.booleans()):
+            data = mutate(data, draw(st.lists(mutation, min_size=1, max_size=2)))
+        pttl = draw(st.one_of(st.just(-1), st.integers(max(1, ttl - keep - 5), ttl + 5)))
+    else:
+        data = draw(anything)
+        pttl = draw(st.one_of(st.just(-1), st.integers(1, 6000)))
+    h = read_header(data)
+    own = None if h is None else b"%d" % h[0]
+    counter = draw(st.one_of(st.just(own), st.just(own), st.none(), st.binary(max_size=18)))
+    floor = draw(st.one_of(st.none(), numbers, st.just(h[0] if h else 0)))
+    return data, pttl, counter, floor, now_us
+
+
+@examples(SCRIPTS)
+@given(case=stored_cases())
+def test_acquire_and_forget_judge_records_as_python_does(
+    case: tuple[bytes, int, bytes | None, int | None, int],
+) -> None:
+    data, pttl, counter, floor, now_us = case
+    redis = SimRedis(lambda: now_us, lambda channel, message: 0)
+    lock, token, result = b"p:{j}:lock", b"p:{j}:token", b"p:{j}:result"
+
+    def store() -> None:
+        redis.data.clear()
+        redis.data[result] = (data, None if pttl < 0 else redis.now_ms() + pttl)
+        if counter is not None:
+            redis.data[token] = (counter, None)
+
+    # What Python says the scripts do with this record.
+    h = read_header(data)
+    fresh = 0 if h is None else fresh_ms(*h[:3], pttl, counter, now_us // 1000)
+    ours = h is not None and (floor is None or h[0] >= floor)
+
+    store()
+    args = [b"owner", b"10000", b"60000", b"" if floor is None else b"%d" % floor]
+    got = redis.evalsha(redis.load(ACQUIRE), [lock, token, result], args)
+    if ours and fresh > 0:
+        assert got == [0, data, fresh]
+    elif ours and floor is not None:
+        assert got == [0, data, 0]
+    else:
+        assert isinstance(got, int) and got >= now_us  # no record for us: we lead
+    store()
+    assert redis.evalsha(redis.load(FORGET), [result, token], []) == int(fresh > 0)
+    assert redis.get(result) is None
+
+
+# --------------------------------------------------------------------------- lock values, notices
+
+
+@examples(500)
+@given(token=numbers, owner=st.text(max_size=30))
+def test_lock_values_are_built_and_read_alike(token: int, owner: str) -> None:
+    value = record.lock_value(token, owner)
+    assert LUA.fns.lock_value(b"%d" % token, owner.encode()) == value.encode()
+    assert LUA.fns.lock_token(value.encode()) == b"%d" % token
+    assert parse_lock(value) == (token, owner)
+
+
+@pytest.mark.parametrize(
+    "value", ["", "1", "x:o", ":o", "01:o", "-1:o", "\u00b2:o", f"{MAX_NUMBER + 1}:o"]
+)
+def test_lock_values_dedupe_did_not_write_are_refused(value: str) -> None:
+    assert parse_lock(value) is None
+
+
+def test_notices() -> None:
+    assert record.notice(record.NOTICE_STORED, 5) == b"N:5"
+    assert record.read_notice(b"A:12") == (b"A", 12, 4, None)
+    mac = bytes(range(32))
+    assert record.read_notice(b"N:7:" + mac) == (b"N", 7, 3, mac)
+    for bad in (b"N:07", b"N:", b"X:1", b"N:1:short", b"N:%d" % (MAX_NUMBER + 1), b"n:1"):
+        assert record.read_notice(bad) is None
+    with pytest.raises(ValueError):
+        record.notice(b"X", 1)
+    with pytest.raises(ValueError):
+        record.notice(record.NOTICE_ABORTED, MAX_NUMBER + 1)
+
+
+def test_header_of_reads_the_kind() -> None:
+    data = _sealed("plain", 9, 5, 7, "v")
+    assert record.header_of(data) == (9, 5, 7, record.KIND_VALUE)
+    assert record.header_of(b"9:5:7:") == (9, 5, 7, 0)
+    with pytest.raises(EnvelopeError):
+        record.header_of(b"09:5:7:DD")
