@@ -101,7 +101,7 @@ class Params:
     procs: int = 3
     keys: int = 2
     lock_ttl_ms: int = 3000
-    keep_ms: int = 1000
+    result_ttl_ms: int = 1000
     grace_ms: int = 3600  # the api's lock_ttl + 2 s, scaled
     token_ttl_ms: int = 10_000
     socket_timeout: float = 1.5
@@ -762,7 +762,7 @@ class World:
             if raw in self.by_lock:
                 bound = p.lock_ttl_ms
             elif raw in self.by_result:
-                bound = max(p.keep_ms, p.grace_ms)
+                bound = max(p.result_ttl_ms, p.grace_ms)
             else:
                 bound = p.token_ttl_ms
             if pttl == -1 or pttl > bound:
@@ -804,13 +804,16 @@ class Driver:
         proc.flights += 1
         api, p = world.api, world.p
         self.names = world.names[self.key]
+        spec_fields = api.protocol.FlightSpec.__dataclass_fields__
+        # result_ttl_ms was keep_ms before the settings were declared once (--package).
+        result_ttl = "result_ttl_ms" if "result_ttl_ms" in spec_fields else "keep_ms"
         self.spec = api.protocol.FlightSpec(
             names=self.names,
             owner=f"{proc.name()}:{proc.flights}",
             lock_ttl_ms=p.lock_ttl_ms,
             token_ttl_ms=p.token_ttl_ms,
-            keep_ms=p.keep_ms,
             grace_ms=p.grace_ms,
+            **{result_ttl: p.result_ttl_ms},
             # k1's outcomes never travel inline: its followers read the stored record.
             inline_max_bytes=0 if self.key == "k1" else 32 * 1024,
             deadline=caller.deadline,
