@@ -440,7 +440,11 @@ class SingleFlight:
         # The signature spells every setting out for IDEs and mypy (tests/test_settings.py
         # keeps it equal to the declarations); the body takes them by the declared names.
         given = locals()
-        settings = Settings(**{f.name: given[f.name] for f, _ in declared()}).validated()
+        try:
+            values = {f.name: given[f.name] for f, _ in declared()}
+        except KeyError as exc:
+            raise TypeError(f"SingleFlight.__init__ lacks a keyword for {exc.args[0]!r}") from None
+        settings = Settings(**values).validated()
         self._lock = threading.Lock()  # guards _backend and _settings swaps
         _instances.add(self)
         self._settings = settings
