@@ -12,12 +12,12 @@ rest derives from these declarations:
 - the decorator's per-function keywords are the ``per_function`` settings, checked by the same
   functions (``check_function_values``);
 - ``BackendConfig`` (backend.py) is a Settings with the URL resolved and the codec built;
-- the README's Configuration table is rendered from them (``python -m devtools.readme_settings``).
+- README.md's Configuration table is generated from them (tests/test_settings.py checks it).
 
 tests/test_settings.py fails when the typed signatures or the README table disagree with the
-declarations. Adding a setting: one ``setting(...)`` here, then the keyword in
-``SingleFlight.__init__`` (or, for a per-function one, in the decorator's overloads too) and
-``python -m devtools.readme_settings`` to rewrite the table.
+declarations. Adding a setting: one ``setting(...)`` here, then its keyword in
+``SingleFlight.__init__`` (a per-function one also in each of the decorator's overloads),
+then regenerate the README table (the failing test names the command).
 
 The word for each time, everywhere: ``lock_ttl`` is the lease; ``result_ttl`` how long a
 finished value is fresh (new callers are served it) after its run; ``token_ttl`` how long a
