@@ -29,7 +29,7 @@ def _cell(markdown: str) -> str:
 
 def render() -> str:
     """The generated block: the table, then what a decorated function may set itself."""
-    lines = [BEGIN, "| setting | default | meaning |", "| --- | --- | --- |"]
+    lines = [BEGIN, "", "| setting | default | meaning |", "| --- | --- | --- |"]
     for f, d in declared():
         lines.append(f"| `{f.name}` | {_cell(d.default_text(f.default))} | {_cell(d.doc)} |")
     own = ", ".join(f"{name}=..." for name in per_function())
@@ -37,6 +37,7 @@ def render() -> str:
         "",
         f'Per function: `@sf(key=..., namespace=True|False|"name", {own})`,',
         "checked like the constructor's arguments; `sf(fn, key=...)` works too.",
+        "",
         END,
     ]
     return "\n".join(lines) + "\n"
