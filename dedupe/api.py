@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import math
 import os
 import sys
 import threading
@@ -13,25 +12,22 @@ import warnings
 import weakref
 from asyncio import _get_running_loop  # C: the running loop of this thread, or None
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import (
     Any,
     Concatenate,
     Final,
+    NamedTuple,
     ParamSpec,
     Protocol,
     TypeVar,
     overload,
 )
 
-import redis
-import redis.asyncio
-import redis.asyncio.cluster
-import redis.cluster
 import wrapt
 
 from . import inspector
-from .backend import AsyncClient, Backend, BackendConfig, SyncClient
+from .backend import Backend, BackendConfig
 from .commands import forget_call, typed_errors
 from .drivers import aio, sync
 from .inflight import InFlightInfo, Served
@@ -43,11 +39,20 @@ from .keys import (
     key_builder,
     names_for,
     validate_job_id,
-    validate_prefix,
 )
 from .protocol import FlightSpec
-from .sealing import SecretSpec, codec_for, validate_security
+from .sealing import SecretSpec, codec_for
 from .serializers import Serializer
+from .settings import (
+    AsyncClient,
+    Settings,
+    SyncClient,
+    check_function_values,
+    check_relations,
+    declared,
+    help_text,
+    per_function,
+)
 from .topology import parse_url
 
 __all__ = [
@@ -80,152 +85,94 @@ class _Inherit:
 
 
 INHERIT: Final[Any] = _Inherit()
-"""Default of the decorator's lock_ttl, wait_timeout and result_ttl: use the instance's."""
+"""Default of the decorator's per-function settings (lock_ttl, ...): use the instance's."""
 
 
-# --- validation: one function per setting, used by the constructor and the decorator ----------
+# --- a function's own settings --------------------------------------------------------------
 
 
-def _seconds(name: str, value: object, *, allow_none: bool = False, allow_zero: bool = True) -> Any:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(
-            f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, not {value}"
-        )
-    return float(value)
-
-
-def _size(name: str, value: object, *, allow_none: bool = False, minimum: int = 0) -> Any:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, not {value!r}")
-    return value
-
-
-def check_lock_ttl(value: object) -> float:
-    lock_ttl: float = _seconds("lock_ttl", value, allow_zero=False)
-    if lock_ttl < 0.01:
-        raise ValueError(f"lock_ttl must be at least 0.01 s, not {value}")
-    return lock_ttl
-
-
-def check_wait_timeout(value: object) -> float | None:
-    wait: float | None = _seconds("wait_timeout", value, allow_none=True)
-    return wait
-
-
-def check_result_ttl(value: object) -> float:
-    keep: float = _seconds("result_ttl", value)
-    return keep
-
-
-def check_max_hold(max_hold: object, lock_ttl: float) -> float:
-    hold: float = _seconds("max_hold", max_hold, allow_zero=False)
-    if hold <= lock_ttl:
-        raise ValueError(
-            f"max_hold ({hold:g} s) must be longer than lock_ttl ({lock_ttl:g} s): it bounds how "
-            "long one leader may keep renewing its lease"
-        )
-    return hold
-
-
-def _decodes_responses(client: object) -> bool:
-    get_encoder = getattr(client, "get_encoder", None)
-    try:
-        encoder = get_encoder() if callable(get_encoder) else None
-    except Exception:  # a client that cannot say: its first reply will tell
-        return False
-    return bool(getattr(encoder, "decode_responses", False))
-
-
-def _check_client(name: str, client: object) -> None:
-    if _decodes_responses(client):
-        raise ValueError(
-            f"{name} was built with decode_responses=True, but dedupe's records are bytes and "
-            "would fail to decode: pass a client built without decode_responses (the "
-            "default), or url= and let dedupe build its own"
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """The validated configuration of one SingleFlight (see SingleFlight for each field)."""
-
-    url: str | None = None
-    client: SyncClient | None = None
-    async_client: AsyncClient | None = None
-    prefix: str = "dedupe"
-    lock_ttl: float = 10.0
-    wait_timeout: float | None = None
-    result_ttl: float = 1.0
-    serializer: str | Serializer = "safe"
-    secret: SecretSpec = None
-    inline_max_bytes: int = 32 * 1024
-    max_payload_bytes: int | None = 64 * 1024 * 1024
-    connect_timeout: float = 2.0
-    socket_timeout: float = 5.0
-    health_check_interval: float = 5.0
-    min_replicas_ack: int = 0
-    replica_ack_timeout: float = 1.0
-    on_backend_error: str = "raise"
-    local_cache: bool = False
-    token_ttl: float = 60.0
-    max_hold: float = 300.0
-    local_cache_max_bytes: int = 32 * 1024 * 1024
-
-    def validated(self) -> Settings:
-        """Check every field (the URL is parsed, never connected to); return self."""
-        if self.url is not None:
-            parse_url(self.url)
-        if self.client is not None and not isinstance(
-            self.client, (redis.Redis, redis.cluster.RedisCluster)
-        ):
-            raise TypeError(
-                f"client must be a redis.Redis or RedisCluster, not {type(self.client).__name__}"
-            )
-        if self.async_client is not None and not isinstance(
-            self.async_client, (redis.asyncio.Redis, redis.asyncio.cluster.RedisCluster)
-        ):
-            raise TypeError(
-                "async_client must be a redis.asyncio.Redis or RedisCluster, "
-                f"not {type(self.async_client).__name__}"
-            )
-        _check_client("client", self.client)
-        _check_client("async_client", self.async_client)
-        validate_prefix(self.prefix)
-        check_lock_ttl(self.lock_ttl)
-        check_wait_timeout(self.wait_timeout)
-        check_result_ttl(self.result_ttl)
-        _seconds("connect_timeout", self.connect_timeout, allow_zero=False)
-        _seconds("socket_timeout", self.socket_timeout, allow_zero=False)
-        _seconds("health_check_interval", self.health_check_interval, allow_zero=False)
-        _size("inline_max_bytes", self.inline_max_bytes)
-        _size("max_payload_bytes", self.max_payload_bytes, allow_none=True)
-        _size("min_replicas_ack", self.min_replicas_ack)
-        if not isinstance(self.local_cache, bool):
-            raise TypeError(f"local_cache must be a bool, not {type(self.local_cache).__name__}")
-        _size("local_cache_max_bytes", self.local_cache_max_bytes, minimum=1)
-        if self.on_backend_error not in ("raise", "local"):
-            raise ValueError(
-                f"on_backend_error must be 'raise' or 'local', not {self.on_backend_error!r}"
-            )
-        _seconds("replica_ack_timeout", self.replica_ack_timeout, allow_zero=False)
-        if _seconds("token_ttl", self.token_ttl, allow_zero=False) < 0.001:
-            raise ValueError(f"token_ttl must be at least 0.001 s, not {self.token_ttl}")
-        check_max_hold(self.max_hold, self.lock_ttl)
-        validate_security(self.serializer, self.secret)
-        return self
-
-
-@dataclass(frozen=True, slots=True)
 class _Overrides:
-    lock_ttl: float | None = None
-    wait_timeout: float | None = INHERIT
-    result_ttl: float | None = None
+    """A decorated function's own values of per-function settings (settings.per_function());
+    the rest, and any it leaves out, are the instance's, also after configure(). Compared and
+    hashed by value: the key of SingleFlight's parameter cache."""
+
+    __slots__ = ("_hash", "values")
+
+    def __init__(self, **values: Any) -> None:
+        self.values: Final = tuple(sorted(values.items()))
+        self._hash: Final = hash(self.values)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Overrides) and self.values == other.values
+
+    def __repr__(self) -> str:
+        return f"_Overrides({', '.join(f'{k}={v!r}' for k, v in self.values)})"
+
+    def apply(self, s: Settings) -> Settings:
+        """The function's settings: ``s`` with its own values (not checked again)."""
+        return replace(s, **dict(self.values)) if self.values else s
+
+
+_NO_OVERRIDES: Final = _Overrides()  # sf.call's: the instance's settings
+
+
+class _FlightParams(NamedTuple):
+    """A function's flight parameters under one Settings: FlightSpec's fields but the
+    flight's own (names, owner, deadline), plus its wait_timeout."""
+
+    lock_ttl_ms: int
+    token_ttl_ms: int
+    result_ttl_ms: int
+    grace_ms: int
+    inline_max_bytes: int
+    min_replicas: int
+    replica_timeout_ms: int
+    max_hold_ms: int
+    wait_timeout: float | None
+
+    @classmethod
+    def of(cls, s: Settings) -> _FlightParams:
+        lock_ms = max(10, round(s.lock_ttl * 1000))
+        return cls(
+            lock_ttl_ms=lock_ms,
+            token_ttl_ms=max(1, round(s.token_ttl * 1000)),
+            result_ttl_ms=round(s.result_ttl * 1000),
+            # Any outcome stays readable this long, for followers that missed its message.
+            grace_ms=lock_ms + 2000,
+            inline_max_bytes=s.inline_max_bytes,
+            min_replicas=s.min_replicas_ack,
+            replica_timeout_ms=round(s.replica_ack_timeout * 1000),
+            # A lease is never cut shorter than one lock_ttl, even if configure() made
+            # max_hold shorter than a function's own lock_ttl.
+            max_hold_ms=max(round(s.max_hold * 1000), lock_ms + 1),
+            wait_timeout=s.wait_timeout,
+        )
+
+
+def _spec_maker(
+    backend: Backend, names: Names, p: _FlightParams
+) -> Callable[[float | None], FlightSpec]:
+    """The FlightSpec of each flight of one job: its parameters, its owner, its deadline."""
+
+    def make(deadline: float | None) -> FlightSpec:
+        return FlightSpec(
+            names=names,
+            owner=backend.owner(),
+            deadline=deadline,
+            lock_ttl_ms=p.lock_ttl_ms,
+            token_ttl_ms=p.token_ttl_ms,
+            result_ttl_ms=p.result_ttl_ms,
+            grace_ms=p.grace_ms,
+            inline_max_bytes=p.inline_max_bytes,
+            min_replicas=p.min_replicas,
+            replica_timeout_ms=p.replica_timeout_ms,
+            max_hold_ms=p.max_hold_ms,
+        )
+
+    return make
 
 
 # --- what the decorator returns -----------------------------------------------------------
@@ -461,46 +408,9 @@ class SingleFlight:
     functions stay coroutine functions. Nothing connects until the first call; every
     argument is checked here (the URL is parsed, not dialled).
 
-    Parameters (all but ``url`` keyword-only; times in seconds):
-
-    - ``url``: ``redis://host:port/db``, ``rediss://``, ``unix://path``,
-      ``redis+cluster://h:p[,h:p]``, ``redis+sentinel://h:p[,h:p]/service[/db]``. Default:
-      ``DEDUPE_REDIS_URL``, else ``redis://localhost:6379/0``.
-    - ``client`` / ``async_client``: your own ``redis.Redis`` / ``RedisCluster`` (or a
-      Sentinel ``master_for``) and asyncio twins; give either or both, the other is derived.
-      Not built with ``decode_responses=True``.
-    - ``prefix``: namespace of every Redis key and channel (no braces). ``"dedupe"``.
-    - ``lock_ttl``: the lease (>= 0.01), renewed every lock_ttl/3 while the leader runs;
-      bounds the takeover after a crash. ``10.0``.
-    - ``wait_timeout``: most a follower waits before ``WaitTimeout``; ``None``: as long as a
-      live leader holds the lease. ``None``.
-    - ``result_ttl``: how long a value stays readable for callers that arrive just after its
-      flight; ``0`` keeps nothing. ``1.0``.
-    - ``max_hold``: the longest one leader keeps renewing its lease (> lock_ttl); after it
-      the lease counts as lost and a waiter may take over. ``300.0``.
-    - ``token_ttl``: how long a key's fencing-token counter outlives its last lease. ``60.0``.
-    - ``serializer``: ``"safe"`` (JSON types plus bytes, tuple, set/frozenset, date/time,
-      timedelta, Decimal, UUID, any hashable dict keys; each comes back as itself, and reading
-      it runs no code), ``"json"`` (plain, lossy), ``"pickle"`` (any picklable value; needs a
-      secret), ``"pickle-unsafe"`` (pickle without a secret: whoever can write to the Redis,
-      or only PUBLISH, runs code in this process), or an object with ``ident``, ``dumps``,
-      ``loads``. ``"safe"``.
-    - ``secret``: HMAC key(s) signing every record and notice, as str, bytes or a sequence
-      of them: the first signs, all verify (rotation). Default: ``DEDUPE_SECRET``, which may
-      hold several keys separated by commas. ``None``: unsigned.
-    - ``inline_max_bytes``: outcomes up to this size travel on the channel. ``32768``.
-    - ``max_payload_bytes``: larger outcomes are not shipped (``ResultTooLarge``). 64 MiB.
-    - ``connect_timeout`` / ``socket_timeout``: bounds on each Redis operation of the
-      clients dedupe builds. ``2.0`` / ``5.0``.
-    - ``health_check_interval``: idle pub/sub connections are PINGed this often. ``5.0``.
-    - ``min_replicas_ack`` / ``replica_ack_timeout``: after acquiring, ``WAIT`` for this many
-      replicas, else ``BackendUnavailable``. ``0`` / ``1.0``.
-    - ``on_backend_error``: ``"raise"`` (``BackendUnavailable``) or ``"local"`` (in-process
-      deduplication while Redis is unreachable; configuration errors still raise).
-    - ``local_cache``: keep each kept value in the process too, while Redis keeps it fresh.
-      ``False``. ``local_cache_max_bytes`` bounds those copies (estimated size). 32 MiB.
-
-    Raises TypeError or ValueError naming the argument that is wrong.
+    Parameters: the settings (dedupe.settings.Settings, where each is declared), all but
+    ``url`` keyword-only; times in seconds. Raises TypeError or ValueError naming the
+    argument that is wrong.
     """
 
     def __init__(
@@ -528,33 +438,21 @@ class SingleFlight:
         max_hold: float = 300.0,
         local_cache_max_bytes: int = 32 * 1024 * 1024,
     ) -> None:
+        # The signature spells every setting out for IDEs and mypy (tests/test_settings.py
+        # keeps it equal to the declarations); the body takes them by the declared names.
+        given = locals()
+        try:
+            values = {f.name: given[f.name] for f, _ in declared()}
+        except KeyError as exc:
+            raise TypeError(f"SingleFlight.__init__ lacks a keyword for {exc.args[0]!r}") from None
+        settings = Settings(**values).validated()
         self._lock = threading.Lock()  # guards _backend and _settings swaps
         _instances.add(self)
-        self._settings = Settings(
-            url=url,
-            client=client,
-            async_client=async_client,
-            prefix=prefix,
-            lock_ttl=lock_ttl,
-            wait_timeout=wait_timeout,
-            result_ttl=result_ttl,
-            serializer=serializer,
-            secret=secret,
-            inline_max_bytes=inline_max_bytes,
-            max_payload_bytes=max_payload_bytes,
-            connect_timeout=connect_timeout,
-            socket_timeout=socket_timeout,
-            health_check_interval=health_check_interval,
-            min_replicas_ack=min_replicas_ack,
-            replica_ack_timeout=replica_ack_timeout,
-            on_backend_error=on_backend_error,
-            local_cache=local_cache,
-            token_ttl=token_ttl,
-            max_hold=max_hold,
-            local_cache_max_bytes=local_cache_max_bytes,
-        ).validated()
+        self._settings = settings
         self._backend: Backend | None = None
-        self._params: dict[_Overrides, tuple[Settings, tuple[int, ...]]] = {}
+        # The flight parameters of each function's overrides, under the settings they were
+        # worked out from (configure() replaces _settings: they are worked out anew).
+        self._params: dict[_Overrides, tuple[Settings, _FlightParams]] = {}
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -613,75 +511,28 @@ class SingleFlight:
 
     @staticmethod
     def _new_backend(s: Settings) -> Backend:
-        codec = codec_for(s.serializer, s.secret, s.max_payload_bytes)
         url = s.url or os.environ.get("DEDUPE_REDIS_URL") or DEFAULT_URL
         if s.url is None and s.client is None and s.async_client is None:
             try:
                 parse_url(url)
             except ValueError as exc:
                 raise ValueError(f"DEDUPE_REDIS_URL: {exc}") from None
-        return Backend(
-            BackendConfig(
-                url=url,
-                client=s.client,
-                async_client=s.async_client,
-                connect_timeout=s.connect_timeout,
-                socket_timeout=s.socket_timeout,
-                health_check_interval=s.health_check_interval,
-                codec=codec,
-                on_backend_error=s.on_backend_error,
-                local_cache=s.local_cache,
-                lock_ttl=s.lock_ttl,
-                local_cache_max_bytes=s.local_cache_max_bytes,
-                name=s.prefix,
-            )
-        )
+        codec = codec_for(s.serializer, s.secret, s.max_payload_bytes)
+        return Backend(BackendConfig.of(s, url=url, codec=codec))
 
     def _spec_maker(
         self, backend: Backend, names: Names, o: _Overrides
     ) -> Callable[[float | None], FlightSpec]:
-        lock_ms, keep_ms, inline, replicas, replica_ms, token_ms, hold_ms = self._flight_params(o)
+        return _spec_maker(backend, names, self._flight_params(o))
 
-        def make(deadline: float | None) -> FlightSpec:
-            return FlightSpec(
-                names=names,
-                owner=backend.owner(),
-                lock_ttl_ms=lock_ms,
-                token_ttl_ms=token_ms,
-                keep_ms=keep_ms,
-                grace_ms=lock_ms + 2000,
-                inline_max_bytes=inline,
-                deadline=deadline,
-                min_replicas=replicas,
-                replica_timeout_ms=replica_ms,
-                max_hold_ms=hold_ms,
-            )
-
-        return make
-
-    def _flight_params(self, o: _Overrides) -> tuple[int, ...]:
-        """A function's flight parameters, worked out once per settings and overrides."""
+    def _flight_params(self, o: _Overrides) -> _FlightParams:
+        """A function's flight parameters, worked out once per settings and overrides (this
+        is on every call's path: one dict lookup when nothing changed)."""
         s = self._settings
         cached = self._params.get(o)
         if cached is None or cached[0] is not s:
-            lock = o.lock_ttl if o.lock_ttl is not None else s.lock_ttl
-            keep = o.result_ttl if o.result_ttl is not None else s.result_ttl
-            params = (
-                max(10, round(lock * 1000)),
-                round(keep * 1000),
-                s.inline_max_bytes,
-                s.min_replicas_ack,
-                round(s.replica_ack_timeout * 1000),
-                max(1, round(s.token_ttl * 1000)),
-                # A lease is never cut shorter than one lock_ttl, even if configure() made
-                # max_hold shorter than a function's own lock_ttl.
-                max(round(s.max_hold * 1000), round(lock * 1000) + 1),
-            )
-            self._params[o] = cached = (s, params)
+            self._params[o] = cached = (s, _FlightParams.of(o.apply(s)))
         return cached[1]
-
-    def _wait_timeout(self, o: _Overrides) -> float | None:
-        return self._settings.wait_timeout if o.wait_timeout is INHERIT else o.wait_timeout
 
     # --- running ------------------------------------------------------------------------------
 
@@ -696,8 +547,9 @@ class SingleFlight:
     ) -> Any:
         backend = self.backend()
         names = names_for(self._settings.prefix, job_id)
-        make = self._spec_maker(backend, names, o)
-        wait = self._wait_timeout(o)
+        p = self._flight_params(o)
+        make = _spec_maker(backend, names, p)
+        wait = p.wait_timeout
         return sync.call(backend, names, make, wait, fn, args, kw, detail=detail)
 
     async def _run_async(
@@ -711,8 +563,9 @@ class SingleFlight:
     ) -> Any:
         backend = self.backend()
         names = names_for(self._settings.prefix, job_id)
-        make = self._spec_maker(backend, names, o)
-        wait = self._wait_timeout(o)
+        p = self._flight_params(o)
+        make = _spec_maker(backend, names, p)
+        wait = p.wait_timeout
         return await aio.call(backend, names, make, wait, fn, args, kw, detail=detail)  # type: ignore[arg-type]
 
     @overload
@@ -768,10 +621,10 @@ class SingleFlight:
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         if _is_async(fn):
-            return _named(self._run_async(job_id, _Overrides(), fn, args, kwargs, detail), fn)
+            return _named(self._run_async(job_id, _NO_OVERRIDES, fn, args, kwargs, detail), fn)
         if _get_running_loop() is not None:
             _warn_blocking_once(fn)
-        return self._run_sync(job_id, _Overrides(), fn, args, kwargs, detail)
+        return self._run_sync(job_id, _NO_OVERRIDES, fn, args, kwargs, detail)
 
     def inflight(self) -> list[InFlightInfo]:
         """The flights of this process now: job id, leading or following, local waiters, age."""
@@ -815,10 +668,8 @@ class SingleFlight:
 
     # --- decorating ---------------------------------------------------------------------------
 
-    @overload
-    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncFlightFunction[P, R]: ...  # type: ignore[overload-overlap]
-    @overload
-    def __call__(self, fn: Callable[P, R], /) -> FlightFunction[P, R]: ...
+    # The per-function settings (settings.per_function()) are spelled out in each overload,
+    # for IDEs and mypy (tests/test_settings.py keeps them equal to the declarations).
     @overload
     def __call__(  # type: ignore[overload-overlap]
         self,
@@ -862,9 +713,7 @@ class SingleFlight:
         *,
         key: str | Callable[..., str] | None = None,
         namespace: bool | str = True,
-        lock_ttl: float | None = INHERIT,
-        wait_timeout: float | None = INHERIT,
-        result_ttl: float | None = INHERIT,
+        **own: Any,
     ) -> Any:
         """Decorate ``fn`` (``@sf``, or ``sf(fn, key=...)``) or return a decorator
         (``@sf(key=...)``).
@@ -876,22 +725,14 @@ class SingleFlight:
         - ``namespace``: job ids are ``<module.qualname>:<key>`` (True), ``<str>:<key>`` (a
           str of your own, e.g. to keep ids across a rename), or the key alone (False: shared
           with every function and ``call()`` using the same id).
-        - ``lock_ttl``, ``wait_timeout``, ``result_ttl``: this function's own values
-          (INHERIT: the instance's, also after ``configure``); checked as the constructor
-          checks them.
+        - the per-function settings: this function's own values (INHERIT: the instance's,
+          also after ``configure``), checked as the constructor checks them: {per_function}.
 
         The result keeps ``fn``'s signature and adds ``.job_id(...)``, ``.detailed(...)`` and
         ``.forget(...)``; it pickles by reference, like the function.
         """
-        overrides = _Overrides(
-            lock_ttl=None if lock_ttl is INHERIT or lock_ttl is None else check_lock_ttl(lock_ttl),
-            wait_timeout=INHERIT if wait_timeout is INHERIT else check_wait_timeout(wait_timeout),
-            result_ttl=None
-            if result_ttl is INHERIT or result_ttl is None
-            else check_result_ttl(result_ttl),
-        )
-        if overrides.lock_ttl is not None and overrides.lock_ttl >= self._settings.max_hold:
-            check_max_hold(self._settings.max_hold, overrides.lock_ttl)
+        overrides = _Overrides(**check_function_values(own, INHERIT, "SingleFlight.__call__"))
+        check_relations(overrides.apply(self._settings))  # e.g. its lock_ttl under max_hold
         if fn is not None:
             return self._decorate(fn, key, namespace, overrides)
         return functools.partial(self._decorate, key=key, namespace=namespace, overrides=overrides)
@@ -913,6 +754,18 @@ class SingleFlight:
         where = "client" if s.client or s.async_client else (s.url or "DEDUPE_REDIS_URL")
         return f"SingleFlight({where}, prefix={s.prefix!r}, lock_ttl={s.lock_ttl})"
 
+
+def _document() -> None:
+    """Write the settings, as declared, into help(SingleFlight) and help(sf.__call__)."""
+    if SingleFlight.__doc__:  # None under python -OO
+        SingleFlight.__doc__ += "\n" + help_text(indent=4) + "\n"
+    decorate: Any = SingleFlight.__call__
+    if decorate.__doc__:
+        names = ", ".join(f"``{name}``" for name in per_function())
+        decorate.__doc__ = decorate.__doc__.replace("{per_function}", names)
+
+
+_document()
 
 single_flight: Final = SingleFlight()
 """The default instance: Redis from DEDUPE_REDIS_URL, else redis://localhost:6379/0, lazily."""

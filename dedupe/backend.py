@@ -21,8 +21,8 @@ import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar
+from dataclasses import dataclass, fields
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio
@@ -47,6 +47,7 @@ from .protocol import Complete, FlightSpec
 from .record import NOTICE_ABORTED, parse_lock
 from .renewal import Renewer, renew_many
 from .sealing import Codec
+from .settings import AsyncClient, Settings, SyncClient
 from .slots import AsyncSlots
 from .topology import (
     ClusterRouter,
@@ -75,25 +76,25 @@ _RELEASE_IDLE = 5.0
 
 _T = TypeVar("_T")
 
-SyncClient: TypeAlias = "redis.Redis | redis.cluster.RedisCluster"
-AsyncClient: TypeAlias = "redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster"
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackendConfig(Settings):
+    """The settings as the backend reads them: every setting, the URL resolved and the codec
+    built (api.SingleFlight._new_backend)."""
 
-@dataclass(frozen=True, slots=True)
-class BackendConfig:
-    url: str
-    client: SyncClient | None
-    async_client: AsyncClient | None
-    connect_timeout: float
-    socket_timeout: float
-    health_check_interval: float
+    url: str  # the url setting, else DEDUPE_REDIS_URL, else the default
     codec: Codec
-    on_backend_error: str = "raise"
-    local_cache: bool = False
     queue_timeout: float = 20.0  # longest wait for a free command slot
-    lock_ttl: float = 10.0  # how long close() waits for running flights by default
-    local_cache_max_bytes: int = 32 * 1024 * 1024
-    name: str = "dedupe"  # CLIENT SETNAME prefix of our connections
+
+    @classmethod
+    def of(cls, s: Settings, *, url: str, codec: Codec) -> BackendConfig:
+        given = {f.name: getattr(s, f.name) for f in fields(Settings)}
+        return cls(**{**given, "url": url}, codec=codec)
+
+    @property
+    def name(self) -> str:
+        """CLIENT SETNAME prefix of our connections: the prefix."""
+        return self.prefix
 
 
 def _client_name(cfg: BackendConfig, role: str) -> str:

@@ -126,21 +126,26 @@ BUSY: Final = AcquireState.BUSY
 LEAD: Final = AcquireState.LEAD
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class FlightSpec:
-    """Everything the protocol needs to know about one flight (treat it as read-only)."""
+    """Everything the protocol needs to know about one flight (treat it as read-only).
+
+    Built from named fields (api.py works them out from the settings, in milliseconds).
+    """
 
     names: Names
     owner: str
-    lock_ttl_ms: int
-    token_ttl_ms: int
-    keep_ms: int  # result_ttl: how long a value stays fresh for new callers
+    lock_ttl_ms: int  # lock_ttl: the lease
+    token_ttl_ms: int  # token_ttl: how long the fencing-token counter outlives a lease
+    # result_ttl: how long after its run a value stays fresh for new callers. The record's
+    # header carries result_ttl plus the run as its keep_ms, counted from the lease's grant.
+    result_ttl_ms: int
     grace_ms: int  # how long any outcome stays readable for followers that missed the message
     inline_max_bytes: int
     deadline: float | None  # on the clock given to run_flight; None: wait while a leader lives
     min_replicas: int = 0  # replicas that must acknowledge a new lease (WAIT) before we lead
     replica_timeout_ms: int = 1000
-    max_hold_ms: int = 300_000  # a leader's hold on one lease; renewal stops after it
+    max_hold_ms: int = 300_000  # max_hold: a leader's hold on one lease; renewal stops after it
 
     def slack(self, pttl_ms: int) -> float:
         """Extra wait past the lease, so the re-check lands after a dead leader's lease expired."""
@@ -405,7 +410,7 @@ def run_flight(
                 break  # stored (too large to travel inline) or aborted: the re-check tells
             outcome = opened.outcome
             if outcome.error is None:
-                outcome.fresh_ms = min(opened.keep_ms, spec.keep_ms)
+                outcome.fresh_ms = min(opened.keep_ms, spec.result_ttl_ms)
             return Finished(outcome, "remote", opened.token, trace=opened.trace)
 
 
@@ -465,8 +470,8 @@ def _lead(
         # Fresh for result_ttl after the run: sealed as keep since the grant (the token's
         # time), so that a record written back later can never pass for fresh.
         run_ms = max(0, round((clock() - sent) * 1000))
-        keep = spec.keep_ms + run_ms if outcome.error is None and spec.keep_ms else 0
-        ttl = max(spec.keep_ms, spec.grace_ms)
+        keep = spec.result_ttl_ms + run_ms if outcome.error is None and spec.result_ttl_ms else 0
+        ttl = max(spec.result_ttl_ms, spec.grace_ms)
         sealing = clock()
         record = codec.seal(
             outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl, trace=trace
@@ -483,7 +488,7 @@ def _lead(
                 token,
             )
         # seal keeps nothing fresh of an outcome that other processes could not read.
-        keep = min(spec.keep_ms, header_of(record).keep_ms)
+        keep = min(spec.result_ttl_ms, header_of(record).keep_ms)
         message = b""
         if len(record) > spec.inline_max_bytes:
             message = codec.notice(NOTICE_STORED, channel=channel, token=token)

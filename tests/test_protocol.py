@@ -57,7 +57,7 @@ def make_spec(**overrides: Any) -> FlightSpec:
         "owner": "me:1",
         "lock_ttl_ms": 10_000,
         "token_ttl_ms": 60_000,
-        "keep_ms": 1_000,
+        "result_ttl_ms": 1_000,
         "grace_ms": 12_000,
         "inline_max_bytes": 32 * 1024,
         "deadline": None,
@@ -147,21 +147,25 @@ def follow_until_wait(d: Driver, pttl_ms: int = 4_000, holder: str = "7:other:99
 # --------------------------------------------------------------------------- leading
 
 
-@pytest.mark.parametrize(("keep_ms", "grace_ms"), [(1_000, 12_000), (60_000, 12_000), (0, 500)])
-def test_uncontended_lead_with_a_value(keep_ms: int, grace_ms: int) -> None:
-    d = Driver(make_spec(keep_ms=keep_ms, grace_ms=grace_ms))
+@pytest.mark.parametrize(
+    ("result_ttl_ms", "grace_ms"), [(1_000, 12_000), (60_000, 12_000), (0, 500)]
+)
+def test_uncontended_lead_with_a_value(result_ttl_ms: int, grace_ms: int) -> None:
+    d = Driver(make_spec(result_ttl_ms=result_ttl_ms, grace_ms=grace_ms))
     assert d.command == Acquire("")
     assert d.send(Acquired(LEAD, token=5)) == Lead(5, "5:me:1", 1000.0)  # dated from the acquire
     complete = d.send(Outcome(value={"a": 1}))
     assert isinstance(complete, Complete)
     assert complete.lock_value == "5:me:1" and complete.token == 5
     assert complete.message == b""  # small: the record itself travels inline
-    assert complete.record_ttl_ms == max(keep_ms, grace_ms)
+    assert complete.record_ttl_ms == max(result_ttl_ms, grace_ms)
     opened = d.codec.open(complete.record, channel=NAMES.channel)
-    assert opened.token == 5 and opened.keep_ms == keep_ms
+    assert (
+        opened.token == 5 and opened.keep_ms == result_ttl_ms
+    )  # the record's keep: result_ttl + the run (0 here)
     assert d.send(OWNED) is None
     assert d.outcome == Outcome(value={"a": 1})
-    assert d.outcome.fresh_ms == keep_ms
+    assert d.outcome.fresh_ms == result_ttl_ms
     assert d.result is not None and d.result.role == "leader" and not d.result.waited
 
 

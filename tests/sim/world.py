@@ -118,7 +118,7 @@ class Params:
     procs: int = 3
     keys: int = 2
     lock_ttl_ms: int = 3000
-    keep_ms: int = 1000  # result_ttl
+    result_ttl_ms: int = 1000
     grace_ms: int = 3600  # the api's lock_ttl + 2 s, scaled
     token_ttl_ms: int = 10_000
     socket_timeout: float = 1.5
@@ -1046,9 +1046,9 @@ class World:
             if raw in self.by_lock:
                 bound = p.lock_ttl_ms
             elif raw in self.by_result:
-                bound = max(p.keep_ms, p.grace_ms)
+                bound = max(p.result_ttl_ms, p.grace_ms)
             else:
-                bound = max(p.token_ttl_ms, p.keep_ms, p.grace_ms)
+                bound = max(p.token_ttl_ms, p.result_ttl_ms, p.grace_ms)
             if pttl == -1 or pttl > bound:
                 self.fail("ttl", f"{raw.decode()} lives {pttl} ms (bound {bound} ms)")
         # After the deadline a flight may finish one subscribe and one script call.
@@ -1319,7 +1319,7 @@ class FlightRun:
             "owner": f"{proc.name()}:{proc.flights}",
             "lock_ttl_ms": p.lock_ttl_ms,
             "token_ttl_ms": p.token_ttl_ms,
-            api.result_ttl_field: p.keep_ms,
+            api.result_ttl_field: p.result_ttl_ms,
             "grace_ms": p.grace_ms,
             # k1's outcomes never travel inline: its followers read the stored record.
             "inline_max_bytes": 0 if key == CLUSTER_KEY else 32 * 1024,
