@@ -19,6 +19,7 @@ from . import events
 from .envelope import NOTICE_ABORTED, NOTICE_STORED, Codec, Notice, Opened, Outcome, header_of
 from .errors import BackendUnavailable, EnvelopeError, WaitTimeout
 from .keys import Names
+from .subscriptions import RECHECK  # what the hub hands a Wait: re-subscribe, re-check
 
 __all__ = [
     "RECHECK",
@@ -46,15 +47,6 @@ log = logging.getLogger(__name__)
 
 # How often a follower whose subscription is not confirmed re-checks the job's state.
 _POLL: Final = 0.5
-
-
-class _Recheck:
-    def __repr__(self) -> str:
-        return "RECHECK"
-
-
-RECHECK: Final = _Recheck()
-"""A Wait reply meaning: the subscription may have missed messages; re-subscribe, re-check."""
 
 
 @dataclass(slots=True)
