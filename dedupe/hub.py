@@ -59,7 +59,7 @@ from redis.exceptions import (
 
 from .errors import BackendUnavailable
 from .signals import Latch, Mailbox
-from .subscriptions import RECHECK, Command, ErrorKind, Subscriptions
+from .subscriptions import RECHECK, Command, Effects, ErrorKind, Subscriptions
 
 __all__ = ["Hub", "Router", "SingleRouter"]
 
@@ -159,19 +159,21 @@ class Hub:
         self.name: str | None = clean or None
         self._lock = threading.Lock()
         self._closed = threading.Event()  # set once, by close() (under the hub lock)
+        self._routes = threading.Condition(self._lock)  # wakes the router thread
         self._make_router: Callable[[], Router] | None = None
+        router_now: Router | None = None
+        if callable(getattr(router, "link_for", None)):
+            router_now = cast(Router, router)
+        else:
+            self._make_router = cast("Callable[[], Router]", router)
         # Hub lock:
         self._m: Subscriptions[Mailbox[Item], Latch[bool]] = Subscriptions(
             Latch, sharded=sharded, slot_of=_slot_of, name=self.name
         )
-        self._router: Router | None = None
-        if callable(getattr(router, "link_for", None)):
-            self._router = cast(Router, router)
-        else:
-            self._make_router = cast("Callable[[], Router]", router)
+        self._router = router_now  # None until the router thread built it
         self._links: dict[str, _Link] = {}
         self._refresh_wanted = False  # the layout is stale: the router thread refreshes it
-        self._routes = threading.Condition(self._lock)  # wakes the router thread
+        # Started (under the hub lock) only before close() set _closed: close() reads it after.
         self._route_thread: threading.Thread | None = None
         self._logged: set[str] = set()  # note keys logged once already
 
@@ -249,10 +251,18 @@ class Hub:
         out = self._m.drain()
         router = self._router
         if router is not None:
-            for slot, host, port in out.moved:
+            for slot, host, port in out.moved:  # before routing: the router learns first
                 router.moved(slot, host, port)
             if self._m.unrouted and not self._refresh_wanted:
-                self._route(router)  # may open links and wake writers: into the next drain
+                self._route(router)
+        self._execute(out)
+        if self._m.out:  # what routing asked for: links to open, writers to wake
+            self._execute(self._m.drain())
+        if (self._m.unrouted or self._refresh_wanted) and not self._closed.is_set():
+            self._start_route_thread()
+            self._routes.notify()
+
+    def _execute(self, out: Effects[Mailbox[Item], Latch[bool]]) -> None:
         for latch, ok in out.resolve:
             latch.set(ok)
         for mailbox in out.recheck:
@@ -261,20 +271,18 @@ class Hub:
             self._note(key, text)
         if out.refresh:
             self._refresh_wanted = True
-        more = self._m.drain()
-        for name in [*out.opened, *more.opened]:
-            assert router is not None
-            link = self._links[name] = _Link(self, name, router.connector(name))
+        for name in out.opened:  # only routing opens links, and only with a router
+            assert self._router is not None
+            link = self._links[name] = _Link(self, name, self._router.connector(name))
             link.start()
         for name, why in out.drop.items():
-            self._links[name].dropped = why
-        for name in out.wake | more.wake:
+            dropping = self._links.get(name)
+            if dropping is not None:
+                dropping.dropped = why
+        for name in out.wake:
             waking = self._links.get(name)
             if waking is not None:
                 waking.wake.notify()
-        if (self._m.unrouted or self._refresh_wanted) and not self._closed.is_set():
-            self._start_route_thread()
-            self._routes.notify()
 
     def _route(self, router: Router) -> None:
         for channel in list(self._m.unrouted):
@@ -392,7 +400,7 @@ class _Link:
         # thread feeds the machine (drops follow replies and silences), so that thread
         # reads it right after, without the lock.
         self.dropped: str | None = None
-        self.wake = threading.Condition(hub._lock)  # the writer waits on it
+        self.wake = threading.Condition(hub._lock)  # written once: the writer waits on it
 
     def start(self) -> None:
         self._reader.start()
@@ -413,6 +421,14 @@ class _Link:
     # --- the writer thread ---------------------------------------------------------------------
 
     def _write_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._write()
+            except Exception:  # a bug must not kill the thread every follower relies on
+                log.exception("pub/sub writer failed; restarting it")
+                self._closed.wait(0.1)
+
+    def _write(self) -> None:
         hub, machine = self.hub, self.hub._m
         while True:
             with hub._lock:
