@@ -51,6 +51,7 @@ from .errors import BackendUnavailable, EnvelopeError, ProtocolError, WaitTimeou
 from .keys import Names
 from .record import NOTICE_ABORTED, NOTICE_STORED, header_of, lock_value, parse_lock
 from .sealing import Codec, Notice, Opened, Outcome
+from .subscriptions import RECHECK  # what the hub hands a Wait: re-subscribe, re-check
 
 __all__ = [
     "BUSY",
@@ -83,15 +84,6 @@ __all__ = [
 
 # How often a follower whose subscription is not confirmed re-checks the job's state.
 _POLL: Final = 0.5
-
-
-class _Recheck:
-    def __repr__(self) -> str:
-        return "RECHECK"
-
-
-RECHECK: Final = _Recheck()
-"""A Wait reply meaning: the subscription may have missed messages; re-subscribe, re-check."""
 
 
 class FlightState(enum.Enum):

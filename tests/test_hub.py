@@ -21,7 +21,7 @@ import redis
 import redis.cluster
 from helpers import until
 from redis.crc import key_slot
-from redis.exceptions import ResponseError
+from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
 
 from dedupe.errors import BackendUnavailable
 from dedupe.hub import Connection, Hub, Router, SingleRouter
@@ -561,11 +561,15 @@ def test_slow_link_is_reconnected(redis_server: RedisServer, prefix: str, hubs: 
 # --------------------------------------------------------------------------- scripted replies
 
 
+Failure = ResponseError | list[ResponseError]
+
+
 class Scripted:
     """A sans-I/O Connection: answers each (S)SUBSCRIBE/(S)UNSUBSCRIBE/PING the way Redis
-    would, except that a command naming a channel in ``fail`` gets that one error reply."""
+    would, except that a command naming a channel in ``fail`` gets that one error reply (a
+    list: one error per such command until it runs out, then success)."""
 
-    def __init__(self, fail: dict[tuple[str, str], ResponseError], gate: threading.Event) -> None:
+    def __init__(self, fail: dict[tuple[str, str], Failure], gate: threading.Event) -> None:
         self.fail = fail
         self.gate = gate
         self.sent: list[tuple[str, ...]] = []
@@ -588,9 +592,9 @@ class Scripted:
                 raise ConnectionError("closed")
             self.sent.append(args)
             cmd, channels = str(args[0]), [str(a) for a in args[1:]]
-            errors = [self.fail[(cmd, ch)] for ch in channels if (cmd, ch) in self.fail]
-            if errors:
-                self._replies.append(errors[0])
+            errors = [self._error(cmd, ch) for ch in channels if (cmd, ch) in self.fail]
+            if any(errors):
+                self._replies.append(next(e for e in errors if e is not None))
             elif cmd == "PING":
                 self._replies.append([b"pong", b""])
             else:
@@ -602,6 +606,12 @@ class Scripted:
                     kind = cmd.lower().encode()
                     self._replies.append([kind, ch.encode(), len(self.subscribed)])
             self._cond.notify_all()
+
+    def _error(self, cmd: str, channel: str) -> ResponseError | None:
+        failure = self.fail[(cmd, channel)]
+        if isinstance(failure, list):
+            return failure.pop(0) if failure else None
+        return failure
 
     def can_read(self, timeout: float = 0) -> bool:
         with self._cond:
@@ -619,7 +629,7 @@ class Scripted:
 
 
 def scripted_hub(
-    fail: dict[tuple[str, str], ResponseError], hubs: list[Hub]
+    fail: dict[tuple[str, str], Failure], hubs: list[Hub]
 ) -> tuple[Hub, list[Scripted], threading.Event]:
     conns: list[Scripted] = []
     gate = threading.Event()
@@ -680,3 +690,25 @@ def test_failed_unsubscribe_reconnects_so_nothing_stays(hubs: list[Hub]) -> None
     assert conns[-1].subscribed == {kept}
     drain(box_kept, lambda item: item is RECHECK)
     until(lambda: hub.channels() == {kept: 1}, what="the dropped channel forgotten")
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("code", ["TRYAGAIN", "CLUSTERDOWN", "ASK"])
+def test_transient_error_is_retried_on_its_own(hubs: list[Hub], code: str) -> None:
+    """A subscribe answered by TRYAGAIN (a slot mid-migration), CLUSTERDOWN or ASK resolves
+    False and is sent again after a short backoff, with nothing else happening on the link
+    to wake its writer; once acked, its follower gets RECHECK (it stopped waiting)."""
+    channel = "{t}busy"
+    errors = {
+        "TRYAGAIN": TryAgainError("Multiple keys request during rehashing of slot"),
+        "CLUSTERDOWN": ClusterDownError("The cluster is down"),
+        "ASK": AskError(f"{key_slot(channel.encode())} 127.0.0.1:1"),
+    }
+    hub, conns, gate = scripted_hub({("SSUBSCRIBE", channel): [errors[code]]}, hubs)
+    gate.set()
+    box: Mailbox[object] = Mailbox()
+    assert wait_latches([hub.subscribe(channel, box)]) == [False]
+    until(lambda: all_confirmed(hub, [channel]), timeout=10, what="the retried subscribe")
+    drain(box, lambda item: item is RECHECK)
+    assert [c for c in conns[0].sent if c[0] == "SSUBSCRIBE"] == [("SSUBSCRIBE", channel)] * 2
+    assert hub.reconnects == 0

@@ -124,7 +124,7 @@ def test_a_finished_flights_hub_objects_are_gone(
     once the flights end (and the subscriptions linger out), none is reachable, not from a
     parked hub thread's locals either."""
     from dedupe import signals
-    from dedupe.hub import _Channel
+    from dedupe.subscriptions import _Channel
 
     n = 300
     leader = SingleFlight(redis_url, prefix=prefix, lock_ttl=10)
