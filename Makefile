@@ -106,7 +106,7 @@ bench-quick:
 
 # The `compat` tests against the oldest and newest redis-py of each supported major, with and
 # without hiredis, on Redis; and against Valkey 8.1 with the oldest and newest redis-py. Each
-# redis-py in a plain venv under .compat/ (git-ignored). About 20 minutes. E.g.
+# redis-py in a plain venv under .compat/ (git-ignored). About 12 minutes on 2 cores. E.g.
 # COMPAT_ARGS="--redis 8.2.0 --hiredis without --server valkey -- -x" (after --: pytest args).
 COMPAT_ARGS ?=
 compat:

@@ -32,6 +32,10 @@ def _rewrite(markdown: str) -> tuple[str, list[str]]:
         target = m.group(2)
         if _external(target):
             return m.group(0)
+        path, hash_, anchor = target.partition("#")
+        page = {source: page for page, source in PAGES.items()}.get(path)
+        if page is not None:  # README.md, CHANGELOG.md: their pages here
+            return m.group(1) + page + hash_ + anchor + m.group(3)
         if target.startswith("docs/"):
             return m.group(1) + target.removeprefix("docs/") + m.group(3)
         extra.append(target)

@@ -16,6 +16,7 @@ The server binary is redis-server on PATH, or the one ``DEDUPE_TEST_SERVER`` nam
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import uuid
@@ -58,6 +59,13 @@ STARTUP_SECONDS: dict[str, float] = {}
 def _timed_start(name: str, start: float) -> None:
     STARTUP_SECONDS[name] = time.monotonic() - start
     print(f"\n[dedupe] {name} started in {STARTUP_SECONDS[name]:.2f}s")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `core` was renamed (it always held Cluster and Sentinel tests too): `-m core` would now
+    # select nothing and say only "no tests ran".
+    if re.search(r"\bcore\b", config.getoption("markexpr", "") or ""):
+        raise pytest.UsageError("the `core` marker is now `compat`: use -m compat")
 
 
 def pytest_report_header(config: pytest.Config) -> str:
