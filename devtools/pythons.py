@@ -12,8 +12,8 @@ one) is left out unless ``--include-current``, since ``make test`` runs everythi
 By default the whole suite runs (``-m "not soak"``, every extra installed); ``--compat`` runs
 the ``compat`` tests only, with the test tools alone (what ``.ci/run`` does: about a minute per
 interpreter). Arguments after ``--`` are added to the pytest command as in devtools.compat.
-Prints a markdown table (also in ``.compat/pythons.md``) and a closing ``N passed, N failed``
-line; exits 1 if any run failed.
+Prints a markdown table (also in ``.compat/pythons.md``, or ``--out``) and a closing
+``N passed, N failed`` line; exits 1 if any run failed.
 
     python -m devtools.pythons [--compat] [--include-current] [--only 3.12,3.13] [-- ARGS]
 """
@@ -174,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--compat", action="store_true", help=f"only the {MARKER!r} tests")
     p.add_argument("--include-current", action="store_true", help="also this interpreter")
     p.add_argument("--only", default="", help="comma-separated versions, e.g. 3.12,3.13")
+    p.add_argument("--out", default=str(COMPAT / "pythons.md"), help="the table's file")
     ns = p.parse_args(args)
     full = not ns.compat
     pytest_args = ["-m", "not soak", *extra] if full else pytest_command(extra)
@@ -212,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         version = r.found.version or r.found.minor
         rows.append(f"| {version} | {where} | {r.status} | {r.detail} | {r.seconds:.0f} s |")
     text = "\n".join(rows)
-    (COMPAT / "pythons.md").write_text(text + "\n")
+    Path(ns.out).write_text(text + "\n")
     print(text)
     ran = [r for r in runs if r.status != "skipped"]
     skipped = [r.found.minor for r in runs if r.status == "skipped"]

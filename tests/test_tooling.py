@@ -63,14 +63,16 @@ def test_compat_arguments_after_the_separator_add_to_the_file_list() -> None:
     assert named == ["-m", "compat", "tests/test_wire.py::test_pack", "-x"]
 
 
-def test_pythons_lists_what_it_cannot_find_and_does_not_fail() -> None:
+def test_pythons_lists_what_it_cannot_find_and_does_not_fail(tmp_path: Path) -> None:
+    out = tmp_path / "pythons.md"  # not .compat/pythons.md: that holds the last real run's
     proc = subprocess.run(
-        [sys.executable, "-m", "devtools.pythons", "--compat", "--only", "3.99"],
+        [sys.executable, "-m", "devtools.pythons", "--compat", "--only", "3.99", "--out", out],
         capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[pythons] 3.99: skipped, not found" in proc.stdout
     assert proc.stdout.rstrip().endswith("pythons: 0 passed, 0 failed")
+    assert "| 3.99 | - | skipped | not found |" in out.read_text()
 
 
 def test_pythons_finds_this_interpreter() -> None:
