@@ -7,18 +7,27 @@ PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 LINT_DIRS := $(wildcard dedupe devtools tests examples benchmarks)
 
-.PHONY: help install redis-server venv test lint format demo bench bench-quick compat soak clean distclean
+.PHONY: help install redis-server venv test test-pythons lint format docs dist upgrade-deps demo bench bench-quick compat soak clean distclean
 
 help:
-	@echo "make install | test | lint | format | demo | bench | bench-quick | compat | soak | clean | distclean"
+	@echo "make install | test | test-pythons | lint | format | docs | dist | upgrade-deps | demo | bench | bench-quick | compat | soak | clean | distclean"
 
-# The distribution is redis-single-flight (import name: dedupe). A venv made before the rename
-# still holds this checkout as an editable "dedupe": drop that one first.
+# Every development and test dependency at the version constraints/dev.txt pins (regenerate it
+# with `make upgrade-deps`). The distribution is redis-single-flight (import name: dedupe). A
+# venv made before the rename still holds this checkout as an editable "dedupe": drop that one.
+CONSTRAINTS := constraints/dev.txt
+DEV_EXTRAS := dev,docs,recipes
 install: redis-server venv
-	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q -c $(CONSTRAINTS) --upgrade pip
 	@if $(PYTHON) -m pip show -f dedupe 2>/dev/null | grep -q '_editable_impl_dedupe.pth'; then \
 		$(PYTHON) -m pip uninstall -q -y dedupe; fi
-	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PYTHON) -m pip install -q -c $(CONSTRAINTS) -e '.[$(DEV_EXTRAS)]'
+
+# Re-resolve the pins on every supported Python found (throwaway venvs; see devtools/pins.py),
+# then: review `git diff constraints/`, run `make install lint test`, commit.
+PINS_ARGS ?=
+upgrade-deps:
+	$(PYTHON) -m devtools.pins $(PINS_ARGS)
 
 # redis-server/redis-cli are only needed as binaries; the system service is never started.
 redis-server:
@@ -48,7 +57,14 @@ venv:
 test:
 	$(PYTHON) -m pytest -m "not soak" $(PYTEST_ARGS)
 
-# Python 3.11 runs the tests; mypy checks the oldest (3.10) and newest (3.13) supported too.
+# The suite on every other supported Python found (pyenv's, python3.X on PATH, ...), each in a
+# venv under .compat/; skips, and says so, the ones not installed. E.g. PYTHONS_ARGS=--compat
+# (the `compat` tests only, as .ci/run does) or PYTHONS_ARGS="--only 3.12 -- -x".
+PYTHONS_ARGS ?=
+test-pythons:
+	$(PYTHON) -m devtools.pythons $(PYTHONS_ARGS)
+
+# The venv's Python (3.11) runs the tests; mypy checks the oldest (3.10) and newest (3.13) too.
 lint:
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VENV)/bin/ruff format --check $(LINT_DIRS)
@@ -58,6 +74,16 @@ lint:
 format:
 	$(VENV)/bin/ruff format $(LINT_DIRS)
 	$(VENV)/bin/ruff check --fix $(LINT_DIRS)
+
+# The API reference and the pages under docs/ (mkdocs.yml), into site/; a warning fails it.
+docs:
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+# The sdist and the wheel, into dist/. Install the wheel anywhere with
+# `pip install dist/redis_single_flight-*.whl` (see the README's set-up section).
+dist:
+	rm -rf dist
+	$(PYTHON) -m build --outdir dist .
 
 # A private redis-server for examples/demo.py (which itself runs against any Redis URL).
 demo:
@@ -78,9 +104,10 @@ bench-quick:
 	$(PYTHON) -m benchmarks --quick --out benchmarks/results/quick $(BENCH_ARGS)
 	$(PYTHON) -m benchmarks.adapters --calls 500 --repeats 3 --out benchmarks/results/quick/adapters.md
 
-# The `core` tests against the oldest and newest redis-py of each supported major, with and
-# without hiredis, each in a plain venv under .compat/ (git-ignored). About 10 minutes.
-# E.g. COMPAT_ARGS="--redis 8.1.0 --hiredis without -- -m core -x".
+# The `compat` tests against the oldest and newest redis-py of each supported major, with and
+# without hiredis, on Redis; and against Valkey 8.1 with the oldest and newest redis-py. Each
+# redis-py in a plain venv under .compat/ (git-ignored). About 12 minutes on 2 cores. E.g.
+# COMPAT_ARGS="--redis 8.2.0 --hiredis without --server valkey -- -x" (after --: pytest args).
 COMPAT_ARGS ?=
 compat:
 	$(PYTHON) -m devtools.compat $(COMPAT_ARGS)
@@ -91,7 +118,7 @@ soak:
 	$(PYTHON) -m tests.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis .compat
+	rm -rf build dist site *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis .compat
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean

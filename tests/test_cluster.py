@@ -30,7 +30,7 @@ from dedupe import SingleFlight
 from dedupe.keys import names_for
 from devtools.servers import RedisClusterSet, RedisServer
 
-pytestmark = [pytest.mark.cluster, pytest.mark.core]
+pytestmark = [pytest.mark.cluster, pytest.mark.compat]
 
 
 # --------------------------------------------------------------------------- cluster helpers

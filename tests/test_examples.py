@@ -65,7 +65,7 @@ def test_an_example_without_a_url_says_how_to_run_it(name: str) -> None:
     assert proc.returncode != 0 and "usage:" in proc.stderr and "REDIS_URL" in proc.stderr
 
 
-@pytest.mark.core
+@pytest.mark.compat
 @pytest.mark.timeout(60)
 def test_url_from_the_environment(redis_url: str) -> None:
     out = run(  # adhoc_call keeps no results, so running it twice on one server is fine
@@ -76,7 +76,7 @@ def test_url_from_the_environment(redis_url: str) -> None:
     assert out.count("1 distinct result for 5 callers") == 2
 
 
-@pytest.mark.core
+@pytest.mark.compat
 @pytest.mark.timeout(60)
 def test_cache_fill(redis_url: str) -> None:
     out = run_example("cache_fill.py", redis_url, timeout=45)
@@ -84,7 +84,7 @@ def test_cache_fill(redis_url: str) -> None:
     assert "callers served: 20/20\n" in out
 
 
-@pytest.mark.core
+@pytest.mark.compat
 @pytest.mark.timeout(60)
 def test_async_handler(redis_url: str) -> None:
     out = run_example("async_handler.py", redis_url, timeout=45)
@@ -93,7 +93,7 @@ def test_async_handler(redis_url: str) -> None:
     assert "  50 x 500 {'error': 'the report backend is down'}\n" in out
 
 
-@pytest.mark.core
+@pytest.mark.compat
 @pytest.mark.timeout(60)
 def test_adhoc_call(redis_url: str) -> None:
     out = run_example("adhoc_call.py", redis_url, timeout=45)

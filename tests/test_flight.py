@@ -25,7 +25,7 @@ from dedupe import (
 )
 from dedupe.keys import names_for
 
-pytestmark = [pytest.mark.timeout(30), pytest.mark.core]
+pytestmark = [pytest.mark.timeout(30), pytest.mark.compat]
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from devtools.servers import RedisClusterSet, RedisServer
 
 # --------------------------------------------------------------------------- a faulty proxy
 
-pytestmark = pytest.mark.core
+pytestmark = pytest.mark.compat
 
 
 class FaultProxy:

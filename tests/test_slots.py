@@ -16,7 +16,7 @@ from dedupe import BackendUnavailable, SingleFlight
 from dedupe.slots import AsyncSlots
 from devtools.servers import RedisServer
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.core]
+pytestmark = [pytest.mark.timeout(60), pytest.mark.compat]
 
 
 class Busy(Exception):

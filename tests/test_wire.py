@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis
 import redis.asyncio
+from helpers import until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +24,7 @@ from dedupe.commands import ACQUIRE, COMPLETE, ScriptCall
 from dedupe.wire import pack
 from devtools.servers import RedisServer
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.core]
+pytestmark = [pytest.mark.timeout(60), pytest.mark.compat]
 
 
 def _ours(client: redis.Redis, prefix: str, role: str = "cmd") -> int:
@@ -181,7 +182,10 @@ def test_only_as_many_connections_as_commands_ran_at_once(
         assert 1 <= _ours(redis_client, prefix) <= threads
     finally:
         sf.close(timeout=0)
-    assert _ours(redis_client, prefix) == 0  # close() closed every connection it opened
+    # close() closed every connection it opened. The server learns of a closed socket in its
+    # own time: a CLIENT LIST sent at once listed all 12 now and then (on Python 3.12, 2 runs
+    # in 15), and none a moment later.
+    until(lambda: _ours(redis_client, prefix) == 0, 5, "the server to drop our connections")
 
 
 def test_asyncio_connections_follow_concurrency_and_close_with_the_loop(

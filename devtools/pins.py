@@ -1,0 +1,122 @@
+"""``python -m devtools.pins`` (``make upgrade-deps``): re-resolve constraints/dev.txt.
+
+``make install`` installs the development set (``.[dev,docs,recipes]``) with ``-c
+constraints/dev.txt``, so every tool and test dependency is the version pinned there, next month
+as today. This regenerates the pins: for each supported Python found (see devtools.pythons) it
+installs the development set, plus hiredis (which the ``make compat`` cells use), into a
+throwaway venv with no constraints of ours, and records ``pip freeze``. Versions all the
+interpreters agree on are written plainly; where they differ, one line per interpreter with a
+``python_version`` marker (``>=`` where the newer Pythons agree, so that one released later
+takes their pins). Packages only some interpreters need (``tomli`` on 3.10, ...) are
+pinned plainly: a constraint never installs anything. pip's own configuration (e.g. a
+machine-wide constraints file) applies to the resolve as usual.
+
+Then review the diff, run ``make install lint test``, and commit the file.
+
+    python -m devtools.pins [--only 3.11] [--out constraints/dev.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from devtools.compat import CONSTRAINTS, INSTALL_TIMEOUT, ROOT, _clean_env, _run
+from devtools.pythons import EXTRAS, find, supported
+
+PROJECT = "redis-single-flight"
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def freeze(python: str, work: Path) -> dict[str, tuple[str, str]]:
+    """{normalized name: (name as pip spells it, version)} after installing the set."""
+    venv = work / "venv"
+    env = _clean_env()
+    steps = [
+        [python, "-m", "venv", str(venv)],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--upgrade", "pip"],
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f".[{EXTRAS},hiredis]"],
+    ]
+    for cmd in steps:
+        proc = _run(cmd, INSTALL_TIMEOUT, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}")
+    freeze = [str(venv / "bin" / "python"), "-m", "pip", "freeze", "--all"]  # pip too
+    proc = _run(freeze, 120, env=env, cwd=ROOT)
+    pins: dict[str, tuple[str, str]] = {}
+    for line in proc.stdout.splitlines():
+        m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)$", line.strip())
+        if m and _norm(m.group(1)) != PROJECT:
+            pins[_norm(m.group(1))] = (m.group(1), m.group(2))
+    return pins
+
+
+def _minor(version: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in version.split("."))
+
+
+def merge(by_python: dict[str, dict[str, tuple[str, str]]]) -> list[str]:
+    """One line per package, or per version of it with a ``python_version`` marker."""
+    pythons = sorted(by_python, key=_minor)
+    lines = []
+    for key in sorted({k for pins in by_python.values() for k in pins}):
+        seen = {py: by_python[py][key] for py in pythons if key in by_python[py]}
+        name = next(iter(seen.values()))[0]
+        groups: dict[str, list[str]] = {}
+        for py, (_, version) in seen.items():
+            groups.setdefault(version, []).append(py)
+        if len(groups) == 1:
+            lines.append(f"{name}=={next(iter(groups))}")
+            continue
+        for version, pys in groups.items():
+            if pys == [p for p in pythons if _minor(p) >= _minor(pys[0])]:
+                marker = f'python_version >= "{pys[0]}"'  # also the Pythons after these
+            elif pys == [p for p in pythons if _minor(p) <= _minor(pys[-1])]:
+                marker = f'python_version <= "{pys[-1]}"'
+            else:
+                marker = " or ".join(f'python_version == "{p}"' for p in pys)
+            lines.append(f"{name}=={version} ; {marker}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m devtools.pins", description=__doc__)
+    p.add_argument("--only", default="", help="comma-separated versions, e.g. 3.11")
+    p.add_argument("--out", default=str(CONSTRAINTS))
+    ns = p.parse_args(argv)
+    wanted = [v.strip() for v in ns.only.split(",") if v.strip()] or supported()
+    by_python: dict[str, dict[str, tuple[str, str]]] = {}
+    for minor in wanted:
+        found = find(minor)
+        if found.python is None:
+            print(f"[pins] {minor}: skipped, not found", flush=True)
+            continue
+        print(f"[pins] {minor}: resolving with {found.python} ({found.version})", flush=True)
+        with tempfile.TemporaryDirectory(prefix="dedupe-pins-") as tmp:
+            by_python[minor] = freeze(found.python, Path(tmp))
+    if not by_python:
+        raise SystemExit("no supported Python found")
+    header = [
+        "# Pinned development and test dependencies: `make install` installs with -c this file.",
+        "# Generated by `make upgrade-deps` (python -m devtools.pins); do not edit by hand.",
+        f"# Resolved {datetime.now(timezone.utc):%Y-%m-%d} for .[{EXTRAS},hiredis] on Python "
+        + ", ".join(sorted(by_python))
+        + ".",
+    ]
+    out = Path(ns.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(header + merge(by_python)) + "\n")
+    print(f"[pins] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The developer tooling: pinned dependencies, the Python and redis-py matrices."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest needs tomli on 3.10
+    import tomli as tomllib
+
+from devtools import compat, pins, pythons
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _name(requirement: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0]).lower()
+
+
+def test_every_development_requirement_is_pinned() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    wanted = {_name(r) for r in project["dependencies"]}
+    wanted |= {_name(r) for extra in ("dev", "docs", "recipes", "hiredis") for r in extras[extra]}
+    pinned = {_name(line) for line in compat.CONSTRAINTS.read_text().splitlines()}
+    assert wanted - pinned == set(), "run `make upgrade-deps`"
+    for line in compat.CONSTRAINTS.read_text().splitlines():
+        assert line.startswith("#") or re.match(r"^[\w.-]+==[\w.+!-]+( ; .+)?$", line), line
+
+
+def test_make_install_uses_the_pins() -> None:
+    make = subprocess.run(["make", "-n", "install"], capture_output=True, text=True, cwd=ROOT)
+    installs = [line for line in make.stdout.splitlines() if "pip install" in line]
+    assert installs and all("-c constraints/dev.txt" in line for line in installs), make.stdout
+
+
+def test_pins_merge_marks_what_differs_by_python() -> None:
+    by_python = {
+        "3.10": {"a": ("a", "1.0"), "b": ("B", "1.0"), "tomli": ("tomli", "2.0")},
+        "3.11": {"a": ("a", "1.0"), "b": ("B", "2.0")},
+        "3.12": {"a": ("a", "1.0"), "b": ("B", "2.0")},
+    }
+    assert pins.merge(by_python) == [
+        "a==1.0",
+        'B==1.0 ; python_version <= "3.10"',
+        'B==2.0 ; python_version >= "3.11"',
+        "tomli==2.0",
+    ]
+
+
+def test_compat_arguments_after_the_separator_add_to_the_file_list() -> None:
+    files = compat.files_with("compat")
+    assert "tests/test_cluster.py" in files and "tests/test_wire.py" in files
+    # The Makefile's own example: a marker and -x; the files stay (the other test files
+    # import tools the compat venvs do not have).
+    marked = compat.pytest_command(["-m", "compat", "-x"])
+    assert marked == ["-m", "compat", *files, "-m", "compat", "-x"]
+    named = compat.pytest_command(["tests/test_wire.py::test_pack", "-x"])
+    assert named == ["-m", "compat", "tests/test_wire.py::test_pack", "-x"]
+
+
+def test_pythons_lists_what_it_cannot_find_and_does_not_fail(tmp_path: Path) -> None:
+    out = tmp_path / "pythons.md"  # not .compat/pythons.md: that holds the last real run's
+    proc = subprocess.run(
+        [sys.executable, "-m", "devtools.pythons", "--compat", "--only", "3.99", "--out", out],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[pythons] 3.99: skipped, not found" in proc.stdout
+    assert proc.stdout.rstrip().endswith("pythons: 0 passed, 0 failed")
+    assert "| 3.99 | - | skipped | not found |" in out.read_text()
+
+
+def test_pythons_finds_this_interpreter() -> None:
+    minor = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    assert minor in pythons.supported()
+    found = pythons.find(minor)
+    assert found.python is not None and found.version.startswith(minor + ".")
