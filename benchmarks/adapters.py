@@ -18,8 +18,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from dedupe import SingleFlight, otel
-from dedupe import prometheus as prom
+from dedupe import SingleFlight
+from dedupe.ops import otel
+from dedupe.ops import prometheus as prom
 from devtools.servers import RedisServer
 
 from .stats import Spread

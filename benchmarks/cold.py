@@ -18,7 +18,8 @@ from typing import Any
 
 import redis.connection as sconn
 
-from dedupe import SingleFlight, commands
+from dedupe import SingleFlight
+from dedupe.backend import commands
 
 PAUSE = 0.02
 

@@ -545,7 +545,7 @@ def install_legs() -> None:
     """Stamp complete-script sends (any redis-py connection) and hub message reads."""
     import redis.connection as sconn
 
-    from dedupe import commands, hub
+    from dedupe.backend import commands, hub
 
     if getattr(hub.Hub, "_bench_legs", False):
         return

@@ -235,11 +235,11 @@ def parts(url: str, out: Path) -> None:
     import cloudpickle
 
     from dedupe import SingleFlight
-    from dedupe.commands import acquire_call, complete_call
-    from dedupe.keys import names_for
-    from dedupe.leases import Lease
-    from dedupe.protocol import Acquire, Complete
-    from dedupe.sealing import Outcome
+    from dedupe.backend.commands import acquire_call, complete_call
+    from dedupe.core.keys import names_for
+    from dedupe.core.leases import Lease
+    from dedupe.core.protocol import Acquire, Complete
+    from dedupe.core.sealing import Outcome
 
     sf = SingleFlight(url, prefix="parts")
 
@@ -251,7 +251,7 @@ def parts(url: str, out: Path) -> None:
     codec = backend.codec
     client = backend.sync_client()
     from dedupe.api import _Overrides
-    from dedupe.keys import key_builder
+    from dedupe.core.keys import key_builder
 
     kb = key_builder(getattr(noop, "__wrapped__"), "{i}")  # noqa: B009
     o = _Overrides()
@@ -268,10 +268,10 @@ def parts(url: str, out: Path) -> None:
         renewer.add(lease)
         renewer.remove(lease)
 
-    from dedupe.protocol import run_flight
+    from dedupe.core.protocol import run_flight
 
     def flight_steps() -> None:
-        from dedupe.protocol import LEAD, Acquired
+        from dedupe.core.protocol import LEAD, Acquired
 
         g = run_flight(spec, codec, time.monotonic)
         g.send(None)

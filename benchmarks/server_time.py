@@ -21,7 +21,7 @@ from typing import Any
 
 import redis
 
-from dedupe.commands import ACQUIRE, COMPLETE, Script
+from dedupe.backend.commands import ACQUIRE, COMPLETE, Script
 
 from .tools import RELEASE_AND_PUBLISH
 

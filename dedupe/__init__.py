@@ -1,8 +1,10 @@
 """dedupe: distributed single-flight on Redis. One runs the work; all get its outcome."""
 
-from .api import INHERIT, AsyncFlightFunction, FlightFunction, SingleFlight, single_flight
-from .context import Flight, current_flight
-from .errors import (
+from dedupe.api import INHERIT, AsyncFlightFunction, FlightFunction, SingleFlight, single_flight
+from dedupe.core.context import Flight, current_flight
+from dedupe.core.inflight import InFlightInfo, Served
+from dedupe.core.serializers import Serializer
+from dedupe.errors import (
     BackendBusy,
     BackendOutOfMemory,
     BackendUnavailable,
@@ -17,9 +19,7 @@ from .errors import (
     UnsupportedServer,
     WaitTimeout,
 )
-from .inflight import InFlightInfo, Served
-from .inspector import JobState
-from .serializers import Serializer
+from dedupe.ops.inspector import JobState
 
 __all__ = [
     "INHERIT",

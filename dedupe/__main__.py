@@ -1,10 +1,10 @@
-"""``python -m dedupe``: the command line of dedupe.cli."""
+"""``python -m dedupe``: the command line of dedupe.ops.cli."""
 
 from __future__ import annotations
 
 import sys
 
-from .cli import main
+from dedupe.ops.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,13 +26,11 @@ from typing import (
 
 import wrapt
 
-from . import inspector
-from .backend import Backend, BackendConfig
-from .commands import forget_call, typed_errors
-from .drivers import aio, sync
-from .inflight import InFlightInfo, Served
-from .inspector import JobState
-from .keys import (
+from dedupe.backend.commands import forget_call, typed_errors
+from dedupe.backend.lifecycle import Backend, BackendConfig
+from dedupe.backend.topology import parse_url
+from dedupe.core.inflight import InFlightInfo, Served
+from dedupe.core.keys import (
     KeyBuilder,
     Names,
     function_name,
@@ -40,10 +38,13 @@ from .keys import (
     names_for,
     validate_job_id,
 )
-from .protocol import FlightSpec
-from .sealing import SecretSpec, codec_for
-from .serializers import Serializer
-from .settings import (
+from dedupe.core.protocol import FlightSpec
+from dedupe.core.sealing import SecretSpec, codec_for
+from dedupe.core.serializers import Serializer
+from dedupe.drivers import aio, sync
+from dedupe.ops import inspector
+from dedupe.ops.inspector import JobState
+from dedupe.settings import (
     AsyncClient,
     Settings,
     SyncClient,
@@ -53,7 +54,6 @@ from .settings import (
     help_text,
     per_function,
 )
-from .topology import parse_url
 
 __all__ = [
     "INHERIT",
@@ -633,7 +633,7 @@ class SingleFlight:
     def inspect(self, job_id: str) -> JobState:
         """What Redis holds for ``job_id`` now: holder (host, pid, lease start), fencing
         token, lease time left, the kept outcome and its age, subscribers across nodes. Reads
-        only; see dedupe.inspector.JobState."""
+        only; see dedupe.ops.inspector.JobState."""
         validate_job_id(job_id)
         with typed_errors():
             return inspector.inspect(self.backend().sync_client(), self._settings.prefix, job_id)

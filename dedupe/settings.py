@@ -38,10 +38,10 @@ import redis.asyncio
 import redis.asyncio.cluster
 import redis.cluster
 
-from .keys import validate_prefix
-from .sealing import SecretSpec, secret_keys, validate_security
-from .serializers import Serializer, resolve_serializer
-from .topology import parse_url
+from dedupe.backend.topology import parse_url
+from dedupe.core.keys import validate_prefix
+from dedupe.core.sealing import SecretSpec, secret_keys, validate_security
+from dedupe.core.serializers import Serializer, resolve_serializer
 
 __all__ = [
     "AsyncClient",

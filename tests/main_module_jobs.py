@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from dedupe import SingleFlight
-from dedupe.keys import names_for
+from dedupe.core.keys import names_for
 
 URL = os.environ["MAIN_JOBS_URL"]
 PREFIX = os.environ["MAIN_JOBS_PREFIX"]

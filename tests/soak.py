@@ -127,7 +127,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 from dedupe import BackendUnavailable, SingleFlight, WaitTimeout, current_flight
-from dedupe.keys import names_for
+from dedupe.core.keys import names_for
 from devtools.servers import RedisServer
 from tests.proxy import Proxy
 
@@ -440,7 +440,7 @@ def worker_main(idx: int, cfg: dict[str, Any], logdir_s: str) -> None:
     logdir = Path(logdir_s)
     if cfg["break_renewal"]:
         # Detector self-test only: leases are never renewed, so long jobs overlap silently.
-        from dedupe.renewal import Renewer
+        from dedupe.backend.renewal import Renewer
 
         Renewer.add = lambda self, lease: None  # type: ignore[method-assign]
     w = _W = _Worker(idx, cfg, logdir)

@@ -30,8 +30,8 @@ import redis.asyncio
 
 from dedupe import INHERIT, ReentrantFlight, Served, SingleFlight
 from dedupe.api import _Overrides
-from dedupe.kept import LocalCopies, estimate_size
-from dedupe.keys import names_for
+from dedupe.core.keys import names_for
+from dedupe.core.local_copies import LocalCopies, estimate_size
 from devtools.servers import RedisServer
 
 # A port nothing listens on: building an instance must never need one.

@@ -27,7 +27,7 @@ from helpers import SPAWN, start, until
 from redis.crc import key_slot
 
 from dedupe import SingleFlight
-from dedupe.keys import names_for
+from dedupe.core.keys import names_for
 from devtools.servers import RedisClusterSet, RedisServer
 
 pytestmark = [pytest.mark.cluster, pytest.mark.compat]

@@ -20,7 +20,7 @@ import redis
 from helpers import SPAWN, start, until
 
 from dedupe import BackendUnavailable, SingleFlight, WaitTimeout, current_flight
-from dedupe.keys import names_for
+from dedupe.core.keys import names_for
 from devtools.servers import RedisServer
 
 

@@ -1,6 +1,6 @@
-"""Unit tests of records' envelopes: the safe serializer (dedupe.serializers), exceptions as
-data (dedupe.remote_errors), sealing and opening records and notices, signing and rotation,
-fallbacks and limits (dedupe.sealing).
+"""Unit tests of records' envelopes: the safe serializer (dedupe.core.serializers), exceptions as
+data (dedupe.core.remote_errors), sealing and opening records and notices, signing and rotation,
+fallbacks and limits (dedupe.core.sealing).
 
 No Redis server is needed (tests/test_security.py reads real bytes back from one).
 """
@@ -27,16 +27,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dedupe import SingleFlight, remote_errors, sealing, serializers
-from dedupe.errors import (
-    DedupeError,
-    EnvelopeError,
-    RemoteError,
-    ResultNotSerializable,
-    ResultTooLarge,
-    WaitTimeout,
-)
-from dedupe.record import (
+from dedupe import SingleFlight
+from dedupe.core import remote_errors, sealing, serializers
+from dedupe.core.record import (
     KIND_ERROR,
     KIND_UNSERIALIZABLE,
     KIND_VALUE,
@@ -44,7 +37,7 @@ from dedupe.record import (
     NOTICE_STORED,
     header_of,
 )
-from dedupe.sealing import (
+from dedupe.core.sealing import (
     Codec,
     Notice,
     Opened,
@@ -53,7 +46,15 @@ from dedupe.sealing import (
     codec_for,
     secret_keys,
 )
-from dedupe.serializers import JSON, PICKLE, PICKLE_UNSAFE, SAFE
+from dedupe.core.serializers import JSON, PICKLE, PICKLE_UNSAFE, SAFE
+from dedupe.errors import (
+    DedupeError,
+    EnvelopeError,
+    RemoteError,
+    ResultNotSerializable,
+    ResultTooLarge,
+    WaitTimeout,
+)
 
 CHANNEL = "dedupe:{job}"
 TOKEN = 17

@@ -29,7 +29,7 @@ from dedupe import (
     SingleFlight,
     WaitTimeout,
 )
-from dedupe.commands import translate
+from dedupe.backend.commands import translate
 from devtools.servers import RedisClusterSet, RedisServer
 
 # --------------------------------------------------------------------------- translate

@@ -21,8 +21,8 @@ import workers
 from helpers import SPAWN, start, until
 
 from dedupe import BackendUnavailable, SingleFlight, WaitTimeout, current_flight
-from dedupe.keys import names_for
-from dedupe.sealing import Codec, Outcome
+from dedupe.core.keys import names_for
+from dedupe.core.sealing import Codec, Outcome
 from devtools.servers import RedisServer
 
 
@@ -306,7 +306,7 @@ def test_a_lost_acquire_reply_on_a_hanging_connection(
     timeout is shorter than the lease)."""
     from proxy import Proxy
 
-    from dedupe.commands import ACQUIRE
+    from dedupe.backend.commands import ACQUIRE
 
     names = names_for(prefix, "hung")
     runs: list[str] = []
@@ -372,7 +372,7 @@ def test_a_caller_queued_for_a_command_slot_waits_no_longer_than_its_wait_timeou
     whole queue_timeout). It has no lease yet, so wait_timeout bounds that wait too."""
     from proxy import Proxy
 
-    from dedupe.backend import _SLOTS
+    from dedupe.backend.lifecycle import _SLOTS
 
     with Proxy(redis_server.address) as proxy:
         url = "redis://{}:{}/0".format(*proxy.address)

@@ -23,7 +23,7 @@ from dedupe import (
     WaitTimeout,
     current_flight,
 )
-from dedupe.keys import names_for
+from dedupe.core.keys import names_for
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.compat]
 

@@ -1,7 +1,7 @@
 """Fuzzing every function that reads bytes from Redis: only EnvelopeError ever escapes.
 
 ``Codec.open`` (records, notices, error metadata), the safe and JSON serializers' ``loads``,
-and dedupe.record's readers of headers, notices and lock values. Seeded and small by default
+and dedupe.core.record's readers of headers, notices and lock values. Seeded and small by default
 (a few seconds in ``make test``); ``DEDUPE_FUZZ_EXAMPLES=100000`` runs that many examples per
 test, with a random seed unless ``DEDUPE_FUZZ_SEED`` is set too.
 """
@@ -21,11 +21,11 @@ import pytest
 from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
-from dedupe import record
+from dedupe.core import record
+from dedupe.core.record import NOTICE_ABORTED, NOTICE_STORED
+from dedupe.core.sealing import Codec, Notice, Opened, Outcome
+from dedupe.core.serializers import JSON, PICKLE, SAFE
 from dedupe.errors import EnvelopeError
-from dedupe.record import NOTICE_ABORTED, NOTICE_STORED
-from dedupe.sealing import Codec, Notice, Opened, Outcome
-from dedupe.serializers import JSON, PICKLE, SAFE
 
 CHANNEL = "dedupe:{fuzz}"
 SECRET = b"fuzz-secret"

@@ -2,8 +2,9 @@
 command, reconnects, half-open and slow links (through a fault-injecting loopback proxy), ACL
 denials, connection names, and a caller path that never waits on the network.
 
-The Hub is built the way dedupe/backend.py builds it: a SingleRouter over the connection class
-and kwargs of a standalone client's pool, or a ClusterRouter over a RedisCluster client.
+The Hub is built the way dedupe/backend/lifecycle.py builds it: a SingleRouter over the
+connection class and kwargs of a standalone client's pool, or a ClusterRouter over a
+RedisCluster client.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from helpers import until
 from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, ResponseError, TryAgainError
 
+from dedupe.backend.hub import Connection, Hub, Router, SingleRouter
+from dedupe.backend.topology import ClusterRouter
+from dedupe.core.keys import names_for
+from dedupe.core.protocol import RECHECK
+from dedupe.core.signals import Latch, Mailbox
 from dedupe.errors import BackendUnavailable
-from dedupe.hub import Connection, Hub, Router, SingleRouter
-from dedupe.keys import names_for
-from dedupe.protocol import RECHECK
-from dedupe.signals import Latch, Mailbox
-from dedupe.topology import ClusterRouter
 from devtools.servers import RedisClusterSet, RedisServer
 
 # --------------------------------------------------------------------------- a faulty proxy
@@ -123,7 +124,7 @@ class FaultProxy:
 
 
 def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """As dedupe/backend.py: RESP2 frames as bytes, no redis-py health checks."""
+    """As dedupe/backend/lifecycle.py: RESP2 frames as bytes, no redis-py health checks."""
     kw = {k: v for k, v in kwargs.items() if not k.startswith("maint_notif")}
     kw.update(protocol=2, health_check_interval=0, decode_responses=False)
     return kw

@@ -123,8 +123,8 @@ def test_a_finished_flights_hub_objects_are_gone(
     """A follower's channel state and its confirmation latch live as long as its flight:
     once the flights end (and the subscriptions linger out), none is reachable, not from a
     parked hub thread's locals either."""
-    from dedupe import signals
-    from dedupe.subscriptions import _Channel
+    from dedupe.core import signals
+    from dedupe.core.subscriptions import _Channel
 
     n = 300
     leader = SingleFlight(redis_url, prefix=prefix, lock_ttl=10)

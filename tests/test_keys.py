@@ -1,4 +1,4 @@
-"""Unit tests of dedupe.keys: Redis names, key templates, key callables, the default key.
+"""Unit tests of dedupe.core.keys: Redis names, key templates, key callables, the default key.
 
 No Redis server is needed.
 """
@@ -25,7 +25,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from dedupe.keys import key_builder, names_for, validate_job_id, validate_prefix
+from dedupe.core.keys import key_builder, names_for, validate_job_id, validate_prefix
 
 # --------------------------------------------------------------------------- cluster slots
 

@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import redis
 
-import dedupe.backend
+import dedupe.backend.lifecycle
 from dedupe import SingleFlight
-from dedupe.cli import _Watch, main
-from dedupe.inspector import Holder, JobState, Kept, parse_owner
-from dedupe.keys import names_for
+from dedupe.core.keys import names_for
+from dedupe.ops.cli import _Watch, main
+from dedupe.ops.inspector import Holder, JobState, Kept, parse_owner
 
 pytestmark = pytest.mark.timeout(60)
 

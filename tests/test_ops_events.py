@@ -1,4 +1,4 @@
-"""dedupe.events and its adapters (OpenTelemetry SDK, prometheus-client), fed events directly.
+"""dedupe.ops.events and its adapters (OpenTelemetry SDK, prometheus-client), fed events directly.
 
 These tests drive the event surface the way the drivers do (``begin`` ... ``Call.end``,
 ``mark``); tests/test_ops_herd.py checks the same adapters on real flights.
@@ -21,11 +21,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dedupe import events, otel
-from dedupe import prometheus as prom
+from dedupe.core.keys import names_for
 from dedupe.errors import BackendUnavailable, WaitTimeout
-from dedupe.events import Event
-from dedupe.keys import names_for
+from dedupe.ops import events, otel
+from dedupe.ops import prometheus as prom
+from dedupe.ops.events import Event
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -203,7 +203,7 @@ def test_otel_counters_and_histograms_add_up_to_the_calls(sdk: OTel) -> None:
         ("remote", "timeout"): 1,
         ("leader", "error"): 1,
     }
-    durations = {k: p.count for k, p in sdk.by_attrs("dedupe.call.duration").items()}
+    durations = {k: p.count for k, p in sdk.by_attrs("dedupe.core.call.duration").items()}
     assert durations == calls  # one duration per call
     runs = {k: p.count for k, p in sdk.by_attrs("dedupe.run.duration").items()}
     assert runs == {("leader", "value"): 1, ("leader", "error"): 1}
@@ -212,12 +212,12 @@ def test_otel_counters_and_histograms_add_up_to_the_calls(sdk: OTel) -> None:
     assert waits == {("remote", "value"): 3, ("local", "value"): 2, ("remote", "timeout"): 1}
     for name in (
         "dedupe.takeovers",
-        "dedupe.leases.lost",
+        "dedupe.core.leases.lost",
         "dedupe.envelopes.rejected",
         "dedupe.local_runs",
     ):
         (point,) = sdk.points(name)
-        prefix = "users" if name == "dedupe.leases.lost" else "reports"
+        prefix = "users" if name == "dedupe.core.leases.lost" else "reports"
         assert (point.value, point.attributes) == (1, {"dedupe.prefix": prefix}), name
 
 

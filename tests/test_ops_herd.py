@@ -1,6 +1,6 @@
 """Events, OpenTelemetry and Prometheus on real flights: herds across processes, takeovers.
 
-They go through the drivers' calls to dedupe.events, on real flights.
+They go through the drivers' calls to dedupe.ops.events, on real flights.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ from helpers import SPAWN, start, until
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dedupe import SingleFlight, events, otel
-from dedupe import prometheus as prom
-from dedupe.events import Event
-from dedupe.keys import names_for
+from dedupe import SingleFlight
+from dedupe.core.keys import names_for
+from dedupe.ops import events, otel
+from dedupe.ops import prometheus as prom
+from dedupe.ops.events import Event
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""dedupe.inspector against real Redis: leases held by real flights, kept outcomes, Cluster."""
+"""dedupe.ops.inspector against real Redis: leases held by real flights, kept outcomes, Cluster."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import redis
 import redis.cluster
 
 from dedupe import SingleFlight
-from dedupe.inspector import (
+from dedupe.core.keys import names_for
+from dedupe.ops.inspector import (
     Holder,
     OwnerIds,
     forget,
@@ -25,7 +26,6 @@ from dedupe.inspector import (
     parse_owner,
     scan,
 )
-from dedupe.keys import names_for
 
 pytestmark = pytest.mark.timeout(30)
 

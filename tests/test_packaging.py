@@ -114,7 +114,7 @@ def test_metadata_names_the_distribution_and_its_extras(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as z:
         name = next(n for n in z.namelist() if n.endswith(".dist-info/entry_points.txt"))
         scripts = z.read(name).decode()
-    assert re.search(r"^dedupe-flight = dedupe\.cli:main$", scripts, re.M), scripts
+    assert re.search(r"^dedupe-flight = dedupe\.ops\.cli:main$", scripts, re.M), scripts
 
 
 def test_the_installed_wheel_imports_on_its_own(wheel: Path, tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ import workers
 from helpers import SPAWN, start
 
 from dedupe import SingleFlight
-from dedupe.keys import names_for
+from dedupe.core.keys import names_for
 
 
 def gather(queue: Any, n: int, timeout: float = 60) -> list[Any]:

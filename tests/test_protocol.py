@@ -1,4 +1,4 @@
-"""Unit tests of dedupe.protocol: the sans-I/O flight, driven by hand with scripted replies.
+"""Unit tests of dedupe.core.protocol: the sans-I/O flight, driven by hand with scripted replies.
 
 No Redis server is needed: each test plays the driver, sending replies into ``run_flight``.
 """
@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-from dedupe.errors import BackendUnavailable, WaitTimeout
-from dedupe.keys import names_for
-from dedupe.protocol import (
+from dedupe.core.keys import names_for
+from dedupe.core.protocol import (
     BUSY,
     DONE,
     LEAD,
@@ -31,8 +30,9 @@ from dedupe.protocol import (
     is_abort,
     run_flight,
 )
-from dedupe.record import NOTICE_ABORTED, NOTICE_STORED
-from dedupe.sealing import Codec, Outcome
+from dedupe.core.record import NOTICE_ABORTED, NOTICE_STORED
+from dedupe.core.sealing import Codec, Outcome
+from dedupe.errors import BackendUnavailable, WaitTimeout
 
 SECRET = b"protocol-secret-of-some-length"
 NAMES = names_for("t", "job-1")

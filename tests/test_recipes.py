@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "examples" / "recipes"
 SOURCES = sorted(p.relative_to(RECIPES).as_posix() for p in RECIPES.rglob("*.py"))
 # The documented adapters are public modules too (README, "Operating dedupe").
-PUBLIC_MODULES = {"dedupe", "dedupe.prometheus", "dedupe.otel"}
+PUBLIC_MODULES = {"dedupe", "dedupe.ops.prometheus", "dedupe.ops.otel"}
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 

@@ -1,4 +1,4 @@
-"""dedupe.record: the Lua the scripts run and the Python the package runs read records alike.
+"""dedupe.core.record: the Lua the scripts run and the Python the package runs read records alike.
 
 The same generated and mutated inputs go to both readers of a record's header (Lua 5.1
 through lupa, as Redis runs it, and ``record.read_header``), which must give the same
@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 from lupa import lua51
 
-from dedupe import record
+from dedupe.core import record
+from dedupe.core.record import MAX_NUMBER, fresh_ms, parse_lock, read_header
+from dedupe.core.scripts import ACQUIRE, FORGET
+from dedupe.core.sealing import Codec, Outcome
 from dedupe.errors import EnvelopeError
-from dedupe.record import MAX_NUMBER, fresh_ms, parse_lock, read_header
-from dedupe.scripts import ACQUIRE, FORGET
-from dedupe.sealing import Codec, Outcome
 from tests.sim.redis import SimRedis
 
 _LONG = os.environ.get("DEDUPE_RECORD_EXAMPLES")

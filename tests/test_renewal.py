@@ -22,12 +22,13 @@ from proxy import Proxy
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from dedupe import SingleFlight, leases
-from dedupe.context import Flight
+from dedupe import SingleFlight
+from dedupe.backend.renewal import Renewer, renew_many
+from dedupe.core import leases
+from dedupe.core.context import Flight
+from dedupe.core.keys import names_for
+from dedupe.core.leases import RENEW_UNKNOWN, Lease, LostSignal, lease_margin
 from dedupe.errors import LeaseLost
-from dedupe.keys import names_for
-from dedupe.leases import RENEW_UNKNOWN, Lease, LostSignal, lease_margin
-from dedupe.renewal import Renewer, renew_many
 from devtools.servers import RedisClusterSet, RedisServer
 
 pytestmark = pytest.mark.timeout(40)

@@ -25,11 +25,11 @@ import redis
 from helpers import start, until
 
 from dedupe import SingleFlight
+from dedupe.core.keys import names_for
+from dedupe.core.record import NOTICE_STORED
+from dedupe.core.sealing import Codec, Notice, Opened, Outcome
+from dedupe.core.serializers import JSON, PICKLE, SAFE
 from dedupe.errors import EnvelopeError, RemoteError
-from dedupe.keys import names_for
-from dedupe.record import NOTICE_STORED
-from dedupe.sealing import Codec, Notice, Opened, Outcome
-from dedupe.serializers import JSON, PICKLE, SAFE
 from devtools.servers import RedisServer
 
 SECRET = "security-test-secret"

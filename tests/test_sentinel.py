@@ -20,7 +20,7 @@ import topology_workers as tw
 from helpers import SPAWN, start
 
 from dedupe import BackendUnavailable, SingleFlight, current_flight
-from dedupe.keys import names_for
+from dedupe.core.keys import names_for
 from devtools.servers import RedisSentinelSet
 
 pytestmark = [pytest.mark.sentinel, pytest.mark.compat]

@@ -18,10 +18,10 @@ import pytest
 
 from dedupe import INHERIT, SingleFlight
 from dedupe.api import _FlightParams, _Overrides
-from dedupe.backend import BackendConfig
-from dedupe.keys import names_for
-from dedupe.protocol import FlightSpec
-from dedupe.sealing import Codec
+from dedupe.backend.lifecycle import BackendConfig
+from dedupe.core.keys import names_for
+from dedupe.core.protocol import FlightSpec
+from dedupe.core.sealing import Codec
 from dedupe.settings import Settings, declared, help_text, per_function
 from devtools import readme_settings
 

@@ -118,7 +118,7 @@ def test_keys_expire_on_the_store_clock_and_restart_loses_them() -> None:
 
 def test_the_real_scripts_are_loaded(api: Api) -> None:
     names = {s.lua for s in api.scripts}
-    import dedupe.scripts as scripts
+    import dedupe.core.scripts as scripts
 
     assert {scripts.ACQUIRE, scripts.COMPLETE, scripts.RENEW} <= names
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dedupe import BackendUnavailable, SingleFlight
-from dedupe.slots import AsyncSlots
+from dedupe.backend.slots import AsyncSlots
 from devtools.servers import RedisServer
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.compat]

@@ -1,6 +1,6 @@
-"""The hub's subscription machine (dedupe/subscriptions.py) under hypothesis, with no network.
+"""The hub's subscription machine (dedupe/core/subscriptions.py) under hypothesis, with no network.
 
-A hypothesis state machine plays followers, the carrier (dedupe/hub.py: routing, writers,
+A hypothesis state machine plays followers, the carrier (dedupe/backend/hub.py: routing, writers,
 readers, reconnects, the health check) and model Redis nodes, and interleaves them freely:
 followers subscribe and leave; writers take commands; a node processes one command at a
 time, answering as Redis 7 does (acks, MOVED for a slot it does not own, NOPERM for a channel
@@ -60,7 +60,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from dedupe.subscriptions import (
+from dedupe.core.subscriptions import (
     LINGER,
     RECHECK,
     RETRY_MAX,
@@ -179,7 +179,7 @@ class Machine(RuleBasedStateMachine):
     def apply(
         self, before: dict[str, str | None] | None = None, *, acking: bool = False
     ) -> Effects[Box, TLatch]:
-        """Carry out the machine's effects as dedupe/hub.py does; check the RECHECK rule."""
+        """Carry out the machine's effects as dedupe/backend/hub.py does; check the RECHECK rule."""
         m = self.m
         out = m.drain()
         assert acking or all(ok is False for _, ok in out.resolve), "True without an ack"
@@ -238,7 +238,7 @@ class Machine(RuleBasedStateMachine):
                 self.apply()
 
     def writable(self) -> list[str]:
-        """Links whose writer is awake: woken, or its own timeout passed (as dedupe/hub.py's
+        """Links whose writer is awake: woken, or its own timeout passed (as dedupe/backend/hub.py's
         writers, which sleep ``due`` seconds, or until woken)."""
         return [link for link in sorted(self.conns) if self.sleep.get(link, 0.0) <= self.now]
 

@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dedupe import BackendUnavailable, SingleFlight
-from dedupe.commands import ACQUIRE, COMPLETE, ScriptCall
-from dedupe.wire import pack
+from dedupe.backend.commands import ACQUIRE, COMPLETE, ScriptCall
+from dedupe.backend.wire import pack
 from devtools.servers import RedisServer
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.compat]
@@ -313,7 +313,7 @@ def test_a_forked_child_never_writes_on_the_parents_connections(
     import signal
 
     from dedupe import current_flight
-    from dedupe.keys import names_for
+    from dedupe.core.keys import names_for
 
     sf = SingleFlight(redis_url, prefix=prefix, result_ttl=0)
     for i in range(20):  # the idle connections exist before the fork
@@ -366,7 +366,7 @@ def test_event_loops_and_threads_at_once_never_share_a_connection(
     """Two event loops (each its own connections) and sync threads (the process's) run
     flights on one instance at once; every leader's token is the one its lock holds."""
     from dedupe import current_flight
-    from dedupe.keys import names_for
+    from dedupe.core.keys import names_for
 
     sf = SingleFlight(redis_url, prefix=prefix, result_ttl=0)
     check = redis.Redis.from_url(redis_url)

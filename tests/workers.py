@@ -196,7 +196,7 @@ def call_once(
 def key_of(args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
     """The default key this process builds for a module-level function and these arguments."""
     sf = SingleFlight("redis://127.0.0.1:1/0")
-    from dedupe.keys import key_builder
+    from dedupe.core.keys import key_builder
 
     out.put(key_builder(sample, None)(args, kwargs))
     del sf

@@ -13,12 +13,11 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from .. import events
-from ..backend import Backend, acquire_and_wait
-from ..call import AwaitFlight, Cancel, Fly, Launch, RunHere, run_call, run_shared_flight
-from ..inflight import Entry, InFlight
-from ..keys import Names
-from ..protocol import (
+from dedupe.backend.lifecycle import Backend, acquire_and_wait
+from dedupe.core.call import AwaitFlight, Cancel, Fly, Launch, RunHere, run_call, run_shared_flight
+from dedupe.core.inflight import Entry, InFlight
+from dedupe.core.keys import Names
+from dedupe.core.protocol import (
     Acquire,
     Command,
     Finished,
@@ -29,8 +28,9 @@ from ..protocol import (
     Wait,
     run_flight,
 )
-from ..sealing import Outcome
-from .base import DriverBase, local_flight, observe
+from dedupe.core.sealing import Outcome
+from dedupe.drivers.base import DriverBase, local_flight, observe
+from dedupe.ops import events
 
 __all__ = ["call"]
 

@@ -18,10 +18,7 @@ from typing import Any, Final
 
 from redis.exceptions import ResponseError
 
-from .. import events
-from ..backend import Backend
-from ..call import Begin, End, Takeover
-from ..commands import (
+from dedupe.backend.commands import (
     ScriptCall,
     Stamp,
     acquire_call,
@@ -31,11 +28,13 @@ from ..commands import (
     parse_completed,
     translate,
 )
-from ..context import Flight, leading
-from ..inflight import Entry
-from ..keys import Names
-from ..leases import Lease, LostSignal
-from ..protocol import (
+from dedupe.backend.lifecycle import Backend
+from dedupe.core.call import Begin, End, Takeover
+from dedupe.core.context import Flight, leading
+from dedupe.core.inflight import Entry
+from dedupe.core.keys import Names
+from dedupe.core.leases import Lease, LostSignal
+from dedupe.core.protocol import (
     Acquire,
     Command,
     Complete,
@@ -46,12 +45,13 @@ from ..protocol import (
     Release,
     Unanswered,
 )
-from ..sealing import Codec
-from ..signals import Latch, Mailbox
+from dedupe.core.sealing import Codec
+from dedupe.core.signals import Latch, Mailbox
+from dedupe.ops import events
 
 __all__ = ["DriverBase", "local_flight", "note", "observe"]
 
-log = logging.getLogger("dedupe.protocol")
+log = logging.getLogger("dedupe.core.protocol")
 
 # Notes that are warnings, and how many lines a second each may log (whoever may PUBLISH
 # must not be able to flood the log with rejections).
@@ -82,7 +82,7 @@ def note(names: Names, cmd: Note) -> None:
 
 
 def observe(names: Names, cmd: Begin | End | Takeover) -> Any:
-    """Carry the call machine's event commands to dedupe.events."""
+    """Carry the call machine's event commands to dedupe.ops.events."""
     if type(cmd) is End:
         if cmd.handle is not None:
             cmd.handle.end(cmd.role, cmd.error, token=cmd.token, leader_trace=cmd.leader_trace)

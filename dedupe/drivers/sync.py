@@ -6,12 +6,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .. import events
-from ..backend import Backend, acquire_and_wait
-from ..call import AwaitFlight, Fly, RunHere, run_call
-from ..inflight import Entry
-from ..keys import Names
-from ..protocol import (
+from dedupe.backend.lifecycle import Backend, acquire_and_wait
+from dedupe.core.call import AwaitFlight, Fly, RunHere, run_call
+from dedupe.core.inflight import Entry
+from dedupe.core.keys import Names
+from dedupe.core.protocol import (
     Acquire,
     Command,
     Finished,
@@ -22,8 +21,9 @@ from ..protocol import (
     Wait,
     run_flight,
 )
-from ..sealing import Outcome
-from .base import DriverBase, local_flight, observe
+from dedupe.core.sealing import Outcome
+from dedupe.drivers.base import DriverBase, local_flight, observe
+from dedupe.ops import events
 
 __all__ = ["call"]
 

@@ -33,7 +33,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel
 
-import dedupe.prometheus
+import dedupe.ops.prometheus
 from dedupe import SingleFlight
 
 # One SingleFlight per worker process: each worker imports this module. It connects on first
@@ -42,7 +42,7 @@ flights = SingleFlight(os.environ["DEDUPE_REDIS_URL"], prefix="recipes")
 
 # dedupe's metrics on the default registry. Under PROMETHEUS_MULTIPROC_DIR every counter and
 # histogram of the process is written to its files, so /metrics sees all workers.
-dedupe.prometheus.instrument()
+dedupe.ops.prometheus.instrument()
 REPORT_BUILDS = Counter("report_builds", "Runs of build_report", ["name"])
 
 Name = Annotated[str, Path(pattern=r"^[a-z0-9-]{1,40}$")]

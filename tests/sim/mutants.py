@@ -18,7 +18,7 @@ __all__ = ["MUTANTS", "planted"]
 def _revived_record(patch: Callable[[Any, str, Any], None]) -> None:
     """Issue 18.1: the acquire script serves a fresh-looking record of an older lease (it
     does not ask whether the token counter still names the record's lease)."""
-    import dedupe.commands as commands
+    import dedupe.backend.commands as commands
 
     lua = commands.ACQUIRE.lua
     check = " and redis.pcall('GET', counter_key) == tok"
@@ -38,7 +38,7 @@ def _dated_from_queue(patch: Callable[[Any, str, Any], None]) -> None:
 def _abandoning_renewer(patch: Callable[[Any, str, Any], None]) -> None:
     """Issue 18.2: the renewer gives a lease up for good once the clock says it may be lost,
     although Redis may still hold it."""
-    from dedupe.leases import LeaseBook
+    from dedupe.core.leases import LeaseBook
 
     real = LeaseBook._visit
 
@@ -56,7 +56,7 @@ def _abandoning_renewer(patch: Callable[[Any, str, Any], None]) -> None:
 
 def _renewals_ignore_ask(patch: Callable[[Any, str, Any], None]) -> None:
     """Issue 18.3: renewals follow MOVED but not ASK while a slot migrates."""
-    import dedupe.renewal as renewal
+    import dedupe.backend.renewal as renewal
 
     real = renewal._redirect
 
@@ -70,7 +70,7 @@ def _renewals_ignore_ask(patch: Callable[[Any, str, Any], None]) -> None:
 def _no_give_back(patch: Callable[[Any, str, Any], None]) -> None:
     """Issue 18.4: a call that gives up after an acquire it never saw answered leaves the
     lease it may have been granted to run out (waiters wait a whole lease)."""
-    from dedupe.commands import translate
+    from dedupe.backend.commands import translate
     from dedupe.drivers.base import DriverBase
 
     def failed(self: Any, cmd: Any, exc: BaseException) -> BaseException:

@@ -137,18 +137,18 @@ class Api:
 
     def __init__(self) -> None:
         imp = importlib.import_module
-        self.protocol = imp("dedupe.protocol")
-        self.call = imp("dedupe.call")
-        self.commands = imp("dedupe.commands")
-        self.envelope = _first(imp, "dedupe.sealing", "dedupe.envelope")  # Outcome, Codec
-        self.serializers = _first(imp, "dedupe.serializers", "dedupe.envelope")
+        self.protocol = imp("dedupe.core.protocol")
+        self.call = imp("dedupe.core.call")
+        self.commands = imp("dedupe.backend.commands")
+        self.envelope = _first(imp, "dedupe.core.sealing", "dedupe.envelope")  # Outcome, Codec
+        self.serializers = _first(imp, "dedupe.core.serializers", "dedupe.envelope")
         self.errors = imp("dedupe.errors")
-        self.keys = imp("dedupe.keys")
+        self.keys = imp("dedupe.core.keys")
         self.base = imp("dedupe.drivers.base")
-        self.leases = imp("dedupe.leases")
-        self.inflight = imp("dedupe.inflight")
-        self.wire = imp("dedupe.wire")
-        self.renewal = imp("dedupe.renewal")
+        self.leases = imp("dedupe.core.leases")
+        self.inflight = imp("dedupe.core.inflight")
+        self.wire = imp("dedupe.backend.wire")
+        self.renewal = imp("dedupe.backend.renewal")
         self.scripts = [
             v for v in vars(self.commands).values() if isinstance(v, self.commands.Script)
         ]

@@ -3,7 +3,7 @@
 The drivers report each call once, when it ends, as an :class:`Event` whose ``kind`` is
 one of :data:`CALL_KINDS`; a few moments inside a call or outside any call (a takeover, a
 lost lease, a rejected envelope, a local fallback run) are reported as events of
-:data:`MARK_KINDS`. Adapters (``dedupe.otel``, ``dedupe.prometheus``, or any function)
+:data:`MARK_KINDS`. Adapters (``dedupe.ops.otel``, ``dedupe.ops.prometheus``, or any function)
 subscribe with :func:`add_listener`.
 
 Cost when nothing listens: every call site in dedupe is guarded by one module attribute
@@ -12,7 +12,7 @@ read, ``if events.enabled:``; no Event is built, no clock is read.
 A listener that raises is logged once (per listener) and otherwise ignored: observing a
 flight never breaks it.
 
-Tracing: a tracer (see :func:`add_tracer`; ``dedupe.otel`` installs one) opens a span when
+Tracing: a tracer (see :func:`add_tracer`; ``dedupe.ops.otel`` installs one) opens a span when
 a call begins (:func:`begin`) and closes it when the call's event is emitted
 (:meth:`Call.end`). While it is open it is the current span, so spans the leader's function
 makes nest under it, and :func:`trace_context` returns its W3C ``traceparent``: the leader
@@ -29,8 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
-from .errors import BackendUnavailable, WaitTimeout
-from .keys import Names
+from dedupe.core.keys import Names
+from dedupe.errors import BackendUnavailable, WaitTimeout
 
 __all__ = [
     "CALL_KINDS",
@@ -140,7 +140,7 @@ class Listener(Protocol):
 
 
 class Tracer(Protocol):
-    """What a tracing adapter implements; dedupe.otel has the only one dedupe ships."""
+    """What a tracing adapter implements; dedupe.ops.otel has the only one dedupe ships."""
 
     def start(self, job_id: str, prefix: str, /) -> object:
         """A call begins: open its span, make it current; return a handle for ``finish``."""

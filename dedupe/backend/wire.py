@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .commands import ScriptCall, Stamp
+from dedupe.backend.commands import ScriptCall, Stamp
 
 __all__ = ["AsyncWire", "SyncWire", "pack", "retry_left", "wire_ready"]
 

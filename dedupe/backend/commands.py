@@ -13,16 +13,9 @@ from typing import Any, NamedTuple
 
 import redis.exceptions as rexc
 
-from . import scripts
-from .errors import (
-    BackendBusy,
-    BackendOutOfMemory,
-    BackendUnavailable,
-    ConfigurationError,
-    DedupeError,
-)
-from .keys import Names
-from .protocol import (
+from dedupe.core import scripts
+from dedupe.core.keys import Names
+from dedupe.core.protocol import (
     BUSY,
     DONE,
     LEAD,
@@ -32,6 +25,13 @@ from .protocol import (
     Completed,
     Discard,
     FlightSpec,
+)
+from dedupe.errors import (
+    BackendBusy,
+    BackendOutOfMemory,
+    BackendUnavailable,
+    ConfigurationError,
+    DedupeError,
 )
 
 __all__ = [

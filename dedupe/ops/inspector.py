@@ -4,10 +4,10 @@ Pure functions over a redis-py *sync* client (``redis.Redis`` or ``RedisCluster`
 :func:`forget` writes. Nothing here deserializes a kept value: an operator's tool must not
 unpickle what it finds in Redis.
 
-A job's keys (see ``dedupe.keys.names_for``) are ``<prefix>:{<tag>}:lock`` (the lease,
+A job's keys (see ``dedupe.core.keys.names_for``) are ``<prefix>:{<tag>}:lock`` (the lease,
 value ``"<token>:<owner>"``), ``:token`` (the fencing counter), ``:result`` (the kept
 outcome record, header ``"<token>:<keep_ms>:<ttl_ms>:"``; both formats are
-``dedupe.record``'s, read here by its functions) and the channel
+``dedupe.core.record``'s, read here by its functions) and the channel
 ``<prefix>:{<tag>}`` followers subscribe to (sharded pub/sub on Cluster). The tag is the
 job id itself, or ``#`` and 40 hex digits of its SHA-256 for ids that cannot be a hash tag
 (long, unprintable, with braces); such a tag is accepted wherever a job id is.
@@ -33,8 +33,16 @@ from typing import Any, Final
 import redis
 import redis.cluster
 
-from .keys import Names, names_for, validate_job_id, validate_prefix
-from .record import KIND_AT, KIND_NAMES, MAGIC, fresh_ms, parse_lock, parse_number, read_header
+from dedupe.core.keys import Names, names_for, validate_job_id, validate_prefix
+from dedupe.core.record import (
+    KIND_AT,
+    KIND_NAMES,
+    MAGIC,
+    fresh_ms,
+    parse_lock,
+    parse_number,
+    read_header,
+)
 
 __all__ = [
     "Holder",

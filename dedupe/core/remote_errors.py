@@ -22,8 +22,8 @@ from typing import Any, Final
 import cloudpickle
 from tblib import Traceback
 
-from .errors import EnvelopeError, RemoteError
-from .serializers import SAFE, qualname, safe_str, tagged
+from dedupe.core.serializers import SAFE, qualname, safe_str, tagged
+from dedupe.errors import EnvelopeError, RemoteError
 
 __all__ = ["error_body", "error_from_meta"]
 

@@ -24,10 +24,10 @@ from typing import Any, Final, TextIO
 import redis
 import redis.exceptions
 
-from . import __version__
-from .inspector import JobState, forget, inspect, scan
-from .keys import validate_prefix
-from .topology import parse_url
+from dedupe import __version__
+from dedupe.backend.topology import parse_url
+from dedupe.core.keys import validate_prefix
+from dedupe.ops.inspector import JobState, forget, inspect, scan
 
 __all__ = ["main"]
 

@@ -28,8 +28,8 @@ from typing import Any
 import redis.cluster
 from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError
 
-from .commands import renew_call
-from .leases import RENEW_UNKNOWN, Lease, LeaseBook
+from dedupe.backend.commands import renew_call
+from dedupe.core.leases import RENEW_UNKNOWN, Lease, LeaseBook
 
 __all__ = ["BatchRenewFn", "Renewer", "renew_many"]
 

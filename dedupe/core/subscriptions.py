@@ -6,7 +6,7 @@ what an error means, when a connection is dead, what each follower's mailbox is 
 when each confirmation resolves. It starts no thread, touches no socket, reads no clock and
 never logs: the caller passes the time in, and every consequence comes back as a value
 (commands from ``take``, mailboxes from ``reply``) or in ``out`` (an ``Effects``) for the
-carrier, ``dedupe/hub.py``, to carry out. It is not thread-safe: the carrier calls it under
+carrier, ``dedupe/backend/hub.py``, to carry out. It is not thread-safe: the carrier calls it under
 one lock. ``tests/test_subscriptions.py`` runs it under hypothesis against model servers.
 
 Words. A *link* is the connection to one node, named by the carrier's router ("main", or

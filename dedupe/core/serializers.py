@@ -3,7 +3,7 @@
 ``Serializer`` is the protocol a custom one follows; ``SAFE`` (typed JSON), ``JSON`` (plain,
 lossy), ``PICKLE`` and ``PICKLE_UNSAFE`` (cloudpickle) are dedupe's own, and
 ``resolve_serializer`` turns a ``serializer=`` setting into one. Nothing here decides what
-may be decoded: ``dedupe.sealing`` hands ``loads`` only what its rules allow.
+may be decoded: ``dedupe.core.sealing`` hands ``loads`` only what its rules allow.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any, Final, Protocol, runtime_checkable
 
 import cloudpickle
 
-from .errors import EnvelopeError
+from dedupe.errors import EnvelopeError
 
 __all__ = [
     "HARMLESS",

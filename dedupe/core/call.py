@@ -51,12 +51,12 @@ import copy
 from collections.abc import Callable, Generator
 from typing import Any, Final, NamedTuple, Protocol, TypeAlias
 
-from .context import check_reentry
-from .errors import BackendUnavailable, ProtocolError, WaitTimeout
-from .inflight import RETRY, Entry, InFlight, Served
-from .keys import Names
-from .protocol import Finished, is_abort
-from .sealing import Outcome
+from dedupe.core.context import check_reentry
+from dedupe.core.inflight import RETRY, Entry, InFlight, Served
+from dedupe.core.keys import Names
+from dedupe.core.protocol import Finished, is_abort
+from dedupe.core.sealing import Outcome
+from dedupe.errors import BackendUnavailable, ProtocolError, WaitTimeout
 
 __all__ = [
     "AwaitFlight",

@@ -7,8 +7,8 @@ import threading
 import time
 from typing import Any, Final, NamedTuple
 
-from .sealing import Outcome
-from .signals import Latch
+from dedupe.core.sealing import Outcome
+from dedupe.core.signals import Latch
 
 __all__ = ["RETRY", "Entry", "InFlight", "InFlightInfo", "Served"]
 
@@ -43,7 +43,7 @@ class Entry:
         self.task: asyncio.Task[None] | None = None
         self.leading = False  # set by the driver when it leads; read by waiting callers
         self.role = "leader"  # how the driver came by the outcome (see Served.role)
-        self.token = 0  # the fencing token of the outcome's lease (for dedupe.events)
+        self.token = 0  # the fencing token of the outcome's lease (for dedupe.ops.events)
         self.trace = b""  # the traceparent of the span the function ran under (base.run_trace)
         self.job_id = ""  # set by the driver that created it (for inflight())
         self.started = time.monotonic()

@@ -47,11 +47,11 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeAlias, cast
 
-from .errors import BackendUnavailable, EnvelopeError, ProtocolError, WaitTimeout
-from .keys import Names
-from .record import NOTICE_ABORTED, NOTICE_STORED, header_of, lock_value, parse_lock
-from .sealing import Codec, Notice, Opened, Outcome
-from .subscriptions import RECHECK  # what the hub hands a Wait: re-subscribe, re-check
+from dedupe.core.keys import Names
+from dedupe.core.record import NOTICE_ABORTED, NOTICE_STORED, header_of, lock_value, parse_lock
+from dedupe.core.sealing import Codec, Notice, Opened, Outcome
+from dedupe.core.subscriptions import RECHECK  # what the hub hands a Wait: re-subscribe, re-check
+from dedupe.errors import BackendUnavailable, EnvelopeError, ProtocolError, WaitTimeout
 
 __all__ = [
     "BUSY",

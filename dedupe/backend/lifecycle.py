@@ -37,26 +37,26 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from .commands import ScriptCall, Stamp, complete_call, peek_call
-from .errors import BackendUnavailable, UnsupportedServer, WaitTimeout
-from .hub import Connection, Hub, Router, SingleRouter
-from .inflight import InFlight, InFlightInfo
-from .inspector import OwnerIds
-from .kept import LocalCopies
-from .protocol import Complete, FlightSpec
-from .record import NOTICE_ABORTED, parse_lock
-from .renewal import Renewer, renew_many
-from .sealing import Codec
-from .settings import AsyncClient, Settings, SyncClient
-from .slots import AsyncSlots
-from .topology import (
+from dedupe.backend.commands import ScriptCall, Stamp, complete_call, peek_call
+from dedupe.backend.hub import Connection, Hub, Router, SingleRouter
+from dedupe.backend.renewal import Renewer, renew_many
+from dedupe.backend.slots import AsyncSlots
+from dedupe.backend.topology import (
     ClusterRouter,
     cluster_twin,
     kind_of_clients,
     parse_url,
     sentinel_twin,
 )
-from .wire import AsyncWire, SyncWire, wire_ready
+from dedupe.backend.wire import AsyncWire, SyncWire, wire_ready
+from dedupe.core.inflight import InFlight, InFlightInfo
+from dedupe.core.local_copies import LocalCopies
+from dedupe.core.protocol import Complete, FlightSpec
+from dedupe.core.record import NOTICE_ABORTED, parse_lock
+from dedupe.core.sealing import Codec
+from dedupe.errors import BackendUnavailable, UnsupportedServer, WaitTimeout
+from dedupe.ops.inspector import OwnerIds
+from dedupe.settings import AsyncClient, Settings, SyncClient
 
 __all__ = ["Backend", "BackendConfig"]
 

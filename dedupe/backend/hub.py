@@ -4,7 +4,7 @@ Channels are reference-counted: the first follower of a job subscribes, the last
 unsubscribes a moment later (a hot key's next follower finds the subscription still open).
 Every decision about them (batches per slot, which reply answers which command, errors,
 reconnects, re-routes, lingering, the health check, what each follower is told and when its
-confirmation resolves) is taken by the sans-I/O machine in ``dedupe/subscriptions.py``;
+confirmation resolves) is taken by the sans-I/O machine in ``dedupe/core/subscriptions.py``;
 this module only carries it: connections, threads and the lock. Callers only record what
 they want; they never touch a socket, nor a lock held across one.
 
@@ -57,9 +57,9 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from .errors import BackendUnavailable
-from .signals import Latch, Mailbox
-from .subscriptions import RECHECK, Command, Effects, ErrorKind, Subscriptions
+from dedupe.core.signals import Latch, Mailbox
+from dedupe.core.subscriptions import RECHECK, Command, Effects, ErrorKind, Subscriptions
+from dedupe.errors import BackendUnavailable
 
 __all__ = ["Hub", "Router", "SingleRouter"]
 

@@ -14,7 +14,7 @@ Record (what a result key holds, and what a leader publishes inline)::
     flags (1 byte)                       bit 0: signed
     trace length (2 bytes, big endian)
     trace (that many bytes)              the leader's W3C traceparent; opaque to dedupe
-    MAC (32 bytes, only when signed)     HMAC-SHA256 over all the rest (see dedupe.sealing)
+    MAC (32 bytes, only when signed)     HMAC-SHA256 over all the rest (see dedupe.core.sealing)
     body                                 the value, or the error's metadata (safe encoding)
 
 ``token`` is the fencing token of the lease whose outcome it is (the server's clock in
@@ -27,7 +27,7 @@ Notices (on the channel only): ``N:<token>`` (the outcome is stored: read the re
 ``A:<token>`` (the leader aborted), followed by ``:`` and a 32-byte MAC when signed.
 
 Lock value (the lock key): ``<token>:<owner>``, the owner id up to the end (it holds no
-``:``; see ``dedupe.inspector.format_owner``).
+``:``; see ``dedupe.ops.inspector.format_owner``).
 
 **Numbers** (each header field, a notice's and a lock value's token) are ASCII decimal
 digits, with no sign and no leading zero (``0`` is the one number that starts with one), at
@@ -51,7 +51,7 @@ import math
 import re
 from typing import Final, NamedTuple
 
-from .errors import EnvelopeError
+from dedupe.errors import EnvelopeError
 
 __all__ = [
     "KIND_ERROR",
@@ -240,11 +240,11 @@ def parse_lock(value: str) -> Lock | None:
 
 # --- the same, in Lua ------------------------------------------------------------------------
 #
-# Prepended to the scripts that need them (dedupe.scripts). Local functions only: Redis
+# Prepended to the scripts that need them (dedupe.core.scripts). Local functions only: Redis
 # refuses scripts that create globals.
 
 LUA_HEADER: Final = """
--- A record's header (dedupe.record): its token as text, keep_ms and ttl_ms as numbers; nil
+-- A record's header (dedupe.core.record): its token as text, keep_ms and ttl_ms as numbers; nil
 -- if rec is not a record. Numbers: ASCII digits, no leading zero, at most @MAX@ (tonumber
 -- is exact up to there, and rounds any larger number to more than it).
 local function record_number(s)
@@ -262,7 +262,7 @@ end
 
 LUA_FRESH: Final = """
 -- How much longer new callers may be served the record at rec_key, whose header
--- record_header read; 0 or less: not fresh (dedupe.record.fresh_ms).
+-- record_header read; 0 or less: not fresh (dedupe.core.record.fresh_ms).
 local function record_fresh(rec_key, counter_key, tok, keep, ttl)
   local pttl = redis.call('PTTL', rec_key)
   -- Fresh while both clocks agree: the key's own (keep_ms since it was written) and the
@@ -280,7 +280,7 @@ end
 """
 
 LUA_LOCK: Final = """
--- A lock value '<token>:<owner>' (dedupe.record.lock_value), and the token as text of one
+-- A lock value '<token>:<owner>' (dedupe.core.record.lock_value), and the token as text of one
 -- that dedupe built.
 local function lock_value(tok, owner) return tok .. ':' .. owner end
 local function lock_token(value) return string.match(value, '^(%d+):') end

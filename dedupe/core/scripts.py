@@ -3,7 +3,7 @@
 Every script touches only the keys of one job, which share a hash tag, so the same
 scripts run unchanged on a single server and on Redis Cluster.
 
-The record header, the lock value and the freshness rule belong to ``dedupe.record``: the
+The record header, the lock value and the freshness rule belong to ``dedupe.core.record``: the
 scripts that read them start with its Lua text (``record_header``, ``record_fresh``,
 ``lock_value``, ``lock_token``), so they read exactly what Python reads. A record is "fresh"
 for new callers while its ``keep_ms`` has not passed since it was written nor since its lease
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from . import record
+from dedupe.core import record
 
 __all__ = ["ACQUIRE", "COMPLETE", "COMPLETE_SHARDED", "DISCARD", "FORGET", "PEEK", "RENEW"]
 

@@ -2,9 +2,9 @@
 
 Everything dedupe reads back from Redis (a record in a result key, a message on a job's
 channel) is opened here, and nothing here runs code named by those bytes: with no secret
-nothing is unpickled and no module is imported. The formats are ``dedupe.record``'s; this
-module adds the values (``dedupe.serializers``), the errors (``dedupe.remote_errors``), the
-size limits and the signatures.
+nothing is unpickled and no module is imported. The formats are ``dedupe.core.record``'s;
+this module adds the values (``dedupe.core.serializers``), the errors
+(``dedupe.core.remote_errors``), the size limits and the signatures.
 
 With a secret, the whole record and every notice is signed with HMAC-SHA256, bound to the
 job's channel. The MAC of a record is over ``b"dedupe/record/2\\0"``, ``len(channel)`` (4
@@ -25,9 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple, TypeAlias
 
-from . import record
-from .errors import EnvelopeError, ResultNotSerializable, ResultTooLarge
-from .record import (
+from dedupe.core import record
+from dedupe.core.record import (
     HEAD_LEN,
     KIND_ERROR,
     KIND_NAMES,
@@ -45,8 +44,8 @@ from .record import (
     read_header,
     read_notice,
 )
-from .remote_errors import error_body, error_from_meta
-from .serializers import (
+from dedupe.core.remote_errors import error_body, error_from_meta
+from dedupe.core.serializers import (
     HARMLESS,
     PICKLE,
     SAFE,
@@ -57,6 +56,7 @@ from .serializers import (
     serializer_name,
     short,
 )
+from dedupe.errors import EnvelopeError, ResultNotSerializable, ResultTooLarge
 
 __all__ = [
     "SECRET_ENV",

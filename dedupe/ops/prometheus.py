@@ -2,7 +2,7 @@
 
 ``instrument(registry)`` registers dedupe's metrics on a prometheus-client
 CollectorRegistry (the default one if none is given) and feeds them from
-:mod:`dedupe.events`. Labels ``prefix`` (the SingleFlight's key prefix), ``role`` (leader,
+:mod:`dedupe.ops.events`. Labels ``prefix`` (the SingleFlight's key prefix), ``role`` (leader,
 local, remote, kept, unknown) and ``outcome`` (value, error, timeout, backend_error); the
 four event counters have ``prefix`` only:
 
@@ -35,8 +35,8 @@ from typing import Final
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, values
 
-from . import events
-from .events import Event
+from dedupe.ops import events
+from dedupe.ops.events import Event
 
 __all__ = ["PrometheusMetrics", "instrument", "multiprocess_mode"]
 

@@ -1,6 +1,6 @@
 """OpenTelemetry metrics and traces for dedupe (``pip install 'redis-single-flight[otel]'``).
 
-``instrument()`` hangs an adapter on :mod:`dedupe.events`; it needs only
+``instrument()`` hangs an adapter on :mod:`dedupe.ops.events`; it needs only
 ``opentelemetry-api`` (an SDK, or any other implementation, decides where data goes).
 
 Metrics (meter ``dedupe``), attributes ``dedupe.prefix`` (the SingleFlight's key prefix),
@@ -10,11 +10,11 @@ counters carry ``dedupe.prefix`` only:
 
 =============================  =========  ====================================================
 ``dedupe.calls``               counter    calls that ended, one per call
-``dedupe.call.duration``       histogram  seconds from a call's start to its end
+``dedupe.core.call.duration``       histogram  seconds from a call's start to its end
 ``dedupe.run.duration``        histogram  seconds the function ran (leaders, local runs)
 ``dedupe.wait.duration``       histogram  seconds a follower waited for another caller's run
 ``dedupe.takeovers``           counter    leads taken after a waited-on leader's lease expired
-``dedupe.leases.lost``         counter    leases a running leader lost (renewal failed)
+``dedupe.core.leases.lost``         counter    leases a running leader lost (renewal failed)
 ``dedupe.envelopes.rejected``  counter    outcome records ignored (bad signature, foreign bytes)
 ``dedupe.local_runs``          counter    runs without Redis (``on_backend_error="local"``)
 =============================  =========  ====================================================
@@ -39,8 +39,9 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
-from . import __version__, events
-from .events import Event
+from dedupe import __version__
+from dedupe.ops import events
+from dedupe.ops.events import Event
 
 __all__ = ["Instrumentation", "instrument", "parse_traceparent", "uninstrument"]
 
@@ -48,7 +49,7 @@ __all__ = ["Instrumentation", "instrument", "parse_traceparent", "uninstrument"]
 _TRACEPARENT: Final = re.compile(rb"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _MARK_COUNTERS: Final = {
     "takeover": ("dedupe.takeovers", "{takeover}", "leads taken after a leader's lease expired"),
-    "lease_lost": ("dedupe.leases.lost", "{lease}", "leases a running leader lost"),
+    "lease_lost": ("dedupe.core.leases.lost", "{lease}", "leases a running leader lost"),
     "rejected": ("dedupe.envelopes.rejected", "{envelope}", "outcome records ignored"),
     "local_run": ("dedupe.local_runs", "{run}", "runs without Redis (local fallback)"),
 }
@@ -113,7 +114,7 @@ class _Metrics:
     def __init__(self, meter: metrics.Meter) -> None:
         self.calls = meter.create_counter("dedupe.calls", "{call}", "calls that ended")
         self.call_duration = meter.create_histogram(
-            "dedupe.call.duration",
+            "dedupe.core.call.duration",
             "s",
             "time from a call's start to its end",
             explicit_bucket_boundaries_advisory=events.DURATION_BUCKETS,

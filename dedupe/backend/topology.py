@@ -25,8 +25,8 @@ import redis.cluster
 import redis.sentinel
 from redis.crc import key_slot
 
-from .errors import ConfigurationError
-from .hub import Connection
+from dedupe.backend.hub import Connection
+from dedupe.errors import ConfigurationError
 
 # Parts of redis-py are untyped; these aliases keep mypy --strict honest about it.
 _cluster: Any = redis.cluster

@@ -7,8 +7,8 @@ import threading
 import time
 from contextvars import ContextVar
 
-from .errors import LeaseLost, ReentrantFlight
-from .leases import LostSignal
+from dedupe.core.leases import LostSignal
+from dedupe.errors import LeaseLost, ReentrantFlight
 
 __all__ = ["Flight", "check_reentry", "current_flight", "leading"]
 

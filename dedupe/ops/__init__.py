@@ -1,0 +1,1 @@
+"""Operations: events, OpenTelemetry and Prometheus adapters, the inspector and the CLI."""
