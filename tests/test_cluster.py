@@ -1020,3 +1020,49 @@ def test_forget_on_a_cluster_says_whether_it_dropped_a_kept_value(
         assert sf.forget(jobs[0]) is False
     finally:
         sf.close(timeout=0)
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_first_discovery_does_not_stall_the_flights_of_a_warm_instance(
+    redis_cluster: RedisClusterSet, env: dict[str, Any]
+) -> None:
+    """The renewer's client is built by the first renewal: on Cluster that is a slot
+    discovery (network I/O). Held open here for as long as the test likes, it must stall
+    nothing but that renewal: other flights of the same instance, warm already, go on (a
+    lock held across the discovery once stalled every flight's begin and end)."""
+    sf = tw.make_sf(env, "url", lock_ttl=1.0, result_ttl=0)
+    clients = sf.backend().clients
+    real = clients._build_renewal
+    building, opened, over = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_discovery() -> Any:
+        building.set()
+        try:
+            assert opened.wait(10)
+            return real()
+        finally:
+            over.set()
+
+    clients._build_renewal = slow_discovery  # type: ignore[method-assign]
+    held = threading.Event()
+    results: list[Any] = []
+
+    def long_job() -> str:
+        held.set()
+        assert building.wait(10)  # the first renewal is building its client
+        return "long"
+
+    try:
+        assert sf.call("warm", lambda: "warm") == "warm"  # the command client is built
+        t = threading.Thread(target=lambda: results.append(sf.call("long", long_job)))
+        t.start()
+        assert held.wait(10) and building.wait(10)
+        # The discovery is under way and will not end before we say so: flights go on.
+        assert [sf.call(f"short-{i}", lambda i=i: i) for i in range(20)] == list(range(20))
+        assert not over.is_set(), "the flights waited for the discovery to end"
+        opened.set()
+        t.join(20)
+    finally:
+        opened.set()
+        sf.close(timeout=0)
+    assert results == ["long"]

@@ -372,7 +372,7 @@ def test_a_caller_queued_for_a_command_slot_waits_no_longer_than_its_wait_timeou
     whole queue_timeout). It has no lease yet, so wait_timeout bounds that wait too."""
     from proxy import Proxy
 
-    from dedupe.backend.lifecycle import _SLOTS
+    from dedupe.backend.transport import SLOTS
 
     with Proxy(redis_server.address) as proxy:
         url = "redis://{}:{}/0".format(*proxy.address)
@@ -382,11 +382,11 @@ def test_a_caller_queued_for_a_command_slot_waits_no_longer_than_its_wait_timeou
         try:
             assert sf.call("warm", lambda: 1) == 1
             proxy.blackhole()
-            for i in range(_SLOTS):
+            for i in range(SLOTS):
                 t = threading.Thread(target=_swallow, args=(sf, f"stuck-{i}"), daemon=True)
                 t.start()
                 stuck.append(t)
-            until(lambda: backend._sync_slots.qsize() == 0, 10, "every slot taken")
+            until(lambda: backend.transport.free_sync_slots() == 0, 10, "every slot taken")
             with pytest.raises(WaitTimeout) as raised:
                 sf.call("late", lambda: "never")
             assert raised.value.job_id == "late"

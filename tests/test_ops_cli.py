@@ -21,8 +21,9 @@ import redis
 import dedupe.backend.lifecycle
 from dedupe import SingleFlight
 from dedupe.core.keys import names_for
+from dedupe.core.owners import Holder, parse_owner
 from dedupe.ops.cli import _Watch, main
-from dedupe.ops.inspector import Holder, JobState, Kept, parse_owner
+from dedupe.ops.inspector import JobState, Kept
 
 pytestmark = pytest.mark.timeout(60)
 

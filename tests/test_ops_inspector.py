@@ -16,16 +16,8 @@ import redis.cluster
 
 from dedupe import SingleFlight
 from dedupe.core.keys import names_for
-from dedupe.ops.inspector import (
-    Holder,
-    OwnerIds,
-    forget,
-    format_owner,
-    inspect,
-    names_of,
-    parse_owner,
-    scan,
-)
+from dedupe.core.owners import Holder, OwnerIds, format_owner, parse_owner
+from dedupe.ops.inspector import forget, inspect, names_of, scan
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -4,7 +4,6 @@ and no slot lost to a cancellation or a timeout, however they interleave."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 import time
 
@@ -149,8 +148,8 @@ def test_callers_past_every_slot_of_a_stuck_link_fail_after_the_queue_timeout(
     with Proxy(redis_server.address).start() as proxy:
         url = "redis://{}:{}/0".format(*proxy.address)
         sf = SingleFlight(url, prefix=prefix, connect_timeout=1, socket_timeout=3)
-        backend = sf.backend()  # the queue bound is 20 s, not a setting: shortened here
-        backend.cfg = dataclasses.replace(backend.cfg, queue_timeout=0.3)
+        # The queue bound is 20 s, not a setting: shortened here, in the transport.
+        sf.backend().transport.queue_timeout = 0.3
 
         async def main() -> list[object]:
             try:

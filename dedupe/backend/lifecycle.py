@@ -1,61 +1,49 @@
-"""The Redis side of one SingleFlight: clients, the hub, the renewer, the in-process tables.
+"""The Backend of one SingleFlight: its clients, transport, hub and renewer, and their life.
 
-Everything here is created lazily on first use and created anew in a forked child, so a
-pre-forking server can import and configure dedupe before it forks.
+Everything is created lazily on first use and anew in a forked child, so a pre-forking server
+can import and configure dedupe before it forks. The backend also keeps what belongs to the
+process and no single flight: the tables of flights in progress (one for threads, one per
+event loop), the local copies, the owner ids of its leases, whether Redis is in an outage
+(``on_backend_error="local"``), the leases to give back, and how many flights run (so that
+``close()`` and ``configure()`` can wait for them).
+
+Locks (one paragraph for the whole package; each module states its own fields):
+``Backend._lock`` guards the flight count, the close/retire state, the outage state and the
+give-back queue; it is never held across network I/O, and it is taken before any other lock
+of dedupe but never while one is held. Beneath it, and never held together: the clients'
+and transport's own locks (``Clients._lock``, ``Transport._lock``, each ``Once``'s), the
+hub's (``Hub._lock``, then the leaf locks of Latch, Mailbox and ``ClusterRouter``), the
+renewer's (``Renewer._lock``, then ``leases._guard``), a flight table's (``InFlight._lock``,
+then the Latch of an entry), the local copies' and the codec's: all leaves, or taken in that
+order. No lock is held across network I/O: a client's first build (a Cluster's discovery,
+its version check) runs with none held, so a slow discovery stalls only callers that need
+that very client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
-import inspect
 import itertools
 import logging
 import os
-import queue
-import re
-import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
 
-import redis
-import redis.asyncio
-import redis.asyncio.cluster
-import redis.asyncio.connection as aconn
-import redis.asyncio.retry
-import redis.cluster
-import redis.connection as sconn
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import ClusterError, NoScriptError, TryAgainError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
-
-from dedupe.backend.commands import ScriptCall, Stamp, complete_call, peek_call
-from dedupe.backend.hub import Connection, Hub, Router, SingleRouter
+from dedupe.backend.clients import Clients, Once, client_name, redact
+from dedupe.backend.commands import complete_call, peek_call
+from dedupe.backend.hub import Hub
 from dedupe.backend.renewal import Renewer, renew_many
-from dedupe.backend.slots import AsyncSlots
-from dedupe.backend.topology import (
-    ClusterRouter,
-    cluster_twin,
-    kind_of_clients,
-    parse_url,
-    sentinel_twin,
-)
-from dedupe.backend.wire import AsyncWire, SyncWire, wire_ready
+from dedupe.backend.topology import Target, kind_of_clients, parse_url
+from dedupe.backend.transport import Transport
 from dedupe.core.inflight import InFlight, InFlightInfo
 from dedupe.core.local_copies import LocalCopies
+from dedupe.core.owners import OwnerIds
 from dedupe.core.protocol import Complete, FlightSpec
 from dedupe.core.record import NOTICE_ABORTED, parse_lock
 from dedupe.core.sealing import Codec
-from dedupe.errors import BackendUnavailable, UnsupportedServer, WaitTimeout
-from dedupe.ops.inspector import OwnerIds
 from dedupe.settings import AsyncClient, Settings, SyncClient
 
 __all__ = ["Backend", "BackendConfig"]
@@ -66,15 +54,10 @@ _live: weakref.WeakSet[Backend] = weakref.WeakSet()
 # While Redis is down under on_backend_error="local", calls skip it for this long, so an
 # unreachable server costs one connect timeout per pause, not one per call.
 _OUTAGE_PAUSE = 1.0
-# Commands in flight at once per client (per event loop for asyncio). More callers queue
-# for a slot instead of failing with "Too many connections"; pools are sized above it.
-_SLOTS = 64
-_POOL_SIZE = _SLOTS + 16
-# Giving back leases of unanswered acquires: pause between tries; the thread ends when idle.
+# Giving back leases of unanswered acquires: the first pause between looks (then doubled);
+# the thread ends when idle this long.
 _RELEASE_PAUSE = 0.2
 _RELEASE_IDLE = 5.0
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -97,78 +80,13 @@ class BackendConfig(Settings):
         return self.prefix
 
 
-def _client_name(cfg: BackendConfig, role: str) -> str:
-    """CLIENT SETNAME of our connections: an operator sees whose they are in CLIENT LIST."""
-    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
-    return f"{cfg.name}:{role}:{host}:{os.getpid()}"
-
-
-def _client_options(cfg: BackendConfig, retry_cls: type[Any]) -> dict[str, Any]:
-    # Bounded everywhere: a dead Redis must surface as BackendUnavailable, never as a hang.
-    # One retry, and only for a connection that failed (a stale pooled socket after a
-    # restart), never after a timeout: a command takes at most connect_timeout +
-    # socket_timeout, the documented bound.
-    return {
-        "socket_connect_timeout": cfg.connect_timeout,
-        "socket_timeout": cfg.socket_timeout,
-        "retry": retry_cls(
-            ExponentialBackoff(cap=0.1, base=0.01), 1, supported_errors=(RedisConnectionError,)
-        ),
-        "max_connections": _POOL_SIZE,
-        "client_name": _client_name(cfg, "cmd"),
-        "health_check_interval": cfg.health_check_interval,
-    }
-
-
-# Connection classes of redis-py's sync and asyncio clients that mean the same transport.
-_ASYNC_TO_SYNC: dict[Any, Any] = {
-    aconn.Connection: sconn.Connection,
-    aconn.SSLConnection: sconn.SSLConnection,
-    aconn.UnixDomainSocketConnection: sconn.UnixDomainSocketConnection,
-}
-_SYNC_TO_ASYNC = {v: k for k, v in _ASYNC_TO_SYNC.items()}
-
-
-def _twin(client: Any, *, to_async: bool) -> Any:
-    """A client of the other kind (sync/async) with the same connection settings."""
-    pool = client.connection_pool
-    cls = (_SYNC_TO_ASYNC if to_async else _ASYNC_TO_SYNC).get(pool.connection_class)
-    if cls is None:
-        given, wanted = ("client", "async_client") if to_async else ("async_client", "client")
-        raise TypeError(
-            f"cannot derive a client from {pool.connection_class.__name__}; "
-            f"pass {wanted}= as well as {given}="
-        )
-    accepted = set(inspect.signature(cls.__init__).parameters)
-    skip = {"retry", "connection_pool", "redis_connect_func", "event_dispatcher"}
-    kw = {k: v for k, v in pool.connection_kwargs.items() if k in accepted and k not in skip}
-    if to_async:
-        return redis.asyncio.Redis(
-            connection_pool=redis.asyncio.ConnectionPool(connection_class=cls, **kw)
-        )
-    return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=cls, **kw))
-
-
-def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    # The hub reads RESP2 pub/sub frames as bytes and does its own health checks;
-    # redis-py's maintenance notifications need RESP3, so they stay off its connections.
-    kw = {k: v for k, v in kwargs.items() if not k.startswith("maint_notif")}
-    # The hub names its connections itself (CLIENT SETNAME as the first command).
-    kw.update(protocol=2, health_check_interval=0, decode_responses=False, client_name=None)
-    return kw
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
-
-
 class Backend:
     """Lazily built Redis plumbing shared by every function of one SingleFlight."""
 
     def __init__(self, cfg: BackendConfig) -> None:
         self.cfg = cfg
         self.codec = cfg.codec
+        self.target: Target | None
         if cfg.client is not None or cfg.async_client is not None:
             self.target = None
             self.kind = kind_of_clients(cfg.client, cfg.async_client)
@@ -179,7 +97,7 @@ class Backend:
         self.publish = "SPUBLISH" if self.kind == "cluster" else "PUBLISH"
         self._init_process_state()
         _live.add(self)
-        where = "the clients given" if self.target is None else _redact(cfg.url)
+        where = "the clients given" if self.target is None else redact(cfg.url)
         log.info(
             "prefix %r on %s (%s); %s; on_backend_error=%s",
             cfg.name,
@@ -190,45 +108,36 @@ class Backend:
         )
 
     def _init_process_state(self) -> None:
+        cfg = self.cfg
         self._lock = threading.RLock()
-        # Fields below are set once under _lock (double-checked) and read without it.
-        self._sync: SyncClient | None = self.cfg.client
-        # Cluster needs sharded pub/sub (7.0): checked once, before the first lease.
-        self._supported = self.kind != "cluster"
-        # Per event loop: its client (redis.asyncio connections belong to one loop), its
-        # command slots and its table of flights. Guarded by _lock.
-        self._per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+        self.clients = Clients(cfg, self.target, self.kind)
+        self.transport = Transport(self.clients, self.kind, cfg.queue_timeout, self.command_bound)
+        # The per-call path reaches the transport through these (no extra call frame).
+        self.run_sync_script = self.transport.run_sync_script
+        self.run_async_script = self.transport.run_async_script
+        self.in_thread = self.transport.in_thread
+        self._hub: Once[Hub] = Once()
+        self._renewer: Once[Renewer] = Once()
+        self.sync_flights = InFlight()
+        # Each event loop's table of flights (a loop that stops strands only its own callers):
+        # under _lock.
+        self._loop_flights: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, InFlight] = (
             weakref.WeakKeyDictionary()
         )
-        self._hub: Hub | None = None
-        self._renewer: Renewer | None = None
-        self._renewal: SyncClient | None = None  # built by the first renewal, on its thread
-        self.sync_flights = InFlight()
-        # How scripts reach Redis: set once under _lock (double-checked), read without it.
-        self._sync_route: _Route | None = None
-        # The command slots: a semaphore in C (threading's is Python over a Condition, ~80
-        # bytecodes a take).
-        self._sync_slots: queue.SimpleQueue[None] = queue.SimpleQueue()
-        for _ in range(_SLOTS):
-            self._sync_slots.put(None)
-        # The route's own connections not in use, last used on top, so that there are only
-        # as many as commands ever ran at once (at most _SLOTS). No lock: list.pop() and
-        # append() are atomic.
-        self._sync_idle: list[Any] = []
-        self._active = 0  # flights running on this backend (guarded by _lock)
-        self._idle = threading.Condition(self._lock)  # notified when _active drops to 0
-        self._retired = False  # configure() replaced us: close when the last flight ends
-        self._closing = 0  # close() calls waiting for _active to drop to 0 (guarded by _lock)
         self.local_copies = (
-            LocalCopies(max_bytes=self.cfg.local_cache_max_bytes) if self.cfg.local_cache else None
+            LocalCopies(max_bytes=cfg.local_cache_max_bytes) if cfg.local_cache else None
         )
         self._owner_ids = OwnerIds()  # "<host>/<pid>/<start-ms>/<instance>.<seq>"
+        # Under _lock:
+        self._active = 0  # flights running on this backend
+        self._idle = threading.Condition(self._lock)  # notified when _active drops to 0
+        self._retired = False  # configure() replaced us: close when the last flight ends
+        self._closing = 0  # close() calls waiting for _active to drop to 0
+        # Outage state (on_backend_error="local"): written under _lock; read without it on
+        # the per-call path (a stale read costs one more try of Redis, or one less).
         self._down_until = 0.0
         self._in_outage = False
-        self.local_runs = 0
-        # Blocking work of asyncio callers (Cluster scripts, min_replicas_ack): made once
-        # under _lock, read without it.
-        self._threads: ThreadPoolExecutor | None = None
+        self._local_runs = 0  # under _lock
         # Leases to give back (release_later): (next look, seq, spec, until, next pause), a
         # heap; and their thread: all under _lock.
         self._releases: list[tuple[float, int, FlightSpec, float, float]] = []
@@ -236,6 +145,66 @@ class Backend:
         self._release_wanted = threading.Condition(self._lock)
         self._releaser: threading.Thread | None = None
         self._release_stop = False
+
+    # --- what the drivers and the call machine use ------------------------------------------
+
+    def sync_client(self) -> SyncClient:
+        return self.clients.sync()
+
+    def async_client(self) -> AsyncClient:
+        return self.clients.for_loop()
+
+    def async_flights(self) -> InFlight:
+        """The running loop's table of flights."""
+        loop = asyncio.get_running_loop()
+        table = self._loop_flights.get(loop)
+        if table is None:
+            with self._lock:
+                table = self._loop_flights.get(loop)
+                if table is None:
+                    table = self._loop_flights[loop] = InFlight()
+        return table
+
+    def hub(self) -> Hub:
+        """The pub/sub hub (its router is built on a hub thread: on Cluster that is network
+        I/O, and making the hub costs the caller, or its event loop, nothing)."""
+        return self._hub.value or self._hub.get(
+            lambda: Hub(
+                self.clients.router,
+                sharded=self.kind == "cluster",
+                health_interval=self.cfg.health_check_interval,
+                name=client_name(self.cfg, "hub"),
+            )
+        )
+
+    def renewer(self) -> Renewer:
+        return self._renewer.value or self._renewer.get(
+            lambda: Renewer(self._renew_batch, self._renewal_group)
+        )
+
+    def _renew_batch(self, items: list[tuple[str, str, int]]) -> list[int]:
+        # Runs on a renewal worker thread: one round trip per server for the whole batch.
+        return renew_many(self.clients.renewal(), items)
+
+    def _renewal_group(self, lock_key: str) -> str:
+        # Called by the renewal scheduler: no network I/O. One group per Cluster node.
+        client = self.clients.renewal_if_built()
+        if client is None or self.kind != "cluster":
+            return ""
+        return str(client.get_node_from_key(lock_key).name)
+
+    def owner(self) -> str:
+        return self._owner_ids()
+
+    @property
+    def command_bound(self) -> float:
+        """The longest one command takes on connections dedupe built (a retry included)."""
+        return self.cfg.connect_timeout + self.cfg.socket_timeout
+
+    @property
+    def confirm_timeout(self) -> float:
+        """How long a follower waits for the server to confirm its subscription."""
+        return self.cfg.connect_timeout + self.cfg.socket_timeout
 
     # --- outages (on_backend_error="local") ---------------------------------------------------
 
@@ -259,7 +228,8 @@ class Backend:
         return True
 
     def ran_locally(self) -> None:
-        self.local_runs += 1
+        with self._lock:
+            self._local_runs += 1
 
     def answered(self) -> None:
         """A flight went through Redis: any outage is over."""
@@ -269,43 +239,10 @@ class Backend:
                     self._in_outage = False
                     log.warning("Redis answers again; flights are distributed again")
 
-    def stats(self) -> dict[str, int]:
-        return {
-            "rejected_envelopes": self.codec.rejected,
-            "hub_reconnects": self._hub.reconnects if self._hub else 0,
-            "leases_lost": self._renewer.lost if self._renewer else 0,
-            "local_runs": self.local_runs,
-            "flights_in_process": len(self.sync_flights)
-            + sum(len(state.flights) for state in list(self._per_loop.values())),
-            "local_copies": len(self.local_copies) if self.local_copies is not None else 0,
-            **{
-                f"lease_{k}": v for k, v in (self._renewer.stats() if self._renewer else {}).items()
-            },
-        }
-
-    def inflight(self) -> list[InFlightInfo]:
-        flights = self.sync_flights.snapshot("sync")
-        for state in list(self._per_loop.values()):
-            flights.extend(state.flights.snapshot("async"))
-        return flights
-
-    def after_fork(self) -> None:
-        # The parent's threads are gone and its sockets are not ours to use or close.
-        self._init_process_state()
-
     # --- flights running on this backend ------------------------------------------------------
 
-    @contextmanager
-    def flight(self) -> Iterator[None]:
-        """Count a running flight, so that close() and configure() can wait for it."""
-        self.begin_flight()
-        try:
-            yield
-        finally:
-            self.end_flight()
-
     def begin_flight(self) -> None:
-        """flight() without a context manager (the per-call path): end_flight() after."""
+        """Count a running flight, so that close() and configure() can wait for it."""
         with self._lock:
             self._active += 1
 
@@ -315,99 +252,32 @@ class Backend:
             idle = self._active == 0
             if idle and self._closing:
                 self._idle.notify_all()  # only close() waits on it
-        if idle and self._retired:
+            retired = self._retired
+        if idle and retired:
             self.close(timeout=0)
 
-    @contextmanager
-    def slot(self) -> Iterator[None]:
-        """One of the client's command slots: past _SLOTS concurrent commands, callers queue."""
-        self._take_sync_slot()
-        try:
-            yield
-        finally:
-            self._sync_slots.put(None)
+    def stats(self) -> dict[str, int]:
+        hub, renewer = self._hub.value, self._renewer.value
+        with self._lock:
+            tables = list(self._loop_flights.values())
+            local_runs = self._local_runs
+        return {
+            "rejected_envelopes": self.codec.rejected,
+            "hub_reconnects": hub.reconnects if hub else 0,
+            "leases_lost": renewer.lost if renewer else 0,
+            "local_runs": local_runs,
+            "flights_in_process": len(self.sync_flights) + sum(len(t) for t in tables),
+            "local_copies": len(self.local_copies) if self.local_copies is not None else 0,
+            **{f"lease_{k}": v for k, v in (renewer.stats() if renewer else {}).items()},
+        }
 
-    def _take_sync_slot(self, deadline: float | None = None) -> None:
-        """Wait for a command slot, at most queue_timeout, and not past ``deadline`` (a
-        caller's wait_timeout, on time.monotonic: then WaitTimeout)."""
-        timeout = self.cfg.queue_timeout
-        if deadline is not None:
-            timeout = min(timeout, max(0.0, deadline - time.monotonic()))
-        try:
-            self._sync_slots.get(timeout=timeout)
-        except queue.Empty:
-            if timeout < self.cfg.queue_timeout:
-                raise WaitTimeout("waited the wait_timeout for a command slot") from None
-            raise BackendUnavailable(
-                f"all {_SLOTS} Redis command slots of this process stayed busy for "
-                f"{self.cfg.queue_timeout:g} s"
-            ) from None
-
-    def run_sync_script(
-        self, call: ScriptCall, stamp: Stamp | None = None, deadline: float | None = None
-    ) -> Any:
-        """Run one script over the sync client, in a command slot (the per-call path: no
-        context managers). ``stamp`` learns when its request was written; ``deadline``
-        bounds the wait for a slot (a caller's wait_timeout, before it holds any lease)."""
-        route = self._sync_route or self._make_sync_route()
-        self._take_sync_slot(deadline)
-        try:
-            wire = route.wire
-            if route.own:
-                idle = self._sync_idle
-                try:
-                    conn = idle.pop()
-                except IndexError:
-                    conn = wire.new_connection()  # type: ignore[union-attr]
-                try:
-                    return wire.run_on(conn, call, stamp)  # type: ignore[union-attr]
-                finally:
-                    idle.append(conn)
-            if wire is not None:
-                return wire.run(call, stamp)
-            return run_script(route.client, call, self.kind == "cluster", stamp)
-        finally:
-            self._sync_slots.put(None)
-
-    async def run_async_script(self, call: ScriptCall, stamp: Stamp | None = None) -> Any:
-        """Run one script over the running loop's client, in one of its command slots."""
-        state = self._loop_state()
-        slots = state.slots
-        await slots.take(self.cfg.queue_timeout)
-        try:
-            if self.kind == "cluster":
-                # redis.asyncio's RedisCluster drops connections other tasks are using when
-                # one command fails (it re-discovers the topology), and under concurrency we
-                # saw it hand out a connection mid-handshake: Cluster scripts go through the
-                # thread-safe sync client, on threads of our own (one per command slot), and
-                # only once this loop's slot is ours: callers queue here, in order and
-                # bounded, not in an executor's queue.
-                return await self.in_thread(self.run_sync_script, call, stamp)
-            route = state.route or self._make_async_route(state)
-            wire = route.wire
-            if route.own:
-                idle = state.idle
-                conn = idle.pop() if idle else wire.new_connection()  # type: ignore[union-attr]
-                try:
-                    return await wire.run_on(conn, call, stamp)  # type: ignore[union-attr]
-                finally:
-                    idle.append(conn)
-            if wire is not None:
-                return await _connect_retried(wire.run, call, stamp)
-            return await run_script_async(route.client, call, stamp)
-        finally:
-            slots.release()
-
-    def in_thread(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
-        """Run blocking ``fn(*args)`` on one of this backend's threads (at most one per
-        command slot), for asyncio callers; the loop's default executor is not ours to fill."""
-        pool = self._threads
-        if pool is None:
-            with self._lock:
-                if self._threads is None:
-                    self._threads = ThreadPoolExecutor(_SLOTS, thread_name_prefix="dedupe-io")
-                pool = self._threads
-        return asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    def inflight(self) -> list[InFlightInfo]:
+        flights = self.sync_flights.snapshot("sync")
+        with self._lock:
+            tables = list(self._loop_flights.values())
+        for table in tables:
+            flights.extend(table.snapshot("async"))
+        return flights
 
     # --- giving back a lease an unanswered acquire may have granted ---------------------------
 
@@ -457,7 +327,7 @@ class Backend:
     def _release_one(self, spec: FlightSpec) -> None:
         """One look: if the lock is ours, complete with an abort notice (owner-checked)."""
         try:
-            raw = self.run_sync_script(peek_call(spec))
+            raw = self.transport.run_sync_script(peek_call(spec))
             value = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
             holder = parse_lock(value)
             if holder is None or holder.owner != spec.owner:
@@ -465,206 +335,18 @@ class Backend:
             token = holder.token
             notice = self.codec.notice(NOTICE_ABORTED, channel=spec.names.channel, token=token)
             cmd = Complete(value, b"", 0, notice, token)
-            self.run_sync_script(complete_call(spec, cmd, self.publish))
+            self.transport.run_sync_script(complete_call(spec, cmd, self.publish))
             log.info("gave back lease %d on %r after its acquire went unanswered", token,
                      spec.names.job_id)  # fmt: skip
         except Exception as exc:
             log.debug("could not give back a lease on %r yet: %s", spec.names.job_id, exc)
 
-    def _make_sync_route(self) -> _Route:
-        client = self.sync_client()
-        with self._lock:
-            if self._sync_route is None:
-                self._sync_route = _route(
-                    client, self.kind, self.cfg.client is None, False, self.command_bound
-                )
-            return self._sync_route
-
-    def _make_async_route(self, state: _LoopState) -> _Route:
-        # The loop's own state: only this loop reads or writes it.
-        state.route = _route(
-            self.async_client(), self.kind, self.cfg.async_client is None, True, self.command_bound
-        )
-        return state.route
-
-    def async_flights(self) -> InFlight:
-        """The running loop's table of flights."""
-        return self._loop_state().flights
-
-    # --- clients ------------------------------------------------------------------------------
-
-    def sync_client(self) -> SyncClient:
-        client = self._sync
-        if client is None or not self._supported:
-            with self._lock:
-                if self._sync is None:
-                    self._sync = self._build_client(to_async=False)
-                client = self._sync
-                if not self._supported:
-                    _check_cluster_version(client)
-                    self._supported = True
-        return client
-
-    def async_client(self) -> AsyncClient:
-        state = self._loop_state()
-        client = state.client
-        if client is None:
-            client = state.client = self.cfg.async_client or self._build_client(to_async=True)
-        return client
-
-    def _loop_state(self) -> _LoopState:
-        loop = asyncio.get_running_loop()
-        state = self._per_loop.get(loop)
-        if state is None:
-            with self._lock:
-                state = self._per_loop.get(loop)
-                if state is None:
-                    # What belonged to closed loops cannot be used again: drop it.
-                    for old in [lp for lp in list(self._per_loop) if lp.is_closed()]:
-                        self._per_loop.pop(old, None)
-                    state = self._per_loop[loop] = _LoopState(self.cfg.queue_timeout)
-        return state
+    # --- the end --------------------------------------------------------------------------
 
     async def aclose_loop_client(self) -> None:
-        """Close the running loop's client (redis.asyncio clients must be closed on their loop)."""
-        loop = asyncio.get_running_loop()
-        state = self._per_loop.get(loop)
-        if state is None:
-            return
-        idle, state.idle = state.idle, []
-        state.route = None
-        for conn in idle:
-            await conn.disconnect()
-        if state.client is not None and self.cfg.async_client is None:
-            client, state.client = state.client, None
-            await client.aclose()
-
-    def _build_client(self, *, to_async: bool) -> Any:
-        """A client from the URL, or the twin of the client of the other kind we were given."""
-        opts = _client_options(self.cfg, redis.asyncio.retry.Retry if to_async else Retry)
-        if self.kind == "cluster":
-            opts.pop("max_connections")  # per node, and the cluster clients size their own
-            # A cluster client retries by re-discovering the topology, which drops every
-            # connection of its nodes, in use or not: with a retry policy of ours, one failed
-            # command under concurrency cut others off mid-command (seen with redis.asyncio).
-            # Its own policy (a few retries with backoff) stays.
-            opts.pop("retry")
-        if self.target is not None:
-            return self.target.client(opts, to_async=to_async)
-        given = self.cfg.client if to_async else self.cfg.async_client
-        if self.kind == "cluster":
-            return cluster_twin(given, opts, to_async=to_async)
-        if self.kind == "sentinel":
-            return sentinel_twin(given, opts, to_async=to_async)
-        return _twin(given, to_async=to_async)
-
-    # --- shared machinery ---------------------------------------------------------------------
-
-    def hub(self) -> Hub:
-        hub = self._hub
-        if hub is None:
-            with self._lock:
-                if self._hub is None:
-                    # The router is built on a hub thread (on Cluster that is network I/O):
-                    # making the hub costs the caller, or its event loop, nothing.
-                    self._hub = Hub(
-                        self._router,
-                        sharded=self.kind == "cluster",
-                        health_interval=self.cfg.health_check_interval,
-                        name=_client_name(self.cfg, "hub"),
-                    )
-                hub = self._hub
-        return hub
-
-    def _router(self) -> Router:
-        client: Any = self.sync_client()
-        if self.kind == "cluster":
-            node_pool = client.get_default_node().redis_connection.connection_pool
-            base = _hub_kwargs(node_pool.connection_kwargs)
-            node_cls = node_pool.connection_class
-
-            def make(host: str, port: int) -> Connection:
-                conn: Connection = node_cls(**{**base, "host": host, "port": port})
-                return conn
-
-            return ClusterRouter(client, make)
-        pool = client.connection_pool
-        kwargs = _hub_kwargs(pool.connection_kwargs)
-        cls = pool.connection_class
-
-        def connect() -> Connection:
-            conn: Connection = cls(**kwargs)
-            return conn
-
-        return SingleRouter(connect)
-
-    def renewer(self) -> Renewer:
-        renewer = self._renewer
-        if renewer is None:
-            with self._lock:
-                if self._renewer is None:
-                    self._renewer = Renewer(self._renew_batch, self._renewal_group)
-                renewer = self._renewer
-        return renewer
-
-    def _renew_batch(self, items: list[tuple[str, str, int]]) -> list[int]:
-        # Runs on a renewal worker thread: one round trip per server for the whole batch.
-        return renew_many(self._renewal_client(), items)
-
-    def _renewal_group(self, lock_key: str) -> str:
-        # Called by the renewal scheduler: no network I/O. One group per Cluster node.
-        client: Any = self._renewal
-        if client is None or self.kind != "cluster":
-            return ""
-        return str(client.get_node_from_key(lock_key).name)
-
-    def _renewal_client(self) -> SyncClient:
-        client = self._renewal
-        if client is None:
-            with self._lock:
-                if self._renewal is None:
-                    self._renewal = self._build_renewal_client()
-                client = self._renewal
-        return client
-
-    def _build_renewal_client(self) -> Any:
-        """A sync client of our own for renewals: no retries, and timeouts of at most a
-        quarter of the lease, so each batch round trip ends well inside lock_ttl/3."""
-        bound = self.cfg.lock_ttl / 4
-        opts: dict[str, Any] = {
-            "socket_connect_timeout": min(self.cfg.connect_timeout, bound),
-            "socket_timeout": min(self.cfg.socket_timeout, bound),
-            "retry": Retry(NoBackoff(), 0),
-            "health_check_interval": 0,
-            "client_name": _client_name(self.cfg, "renew"),
-        }
-        if self.target is not None:
-            return self.target.client(opts, to_async=False)
-        given: Any = self.cfg.client if self.cfg.client is not None else self.cfg.async_client
-        if self.kind == "cluster":
-            return cluster_twin(given, opts, to_async=False)
-        if self.kind == "sentinel":
-            return sentinel_twin(given, opts, to_async=False)
-        pool = given.connection_pool
-        cls = _ASYNC_TO_SYNC.get(pool.connection_class, pool.connection_class)
-        accepted = set(inspect.signature(cls.__init__).parameters)
-        skip = {"retry", "connection_pool", "redis_connect_func", "event_dispatcher"}
-        kw = {k: v for k, v in pool.connection_kwargs.items() if k in accepted and k not in skip}
-        kw.update({k: v for k, v in opts.items() if k in accepted})
-        return redis.Redis(connection_pool=redis.ConnectionPool(connection_class=cls, **kw))
-
-    def owner(self) -> str:
-        return self._owner_ids()
-
-    @property
-    def command_bound(self) -> float:
-        """The longest one command takes on connections dedupe built (a retry included)."""
-        return self.cfg.connect_timeout + self.cfg.socket_timeout
-
-    @property
-    def confirm_timeout(self) -> float:
-        """How long a follower waits for the server to confirm its subscription."""
-        return self.cfg.connect_timeout + self.cfg.socket_timeout
+        """Close the running loop's client and connections (they belong to that loop)."""
+        await self.transport.aclose_loop()
+        await self.clients.aclose_loop()
 
     def close(self, timeout: float | None = None) -> None:
         """Wait up to ``timeout`` (None: a lease's length) for running flights, then stop the
@@ -685,30 +367,16 @@ class Backend:
                     "closing with %d flights still running; their leases stop being renewed",
                     self._active,
                 )
-            hub, self._hub = self._hub, None
-            renewer, self._renewer = self._renewer, None
-            renewal, self._renewal = self._renewal, None
-            sync, self._sync = self._sync, self.cfg.client
-            self._sync_route = None
-            threads, self._threads = self._threads, None
             self._release_stop = True
             self._release_wanted.notify_all()
-            # Connections in use now go back to the old list and close when collected.
-            own, self._sync_idle = self._sync_idle, []
-            # asyncio clients belong to their loops: aclose() closes the running loop's.
-            self._per_loop.clear()
-        if threads is not None:
-            threads.shutdown(wait=False)
+            self._loop_flights.clear()
+        hub, renewer = self._hub.take(), self._renewer.take()
         if hub is not None:
             hub.close()
         if renewer is not None:
             renewer.close()
-        if renewal is not None:
-            renewal.close()
-        for conn in own:
-            conn.disconnect()
-        if self.cfg.client is None and sync is not None:
-            sync.close()
+        self.transport.close()
+        self.clients.close()
 
     def retire(self) -> None:
         """configure() replaced this backend: flights already running finish on it (leases
@@ -719,167 +387,9 @@ class Backend:
         if idle:
             self.close(timeout=0)
 
-
-class _LoopState:
-    """What a backend keeps per asyncio event loop (used on that loop only: no lock)."""
-
-    __slots__ = ("client", "flights", "idle", "route", "slots")
-
-    def __init__(self, queue_timeout: float) -> None:
-        self.client: AsyncClient | None = None
-        self.route: _Route | None = None
-        self.slots = AsyncSlots(_SLOTS, _loop_slots_busy(queue_timeout))
-        self.idle: list[Any] = []  # the route's own connections not in use (at most _SLOTS)
-        self.flights = InFlight()
-
-
-def _loop_slots_busy(timeout: float) -> Callable[[], Exception]:
-    def error() -> Exception:
-        return BackendUnavailable(
-            f"all {_SLOTS} Redis command slots of this event loop stayed busy for {timeout:g} s"
-        )
-
-    return error
-
-
-class _Route:
-    """How scripts reach Redis from one client: over the wire on connections of our own
-    (``own``: a client built here), over the wire through the client's pool (a client
-    passed in, Sentinel), or through the client's command layer (Cluster)."""
-
-    __slots__ = ("client", "own", "wire")
-
-    def __init__(self, client: Any, wire: SyncWire | AsyncWire | None, own: bool) -> None:
-        self.client = client
-        self.wire = wire
-        self.own = own
-
-
-def _route(client: Any, kind: str, built_here: bool, is_async: bool, bound: float) -> _Route:
-    """``bound``: the longest one command may take on connections of our own, retry included."""
-    if kind == "cluster" or not wire_ready(client):
-        return _Route(client, None, False)
-    own = built_here and kind == "standalone"
-    wire_bound = bound if own else None  # a client passed in keeps its own retry policy
-    wire = AsyncWire(client, wire_bound) if is_async else SyncWire(client, wire_bound)
-    return _Route(client, wire, own)
-
-
-async def _connect_retried(run: Any, *args: Any) -> Any:
-    """A connect that timed out never reached Redis, and on a loop busy starting thousands
-    of tasks its timer fires before the loop looks at the socket: one more try, on a loop
-    that has caught up. Read timeouts are never retried."""
-    try:
-        return await run(*args)
-    except RedisTimeoutError as exc:
-        if not _connect_timed_out(exc):
-            raise
-    return await run(*args)
-
-
-# While a Cluster slot migrates, a multi-key script may meet TRYAGAIN until it is done. Every
-# script is safe to re-send (acquire recognises its own lease; the rest compare, then act).
-_MIGRATION_PATIENCE = 5.0
-_RETRY_IN_MIGRATION = (TryAgainError, ClusterError)
-
-
-def _once(client: Any, call: ScriptCall) -> Any:
-    try:
-        return client.evalsha(*call.evalsha_args())
-    except NoScriptError:
-        return client.eval(*call.eval_args())
-
-
-def _migration_pauses() -> Iterator[float]:
-    """How long to pause before each re-send after TRYAGAIN; ends when patience runs out."""
-    deadline, delay = time.monotonic() + _MIGRATION_PATIENCE, 0.02
-    while time.monotonic() + delay <= deadline:
-        yield delay
-        delay = min(0.2, delay * 2)
-
-
-def run_script(
-    client: SyncClient, call: ScriptCall, cluster: bool = False, stamp: Stamp | None = None
-) -> Any:
-    """One script through the client's command layer (Cluster, or a client the wire cannot
-    carry); ``stamp`` is set before each send (it then includes the client's own connect)."""
-    if not cluster:
-        if stamp is not None:
-            stamp.sent = time.monotonic()
-        return _once(client, call)
-    for pause in _migration_pauses():
-        try:
-            if stamp is not None:
-                stamp.sent = time.monotonic()
-            return _once(client, call)
-        except _RETRY_IN_MIGRATION:
-            time.sleep(pause)
-    if stamp is not None:
-        stamp.sent = time.monotonic()
-    return _once(client, call)
-
-
-async def _once_async(client: Any, call: ScriptCall) -> Any:
-    try:
-        return await client.evalsha(*call.evalsha_args())
-    except NoScriptError:
-        return await client.eval(*call.eval_args())
-
-
-def _connect_timed_out(exc: BaseException) -> bool:
-    return isinstance(exc, RedisTimeoutError) and str(exc).startswith("Timeout connecting")
-
-
-async def run_script_async(client: AsyncClient, call: ScriptCall, stamp: Stamp | None) -> Any:
-    """One script through an asyncio client's command layer (one the wire cannot carry)."""
-    if stamp is not None:
-        stamp.sent = time.monotonic()
-    try:
-        return await _once_async(client, call)
-    except RedisTimeoutError as exc:
-        # A connect that timed out never reached Redis, and on a loop busy starting
-        # thousands of tasks its timer fires before the loop looks at the socket: one
-        # more try, on a loop that has caught up. Read timeouts are never retried.
-        if not _connect_timed_out(exc):
-            raise
-    if stamp is not None:
-        stamp.sent = time.monotonic()
-    return await _once_async(client, call)
-
-
-def _check_cluster_version(client: Any) -> None:
-    """UnsupportedServer if a primary runs Redis < 7.0; skipped where INFO is denied or
-    the cluster cannot answer yet (the first command then reports that)."""
-    try:
-        infos = client.info("server", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
-    except redis.exceptions.RedisError:
-        return
-    found = infos.values() if isinstance(infos, dict) and "redis_version" not in infos else [infos]
-    for info in found:
-        version = str(info.get("redis_version", "")) if isinstance(info, dict) else ""
-        major = version.split(".")[0]
-        if major.isdigit() and int(major) < 7:
-            raise UnsupportedServer(
-                f"dedupe needs Redis 7.0 or later on a Cluster (sharded pub/sub); a primary "
-                f"runs Redis {version}"
-            )
-
-
-def acquire_and_wait(
-    backend: Backend, client: SyncClient, call: ScriptCall, spec: Any, stamp: Stamp
-) -> tuple[Any, int]:
-    """The acquire script and WAIT on ONE connection: WAIT vouches only for the writes of
-    the connection it runs on (min_replicas_ack)."""
-    c: Any = client
-    if isinstance(client, redis.cluster.RedisCluster):
-        c = c.get_redis_connection(c.get_node_from_key(spec.names.lock))
-    with backend.slot():
-        stamp.sent = time.monotonic()
-        pipe = c.pipeline(transaction=False)
-        pipe.eval(*call.eval_args())
-        pipe.execute_command("WAIT", spec.min_replicas, spec.replica_timeout_ms)
-        raw, acked = pipe.execute()
-    return raw, int(acked)
+    def after_fork(self) -> None:
+        # The parent's threads are gone and its sockets are not ours to use or close.
+        self._init_process_state()
 
 
 def _after_fork_in_child() -> None:

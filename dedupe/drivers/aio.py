@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from dedupe.backend.lifecycle import Backend, acquire_and_wait
+from dedupe.backend.lifecycle import Backend
+from dedupe.backend.transport import acquire_and_wait
 from dedupe.core.call import AwaitFlight, Cancel, Fly, Launch, RunHere, run_call, run_shared_flight
 from dedupe.core.inflight import Entry, InFlight
 from dedupe.core.keys import Names
@@ -166,7 +167,7 @@ class _Driver(DriverBase):
                     backend = self.backend
                     client = await backend.in_thread(backend.sync_client)
                     raw, acked = await backend.in_thread(
-                        acquire_and_wait, backend, client, script, self.spec, self.stamp
+                        acquire_and_wait, backend.transport, client, script, self.spec, self.stamp
                     )
                     return self.reply_of(cmd, raw, acked)
                 raw = await self.backend.run_async_script(script, self.stamp)

@@ -6,7 +6,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dedupe.backend.lifecycle import Backend, acquire_and_wait
+from dedupe.backend.lifecycle import Backend
+from dedupe.backend.transport import acquire_and_wait
 from dedupe.core.call import AwaitFlight, Fly, RunHere, run_call
 from dedupe.core.inflight import Entry
 from dedupe.core.keys import Names
@@ -117,7 +118,7 @@ class _Driver(DriverBase):
             if type(cmd) is Acquire:
                 if self.spec.min_replicas:
                     client = self.backend.sync_client()
-                    raw, acked = acquire_and_wait(self.backend, client, script, self.spec,
+                    raw, acked = acquire_and_wait(self.backend.transport, client, script, self.spec,
                                                   self.stamp)  # fmt: skip
                     return self.reply_of(cmd, raw, acked)
                 # No lease yet: the caller's wait_timeout bounds its wait for a slot too.
