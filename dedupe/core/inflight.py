@@ -38,19 +38,29 @@ class Entry:
     )
 
     def __init__(self) -> None:
+        # Set once, by InFlight.finish() (under its lock and the Latch's own): the outcome.
         self.result: Latch[Outcome | _Retry] = Latch()
-        self.waiters = 1  # async callers still awaiting it (guarded by InFlight._lock)
+        self.waiters = 1  # asyncio callers still awaiting it: guarded by InFlight._lock
+        # asyncio only, on its loop's thread: the flight's task (set by the caller that
+        # launched it, read by the last one to leave).
         self.task: asyncio.Task[None] | None = None
-        self.leading = False  # set by the driver when it leads; read by waiting callers
-        self.role = "leader"  # how the driver came by the outcome (see Served.role)
+        # Written only by the thread or task that drives the flight (False -> True once it
+        # leads, with no lock: one store); read without a lock by callers deciding whether
+        # their wait_timeout bounds waiting on it. A stale False costs one wait's bound.
+        self.leading = False
+        # Written by the driving side before finish() resolves the entry, read by the
+        # callers who joined only after it resolved (the Latch orders the two): no lock.
+        self.role = "leader"  # how the flight came by the outcome (see Served.role)
         self.token = 0  # the fencing token of the outcome's lease (for dedupe.ops.events)
-        self.trace = b""  # the traceparent of the span the function ran under (base.run_trace)
-        self.job_id = ""  # set by the driver that created it (for inflight())
+        self.trace = b""  # the traceparent of the span the function ran under
+        self.job_id = ""  # set by its creator right after join(), before anyone reads it
         self.started = time.monotonic()
 
 
 class InFlight:
-    """Entries by key. Resolving an entry removes it in the same step, so none is joined late."""
+    """Entries by key. Resolving an entry removes it in the same step, so none is joined late.
+
+    Lock order: ``_lock``, then an entry's Latch (finish() sets it holding ``_lock``)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

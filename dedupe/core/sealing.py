@@ -228,8 +228,8 @@ class Codec:
         self._macs = tuple(hmac.new(k, digestmod=hashlib.sha256) for k in self._keys)
         self._pickle = is_pickle(self.serializer)
         self.max_payload_bytes = max_payload_bytes
+        self._lock = threading.Lock()  # guards rejected and _warned; a leaf
         self.rejected = 0  # inputs refused (bad signature, malformed, foreign): never decoded
-        self._lock = threading.Lock()
         self._warned: set[str] = set()  # value types already logged as unserializable
 
     @property

@@ -60,9 +60,10 @@ class Latch(Generic[T]):
     __slots__ = ("_lock", "_value", "_wakers")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # a leaf: no other lock is taken while it is held
+        # Written once, under _lock; read without it (one attribute read: set or not).
         self._value: object = _UNSET
-        self._wakers: list[Callable[[], None]] = []
+        self._wakers: list[Callable[[], None]] = []  # under _lock; called after it is released
 
     def set(self, value: T) -> bool:
         with self._lock:
@@ -124,9 +125,9 @@ class Mailbox(Generic[T]):
     __slots__ = ("_items", "_lock", "_waker")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: deque[T] = deque()
-        self._waker: Callable[[], None] | None = None
+        self._lock = threading.Lock()  # a leaf: no other lock is taken while it is held
+        self._items: deque[T] = deque()  # under _lock
+        self._waker: Callable[[], None] | None = None  # under _lock; called after release
 
     def put(self, item: T) -> None:
         with self._lock:
