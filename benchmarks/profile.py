@@ -256,7 +256,7 @@ def parts(url: str, out: Path) -> None:
     kb = key_builder(getattr(noop, "__wrapped__"), "{i}")  # noqa: B009
     o = _Overrides()
     make = sf._spec_maker(backend, names_for("parts", "job"), o)
-    spec = make(None)
+    spec = make(None, None)
     payload = b"x" * 1024
     channel = spec.names.channel
     rec = codec.seal(Outcome(value=None), channel=channel, token=1, keep_ms=1000, ttl_ms=12000)

@@ -1,6 +1,13 @@
 """dedupe: distributed single-flight on Redis. One runs the work; all get its outcome."""
 
-from dedupe.api import INHERIT, AsyncFlightFunction, FlightFunction, SingleFlight, single_flight
+from dedupe.api import (
+    INHERIT,
+    AsyncFlightFunction,
+    CallOptions,
+    FlightFunction,
+    SingleFlight,
+    single_flight,
+)
 from dedupe.core.context import Flight, current_flight
 from dedupe.core.inflight import InFlightInfo, Served
 from dedupe.core.serializers import Serializer
@@ -27,6 +34,7 @@ __all__ = [
     "BackendBusy",
     "BackendOutOfMemory",
     "BackendUnavailable",
+    "CallOptions",
     "ConfigurationError",
     "DedupeError",
     "EnvelopeError",

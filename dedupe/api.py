@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import os
 import sys
 import threading
@@ -26,7 +27,7 @@ from typing import (
 
 import wrapt
 
-from dedupe.backend.commands import forget_call, typed_errors
+from dedupe.backend.commands import ScriptCall, forget_call, notify_call, typed_errors
 from dedupe.backend.lifecycle import Backend, BackendConfig
 from dedupe.backend.topology import parse_url
 from dedupe.core.inflight import InFlightInfo, Served
@@ -39,6 +40,7 @@ from dedupe.core.keys import (
     validate_job_id,
 )
 from dedupe.core.protocol import FlightSpec
+from dedupe.core.record import NOTICE_ABORTED
 from dedupe.core.sealing import SecretSpec, codec_for
 from dedupe.core.serializers import Serializer
 from dedupe.drivers import aio, sync
@@ -58,6 +60,7 @@ from dedupe.settings import (
 __all__ = [
     "INHERIT",
     "AsyncFlightFunction",
+    "CallOptions",
     "FlightFunction",
     "Served",
     "Settings",
@@ -72,6 +75,8 @@ R_co = TypeVar("R_co", covariant=True)
 S = TypeVar("S")
 
 DEFAULT_URL: Final = "redis://localhost:6379/0"
+
+log = logging.getLogger("dedupe")
 
 
 class _Inherit:
@@ -132,6 +137,12 @@ class _FlightParams(NamedTuple):
     replica_timeout_ms: int
     max_hold_ms: int
     wait_timeout: float | None
+    stale_ms: int
+    error_ms: int
+    backoff_ms: int
+    early_refresh: float
+    answers: tuple[type[BaseException], ...]
+    soft_timeout: float | None
 
     @classmethod
     def of(cls, s: Settings) -> _FlightParams:
@@ -149,15 +160,25 @@ class _FlightParams(NamedTuple):
             # max_hold shorter than a function's own lock_ttl.
             max_hold_ms=max(round(s.max_hold * 1000), lock_ms + 1),
             wait_timeout=s.wait_timeout,
+            stale_ms=round(s.stale_while_revalidate * 1000),
+            error_ms=round(s.stale_if_error * 1000),
+            # After a failed run, this long with no run; configure() may have shortened
+            # stale_if_error below a function's own backoff: the window bounds it.
+            backoff_ms=round(
+                min(30.0 if s.error_backoff is None else s.error_backoff, s.stale_if_error) * 1000
+            ),
+            early_refresh=float(s.early_refresh),
+            answers=s.answers,
+            soft_timeout=s.soft_timeout if s.stale_if_error else None,
         )
 
 
 def _spec_maker(
     backend: Backend, names: Names, p: _FlightParams
-) -> Callable[[float | None], FlightSpec]:
-    """The FlightSpec of each flight of one job: its parameters, its owner, its deadline."""
+) -> Callable[[float | None, float | None], FlightSpec]:
+    """The FlightSpec of each flight of one job: its parameters, its owner, its deadlines."""
 
-    def make(deadline: float | None) -> FlightSpec:
+    def make(deadline: float | None, soft_deadline: float | None) -> FlightSpec:
         return FlightSpec(
             names=names,
             owner=backend.owner(),
@@ -170,6 +191,12 @@ def _spec_maker(
             min_replicas=p.min_replicas,
             replica_timeout_ms=p.replica_timeout_ms,
             max_hold_ms=p.max_hold_ms,
+            stale_ms=p.stale_ms,
+            error_ms=p.error_ms,
+            backoff_ms=p.backoff_ms,
+            early_refresh=p.early_refresh,
+            soft_deadline=soft_deadline,
+            answers=p.answers,
         )
 
     return make
@@ -423,6 +450,13 @@ class SingleFlight:
         lock_ttl: float = 10.0,
         wait_timeout: float | None = None,
         result_ttl: float = 1.0,
+        stale_while_revalidate: float = 0.0,
+        stale_if_error: float = 0.0,
+        error_backoff: float | None = None,
+        soft_timeout: float | None = None,
+        early_refresh: float = 0.0,
+        answers: tuple[type[BaseException], ...] = (),
+        max_background_runs: int = 16,
         serializer: str | Serializer = "safe",
         secret: SecretSpec = None,
         inline_max_bytes: int = 32 * 1024,
@@ -492,6 +526,7 @@ class SingleFlight:
         with self._lock:
             old, self._backend = self._backend, None
         if old is not None:
+            await old.aclose_tasks(timeout)  # this loop's background refreshes
             await old.aclose_loop_client()
             await asyncio.to_thread(old.close, timeout)
 
@@ -522,7 +557,7 @@ class SingleFlight:
 
     def _spec_maker(
         self, backend: Backend, names: Names, o: _Overrides
-    ) -> Callable[[float | None], FlightSpec]:
+    ) -> Callable[[float | None, float | None], FlightSpec]:
         return _spec_maker(backend, names, self._flight_params(o))
 
     def _flight_params(self, o: _Overrides) -> _FlightParams:
@@ -549,8 +584,8 @@ class SingleFlight:
         names = names_for(self._settings.prefix, job_id)
         p = self._flight_params(o)
         make = _spec_maker(backend, names, p)
-        wait = p.wait_timeout
-        return sync.call(backend, names, make, wait, fn, args, kw, detail=detail)
+        return sync.call(backend, names, make, p.wait_timeout, fn, args, kw, detail=detail,
+                         soft_timeout=p.soft_timeout)  # fmt: skip
 
     async def _run_async(
         self,
@@ -565,8 +600,8 @@ class SingleFlight:
         names = names_for(self._settings.prefix, job_id)
         p = self._flight_params(o)
         make = _spec_maker(backend, names, p)
-        wait = p.wait_timeout
-        return await aio.call(backend, names, make, wait, fn, args, kw, detail=detail)  # type: ignore[arg-type]
+        return await aio.call(backend, names, make, p.wait_timeout, fn, args, kw,  # type: ignore[arg-type]
+                              detail=detail, soft_timeout=p.soft_timeout)  # fmt: skip
 
     @overload
     def call(
@@ -604,9 +639,11 @@ class SingleFlight:
     def call_detailed(
         self, job_id: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> Any:
-        """As ``call``, but return ``Served(value, shared, role)``: ``shared`` is False only
-        for the caller that ran ``fn``; ``role`` is "leader", "local" (joined a call in this
-        process), "remote" (another process's leader) or "kept" (a finished flight's value)."""
+        """As ``call``, but return ``Served(value, shared, role, stale, age)``: ``shared`` is
+        False only for the caller that ran ``fn``; ``role`` is "leader", "local" (joined a call
+        in this process), "remote" (another process's leader) or "kept" (a finished flight's
+        value); ``stale`` whether the value is past its ``result_ttl``; ``age`` its age in
+        seconds by the server's clock."""
         return self._call(job_id, fn, args, kwargs, True)
 
     def _call(
@@ -616,15 +653,37 @@ class SingleFlight:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         detail: bool,
+        o: _Overrides = _NO_OVERRIDES,
     ) -> Any:
         validate_job_id(job_id)
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         if _is_async(fn):
-            return _named(self._run_async(job_id, _NO_OVERRIDES, fn, args, kwargs, detail), fn)
+            return _named(self._run_async(job_id, o, fn, args, kwargs, detail), fn)
         if _get_running_loop() is not None:
             _warn_blocking_once(fn)
-        return self._run_sync(job_id, _NO_OVERRIDES, fn, args, kwargs, detail)
+        return self._run_sync(job_id, o, fn, args, kwargs, detail)
+
+    def options(
+        self,
+        *,
+        lock_ttl: float | None = INHERIT,
+        wait_timeout: float | None = INHERIT,
+        result_ttl: float | None = INHERIT,
+        stale_while_revalidate: float | None = INHERIT,
+        stale_if_error: float | None = INHERIT,
+        error_backoff: float | None = INHERIT,
+        soft_timeout: float | None = INHERIT,
+        early_refresh: float | None = INHERIT,
+        answers: tuple[type[BaseException], ...] | None = INHERIT,
+    ) -> CallOptions:
+        """``call`` and ``call_detailed`` with their own values of the per-function settings
+        (a call's keywords are its function's): ``sf.options(stale_while_revalidate=30)
+        .call("user:1", load_user, 1)``. Checked here, as the decorator checks them."""
+        given = {k: v for k, v in locals().items() if k != "self"}
+        overrides = _Overrides(**check_function_values(given, INHERIT, "SingleFlight.options"))
+        check_relations(overrides.apply(self._settings))
+        return CallOptions(self, overrides)
 
     def inflight(self) -> list[InFlightInfo]:
         """The flights of this process now: job id, leading or following, local waiters, age."""
@@ -642,28 +701,51 @@ class SingleFlight:
         """Drop the value kept for ``job_id`` (in Redis, and this process's local copy), so
         the next call runs the function: call it after a write that makes the value stale.
 
-        Returns True if a kept value was dropped: one Redis would still have served to new
-        callers, or a fresh local copy (``local_cache``); False if there was none. A flight
-        running now still completes and keeps its value as usual. Decorated functions have
-        ``fn.forget(*args, **kwargs)``; raises BackendUnavailable or ConfigurationError as a
-        call would."""
+        It also voids a run going on now (memcache's delete-voids-lease): once forget
+        returns, no call that starts later gets a value from a run that started before it.
+        That run's own callers (and those already waiting on it) still get its outcome; it
+        stores nothing, and waiters in other processes are told to look again at once.
+
+        Returns True if a kept value was dropped: one Redis would still have served fresh
+        to new callers, or a fresh local copy (``local_cache``); False if there was none.
+        Decorated functions have ``fn.forget(*args, **kwargs)``; raises BackendUnavailable
+        or ConfigurationError as a call would."""
         names, backend, dropped = self._forgetting(job_id)
         with typed_errors():
-            kept = backend.run_sync_script(forget_call(names))
-        return bool(kept) or dropped
+            fresh, voided = backend.run_sync_script(forget_call(names, self._token_ttl_ms()))
+        if voided:
+            try:
+                backend.run_sync_script(self._voided_notice(backend, names, int(voided)))
+            except Exception as exc:  # a hint only: the waiters look again at the lease's end
+                log.info("could not tell the waiters of %r to look again: %s", job_id, exc)
+        return bool(fresh) or dropped
 
     async def aforget(self, job_id: str) -> bool:
         """``forget`` for asyncio code: the same, over the asyncio client."""
         names, backend, dropped = self._forgetting(job_id)
         with typed_errors():
-            kept = await backend.run_async_script(forget_call(names))
-        return bool(kept) or dropped
+            fresh, voided = await backend.run_async_script(forget_call(names, self._token_ttl_ms()))
+        if voided:
+            try:
+                await backend.run_async_script(self._voided_notice(backend, names, int(voided)))
+            except Exception as exc:  # a hint only: the waiters look again at the lease's end
+                log.info("could not tell the waiters of %r to look again: %s", job_id, exc)
+        return bool(fresh) or dropped
+
+    def _token_ttl_ms(self) -> int:
+        return max(1, round(self._settings.token_ttl * 1000))
+
+    @staticmethod
+    def _voided_notice(backend: Backend, names: Names, token: int) -> ScriptCall:
+        notice = backend.codec.notice(NOTICE_ABORTED, channel=names.channel, token=token)
+        return notify_call(names, notice, backend.publish)
 
     def _forgetting(self, job_id: str) -> tuple[Names, Backend, bool]:
         names = names_for(self._settings.prefix, validate_job_id(job_id))
         backend = self.backend()
         copies = backend.local_copies
         dropped = copies is not None and copies.discard(names.channel)
+        backend.void_flights(names.channel)  # callers from now on start a flight of their own
         return names, backend, dropped
 
     # --- decorating ---------------------------------------------------------------------------
@@ -681,6 +763,12 @@ class SingleFlight:
         lock_ttl: float | None = INHERIT,
         wait_timeout: float | None = INHERIT,
         result_ttl: float | None = INHERIT,
+        stale_while_revalidate: float | None = INHERIT,
+        stale_if_error: float | None = INHERIT,
+        error_backoff: float | None = INHERIT,
+        soft_timeout: float | None = INHERIT,
+        early_refresh: float | None = INHERIT,
+        answers: tuple[type[BaseException], ...] | None = INHERIT,
     ) -> AsyncFlightFunction[P, R]: ...
     @overload
     def __call__(
@@ -693,6 +781,12 @@ class SingleFlight:
         lock_ttl: float | None = INHERIT,
         wait_timeout: float | None = INHERIT,
         result_ttl: float | None = INHERIT,
+        stale_while_revalidate: float | None = INHERIT,
+        stale_if_error: float | None = INHERIT,
+        error_backoff: float | None = INHERIT,
+        soft_timeout: float | None = INHERIT,
+        early_refresh: float | None = INHERIT,
+        answers: tuple[type[BaseException], ...] | None = INHERIT,
     ) -> FlightFunction[P, R]: ...
     @overload
     def __call__(
@@ -705,6 +799,12 @@ class SingleFlight:
         lock_ttl: float | None = INHERIT,
         wait_timeout: float | None = INHERIT,
         result_ttl: float | None = INHERIT,
+        stale_while_revalidate: float | None = INHERIT,
+        stale_if_error: float | None = INHERIT,
+        error_backoff: float | None = INHERIT,
+        soft_timeout: float | None = INHERIT,
+        early_refresh: float | None = INHERIT,
+        answers: tuple[type[BaseException], ...] | None = INHERIT,
     ) -> _Decorator: ...
     def __call__(
         self,
@@ -753,6 +853,54 @@ class SingleFlight:
         s = self._settings
         where = "client" if s.client or s.async_client else (s.url or "DEDUPE_REDIS_URL")
         return f"SingleFlight({where}, prefix={s.prefix!r}, lock_ttl={s.lock_ttl})"
+
+
+class CallOptions:
+    """``SingleFlight.options(...)``: ``call`` and ``call_detailed`` under per-call settings
+    (the rest the instance's, also after ``configure``)."""
+
+    __slots__ = ("_overrides", "_sf")
+
+    def __init__(self, sf: SingleFlight, overrides: _Overrides) -> None:
+        self._sf = sf
+        self._overrides = overrides
+
+    def __repr__(self) -> str:
+        return f"CallOptions({self._sf!r}, {self._overrides!r})"
+
+    @overload
+    def call(
+        self,
+        job_id: str,
+        fn: Callable[P, Coroutine[Any, Any, R]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Coroutine[Any, Any, R]: ...
+    @overload
+    def call(self, job_id: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
+    def call(self, job_id: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """``SingleFlight.call`` under these settings."""
+        return self._sf._call(job_id, fn, args, kwargs, False, self._overrides)
+
+    @overload
+    def call_detailed(
+        self,
+        job_id: str,
+        fn: Callable[P, Coroutine[Any, Any, Any]],
+        /,
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Coroutine[Any, Any, Served]: ...
+    @overload
+    def call_detailed(
+        self, job_id: str, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs
+    ) -> Served: ...
+    def call_detailed(
+        self, job_id: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> Any:
+        """``SingleFlight.call_detailed`` under these settings."""
+        return self._sf._call(job_id, fn, args, kwargs, True, self._overrides)
 
 
 def _document() -> None:

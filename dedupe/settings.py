@@ -118,6 +118,27 @@ class OneOf:
             raise ValueError(f"{name} must be {either}, not {value!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class Factor:
+    """A plain number: finite, >= 0."""
+
+    unit: str = ""
+
+    def __call__(self, name: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be >= 0 and finite, not {value}")
+
+
+def _check_answers(name: str, value: object) -> None:
+    if not isinstance(value, tuple):
+        raise TypeError(f"{name} must be a tuple of exception classes, not {type(value).__name__}")
+    for item in value:
+        if not (isinstance(item, type) and issubclass(item, BaseException)):
+            raise TypeError(f"{name} must hold exception classes only, not {item!r}")
+
+
 def _check_url(name: str, value: object) -> None:
     if value is not None:
         parse_url(value)  # type: ignore[arg-type]  # it names the type it wants
@@ -264,6 +285,59 @@ class Settings:
         Seconds(),
         per_function=True,
     )
+    stale_while_revalidate: float = setting(
+        0.0,
+        "for this long after `result_ttl` ends, callers get the stale value at once, and the "
+        "first caller fleet-wide that finds it stale starts one refresh in the background "
+        "(`Served.stale`); `0`: off",
+        Seconds(),
+        per_function=True,
+    )
+    stale_if_error: float = setting(
+        0.0,
+        "when a run fails and the last good value is at most this far past its `result_ttl`, "
+        "everyone waiting on that run gets the stale value instead of the error, and the good "
+        "value stays; `0`: off",
+        Seconds(),
+        per_function=True,
+    )
+    error_backoff: float | None = setting(
+        None,
+        "after a stale value stood in for a failed run, callers fleet-wide get it without a "
+        "run for this long (at most `stale_if_error`)",
+        Seconds(none=True),
+        per_function=True,
+        shown="`min(30, stale_if_error)` s",
+    )
+    soft_timeout: float | None = setting(
+        None,
+        "a caller that has waited this long for a run while a stale value exists gets the "
+        "stale value; the run goes on and stores its outcome (needs `stale_if_error`; never "
+        "cuts short a sync caller running the function itself); `None`: off",
+        Seconds(none=True, positive=True),
+        per_function=True,
+    )
+    early_refresh: float = setting(
+        0.0,
+        "XFetch's beta: a fresh hit starts one background refresh early, with a chance that "
+        "grows near the end of `result_ttl` and with the last run's length (`1`: the paper's "
+        "default); `0`: off",
+        Factor(),
+        per_function=True,
+    )
+    answers: tuple[type[BaseException], ...] = setting(
+        (),
+        "exception classes that are answers, not failures (a not-found): `stale_if_error` "
+        "never replaces them (nor aborts: KeyboardInterrupt, SystemExit, CancelledError)",
+        _check_answers,
+        per_function=True,
+    )
+    max_background_runs: int = setting(
+        16,
+        "the most background refreshes this process runs at once; beyond it, callers get "
+        "the stale value without starting one",
+        Size(),
+    )
     serializer: str | Serializer = setting(  # noqa: RUF009 (setting() is a field specifier)
         "safe",
         '`"safe"` (typed JSON: reading it runs no code), `"json"` (plain, lossy), `"pickle"` '
@@ -360,6 +434,17 @@ def check_relations(s: Settings) -> None:
             "bounds how long one leader may keep renewing its lease"
         )
     validate_security(s.serializer, s.secret)  # pickle needs a secret
+    if s.error_backoff is not None and s.error_backoff > s.stale_if_error:
+        raise ValueError(
+            f"error_backoff ({s.error_backoff:g} s) must be at most stale_if_error "
+            f"({s.stale_if_error:g} s): the backoff serves the stale value, which is served "
+            "only within stale_if_error"
+        )
+    if s.soft_timeout is not None and not s.stale_if_error:
+        raise ValueError(
+            "soft_timeout needs stale_if_error > 0: a caller past its soft timeout gets a "
+            "stale value, and stale_if_error is how long past result_ttl one is kept for it"
+        )
 
 
 def _declarations() -> Iterator[tuple[Field[Any], Declared]]:

@@ -2,9 +2,10 @@
 
 The same generated and mutated inputs go to both readers of a record's header (Lua 5.1
 through lupa, as Redis runs it, and ``record.read_header``), which must give the same
-verdict: both refuse it, or both read the same three numbers. The freshness rule is held to
-the same answer in both (``record_fresh`` against ``record.fresh_ms``), and so are the real
-ACQUIRE and FORGET scripts, run by the simulator's Redis, against what Python predicts.
+verdict: both refuse it, or both read the same three numbers. The rule that says whether a
+record is current and how fresh or stale it is is held to the same answer in both
+(``record_state`` in Lua against ``record.record_state``), and so are the real ACQUIRE and
+FORGET scripts, run by the simulator's Redis, against what Python predicts.
 
 Seeded. By default each reader property runs 60 hypothesis examples of 5 to 40 inputs
 each, beside a plain random sweep of 30,000 inputs (about 35,000 headers and 30,500
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import pytest
 from hypothesis import HealthCheck, example, given, seed, settings
@@ -26,7 +27,7 @@ from hypothesis import strategies as st
 from lupa import lua51
 
 from dedupe.core import record
-from dedupe.core.record import MAX_NUMBER, fresh_ms, parse_lock, read_header
+from dedupe.core.record import MAX_NUMBER, fresh_ms, parse_lock, read_header, record_state
 from dedupe.core.scripts import ACQUIRE, FORGET
 from dedupe.core.sealing import Codec, Outcome
 from dedupe.errors import EnvelopeError
@@ -80,9 +81,9 @@ class LuaRecord:
         self.fns = self.lua.execute(
             (
                 record.LUA_HEADER
-                + record.LUA_FRESH
+                + record.LUA_RECORD
                 + record.LUA_LOCK
-                + "return {header = record_header, fresh = record_fresh, "
+                + "return {header = record_header, state = record_state, "
                 "lock_value = lock_value, lock_token = lock_token}"
             ).encode()
         )
@@ -103,12 +104,19 @@ class LuaRecord:
         got = self.fns.header(data)
         if got is None:
             return None
-        tok, keep, ttl = got
+        tok, keep, ttl, at = got
         assert isinstance(tok, bytes) and tok.isdigit()
+        h = read_header(data)
+        assert h is None or at == h[3] + 1  # where the envelope starts (Lua counts from 1)
         return int(tok), keep, ttl
 
-    def fresh(self, token: int, keep: int, ttl: int) -> Any:
-        return self.fns.fresh(b"result", b"counter", b"%d" % token, keep, ttl)
+    def times(self, token: int, keep: int, ttl: int) -> tuple[int, int, int] | None:
+        """record_state's three numbers (fresh, age, run), or None (not current)."""
+        got = self.fns.state(b"result", b"counter", b"%d" % token, keep, ttl)
+        if got is None:
+            return None
+        assert all(type(n) in (int, float) for n in got), got
+        return tuple(int(n) for n in got)  # type: ignore[return-value]
 
 
 LUA = LuaRecord()
@@ -354,6 +362,10 @@ def fresh_cases(draw: st.DrawFn) -> tuple[int, int, int, int, bytes | None, int,
             st.none(),
             st.just(b"%d" % (token + 1)),
             st.just(b"0" + spelt),
+            st.just(b"%d:%b" % (token + 1, spelt)),  # a refresh of it runs: still current
+            st.just(b"%b:%d" % (spelt, token + 1)),
+            st.just(b"%d:0%b" % (token + 1, spelt)),
+            st.just(spelt + b":"),
             st.binary(max_size=20),
         )
     )
@@ -367,9 +379,9 @@ def test_lua_and_python_judge_freshness_alike(
 ) -> None:
     for token, keep, ttl, pttl, counter, sec, usec in batch:
         LUA.state.update(pttl=pttl, counter=counter, time=(sec, usec))
-        lua = LUA.fresh(token, keep, ttl)
-        python = fresh_ms(token, keep, ttl, pttl, counter, sec * 1000 + usec // 1000)
-        assert lua == python and type(lua) is int, (token, keep, ttl, pttl, counter, sec, usec)
+        lua = LUA.times(token, keep, ttl)
+        python = record_state(token, keep, ttl, pttl, counter, sec * 1000 + usec // 1000)
+        assert lua == python, (token, keep, ttl, pttl, counter, sec, usec)
 
 
 def test_lua_and_python_judge_freshness_alike_swept() -> None:
@@ -383,32 +395,66 @@ def test_lua_and_python_judge_freshness_alike_swept() -> None:
         if now_ms < 0 or rng.random() < 0.1:
             now_ms = rng.randrange(4 * 10**12)
         sec, usec = now_ms // 1000, (now_ms % 1000) * 1000 + rng.randrange(1000)
-        counter = rng.choice([b"%d" % token, b"%d" % token, None, b"%d" % (token + 1), b"x"])
+        counter = rng.choice(
+            [b"%d" % token, b"%d" % token, None, b"%d" % (token + 1), b"x",
+             b"%d:%d" % (token + 1, token), b"%d:%d" % (token, token - 1)]
+        )  # fmt: skip
         LUA.state.update(pttl=pttl, counter=counter, time=(sec, usec))
-        lua = LUA.fresh(token, keep, ttl)
-        assert lua == fresh_ms(token, keep, ttl, pttl, counter, now_ms), (token, keep, ttl, pttl)
+        lua = LUA.times(token, keep, ttl)
+        assert lua == record_state(token, keep, ttl, pttl, counter, now_ms), (
+            token, keep, ttl, pttl, counter
+        )  # fmt: skip
 
 
 def test_freshness_reads_the_counter_and_the_clock_only_when_it_must() -> None:
     LUA.calls.clear()
     LUA.state.update(pttl=500, counter=b"1", time=(1, 0))
-    assert LUA.fresh(1, 0, 1000) == 0  # keeps nothing: PTTL only
-    assert LUA.fresh(1, 1000, 100) == 0  # a longer life than sealed
-    assert LUA.calls == [b"PTTL", b"PTTL"]
+    assert LUA.times(1, 0, 1000) is None  # keeps nothing: no call at all
+    assert LUA.calls == []
+    assert LUA.times(1, 1000, 100) is None  # a longer life than sealed
+    assert LUA.calls == [b"PTTL"]
     LUA.calls.clear()
-    assert LUA.fresh(2, 1000, 1000) == 0  # the counter names another lease
+    assert LUA.times(2, 1000, 1000) is None  # the counter names another lease
     assert LUA.calls == [b"PTTL", b"GET"]
+    LUA.calls.clear()
+    LUA.state.update(counter=b"3:2")  # lease 3 refreshes record 2: still current
+    assert LUA.times(2, 1000, 1000) is not None
+    assert LUA.calls == [b"PTTL", b"GET", b"TIME"]
 
 
 # --------------------------------------------------------------------------- the real scripts
 
 
+class Case(NamedTuple):
+    """What a job's keys hold, what the acquiring caller asks, and the server's clock."""
+
+    data: bytes  # the result key
+    pttl: int  # its PTTL (-1: no expiry)
+    counter: bytes | None
+    lock_pttl: int | None  # the lock's PTTL (None: no lock; -1: no expiry)
+    backoff: bool  # the error mark is there
+    floor: int | None
+    swr: int  # the caller's stale_while_revalidate, ms
+    sie: int  # its stale_if_error, ms
+    early: int  # its XFetch draw, thousandths
+    flags: int  # 1: may refresh in the background; 2: after an error
+    now_us: int
+
+
 @st.composite
-def stored_cases(draw: st.DrawFn) -> tuple[bytes, int, bytes | None, int | None, int]:
-    """A result key's bytes and PTTL, the counter, the acquire's floor, and the server's clock:
-    often a plausible record (a recent lease, a short keep), else anything above."""
+def stored_cases(draw: st.DrawFn) -> Case:
+    """Often a plausible record (a recent lease, a short keep, a counter naming it, windows
+    around its staleness), else anything above."""
     now_us = draw(st.integers(1_700_000_000_000_000, 1_900_000_000_000_000))
-    if draw(st.booleans()):
+    shape = draw(st.sampled_from(["kept", "kept", "kept", "plausible", "anything"]))
+    if shape == "kept":  # as a leader keeps a value: fresh, stale, or past every window
+        run, result_ttl = draw(st.integers(0, 500)), draw(st.integers(1, 3000))
+        keep, ttl = result_ttl + run, result_ttl + draw(st.integers(0, 5000))
+        age = draw(st.integers(0, ttl - 1))  # a key with PTTL 0 is gone
+        token = now_us - (age + run) * 1000 - draw(st.integers(0, 999))
+        data = record.header(token, keep, ttl) + b"DD\x02v"
+        pttl = ttl - age
+    elif shape == "plausible":
         token = now_us - draw(st.integers(0, 5_000_000))
         keep, ttl = draw(st.integers(0, 5000)), draw(st.integers(0, 5000))
         data = record.header(token, keep, ttl) + draw(st.binary(max_size=4))
@@ -420,43 +466,153 @@ def stored_cases(draw: st.DrawFn) -> tuple[bytes, int, bytes | None, int | None,
         pttl = draw(st.one_of(st.just(-1), st.integers(1, 6000)))
     h = read_header(data)
     own = None if h is None else b"%d" % h[0]
-    counter = draw(st.one_of(st.just(own), st.just(own), st.none(), st.binary(max_size=18)))
-    floor = draw(st.one_of(st.none(), numbers, st.just(h[0] if h else 0)))
-    return data, pttl, counter, floor, now_us
+    based = None if h is None else b"%d:%d" % (h[0] + 7, h[0])
+    current = st.one_of(st.just(own), st.just(based))
+    others = st.one_of(st.none(), st.binary(max_size=18))
+    counter = draw(st.one_of(current, current, current, others) if shape == "kept" else
+                   st.one_of(current, others))  # fmt: skip
+    floor = draw(st.one_of(st.none(), st.none(), st.none(), numbers, st.just(h[0] if h else 0)))
+    window = st.one_of(st.just(0), st.integers(0, 6000), st.integers(0, 6000))
+    return Case(
+        data,
+        pttl,
+        counter,
+        draw(st.one_of(st.none(), st.none(), st.just(-1), st.integers(1, 10_000))),
+        draw(st.booleans()),
+        floor,
+        draw(window),
+        draw(window),
+        draw(st.one_of(st.just(0), st.integers(0, 5000))),
+        draw(st.integers(0, 3)),
+        now_us,
+    )
+
+
+def predict_acquire(c: Case) -> tuple[str, list[Any]]:
+    """What ACQUIRE replies, by the rules its comment states: ("lead", [base]) for a grant
+    (then the reply is a token, or an array holding it), else ("reply", the reply)."""
+    now_ms = c.now_us // 1000
+    h = read_header(c.data)
+    state = stale = None
+    if h is not None:
+        state = record_state(*h[:3], c.pttl, c.counter, now_ms)
+        ours = c.floor is not None and h[0] >= c.floor
+        if state is not None and state.fresh_ms > 0 and (c.floor is None or ours):
+            fire = c.early > 0 and c.flags & 1 and state.run_ms * c.early / 1000 >= state.fresh_ms
+            if fire and c.lock_pttl is None and not c.backoff:
+                return "refresh", [3, c.data, state.fresh_ms, state.age_ms, h[0]]
+            return "reply", [0, c.data, state.fresh_ms, state.age_ms]
+        if ours:
+            return "reply", [0, c.data, 0, state.age_ms if state else 0]
+        if state is not None and (-state.fresh_ms < c.swr or -state.fresh_ms < c.sie):
+            stale = state
+    lock = None if c.lock_pttl is None else (10_000 if c.lock_pttl == -1 else c.lock_pttl)
+    if stale is not None:
+        assert h is not None
+        served = [c.data, stale.fresh_ms, stale.age_ms]
+        if c.flags & 2 or c.backoff:
+            return "reply", [4, *served, b"e"]
+        if -stale.fresh_ms < c.swr:
+            if lock is not None or not c.flags & 1:
+                return "reply", [4, *served, b"r"]
+            return "refresh", [3, *served, h[0]]
+        if lock is None:
+            return "fallback", [2, *served, h[0]]
+        return "reply", [1, lock, b"holder", *served]
+    if lock is not None:
+        return "reply", [1, lock, b"holder"]
+    return "lead", []
+
+
+def check_acquire_and_forget(c: Case) -> str:
+    """Run ACQUIRE and FORGET on the case's keys; assert they do what Python predicts.
+    Returns the kind of reply (for coverage counts)."""
+    redis = SimRedis(lambda: c.now_us, lambda channel, message: 0)
+    lock, token, result, error = b"p:{j}:lock", b"p:{j}:token", b"p:{j}:result", b"p:{j}:error"
+
+    def store() -> None:
+        redis.data.clear()
+        redis.data[result] = (c.data, None if c.pttl < 0 else redis.now_ms() + c.pttl)
+        if c.counter is not None:
+            redis.data[token] = (c.counter, None)
+        if c.lock_pttl is not None:
+            expiry = None if c.lock_pttl < 0 else redis.now_ms() + c.lock_pttl
+            redis.data[lock] = (b"holder", expiry)
+        if c.backoff:
+            redis.data[error] = (b"1", redis.now_ms() + 30_000)
+
+    kind, want = predict_acquire(c)
+    store()
+    args = [b"owner", b"10000", b"60000", b"" if c.floor is None else b"%d" % c.floor]
+    if c.swr or c.sie or c.early or c.flags:
+        args += [b"%d" % c.swr, b"%d" % c.sie, b"%d" % c.early, b"%d" % c.flags]
+    got = redis.evalsha(redis.load(ACQUIRE), [lock, token, result, error], args)
+    if kind == "reply":
+        assert got == want, (got, c)
+    else:
+        granted = got if kind == "lead" else got[4] if kind == "refresh" else got[1]
+        assert isinstance(granted, int) and granted >= c.now_us, (got, c)
+        if kind == "refresh":
+            assert got[:4] == want[:4], (got, c)
+        if kind == "fallback":
+            assert [got[0], *got[2:]] == [2, *want[1:4]], (got, c)
+        # The lease is ours; the counter names it, and the record it refreshes, if any.
+        assert redis.get(lock) == b"%d:owner" % granted
+        base = b"" if kind == "lead" else b":%d" % want[-1]
+        assert redis.get(token) == b"%d" % granted + base
+    store()
+    h = read_header(c.data)
+    fresh = 0 if h is None else fresh_ms(*h[:3], c.pttl, c.counter, c.now_us // 1000)
+    got = redis.evalsha(redis.load(FORGET), [result, token, lock, error], [b"60000"])
+    assert got == [int(fresh > 0), 0], c  # the lock "holder" is no lock value dedupe wrote
+    assert redis.get(result) is None and redis.get(error) is None and redis.get(lock) is None
+    if c.counter is not None:  # moved past every lease: no run that started before stores
+        moved = redis.get(token)
+        assert moved is not None and moved.isdigit() and int(moved) >= c.now_us, (moved, c)
+        lease, _ = record.counter_parts(c.counter)
+        assert lease is None or int(lease) >= 9 * 10**15 or int(moved) > int(lease), (moved, c)
+    return kind if kind != "reply" else f"reply {want[0]}"
 
 
 @examples(SCRIPTS)
 @given(case=stored_cases())
-def test_acquire_and_forget_judge_records_as_python_does(
-    case: tuple[bytes, int, bytes | None, int | None, int],
-) -> None:
-    data, pttl, counter, floor, now_us = case
-    redis = SimRedis(lambda: now_us, lambda channel, message: 0)
-    lock, token, result = b"p:{j}:lock", b"p:{j}:token", b"p:{j}:result"
+def test_acquire_and_forget_judge_records_as_python_does(case: Case) -> None:
+    check_acquire_and_forget(case)
 
-    def store() -> None:
-        redis.data.clear()
-        redis.data[result] = (data, None if pttl < 0 else redis.now_ms() + pttl)
-        if counter is not None:
-            redis.data[token] = (counter, None)
 
-    # What Python says the scripts do with this record.
-    h = read_header(data)
-    fresh = 0 if h is None else fresh_ms(*h[:3], pttl, counter, now_us // 1000)
-    ours = h is not None and (floor is None or h[0] >= floor)
-
-    store()
-    args = [b"owner", b"10000", b"60000", b"" if floor is None else b"%d" % floor]
-    got = redis.evalsha(redis.load(ACQUIRE), [lock, token, result], args)
-    if ours and fresh > 0:
-        assert got == [0, data, fresh]
-    elif ours and floor is not None:
-        assert got == [0, data, 0]
-    else:
-        assert isinstance(got, int) and got >= now_us  # no record for us: we lead
-    store()
-    assert redis.evalsha(redis.load(FORGET), [result, token], []) == int(fresh > 0)
-    assert redis.get(result) is None
+def test_acquire_serves_and_refreshes_as_python_predicts_swept() -> None:
+    """Kept values at every point of their life, with windows, locks, backoffs and flags
+    around them; each of ACQUIRE's replies must come up, or the sweep proves nothing."""
+    rng = random.Random(int(_SEED) if _SEED else None)
+    seen: dict[str, int] = {}
+    for _ in range(SWEEP // 10):
+        now_us = rng.randrange(1_700_000_000_000_000, 1_900_000_000_000_000)
+        run, result_ttl = rng.randrange(500), rng.randrange(1, 3000)
+        keep, ttl = result_ttl + run, result_ttl + rng.randrange(5000)
+        age = rng.randrange(ttl)
+        tok = now_us - (age + run) * 1000 - rng.randrange(1000)
+        counter = rng.choice([b"%d" % tok, b"%d:%d" % (tok + 9, tok), b"%d" % (tok + 9), None])
+        case = Case(
+            record.header(tok, keep, ttl) + b"DD\x02v",
+            ttl - age,
+            counter,
+            rng.choice([None, None, rng.randrange(1, 10_000)]),
+            rng.random() < 0.2,
+            rng.choice([None, None, None, tok, tok + 9]),
+            rng.choice([0, rng.randrange(6000)]),
+            rng.choice([0, rng.randrange(6000)]),
+            rng.choice([0, 0, rng.randrange(1, 20_000)]),
+            rng.randrange(4),
+            now_us,
+        )
+        state = record_state(tok, keep, ttl, ttl - age, counter, now_us // 1000)
+        if state is not None and rng.random() < 0.3:  # a window that ends right there
+            edge = max(0, -state.fresh_ms + rng.choice([-1, 0, 1]))
+            case = case._replace(**{rng.choice(["swr", "sie"]): edge})
+        kind = check_acquire_and_forget(case)
+        seen[kind] = seen.get(kind, 0) + 1
+    wanted = ["lead", "refresh", "fallback", "reply 0", "reply 1", "reply 4"]
+    assert all(seen.get(k, 0) >= 10 for k in wanted), seen
 
 
 # --------------------------------------------------------------------------- lock values, notices

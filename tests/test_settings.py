@@ -96,6 +96,18 @@ def test_the_decorator_spells_out_every_per_function_setting() -> None:
     # The implementation takes them by name from the declarations, and nothing else.
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_hold'"):
         SingleFlight(NOWHERE)(max_hold=400.0)  # type: ignore[call-overload]
+    # options() (call()'s per-call settings) spells out the same keywords.
+    params = [
+        p
+        for p in inspect.signature(SingleFlight.options).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    assert tuple(p.name for p in params) == own
+    for p in params:
+        assert p.default is INHERIT, p.name
+        assert p.annotation == _function_annotation(by_name[p.name]), p.name
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_hold'"):
+        SingleFlight(NOWHERE).options(max_hold=400.0)  # type: ignore[call-arg]
 
 
 def test_every_setting_is_checked_alike_by_the_constructor_configure_and_the_decorator() -> None:
@@ -139,10 +151,12 @@ def test_the_backend_config_is_the_settings_resolved() -> None:
 
 def test_every_flight_spec_field_comes_from_the_settings_or_the_flight() -> None:
     spec_fields = {f.name for f in dataclasses.fields(FlightSpec)}
-    assert spec_fields == set(_FlightParams._fields) - {"wait_timeout"} | {
+    # The caller's timeouts become the flight's deadlines, on its clock.
+    assert spec_fields == set(_FlightParams._fields) - {"wait_timeout", "soft_timeout"} | {
         "names",
         "owner",
         "deadline",
+        "soft_deadline",
     }
     with pytest.raises(TypeError):
         FlightSpec(names_for("p", "x"), "o", 1, 1, 1, 1, 1, None)  # type: ignore[call-arg]
@@ -159,14 +173,14 @@ def test_a_functions_own_settings_reach_its_flight_spec_and_survive_configure(
     own = fn._self_flown.overrides  # type: ignore[attr-defined]
     try:
         names = names_for(prefix, "x")
-        spec = sf._spec_maker(sf.backend(), names, own)(None)
+        spec = sf._spec_maker(sf.backend(), names, own)(None, None)
         assert (spec.lock_ttl_ms, spec.result_ttl_ms, spec.grace_ms) == (5000, 0, 7000)
         assert sf._flight_params(own).wait_timeout == 4.0  # inherited
         sf.configure(wait_timeout=6.0, lock_ttl=1.0, token_ttl=8.0)
-        spec = sf._spec_maker(sf.backend(), names, own)(1.5)
+        spec = sf._spec_maker(sf.backend(), names, own)(1.5, None)
         assert (spec.lock_ttl_ms, spec.result_ttl_ms, spec.token_ttl_ms) == (5000, 0, 8000)
         assert spec.deadline == 1.5 and sf._flight_params(own).wait_timeout == 6.0
-        plain = sf._spec_maker(sf.backend(), names, _Overrides())(None)
+        plain = sf._spec_maker(sf.backend(), names, _Overrides())(None, None)
         assert (plain.lock_ttl_ms, plain.result_ttl_ms) == (1000, 3000)
     finally:
         sf.close()

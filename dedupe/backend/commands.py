@@ -19,6 +19,8 @@ from dedupe.core.protocol import (
     BUSY,
     DONE,
     LEAD,
+    REFRESH,
+    STALE,
     Acquire,
     Acquired,
     Complete,
@@ -41,6 +43,7 @@ __all__ = [
     "complete_call",
     "discard_call",
     "forget_call",
+    "notify_call",
     "parse_acquired",
     "parse_completed",
     "peek_call",
@@ -76,6 +79,8 @@ COMPLETE_SHARDED = _script(scripts.COMPLETE_SHARDED)
 DISCARD = _script(scripts.DISCARD)
 PEEK = _script(scripts.PEEK)
 FORGET = _script(scripts.FORGET)
+NOTIFY = _script(scripts.NOTIFY)
+NOTIFY_SHARDED = _script(scripts.NOTIFY_SHARDED)
 
 
 class Stamp:
@@ -101,30 +106,49 @@ class ScriptCall(NamedTuple):  # made twice per flight: a tuple is the cheapest 
         return (self.script.lua, len(self.keys), *self.keys, *self.args)
 
 
-def acquire_call(spec: FlightSpec, cmd: Acquire) -> ScriptCall:
+def acquire_call(spec: FlightSpec, cmd: Acquire, background: bool = False) -> ScriptCall:
+    """``background``: this process may run a refresh in the background now."""
     n = spec.names
+    if not spec.caching:  # the arguments of every call without cache-fill settings
+        return ScriptCall(
+            ACQUIRE,
+            (n.lock, n.token, n.result, n.error),
+            (spec.owner, spec.lock_ttl_ms, spec.token_ttl_ms, cmd.floor),
+        )
+    flags = (1 if background else 0) | (2 if cmd.after_error else 0)
     return ScriptCall(
         ACQUIRE,
-        (n.lock, n.token, n.result),
-        (spec.owner, spec.lock_ttl_ms, spec.token_ttl_ms, cmd.floor),
-    )
+        (n.lock, n.token, n.result, n.error),
+        (spec.owner, spec.lock_ttl_ms, spec.token_ttl_ms, cmd.floor, spec.stale_ms,
+         spec.error_ms, cmd.early, flags),
+    )  # fmt: skip
 
 
 def complete_call(spec: FlightSpec, cmd: Complete, publish: str) -> ScriptCall:
     n = spec.names
-    return ScriptCall(
-        COMPLETE_SHARDED if publish == "SPUBLISH" else COMPLETE,
-        (n.lock, n.result, n.token),
-        (cmd.lock_value, cmd.record, max(1, cmd.record_ttl_ms), cmd.message),
-    )
+    script = COMPLETE_SHARDED if publish == "SPUBLISH" else COMPLETE
+    keys = (n.lock, n.result, n.token, n.error)
+    args: tuple[str | bytes | int, ...] = (
+        cmd.lock_value, cmd.record, max(1, cmd.record_ttl_ms), cmd.message
+    )  # fmt: skip
+    if spec.caching:
+        fallback = cmd.fallback or ""
+        args += (fallback, spec.error_ms, spec.backoff_ms, cmd.stale_notice)
+    return ScriptCall(script, keys, args)
 
 
 def discard_call(spec: FlightSpec, cmd: Discard) -> ScriptCall:
     return ScriptCall(DISCARD, (spec.names.result,), (cmd.record,))
 
 
-def forget_call(names: Names) -> ScriptCall:
-    return ScriptCall(FORGET, (names.result, names.token), ())
+def forget_call(names: Names, token_ttl_ms: int) -> ScriptCall:
+    return ScriptCall(FORGET, (names.result, names.token, names.lock, names.error), (token_ttl_ms,))
+
+
+def notify_call(names: Names, message: bytes, publish: str) -> ScriptCall:
+    return ScriptCall(
+        NOTIFY_SHARDED if publish == "SPUBLISH" else NOTIFY, (names.lock,), (message,)
+    )
 
 
 def peek_call(spec: FlightSpec) -> ScriptCall:
@@ -135,19 +159,41 @@ def renew_call(lock_key: str, lock_value: str, ttl_ms: int) -> ScriptCall:
     return ScriptCall(RENEW, (lock_key,), (lock_value, ttl_ms))
 
 
+def _text(raw: Any) -> str:
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+
 def parse_acquired(raw: Any, sent: float = 0.0) -> Acquired:
     """The acquire script's reply; ``sent``: when its request was written (see Acquired)."""
     if type(raw) is int:  # the usual reply: we lead, with this token
         return Acquired(LEAD, token=raw, sent=sent)
     state = int(raw[0])
+    n = len(raw)
     if state == DONE:
-        fresh = int(raw[2]) if len(raw) > 2 else 0
-        return Acquired(DONE, record=bytes(raw[1]), fresh_ms=fresh, sent=sent)
+        return Acquired(
+            DONE,
+            record=bytes(raw[1]),
+            fresh_ms=int(raw[2]) if n > 2 else 0,
+            age_ms=int(raw[3]) if n > 3 else 0,
+            sent=sent,
+        )
     if state == BUSY:
-        holder = raw[2].decode("utf-8", "replace") if isinstance(raw[2], bytes) else str(raw[2])
-        return Acquired(BUSY, pttl_ms=int(raw[1]), holder=holder, sent=sent)
+        if n > 3:  # with a stale value to fall back on
+            return Acquired(BUSY, pttl_ms=int(raw[1]), holder=_text(raw[2]), record=bytes(raw[3]),
+                            fresh_ms=int(raw[4]), age_ms=int(raw[5]), sent=sent)  # fmt: skip
+        return Acquired(BUSY, pttl_ms=int(raw[1]), holder=_text(raw[2]), sent=sent)
     if state == LEAD:
+        if n > 2:
+            return Acquired(LEAD, token=int(raw[1]), record=bytes(raw[2]), fresh_ms=int(raw[3]),
+                            age_ms=int(raw[4]), sent=sent)  # fmt: skip
         return Acquired(LEAD, token=int(raw[1]), sent=sent)
+    if state == REFRESH:
+        return Acquired(REFRESH, record=bytes(raw[1]), fresh_ms=int(raw[2]), age_ms=int(raw[3]),
+                        token=int(raw[4]), sent=sent)  # fmt: skip
+    if state == STALE:
+        why = "error" if n > 4 and raw[4] == b"e" else "revalidate"
+        return Acquired(STALE, record=bytes(raw[1]), fresh_ms=int(raw[2]), age_ms=int(raw[3]),
+                        why=why, sent=sent)  # fmt: skip
     raise ValueError(f"unexpected acquire reply {raw!r}")
 
 
@@ -155,9 +201,7 @@ def parse_completed(raw: Any) -> Completed:
     if isinstance(raw, int):  # the usual reply: no publish error
         return Completed(raw)
     err = raw[1] if len(raw) > 1 else b""
-    return Completed(
-        int(raw[0]), err.decode("utf-8", "replace") if isinstance(err, bytes) else str(err)
-    )
+    return Completed(int(raw[0]), _text(err))
 
 
 _UNAVAILABLE = (

@@ -23,6 +23,7 @@ that very client.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
 import logging
@@ -30,7 +31,9 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, fields
+from typing import Any
 
 from dedupe.backend.clients import Clients, Once, client_name, redact
 from dedupe.backend.commands import complete_call, peek_call
@@ -138,6 +141,11 @@ class Backend:
         self._down_until = 0.0
         self._in_outage = False
         self._local_runs = 0  # under _lock
+        # Background runs (refreshes): places taken (max_background_runs), and the asyncio
+        # tasks running them (kept here: the loop holds tasks only weakly); under _lock.
+        self._background = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stood_in = 0  # failed runs a stale value stood in for; under _lock
         # Leases to give back (release_later): (next look, seq, spec, until, next pause), a
         # heap; and their thread: all under _lock.
         self._releases: list[tuple[float, int, FlightSpec, float, float]] = []
@@ -256,11 +264,79 @@ class Backend:
         if idle and retired:
             self.close(timeout=0)
 
+    # --- background runs (refreshes) ----------------------------------------------------------
+
+    def reserve_background(self) -> bool:
+        """Take a place for a background run, if one of max_background_runs is free."""
+        with self._lock:
+            if self._background >= self.cfg.max_background_runs:
+                return False
+            self._background += 1
+            return True
+
+    def release_background(self) -> None:
+        with self._lock:
+            self._background -= 1
+
+    def run_in_background(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` on a thread of its own, in a copy of the caller's context,
+        counted as a running flight (close() waits for it)."""
+        context = contextvars.copy_context()
+        self.begin_flight()
+
+        def run() -> None:
+            try:
+                context.run(fn, *args)
+            finally:
+                self.end_flight()
+
+        threading.Thread(target=run, name="dedupe-refresh", daemon=True).start()
+
+    def start_task(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in a task of the running loop that this backend keeps until it ends,
+        counted as a running flight; aclose() lets it finish, or cancels it."""
+        self.begin_flight()
+
+        async def run() -> None:
+            try:
+                await coro
+            finally:
+                self.end_flight()
+
+        task = asyncio.get_running_loop().create_task(run(), name="dedupe-refresh")
+        with self._lock:
+            self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        with self._lock:
+            self._tasks.discard(task)
+
+    async def aclose_tasks(self, timeout: float | None) -> None:
+        """Let this loop's background runs finish, for up to ``timeout`` (None: lock_ttl);
+        then cancel those still running, and wait for them to end."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            tasks = [t for t in self._tasks if t.get_loop() is loop]
+        if not tasks:
+            return
+        wait = self.cfg.lock_ttl if timeout is None else timeout
+        _, pending = await asyncio.wait(tasks, timeout=wait) if wait > 0 else ((), set(tasks))
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    def stood_in(self) -> None:
+        with self._lock:
+            self._stood_in += 1
+
     def stats(self) -> dict[str, int]:
         hub, renewer = self._hub.value, self._renewer.value
         with self._lock:
             tables = list(self._loop_flights.values())
             local_runs = self._local_runs
+            background, stood_in = self._background, self._stood_in
         return {
             "rejected_envelopes": self.codec.rejected,
             "hub_reconnects": hub.reconnects if hub else 0,
@@ -268,8 +344,19 @@ class Backend:
             "local_runs": local_runs,
             "flights_in_process": len(self.sync_flights) + sum(len(t) for t in tables),
             "local_copies": len(self.local_copies) if self.local_copies is not None else 0,
+            "background_runs": background,
+            "errors_replaced": stood_in,
             **{f"lease_{k}": v for k, v in (renewer.stats() if renewer else {}).items()},
         }
+
+    def void_flights(self, key: str) -> None:
+        """forget(): detach the key's flights in this process (every table), so that callers
+        from now on start their own rather than join a run that began before."""
+        self.sync_flights.void(key)
+        with self._lock:
+            tables = list(self._loop_flights.values())
+        for table in tables:
+            table.void(key)
 
     def inflight(self) -> list[InFlightInfo]:
         flights = self.sync_flights.snapshot("sync")

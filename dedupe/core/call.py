@@ -48,6 +48,7 @@ of the wrong kind raises ``ProtocolError``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Generator
 from typing import Any, Final, NamedTuple, Protocol, TypeAlias
 
@@ -90,6 +91,8 @@ class End(NamedTuple):
     error: BaseException | None = None
     token: int = 0
     leader_trace: bytes = b""
+    stale: str = ""  # why a stale value was served ("": it was not)
+    age_ms: int = 0  # the value's age, by the server's clock
 
 
 class Takeover(NamedTuple):
@@ -109,11 +112,12 @@ class AwaitFlight(NamedTuple):
 
 class Fly(NamedTuple):
     """Run the flight protocol (run_flight) for ``entry`` on this caller's thread, with the
-    deadline on the machine's clock (None: none). Reply: Finished; its errors are thrown in
-    (BackendUnavailable and kin, WaitTimeout)."""
+    deadline and soft deadline on the machine's clock (None: none). Reply: Finished; its
+    errors are thrown in (BackendUnavailable and kin, WaitTimeout)."""
 
     entry: Entry
     deadline: float | None
+    soft_deadline: float | None = None
 
 
 class Launch(NamedTuple):
@@ -165,27 +169,33 @@ def run_call(
     detail: bool = False,
     tasked: bool = False,
     observed: bool = False,
+    soft_timeout: float | None = None,
 ) -> Generator[CallCommand, Any, Any]:
     """One caller's call, to the value it returns (or the exception it raises).
 
     ``table``: the process's flights (per event loop for asyncio); ``clock``: a monotonic
     clock (the deadline and Fly's deadline are on it); ``detail``: return ``Served``;
-    ``observed``: events listen (Begin, End and Takeover are yielded only then).
+    ``observed``: events listen (Begin, End and Takeover are yielded only then);
+    ``soft_timeout``: past it, a caller still waiting takes the stale value its flight
+    offered, if any (see Offer); a sync caller running the function itself never does.
     """
     key = names.channel
     check_reentry(key, names.job_id)  # raises ReentrantFlight: a leader calling its own key
     handle = (yield _OBSERVE) if observed else None
-    deadline = None if wait_timeout is None else clock() + wait_timeout
+    now = clock()
+    deadline = None if wait_timeout is None else now + wait_timeout
+    soft_at = None if soft_timeout is None else now + soft_timeout
     ended = False  # End was yielded (a later failure does not report the call again)
     try:
         copies = env.local_copies
         if copies is not None:
             hit, value = copies.get(key)
             if hit:
+                age = copies.age_ms(key) if detail or observed else 0
                 if observed:
                     ended = True
-                    yield End(handle, "kept")
-                return Served(value, True, "kept") if detail else value
+                    yield End(handle, "kept", age_ms=age)
+                return Served(value, True, "kept", False, age / 1000) if detail else value
         while True:
             entry, created = table.join(key)
             if created:
@@ -200,6 +210,7 @@ def run_call(
                             names,
                             entry,
                             deadline,
+                            soft_at,
                             wait_timeout,
                             handle,
                             detail,
@@ -207,19 +218,25 @@ def run_call(
                         )
                     )
                 yield Launch(entry)
-            left = None if deadline is None else max(0.0, deadline - clock())
             try:
-                done = yield AwaitFlight(entry, left)
-                if not done and created and entry.leading:
-                    # Our own call runs the function: wait_timeout bounds waiting on others.
-                    done = yield AwaitFlight(entry, None)
+                done = yield from _await(entry, created, deadline, soft_at, clock)
             except GeneratorExit:
-                raise  # the machine is closed: nothing more may be yielded
+                raise
             except BaseException:
                 if tasked:
                     yield from _leave(table, entry)
                 raise
-            _expect_bool(done)
+            if done is None:
+                # soft_timeout: the stale value the flight offered; the run goes on.
+                if tasked:
+                    yield from _leave(table, entry)
+                fallback = entry.fallback
+                stale = dataclasses.replace(fallback.outcome, stale="timeout")
+                ended = True
+                return (
+                    yield from _deliver(stale, "kept", False, fallback.token, fallback.trace,
+                                        handle, detail, observed)
+                )  # fmt: skip
             if not done:
                 if tasked:
                     yield from _leave(table, entry)
@@ -233,7 +250,10 @@ def run_call(
                 continue
             role = entry.role if created else "local"
             ended = True
-            return (yield from _deliver(result, role, created, entry, handle, detail, observed))
+            return (
+                yield from _deliver(result, role, created, entry.token, entry.trace, handle,
+                                    detail, observed)
+            )  # fmt: skip
     except GeneratorExit:
         raise
     except BaseException as exc:
@@ -248,6 +268,7 @@ def _drive_inline(
     names: Names,
     entry: Entry,
     deadline: float | None,
+    soft_deadline: float | None,
     wait_timeout: float | None,
     handle: Any,
     detail: bool,
@@ -258,7 +279,7 @@ def _drive_inline(
     shared: Outcome | object = RETRY
     try:
         try:
-            finished = yield from _fly(env, entry, deadline)
+            finished = yield from _fly(env, entry, deadline, soft_deadline)
         except WaitTimeout:
             # Ours alone: the callers who joined start over (RETRY), one of them leads.
             error = WaitTimeout(job_id=names.job_id, seconds=wait_timeout)
@@ -283,8 +304,8 @@ def _drive_inline(
             yield Takeover(finished.token)
     finally:
         table.finish(key, entry, shared)  # type: ignore[arg-type]
-    return (yield from _deliver(finished.outcome, finished.role, True, entry, handle, detail,
-                                observed))  # fmt: skip
+    return (yield from _deliver(finished.outcome, finished.role, True, finished.token,
+                                finished.trace, handle, detail, observed))  # fmt: skip
 
 
 def run_shared_flight(
@@ -312,13 +333,13 @@ def run_shared_flight(
 
 
 def _fly(
-    env: CallEnv, entry: Entry, deadline: float | None
+    env: CallEnv, entry: Entry, deadline: float | None, soft_deadline: float | None = None
 ) -> Generator[CallCommand, Any, Finished]:
     """The flight through Redis; or, under on_backend_error="local" while Redis is down,
     the function in this process."""
     if not env.skip_redis():
         try:
-            finished = yield Fly(entry, deadline)
+            finished = yield Fly(entry, deadline, soft_deadline)
         except BackendUnavailable as exc:
             if not env.fall_back(exc):
                 raise
@@ -333,6 +354,38 @@ def _fly(
     return Finished(outcome, "leader", 0)
 
 
+def _await(
+    entry: Entry,
+    created: bool,
+    deadline: float | None,
+    soft_at: float | None,
+    clock: Callable[[], float],
+) -> Generator[CallCommand, Any, bool | None]:
+    """Wait for the process's flight: True once it is resolved, False at the deadline,
+    None at the soft deadline once the flight offered a stale value (entry.fallback).
+
+    The deadline does not cut short an asyncio caller whose own flight leads: wait_timeout
+    bounds waiting on others. An offer pokes the entry's latch, so a caller past its soft
+    deadline takes the stale value as soon as it is offered."""
+    while True:
+        now = clock()
+        bound = None if deadline is None else deadline - now
+        if bound is not None and bound <= 0:
+            if not (created and entry.leading):
+                return False
+            bound = None  # our own call runs the function
+        if soft_at is not None:
+            if now >= soft_at:
+                if entry.fallback is not None:
+                    return None
+            else:
+                bound = soft_at - now if bound is None else min(bound, soft_at - now)
+        done = yield AwaitFlight(entry, None if bound is None else max(0.0, bound))
+        _expect_bool(done)
+        if done:
+            return True
+
+
 def _leave(table: InFlight, entry: Entry) -> Generator[CallCommand, Any, None]:
     """An asyncio caller stops waiting; the last one out cancels a flight that only follows."""
     if table.leave(entry) == 0 and not entry.leading:
@@ -343,7 +396,8 @@ def _deliver(
     result: object,
     role: str,
     own: bool,
-    entry: Entry,
+    token: int,
+    trace: bytes,
     handle: Any,
     detail: bool,
     observed: bool,
@@ -356,12 +410,14 @@ def _deliver(
     error = result.error
     if observed:
         # A leader's span is the run's own: it links to nothing.
-        trace = b"" if role == "leader" else entry.trace
-        yield End(handle, role, error, entry.token, trace)
+        link = b"" if role == "leader" else trace
+        yield End(handle, role, error, token, link, result.stale, result.age_ms)
     if error is not None:
         raise error if own else _copy_of(error)
     if detail:
-        return Served(result.value, role != "leader", role)
+        return Served(
+            result.value, role != "leader", role, bool(result.stale), result.age_ms / 1000
+        )
     return result.value
 
 
@@ -373,7 +429,7 @@ def share(env: CallEnv, key: str, finished: Finished) -> Outcome | object:
         return RETRY
     copies = env.local_copies
     if copies is not None and outcome.error is None:
-        copies.put(key, outcome.value, outcome.fresh_ms)
+        copies.put(key, outcome.value, outcome.fresh_ms, outcome.age_ms)
     return outcome
 
 

@@ -26,6 +26,7 @@ class Entry:
     """One key's flight in this process; its first caller drives it, the others wait here."""
 
     __slots__ = (
+        "fallback",
         "job_id",
         "leading",
         "result",
@@ -55,6 +56,14 @@ class Entry:
         self.trace = b""  # the traceparent of the span the function ran under
         self.job_id = ""  # set by its creator right after join(), before anyone reads it
         self.started = time.monotonic()
+        # A stale value the callers may take at their soft_timeout (Offer): written once by
+        # the driving side (one store, then the latch is poked), read without a lock.
+        self.fallback: Any = None  # protocol.Finished | None
+
+    def offer(self, fallback: Any) -> None:
+        """A stale value to fall back on: waiting callers look again at their soft_timeout."""
+        self.fallback = fallback
+        self.result.poke()
 
 
 class InFlight:
@@ -81,6 +90,12 @@ class InFlight:
             if self._entries.get(key) is entry:
                 del self._entries[key]
             entry.result.set(result)
+
+    def void(self, key: str) -> Entry | None:
+        """Detach the key's entry (forget): callers that come later start a flight of their
+        own; those who joined it already still get its outcome."""
+        with self._lock:
+            return self._entries.pop(key, None)
 
     def leave(self, entry: Entry) -> int:
         """An async caller stopped waiting; returns how many still wait."""
@@ -119,9 +134,14 @@ class Served(NamedTuple):
 
     ``role``: "leader" (this call ran the function), "local" (joined a call of this
     process), "remote" (another process's leader), "kept" (a value kept from a flight that
-    had finished). ``shared`` is True unless this call ran the function itself.
+    had finished). ``shared`` is True unless this call ran the function itself. ``stale``:
+    the value is past its ``result_ttl`` (served by stale_while_revalidate, stale_if_error
+    or soft_timeout); ``age``: seconds since the value was produced, by the server's clock
+    (0 for a value produced by this call's flight).
     """
 
     value: Any
     shared: bool
     role: str
+    stale: bool = False
+    age: float = 0.0

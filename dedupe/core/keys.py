@@ -44,6 +44,7 @@ class Names(NamedTuple):
     token: str
     result: str
     channel: str
+    error: str  # the error mark: a failed run's backoff (stale_if_error)
 
 
 def validate_job_id(job_id: object) -> str:
@@ -82,7 +83,7 @@ def names_for(prefix: str, job_id: str) -> Names:
     validate_prefix(prefix)
     tag = _tag(validate_job_id(job_id))
     base = f"{prefix}:{{{tag}}}"
-    return Names(job_id, f"{base}:lock", f"{base}:token", f"{base}:result", base)
+    return Names(job_id, f"{base}:lock", f"{base}:token", f"{base}:result", base, f"{base}:error")
 
 
 # --- canonical encoding of arguments -------------------------------------------------------

@@ -61,8 +61,9 @@ class LocalCopies:
     ) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        # key -> (expires at, value, estimated bytes); insertion order is age order.
-        self._entries: dict[str, tuple[float, Any, int]] = {}
+        # key -> (expires at, value, estimated bytes, produced at); insertion order is age
+        # order.
+        self._entries: dict[str, tuple[float, Any, int, float]] = {}
         self._expiry: list[tuple[float, str]] = []  # may hold stale pairs; checked on pop
         self._bytes = 0
         self._max = max_entries
@@ -79,7 +80,12 @@ class LocalCopies:
                 self._drop(key)
         return False, None
 
-    def put(self, key: str, value: Any, fresh_ms: int) -> None:
+    def age_ms(self, key: str) -> int:
+        """How old the copy of ``key`` is: its age when kept, and the time since (0: none)."""
+        hit = self._entries.get(key)
+        return 0 if hit is None else max(0, round((self._clock() - hit[3]) * 1000))
+
+    def put(self, key: str, value: Any, fresh_ms: int, age_ms: int = 0) -> None:
         if fresh_ms <= 0:
             return
         size = estimate_size(value)
@@ -91,7 +97,7 @@ class LocalCopies:
             self._evict_expired(now)
             if size > self._max_bytes:
                 return  # larger than the whole bound: not worth a copy
-            self._entries[key] = (expires, value, size)
+            self._entries[key] = (expires, value, size, now - age_ms / 1000)
             self._bytes += size
             heapq.heappush(self._expiry, (expires, key))
             while len(self._entries) > self._max or self._bytes > self._max_bytes:

@@ -43,12 +43,21 @@ What goes in and what comes out:
 from __future__ import annotations
 
 import enum
+import math
+import random
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Final, NamedTuple, TypeAlias, cast
 
 from dedupe.core.keys import Names
-from dedupe.core.record import NOTICE_ABORTED, NOTICE_STORED, header_of, lock_value, parse_lock
+from dedupe.core.record import (
+    NOTICE_ABORTED,
+    NOTICE_STALE,
+    NOTICE_STORED,
+    header_of,
+    lock_value,
+    parse_lock,
+)
 from dedupe.core.sealing import Codec, Notice, Opened, Outcome
 from dedupe.core.subscriptions import RECHECK  # what the hub hands a Wait: re-subscribe, re-check
 from dedupe.errors import BackendUnavailable, EnvelopeError, ProtocolError, WaitTimeout
@@ -58,6 +67,8 @@ __all__ = [
     "DONE",
     "LEAD",
     "RECHECK",
+    "REFRESH",
+    "STALE",
     "STATE_OF",
     "Acquire",
     "AcquireState",
@@ -72,8 +83,10 @@ __all__ = [
     "FlightState",
     "Lead",
     "Note",
+    "Offer",
     "Pause",
     "Release",
+    "Serve",
     "Subscribe",
     "Unanswered",
     "Wait",
@@ -101,8 +114,10 @@ class AcquireState(enum.IntEnum):
     """The acquire script's verdict (the ints it replies with)."""
 
     DONE = 0  # an outcome is there for us
-    BUSY = 1  # another holder leads
-    LEAD = 2  # we lead now
+    BUSY = 1  # another holder leads (maybe with a stale value to fall back on)
+    LEAD = 2  # we lead now (maybe with a stale value to fall back on)
+    REFRESH = 3  # serve the value now, and lead: a refresh, in the background
+    STALE = 4  # serve the stale value now; no run
 
 
 class CompleteState(enum.IntEnum):
@@ -111,11 +126,14 @@ class CompleteState(enum.IntEnum):
     WITHHELD = -1  # a newer lease exists or may have: nothing stored or published
     LAPSED = 0  # our lease was gone but no newer one was granted: stored and published
     OWNED = 1  # the lease was still ours: stored and published
+    STOOD_IN = 2  # the run failed; the stale value stands in for it (stale_if_error)
 
 
 DONE: Final = AcquireState.DONE
 BUSY: Final = AcquireState.BUSY
 LEAD: Final = AcquireState.LEAD
+REFRESH: Final = AcquireState.REFRESH
+STALE: Final = AcquireState.STALE
 
 
 @dataclass(slots=True, kw_only=True)
@@ -138,6 +156,34 @@ class FlightSpec:
     min_replicas: int = 0  # replicas that must acknowledge a new lease (WAIT) before we lead
     replica_timeout_ms: int = 1000
     max_hold_ms: int = 300_000  # max_hold: a leader's hold on one lease; renewal stops after it
+    # Cache fill (all 0 / None / (): off). Windows past the end of freshness, in ms:
+    stale_ms: int = 0  # stale_while_revalidate: serve stale at once, refresh in the background
+    error_ms: int = 0  # stale_if_error: serve stale in place of a failed run's error
+    backoff_ms: int = 0  # error_backoff: after that, no run for this long (fleet-wide)
+    early_refresh: float = 0.0  # XFetch's beta: refresh fresh values early, by chance
+    # On run_flight's clock: when a follower with a stale value to fall back on takes it
+    # (soft_timeout) rather than wait on; None: it waits on.
+    soft_deadline: float | None = None
+    answers: tuple[type[BaseException], ...] = ()  # errors no stale value ever replaces
+
+    @property
+    def caching(self) -> bool:
+        """Whether the scripts get the cache-fill arguments (windows, draw, flags)."""
+        return bool(self.stale_ms or self.error_ms or self.early_refresh)
+
+    @property
+    def refreshes(self) -> bool:
+        """Whether a flight may be granted a refresh to run in the background."""
+        return bool(self.stale_ms or self.early_refresh)
+
+    def replaceable(self, error: BaseException) -> bool:
+        """Whether a stale value may stand in for this error (stale_if_error): a failure,
+        not an abort, and not one of the errors that are answers."""
+        return (
+            self.error_ms > 0
+            and isinstance(error, Exception)
+            and not isinstance(error, self.answers)
+        )
 
     def slack(self, pttl_ms: int) -> float:
         """Extra wait past the lease, so the re-check lands after a dead leader's lease expired."""
@@ -151,19 +197,31 @@ class Acquire(NamedTuple):
     """Run the acquire script (with min_replicas, WAIT on the same connection). Reply: Acquired.
 
     ``floor``: the newest lease token this flight waited on ('' for none); the script
-    never hands it an outcome of an older lease.
+    never hands it an outcome of an older lease. ``early``: the XFetch draw,
+    ``-early_refresh * ln(rand)`` in thousandths (0: none). ``after_error``: the run this
+    flight waited on failed with a stale value standing in: serve it, start no run. The
+    driver adds whether this process may run a refresh in the background (a bounded number
+    at a time).
     """
 
     floor: str
+    early: int = 0
+    after_error: bool = False
 
 
 class Acquired(NamedTuple):
     state: int  # an AcquireState
-    record: bytes = b""  # DONE: the record
-    fresh_ms: int = 0  # DONE: how much longer the record's value is fresh for new callers
+    # DONE, REFRESH, STALE: the record to serve; BUSY, LEAD: a stale value to fall back on
+    # (b"": none)
+    record: bytes = b""
+    # How much longer the record's value is fresh for new callers; <= 0: stale by that much
+    # (DONE: 0 for a record kept only for its flight's waiters)
+    fresh_ms: int = 0
+    age_ms: int = 0  # the record's age, by the server's clock
     pttl_ms: int = 0  # BUSY: the lease's remaining time
     holder: str = ""  # BUSY: the lock value "<token>:<owner>"
-    token: int = 0  # LEAD: our fencing token
+    token: int = 0  # LEAD, REFRESH: our fencing token
+    why: str = ""  # STALE: "error" (a run failed: backing off) or "revalidate" (one runs)
     # On run_flight's clock: when the request that got this reply was written to the
     # socket (0.0: unknown, then the time Acquire was yielded stands in). A lease is dated
     # from it, never from a queue before it.
@@ -214,13 +272,35 @@ class Lead(NamedTuple):
 
 
 class Complete(NamedTuple):
-    """Run the complete script. Reply: Completed."""
+    """Run the complete script. Reply: Completed.
+
+    ``fallback``: for a failed run, the token of the stale value that may stand in for it
+    (0: none); the script keeps that value if it is still current and within stale_if_error,
+    stores nothing, starts the backoff and publishes ``stale_notice`` instead.
+    """
 
     lock_value: str
     record: bytes
     record_ttl_ms: int
     message: bytes
     token: int
+    fallback: int = 0
+    stale_notice: bytes = b""
+
+
+class Offer(NamedTuple):
+    """A stale value this flight's callers may take at their soft_timeout rather than wait
+    on (the process's callers who joined the flight, and asyncio callers). Reply: None."""
+
+    finished: Finished
+
+
+class Serve(NamedTuple):
+    """Give this value to the flight's callers now; the flight goes on in the background (a
+    refresh: its outcome is stored and pushed to whoever waits on its lease). The driver
+    hands the rest of the flight to a background thread or task and replies None there."""
+
+    finished: Finished
 
 
 class Completed(NamedTuple):
@@ -254,7 +334,9 @@ class Note(NamedTuple):
     token: int = 0
 
 
-Command: TypeAlias = Acquire | Subscribe | Wait | Lead | Complete | Discard | Pause | Release | Note
+Command: TypeAlias = (
+    Acquire | Subscribe | Wait | Lead | Complete | Discard | Pause | Release | Note | Offer | Serve
+)
 Flight: TypeAlias = Generator[Command, object, "Finished"]
 
 STATE_OF: Final[dict[type, FlightState | None]] = {
@@ -266,7 +348,9 @@ STATE_OF: Final[dict[type, FlightState | None]] = {
     Lead: FlightState.LEADING,
     Complete: FlightState.COMPLETING,
     Release: FlightState.RELEASING,
+    Serve: FlightState.ACQUIRING,
     Note: None,  # in whatever state it was yielded
+    Offer: None,
 }
 """The state a command is yielded in (see the table above)."""
 
@@ -297,21 +381,29 @@ def _expect(reply: object, kind: type, cmd: str) -> None:
 
 
 def run_flight(
-    spec: FlightSpec, codec: Codec, clock: Callable[[], float], trace: bytes = b""
+    spec: FlightSpec,
+    codec: Codec,
+    clock: Callable[[], float],
+    trace: bytes = b"",
+    rand: Callable[[], float] = random.random,
 ) -> Flight:
     """Drive one flight to its outcome; the caller sends replies to the yielded commands.
 
     ``clock``: the monotonic clock every time here is on (the spec's deadline too).
     ``trace``: the leader's W3C traceparent, sealed into the record if this flight leads.
+    ``rand``: uniform in [0, 1), for early_refresh's draw.
     """
     floor = 0  # the newest lease we waited on: an outcome of an older one is never ours
     subscribed = False
     confirmed = False  # no message can wake us unless the server confirmed the subscription
     bad = 0
+    fallback: Finished | None = None  # a stale value to fall back on (soft_timeout, a failure)
+    fallen_back_on = b""  # the record it was opened from (offered once per record)
+    after_error = False  # the run we waited on failed, and a stale value stands in for it
     while True:
         asked = clock()
         try:
-            reply = yield Acquire(str(floor) if floor else "")
+            reply = yield Acquire(str(floor) if floor else "", _draw(spec, rand), after_error)
         except Unanswered as unanswered:
             lost: BaseException | None = unanswered.error
         else:
@@ -332,20 +424,60 @@ def run_flight(
             # Our own lease: an acquire whose reply was lost and that the client retried. It
             # began before this acquire, by as much as it has run down (found by simulation).
             since = sent - max(0, spec.lock_ttl_ms - reply.pttl_ms) / 1000
-            reply = Acquired(LEAD, token=holder.token, replicas=-1)
+            reply = reply._replace(state=LEAD, token=holder.token, replicas=-1)
             state = LEAD
+        if (state in (BUSY, LEAD)) and reply.record and reply.record != fallen_back_on:
+            fallen_back_on = reply.record
+            stale = yield from _stale(spec, codec, reply)
+            if stale is not None:
+                fallback = stale
+                yield Offer(stale)
         if state == LEAD:
             return (
                 yield from _lead(
-                    spec, codec, clock, trace, reply, sent, waited=floor > 0, since=since
+                    spec,
+                    codec,
+                    clock,
+                    trace,
+                    reply,
+                    sent,
+                    waited=floor > 0,
+                    since=since,
+                    fallback=fallback,
                 )
             )
+        if state in (REFRESH, STALE):
+            served = yield from _stale(spec, codec, reply)
+            if served is None:
+                bad += 1
+                yield Discard(reply.record)
+                if state == STALE:
+                    continue
+                # A lease, with nothing to serve: lead in the foreground.
+                return (yield from _lead(spec, codec, clock, trace, reply, sent,
+                                         waited=floor > 0, since=since))  # fmt: skip
+            if state == STALE:
+                served.outcome.stale = reply.why or "revalidate"
+                return served
+            if reply.fresh_ms <= 0:
+                served.outcome.stale = "revalidate"
+            yield Serve(served)
+            # From here on this flight runs in the background: a refresh, under the normal
+            # renewed, fenced lease; its outcome is stored and pushed to whoever waits on the
+            # lease. Should it fail, the value just served stands in (stale_if_error).
+            return (
+                yield from _lead(
+                    spec, codec, clock, trace, reply, sent, waited=False, since=since,
+                    fallback=served,
+                )
+            )  # fmt: skip
         if state == DONE:
             opened = yield from _open(spec, codec, reply.record)
             if isinstance(opened, Opened) and opened.token >= floor:
                 outcome = opened.outcome
                 if outcome.error is None:
                     outcome.fresh_ms = reply.fresh_ms
+                    outcome.age_ms = reply.age_ms
                 return Finished(
                     outcome, "remote" if floor else "kept", opened.token, trace=opened.trace
                 )
@@ -360,12 +492,21 @@ def run_flight(
             raise ProtocolError(f"unknown acquire state {state!r}")
         if holder is not None:
             floor = max(floor, holder.token)
+        after_error = False
         timeout = reply.pttl_ms / 1000 + spec.slack(reply.pttl_ms)
         if spec.deadline is not None:
             left = spec.deadline - clock()
             if left <= 0:
                 raise WaitTimeout(f"waited the wait_timeout for {spec.names.job_id!r}")
             timeout = min(timeout, left)
+        if fallback is not None and spec.soft_deadline is not None:
+            # soft_timeout: past it, the stale value rather than a longer wait; the run goes
+            # on and stores its outcome for the next callers.
+            soft = spec.soft_deadline - clock()
+            if soft <= 0:
+                fallback.outcome.stale = "timeout"
+                return fallback
+            timeout = min(timeout, soft)
         if not subscribed:
             # Subscribe first, then re-check: a publish between the two is then never missed.
             # The confirmation only hurries things along: the wait below is bounded by the
@@ -399,11 +540,35 @@ def run_flight(
                 codec.count_rejection()  # genuine, but of an older lease: a replay
                 continue
             if isinstance(opened, Notice):
-                break  # stored (too large to travel inline) or aborted: the re-check tells
+                # Stored (too large to travel inline) or aborted: the re-check tells. Failed
+                # with a stale value standing in: the re-check serves it, with no run.
+                after_error = opened.kind == NOTICE_STALE
+                break
             outcome = opened.outcome
             if outcome.error is None:
                 outcome.fresh_ms = min(opened.keep_ms, spec.result_ttl_ms)
             return Finished(outcome, "remote", opened.token, trace=opened.trace)
+
+
+def _draw(spec: FlightSpec, rand: Callable[[], float]) -> int:
+    """XFetch's draw, ``-beta * ln(rand)``, in thousandths (0 when early_refresh is off)."""
+    if not spec.early_refresh:
+        return 0
+    return min(10**9, int(-spec.early_refresh * math.log(1.0 - rand()) * 1000))
+
+
+def _stale(
+    spec: FlightSpec, codec: Codec, reply: Acquired
+) -> Generator[Command, object, Finished | None]:
+    """The value a reply serves or offers to fall back on (a "kept" one: marked stale by
+    whoever uses it as such); None if its record is unreadable, forged or not a value."""
+    opened = yield from _open(spec, codec, reply.record)
+    if not isinstance(opened, Opened) or opened.outcome.error is not None:
+        return None
+    outcome = opened.outcome
+    outcome.fresh_ms = max(0, reply.fresh_ms)  # only a fresh value is kept in-process
+    outcome.age_ms = reply.age_ms
+    return Finished(outcome, "kept", opened.token, trace=opened.trace)
 
 
 def _bounded(spec: FlightSpec, clock: Callable[[], float], seconds: float) -> float:
@@ -436,6 +601,7 @@ def _lead(
     *,
     waited: bool,
     since: float,
+    fallback: Finished | None = None,
 ) -> Flight:
     token = acquired.token
     lock = lock_value(token, spec.owner)
@@ -453,6 +619,9 @@ def _lead(
     _expect(outcome, Outcome, "Lead")
     outcome = cast(Outcome, outcome)
     done = Finished(outcome, "leader", token, waited, trace)
+    # A failure a stale value may stand in for (stale_if_error).
+    error = outcome.error
+    stand_in = fallback is not None and error is not None and spec.replaceable(error)
     try:
         if is_abort(outcome.error):
             # Nothing to keep; tell the followers at once so one of them takes over.
@@ -462,8 +631,11 @@ def _lead(
         # Fresh for result_ttl after the run: sealed as keep since the grant (the token's
         # time), so that a record written back later can never pass for fresh.
         run_ms = max(0, round((clock() - sent) * 1000))
-        keep = spec.result_ttl_ms + run_ms if outcome.error is None and spec.result_ttl_ms else 0
-        ttl = max(spec.result_ttl_ms, spec.grace_ms)
+        window = max(spec.stale_ms, spec.error_ms) if outcome.error is None else 0
+        kept = spec.result_ttl_ms or window
+        keep = max(1, spec.result_ttl_ms + run_ms) if outcome.error is None and kept else 0
+        # In Redis for its freshness and the longest stale window after it.
+        ttl = max(spec.result_ttl_ms + window, spec.grace_ms)
         sealing = clock()
         record = codec.seal(
             outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl, trace=trace
@@ -484,22 +656,29 @@ def _lead(
         message = b""
         if len(record) > spec.inline_max_bytes:
             message = codec.notice(NOTICE_STORED, channel=channel, token=token)
-        completed = yield Complete(lock, record, ttl, message, token)
+        if stand_in and fallback is not None:
+            stale_notice = codec.notice(NOTICE_STALE, channel=channel, token=token)
+            cmd = Complete(lock, record, ttl, message, token, fallback.token, stale_notice)
+        else:
+            cmd = Complete(lock, record, ttl, message, token)
+        completed = yield cmd
         _expect(completed, Completed, "Complete")
         completed = cast(Completed, completed)
+        if completed.publish_error:
+            yield Note(
+                "publish_failed",
+                f"could not publish the outcome ({completed.publish_error}); followers read "
+                "it on re-check",
+                token,
+            )
+        if completed.state == CompleteState.STOOD_IN and stand_in:
+            return (yield from _stand_in(outcome, fallback, token, waited))
         outcome.fresh_ms = keep if completed.state >= 0 else 0
         if completed.state == CompleteState.WITHHELD:
             yield Note(
                 "withheld",
                 "the lease was lost before the leader finished; its outcome went to its own "
                 "callers only (a newer flight has started)",
-                token,
-            )
-        if completed.publish_error:
-            yield Note(
-                "publish_failed",
-                f"could not publish the outcome ({completed.publish_error}); followers read "
-                "it on re-check",
                 token,
             )
     except Exception as exc:  # a computed value is never thrown away
@@ -509,4 +688,22 @@ def _lead(
             raise
         outcome.fresh_ms = 0
         yield Note("store_failed", f"could not store the outcome: {exc}", token)
+        if stand_in:  # the stale value was within stale_if_error when we acquired
+            return (yield from _stand_in(outcome, fallback, token, waited))
     return done
+
+
+def _stand_in(
+    outcome: Outcome, fallback: Finished | None, token: int, waited: bool
+) -> Generator[Command, object, Finished]:
+    """The leader's callers get the stale value in place of the run's error (logged, counted)."""
+    error = outcome.error
+    assert fallback is not None and error is not None
+    yield Note(
+        "stood_in",
+        f"the run failed ({type(error).__qualname__}: {error}); the stale value (token "
+        f"{fallback.token}) stands in for it (stale_if_error)",
+        token,
+    )
+    fallback.outcome.stale = "error"
+    return Finished(fallback.outcome, "kept", fallback.token, waited, fallback.trace)

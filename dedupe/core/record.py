@@ -23,8 +23,10 @@ new callers may be served it (result_ttl plus the run; 0 for anything but a valu
 ``ttl_ms`` its whole life in Redis (keep_ms, or the grace for followers that missed the
 message).
 
-Notices (on the channel only): ``N:<token>`` (the outcome is stored: read the result key) and
-``A:<token>`` (the leader aborted), followed by ``:`` and a 32-byte MAC when signed.
+Notices (on the channel only): ``N:<token>`` (the outcome is stored: read the result key),
+``A:<token>`` (the leader aborted, or ``forget`` voided its lease) and ``S:<token>`` (the run
+failed and a stale value stands in for it: ``stale_if_error``), followed by ``:`` and a
+32-byte MAC when signed.
 
 Lock value (the lock key): ``<token>:<owner>``, the owner id up to the end (it holds no
 ``:``; see ``dedupe.ops.inspector.format_owner``).
@@ -40,9 +42,21 @@ breaks the grammar is not a record: the scripts take the key as empty, Python re
 
 **Freshness.** New callers are served a kept record while both clocks agree it is younger
 than ``keep_ms`` (the key's own: ``ttl_ms - PTTL`` since it was written; and the server's:
-since the grant, which the token is), and only while the token counter still holds the
-record's token (no newer lease was granted). :func:`fresh_ms` is that rule in Python;
-``LUA_FRESH`` is it in Lua, and tests/test_record.py holds the two to the same answer.
+since the grant, which the token is), and only while the record is *current*: the token
+counter names its lease, as the newest lease or as the base of the newest (below). After
+``keep_ms`` a current record is *stale* by the time since; the callers' stale windows
+(``stale_while_revalidate``, ``stale_if_error``) decide, in the scripts, whether it is still
+served. :func:`record_state` is that rule in Python; ``LUA_RECORD`` is it in Lua, and
+tests/test_record.py holds the two to the same answer.
+
+Token counter (``P:{J}:token``): ``<lease>`` (the newest lease's token) or
+``<lease>:<base>``: that lease was granted while the value record of lease ``<base>`` was
+current (a refresh), so that record stays current, and may be served stale, until a newer
+record is stored (which writes the bare ``<lease>``) or ``forget`` moves the counter on.
+
+Error mark (``P:{J}:error``): the token of a run that failed while a stale value was served
+in its place (``stale_if_error``); while it lives (``error_backoff``), no run starts for the
+job and callers get the stale value.
 """
 
 from __future__ import annotations
@@ -59,15 +73,20 @@ __all__ = [
     "KIND_TOO_LARGE",
     "KIND_UNSERIALIZABLE",
     "KIND_VALUE",
-    "LUA_FRESH",
     "LUA_HEADER",
     "LUA_LOCK",
+    "LUA_RECORD",
     "MAX_NUMBER",
     "NOTICE_ABORTED",
+    "NOTICE_KINDS",
+    "NOTICE_STALE",
     "NOTICE_STORED",
     "Lock",
     "NoticeParts",
     "RecordHeader",
+    "RecordState",
+    "counter_parts",
+    "counter_value",
     "fresh_ms",
     "header",
     "header_of",
@@ -77,6 +96,7 @@ __all__ = [
     "parse_number",
     "read_header",
     "read_notice",
+    "record_state",
 ]
 
 # --- numbers ---------------------------------------------------------------------------------
@@ -167,28 +187,64 @@ def header_of(record: bytes) -> RecordHeader:
     return RecordHeader(token, keep, ttl, record[at] if len(record) > at else 0)
 
 
+_COUNTER: Final = re.compile(rb"([0-9]+)(?::([0-9]+))?")
+
+
+def counter_parts(counter: bytes | None) -> tuple[bytes | None, bytes | None]:
+    """The lease and base tokens (as text) of a token counter's value; None where absent."""
+    m = None if counter is None else _COUNTER.fullmatch(counter)
+    return (None, None) if m is None else (m[1], m[2])
+
+
+def counter_value(lease: int, base: int | None = None) -> bytes:
+    """A token counter's value (the acquire script writes the same)."""
+    return b"%d" % lease if base is None else b"%d:%d" % (lease, base)
+
+
+class RecordState(NamedTuple):
+    fresh_ms: int  # how much longer new callers may be served it fresh; <= 0: stale by that
+    age_ms: int  # since it was written (the key's clock)
+    run_ms: int  # from its lease's grant to its write (the server's clock): XFetch's delta
+
+
+def record_state(
+    token: int, keep_ms: int, ttl_ms: int, pttl_ms: int, counter: bytes | None, now_ms: int
+) -> RecordState | None:
+    """The times of a value record, or None if it is not current (see the module's doc).
+
+    The scripts' rule (``LUA_RECORD``'s ``record_state``), to the bit: ``pttl_ms`` is the
+    result key's PTTL, ``counter`` the token counter's value (None if missing) and
+    ``now_ms`` the server's clock. Lua computes in doubles, so this does too (exact for
+    every value dedupe writes).
+    """
+    if keep_ms <= 0 or pttl_ms < 0 or pttl_ms > ttl_ms:
+        return None
+    lease, base = counter_parts(counter)
+    spelt = b"%d" % token
+    if spelt != lease and spelt != base:
+        return None
+    keep, now = float(keep_ms), float(now_ms)
+    age = float(ttl_ms) - float(pttl_ms)
+    granted = math.floor(float(token) / 1000)
+    fresh = min(keep - age, granted + keep - now)
+    return RecordState(int(fresh), int(age), int(max(0.0, now - age - granted)))
+
+
 def fresh_ms(
     token: int, keep_ms: int, ttl_ms: int, pttl_ms: int, counter: bytes | None, now_ms: int
 ) -> int:
-    """How much longer new callers may be served a record, in ms; 0 or less: not fresh.
-
-    The scripts' rule (``LUA_FRESH``), to the bit: ``pttl_ms`` is the result key's PTTL,
-    ``counter`` the token counter's value (None if missing) and ``now_ms`` the server's
-    clock. Lua computes in doubles, so this does too (exact for every value dedupe writes).
-    """
-    keep, ttl, pttl = float(keep_ms), float(ttl_ms), float(pttl_ms)
-    if keep > 0 and pttl <= ttl and counter == b"%d" % token:
-        since_written = keep - (ttl - pttl)
-        since_granted = math.floor(float(token) / 1000) + keep - float(now_ms)
-        return int(min(since_written, since_granted))
-    return 0
+    """How much longer new callers may be served a record fresh, in ms; 0 or less: not."""
+    state = record_state(token, keep_ms, ttl_ms, pttl_ms, counter, now_ms)
+    return 0 if state is None else state.fresh_ms
 
 
 # --- notices ---------------------------------------------------------------------------------
 
 NOTICE_STORED: Final = b"N"
 NOTICE_ABORTED: Final = b"A"
-_NOTICE: Final = re.compile(rb"([NA]):" + _DIGITS.encode("ascii") + rb"(?::(.{32}))?", re.DOTALL)
+NOTICE_STALE: Final = b"S"
+NOTICE_KINDS: Final = (NOTICE_STORED, NOTICE_ABORTED, NOTICE_STALE)
+_NOTICE: Final = re.compile(rb"([NAS]):" + _DIGITS.encode("ascii") + rb"(?::(.{32}))?", re.DOTALL)
 
 
 class NoticeParts(NamedTuple):
@@ -200,8 +256,8 @@ class NoticeParts(NamedTuple):
 
 def notice(kind: bytes, token: int) -> bytes:
     """A notice's text (what is signed; sealing adds the MAC)."""
-    if kind not in (NOTICE_STORED, NOTICE_ABORTED):
-        raise ValueError(f"notice kind must be NOTICE_STORED or NOTICE_ABORTED, not {kind!r}")
+    if kind not in NOTICE_KINDS:
+        raise ValueError(f"notice kind must be one of {NOTICE_KINDS!r}, not {kind!r}")
     return kind + b":%d" % check_number("token", token)
 
 
@@ -244,38 +300,52 @@ def parse_lock(value: str) -> Lock | None:
 # refuses scripts that create globals.
 
 LUA_HEADER: Final = """
--- A record's header (dedupe.core.record): its token as text, keep_ms and ttl_ms as numbers; nil
--- if rec is not a record. Numbers: ASCII digits, no leading zero, at most @MAX@ (tonumber
--- is exact up to there, and rounds any larger number to more than it).
+-- A record's header (dedupe.core.record): its token as text, keep_ms and ttl_ms as numbers,
+-- and where the envelope starts (the kind is the byte at +3); nil if rec is not a record.
+-- Numbers: ASCII digits, no leading zero, at most @MAX@ (tonumber is exact up to there,
+-- and rounds any larger number to more than it).
 local function record_number(s)
   return #s <= @DIGITS@ and (#s == 1 or string.byte(s) ~= 48) and tonumber(s) <= @MAX@
 end
 local function record_header(rec)
   if type(rec) ~= 'string' then return nil end
-  local tok, keep, ttl = string.match(rec, '^(%d+):(%d+):(%d+):')
+  local tok, keep, ttl, at = string.match(rec, '^(%d+):(%d+):(%d+):()')
   if tok and record_number(tok) and record_number(keep) and record_number(ttl) then
-    return tok, tonumber(keep), tonumber(ttl)
+    return tok, tonumber(keep), tonumber(ttl), at
   end
   return nil
 end
 """.replace("@DIGITS@", str(MAX_DIGITS)).replace("@MAX@", str(MAX_NUMBER))
 
-LUA_FRESH: Final = """
--- How much longer new callers may be served the record at rec_key, whose header
--- record_header read; 0 or less: not fresh (dedupe.core.record.fresh_ms).
-local function record_fresh(rec_key, counter_key, tok, keep, ttl)
+LUA_RECORD: Final = """
+-- A token counter's lease and base tokens as text (dedupe.core.record.counter_parts).
+local function counter_parts(v)
+  if type(v) ~= 'string' then return nil, nil end
+  local lease, base = string.match(v, '^(%d+):(%d+)$')
+  if lease then return lease, base end
+  return string.match(v, '^(%d+)$'), nil
+end
+-- The times of the value record at rec_key, whose header record_header read: fresh (ms new
+-- callers may still be served it fresh; <= 0: stale by that much), age (ms since it was
+-- written) and run (ms from its lease's grant to its write); nil if it is not current
+-- (dedupe.core.record.record_state).
+local function record_state(rec_key, counter_key, tok, keep, ttl)
+  if keep <= 0 then return nil end
+  -- A record written back later with a longer life than it was sealed with, or none, is
+  -- not ours as it stands.
   local pttl = redis.call('PTTL', rec_key)
-  -- Fresh while both clocks agree: the key's own (keep_ms since it was written) and the
-  -- server's (keep_ms since the lease's grant, which the token is, in microseconds). A
-  -- record written back later, or with a longer life than it was sealed with, is stale.
-  -- Fresh only while the counter still names its lease: a record of an older lease,
-  -- written back after a newer lease was granted, is never served as fresh.
-  if keep > 0 and pttl <= ttl and redis.pcall('GET', counter_key) == tok then
-    local now = redis.call('TIME')
-    local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-    return math.min(keep - (ttl - pttl), math.floor(tonumber(tok) / 1000) + keep - now_ms)
-  end
-  return 0
+  if pttl < 0 or pttl > ttl then return nil end
+  -- Current only while the counter names its lease: a record of an older lease, written
+  -- back after a newer lease was granted, is never served, fresh or stale.
+  local lease, base = counter_parts(redis.pcall('GET', counter_key))
+  if lease ~= tok and base ~= tok then return nil end
+  local now = redis.call('TIME')
+  local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  local age = ttl - pttl
+  local granted = math.floor(tonumber(tok) / 1000)
+  -- Both clocks must agree: the key's own (keep_ms since it was written) and the server's
+  -- (keep_ms since the lease's grant, which the token is, in microseconds).
+  return math.min(keep - age, granted + keep - now_ms), age, math.max(0, now_ms - age - granted)
 end
 """
 

@@ -37,6 +37,7 @@ from dedupe.core.record import (
     MAGIC,
     MAX_TRACE,
     NOTICE_ABORTED,
+    NOTICE_STALE,
     NOTICE_STORED,
     SIGNED,
     VERSION,
@@ -95,6 +96,10 @@ class Outcome:
     error: BaseException | None = None
     # How much longer new callers may be given this value (result_ttl); not part of its identity.
     fresh_ms: int = field(default=0, compare=False)
+    # Why a stale value was served ("" for a fresh one): "revalidate" (stale_while_revalidate),
+    # "error" (stale_if_error: a run failed, or the job backs off) or "timeout" (soft_timeout).
+    stale: str = field(default="", compare=False)
+    age_ms: int = field(default=0, compare=False)  # since it was produced (the server's clock)
 
     def unwrap(self) -> Any:
         if self.error is not None:
@@ -114,7 +119,7 @@ class Opened(NamedTuple):
 
 
 class Notice(NamedTuple):
-    """A channel notice: NOTICE_STORED (read the result key) or NOTICE_ABORTED."""
+    """A channel notice: NOTICE_STORED (read the result key), NOTICE_ABORTED or NOTICE_STALE."""
 
     kind: bytes
     token: int
@@ -280,7 +285,7 @@ class Codec:
         return header + head + self._mac(_RECORD_DOMAIN, channel, header, head, body) + body
 
     def notice(self, kind: bytes, *, channel: str, token: int) -> bytes:
-        """A channel notice (NOTICE_STORED or NOTICE_ABORTED), signed when a secret is set."""
+        """A channel notice (record.NOTICE_KINDS), signed when a secret is set."""
         text = record.notice(kind, token)
         if not self._macs:
             return text
@@ -383,7 +388,7 @@ class Codec:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise EnvelopeError(f"expected bytes, got {type(data).__name__}")
             data = bytes(data)
-        if data[:1] in (NOTICE_STORED, NOTICE_ABORTED):
+        if data[:1] in (NOTICE_STORED, NOTICE_ABORTED, NOTICE_STALE):
             return self._open_notice(data, channel)
         h = read_header(data)
         if h is None:

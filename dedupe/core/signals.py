@@ -78,6 +78,14 @@ class Latch(Generic[T]):
     def is_set(self) -> bool:
         return self._value is not _UNSET
 
+    def poke(self) -> None:
+        """Wake every waiter without setting it: their waits return False (not set), so
+        they look again at what they wait for (a flight's stale value was offered)."""
+        with self._lock:
+            wakers = list(self._wakers)
+        for wake in wakers:
+            wake()
+
     def get(self) -> T:
         if self._value is _UNSET:
             raise LookupError("latch is not set")

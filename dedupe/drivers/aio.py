@@ -9,6 +9,7 @@ its own table of flights: a loop that stops mid-flight strands only its own call
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -22,9 +23,11 @@ from dedupe.core.protocol import (
     Acquire,
     Command,
     Finished,
+    Flight,
     FlightSpec,
     Lead,
     Pause,
+    Serve,
     Subscribe,
     Wait,
     run_flight,
@@ -37,17 +40,20 @@ __all__ = ["call"]
 
 Fn = Callable[..., Coroutine[Any, Any, Any]]
 
+log = logging.getLogger("dedupe.core.protocol")
+
 
 async def call(
     backend: Backend,
     names: Names,
-    make_spec: Callable[[float | None], FlightSpec],
+    make_spec: Callable[[float | None, float | None], FlightSpec],
     wait_timeout: float | None,
     fn: Fn,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     *,
     detail: bool = False,
+    soft_timeout: float | None = None,
 ) -> Any:
     """Await ``fn`` once across every caller of the job, and return its outcome."""
     table = backend.async_flights()
@@ -60,6 +66,7 @@ async def call(
         detail=detail,
         tasked=True,
         observed=events.enabled,
+        soft_timeout=soft_timeout,
     )
     reply: Any = None
     error: BaseException | None = None
@@ -74,7 +81,8 @@ async def call(
                 reply = await cmd.entry.result.wait_async(cmd.timeout)
             elif type(cmd) is Launch:
                 entry = cmd.entry
-                flight = _shared_flight(backend, table, names, make_spec(None), fn, args,
+                # The flight has no deadline of its own: each caller waits with its own.
+                flight = _shared_flight(backend, table, names, make_spec(None, None), fn, args,
                                         kwargs, entry)  # fmt: skip
                 entry.task = asyncio.get_running_loop().create_task(flight)
             elif type(cmd) is Cancel:
@@ -140,9 +148,13 @@ async def _run_here(
 
 class _Driver(DriverBase):
     async def run(self) -> Finished:
-        flight = run_flight(self.spec, self.codec, self.clock, self.trace)
+        return await self.drive(run_flight(self.spec, self.codec, self.clock, self.trace))
+
+    async def drive(self, flight: Flight) -> Finished:
+        """Step the flight to its end; at a Serve, hand the rest to a task of its own."""
         reply: object = None
         error: BaseException | None = None
+        handed_off = False
         try:
             while True:
                 try:
@@ -150,13 +162,26 @@ class _Driver(DriverBase):
                 except StopIteration as stop:
                     return stop.value  # type: ignore[no-any-return]
                 reply, error = None, None
+                if type(cmd) is Serve:
+                    self.serving()
+                    self.backend.start_task(self.refresh(flight))
+                    handed_off = True
+                    return cmd.finished
                 try:
                     reply = await self.execute(cmd)
                 except BaseException as exc:  # an abort too: thrown in, it goes on up
                     error = self.failed(cmd, exc)
         finally:
-            flight.close()
-            self.finish()
+            if not handed_off:
+                flight.close()
+                self.finish()
+
+    async def refresh(self, flight: Flight) -> None:
+        """The rest of a flight whose callers were served, in a task the backend keeps."""
+        try:
+            await self.drive(flight)
+        except Exception as exc:
+            log.warning("a background refresh of %r failed: %s", self.spec.names.job_id, exc)
 
     async def execute(self, cmd: Command) -> object:
         script = self.script_for(cmd)

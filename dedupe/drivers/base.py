@@ -35,6 +35,7 @@ from dedupe.core.inflight import Entry
 from dedupe.core.keys import Names
 from dedupe.core.leases import Lease, LostSignal
 from dedupe.core.protocol import (
+    REFRESH,
     Acquire,
     Command,
     Complete,
@@ -42,6 +43,7 @@ from dedupe.core.protocol import (
     FlightSpec,
     Lead,
     Note,
+    Offer,
     Release,
     Unanswered,
 )
@@ -61,6 +63,7 @@ _WARNINGS: Final = {
     "publish_failed": "%r: %s",
     "store_failed": "%r: %s",
     "slow_seal": "%r: %s",
+    "stood_in": "%r: %s",
 }
 _last_logged: dict[str, float] = {}  # kind -> monotonic time of its last line (races: a line)
 
@@ -79,13 +82,16 @@ def note(names: Names, cmd: Note) -> None:
             events.mark("rejected", names, detail=cmd.detail)
         elif cmd.kind == "withheld":
             events.mark("lease_lost", names, token=cmd.token, role="leader")
+        elif cmd.kind == "stood_in":
+            events.mark("stood_in", names, token=cmd.token, role="leader", detail=cmd.detail)
 
 
 def observe(names: Names, cmd: Begin | End | Takeover) -> Any:
     """Carry the call machine's event commands to dedupe.ops.events."""
     if type(cmd) is End:
         if cmd.handle is not None:
-            cmd.handle.end(cmd.role, cmd.error, token=cmd.token, leader_trace=cmd.leader_trace)
+            cmd.handle.end(cmd.role, cmd.error, token=cmd.token, leader_trace=cmd.leader_trace,
+                           stale=cmd.stale, age_s=cmd.age_ms / 1000)  # fmt: skip
         return None
     if type(cmd) is Begin:
         return events.begin(names) if events.enabled else None
@@ -117,6 +123,9 @@ class DriverBase:
         self.mailbox: Mailbox[object] | None = None
         self.lease: Lease | None = None
         self.stamp = Stamp()  # when the current Acquire's request was written
+        # A background run's place (max_background_runs) held for this flight: taken for an
+        # acquire that may be granted a refresh, given back unless it was, or at the end.
+        self.background = False
         # The leader's traceparent, sealed into its record (read in the caller's context).
         self.trace = events.trace_context() if events.enabled else b""
 
@@ -124,7 +133,9 @@ class DriverBase:
         """The script a command runs, if it is one of the script commands."""
         if isinstance(cmd, Acquire):
             self.stamp.sent = 0.0
-            return acquire_call(self.spec, cmd)
+            if self.spec.refreshes and not self.background:
+                self.background = self.backend.reserve_background()
+            return acquire_call(self.spec, cmd, self.background)
         if isinstance(cmd, Complete):
             if self.lease is not None:  # our own complete may now delete the lock
                 self.backend.renewer().completing(self.lease)
@@ -137,6 +148,8 @@ class DriverBase:
         """The protocol's reply to a script command; ``replicas``: what WAIT answered."""
         if isinstance(cmd, Acquire):
             reply = parse_acquired(raw, self.stamp.sent)
+            if self.background and reply.state != REFRESH:
+                self.give_back_background()
             return reply._replace(replicas=replicas) if replicas else reply
         if isinstance(cmd, Complete):
             return parse_completed(raw)
@@ -147,20 +160,36 @@ class DriverBase:
         error, or Unanswered for an Acquire written but never answered (which the protocol
         answers by giving back the lease it may have granted). An error reply was answered."""
         error = translate(exc) if isinstance(exc, Exception) else exc
+        if isinstance(cmd, Acquire) and self.background:
+            self.give_back_background()
         if self.stamp.sent and isinstance(cmd, Acquire) and not isinstance(exc, ResponseError):
             return Unanswered(error)
         return error
 
+    def give_back_background(self) -> None:
+        self.background = False
+        self.backend.release_background()
+
     def at_once(self, cmd: Command) -> bool:
         """Carry a command that needs no blocking (Release, Note); False for the others."""
         if type(cmd) is Note:
+            if cmd.kind == "stood_in":
+                self.backend.stood_in()
             note(self.spec.names, cmd)
+            return True
+        if type(cmd) is Offer:
+            self.entry.offer(cmd.finished)
             return True
         if type(cmd) is Release:
             # The possible lease goes to the backend's releaser: off this caller's path.
             self.backend.release_later(self.spec, self.stamp.sent)
             return True
         return False
+
+    def serving(self) -> None:
+        """Serve: the flight's callers have their value; the rest runs in the background."""
+        if events.enabled:
+            events.mark("refresh", self.spec.names, role="leader")
 
     def flight_of(self, cmd: Lead, loop: asyncio.AbstractEventLoop | None = None) -> Flight:
         """A Lead begins: the process's flight now leads, and its lease is renewed."""
@@ -200,6 +229,8 @@ class DriverBase:
         return leading(self.spec.names.channel, flight)
 
     def finish(self) -> None:
+        if self.background:
+            self.give_back_background()
         lease, self.lease = self.lease, None
         if lease is not None:
             self.backend.renewer().remove(lease)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -15,9 +16,11 @@ from dedupe.core.protocol import (
     Acquire,
     Command,
     Finished,
+    Flight,
     FlightSpec,
     Lead,
     Pause,
+    Serve,
     Subscribe,
     Wait,
     run_flight,
@@ -28,17 +31,20 @@ from dedupe.ops import events
 
 __all__ = ["call"]
 
+log = logging.getLogger("dedupe.core.protocol")
+
 
 def call(
     backend: Backend,
     names: Names,
-    make_spec: Callable[[float | None], FlightSpec],
+    make_spec: Callable[[float | None, float | None], FlightSpec],
     wait_timeout: float | None,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     *,
     detail: bool = False,
+    soft_timeout: float | None = None,
 ) -> Any:
     """Run ``fn`` once across every caller of the job, and return its outcome."""
     machine = run_call(
@@ -49,6 +55,7 @@ def call(
         time.monotonic,
         detail=detail,
         observed=events.enabled,
+        soft_timeout=soft_timeout,
     )
     reply: Any = None
     error: BaseException | None = None
@@ -60,7 +67,7 @@ def call(
         reply, error = None, None
         try:
             if type(cmd) is Fly:
-                spec = make_spec(cmd.deadline)
+                spec = make_spec(cmd.deadline, cmd.soft_deadline)
                 backend.begin_flight()
                 try:
                     reply = _Driver(backend, spec, fn, args, kwargs, cmd.entry).run()
@@ -94,9 +101,13 @@ def _run_here(
 
 class _Driver(DriverBase):
     def run(self) -> Finished:
-        flight = run_flight(self.spec, self.codec, self.clock, self.trace)
+        return self.drive(run_flight(self.spec, self.codec, self.clock, self.trace))
+
+    def drive(self, flight: Flight) -> Finished:
+        """Step the flight to its end; at a Serve, hand the rest to a background thread."""
         reply: object = None
         error: BaseException | None = None
+        handed_off = False
         try:
             while True:
                 try:
@@ -104,13 +115,27 @@ class _Driver(DriverBase):
                 except StopIteration as stop:
                     return stop.value  # type: ignore[no-any-return]
                 reply, error = None, None
+                if type(cmd) is Serve:
+                    self.serving()
+                    self.backend.run_in_background(self.refresh, flight)
+                    handed_off = True
+                    return cmd.finished
                 try:
                     reply = self.execute(cmd)
                 except BaseException as exc:  # an abort too: thrown in, it goes on up
                     error = self.failed(cmd, exc)
         finally:
-            flight.close()
-            self.finish()
+            if not handed_off:
+                flight.close()
+                self.finish()
+
+    def refresh(self, flight: Flight) -> None:
+        """The rest of a flight whose callers were served: on a thread of its own, in a copy
+        of the caller's context (its contextvars; not its thread-locals)."""
+        try:
+            self.drive(flight)
+        except Exception as exc:
+            log.warning("a background refresh of %r failed: %s", self.spec.names.job_id, exc)
 
     def execute(self, cmd: Command) -> object:
         script = self.script_for(cmd)

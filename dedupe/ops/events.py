@@ -91,6 +91,8 @@ Kind = Literal[
     "lease_lost",
     "rejected",
     "local_run",
+    "refresh",
+    "stood_in",
 ]
 
 CALL_KINDS: Final = frozenset(
@@ -99,8 +101,12 @@ CALL_KINDS: Final = frozenset(
 """Kinds that end a call: exactly one per call, so counting them counts calls. ``failed``:
 the call ended with an exception before it had a role (a permission error from Redis, an
 interrupted or cancelled wait)."""
-MARK_KINDS: Final = frozenset({"takeover", "lease_lost", "rejected", "local_run"})
-"""Kinds that mark a moment: several, or none, per call."""
+MARK_KINDS: Final = frozenset(
+    {"takeover", "lease_lost", "rejected", "local_run", "refresh", "stood_in"}
+)
+"""Kinds that mark a moment: several, or none, per call. ``refresh``: a background run began
+(stale_while_revalidate, early_refresh); ``stood_in``: a run failed and a stale value stood
+in for its error (stale_if_error; ``detail`` names the error)."""
 KINDS: Final = CALL_KINDS | MARK_KINDS
 
 ROLES: Final = ("leader", "local", "remote", "kept")
@@ -133,6 +139,9 @@ class Event:
     token: int = 0  # the fencing token of the lease involved, 0 if none
     leader_trace: bytes = b""  # the leader's traceparent, as read from its outcome record
     detail: str = ""  # free text: why an envelope was rejected, which error type, ...
+    # Why the call was served a stale value: "revalidate", "error" or "timeout"; "" if not.
+    stale: str = ""
+    age_s: float | None = None  # the served value's age (server's clock), where one was served
 
 
 class Listener(Protocol):
@@ -303,6 +312,8 @@ class Call:
         wait_s: float | None = None,
         token: int = 0,
         leader_trace: bytes = b"",
+        stale: str = "",
+        age_s: float | None = None,
     ) -> Event | None:
         """Report how the call ended: in ``role``, with a value (``error`` None) or ``error``.
 
@@ -340,6 +351,8 @@ class Call:
             token=token,
             leader_trace=leader_trace,
             detail=detail,
+            stale=stale,
+            age_s=age_s if error is None else None,
         )
         for tracer, handle in reversed(self._handles):
             try:

@@ -93,7 +93,9 @@ def names_of(prefix: str, job_id: str) -> Names:
     validate_job_id(job_id)
     if _DIGEST_TAG.fullmatch(job_id):
         base = f"{prefix}:{{{job_id}}}"
-        return Names(job_id, f"{base}:lock", f"{base}:token", f"{base}:result", base)
+        return Names(
+            job_id, f"{base}:lock", f"{base}:token", f"{base}:result", base, f"{base}:error"
+        )
     return names_for(prefix, job_id)
 
 
