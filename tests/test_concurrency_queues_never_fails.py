@@ -1,13 +1,21 @@
-"""Command slots: never more holders than slots, first come first served, every wait bounded,
-and no slot lost to a cancellation or a timeout, however they interleave."""
+"""Concurrency queues, never fails: past the 64 command slots per client (per event loop
+for asyncio) callers queue for a slot, first come first served, at most the queue timeout,
+then BackendUnavailable; 20,000 concurrent asyncio flights and 500 threads complete.
+
+The command slots (dedupe/backend/slots.py): never more holders than slots, every wait
+bounded, and no slot lost to a cancellation or a timeout, however they interleave.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
+from typing import Any
 
 import pytest
+from helpers import _sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +23,7 @@ from dedupe import BackendUnavailable, SingleFlight
 from dedupe.backend.slots import AsyncSlots
 from devtools.servers import RedisServer
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.compat]
+pytestmark = pytest.mark.timeout(60)
 
 
 class Busy(Exception):
@@ -26,6 +34,7 @@ def _slots(n: int) -> AsyncSlots:
     return AsyncSlots(n, Busy)
 
 
+@pytest.mark.compat
 def test_waiters_are_served_in_arrival_order() -> None:
     async def main() -> list[str]:
         slots = _slots(1)
@@ -47,6 +56,7 @@ def test_waiters_are_served_in_arrival_order() -> None:
     assert asyncio.run(main()) == ["b", "c", "d"]
 
 
+@pytest.mark.compat
 def test_a_wait_ends_with_the_error_after_its_timeout_and_the_slot_is_kept() -> None:
     async def main() -> None:
         slots = _slots(1)
@@ -62,6 +72,7 @@ def test_a_wait_ends_with_the_error_after_its_timeout_and_the_slot_is_kept() -> 
     asyncio.run(main())
 
 
+@pytest.mark.compat
 def test_a_waiter_cancelled_after_it_was_granted_passes_the_slot_on() -> None:
     async def main() -> None:
         slots = _slots(1)
@@ -80,6 +91,7 @@ def test_a_waiter_cancelled_after_it_was_granted_passes_the_slot_on() -> None:
     asyncio.run(main())
 
 
+@pytest.mark.compat
 @settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(1, 4),
@@ -134,6 +146,7 @@ def test_never_more_holders_than_slots_and_none_lost(
     asyncio.run(main())
 
 
+@pytest.mark.compat
 def test_callers_past_every_slot_of_a_stuck_link_fail_after_the_queue_timeout(
     redis_server: RedisServer, prefix: str
 ) -> None:
@@ -175,3 +188,43 @@ def test_callers_past_every_slot_of_a_stuck_link_fail_after_the_queue_timeout(
     busy = [r for r in results if "stayed busy" in str(r)]
     assert len(busy) == 80 - 64
     assert took < 15
+
+
+# --------------------------------------------------------------------------- thousands at once
+
+
+@pytest.mark.timeout(120)
+def test_twenty_thousand_async_flights_and_500_threads_queue_not_fail(
+    redis_url: str, prefix: str, sfs: list[Any]
+) -> None:
+    sf = _sf(sfs, redis_url, prefix, result_ttl=0)
+
+    async def work(i: int) -> int:
+        return i
+
+    async def main() -> list[int]:
+        try:
+            return list(await asyncio.gather(*(sf.call(f"a{i}", work, i) for i in range(20_000))))
+        finally:
+            await sf.aclose()
+
+    assert asyncio.run(main()) == list(range(20_000))
+
+    got: list[int] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(500)
+
+    def thread(i: int) -> None:
+        try:
+            barrier.wait(30)
+            got.append(sf.call(f"t{i}", lambda: i))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=thread, args=(i,)) for i in range(500)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert sorted(got) == list(range(500))
