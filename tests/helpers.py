@@ -19,6 +19,11 @@ from dedupe.core.leases import Lease
 
 SPAWN = mp.get_context("spawn")
 
+SLACK = 1.5
+"""What an asserted bound allows beyond the time the README promises: scheduling of threads
+and event loops on a loaded machine (2 cores shared with other suites); the stuck callers of
+the command-slot test end 0.01-0.12 s after their promised 4 s there."""
+
 
 def start(procs: list[Any], target: Any, *args: Any) -> Any:
     """Start ``target(*args)`` in a spawned process; the ``procs`` fixture cleans it up."""

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import _sf, until
+from helpers import SLACK, _sf, until
 
 from dedupe import BackendUnavailable, SingleFlight, current_flight
 from dedupe.core.keys import names_for
@@ -249,22 +249,31 @@ async def _acall(sf: SingleFlight, fn: Any, *args: Any) -> Any:
 
 @pytest.mark.compat
 def test_backend_unavailable_is_prompt() -> None:
-    # Port 1 on loopback: connection refused at once.
-    sf = SingleFlight("redis://127.0.0.1:1/0", connect_timeout=0.5)
+    # Port 1 on loopback: connection refused at once. The README's bound on any command is
+    # connect_timeout + socket_timeout (its one retry included): the call fails within it.
+    sf = SingleFlight("redis://127.0.0.1:1/0", connect_timeout=0.5, socket_timeout=0.5)
+    bound = sf.settings.connect_timeout + sf.settings.socket_timeout + SLACK
+    started = time.monotonic()
     with pytest.raises(BackendUnavailable):
         sf.call("x", lambda: 1)
+    took = time.monotonic() - started
+    assert took < bound, f"BackendUnavailable after {took:.2f} s, past the bound {bound:.2f} s"
     sf.close()
 
 
 @pytest.mark.compat
 async def test_backend_unavailable_is_prompt_async() -> None:
-    sf = SingleFlight("redis://127.0.0.1:1/0", connect_timeout=0.5)
+    sf = SingleFlight("redis://127.0.0.1:1/0", connect_timeout=0.5, socket_timeout=0.5)
+    bound = sf.settings.connect_timeout + sf.settings.socket_timeout + SLACK
 
     async def job() -> int:
         return 1
 
+    started = time.monotonic()
     with pytest.raises(BackendUnavailable):
         await sf.call("x", job)
+    took = time.monotonic() - started
+    assert took < bound, f"BackendUnavailable after {took:.2f} s, past the bound {bound:.2f} s"
     sf.close()
 
 
@@ -274,8 +283,8 @@ def test_a_half_open_redis_fails_the_call_within_its_bound(
     redis_server: RedisServer, prefix: str, kind: str
 ) -> None:
     """Redis stops answering but the sockets stay open: the call raises BackendUnavailable
-    (the documented bound is connect_timeout + socket_timeout; pytest's timeout would catch
-    a hang), and works again once the link heals."""
+    within the documented bound, connect_timeout + socket_timeout (its one retry on a fresh
+    connection included), and works again once the link heals."""
     from proxy import Proxy
 
     with Proxy(redis_server.address).start() as proxy:
@@ -300,8 +309,12 @@ def test_a_half_open_redis_fails_the_call_within_its_bound(
 
             assert run() == "v"  # connections are pooled and warm
             proxy.blackhole()
+            bound = sf.settings.connect_timeout + sf.settings.socket_timeout + SLACK
+            started = time.monotonic()
             with pytest.raises(BackendUnavailable):
                 run()
+            took = time.monotonic() - started
+            assert took < bound, f"failed after {took:.2f} s, past the bound {bound:.2f} s"
             proxy.heal()
             assert run() == "v"
         finally:
