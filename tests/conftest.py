@@ -11,6 +11,14 @@ The server binary is redis-server on PATH, or the one ``DEDUPE_TEST_SERVER`` nam
 - ``redis_cluster`` / ``redis_sentinel`` (session): started on first use only. After each test
   that used one, a dead/paused node is brought back (``reset()``) so the next test finds it
   healthy.
+- ``sf`` / ``other``: two SingleFlights on the shared server with the test's prefix (lock_ttl
+  2 s): a leader and a follower as good as one in another process. test_api.py has an ``sf``
+  of its own (result_ttl 30 s).
+- ``sfs``: a list the test appends the SingleFlights it builds to (``helpers._sf``); each is
+  closed after the test.
+- ``renewers``: a factory of lease watchdogs (``Renewer``), each closed after the test;
+  ``proxy``: a TCP proxy (tests/proxy.py) in front of the shared server, counting RESP2
+  commands.
 """
 
 from __future__ import annotations
@@ -20,13 +28,16 @@ import re
 import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 import redis
 from hypothesis import HealthCheck, settings
+from proxy import Proxy
 
+from dedupe import SingleFlight
+from dedupe.backend.renewal import Renewer
 from devtools.servers import (
     SERVER_SETTING,
     RedisClusterSet,
@@ -181,3 +192,49 @@ def _heal_shared_sets(request: pytest.FixtureRequest) -> Iterator[None]:
         request.getfixturevalue("redis_cluster").reset()
     if "redis_sentinel" in request.fixturenames:
         request.getfixturevalue("redis_sentinel").reset()
+
+
+# --------------------------------------------------------------------------- flights and leases
+
+
+@pytest.fixture
+def sfs(redis_url: str, prefix: str) -> Iterator[list[SingleFlight]]:
+    made: list[SingleFlight] = []
+    yield made
+    for sf in made:
+        sf.close(timeout=0)
+
+
+@pytest.fixture
+def sf(redis_url: str, prefix: str) -> Iterator[SingleFlight]:
+    inst = SingleFlight(redis_url, prefix=prefix, lock_ttl=2.0)
+    yield inst
+    inst.close()
+
+
+@pytest.fixture
+def other(redis_url: str, prefix: str) -> Iterator[SingleFlight]:
+    """A second instance: a follower as good as one in another process."""
+    inst = SingleFlight(redis_url, prefix=prefix, lock_ttl=2.0)
+    yield inst
+    inst.close()
+
+
+@pytest.fixture
+def renewers() -> Iterator[Callable[..., Renewer]]:
+    made: list[Renewer] = []
+
+    def make(*args: Any, **kw: Any) -> Renewer:
+        r = Renewer(*args, **kw)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
+@pytest.fixture
+def proxy(redis_server: RedisServer) -> Iterator[Proxy]:
+    with Proxy(redis_server.address, count_resp=True) as p:
+        yield p

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import redis
 import redis.cluster
+from helpers import _sf
 
 from dedupe import SingleFlight
 from dedupe.core.keys import names_for
@@ -233,3 +234,34 @@ def test_cluster_scan_covers_every_primary_and_counts_shard_subscribers(
         assert inspect(client, prefix, jobs[0]).kept is None
     finally:
         client.close()
+
+
+# ---------------------------------------------------- a running flight, in the process and in Redis
+
+
+@pytest.mark.timeout(30)
+def test_inflight_and_inspect_show_a_running_flight(
+    redis_url: str, prefix: str, sfs: list[Any]
+) -> None:
+    sf = _sf(sfs, redis_url, prefix, lock_ttl=5)
+    running, release = threading.Event(), threading.Event()
+
+    def job() -> str:
+        running.set()
+        assert release.wait(20)
+        return "v"
+
+    t = threading.Thread(target=lambda: sf.call("seen", job))
+    t.start()
+    try:
+        assert running.wait(10)
+        [info] = sf.inflight()
+        assert (info.job_id, info.state, info.driver) == ("seen", "leading", "sync")
+        assert info.age_s >= 0
+        state = sf.inspect("seen")
+        assert state.holder is not None and state.holder.pid == os.getpid()
+        assert state.lease_ms is not None and 0 < state.lease_ms <= 5000
+    finally:
+        release.set()
+        t.join(10)
+    assert sf.inflight() == []

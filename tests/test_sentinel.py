@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import topology_workers as tw
-from helpers import SPAWN, start
+from helpers import SLACK, SPAWN, start
 
 from dedupe import BackendUnavailable, SingleFlight, current_flight
 from dedupe.core.keys import names_for
@@ -241,12 +241,19 @@ def test_min_replicas_ack(redis_sentinel: RedisSentinelSet, env: dict[str, Any],
             return await asyncio.to_thread(sf.call, job_id, job, tag)
         return await sf.call(job_id, ajob, tag)
 
-    async def scenario() -> tuple[Any, float, BaseException | None]:
+    def waits_run() -> int:
+        """The WAIT commands the master has run (INFO commandstats)."""
+        with redis_sentinel.master.client() as master:
+            stats: Any = master.info("commandstats")
+        return int(stats.get("cmdstat_wait", {}).get("calls", 0))
+
+    async def scenario() -> tuple[Any, float, int, BaseException | None]:
         sf = tw.make_sf(env, "client" if mode == "sync" else "async_client", **kw)
         try:
             value = await call(sf, "acked", "acked")
             redis_sentinel.replica.pause()
             try:
+                waits = waits_run()
                 t0 = time.monotonic()
                 error: BaseException | None = None
                 try:
@@ -254,9 +261,10 @@ def test_min_replicas_ack(redis_sentinel: RedisSentinelSet, env: dict[str, Any],
                 except BaseException as exc:
                     error = exc
                 took = time.monotonic() - t0
+                waits = waits_run() - waits
             finally:
                 redis_sentinel.replica.resume()
-            return value, took, error
+            return value, took, waits, error
         finally:
             sf.close()
             if mode == "async":
@@ -265,14 +273,19 @@ def test_min_replicas_ack(redis_sentinel: RedisSentinelSet, env: dict[str, Any],
     with redis_sentinel.replica.client() as c:  # never pause the master by mistake
         assert c.execute_command("ROLE")[0] == b"slave"
     wait_replica_acks(redis_sentinel, prefix)
-    value, took, error = asyncio.run(scenario())
+    value, took, waits, error = asyncio.run(scenario())
     assert value == "acked"
     # The replica acknowledged the lease: it holds the fencing token the job ran under.
     with redis_sentinel.replica.client() as replica:
         assert int(replica.get(names_for(prefix, "acked").token) or 0) == tokens[0]
     assert isinstance(error, BackendUnavailable), repr(error)
     assert "replicas acknowledged" in str(error)
-    assert ack_timeout <= took < ack_timeout + 2.0
+    # Refused on what WAIT answered: the master ran one WAIT for the lease, and it found none
+    # of the (paused) replicas within replica_ack_timeout; the call ended within that timeout
+    # (give or take SLACK).
+    assert waits == 1
+    assert "only 0 of 1 replicas acknowledged the lease on 'unacked' within 500 ms" in str(error)
+    assert took < ack_timeout + SLACK, took
     assert ran == ["acked"]  # the unacknowledged lease never ran the job
     with redis_sentinel.master.client() as master:
         assert master.exists(names_for(prefix, "unacked").lock) == 0  # given back

@@ -4,6 +4,8 @@ What it promises: the bytes are what redis-py would send; a connection is never 
 with a reply left unread on it; a connection the server dropped is replaced within the
 call; only as many connections as commands ran at once; a client passed in keeps its
 pool's limits; close() closes what the wire opened; a flushed script cache costs nothing.
+That a forked child or another event loop never shares a connection is in
+test_fork_and_loop_safe.py.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from typing import Any
 
 import pytest
 import redis
-import redis.asyncio
 from helpers import until
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -301,121 +302,3 @@ def test_an_asyncio_record_larger_than_the_socket_buffer_goes_out_whole(
         assert sf.call("big", lambda: b"ran again") == big
     finally:
         sf.close(timeout=0)
-
-
-def test_a_forked_child_never_writes_on_the_parents_connections(
-    redis_url: str, prefix: str
-) -> None:
-    """The child inherits the parent's open command connections (same sockets). Both run
-    flights at once; were the child to reuse one, requests and replies would cross, and a
-    flight would lead with a token that is not the one its lock holds."""
-    import os
-    import signal
-
-    from dedupe import current_flight
-    from dedupe.core.keys import names_for
-
-    sf = SingleFlight(redis_url, prefix=prefix, result_ttl=0)
-    for i in range(20):  # the idle connections exist before the fork
-        assert sf.call(f"warm{i}", lambda i=i: i) == i
-
-    def run(side: str) -> bool:
-        check = redis.Redis.from_url(redis_url)  # opened after the fork, by each side
-        try:
-            for i in range(300):
-                key = f"{side}{i}"
-
-                def job(key: str = key) -> bool:
-                    flight = current_flight()
-                    assert flight is not None
-                    lock = check.get(names_for(prefix, key).lock) or b""
-                    return lock.split(b":", 1)[0] == str(flight.token).encode()
-
-                if sf.call(key, job) is not True:
-                    return False
-            return True
-        finally:
-            check.close()
-
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = 0 if run("child") else 2
-        finally:
-            os._exit(code)
-    try:
-        assert run("parent")
-        for _ in range(3000):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            threading.Event().wait(0.01)
-        else:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError("the forked child hung")
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        sf.close(timeout=0)
-
-
-def test_event_loops_and_threads_at_once_never_share_a_connection(
-    redis_url: str, prefix: str
-) -> None:
-    """Two event loops (each its own connections) and sync threads (the process's) run
-    flights on one instance at once; every leader's token is the one its lock holds."""
-    from dedupe import current_flight
-    from dedupe.core.keys import names_for
-
-    sf = SingleFlight(redis_url, prefix=prefix, result_ttl=0)
-    check = redis.Redis.from_url(redis_url)
-    bad: list[str] = []
-
-    def verify(key: str) -> None:
-        flight = current_flight()
-        assert flight is not None
-        lock = check.get(names_for(prefix, key).lock) or b""
-        if lock.split(b":", 1)[0] != str(flight.token).encode():
-            bad.append(key)
-
-    def loop_side(side: str) -> None:
-        async def job(key: str) -> str:
-            verify(key)
-            return key
-
-        async def main() -> None:
-            try:
-                keys = [f"{side}:{i}" for i in range(150)]
-                for start in range(0, len(keys), 30):
-                    batch = keys[start : start + 30]
-                    assert await asyncio.gather(*(sf.call(k, job, k) for k in batch)) == batch
-            finally:
-                await sf.aclose()
-
-        asyncio.run(main())
-
-    def thread_side(side: str) -> None:
-        for i in range(100):
-            key = f"{side}:{i}"
-            assert sf.call(key, lambda key=key: verify(key) or key) == key
-
-    errors: list[BaseException] = []
-
-    def guarded(fn: Any, side: str) -> None:
-        try:
-            fn(side)
-        except BaseException as exc:
-            errors.append(exc)
-
-    sides = [(loop_side, "loopA"), (loop_side, "loopB"), (thread_side, "t1"), (thread_side, "t2")]
-    threads = [threading.Thread(target=guarded, args=s) for s in sides]
-    try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(40)
-    finally:
-        sf.close(timeout=0)
-        check.close()
-    assert errors == [] and bad == []

@@ -226,6 +226,34 @@ def hub_channels_when_idle(sf: SingleFlight, timeout: float = 5.0) -> dict[str, 
     return hub.channels()
 
 
+def count_messages() -> list[int]:
+    """From now on, count the channel messages this process's flights take; the count is the
+    list's one item.
+
+    A waiting flight gets what the hub delivers through its Mailbox (dedupe.core.signals): a
+    record or notice (bytes), or an order to re-check (not bytes). A flight served by the
+    leader's message takes that message; one served by a re-check of Redis takes none."""
+    from dedupe.core.signals import Mailbox
+
+    taken = [0]
+    get, get_async = Mailbox.get, Mailbox.get_async
+
+    def counted(item: Any) -> Any:
+        if type(item) is bytes:
+            taken[0] += 1
+        return item
+
+    def spy_get(self: Any, timeout: float | None) -> Any:
+        return counted(get(self, timeout))
+
+    async def spy_get_async(self: Any, timeout: float | None) -> Any:
+        return counted(await get_async(self, timeout))
+
+    Mailbox.get = spy_get  # type: ignore[method-assign]
+    Mailbox.get_async = spy_get_async  # type: ignore[method-assign]
+    return taken
+
+
 # --------------------------------------------------------------------------- entry points
 
 
@@ -238,16 +266,21 @@ def herd(
     barrier: Any,
     out: Any,
     sf_kw: dict[str, Any],
+    messages: bool = False,
 ) -> None:
     """One caller per entry of ``calls`` (a job id), as threads (``mode="sync"``) or tasks.
 
     All callers start together once every process reached ``barrier``; the report put on
-    ``out`` holds each caller's outcome and the hub's channels afterwards.
+    ``out`` holds each caller's outcome and the hub's channels afterwards, and with
+    ``messages`` how many channel messages the process's flights took (count_messages).
     """
+    taken = count_messages() if messages else None
     if mode == "sync":
         report = _herd_sync(env, spelling, calls, job, barrier, sf_kw)
     else:
         report = asyncio.run(_herd_async(env, spelling, calls, job, barrier, sf_kw))
+    if taken is not None:
+        report["messages"] = taken[0]
     out.put(report)
 
 

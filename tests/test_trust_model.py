@@ -1,6 +1,9 @@
-"""Attackers with a real redis-server: a user allowed only PUBLISH on a job's channel, and one
-allowed to write that job's keys, try to run code (a pickle that creates a marker file) and to
-have forged, replayed, tampered or cross-key outcomes served.
+"""The trust model, against a real redis-server. Attackers: a user allowed only PUBLISH on a
+job's channel, and one allowed to write that job's keys, try to run code (a pickle that
+creates a marker file) and to have forged, replayed, tampered, cross-key or written-back
+outcomes served. Between processes, values and exceptions travel as the README says: the
+same type, the nearest imported base class, or RemoteError; ResultNotSerializable where the
+serializer cannot carry a value.
 
 The codec tests feed ``Codec.open`` the very bytes Redis delivered (pub/sub) or returned (GET);
 the flight tests run real SingleFlight followers mid-flight and new callers.
@@ -22,9 +25,9 @@ from typing import Any
 
 import pytest
 import redis
-from helpers import start, until
+from helpers import _exception_herd, numsub, start, until
 
-from dedupe import SingleFlight
+from dedupe import SingleFlight, current_flight
 from dedupe.core.keys import names_for
 from dedupe.core.record import NOTICE_STORED
 from dedupe.core.sealing import Codec, Notice, Opened, Outcome
@@ -671,3 +674,100 @@ def test_a_genuine_record_of_an_older_lease_written_back_is_not_served(
         first.close()
         sf.close()
         other.close()
+
+
+# ---------------------------------------------------------- values and exceptions between processes
+
+
+@pytest.mark.timeout(60)
+def test_unbuildable_exception_arrives_as_remote_error_naming_it(
+    redis_url: str, prefix: str, procs: list[Any]
+) -> None:
+    # Its class is imported in every process, but it does not rebuild from its args, and
+    # without a signed pickle nothing else may rebuild it: a RemoteError names it.
+    mine, others = _exception_herd(redis_url, prefix, "unbuildable", procs)
+    assert {info["type"] for _, _, info in mine} == {"Unbuildable"}
+    for _, _, info in others:
+        assert info["type"] == "RemoteError" and "workers.Unbuildable" in info["args"][0]
+        assert "in _job" in info["traceback"]
+
+
+@pytest.mark.timeout(60)
+def test_exception_that_cannot_travel_becomes_remote_error(
+    redis_url: str, prefix: str, procs: list[Any]
+) -> None:
+    mine, others = _exception_herd(redis_url, prefix, "holds-lock", procs)
+    assert {info["type"] for _, _, info in mine} == {"HoldsLock"}
+    for _, _, info in others:
+        assert info["type"] == "RemoteError"
+        assert info["attrs"]["type_name"] == "workers.HoldsLock"
+        assert "cannot travel" in info["attrs"]["message"]
+        assert "in _job" in info["traceback"]
+
+
+@pytest.mark.timeout(60)
+def test_unpicklable_value_raises_in_other_processes_only(
+    redis_url: str, prefix: str, procs: list[Any]
+) -> None:
+    mine, others = _exception_herd(redis_url, prefix, "unpicklable", procs)
+    assert all(kind == "ok" for kind, _, _ in mine)
+    assert {info["type"] for _, _, info in others} == {"ResultNotSerializable"}
+
+
+# -------------------------------------------------------------------- signed records on the channel
+
+
+def _forged(prefix: str, job_id: str, secret: bytes | None, token: int, value: Any) -> bytes:
+    codec = Codec(secret=secret)
+    channel = names_for(prefix, job_id).channel
+    return codec.seal(
+        Outcome(value=value), channel=channel, token=token, keep_ms=60_000, ttl_ms=60_000
+    )
+
+
+@pytest.mark.timeout(30)
+def test_forged_and_unsigned_envelopes_are_refused(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    secret = "s3cret"
+    leader = SingleFlight(redis_url, prefix=prefix, secret=secret, lock_ttl=30)
+    follower = SingleFlight(redis_url, prefix=prefix, secret=secret, lock_ttl=30)
+    names = names_for(prefix, "signed")
+    running, release = threading.Event(), threading.Event()
+
+    def job() -> str:
+        flight = current_flight()
+        assert flight is not None
+        running.set()
+        release.wait(20)
+        return f"genuine {flight.token}"
+
+    results: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: results.update(a=leader.call("signed", job)))
+    t.start()
+    assert running.wait(10)
+    f = threading.Thread(target=lambda: results.update(b=follower.call("signed", job)))
+    f.start()
+    until(lambda: numsub(redis_client, names.channel) == 1, what="the follower subscribed")
+    token = int(redis_client.get(names.lock).split(b":")[0])  # type: ignore[union-attr]
+    hostile = [
+        _forged(prefix, "signed", b"wrong secret", token, "forged"),
+        _forged(prefix, "signed", None, token, "unsigned"),
+        b"garbage on the channel",
+        _forged(prefix, "signed", b"s3cret", token, "ok")[:-3],  # truncated
+    ]
+    for message in hostile:
+        redis_client.publish(names.channel, message)
+    # The follower's re-checks read the result key too: poison it as well.
+    redis_client.set(names.result, hostile[0], px=60_000)
+    until(lambda: follower.stats()["rejected_envelopes"] >= len(hostile), what="rejections")
+    assert "b" not in results  # nothing forged was delivered
+    release.set()
+    t.join(10)
+    f.join(10)
+    assert results["a"] == results["b"] == f"genuine {token}"
+    # A forged *kept* value is never served to a new caller either.
+    redis_client.set(names_for(prefix, "kept").result, _forged(prefix, "kept", None, 1, "bad"))
+    assert follower.call("kept", lambda: "recomputed") == "recomputed"
+    leader.close()
+    follower.close()

@@ -1,4 +1,7 @@
-"""What dedupe leaves behind: every key with a TTL, no open subscriptions, empty tables."""
+"""Nothing left behind for long: every key dedupe writes has a TTL of at most
+max(token_ttl, result_ttl, lock_ttl + 2 s); a channel's subscription closes soon after its
+last follower; the process's tables, renewals and hub objects empty out.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+from helpers import _sf
 
 from dedupe import SingleFlight
 
@@ -177,3 +181,20 @@ def test_a_finished_flights_hub_objects_are_gone(
 
 async def _never() -> int:
     raise AssertionError("a follower ran the job")
+
+
+# --------------------------------------------------------------------------- what 200 flights leave
+
+
+@pytest.mark.timeout(60)
+def test_what_a_flight_leaves_is_short_lived(
+    redis_url: str, redis_client: redis.Redis, prefix: str, sfs: list[Any]
+) -> None:
+    sf = _sf(sfs, redis_url, prefix, result_ttl=1)
+    for i in range(200):
+        sf.call(f"id-{i}", lambda: 1)
+    keys = list(redis_client.scan_iter(f"{prefix}:*", count=1000))
+    assert keys
+    for key in keys:
+        ttl = redis_client.pttl(key)
+        assert 0 < ttl <= 61_000, (key, ttl)
