@@ -1777,6 +1777,7 @@ class _Shim:
         self.backend = _ShimBackend(publish)
         self.lease: Any = None
         self.clock = proc.clock
+        self.background = False  # no place for a background run is ever taken (yet)
 
 
 class _ShimBackend:
@@ -1787,6 +1788,12 @@ class _ShimBackend:
 
     def renewer(self) -> _RenewerStub:
         return self.stub
+
+    def reserve_background(self) -> bool:
+        return False
+
+    def release_background(self) -> None:
+        pass
 
 
 def _enc(value: Any) -> bytes:
