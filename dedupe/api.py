@@ -12,7 +12,7 @@ import threading
 import warnings
 import weakref
 from asyncio import _get_running_loop  # C: the running loop of this thread, or None
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import replace
 from typing import (
     Any,
@@ -30,10 +30,18 @@ import wrapt
 from dedupe.backend.commands import ScriptCall, forget_call, notify_call, typed_errors
 from dedupe.backend.lifecycle import Backend, BackendConfig
 from dedupe.backend.topology import parse_url
+from dedupe.batches import (
+    AsyncBatchFunction,
+    Batched,
+    BatchFunction,
+    BatchFunctionWrapper,
+    adhoc,
+)
 from dedupe.core.inflight import InFlightInfo, Served
 from dedupe.core.keys import (
     KeyBuilder,
     Names,
+    batch_keys,
     function_name,
     key_builder,
     names_for,
@@ -72,6 +80,8 @@ P = ParamSpec("P")
 P2 = ParamSpec("P2")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
+K = TypeVar("K")
+V = TypeVar("V")
 S = TypeVar("S")
 
 DEFAULT_URL: Final = "redis://localhost:6379/0"
@@ -246,6 +256,15 @@ class AsyncFlightFunction(Protocol[P, R_co]):
         owner: type[Any] | None = None,
         /,
     ) -> AsyncFlightFunction[P2, R]: ...
+
+
+class _BatchDecorator(Protocol):
+    @overload
+    def __call__(
+        self, fn: Callable[P, Coroutine[Any, Any, Mapping[K, V]]]
+    ) -> AsyncBatchFunction[P, K, V]: ...
+    @overload
+    def __call__(self, fn: Callable[P, Mapping[K, V]]) -> BatchFunction[P, K, V]: ...
 
 
 class _Decorator(Protocol):
@@ -457,6 +476,7 @@ class SingleFlight:
         early_refresh: float = 0.0,
         answers: tuple[type[BaseException], ...] = (),
         max_background_runs: int = 16,
+        max_batch_size: int = 500,
         serializer: str | Serializer = "safe",
         secret: SecretSpec = None,
         inline_max_bytes: int = 32 * 1024,
@@ -747,6 +767,137 @@ class SingleFlight:
         dropped = copies is not None and copies.discard(names.channel)
         backend.void_flights(names.channel)  # callers from now on start a flight of their own
         return names, backend, dropped
+
+    # --- batches ------------------------------------------------------------------------------
+
+    def _batch_plumbing(
+        self, names: list[Names], o: _Overrides
+    ) -> tuple[Backend, Callable[[int, float | None, float | None], FlightSpec], _FlightParams]:
+        """A batch part's backend, each item's spec maker, and the function's parameters."""
+        backend = self.backend()
+        p = self._flight_params(o)
+        makers = [_spec_maker(backend, n, p) for n in names]
+        return backend, lambda i, deadline, soft: makers[i](deadline, soft), p
+
+    @overload
+    def batch(
+        self,
+        fn: Callable[P, Coroutine[Any, Any, Mapping[K, V]]],
+        /,
+        *,
+        key: str | Callable[[Any], str] | None = None,
+        namespace: bool | str = True,
+        lock_ttl: float | None = INHERIT,
+        wait_timeout: float | None = INHERIT,
+        result_ttl: float | None = INHERIT,
+        stale_while_revalidate: float | None = INHERIT,
+        stale_if_error: float | None = INHERIT,
+        error_backoff: float | None = INHERIT,
+        soft_timeout: float | None = INHERIT,
+        early_refresh: float | None = INHERIT,
+        answers: tuple[type[BaseException], ...] | None = INHERIT,
+    ) -> AsyncBatchFunction[P, K, V]: ...
+    @overload
+    def batch(
+        self,
+        fn: Callable[P, Mapping[K, V]],
+        /,
+        *,
+        key: str | Callable[[Any], str] | None = None,
+        namespace: bool | str = True,
+        lock_ttl: float | None = INHERIT,
+        wait_timeout: float | None = INHERIT,
+        result_ttl: float | None = INHERIT,
+        stale_while_revalidate: float | None = INHERIT,
+        stale_if_error: float | None = INHERIT,
+        error_backoff: float | None = INHERIT,
+        soft_timeout: float | None = INHERIT,
+        early_refresh: float | None = INHERIT,
+        answers: tuple[type[BaseException], ...] | None = INHERIT,
+    ) -> BatchFunction[P, K, V]: ...
+    @overload
+    def batch(
+        self,
+        fn: None = None,
+        /,
+        *,
+        key: str | Callable[[Any], str] | None = None,
+        namespace: bool | str = True,
+        lock_ttl: float | None = INHERIT,
+        wait_timeout: float | None = INHERIT,
+        result_ttl: float | None = INHERIT,
+        stale_while_revalidate: float | None = INHERIT,
+        stale_if_error: float | None = INHERIT,
+        error_backoff: float | None = INHERIT,
+        soft_timeout: float | None = INHERIT,
+        early_refresh: float | None = INHERIT,
+        answers: tuple[type[BaseException], ...] | None = INHERIT,
+    ) -> _BatchDecorator: ...
+    def batch(
+        self,
+        fn: Callable[..., Any] | None = None,
+        /,
+        *,
+        key: str | Callable[[Any], str] | None = None,
+        namespace: bool | str = True,
+        **own: Any,
+    ) -> Any:
+        """Decorate a batch function (``@sf.batch(key="user:{item}")``): it takes a collection
+        of items first and returns a mapping of item to value; each item is a job of its own,
+        run once across every caller, batch or single-key (see dedupe.batches).
+
+        - ``key``: a template naming ``{item}`` (attributes and indexing work) and the
+          function's other arguments, or a callable of one item; None: a digest of the item.
+        - ``namespace``: as for ``@sf``: with the same namespace and key, ``@sf.batch`` and
+          ``@sf`` share job ids, so a batch joins single-key flights and they join it.
+        - the per-function settings, per item.
+
+        The result keeps ``fn``'s signature; called, it returns a dict of item to value
+        (BatchError if an item failed); ``.detailed(...)`` returns a BatchResult;
+        ``.job_ids(...)`` and ``.forget(...)`` work per item.
+        """
+        overrides = _Overrides(**check_function_values(own, INHERIT, "SingleFlight.batch"))
+        check_relations(overrides.apply(self._settings))
+
+        def decorate(fn: Callable[..., Any]) -> Any:
+            if not callable(fn):
+                raise TypeError(f"sf.batch decorates callables, not {type(fn).__name__}")
+            keys = batch_keys(fn, key, namespace)
+            return BatchFunctionWrapper(fn, Batched(self, keys, overrides, _is_async(fn)))
+
+        return decorate(fn) if fn is not None else decorate
+
+    def call_batch(
+        self,
+        items: Iterable[Any],
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        key: str | Callable[[Any], str],
+        **kwargs: Any,
+    ) -> Any:
+        """Run ``fn(items_led, *args, **kwargs)`` for the items no other caller runs, and
+        return a dict of item to value (BatchError if one failed; a coroutine for a coroutine
+        function). ``key``: a template over ``{item}`` or a callable of one item, giving each
+        item's job id as sf.call's (shared with ``sf.call`` of that id)."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        return adhoc(self, _NO_OVERRIDES, items, fn, key, args, kwargs, _is_async(fn), False)
+
+    def call_batch_detailed(
+        self,
+        items: Iterable[Any],
+        fn: Callable[..., Any],
+        /,
+        *args: Any,
+        key: str | Callable[[Any], str],
+        **kwargs: Any,
+    ) -> Any:
+        """As ``call_batch``, but return a BatchResult (values, errors, stale) and never
+        raise for an item."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        return adhoc(self, _NO_OVERRIDES, items, fn, key, args, kwargs, _is_async(fn), True)
 
     # --- decorating ---------------------------------------------------------------------------
 

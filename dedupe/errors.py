@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "BackendBusy",
     "BackendOutOfMemory",
     "BackendUnavailable",
+    "BatchError",
     "ConfigurationError",
     "DedupeError",
     "EnvelopeError",
@@ -42,6 +45,24 @@ class WaitTimeout(DedupeError, TimeoutError):
         super().__init__(message)
         self.job_id = job_id
         self.seconds = seconds
+
+
+class BatchError(DedupeError):
+    """Some items of a batch failed. ``values``: the items that got a value; ``errors``: each
+    failed item's exception (the function's own, a WaitTimeout, a BackendUnavailable). The
+    first failure is the ``__cause__``; ``fn.detailed(...)`` returns both without raising."""
+
+    def __init__(self, values: dict[Any, Any], errors: dict[Any, BaseException]) -> None:
+        kinds = sorted({type(e).__qualname__ for e in errors.values()})
+        super().__init__(
+            f"{len(errors)} of {len(errors) + len(values)} items failed "
+            f"({', '.join(kinds)}); .values holds the rest, .errors each failure"
+        )
+        self.values = values
+        self.errors = errors
+        first = next(iter(errors.values()), None)
+        if first is not None:
+            self.__cause__ = first
 
 
 class BackendUnavailable(DedupeError, ConnectionError):

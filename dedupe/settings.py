@@ -338,6 +338,11 @@ class Settings:
         "the stale value without starting one",
         Size(),
     )
+    max_batch_size: int = setting(
+        500,
+        "a batch call claims at most this many items at once; a larger one runs in parts, in order",
+        Size(minimum=1),
+    )
     serializer: str | Serializer = setting(  # noqa: RUF009 (setting() is a field specifier)
         "safe",
         '`"safe"` (typed JSON: reading it runs no code), `"json"` (plain, lossy), `"pickle"` '

@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -170,6 +170,38 @@ class Transport:
         finally:
             self._sync_slots.put(None)
 
+    def run_sync_scripts(
+        self, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
+    ) -> list[Any]:
+        """Run several scripts of one batch: on our own standalone (or Sentinel) connections
+        one pipelined round trip, in one command slot; through a Cluster or a client passed
+        in, one after another. Each item's reply, or the exception its script raised."""
+        route = self._sync_route.value or self._sync_route.get(self._make_sync_route)
+        if route.own and route.wire is not None and len(calls) > 1:
+            wire: Any = route.wire
+            self._take_sync_slot()
+            try:
+                idle = self._sync_idle
+                try:
+                    conn = idle.pop()
+                except IndexError:
+                    conn = wire.new_connection()
+                try:
+                    return wire.run_many_on(conn, calls, stamps)  # type: ignore[no-any-return]
+                finally:
+                    idle.append(conn)
+            except Exception as exc:
+                return [exc] * len(calls)
+            finally:
+                self._sync_slots.put(None)
+        out: list[Any] = []
+        for call, stamp in zip(calls, stamps, strict=True):
+            try:
+                out.append(self.run_sync_script(call, stamp))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
     def _make_sync_route(self) -> _Route:
         client = self.clients.sync()
         given = self.clients.settings.client is not None
@@ -209,6 +241,35 @@ class Transport:
             return await run_script_async(route.client, call, stamp)
         finally:
             slots.release()
+
+    async def run_async_scripts(
+        self, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
+    ) -> list[Any]:
+        """As run_sync_scripts, over the running loop's client."""
+        state = self._loop()
+        route = state.route
+        if route is not None and route.own and route.wire is not None and len(calls) > 1:
+            wire: Any = route.wire
+            slots = state.slots
+            await slots.take(self.queue_timeout)
+            try:
+                idle = state.idle
+                conn = idle.pop() if idle else wire.new_connection()
+                try:
+                    return await wire.run_many_on(conn, calls, stamps)  # type: ignore[no-any-return]
+                finally:
+                    idle.append(conn)
+            except Exception as exc:
+                return [exc] * len(calls)
+            finally:
+                slots.release()
+        out: list[Any] = []
+        for call, stamp in zip(calls, stamps, strict=True):
+            try:
+                out.append(await self.run_async_script(call, stamp))
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     def in_thread(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """Run blocking ``fn(*args)`` on one of this transport's threads (at most one per

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -30,7 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dedupe.backend.commands import ScriptCall, Stamp
 
-__all__ = ["AsyncWire", "SyncWire", "pack", "retry_left", "wire_ready"]
+__all__ = ["AsyncWire", "SyncWire", "pack", "pack_many", "retry_left", "wire_ready"]
 
 # A retry on a fresh connection is worth it only with at least this much of the bound left.
 _MIN_RETRY = 0.05
@@ -64,6 +65,11 @@ def pack(call: ScriptCall, *, by_sha: bool = True) -> list[bytes]:
         )
         parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return [b"".join(parts)]
+
+
+def pack_many(calls: Sequence[ScriptCall], *, by_sha: bool = True) -> list[bytes]:
+    """The RESP requests of several script calls, one chunk (a pipeline: one write)."""
+    return [b"".join(pack(call, by_sha=by_sha)[0] for call in calls)]
 
 
 def wire_ready(client: Any) -> bool:
@@ -170,6 +176,33 @@ class SyncWire(_Wire):
         finally:
             fresh.disconnect()
 
+    def run_many_on(
+        self, conn: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
+    ) -> list[Any]:
+        """Run several scripts pipelined on a connection the caller owns: one write, then
+        every reply in order. Each item's reply, or the ResponseError its script got (an
+        error reply is read whole: the others are unaffected). A failure of the connection
+        fails them all, after one more try on a fresh connection, as ``run_on``."""
+        started = time.monotonic()
+        try:
+            return _pipeline(conn, calls, stamps)
+        except _RETRYABLE:
+            conn.disconnect()
+            left = self.retry_bound(started)
+            if left is None:
+                raise
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            if self._notified and conn.should_reconnect():
+                conn.disconnect()
+        fresh = self.new_connection(left)
+        try:
+            return _pipeline(fresh, calls, stamps)
+        finally:
+            fresh.disconnect()
+
     def run(self, call: ScriptCall, stamp: Stamp | None = None) -> Any:
         """Run the script on a connection checked out of the client's pool (retried as the
         client's own retry policy says)."""
@@ -196,6 +229,35 @@ def _roundtrip(conn: Any, call: ScriptCall, stamp: Stamp | None) -> Any:
             stamp.sent = time.monotonic()
         conn.send_packed_command(pack(call, by_sha=False))
         return conn.read_response()
+
+
+def _pipeline(conn: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]) -> list[Any]:
+    if conn._sock is None:
+        conn.connect()  # a connect is not a send: the stamps come after it
+    _stamp(stamps)
+    conn.send_packed_command(pack_many(calls))
+    replies = [_read(conn) for _ in calls]
+    again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+    if again:  # a restarted or flushed server: send those scripts themselves
+        _stamp([stamps[i] for i in again])
+        conn.send_packed_command(pack_many([calls[i] for i in again], by_sha=False))
+        for i in again:
+            replies[i] = _read(conn)
+    return replies
+
+
+def _read(conn: Any) -> Any:
+    try:
+        return conn.read_response()
+    except ResponseError as exc:  # read whole: the next reply is the next item's
+        return exc
+
+
+def _stamp(stamps: Sequence[Stamp | None]) -> None:
+    now = time.monotonic()
+    for stamp in stamps:
+        if stamp is not None:
+            stamp.sent = now
 
 
 class AsyncWire(_Wire):
@@ -231,6 +293,30 @@ class AsyncWire(_Wire):
         finally:
             await fresh.disconnect(nowait=True)
 
+    async def run_many_on(
+        self, conn: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
+    ) -> list[Any]:
+        """As SyncWire.run_many_on, on the running loop."""
+        started = time.monotonic()
+        try:
+            return await _apipeline(conn, calls, stamps)
+        except _RETRYABLE:
+            await conn.disconnect(nowait=True)
+            left = self.retry_bound(started)
+            if left is None:
+                raise
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        finally:
+            if self._notified and conn.should_reconnect():
+                await conn.disconnect()
+        fresh = self.new_connection(left)
+        try:
+            return await _apipeline(fresh, calls, stamps)
+        finally:
+            await fresh.disconnect(nowait=True)
+
     async def run(self, call: ScriptCall, stamp: Stamp | None = None) -> Any:
         pool = self.pool
         conn = await pool.get_connection(*self._name)
@@ -255,6 +341,30 @@ async def _aroundtrip(conn: Any, call: ScriptCall, stamp: Stamp | None) -> Any:
             stamp.sent = time.monotonic()
         await _asend(conn, pack(call, by_sha=False))
         return await conn.read_response()
+
+
+async def _apipeline(
+    conn: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
+) -> list[Any]:
+    if getattr(conn, "_writer", None) is None:
+        await conn.connect()  # a connect is not a send: the stamps come after it
+    _stamp(stamps)
+    await _asend(conn, pack_many(calls))
+    replies = [await _aread(conn) for _ in calls]
+    again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+    if again:
+        _stamp([stamps[i] for i in again])
+        await _asend(conn, pack_many([calls[i] for i in again], by_sha=False))
+        for i in again:
+            replies[i] = await _aread(conn)
+    return replies
+
+
+async def _aread(conn: Any) -> Any:
+    try:
+        return await conn.read_response()
+    except ResponseError as exc:
+        return exc
 
 
 async def _asend(conn: Any, packed: list[bytes]) -> None:

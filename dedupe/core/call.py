@@ -219,7 +219,7 @@ def run_call(
                     )
                 yield Launch(entry)
             try:
-                done = yield from _await(entry, created, deadline, soft_at, clock)
+                done = yield from wait_for(entry, created, deadline, soft_at, clock)
             except GeneratorExit:
                 raise
             except BaseException:
@@ -354,7 +354,7 @@ def _fly(
     return Finished(outcome, "leader", 0)
 
 
-def _await(
+def wait_for(
     entry: Entry,
     created: bool,
     deadline: float | None,
@@ -413,7 +413,7 @@ def _deliver(
         link = b"" if role == "leader" else trace
         yield End(handle, role, error, token, link, result.stale, result.age_ms)
     if error is not None:
-        raise error if own else _copy_of(error)
+        raise error if own else copy_of(error)
     if detail:
         return Served(
             result.value, role != "leader", role, bool(result.stale), result.age_ms / 1000
@@ -438,7 +438,7 @@ def _expect_bool(done: object) -> None:
         raise ProtocolError(f"the reply to AwaitFlight must be a bool, not {done!r}")
 
 
-def _copy_of(error: BaseException) -> BaseException:
+def copy_of(error: BaseException) -> BaseException:
     tb = error.__traceback__
     try:
         dup = copy.copy(error)

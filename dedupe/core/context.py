@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
+from typing import Any
 
 from dedupe.core.leases import LostSignal
 from dedupe.errors import LeaseLost, ReentrantFlight
 
-__all__ = ["Flight", "check_reentry", "current_flight", "leading"]
+__all__ = ["BatchFlight", "Flight", "check_reentry", "current_flight", "leading", "leading_many"]
 
 
 class Flight:
@@ -64,6 +67,57 @@ class Flight:
         return f"Flight(key={self.key!r}, token={self.token}, lease_lost={self.lease_lost})"
 
 
+class BatchFlight(Flight):
+    """The flight a batch function runs as leader of: one lease per item it leads, each
+    with its own token, each lost alone. ``items`` maps each item to its Flight;
+    ``lease_lost`` and ``check()`` are about any of them, ``lost_items()`` names which."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Mapping[Any, Flight]) -> None:
+        self.items: dict[Any, Flight] = dict(items)
+        tokens = [f.token for f in self.items.values()]
+        super().__init__(f"a batch of {len(tokens)}", max(tokens, default=0), LostSignal())
+
+    @property
+    def lease_lost(self) -> bool:
+        return any(f.lease_lost for f in self.items.values())
+
+    def lost_items(self) -> list[Any]:
+        """The items whose lease is lost or may have expired: another caller may run them."""
+        return [item for item, f in self.items.items() if f.lease_lost]
+
+    @property
+    def lost_event(self) -> threading.Event:
+        raise TypeError("a batch holds one lease per item: wait on flight.items[item].lost_event")
+
+    async def wait_lost(self, timeout: float | None = None) -> bool:
+        """Wait until the lease of any item is lost; True then, False after ``timeout``."""
+        if self.lease_lost:
+            return True
+        waits = [asyncio.ensure_future(f.wait_lost(timeout)) for f in self.items.values()]
+        if not waits:
+            return False
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            return any(t.result() for t in done)
+        finally:
+            for t in waits:
+                t.cancel()
+
+    @property
+    def time_left(self) -> float:
+        return min((f.time_left for f in self.items.values()), default=math.inf)
+
+    def check(self) -> None:
+        lost = self.lost_items()
+        if lost:
+            raise LeaseLost(f"the leases of {len(lost)} items of this batch were lost: {lost!r}")
+
+    def __repr__(self) -> str:
+        return f"BatchFlight(items={len(self.items)}, lost={len(self.lost_items())})"
+
+
 _current: ContextVar[Flight | None] = ContextVar("dedupe_flight", default=None)
 _leading: ContextVar[frozenset[str]] = ContextVar("dedupe_leading", default=frozenset())
 
@@ -78,6 +132,24 @@ def check_reentry(full_key: str, job_id: str) -> None:
         raise ReentrantFlight(
             f"the flight {job_id!r} called itself with its own key; it would wait on itself"
         )
+
+
+class leading_many:
+    """``leading`` for a batch: re-entry refused on every key it leads."""
+
+    __slots__ = ("_current", "_flight", "_keys", "_set")
+
+    def __init__(self, full_keys: Iterable[str], flight: Flight) -> None:
+        self._keys = frozenset(full_keys)
+        self._flight = flight
+
+    def __enter__(self) -> None:
+        self._set = _leading.set(_leading.get() | self._keys)
+        self._current = _current.set(self._flight)
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._current)
+        _leading.reset(self._set)
 
 
 class leading:

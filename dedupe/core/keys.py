@@ -16,13 +16,15 @@ import re
 import string
 import uuid
 import zoneinfo
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 __all__ = [
+    "BatchKeys",
     "KeyBuilder",
     "Names",
     "args_digest",
+    "batch_keys",
     "function_name",
     "key_builder",
     "module_name",
@@ -513,3 +515,106 @@ def _callable_key(
         return job_id
 
     return build_from_callable
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+class BatchKeys:
+    """Turns one batch call's arguments into its items (in order, duplicates collapsed) and
+    each item's job id."""
+
+    def __init__(
+        self,
+        fn: Callable[..., object],
+        build: Callable[[Any, dict[str, Any]], str],
+        collection: str,
+    ) -> None:
+        self._arguments = KeyBuilder(fn, lambda arguments: "").arguments
+        self._build = build
+        self.collection = collection  # the name of the parameter that holds the items
+
+    def items(
+        self, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        """The call's items and its other arguments by name."""
+        arguments = self._arguments(args, kwargs)
+        given = arguments.pop(self.collection)
+        if isinstance(given, (str, bytes)) or not isinstance(given, Iterable):
+            raise TypeError(
+                f"the items ({self.collection!r}) must be a collection of items, not "
+                f"{type(given).__name__}"
+            )
+        try:
+            items = list(dict.fromkeys(given))
+        except TypeError as exc:
+            raise TypeError(f"the items of a batch must be hashable: {exc}") from None
+        return items, arguments
+
+    def job_id(self, item: Any, others: dict[str, Any]) -> str:
+        return validate_job_id(self._build(item, others))
+
+
+def batch_keys(
+    fn: Callable[..., object],
+    key: str | Callable[[Any], str] | None,
+    namespace: bool | str = True,
+) -> BatchKeys:
+    """Check a batch's key spec against ``fn`` once, at decoration time (see key_builder).
+
+    ``fn``'s first parameter (after ``self`` or ``cls``) takes the collection of items. A
+    template names ``{item}`` (attributes and indexing work) and any of ``fn``'s other
+    parameters; a callable takes one item. Job ids are ``<namespace>:<key>`` as for
+    ``@sf``, so a batch and a single-key function with the same namespace and key share
+    them. Without ``key``, an item's key is a digest of it and the other arguments.
+    """
+    if isinstance(namespace, bool):
+        ns = function_name(fn) if namespace else ""
+    elif isinstance(namespace, str) and namespace:
+        ns = namespace
+    else:
+        raise TypeError(f"namespace must be True, False or a non-empty str, not {namespace!r}")
+    params = list(inspect.signature(fn).parameters.values())
+    where = function_name(fn)
+    skip = 1 if params and params[0].name in ("self", "cls") else 0
+    if len(params) <= skip or params[skip].kind not in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD):
+        raise TypeError(f"a batch function takes the collection of items first: {where} does not")
+    collection = params[skip].name
+    others = {p.name for p in params} - {collection}
+    head = f"{ns}:" if ns else ""
+    if key is None:
+        if not ns:
+            raise TypeError("namespace=False needs key=: a bare key is a digest of the item")
+
+        def build_bare(item: Any, arguments: dict[str, Any]) -> str:
+            return f"{head}{args_digest({**arguments, collection: item})}"
+
+        return BatchKeys(fn, build_bare, collection)
+    if isinstance(key, str):
+        if not key:
+            raise ValueError("key template must not be empty")
+        for name in _template_fields(key):
+            if name != "item" and name not in others:
+                raise TypeError(
+                    f"key template {key!r} names {name!r}: a batch's template takes {{item}} "
+                    f"and the other arguments of {where}"
+                )
+        template = key
+
+        def build_from_template(item: Any, arguments: dict[str, Any]) -> str:
+            try:
+                return head + template.format(**arguments, item=item)
+            except (AttributeError, KeyError, IndexError) as exc:
+                raise TypeError(f"key template {template!r} failed for {where}: {exc}") from exc
+
+        return BatchKeys(fn, build_from_template, collection)
+    if callable(key):
+
+        def build_from_callable(item: Any, arguments: dict[str, Any]) -> str:
+            job_id = key(item)
+            if not isinstance(job_id, str):
+                raise TypeError(f"key callable for {where} returned {type(job_id).__name__}")
+            return head + job_id
+
+        return BatchKeys(fn, build_from_callable, collection)
+    raise TypeError(f"key must be a str template, a callable or None, not {type(key).__name__}")

@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-__all__ = ["Latch", "Mailbox"]
+__all__ = ["Latch", "Mailbox", "take_any", "take_any_async"]
 
 T = TypeVar("T")
 _UNSET = object()
@@ -144,6 +144,19 @@ class Mailbox(Generic[T]):
         if waker is not None:
             waker()
 
+    def _take_or_arm(self, waker: Callable[[], None]) -> tuple[bool, T | None]:
+        """The next item if there is one; else arm ``waker`` for the next put."""
+        with self._lock:
+            if self._items:
+                return True, self._items.popleft()
+            self._waker = waker
+            return False, None
+
+    def _disarm(self, waker: Callable[[], None]) -> None:
+        with self._lock:
+            if self._waker is waker:
+                self._waker = None
+
     def _take(self) -> T | None:
         with self._lock:
             self._waker = None
@@ -171,3 +184,43 @@ class Mailbox(Generic[T]):
             with self._lock:
                 self._waker = None
         return self._take()
+
+
+def _gather(boxes: dict[int, Mailbox[T]], waker: Callable[[], None]) -> dict[int, T]:
+    got: dict[int, T] = {}
+    for i, box in boxes.items():
+        has, item = box._take_or_arm(waker)
+        if has:
+            got[i] = item  # type: ignore[assignment]
+    return got
+
+
+def _collect(boxes: dict[int, Mailbox[T]], waker: Callable[[], None], got: dict[int, T]) -> None:
+    for i, box in boxes.items():
+        box._disarm(waker)
+        if i not in got:
+            with box._lock:
+                if box._items:
+                    got[i] = box._items.popleft()
+
+
+def take_any(boxes: dict[int, Mailbox[T]], timeout: float) -> dict[int, T]:
+    """One item from each of the mailboxes that has one, waiting up to ``timeout`` seconds
+    for the first (a batch's waiting items: each box has this one consumer)."""
+    event = threading.Event()
+    got = _gather(boxes, event.set)
+    if not got:
+        event.wait(max(0.0, timeout))
+    _collect(boxes, event.set, got)
+    return got
+
+
+async def take_any_async(boxes: dict[int, Mailbox[T]], timeout: float) -> dict[int, T]:
+    """take_any on the running loop."""
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    wake = _waker_for(fut)
+    got = _gather(boxes, wake)
+    if not got:
+        await _await_for(fut, max(0.0, timeout))
+    _collect(boxes, wake, got)
+    return got

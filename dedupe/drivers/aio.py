@@ -9,13 +9,26 @@ its own table of flights: a loop that stops mid-flight strands only its own call
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from typing import Any
 
 from dedupe.backend.lifecycle import Backend
 from dedupe.backend.transport import acquire_and_wait
+from dedupe.core.batch import (
+    Background,
+    Done,
+    Each,
+    LaunchBatch,
+    MakeFlights,
+    Many,
+    WaitAny,
+    run_batch,
+    run_batch_call,
+    run_shared_batch,
+)
 from dedupe.core.call import AwaitFlight, Cancel, Fly, Launch, RunHere, run_call, run_shared_flight
 from dedupe.core.inflight import Entry, InFlight
 from dedupe.core.keys import Names
@@ -33,10 +46,11 @@ from dedupe.core.protocol import (
     run_flight,
 )
 from dedupe.core.sealing import Outcome
-from dedupe.drivers.base import DriverBase, local_flight, observe
+from dedupe.core.signals import take_any_async
+from dedupe.drivers.base import BatchBase, DriverBase, local_flight, observe
 from dedupe.ops import events
 
-__all__ = ["call"]
+__all__ = ["call", "call_batch"]
 
 Fn = Callable[..., Coroutine[Any, Any, Any]]
 
@@ -216,3 +230,110 @@ class _Driver(DriverBase):
         if self.at_once(cmd):
             return None
         raise TypeError(f"unknown command {cmd!r}")
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+async def call_batch(
+    backend: Backend,
+    names: Sequence[Names],
+    make_spec: Callable[[int, float | None, float | None], FlightSpec],
+    wait_timeout: float | None,
+    fn: Fn,
+    items: Sequence[Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    soft_timeout: float | None = None,
+) -> list[Outcome | None]:
+    """Each item's outcome (None: absent), with every key still run once across callers.
+    The items this call creates flights for run in a task of their own (as one key's do)."""
+    table = backend.async_flights()
+    machine = run_batch_call(
+        backend, table, names, wait_timeout, time.monotonic, tasked=True,
+        soft_timeout=soft_timeout,
+    )  # fmt: skip
+    driver = _BatchDriver(backend, names, make_spec, fn, items, args, kwargs)
+    return await driver.step(machine)  # type: ignore[no-any-return]
+
+
+class _BatchDriver(BatchBase):
+    async def step(self, machine: Generator[Any, Any, Any]) -> Any:
+        """Carry a batch machine's commands (run_batch_call's, run_shared_batch's, or
+        run_batch's alone)."""
+        reply: Any = None
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    cmd = machine.send(reply) if error is None else machine.throw(error)
+                except StopIteration as stop:
+                    return stop.value
+                reply, error = None, None
+                try:
+                    reply = await self.execute(cmd)
+                except BaseException as exc:  # thrown in: the machine tidies up and raises it
+                    error = exc
+        finally:
+            machine.close()
+            self.finish_all()
+
+    async def execute(self, cmd: Any) -> Any:
+        kind = type(cmd)
+        if kind is Many:
+            return await self.many(cmd)
+        if kind is WaitAny:
+            boxes, timeout = self.boxes(cmd)
+            return await take_any_async(boxes, timeout)
+        if kind is Done:
+            return self.done(cmd)
+        if kind is Each:
+            carried, script = self.each(cmd)
+            return None if carried else await self.backend.run_async_script(script)  # type: ignore[arg-type]
+        if kind is MakeFlights:
+            return self.make(cmd)
+        if kind is AwaitFlight:
+            return await cmd.entry.result.wait_async(cmd.timeout)
+        if kind is LaunchBatch:
+            # The flights of the items this call created, in a task: a cancelled caller stops
+            # waiting alone (the task, kept by the backend, runs on for the others).
+            runner = copy.copy(self)
+            runner.drivers, runner.positions, runner.handed = [], [], set()
+            table = self.backend.async_flights()
+            shared = run_shared_batch(self.backend, table, self.names, cmd.items)
+            self.backend.start_task(runner.step(shared))
+            return None
+        if kind is Background:
+            part = self.part(cmd)
+            flights = [flight for _, flight in cmd.flights]
+            self.backend.start_task(_refresh(part, flights))
+            return None
+        raise TypeError(f"unknown command {cmd!r}")
+
+    async def many(self, cmd: Many) -> list[Any]:
+        if cmd.kind is Lead:
+            led, context = self.begin_leads(cmd)
+            try:
+                with context:
+                    got = await self.fn(led, *self.args, **self.kwargs)
+            except BaseException as exc:  # an abort too: the protocol tells the waiters
+                return self.outcomes(led, None, exc)
+            return self.outcomes(led, got, None)
+        if cmd.kind is Subscribe:
+            latches, timeout = self.subscribe(cmd)
+            end = time.monotonic() + timeout
+            return [
+                await latch.wait_async(max(0.0, end - time.monotonic())) and latch.get()
+                for latch in latches
+            ]
+        calls, stamps = self.script_calls(cmd)
+        return self.replies(cmd, await self.backend.transport.run_async_scripts(calls, stamps))
+
+
+async def _refresh(part: _BatchDriver, flights: list[Any]) -> None:
+    """Items served at once whose refresh goes on, in a task the backend keeps."""
+    try:
+        await part.step(run_batch(flights, part.clock))
+    except Exception as exc:
+        log.warning("a background refresh of a batch failed: %s", exc)

@@ -10,11 +10,12 @@ is told, the lease and the subscription of a flight, notes and events.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from redis.exceptions import ResponseError
 
@@ -29,8 +30,9 @@ from dedupe.backend.commands import (
     translate,
 )
 from dedupe.backend.lifecycle import Backend
+from dedupe.core.batch import Absent, Background, Done, Each, MakeFlights, Many, WaitAny
 from dedupe.core.call import Begin, End, Takeover
-from dedupe.core.context import Flight, leading
+from dedupe.core.context import BatchFlight, Flight, leading, leading_many
 from dedupe.core.inflight import Entry
 from dedupe.core.keys import Names
 from dedupe.core.leases import Lease, LostSignal
@@ -46,12 +48,14 @@ from dedupe.core.protocol import (
     Offer,
     Release,
     Unanswered,
+    run_flight,
 )
-from dedupe.core.sealing import Codec
+from dedupe.core.protocol import Flight as ProtocolFlight
+from dedupe.core.sealing import Codec, Outcome
 from dedupe.core.signals import Latch, Mailbox
 from dedupe.ops import events
 
-__all__ = ["DriverBase", "local_flight", "note", "observe"]
+__all__ = ["BatchBase", "DriverBase", "local_flight", "note", "observe"]
 
 log = logging.getLogger("dedupe.core.protocol")
 
@@ -245,3 +249,136 @@ def local_flight(backend: Backend, names: Names) -> AbstractContextManager[None]
     if events.enabled:
         events.mark("local_run", names, role="leader")
     return leading(names.channel, Flight(names.job_id, 0, LostSignal()))
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+_B = TypeVar("_B", bound="BatchBase")
+
+
+class BatchBase:
+    """A batch's plumbing, but the blocking: each item's own DriverBase (its spec, lease,
+    subscription, stamp), the script calls of a gathered command, the replies, the one run
+    of the function for the items led, and the outcomes per item."""
+
+    clock: Callable[[], float] = staticmethod(time.monotonic)
+
+    def __init__(
+        self,
+        backend: Backend,
+        names: Sequence[Names],
+        make_spec: Callable[[int, float | None, float | None], FlightSpec],
+        fn: Callable[..., Any],
+        items: Sequence[Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.backend = backend
+        self.names = names  # each item's job names, by its index in ``items``
+        self.make_spec = make_spec
+        self.fn, self.items, self.args, self.kwargs = fn, items, args, kwargs
+        self.drivers: list[DriverBase] = []  # the current batch's items, by index
+        self.positions: list[int] = []  # each driver's item: its index in ``items``
+        self.handed: set[int] = set()  # drivers handed on to a background part
+
+    def make(self, cmd: MakeFlights) -> list[ProtocolFlight]:
+        """MakeFlights: each item its DriverBase and flight machine."""
+        self.finish_all()  # a batch before this one (a retry) has ended
+        self.drivers, self.positions, self.handed = [], [], set()
+        flights: list[ProtocolFlight] = []
+        for i, entry in cmd.items:
+            spec = self.make_spec(i, cmd.deadline, cmd.soft_deadline)
+            d = DriverBase(self.backend, spec, self.fn, (), {}, entry)
+            self.drivers.append(d)
+            self.positions.append(i)
+            flights.append(run_flight(spec, d.codec, d.clock, d.trace))
+        return flights
+
+    def part(self: _B, cmd: Background) -> _B:
+        """The plumbing of the items a Background hands on, indexed as its flights are."""
+        other = copy.copy(self)
+        other.drivers = [self.drivers[k] for k, _ in cmd.flights]
+        other.positions = [self.positions[k] for k, _ in cmd.flights]
+        other.handed = set()
+        self.handed.update(k for k, _ in cmd.flights)
+        return other
+
+    def script_calls(self, cmd: Many) -> tuple[list[ScriptCall], list[Stamp | None]]:
+        calls, stamps = [], []
+        for k, c in cmd.items:
+            d = self.drivers[k]
+            call = d.script_for(c)
+            if call is None:
+                raise TypeError(f"{c!r} is not a script command")
+            calls.append(call)
+            stamps.append(d.stamp if type(c) is Acquire else None)
+        return calls, stamps
+
+    def replies(self, cmd: Many, raws: Sequence[Any]) -> list[Any]:
+        """Each item's protocol reply, or what to throw into its flight."""
+        out: list[Any] = []
+        for (k, c), raw in zip(cmd.items, raws, strict=True):
+            d = self.drivers[k]
+            out.append(d.failed(c, raw) if isinstance(raw, BaseException) else d.reply_of(c, raw))
+        return out
+
+    def begin_leads(self, cmd: Many) -> tuple[list[Any], AbstractContextManager[None]]:
+        """The items led now, in input order, and the context the function runs in: every
+        lease renewed from here, current_flight() a BatchFlight, re-entry refused."""
+        led, flights, keys = [], {}, []
+        for k, c in cmd.items:
+            d = self.drivers[k]
+            item = self.items[self.positions[k]]
+            flights[item] = d.flight_of(c)  # type: ignore[arg-type]
+            led.append(item)
+            keys.append(d.spec.names.channel)
+        return led, leading_many(keys, BatchFlight(flights))
+
+    @staticmethod
+    def outcomes(led: Sequence[Any], got: Any, error: BaseException | None) -> list[Outcome]:
+        """Each led item's outcome: its value in the function's mapping, Absent if the
+        mapping leaves it out; the function's exception (or a mapping that is none) for all."""
+        if error is None and not isinstance(got, Mapping):
+            error = TypeError(
+                f"a batch function must return a mapping of item to value, not {type(got).__name__}"
+            )
+        if error is not None:
+            return [Outcome(error=error) for _ in led]
+        return [
+            Outcome(value=got[item]) if item in got else Outcome(error=Absent()) for item in led
+        ]
+
+    def subscribe(self, cmd: Many) -> tuple[list[Latch[bool]], float]:
+        """Subscribe every item; the confirmations, and how long to wait for them."""
+        latches = [self.drivers[k].subscribe() for k, _ in cmd.items]
+        timeout = max(c.timeout for _, c in cmd.items)  # type: ignore[union-attr]
+        return latches, max(0.0, min(timeout, self.backend.confirm_timeout))
+
+    def boxes(self, cmd: WaitAny) -> tuple[dict[int, Mailbox[object]], float]:
+        """The mailboxes of the items that wait for a message, and the time to the first end."""
+        boxes: dict[int, Mailbox[object]] = {}
+        for k, _, pause in cmd.items:
+            box = self.drivers[k].mailbox
+            if not pause and box is not None:
+                boxes[k] = box
+        first = min(until for _, until, _ in cmd.items)
+        return boxes, first - self.clock()
+
+    def each(self, cmd: Each) -> tuple[bool, ScriptCall | None]:
+        """An item's single command: (True, None) if carried at once, else its script."""
+        d = self.drivers[cmd.at]
+        if d.at_once(cmd.cmd):
+            return True, None
+        return False, d.script_for(cmd.cmd)
+
+    def done(self, cmd: Done) -> None:
+        if not cmd.going_on:
+            self.drivers[cmd.at].finish()
+
+    def finish_all(self) -> None:
+        """The end of a batch (or its abort): every item's lease and subscription ends, but
+        those of items handed on to a background part (which ends them itself)."""
+        for k, d in enumerate(self.drivers):
+            if k not in self.handed:
+                d.finish()

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
 from dedupe.backend.lifecycle import Backend
 from dedupe.backend.transport import acquire_and_wait
+from dedupe.core.batch import (
+    Background,
+    Done,
+    Each,
+    MakeFlights,
+    Many,
+    WaitAny,
+    run_batch,
+    run_batch_call,
+)
 from dedupe.core.call import AwaitFlight, Fly, RunHere, run_call
 from dedupe.core.inflight import Entry
 from dedupe.core.keys import Names
@@ -26,10 +36,11 @@ from dedupe.core.protocol import (
     run_flight,
 )
 from dedupe.core.sealing import Outcome
-from dedupe.drivers.base import DriverBase, local_flight, observe
+from dedupe.core.signals import take_any
+from dedupe.drivers.base import BatchBase, DriverBase, local_flight, observe
 from dedupe.ops import events
 
-__all__ = ["call"]
+__all__ = ["call", "call_batch"]
 
 log = logging.getLogger("dedupe.core.protocol")
 
@@ -168,3 +179,101 @@ class _Driver(DriverBase):
         if self.at_once(cmd):
             return None
         raise TypeError(f"unknown command {cmd!r}")
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+
+def call_batch(
+    backend: Backend,
+    names: Sequence[Names],
+    make_spec: Callable[[int, float | None, float | None], FlightSpec],
+    wait_timeout: float | None,
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    soft_timeout: float | None = None,
+) -> list[Outcome | None]:
+    """Each item's outcome (None: absent), with every key still run once across callers."""
+    machine = run_batch_call(
+        backend, backend.sync_flights, names, wait_timeout, time.monotonic,
+        soft_timeout=soft_timeout,
+    )  # fmt: skip
+    driver = _BatchDriver(backend, names, make_spec, fn, items, args, kwargs)
+    backend.begin_flight()
+    try:
+        return driver.step(machine)  # type: ignore[no-any-return]
+    finally:
+        backend.end_flight()
+
+
+class _BatchDriver(BatchBase):
+    def step(self, machine: Generator[Any, Any, Any]) -> Any:
+        """Carry a batch machine's commands (run_batch_call's, or run_batch's alone)."""
+        reply: Any = None
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    cmd = machine.send(reply) if error is None else machine.throw(error)
+                except StopIteration as stop:
+                    return stop.value
+                reply, error = None, None
+                try:
+                    reply = self.execute(cmd)
+                except BaseException as exc:  # thrown in: the machine tidies up and raises it
+                    error = exc
+        finally:
+            machine.close()
+            self.finish_all()
+
+    def execute(self, cmd: Any) -> Any:
+        kind = type(cmd)
+        if kind is Many:
+            return self.many(cmd)
+        if kind is WaitAny:
+            boxes, timeout = self.boxes(cmd)
+            return take_any(boxes, timeout)
+        if kind is Done:
+            return self.done(cmd)
+        if kind is Each:
+            carried, script = self.each(cmd)
+            return None if carried else self.backend.run_sync_script(script)  # type: ignore[arg-type]
+        if kind is MakeFlights:
+            return self.make(cmd)
+        if kind is AwaitFlight:
+            return cmd.entry.result.wait(cmd.timeout)
+        if kind is Background:
+            part = self.part(cmd)
+            flights = [flight for _, flight in cmd.flights]
+            self.backend.run_in_background(_refresh, part, flights)
+            return None
+        raise TypeError(f"unknown command {cmd!r}")
+
+    def many(self, cmd: Many) -> list[Any]:
+        if cmd.kind is Lead:
+            led, context = self.begin_leads(cmd)
+            try:
+                with context:
+                    got = self.fn(led, *self.args, **self.kwargs)
+            except BaseException as exc:  # an abort too: the protocol tells the waiters
+                return self.outcomes(led, None, exc)
+            return self.outcomes(led, got, None)
+        if cmd.kind is Subscribe:
+            latches, timeout = self.subscribe(cmd)
+            end = time.monotonic() + timeout
+            return [
+                latch.wait(max(0.0, end - time.monotonic())) and latch.get() for latch in latches
+            ]
+        calls, stamps = self.script_calls(cmd)
+        return self.replies(cmd, self.backend.transport.run_sync_scripts(calls, stamps))
+
+
+def _refresh(part: _BatchDriver, flights: list[Any]) -> None:
+    """Items served at once whose refresh goes on, on a thread of their own."""
+    try:
+        part.step(run_batch(flights, part.clock))
+    except Exception as exc:
+        log.warning("a background refresh of a batch failed: %s", exc)
