@@ -8,13 +8,15 @@ from dedupe.api import (
     SingleFlight,
     single_flight,
 )
-from dedupe.core.context import Flight, current_flight
+from dedupe.batches import AsyncBatchFunction, BatchFunction, BatchResult
+from dedupe.core.context import BatchFlight, Flight, current_flight
 from dedupe.core.inflight import InFlightInfo, Served
 from dedupe.core.serializers import Serializer
 from dedupe.errors import (
     BackendBusy,
     BackendOutOfMemory,
     BackendUnavailable,
+    BatchError,
     ConfigurationError,
     DedupeError,
     EnvelopeError,
@@ -30,10 +32,15 @@ from dedupe.ops.inspector import JobState
 
 __all__ = [
     "INHERIT",
+    "AsyncBatchFunction",
     "AsyncFlightFunction",
     "BackendBusy",
     "BackendOutOfMemory",
     "BackendUnavailable",
+    "BatchError",
+    "BatchFlight",
+    "BatchFunction",
+    "BatchResult",
     "CallOptions",
     "ConfigurationError",
     "DedupeError",
