@@ -176,11 +176,13 @@ class FlightSpec:
         """Whether a flight may be granted a refresh to run in the background."""
         return bool(self.stale_ms or self.early_refresh)
 
-    def replaceable(self, error: BaseException) -> bool:
-        """Whether a stale value may stand in for this error (stale_if_error): a failure,
-        not an abort, and not one of the errors that are answers."""
+    def replaceable(self, error: BaseException, still_fresh: bool = False) -> bool:
+        """Whether the value a run refreshes may stand in for its error: a failure, not an
+        abort, and not one of the errors that are answers; under stale_if_error, or when the
+        value is still fresh (an early refresh that failed never takes a fresh value away:
+        the complete script keeps it only while it is fresh, by the server's clock)."""
         return (
-            self.error_ms > 0
+            (self.error_ms > 0 or still_fresh)
             and isinstance(error, Exception)
             and not isinstance(error, self.answers)
         )
@@ -621,7 +623,11 @@ def _lead(
     done = Finished(outcome, "leader", token, waited, trace)
     # A failure a stale value may stand in for (stale_if_error).
     error = outcome.error
-    stand_in = fallback is not None and error is not None and spec.replaceable(error)
+    stand_in = (
+        fallback is not None
+        and error is not None
+        and spec.replaceable(error, fallback.outcome.fresh_ms > 0)
+    )
     try:
         if is_abort(outcome.error):
             # Nothing to keep; tell the followers at once so one of them takes over.

@@ -162,10 +162,11 @@ return 0
 # KEYS: lock, result, token, error
 # ARGV: lock_value ("<token>:<owner>"), record ('' to store nothing), record_ttl_ms, message
 #       ('' to publish the record itself)
-#       [, fallback token, error_ms, backoff_ms, stale notice]: a failed run with a stale
-#       value to fall back on (stale_if_error): if the result key still holds that value,
-#       current and at most error_ms past its freshness, it stays; nothing is stored, the
-#       job backs off for backoff_ms, and the stale notice is published instead
+#       [, fallback token, error_ms, backoff_ms, stale notice]: a failed run with a value
+#       to fall back on (stale_if_error; or a failed early refresh, with error_ms 0): if the
+#       result key still holds that value, current and less than error_ms past its freshness
+#       (error_ms 0: still fresh), it stays; nothing is stored, the job backs off for
+#       backoff_ms (if above 0), and the stale notice is published instead
 # The channel is the lock key without its ":lock" suffix (keys.names_for), the token the
 # lock value's head: neither travels as an argument.
 # -> 1         the lease was still ours: stored (if asked) and published
