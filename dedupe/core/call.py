@@ -7,7 +7,7 @@ wait on the process's flight, run the flight protocol, run the function in-proce
 cancel a flight task, and report events. The simulator (tests/sim) drives this same machine
 in both modes, so a decision cannot differ between the drivers unnoticed.
 
-What it decides: the local copy (``local_cache``); joining the process's flight for the key,
+What it decides: the local copy (``local_cache``: role "copy"); joining the process's flight for the key,
 or creating it; the caller's deadline (``wait_timeout``); starting over after an abort
 (RETRY); ``on_backend_error="local"`` (run the function in-process while Redis is down); the
 takeover mark; what the callers who joined get (``share``); and what each caller returns or
@@ -194,8 +194,8 @@ def run_call(
                 age = copies.age_ms(key) if detail or observed else 0
                 if observed:
                     ended = True
-                    yield End(handle, "kept", age_ms=age)
-                return Served(value, True, "kept", False, age / 1000) if detail else value
+                    yield End(handle, "copy", age_ms=age)
+                return Served(value, True, "copy", False, age / 1000) if detail else value
         while True:
             entry, created = table.join(key)
             if created:

@@ -133,8 +133,9 @@ class Served(NamedTuple):
     """A call's value with how it came by it (``detail=True``), like Go's ``shared``.
 
     ``role``: "leader" (this call ran the function), "local" (joined a call of this
-    process), "remote" (another process's leader), "kept" (a value kept from a flight that
-    had finished). ``shared`` is True unless this call ran the function itself. ``stale``:
+    process), "remote" (another process's leader), "kept" (a value Redis kept from a flight
+    that had finished), "copy" (this process's local copy of a kept value: ``local_cache``).
+    ``shared`` is True unless this call ran the function itself. ``stale``:
     the value is past its ``result_ttl`` (served by stale_while_revalidate, stale_if_error
     or soft_timeout); ``age``: seconds since the value was produced, by the server's clock
     (0 for a value produced by this call's flight).

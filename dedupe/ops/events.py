@@ -109,10 +109,11 @@ MARK_KINDS: Final = frozenset(
 in for its error (stale_if_error; ``detail`` names the error)."""
 KINDS: Final = CALL_KINDS | MARK_KINDS
 
-ROLES: Final = ("leader", "local", "remote", "kept")
+ROLES: Final = ("leader", "local", "remote", "kept", "copy")
 """leader: ran the function; local: shared another caller's run in this process; remote:
 got the outcome of a leader in another process through Redis; kept: was served an outcome
-kept from an earlier run (``result_ttl``)."""
+Redis kept from an earlier run (``result_ttl``); copy: was served this process's local copy
+of one (``local_cache``), with no round trip."""
 OUTCOMES: Final = ("value", "error", "timeout", "backend_error")
 
 # The kind a finished call reports, by the role it ended in.
@@ -121,6 +122,7 @@ _KIND_OF_ROLE: Final[dict[str, Kind]] = {
     "local": "follow_local",
     "remote": "follow_remote",
     "kept": "kept",
+    "copy": "kept",  # a kept value too; the role tells the local copy apart
 }
 
 
