@@ -662,8 +662,9 @@ class SingleFlight:
         """As ``call``, but return ``Served(value, shared, role, stale, age)``: ``shared`` is
         False only for the caller that ran ``fn``; ``role`` is "leader", "local" (joined a call
         in this process), "remote" (another process's leader), "kept" (a finished flight's
-        value, from Redis) or "copy" (this process's local copy of one: ``local_cache``); ``stale`` whether the value is past its ``result_ttl``; ``age`` its age in
-        seconds by the server's clock."""
+        value, from Redis) or "copy" (this process's local copy of one: ``local_cache``);
+        ``stale`` whether the value is past its ``result_ttl``; ``age`` its age in seconds by
+        the server's clock."""
         return self._call(job_id, fn, args, kwargs, True)
 
     def _call(

@@ -7,8 +7,8 @@ wait on the process's flight, run the flight protocol, run the function in-proce
 cancel a flight task, and report events. The simulator (tests/sim) drives this same machine
 in both modes, so a decision cannot differ between the drivers unnoticed.
 
-What it decides: the local copy (``local_cache``: role "copy"); joining the process's flight for the key,
-or creating it; the caller's deadline (``wait_timeout``); starting over after an abort
+What it decides: the local copy (``local_cache``: role "copy"); joining the process's
+flight for the key, or creating it; the caller's deadline (``wait_timeout``); starting over after an abort
 (RETRY); ``on_backend_error="local"`` (run the function in-process while Redis is down); the
 takeover mark; what the callers who joined get (``share``); and what each caller returns or
 raises (the original exception for the caller whose flight made it, a copy for the others).
