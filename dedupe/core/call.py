@@ -8,9 +8,10 @@ cancel a flight task, and report events. The simulator (tests/sim) drives this s
 in both modes, so a decision cannot differ between the drivers unnoticed.
 
 What it decides: the local copy (``local_cache``: role "copy"); joining the process's
-flight for the key, or creating it; the caller's deadline (``wait_timeout``); starting over after an abort
-(RETRY); ``on_backend_error="local"`` (run the function in-process while Redis is down); the
-takeover mark; what the callers who joined get (``share``); and what each caller returns or
+flight for the key, or creating it; the caller's deadline (``wait_timeout``) and soft
+deadline (``soft_timeout``: the stale value its flight offered); starting over after an
+abort (RETRY); ``on_backend_error="local"`` (run the function in-process while Redis is
+down); the takeover mark; what the callers who joined get (``share``); and what each caller returns or
 raises (the original exception for the caller whose flight made it, a copy for the others).
 
 Two modes, one machine:
