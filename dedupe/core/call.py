@@ -11,8 +11,9 @@ What it decides: the local copy (``local_cache``: role "copy"); joining the proc
 flight for the key, or creating it; the caller's deadline (``wait_timeout``) and soft
 deadline (``soft_timeout``: the stale value its flight offered); starting over after an
 abort (RETRY); ``on_backend_error="local"`` (run the function in-process while Redis is
-down); the takeover mark; what the callers who joined get (``share``); and what each caller returns or
-raises (the original exception for the caller whose flight made it, a copy for the others).
+down); the takeover mark; what the callers who joined get (``share``); and what each caller
+returns or raises (the original exception for the caller whose flight made it, a copy for
+the others).
 
 Two modes, one machine:
 - ``tasked=False`` (sync): the caller that creates the process's flight runs it on its own
