@@ -16,7 +16,8 @@ item (as ``asyncio.gather(return_exceptions=True)``).
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Iterable
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 import wrapt
 
@@ -34,7 +35,8 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 
-class BatchResult(NamedTuple, Generic[K, V]):
+@dataclass(frozen=True)
+class BatchResult(Generic[K, V]):
     """A batch's outcome per item, never raised (``fn.detailed(...)``, ``call_batch_detailed``).
 
     ``values``: the items that got a value; ``errors``: each failed item's exception (one
