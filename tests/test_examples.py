@@ -84,6 +84,17 @@ def test_cache_fill(redis_url: str) -> None:
     assert "callers served: 20/20\n" in out
 
 
+@pytest.mark.timeout(60)
+def test_stale_cache(redis_url: str) -> None:
+    out = run_example("stale_cache.py", redis_url, timeout=45)
+    assert "act 1, cold: origin calls 1, values [100], stale 0/20\n" in out
+    assert "act 2, expired: origin calls 1, values [100], stale 20/20\n" in out
+    assert "act 2, after the refresh: value 101, origin calls 1\n" in out
+    assert "act 3, origin down: origin calls 1, values [101], stale 40/40\n" in out
+    assert "act 3, errors seen by callers: 0\n" in out
+    assert "verdict: as promised\n" in out
+
+
 @pytest.mark.compat
 @pytest.mark.timeout(60)
 def test_async_handler(redis_url: str) -> None:
