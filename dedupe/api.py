@@ -727,31 +727,32 @@ class SingleFlight:
         That run's own callers (and those already waiting on it) still get its outcome; it
         stores nothing, and waiters in other processes are told to look again at once.
 
-        Returns True if a kept value was dropped: one Redis would still have served fresh
-        to new callers, or a fresh local copy (``local_cache``); False if there was none.
+        Returns True if anything was dropped: a kept value Redis could still serve (fresh,
+        or stale within a stale window), a running flight it voided, or a fresh local copy
+        (``local_cache``); False if there was none.
         Decorated functions have ``fn.forget(*args, **kwargs)``; raises BackendUnavailable
         or ConfigurationError as a call would."""
         names, backend, dropped = self._forgetting(job_id)
         with typed_errors():
-            fresh, voided = backend.run_sync_script(forget_call(names, self._token_ttl_ms()))
+            kept, voided = backend.run_sync_script(forget_call(names, self._token_ttl_ms()))
         if voided:
             try:
                 backend.run_sync_script(self._voided_notice(backend, names, int(voided)))
             except Exception as exc:  # a hint only: the waiters look again at the lease's end
                 log.info("could not tell the waiters of %r to look again: %s", job_id, exc)
-        return bool(fresh) or dropped
+        return bool(kept) or bool(voided) or dropped
 
     async def aforget(self, job_id: str) -> bool:
         """``forget`` for asyncio code: the same, over the asyncio client."""
         names, backend, dropped = self._forgetting(job_id)
         with typed_errors():
-            fresh, voided = await backend.run_async_script(forget_call(names, self._token_ttl_ms()))
+            kept, voided = await backend.run_async_script(forget_call(names, self._token_ttl_ms()))
         if voided:
             try:
                 await backend.run_async_script(self._voided_notice(backend, names, int(voided)))
             except Exception as exc:  # a hint only: the waiters look again at the lease's end
                 log.info("could not tell the waiters of %r to look again: %s", job_id, exc)
-        return bool(fresh) or dropped
+        return bool(kept) or bool(voided) or dropped
 
     def _token_ttl_ms(self) -> int:
         return max(1, round(self._settings.token_ttl * 1000))

@@ -265,3 +265,60 @@ def test_inflight_and_inspect_show_a_running_flight(
         release.set()
         t.join(10)
     assert sf.inflight() == []
+
+
+# --- cache fill states (issue 20) ------------------------------------------------------------
+
+
+def test_inspect_shows_fresh_stale_refreshing_and_backing_off(redis_url: str, prefix: str) -> None:
+    """A value goes fresh -> stale; a refresh shows while it runs; a failed run whose
+    error a stale value stood in for shows the backoff, with its time left."""
+    sf = SingleFlight(
+        redis_url, prefix=prefix, result_ttl=0.2, stale_while_revalidate=60,
+        stale_if_error=60, error_backoff=30,
+    )  # fmt: skip
+    client = redis.Redis.from_url(redis_url)
+    job = "inspect-cache-states"
+    gate, started = threading.Event(), threading.Event()
+    mode = {"fail": False, "block": False}
+
+    def work() -> str:
+        if mode["block"]:
+            started.set()
+            assert gate.wait(20), "the test never released the refresh"
+        if mode["fail"]:
+            raise ConnectionError("origin down")
+        return "v"
+
+    try:
+        assert sf.call(job, work) == "v"
+        state = inspect(client, prefix, job)
+        assert state.kept is not None and state.kept.state == "fresh", state
+        assert state.cache_state == "fresh" and state.kept.fresh_ms > 0
+        until(lambda: inspect(client, prefix, job).cache_state == "stale", "the value to go stale")
+        state = inspect(client, prefix, job)
+        assert state.kept is not None and state.kept.stale_ms > 0 and state.kept.fresh_ms == 0
+        assert not state.refreshing and state.backoff_ms is None
+
+        mode["block"] = True  # the next call is served stale; its refresh waits on the gate
+        served = sf.call_detailed(job, work)
+        assert served.stale and served.value == "v"
+        assert started.wait(10)
+        state = inspect(client, prefix, job)
+        assert state.refreshing and state.holder is not None and state.cache_state == "stale"
+
+        mode["fail"] = True  # the refresh fails: the stale value stands in, the backoff starts
+        gate.set()
+        until(lambda: inspect(client, prefix, job).backoff_ms is not None, "the backoff")
+        state = inspect(client, prefix, job)
+        assert state.cache_state == "backing off", state
+        assert state.backoff_ms is not None and 0 < state.backoff_ms <= 30_000
+        assert state.kept is not None and state.kept.state == "stale"  # the good value stays
+
+        assert sf.forget(job)  # a forget moves the counter on: the record is no longer current
+        state = inspect(client, prefix, job)
+        assert state.cache_state in ("none", "backing off")
+        assert state.kept is None or state.kept.state == "not current"
+    finally:
+        sf.close()
+        client.close()

@@ -249,8 +249,8 @@ return redis.pcall('GET', KEYS[1])
 
 # KEYS: result, token, lock, error
 # ARGV: token_ttl_ms
-# -> {fresh, voided}: fresh 1 if the record was fresh (new callers would have been served
-#    it, as ACQUIRE judges it, with no floor), else 0; voided: the token of the lease held
+# -> {kept, voided}: kept 1 if the record was current (fresh, or stale but still servable
+#    within a caller's stale window), else 0; voided: the token of the lease held
 #    now, 0 for none. SingleFlight.forget: the record and any backoff are deleted; the lease
 #    and every older one are voided: the counter moves past them, so none of their runs
 #    stores or publishes an outcome (COMPLETE withholds it), and no record of one is served.
@@ -259,13 +259,10 @@ FORGET: Final = (
     + record.LUA_RECORD
     + record.LUA_LOCK
     + """
-local fresh = 0
+local kept = 0
 local rec = redis.pcall('GET', KEYS[1])
 local tok, keep, ttl = record_header(rec)
-if tok then
-  local f = record_state(KEYS[1], KEYS[2], tok, keep, ttl)
-  if f and f > 0 then fresh = 1 end
-end
+if tok and record_state(KEYS[1], KEYS[2], tok, keep, ttl) then kept = 1 end
 redis.call('DEL', KEYS[1], KEYS[4])
 local voided = 0
 local held = redis.pcall('GET', KEYS[3])
@@ -281,7 +278,7 @@ if type(last) == 'string' then
   if lease >= t and lease < 9000000000000000 then t = lease + 1 end
   redis.call('SET', KEYS[2], string.format('%d', t), 'PX', ARGV[1])
 end
-return {fresh, voided}
+return {kept, voided}
 """
 )
 

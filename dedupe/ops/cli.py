@@ -88,8 +88,12 @@ def _kept_text(state: JobState) -> str:
     k = state.kept
     if k is None:
         return "-"
-    if k.fresh_ms:
+    if state.backoff_ms is not None:
+        return f"{k.kind} backing off {_ms(state.backoff_ms)}"
+    if k.state == "fresh":
         return f"{k.kind} {_ms(k.fresh_ms)}"
+    if k.state == "stale":
+        return f"{k.kind} stale +{_ms(k.stale_ms)}"
     return f"{k.kind} (grace)"
 
 
@@ -171,16 +175,30 @@ def cmd_inspect(client: Any, args: argparse.Namespace, out: TextIO) -> int:
     if k is None:
         lines.append(("kept", "nothing"))
     else:
-        served = (
-            f"served to new callers for {_ms(k.fresh_ms)} more"
-            if k.fresh_ms
-            else "no longer served to new callers (kept only for its own waiters)"
-        )
+        if k.state == "fresh":
+            served = f"fresh: served to new callers for {_ms(k.fresh_ms)} more"
+        elif k.state == "stale":
+            served = (
+                f"stale for {_ms(k.stale_ms)}: served only within the callers' "
+                "stale_while_revalidate / stale_if_error windows"
+            )
+        else:
+            served = "no longer served to new callers (kept only for its own waiters)"
         lines.append(
             (
                 "kept",
                 f"{k.kind} of token {k.token}, {k.size} bytes, written {_ms(k.age_ms)} ago, "
                 f"{served}; keep {_ms(k.keep_ms)}, ttl {_ms(k.ttl_ms)}",
+            )
+        )
+    if state.refreshing:
+        lines.append(("refresh", "the lease refreshes the kept value, served meanwhile"))
+    if state.backoff_ms is not None:
+        lines.append(
+            (
+                "backing off",
+                f"{_ms(state.backoff_ms)} more: a run failed and the stale value stands in "
+                "(stale_if_error); no run starts until then",
             )
         )
     lines.append(("subscribers", f"{state.subscribers} (processes waiting on its channel)"))

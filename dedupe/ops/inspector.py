@@ -32,9 +32,10 @@ from dedupe.core.record import (
     KIND_AT,
     KIND_NAMES,
     MAGIC,
-    fresh_ms,
+    counter_parts,
     parse_number,
     read_header,
+    record_state,
 )
 
 __all__ = [
@@ -64,8 +65,13 @@ class Kept:
     keep_ms: int  # how long after its lease's grant new callers are served it (result_ttl + run)
     ttl_ms: int  # how long it stays in Redis in all (keep_ms, or the grace for followers)
     age_ms: int  # how long ago it was written
-    fresh_ms: int  # how much longer new callers are served it (0: only its own waiters)
+    fresh_ms: int  # how much longer new callers are served it fresh (0: not fresh)
     size: int  # bytes
+    # "fresh"; "stale" (past its freshness: served only within the callers' stale windows,
+    # stale_while_revalidate / stale_if_error); "not current" (a newer lease was granted, or
+    # a forget: only its own waiters read it); "unknown" (not a record dedupe wrote).
+    state: str = "unknown"
+    stale_ms: int = 0  # how long past its freshness ("stale" only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +87,20 @@ class JobState:
     kept: Kept | None  # the outcome record, if one is there
     subscribers: int  # processes subscribed to its channel (waiting followers' hubs)
     unreadable_lock: str | None = None  # a lock value dedupe did not write, as found
+    # stale_if_error's backoff: how long no run starts (the error mark's PTTL); None: none.
+    backoff_ms: int | None = None
+    # The lease refreshes the kept value (the counter is "<lease>:<base>"), which stays
+    # servable meanwhile (stale_while_revalidate, early_refresh).
+    refreshing: bool = False
+
+    @property
+    def cache_state(self) -> str:
+        """ "backing off", "fresh", "stale", or "none" (no value new callers may get)."""
+        if self.backoff_ms is not None:
+            return "backing off"
+        if self.kept is not None and self.kept.state in ("fresh", "stale"):
+            return self.kept.state
+        return "none"
 
     @property
     def in_flight(self) -> bool:
@@ -114,6 +134,12 @@ def _raw(value: Any) -> bytes | None:
     return str(value).encode("utf-8", "surrogateescape")
 
 
+def _newest(counter: bytes | None) -> int | None:
+    """The newest lease's token from the counter (``<lease>`` or ``<lease>:<base>``)."""
+    lease = counter_parts(counter)[0]
+    return None if lease is None else parse_number(lease.decode("ascii"))
+
+
 def _kept(record: bytes | None, pttl: int, counter: bytes | None) -> Kept | None:
     if record is None:
         return None
@@ -126,8 +152,12 @@ def _kept(record: bytes | None, pttl: int, counter: bytes | None) -> Kept | None
         kind = KIND_NAMES.get(record[end + KIND_AT], "unknown")
     age = max(0, ttl_ms - max(pttl, 0))
     # As the acquire script judges it, by this machine's clock rather than the server's.
-    fresh = max(0, fresh_ms(token, keep_ms, ttl_ms, pttl, counter, int(time.time() * 1000)))
-    return Kept(token, kind, keep_ms, ttl_ms, age, fresh, len(record))
+    st = record_state(token, keep_ms, ttl_ms, pttl, counter, int(time.time() * 1000))
+    if st is None:
+        return Kept(token, kind, keep_ms, ttl_ms, age, 0, len(record), "not current")
+    if st.fresh_ms > 0:
+        return Kept(token, kind, keep_ms, ttl_ms, age, st.fresh_ms, len(record), "fresh")
+    return Kept(token, kind, keep_ms, ttl_ms, age, 0, len(record), "stale", -st.fresh_ms)
 
 
 def _is_cluster(client: Any) -> bool:
@@ -156,7 +186,8 @@ def inspect(client: Any, prefix: str, job_id: str) -> JobState:
     pipe.get(names.token)
     pipe.get(names.result)
     pipe.pttl(names.result)
-    lock_raw, lock_pttl, counter_raw, record_raw, record_pttl = pipe.execute()
+    pipe.pttl(names.error)
+    lock_raw, lock_pttl, counter_raw, record_raw, record_pttl, error_pttl = pipe.execute()
     holder: Holder | None = None
     unreadable: str | None = None
     lock_text = _text(lock_raw)
@@ -173,10 +204,12 @@ def inspect(client: Any, prefix: str, job_id: str) -> JobState:
         names=names,
         holder=holder,
         lease_ms=int(lock_pttl) if lock_text is not None and int(lock_pttl) >= 0 else None,
-        token_counter=parse_number(counter_text) if counter_text else None,
+        token_counter=_newest(_raw(counter_raw)),
         kept=_kept(_raw(record_raw), int(record_pttl), _raw(counter_raw)),
         subscribers=_subscribers(client, names.channel),
         unreadable_lock=unreadable,
+        backoff_ms=int(error_pttl) if int(error_pttl) >= 0 else None,
+        refreshing=counter_parts(_raw(counter_raw))[1] is not None,
     )
 
 
