@@ -61,7 +61,8 @@ def herd() -> list[Served]:
 def report(act: str, served: list[Served], calls_before: int) -> None:
     values = sorted({s.value for s in served})
     stale = sum(s.stale for s in served)
-    print(f"{act}: origin calls {origin_calls - calls_before}, values {values}, stale {stale}/{len(served)}")
+    calls = origin_calls - calls_before
+    print(f"{act}: origin calls {calls}, values {values}, stale {stale}/{len(served)}")
 
 
 def wait_until(check: object, timeout: float = 10.0) -> bool:

@@ -196,7 +196,6 @@ def inspect(client: Any, prefix: str, job_id: str) -> JobState:
             holder = parse_owner(lock_text)
         except ValueError:
             unreadable = lock_text
-    counter_text = _text(counter_raw)
     tag = names.channel[len(prefix) + 2 : -1]
     return JobState(
         job_id=job_id,
