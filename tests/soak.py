@@ -1,8 +1,11 @@
 """Soak: N processes x M threads hammer a few hot keys while a fault injector breaks things.
 
-Run with ``make soak`` (``python -m tests.soak``; ``python tests/soak.py`` works too).
-Options: ``--minutes`` (5), ``--procs`` (4), ``--threads`` (8), ``--keys`` (4), ``--seed``.
-Not a pytest module (no ``test_`` name, no test functions): ``make test`` never runs it.
+Run with ``make soak`` (``python -m tests.soak --both``: the standalone soak, then the Cluster
+soak, each for half of ``--minutes``; one summary and RESULT each, exit 1 if either failed).
+``python -m tests.soak`` alone runs the standalone soak, ``--cluster`` the Cluster soak
+(``python tests/soak.py`` works too). Options: ``--minutes`` (5), ``--procs`` (4),
+``--threads`` (8), ``--keys`` (4), ``--seed``. Not a pytest module (no ``test_`` name, no test
+functions): ``make test`` never runs it.
 
 What runs
 ---------
@@ -26,6 +29,31 @@ every job short). Meanwhile the parent injects, at random intervals (``--fault-i
 - ``partition``: blackhole a worker's link to Redis (each worker's dedupe talks to Redis
   through its own loopback proxy, ``tests/proxy.py``; sockets stay open, half-open) for
   lock_ttl + 0.2-1.0 s, preferably a running leader's, then heal it.
+
+Cluster mode (``--cluster``)
+----------------------------
+dedupe runs on a private 3-master Cluster (``RedisClusterSet``, no replicas; workers use a
+``redis+cluster://`` URL). The soak's own keys (below) live on a separate standalone server,
+the "judge", which no fault touches: the gauges stay linearizable while slots move. The job
+reads its lock from the Cluster for the informational "held at start/end" figures (not atomic
+with the gauge there). The faults:
+
+- ``migrate_slot``: a random hot key's slot (a job's lock, token, result and error keys and its
+  channel share one hash tag, hence one slot: ``dedupe.core.keys.names_for``) moves from its
+  owner to another master the way ``redis-cli --cluster reshard`` does, slowly: IMPORTING on
+  the target, MIGRATING on the source, then for 0.2-1.5 s its keys MIGRATE one at a time
+  (callers meet ASK, and TRYAGAIN where a script's keys are split or partly missing), then
+  the rest, then ``SETSLOT NODE`` on every node. A third of the time it goes straight back
+  the same way (and with three masters later moves return it home now and then). The summary
+  prints the nodes' ``INFO errorstats`` (ASK, TRYAGAIN, MOVED ...) as evidence;
+- ``kill_leader`` and ``pause_leader`` as above;
+- ``kill_pubsub``: ``CLIENT KILL TYPE pubsub`` on one node at random (the hubs' SSUBSCRIBE
+  connections to that master).
+
+Left out on Cluster: ``partition`` (the nodes announce their own addresses in CLUSTER SLOTS,
+so a per-worker proxy would be bypassed; it would take a proxy per node and rewritten
+announcements) and ``restart_redis`` (a master without replicas restarted empty loses its
+slots' keys; the restart epoch below is standalone only: the judge never restarts).
 
 Invariant 1 - no overlapping executions while both leases were valid
 --------------------------------------------------------------------
@@ -87,7 +115,9 @@ At the end the injector stops, the workers stop calling, wait for their calls to
 for ``sf.stats()['flights_in_process'] == 0`` and ``sf.backend().hub().channels() == {}``
 (bounded), and report both. With every worker still connected the parent then checks that no
 key under the dedupe prefix lacks a TTL (``PTTL == -1``) and that ``PUBSUB CHANNELS`` is empty
-(polled briefly, since an UNSUBSCRIBE may still be on its way). Any leftover is a violation.
+(polled briefly, since an UNSUBSCRIBE may still be on its way); on Cluster on every node, with
+``PUBSUB SHARDCHANNELS`` too, and that every node agrees on a stable slot layout. Any leftover
+is a violation.
 
 Bounds and hygiene
 ------------------
