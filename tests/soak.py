@@ -808,7 +808,7 @@ class Soak:
         if self.owner_port(slot) != dst.port:
             self.violations.append(f"harness: slot {slot} did not move to :{dst.port}")
 
-    def _migrate_keys(self, s: redis.Redis, dst: RedisServer, slot: int, n: int) -> int:
+    def _migrate_keys(self, s: Any, dst: RedisServer, slot: int, n: int) -> int:
         """MIGRATE up to ``n`` of the slot's keys from the source (client ``s``); how many.
         Without REPLACE: a key on both nodes would be a finding (BUSYKEY), counted, then
         replaced so the migration can end."""
@@ -909,13 +909,9 @@ class Soak:
         self.faults["partition" + (" (of a leader)" if found else "")] += 1
 
     def inject(self) -> None:
-        if self.cluster is None:
-            kinds = ["kill_leader", "kill_pubsub", "restart_redis", "pause_leader", "partition"]
-            weights = [0.25, 0.2, 0.15, 0.2, 0.2]
-        else:
-            kinds = ["kill_leader", "kill_pubsub", "pause_leader", "migrate_slot"]
-            weights = [0.2, 0.15, 0.2, 0.45]
-        kind = self.rng.choices(kinds, weights=weights)[0]
+        mix = MIXES["cluster" if self.cluster is not None else "standalone"]
+        mix = {k: w for k, w in mix.items() if not self.ns.faults or k in self.ns.faults}
+        kind = self.rng.choices(list(mix), weights=list(mix.values()))[0]
         try:
             getattr(self, kind)()
         except redis.RedisError as exc:  # e.g. during the seconds after a restart
@@ -1029,7 +1025,7 @@ class Soak:
                 self.violations.append(f"worker w{idx}: hub channels left: {chans}")
         self.drained = drained
         # The server side, while every worker is still connected.
-        nodes = [self.client()] if self.cluster is None else [
+        nodes: list[Any] = [self.client()] if self.cluster is None else [
             s.client(socket_timeout=2.0) for s in self.cluster.servers
         ]  # fmt: skip
         leftover: list[Any] = []
@@ -1059,9 +1055,9 @@ class Soak:
             # what the nodes answered with meanwhile: evidence that ASK and TRYAGAIN occurred.
             if not self.cluster.is_healthy():
                 self.violations.append("harness: the Cluster is not healthy at the end")
-            for s, c in zip(self.cluster.servers, nodes, strict=True):
+            for server, c in zip(self.cluster.servers, nodes, strict=True):
                 info = c.info("errorstats")
-                self.errorstats[s.port] = {
+                self.errorstats[server.port] = {
                     name[len("errorstat_") :]: int(v.get("count", 0)) if isinstance(v, dict) else 0
                     for name, v in info.items()
                 }
@@ -1247,14 +1243,18 @@ class Soak:
         return ok
 
 
-FAULT_KINDS = {
-    "kill_leader",
-    "kill_pubsub",
-    "restart_redis",
-    "pause_leader",
-    "partition",
-    "migrate_slot",
+# Each mode's faults and their weights (see the docstring for what each does).
+MIXES = {
+    "standalone": {
+        "kill_leader": 0.25,
+        "kill_pubsub": 0.2,
+        "restart_redis": 0.15,
+        "pause_leader": 0.2,
+        "partition": 0.2,
+    },
+    "cluster": {"kill_leader": 0.2, "kill_pubsub": 0.15, "pause_leader": 0.2, "migrate_slot": 0.45},
 }
+FAULT_KINDS = set(MIXES["standalone"]) | set(MIXES["cluster"])
 # See check_outcome_order: how long a message may have been on its way.
 _ORDER_SLACK = 0.05
 
@@ -1283,16 +1283,23 @@ def main(argv: list[str] | None = None) -> int:
         default=0.03,
         help="share of calls whose job runs 1.0-1.8 s, longer than lock_ttl (0 for none)",
     )
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument(
+    one_mode = p.add_mutually_exclusive_group()
+    one_mode.add_argument(
         "--cluster",
         action="store_true",
         help="dedupe on a private 3-master Cluster, with the migrate_slot fault",
     )
-    mode.add_argument(
+    one_mode.add_argument(
         "--both",
         action="store_true",
         help="standalone, then Cluster, each for half of --minutes (what `make soak` runs)",
+    )
+    p.add_argument(
+        "--faults",
+        type=lambda text: set(filter(None, text.split(","))),
+        default=set(),
+        help="only these faults, comma-separated (default: all of the mode's): "
+        + ", ".join(sorted(FAULT_KINDS)),
     )
     p.add_argument("--keep-logs", action="store_true")
     p.add_argument(
@@ -1308,6 +1315,12 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if ns.procs < 1 or ns.threads < 1 or ns.keys < 1:
         p.error("--procs, --threads and --keys must be >= 1")
+    if ns.faults - FAULT_KINDS:
+        p.error(f"unknown --faults: {', '.join(sorted(ns.faults - FAULT_KINDS))}")
+    modes = ["standalone", "cluster"] if ns.both else ["cluster" if ns.cluster else "standalone"]
+    for mode in modes:
+        if ns.faults and not ns.faults & set(MIXES[mode]):
+            p.error(f"none of --faults is a {mode} fault ({', '.join(sorted(MIXES[mode]))})")
     if not ns.both:
         return Soak(ns).run()
     results = {}
