@@ -112,10 +112,13 @@ COMPAT_ARGS ?=
 compat:
 	$(PYTHON) -m devtools.compat $(COMPAT_ARGS)
 
-# Long stress run (tests/soak.py); not part of `make test`. E.g. SOAK_ARGS="--minutes 1 --seed 7".
+# Long stress run (tests/soak.py); not part of `make test`. --both: the standalone soak (kills,
+# pauses, partitions, Redis restarts), then the Cluster soak (the same plus slot migrations held
+# open), each for half of --minutes (5 in all); a summary each; fails if either does. E.g.
+# SOAK_ARGS="--minutes 1 --seed 7". One mode alone: python -m tests.soak [--cluster].
 SOAK_ARGS ?=
 soak:
-	$(PYTHON) -m tests.soak $(SOAK_ARGS)
+	$(PYTHON) -m tests.soak --both $(SOAK_ARGS)
 
 clean:
 	rm -rf build dist site *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis .compat

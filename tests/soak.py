@@ -1,8 +1,11 @@
 """Soak: N processes x M threads hammer a few hot keys while a fault injector breaks things.
 
-Run with ``make soak`` (``python -m tests.soak``; ``python tests/soak.py`` works too).
-Options: ``--minutes`` (5), ``--procs`` (4), ``--threads`` (8), ``--keys`` (4), ``--seed``.
-Not a pytest module (no ``test_`` name, no test functions): ``make test`` never runs it.
+Run with ``make soak`` (``python -m tests.soak --both``: the standalone soak, then the Cluster
+soak, each for half of ``--minutes``; one summary and RESULT each, exit 1 if either failed).
+``python -m tests.soak`` alone runs the standalone soak, ``--cluster`` the Cluster soak
+(``python tests/soak.py`` works too). Options: ``--minutes`` (5), ``--procs`` (4),
+``--threads`` (8), ``--keys`` (4), ``--seed``. Not a pytest module (no ``test_`` name, no test
+functions): ``make test`` never runs it.
 
 What runs
 ---------
@@ -26,6 +29,31 @@ every job short). Meanwhile the parent injects, at random intervals (``--fault-i
 - ``partition``: blackhole a worker's link to Redis (each worker's dedupe talks to Redis
   through its own loopback proxy, ``tests/proxy.py``; sockets stay open, half-open) for
   lock_ttl + 0.2-1.0 s, preferably a running leader's, then heal it.
+
+Cluster mode (``--cluster``)
+----------------------------
+dedupe runs on a private 3-master Cluster (``RedisClusterSet``, no replicas; workers use a
+``redis+cluster://`` URL). The soak's own keys (below) live on a separate standalone server,
+the "judge", which no fault touches: the gauges stay linearizable while slots move. The job
+reads its lock from the Cluster for the informational "held at start/end" figures (not atomic
+with the gauge there). The faults:
+
+- ``migrate_slot``: a random hot key's slot (a job's lock, token, result and error keys and its
+  channel share one hash tag, hence one slot: ``dedupe.core.keys.names_for``) moves from its
+  owner to another master the way ``redis-cli --cluster reshard`` does, slowly: IMPORTING on
+  the target, MIGRATING on the source, then for 0.2-1.5 s its keys MIGRATE one at a time
+  (callers meet ASK, and TRYAGAIN where a script's keys are split or partly missing), then
+  the rest, then ``SETSLOT NODE`` on every node. A third of the time it goes straight back
+  the same way (and with three masters later moves return it home now and then). The summary
+  prints the nodes' ``INFO errorstats`` (ASK, TRYAGAIN, MOVED ...) as evidence;
+- ``kill_leader`` and ``pause_leader`` as above;
+- ``kill_pubsub``: ``CLIENT KILL TYPE pubsub`` on one node at random (the hubs' SSUBSCRIBE
+  connections to that master).
+
+Left out on Cluster: ``partition`` (the nodes announce their own addresses in CLUSTER SLOTS,
+so a per-worker proxy would be bypassed; it would take a proxy per node and rewritten
+announcements) and ``restart_redis`` (a master without replicas restarted empty loses its
+slots' keys; the restart epoch below is standalone only: the judge never restarts).
 
 Invariant 1 - no overlapping executions while both leases were valid
 --------------------------------------------------------------------
@@ -87,7 +115,9 @@ At the end the injector stops, the workers stop calling, wait for their calls to
 for ``sf.stats()['flights_in_process'] == 0`` and ``sf.backend().hub().channels() == {}``
 (bounded), and report both. With every worker still connected the parent then checks that no
 key under the dedupe prefix lacks a TTL (``PTTL == -1``) and that ``PUBSUB CHANNELS`` is empty
-(polled briefly, since an UNSUBSCRIBE may still be on its way). Any leftover is a violation.
+(polled briefly, since an UNSUBSCRIBE may still be on its way); on Cluster on every node, with
+``PUBSUB SHARDCHANNELS`` too, and that every node agrees on a stable slot layout. Any leftover
+is a violation.
 
 Bounds and hygiene
 ------------------
@@ -123,12 +153,14 @@ if __package__ in (None, ""):  # run as a file (python tests/soak.py): make `tes
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import redis
+import redis.cluster
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.crc import key_slot
 from redis.retry import Retry
 
 from dedupe import BackendUnavailable, SingleFlight, WaitTimeout, current_flight
-from dedupe.core.keys import names_for
-from devtools.servers import RedisServer
+from dedupe.core.keys import function_name, names_for
+from devtools.servers import RedisClusterSet, RedisServer
 from tests.proxy import Proxy
 
 __all__ = ["main"]
@@ -141,7 +173,9 @@ SLOW_MS = (1000, 1800)  # the few "slow" jobs outlive lock_ttl (1 s) and so need
 
 # --------------------------------------------------------------------------- Redis scripts
 
-# KEYS: none (standalone only). ARGV: key, run id, token, lock key, pid
+# KEYS: none: the soak's keys live on one standalone server (the "judge"; with --cluster a
+# server of its own, not a Cluster node). ARGV: key, run id, token, lock key ('' when the lock
+# lives elsewhere, on the Cluster: held is then -1 and the job reads the lock itself), pid
 START_LUA = """
 local e = redis.call('GET', 'soak:epoch')
 if not e then
@@ -161,9 +195,12 @@ if prev and tonumber(prev) >= tonumber(token) then
 else
   redis.call('SET', mk, token)
 end
-local lock = redis.call('GET', ARGV[4])
-local held = 0
-if lock and string.sub(lock, 1, string.len(token) + 1) == token .. ':' then held = 1 end
+local held = -1
+if ARGV[4] ~= '' then
+  local lock = redis.call('GET', ARGV[4])
+  held = 0
+  if lock and string.sub(lock, 1, string.len(token) + 1) == token .. ':' then held = 1 end
+end
 redis.call('SET', 'soak:leader:' .. key, ARGV[5] .. ':' .. rid, 'PX', 5000)
 return {e, g, others, order_ok, prev or '', held}
 """
@@ -174,9 +211,12 @@ local e, key, rid, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('SREM', 'soak:active:' .. e .. ':' .. key, rid) == 1 then
   redis.call('DECR', 'soak:gauge:' .. e .. ':' .. key)
 end
-local lock = redis.call('GET', ARGV[5])
-local held = 0
-if lock and string.sub(lock, 1, string.len(token) + 1) == token .. ':' then held = 1 end
+local held = -1
+if ARGV[5] ~= '' then
+  local lock = redis.call('GET', ARGV[5])
+  held = 0
+  if lock and string.sub(lock, 1, string.len(token) + 1) == token .. ':' then held = 1 end
+end
 local leader = redis.call('GET', 'soak:leader:' .. key)
 if leader and string.sub(leader, -string.len(rid) - 1) == ':' .. rid then
   redis.call('DEL', 'soak:leader:' .. key)
@@ -222,6 +262,18 @@ class _Worker:
         )
         self.start_script = self.r.register_script(START_LUA)
         self.end_script = self.r.register_script(END_LUA)
+        # --cluster: the judge is not a Cluster node, so the job reads the lock (whether its
+        # lease still stands: informational, "held at start/end") from the Cluster itself.
+        self.cluster: redis.cluster.RedisCluster | None = None
+        if cfg["cluster_nodes"]:
+            self.cluster = redis.cluster.RedisCluster(
+                startup_nodes=[
+                    redis.cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call,unused-ignore]
+                    for h, p in cfg["cluster_nodes"]
+                ],
+                socket_connect_timeout=cfg["job_connect_timeout"],
+                socket_timeout=cfg["job_socket_timeout"],
+            )
         self._seq = 0
         self._lock = threading.Lock()
         self.runs_path = logdir / f"w{idx}-{self.pid}.runs.jsonl"
@@ -234,6 +286,17 @@ class _Worker:
         self.runs = 0
         self.dedupe_warnings: Counter[str] = Counter()
         self.current: dict[int, tuple[int, float, str] | None] = {}
+
+    def lock_held(self, lock_key: str, token: int, held: int) -> int:
+        """``held`` as the judge's script found it, else (-1: --cluster) read from the Cluster:
+        1 if the lock holds ``token``, 0 if not, -1 if it could not be read."""
+        if held != -1 or self.cluster is None:
+            return held
+        try:
+            value = self.cluster.get(lock_key)
+        except redis.RedisError:
+            return -1
+        return int(value is not None and _text(value).startswith(f"{token}:"))
 
     def next_seq(self) -> int:
         with self._lock:
@@ -296,14 +359,17 @@ def _job(key: str, behaviour: str, duration_ms: int, size: int) -> dict[str, Any
     assert flight is not None
     token = flight.token
     lock_key = names_for(PREFIX, flight.key).lock
+    judged_lock = "" if w.cluster is not None else lock_key
     rid = f"{w.pid}:{w.next_seq()}:{token}"
     t_before = time.time()
     try:
         e, gauge, others, order_ok, prev, held = w.start_script(
-            args=[key, rid, token, lock_key, w.pid]
+            args=[key, rid, token, judged_lock, w.pid]
         )
     except redis.RedisError as exc:
         raise SoakRedisDown(f"gauge start failed: {exc!r}") from None
+    t_start = time.time()
+    held = w.lock_held(lock_key, token, int(held))
     epoch = e.decode()
     w.runs += 1
     w.log_run(
@@ -319,7 +385,7 @@ def _job(key: str, behaviour: str, duration_ms: int, size: int) -> dict[str, Any
             "prev_token": prev.decode() if isinstance(prev, bytes) else str(prev),
             "held_at_start": int(held),
             "t_before": t_before,
-            "t_start": time.time(),
+            "t_start": t_start,
         }
     )
     deadline = time.monotonic() + duration_ms / 1000
@@ -330,9 +396,11 @@ def _job(key: str, behaviour: str, duration_ms: int, size: int) -> dict[str, Any
         time.sleep(min(0.01, left))
     end_ok, held_end = True, -1
     try:
-        held_end = int(w.end_script(args=[epoch, key, rid, token, lock_key]))
+        held_end = int(w.end_script(args=[epoch, key, rid, token, judged_lock]))
     except redis.RedisError:
         end_ok = False
+    t_end = time.time()
+    held_end = w.lock_held(lock_key, token, held_end)
     lost = flight.lease_lost
     w.log_run(
         {
@@ -344,7 +412,7 @@ def _job(key: str, behaviour: str, duration_ms: int, size: int) -> dict[str, Any
             "end_ok": end_ok,
             "held_at_end": held_end,
             "lease_lost": lost,
-            "t_end": time.time(),
+            "t_end": t_end,
         }
     )
     if behaviour == "raise":
@@ -513,6 +581,8 @@ def worker_main(idx: int, cfg: dict[str, Any], logdir_s: str) -> None:
     w.write_stats("closed", sf_stats=st, hub_channels=chans)
     with contextlib.suppress(Exception):
         w._runs.close()
+        if w.cluster is not None:
+            w.cluster.close()
 
 
 # --------------------------------------------------------------------------- parent side
@@ -522,7 +592,13 @@ class Soak:
     def __init__(self, ns: argparse.Namespace) -> None:
         self.ns = ns
         self.rng = random.Random(ns.seed)
+        # Standalone: dedupe's server, which is also the judge (the soak's own keys) and is
+        # restarted by the injector. --cluster: the judge only, never faulted; dedupe runs on
+        # a private 3-master Cluster.
         self.server = RedisServer()
+        self.cluster = RedisClusterSet(3) if ns.cluster else None
+        self.node_ids: dict[int, str] = {}  # port -> Cluster node id
+        self.errorstats: dict[int, dict[str, int]] = {}  # port -> {ASK: n, ...} at the end
         self.logdir = Path(tempfile.mkdtemp(prefix="dedupe-soak-"))
         self.procs: dict[int, Any] = {}  # idx -> Process
         self.proxies: dict[int, Proxy] = {}  # idx -> the worker's link to Redis
@@ -561,7 +637,8 @@ class Soak:
     def cfg(self) -> dict[str, Any]:
         ns = self.ns
         return {
-            "url": self.server.url,
+            "url": self.server.url if self.cluster is None else self.cluster_url(),
+            "cluster_nodes": [] if self.cluster is None else self.cluster.startup_nodes,
             "host": self.server.host,
             "port": self.server.port,
             "seed": ns.seed,
@@ -582,14 +659,20 @@ class Soak:
             "hard_end": self.hard_end,
         }
 
+    def cluster_url(self) -> str:
+        assert self.cluster is not None
+        return "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in self.cluster.startup_nodes)
+
     def spawn(self) -> None:
         idx = self.next_idx
         self.next_idx += 1
-        # dedupe reaches Redis through a proxy of its own (the partition fault); the job's
-        # gauge scripts go straight to the server, so the judge sees the truth.
-        proxy = self.proxies[idx] = Proxy((self.server.host, self.server.port)).start()
         cfg = self.cfg()
-        cfg["url"] = "redis://{}:{}/0".format(*proxy.address)
+        if self.cluster is None:
+            # dedupe reaches Redis through a proxy of its own (the partition fault); the job's
+            # gauge scripts go straight to the server, so the judge sees the truth. (Not on
+            # Cluster: the nodes announce their own addresses, so a client would bypass it.)
+            proxy = self.proxies[idx] = Proxy((self.server.host, self.server.port)).start()
+            cfg["url"] = "redis://{}:{}/0".format(*proxy.address)
         p = SPAWN.Process(
             target=worker_main, args=(idx, cfg, str(self.logdir)), name=f"soak-w{idx}"
         )
@@ -641,9 +724,128 @@ class Soak:
                     forget(keys=[akey, gkey], args=[member])
 
     def kill_pubsub(self) -> None:
-        n = int(self.client().client_kill_filter(_type="pubsub"))
+        """Standalone: every pub/sub connection. Cluster: those of one node, at random (the
+        hubs' SSUBSCRIBE connections to that master)."""
+        if self.cluster is None:
+            n = int(self.client().client_kill_filter(_type="pubsub"))
+        else:
+            node = self.rng.choice(self.cluster.servers)
+            with node.client(socket_timeout=2.0) as c:
+                n = int(c.client_kill_filter(_type="pubsub"))
         self.faults["kill_pubsub"] += 1
         self.faults["pubsub connections killed"] += n
+
+    # -- the Cluster fault
+    def node(self, port: int) -> RedisServer:
+        assert self.cluster is not None
+        return next(s for s in self.cluster.servers if s.port == port)
+
+    def owner_port(self, slot: int) -> int:
+        """The master that owns ``slot``, as every node reports it (bounded wait for them to
+        agree: each migration assigns the slot on every node itself)."""
+        assert self.cluster is not None
+        deadline = time.monotonic() + 10.0
+        while True:
+            seen = set()
+            for s in self.cluster.servers:
+                with s.client(socket_timeout=2.0) as c:
+                    for entry in c.execute_command("CLUSTER", "SLOTS"):
+                        if int(entry[0]) <= slot <= int(entry[1]):
+                            seen.add(int(entry[2][1]))
+            if len(seen) == 1:
+                return seen.pop()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the nodes disagree on who owns slot {slot}: {seen}")
+            time.sleep(0.05)
+
+    def migrate_slot(self) -> None:
+        """Move one hot key's slot (every key of a job shares its hash tag, so its lock,
+        token, result and error keys and its channel move together) to another master, the
+        way ``redis-cli --cluster reshard`` does, but slowly: the slot stays open (IMPORTING
+        on the target, MIGRATING on the source) for 0.2-1.5 s while its keys move one at a
+        time, so callers meet ASK, and TRYAGAIN where a script's keys are split or partly
+        missing; then the rest moves and every node is told the new owner. A third of the
+        time the slot goes straight back the same way."""
+        assert self.cluster is not None
+        key = f"hot-{self.rng.randrange(self.ns.keys)}"
+        job_id = f"{function_name(_job)}:{key}"
+        slot = key_slot(names_for(PREFIX, job_id).lock.encode())
+        src = self.node(self.owner_port(slot))
+        dst = self.rng.choice([s for s in self.cluster.servers if s is not src])
+        self._move(slot, src, dst)
+        self.faults["migrate_slot"] += 1
+        if self.rng.random() < 1 / 3:
+            self._move(slot, dst, src)
+            self.faults["migrate_slot (moved straight back)"] += 1
+
+    def _move(self, slot: int, src: RedisServer, dst: RedisServer) -> None:
+        assert self.cluster is not None
+        hold = self.rng.uniform(0.2, 1.5)
+        src_id, dst_id = self.node_ids[src.port], self.node_ids[dst.port]
+        t0 = time.monotonic()
+        with src.client(socket_timeout=10.0) as s, dst.client(socket_timeout=10.0) as d:
+            d.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            s.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            try:
+                while time.monotonic() - t0 < hold:  # bounded by hold
+                    left = hold - (time.monotonic() - t0)
+                    time.sleep(max(0.0, min(self.rng.uniform(0.02, 0.2), left)))
+                    self._migrate_keys(s, dst, slot, 1)
+                for _ in range(1000):  # bounded; a hot slot holds a handful of keys
+                    if not self._migrate_keys(s, dst, slot, 100):
+                        break
+                else:
+                    raise RuntimeError(f"slot {slot} did not empty on :{src.port}")
+                others = [n for n in self.cluster.servers if n is not src and n is not dst]
+                for node in [dst, src, *others]:  # the order redis-cli uses
+                    with node.client(socket_timeout=10.0) as c:
+                        c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            except BaseException:
+                self.faults["migrate_slot (failed: slot restored)"] += 1
+                self._restore(slot, src)
+                raise
+        self.faults["slot held open, ms (sum)"] += round(1000 * (time.monotonic() - t0))
+        if self.owner_port(slot) != dst.port:
+            self.violations.append(f"harness: slot {slot} did not move to :{dst.port}")
+
+    def _migrate_keys(self, s: Any, dst: RedisServer, slot: int, n: int) -> int:
+        """MIGRATE up to ``n`` of the slot's keys from the source (client ``s``); how many.
+        Without REPLACE: a key on both nodes would be a finding (BUSYKEY), counted, then
+        replaced so the migration can end."""
+        keys = s.execute_command("CLUSTER", "GETKEYSINSLOT", slot, n)
+        if not keys:
+            return 0
+        try:
+            s.execute_command("MIGRATE", dst.host, dst.port, "", 0, 5000, "KEYS", *keys)
+        except redis.ResponseError as exc:
+            if "BUSYKEY" not in str(exc):
+                raise
+            self.faults["migrate_slot: BUSYKEY (a key on both nodes)"] += 1
+            s.execute_command("MIGRATE", dst.host, dst.port, "", 0, 5000, "REPLACE", "KEYS",
+                              *keys)  # fmt: skip
+        self.faults["keys migrated"] += len(keys)
+        return len(keys)
+
+    def _restore(self, slot: int, home: RedisServer) -> None:
+        """After a failed move: close the slot on every node and bring its keys home."""
+        assert self.cluster is not None
+        home_id = self.node_ids[home.port]
+        for node in self.cluster.servers:
+            with node.client(socket_timeout=10.0) as c:
+                c.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+        for node in self.cluster.servers:
+            if node is home:
+                continue
+            with node.client(socket_timeout=10.0) as c:
+                keys = c.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+                if keys:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", home_id)
+                    c.execute_command("MIGRATE", home.host, home.port, "", 0, 5000, "REPLACE",
+                                      "KEYS", *keys)  # fmt: skip
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "STABLE")
+        for node in self.cluster.servers:
+            with node.client(socket_timeout=10.0) as c:
+                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", home_id)
 
     def restart_redis(self) -> None:
         self.server.kill()
@@ -707,8 +909,9 @@ class Soak:
         self.faults["partition" + (" (of a leader)" if found else "")] += 1
 
     def inject(self) -> None:
-        kinds = ["kill_leader", "kill_pubsub", "restart_redis", "pause_leader", "partition"]
-        kind = self.rng.choices(kinds, weights=[0.25, 0.2, 0.15, 0.2, 0.2])[0]
+        mix = MIXES["cluster" if self.cluster is not None else "standalone"]
+        mix = {k: w for k, w in mix.items() if not self.ns.faults or k in self.ns.faults}
+        kind = self.rng.choices(list(mix), weights=list(mix.values()))[0]
         try:
             getattr(self, kind)()
         except redis.RedisError as exc:  # e.g. during the seconds after a restart
@@ -737,10 +940,24 @@ class Soak:
         ns = self.ns
         t_begin = time.monotonic()
         self.server.start()
+        if self.cluster is not None:
+            try:
+                self.cluster.start()
+            except BaseException:
+                self.server.stop()
+                raise
+            for node in self.cluster.servers:
+                with node.client() as c:
+                    self.node_ids[node.port] = _text(c.execute_command("CLUSTER", "MYID"))
         self.end = time.time() + ns.minutes * 60
         self.hard_end = self.end + 120  # workers stop on their own even if the parent vanished
+        where = (
+            f"redis {self.server.url} pid {self.server.pid}"
+            if self.cluster is None
+            else f"cluster {self.cluster_url()}, judge {self.server.url}"
+        )
         self.say(
-            f"redis {self.server.url} pid {self.server.pid}; {ns.procs} procs x {ns.threads} "
+            f"{where}; {ns.procs} procs x {ns.threads} "
             f"threads, {ns.keys} keys, {ns.minutes} min, seed {ns.seed}; call bound "
             f"{self.bound:.2f} s; logs in {self.logdir}"
         )
@@ -772,6 +989,8 @@ class Soak:
             for proxy in self.proxies.values():
                 proxy.close()
             self.server.stop()
+            if self.cluster is not None:
+                self.cluster.stop()
         elapsed = time.monotonic() - t_begin
         ok = self.report(elapsed)
         if ok and not ns.keep_logs:
@@ -806,24 +1025,43 @@ class Soak:
                 self.violations.append(f"worker w{idx}: hub channels left: {chans}")
         self.drained = drained
         # The server side, while every worker is still connected.
-        c = self.client()
+        nodes: list[Any] = [self.client()] if self.cluster is None else [
+            s.client(socket_timeout=2.0) for s in self.cluster.servers
+        ]  # fmt: skip
         leftover: list[Any] = []
         poll_end = time.monotonic() + 5.0
         while time.monotonic() < poll_end:
-            leftover = c.pubsub_channels()
+            leftover = []
+            for c in nodes:
+                leftover += c.pubsub_channels()
+                if self.cluster is not None:
+                    leftover += c.execute_command("PUBSUB", "SHARDCHANNELS")
             if not leftover:
                 break
             time.sleep(0.1)
         if leftover:
             self.violations.append(f"channels still subscribed on the server: {leftover}")
         no_ttl, scanned = [], 0
-        for k in c.scan_iter(match=f"{PREFIX}:*", count=500):
-            scanned += 1
-            if c.pttl(k) == -1:
-                no_ttl.append(k)
+        for c in nodes:
+            for k in c.scan_iter(match=f"{PREFIX}:*", count=500):
+                scanned += 1
+                if c.pttl(k) == -1:
+                    no_ttl.append(k)
         self.keys_scanned = scanned
         if no_ttl:
             self.violations.append(f"keys under {PREFIX}: without a TTL: {no_ttl[:20]}")
+        if self.cluster is not None:
+            # Every migration was closed (a slot left open would be the harness's fault), and
+            # what the nodes answered with meanwhile: evidence that ASK and TRYAGAIN occurred.
+            if not self.cluster.is_healthy():
+                self.violations.append("harness: the Cluster is not healthy at the end")
+            for server, c in zip(self.cluster.servers, nodes, strict=True):
+                info = c.info("errorstats")
+                self.errorstats[server.port] = {
+                    name[len("errorstat_") :]: int(v.get("count", 0)) if isinstance(v, dict) else 0
+                    for name, v in info.items()
+                }
+                c.close()
         (self.logdir / "CLOSE").touch()
         for p in live.values():
             p.join(20)
@@ -951,6 +1189,7 @@ class Soak:
         print()
         print("=" * 30 + " soak summary " + "=" * 30)
         print(
+            f"{'Cluster (3 masters)' if self.cluster is not None else 'standalone'}: "
             f"duration {elapsed:.0f} s (load {self.ns.minutes:g} min); {self.ns.procs} procs x "
             f"{self.ns.threads} threads; {self.ns.keys} keys; seed {self.ns.seed}"
         )
@@ -979,6 +1218,11 @@ class Soak:
         for why, n in excused.most_common():
             print(f"  {why:<52} {n:>6}")
         print(f"keys under {PREFIX}: at quiesce: {getattr(self, 'keys_scanned', '?')}")
+        if self.cluster is not None:
+            errs: Counter[str] = Counter()
+            for per_node in self.errorstats.values():
+                errs.update(per_node)
+            print(f"error replies of the Cluster nodes (INFO errorstats, summed): {dict(errs)}")
         print(
             f"invariant violations: 1 (overlap) {v1}; 2 (call bound / outcome) {v2}; "
             f"3 (quiesce) {v3}; 4 (outcome older than a lease granted before the call) {v4} "
@@ -999,7 +1243,18 @@ class Soak:
         return ok
 
 
-FAULT_KINDS = {"kill_leader", "kill_pubsub", "restart_redis", "pause_leader", "partition"}
+# Each mode's faults and their weights (see the docstring for what each does).
+MIXES = {
+    "standalone": {
+        "kill_leader": 0.25,
+        "kill_pubsub": 0.2,
+        "restart_redis": 0.15,
+        "pause_leader": 0.2,
+        "partition": 0.2,
+    },
+    "cluster": {"kill_leader": 0.2, "kill_pubsub": 0.15, "pause_leader": 0.2, "migrate_slot": 0.45},
+}
+FAULT_KINDS = set(MIXES["standalone"]) | set(MIXES["cluster"])
 # See check_outcome_order: how long a message may have been on its way.
 _ORDER_SLACK = 0.05
 
@@ -1028,6 +1283,24 @@ def main(argv: list[str] | None = None) -> int:
         default=0.03,
         help="share of calls whose job runs 1.0-1.8 s, longer than lock_ttl (0 for none)",
     )
+    one_mode = p.add_mutually_exclusive_group()
+    one_mode.add_argument(
+        "--cluster",
+        action="store_true",
+        help="dedupe on a private 3-master Cluster, with the migrate_slot fault",
+    )
+    one_mode.add_argument(
+        "--both",
+        action="store_true",
+        help="standalone, then Cluster, each for half of --minutes (what `make soak` runs)",
+    )
+    p.add_argument(
+        "--faults",
+        type=lambda text: set(filter(None, text.split(","))),
+        default=set(),
+        help="only these faults, comma-separated (default: all of the mode's): "
+        + ", ".join(sorted(FAULT_KINDS)),
+    )
     p.add_argument("--keep-logs", action="store_true")
     p.add_argument(
         "--break-renewal",
@@ -1042,7 +1315,21 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')} must be > 0")
     if ns.procs < 1 or ns.threads < 1 or ns.keys < 1:
         p.error("--procs, --threads and --keys must be >= 1")
-    return Soak(ns).run()
+    if ns.faults - FAULT_KINDS:
+        p.error(f"unknown --faults: {', '.join(sorted(ns.faults - FAULT_KINDS))}")
+    modes = ["standalone", "cluster"] if ns.both else ["cluster" if ns.cluster else "standalone"]
+    for mode in modes:
+        if ns.faults and not ns.faults & set(MIXES[mode]):
+            p.error(f"none of --faults is a {mode} fault ({', '.join(sorted(MIXES[mode]))})")
+    if not ns.both:
+        return Soak(ns).run()
+    results = {}
+    for cluster in (False, True):
+        one = argparse.Namespace(**{**vars(ns), "cluster": cluster, "minutes": ns.minutes / 2})
+        results["Cluster" if cluster else "standalone"] = Soak(one).run()
+        print(flush=True)
+    print("soak: " + ", ".join(f"{k} {'PASS' if v == 0 else 'FAIL'}" for k, v in results.items()))
+    return max(results.values())
 
 
 if __name__ == "__main__":

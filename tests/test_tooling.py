@@ -1,4 +1,4 @@
-"""The developer tooling: pinned dependencies, the Python and redis-py matrices."""
+"""The developer tooling: pinned dependencies, the Python and redis-py matrices, the soak."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -80,3 +82,31 @@ def test_pythons_finds_this_interpreter() -> None:
     assert minor in pythons.supported()
     found = pythons.find(minor)
     assert found.python is not None and found.version.startswith(minor + ".")
+
+
+def test_make_soak_runs_both_modes() -> None:
+    make = subprocess.run(["make", "-n", "soak"], capture_output=True, text=True, cwd=ROOT)
+    assert "-m tests.soak --both" in make.stdout, make.stdout
+    # A fault the mode does not have is refused before anything starts.
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.soak", "--cluster", "--faults", "partition"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "none of --faults is a cluster fault" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_cluster_soak_runs_and_migrates_slots() -> None:
+    """`make soak`'s Cluster half for a few seconds, slot migrations its only fault: it must
+    start its Cluster, migrate, quiesce and pass (a migration left open fails it)."""
+    args = ["--cluster", "--minutes", "0.1", "--procs", "2", "--threads", "2", "--keys", "2"]
+    args += ["--faults", "migrate_slot", "--fault-interval", "0.5", "--seed", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.soak", *args],
+        capture_output=True, text=True, timeout=110, cwd=ROOT, check=False,
+    )  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "RESULT: PASS" in proc.stdout, out[-4000:]
+    assert re.search(r"^  migrate_slot +[1-9]", proc.stdout, re.M), out[-4000:]
+    assert re.search(r"^  keys migrated +[1-9]", proc.stdout, re.M), out[-4000:]
