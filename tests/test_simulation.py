@@ -238,6 +238,26 @@ def test_a_leader_that_finds_its_own_lease_dates_it_from_when_it_began(api: Api)
     assert out.violation is None, "\n".join(out.lines)
 
 
+def test_a_call_that_fails_after_its_acquire_was_written_gives_back_its_lease(api: Api) -> None:
+    """Found by the long run (seed 17185, shrunk to these steps): during a slot migration
+    p1's acquire is answered ASK, then TRYAGAIN until the client's patience runs out, and
+    the call fails on that error reply; but a copy of that acquire sent earlier (a retry, a
+    re-send) is granted after the slot moved. The driver took the error reply as "not
+    granted" and gave nothing back, so the lock stayed held for a flight that had ended."""
+    steps: list[Step] = [
+        ("mig", "open"), ("call", 1, 1, 0, "sync"), ("deliver", 0), ("deliver", 0),
+        ("deliver", 0), ("deliver", 0), ("next",), ("deliver", 0), ("pause", 1, 5000),
+        ("deliver", 0), ("call", 1, 0, 0, "sync"), ("next",), ("call", 1, 1, 3000, "async"),
+        ("next",), ("deliver", 0), ("deliver", 2), ("drop", 1), ("drop", 0),
+        ("pause", 1, 5000), ("advance", 2000), ("call", 2, 1, 0, "async"), ("deliver", 0),
+        ("deliver", 0), ("deliver", 0), ("next",), ("deliver", 0), ("advance", 2000),
+        ("drop", 0), ("deliver", 1), ("deliver", 0), ("deliver", 2), ("deliver", 2),
+        ("next",), ("dup", 2), ("deliver", 0), ("deliver", 5),
+    ]  # fmt: skip
+    out = run(17185, steps, Params(), api, trace=True)
+    assert out.violation is None, "\n".join(out.lines)
+
+
 # --- the defects of issue 18, planted again, found from random starts ---------------------
 
 

@@ -17,8 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Final, TypeVar
 
-from redis.exceptions import ResponseError
-
 from dedupe.backend.commands import (
     ScriptCall,
     Stamp,
@@ -161,12 +159,16 @@ class DriverBase:
 
     def failed(self, cmd: Command, exc: BaseException) -> BaseException:
         """What to throw into the protocol for a command that raised ``exc``: the typed
-        error, or Unanswered for an Acquire written but never answered (which the protocol
-        answers by giving back the lease it may have granted). An error reply was answered."""
+        error, or Unanswered for an Acquire once written (which the protocol answers by
+        giving back the lease it may have granted). Also after an error reply: the command
+        may have been sent more than once (the wire's retry after a lost reply, the Cluster
+        client's re-sends on ASK and TRYAGAIN), and an earlier copy may have been granted
+        (found by simulation: a slot migration, a retry, then TRYAGAIN until patience ran
+        out). The give-back is owner-checked and off the caller's path."""
         error = translate(exc) if isinstance(exc, Exception) else exc
         if isinstance(cmd, Acquire) and self.background:
             self.give_back_background()
-        if self.stamp.sent and isinstance(cmd, Acquire) and not isinstance(exc, ResponseError):
+        if self.stamp.sent and isinstance(cmd, Acquire):
             return Unanswered(error)
         return error
 
