@@ -190,6 +190,12 @@ def _herd(n_remote: int, n_local: int) -> None:
     events.mark("lease_lost", OTHER, token=6)
     events.mark("rejected", JOB, detail="bad signature")
     events.mark("local_run", JOB)
+    # Cache fill: a background refresh begun, a failed run a stale value stood in for, and
+    # two calls served stale values; marks are never counted as calls.
+    events.mark("refresh", JOB, token=7)
+    events.mark("stood_in", JOB, token=7, detail="ConnectionError")
+    events.begin(JOB).end("kept", token=5, stale="revalidate", age_s=2.5)
+    events.begin(JOB).end("kept", token=5, stale="error", age_s=4.0)
 
 
 def test_otel_counters_and_histograms_add_up_to_the_calls(sdk: OTel) -> None:
@@ -199,25 +205,31 @@ def test_otel_counters_and_histograms_add_up_to_the_calls(sdk: OTel) -> None:
         ("leader", "value"): 1,
         ("remote", "value"): 3,
         ("local", "value"): 2,
-        ("kept", "value"): 1,
+        ("kept", "value"): 3,
         ("remote", "timeout"): 1,
         ("leader", "error"): 1,
     }
-    durations = {k: p.count for k, p in sdk.by_attrs("dedupe.core.call.duration").items()}
+    durations = {k: p.count for k, p in sdk.by_attrs("dedupe.call.duration").items()}
     assert durations == calls  # one duration per call
     runs = {k: p.count for k, p in sdk.by_attrs("dedupe.run.duration").items()}
     assert runs == {("leader", "value"): 1, ("leader", "error"): 1}
     assert sdk.by_attrs("dedupe.run.duration")[("leader", "value")].sum == pytest.approx(0.01)
     waits = {k: p.count for k, p in sdk.by_attrs("dedupe.wait.duration").items()}
     assert waits == {("remote", "value"): 3, ("local", "value"): 2, ("remote", "timeout"): 1}
+    stale = {
+        (p.attributes["dedupe.stale.reason"], p.value) for p in sdk.points("dedupe.stale_served")
+    }
+    assert stale == {("revalidate", 1), ("error", 1)}
     for name in (
         "dedupe.takeovers",
-        "dedupe.core.leases.lost",
+        "dedupe.leases.lost",
         "dedupe.envelopes.rejected",
         "dedupe.local_runs",
+        "dedupe.refreshes",
+        "dedupe.errors_replaced",
     ):
         (point,) = sdk.points(name)
-        prefix = "users" if name == "dedupe.core.leases.lost" else "reports"
+        prefix = "users" if name == "dedupe.leases.lost" else "reports"
         assert (point.value, point.attributes) == (1, {"dedupe.prefix": prefix}), name
 
 
@@ -318,7 +330,7 @@ def test_prometheus_metrics_scraped_from_a_real_registry() -> None:
         _labels("leader", "value"): 1,
         _labels("remote", "value"): 3,
         _labels("local", "value"): 2,
-        _labels("kept", "value"): 1,
+        _labels("kept", "value"): 3,
         _labels("remote", "timeout"): 1,
         _labels("leader", "error", "users"): 1,
     }
@@ -332,9 +344,15 @@ def test_prometheus_metrics_scraped_from_a_real_registry() -> None:
         _labels("leader", "value"): pytest.approx(0.01),
         _labels("leader", "error", "users"): pytest.approx(0.02),
     }
-    for name in ("takeovers", "leases_lost", "envelopes_rejected", "local_runs"):
+    names = ("takeovers", "leases_lost", "envelopes_rejected", "local_runs", "refreshes",
+             "errors_replaced")  # fmt: skip
+    for name in names:
         prefix = "users" if name == "leases_lost" else "reports"
         assert _of(samples, f"dedupe_{name}_total") == {frozenset({("prefix", prefix)}): 1}
+    assert _of(samples, "dedupe_stale_served_total") == {
+        frozenset({"prefix": "reports", "reason": "revalidate"}.items()): 1,
+        frozenset({"prefix": "reports", "reason": "error"}.items()): 1,
+    }
     assert "dedupe_" not in generate_latest(registry).decode()  # uninstrument unregisters
     assert not events.enabled
 

@@ -4,19 +4,23 @@
 ``opentelemetry-api`` (an SDK, or any other implementation, decides where data goes).
 
 Metrics (meter ``dedupe``), attributes ``dedupe.prefix`` (the SingleFlight's key prefix),
-``dedupe.role`` (leader, local, remote, kept; "unknown" where a call failed before it had
-one) and ``dedupe.outcome`` (value, error, timeout, backend_error); the four event
-counters carry ``dedupe.prefix`` only:
+``dedupe.role`` (leader, local, remote, kept, copy; "unknown" where a call failed before it
+had one) and ``dedupe.outcome`` (value, error, timeout, backend_error, failed); the event
+counters carry ``dedupe.prefix`` only, ``dedupe.stale_served`` also ``dedupe.stale.reason``
+(revalidate, error, timeout):
 
 =============================  =========  ====================================================
 ``dedupe.calls``               counter    calls that ended, one per call
-``dedupe.core.call.duration``       histogram  seconds from a call's start to its end
+``dedupe.call.duration``       histogram  seconds from a call's start to its end
 ``dedupe.run.duration``        histogram  seconds the function ran (leaders, local runs)
 ``dedupe.wait.duration``       histogram  seconds a follower waited for another caller's run
 ``dedupe.takeovers``           counter    leads taken after a waited-on leader's lease expired
-``dedupe.core.leases.lost``         counter    leases a running leader lost (renewal failed)
+``dedupe.leases.lost``         counter    leases a running leader lost (renewal failed)
 ``dedupe.envelopes.rejected``  counter    outcome records ignored (bad signature, foreign bytes)
 ``dedupe.local_runs``          counter    runs without Redis (``on_backend_error="local"``)
+``dedupe.refreshes``           counter    background runs begun (stale_while_revalidate, ...)
+``dedupe.errors_replaced``     counter    failed runs a stale value stood in for
+``dedupe.stale_served``        counter    calls served a value past its result_ttl
 =============================  =========  ====================================================
 
 Traces (tracer ``dedupe``): one INTERNAL span per call, a child of the caller's current
@@ -49,9 +53,11 @@ __all__ = ["Instrumentation", "instrument", "parse_traceparent", "uninstrument"]
 _TRACEPARENT: Final = re.compile(rb"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _MARK_COUNTERS: Final = {
     "takeover": ("dedupe.takeovers", "{takeover}", "leads taken after a leader's lease expired"),
-    "lease_lost": ("dedupe.core.leases.lost", "{lease}", "leases a running leader lost"),
+    "lease_lost": ("dedupe.leases.lost", "{lease}", "leases a running leader lost"),
     "rejected": ("dedupe.envelopes.rejected", "{envelope}", "outcome records ignored"),
     "local_run": ("dedupe.local_runs", "{run}", "runs without Redis (local fallback)"),
+    "refresh": ("dedupe.refreshes", "{run}", "background runs begun (refreshes)"),
+    "stood_in": ("dedupe.errors_replaced", "{run}", "failed runs a stale value stood in for"),
 }
 
 
@@ -114,7 +120,7 @@ class _Metrics:
     def __init__(self, meter: metrics.Meter) -> None:
         self.calls = meter.create_counter("dedupe.calls", "{call}", "calls that ended")
         self.call_duration = meter.create_histogram(
-            "dedupe.core.call.duration",
+            "dedupe.call.duration",
             "s",
             "time from a call's start to its end",
             explicit_bucket_boundaries_advisory=events.DURATION_BUCKETS,
@@ -135,6 +141,9 @@ class _Metrics:
             kind: meter.create_counter(name, unit, text)
             for kind, (name, unit, text) in _MARK_COUNTERS.items()
         }
+        self.stale = meter.create_counter(
+            "dedupe.stale_served", "{call}", "calls served a value past its result_ttl"
+        )
         self._attrs: dict[tuple[str, str, str], dict[str, str]] = {}
         self._lock = threading.Lock()  # guards _attrs' growth (reads are lock-free)
 
@@ -154,15 +163,18 @@ class _Metrics:
         return attrs
 
     def __call__(self, event: Event) -> None:
-        counter = self.marks.get(event.kind)
-        if counter is not None:
-            counter.add(1, {"dedupe.prefix": event.prefix})
+        if event.kind in events.MARK_KINDS:
+            counter = self.marks.get(event.kind)
+            if counter is not None:
+                counter.add(1, {"dedupe.prefix": event.prefix})
             span = trace.get_current_span()
             if span.is_recording():
                 span.add_event(f"dedupe.{event.kind}", {"dedupe.token": event.token})
             return
         attrs = self._attributes(event.prefix, event.role, event.outcome)
         self.calls.add(1, attrs)
+        if event.stale:
+            self.stale.add(1, {"dedupe.prefix": event.prefix, "dedupe.stale.reason": event.stale})
         if event.duration_s is not None:
             self.call_duration.record(event.duration_s, attrs)
         if event.run_s is not None:

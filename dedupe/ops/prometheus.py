@@ -3,8 +3,9 @@
 ``instrument(registry)`` registers dedupe's metrics on a prometheus-client
 CollectorRegistry (the default one if none is given) and feeds them from
 :mod:`dedupe.ops.events`. Labels ``prefix`` (the SingleFlight's key prefix), ``role`` (leader,
-local, remote, kept, unknown) and ``outcome`` (value, error, timeout, backend_error); the
-four event counters have ``prefix`` only:
+local, remote, kept, copy, unknown) and ``outcome`` (value, error, timeout, backend_error,
+failed); the event counters have ``prefix`` only, and ``stale_served`` ``prefix`` and
+``reason`` (revalidate, error, timeout):
 
 ==================================  =========  ===============================================
 ``dedupe_calls_total``              counter    calls that ended, one per call
@@ -15,6 +16,11 @@ four event counters have ``prefix`` only:
 ``dedupe_leases_lost_total``        counter    leases a running leader lost
 ``dedupe_envelopes_rejected_total`` counter    outcome records ignored (bad signature, ...)
 ``dedupe_local_runs_total``         counter    runs without Redis (local fallback)
+``dedupe_refreshes_total``          counter    background runs begun (stale_while_revalidate,
+                                               early_refresh)
+``dedupe_errors_replaced_total``    counter    failed runs a stale value stood in for
+                                               (stale_if_error)
+``dedupe_stale_served_total``       counter    calls served a value past its result_ttl
 ==================================  =========  ===============================================
 
 Several worker processes (gunicorn, uvicorn --workers): prometheus-client's multiprocess mode.
@@ -102,7 +108,17 @@ class PrometheusMetrics:
                 "local_run": self._counter(
                     namespace, "local_runs", "Runs without Redis (local fallback)", _PREFIX
                 ),
+                "refresh": self._counter(
+                    namespace, "refreshes", "Background runs begun (refreshes)", _PREFIX
+                ),
+                "stood_in": self._counter(
+                    namespace, "errors_replaced", "Failed runs a stale value stood in", _PREFIX
+                ),
             }
+            self.stale = self._counter(
+                namespace, "stale_served", "Calls served a value past its result_ttl",
+                ("prefix", "reason"),
+            )  # fmt: skip
         except ValueError:
             self._unregister()  # leave the registry as we found it
             raise
@@ -137,12 +153,15 @@ class PrometheusMetrics:
         self._made = []
 
     def __call__(self, event: Event) -> None:
-        counter = self.marks.get(event.kind)
-        if counter is not None:
-            counter.labels(event.prefix).inc()
+        if event.kind in events.MARK_KINDS:
+            counter = self.marks.get(event.kind)
+            if counter is not None:
+                counter.labels(event.prefix).inc()
             return
         labels = (event.prefix, event.role or "unknown", event.outcome)
         self.calls.labels(*labels).inc()
+        if event.stale:
+            self.stale.labels(event.prefix, event.stale).inc()
         if event.duration_s is not None:
             self.call_duration.labels(*labels).observe(event.duration_s)
         if event.run_s is not None:
