@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 TOOLS = ("raw-sync", "wire-sync", "dedupe-sync", "raw-async", "wire-async", "dedupe-async")
+# The hit (issue 23): a fresh kept value against a raw GET; a local copy alone.
+HIT_TOOLS = ("get-sync", "hit-sync", "copy-hit-sync")
 LABELS = {
     "raw-sync": "raw SET NX PX + EVALSHA (redis-py)",
     "wire-sync": "raw, hand-packed on one redis-py Connection",
@@ -37,6 +39,9 @@ LABELS = {
     "raw-async": "raw SET NX PX + EVALSHA (redis.asyncio)",
     "wire-async": "raw, hand-packed on one redis.asyncio Connection",
     "dedupe-async": "dedupe (async)",
+    "get-sync": "raw GET (redis-py client API)",
+    "hit-sync": "dedupe, a fresh kept value (sync)",
+    "copy-hit-sync": "dedupe, a local copy (local_cache, sync)",
 }
 # The target compares with raw redis-py; the wire baseline (no pool, no command layer) is
 # shown beside it: it is what dedupe's own layer costs on top of the least redis-py can do.
@@ -87,6 +92,9 @@ def _tool_class(tool: str) -> Any:
         "raw-async": tools.RawAsync,
         "wire-async": tools.RawWireAsync,
         "dedupe-async": tools.DedupeNoopAsync,
+        "get-sync": tools.RawGetSync,
+        "hit-sync": tools.DedupeHit,
+        "copy-hit-sync": tools.DedupeCopyHit,
     }[tool]
 
 
@@ -278,14 +286,16 @@ def scenario(url: str, quick: bool) -> dict[str, Any]:
     if not available():
         return {"skipped": "valgrind is not installed (apt-get install valgrind)"}
     n = 100 if quick else 300
-    return {"calls": n, "tools": per_call(TOOLS, n, url)}
+    return {"calls": n, "tools": per_call(TOOLS + HIT_TOOLS, n, url)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.callgrind", description=__doc__)
     ap.add_argument("--worker", nargs=3, metavar=("TOOL", "N", "URL"), help=argparse.SUPPRESS)
     ap.add_argument("--calls", type=int, default=300, help="N (the runs do N and 3N calls)")
-    ap.add_argument("--tools", default=",".join(TOOLS), help=f"subset of {', '.join(TOOLS)}")
+    ap.add_argument(
+        "--tools", default=",".join(TOOLS), help=f"subset of {', '.join(TOOLS + HIT_TOOLS)}"
+    )
     ap.add_argument("--functions", default="", help="also write per-function counts of TOOL")
     ap.add_argument("--pyfuncs", default="", help="Python bytecodes per function of TOOL")
     ap.add_argument("--path", default=None, help="prepend this to PYTHONPATH (a patched copy)")
@@ -313,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     from devtools.servers import RedisServer
 
     tools = tuple(t.strip() for t in ns.tools.split(",") if t.strip())
-    bad = set(tools) - set(TOOLS)
+    bad = set(tools) - set(TOOLS) - set(HIT_TOOLS)
     if bad:
         ap.error(f"unknown tools: {', '.join(sorted(bad))}")
     server = RedisServer().start()
@@ -338,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         if dd in res and wire in res:
             ratio = res[dd]["per_call"] / res[wire]["per_call"]
             print(f"{mode}: dedupe / hand-packed raw = {ratio:.2f}x")
+    if "hit-sync" in res and "get-sync" in res:
+        ratio = res["hit-sync"]["per_call"] / res["get-sync"]["per_call"]
+        print(f"sync: kept hit / raw GET = {ratio:.2f}x")
     return 0
 
 

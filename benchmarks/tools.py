@@ -377,6 +377,55 @@ class DedupeNoop:
         self.sf.close()
 
 
+class RawGetSync:
+    """The hit's floor: one GET of a present key through redis-py's client API."""
+
+    name = "raw GET (redis-py)"
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.r = redis.Redis.from_url(url)
+        self.key = f"{prefix}:hot"
+        self.r.set(self.key, b"x" * 16, ex=3600)
+
+    def __call__(self, i: int) -> None:
+        if self.r.get(self.key) is None:
+            raise RuntimeError("the hot key is gone")
+
+    def close(self) -> None:
+        self.r.close()
+
+
+class DedupeHit:
+    """A fresh kept value: every call after the first is served by the acquire script."""
+
+    name = "dedupe kept hit"
+    local_cache = False
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.sf = SingleFlight(
+            url, prefix=prefix, lock_ttl=LOCK_TTL_S, result_ttl=3600, local_cache=self.local_cache
+        )
+
+        @self.sf(key="hot")
+        def hot() -> bytes:
+            return b"x" * 16
+
+        self.fn: Callable[[], bytes] = hot
+
+    def __call__(self, i: int) -> None:
+        self.fn()
+
+    def close(self) -> None:
+        self.sf.close()
+
+
+class DedupeCopyHit(DedupeHit):
+    """local_cache=True: a hit served from this process's copy, no round trip."""
+
+    name = "dedupe local copy hit"
+    local_cache = True
+
+
 class RedisPyLockNoop:
     name = "redis-py Lock"
 

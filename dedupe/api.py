@@ -37,6 +37,7 @@ from dedupe.batches import (
     BatchFunctionWrapper,
     adhoc,
 )
+from dedupe.core.call import copy_hit
 from dedupe.core.inflight import InFlightInfo, Served
 from dedupe.core.keys import (
     KeyBuilder,
@@ -52,7 +53,7 @@ from dedupe.core.record import NOTICE_ABORTED
 from dedupe.core.sealing import SecretSpec, codec_for
 from dedupe.core.serializers import Serializer
 from dedupe.drivers import aio, sync
-from dedupe.ops import inspector
+from dedupe.ops import events, inspector
 from dedupe.ops.inspector import JobState
 from dedupe.settings import (
     AsyncClient,
@@ -132,6 +133,7 @@ class _Overrides:
 
 
 _NO_OVERRIDES: Final = _Overrides()  # sf.call's: the instance's settings
+_RECENT_NAMES: Final = 1024  # job names remembered per SingleFlight (then forgotten at once)
 
 
 class _FlightParams(NamedTuple):
@@ -507,6 +509,9 @@ class SingleFlight:
         # The flight parameters of each function's overrides, under the settings they were
         # worked out from (configure() replaces _settings: they are worked out anew).
         self._params: dict[_Overrides, tuple[Settings, _FlightParams]] = {}
+        # Recent jobs' Redis names under the settings they were made for (a hot key's hit
+        # skips validating and spelling them again); no lock: a race only repeats the work.
+        self._recent: tuple[Settings, dict[str, Names]] = (settings, {})
 
     # --- configuration ------------------------------------------------------------------------
 
@@ -589,6 +594,19 @@ class SingleFlight:
             self._params[o] = cached = (s, _FlightParams.of(o.apply(s)))
         return cached[1]
 
+    def _names(self, job_id: str) -> Names:
+        s = self._settings
+        recent = self._recent
+        if recent[0] is not s:
+            self._recent = recent = (s, {})
+        names = recent[1].get(job_id)
+        if names is None:
+            names = names_for(s.prefix, job_id)
+            if len(recent[1]) >= _RECENT_NAMES:
+                recent[1].clear()
+            recent[1][job_id] = names
+        return names
+
     # --- running ------------------------------------------------------------------------------
 
     def _run_sync(
@@ -601,7 +619,11 @@ class SingleFlight:
         detail: bool = False,
     ) -> Any:
         backend = self.backend()
-        names = names_for(self._settings.prefix, job_id)
+        names = self._names(job_id)
+        if not (detail or events.enabled):  # the call's first step, without the call machine
+            hit, value = copy_hit(backend, names)
+            if hit:
+                return value
         p = self._flight_params(o)
         make = _spec_maker(backend, names, p)
         return sync.call(backend, names, make, p.wait_timeout, fn, args, kw, detail=detail,
@@ -617,7 +639,11 @@ class SingleFlight:
         detail: bool = False,
     ) -> Any:
         backend = self.backend()
-        names = names_for(self._settings.prefix, job_id)
+        names = self._names(job_id)
+        if not (detail or events.enabled):  # the call's first step, without the call machine
+            hit, value = copy_hit(backend, names)
+            if hit:
+                return value
         p = self._flight_params(o)
         make = _spec_maker(backend, names, p)
         return await aio.call(backend, names, make, p.wait_timeout, fn, args, kw,  # type: ignore[arg-type]

@@ -72,6 +72,7 @@ __all__ = [
     "Launch",
     "RunHere",
     "Takeover",
+    "copy_hit",
     "run_call",
     "run_shared_flight",
 ]
@@ -156,6 +157,18 @@ class CallEnv(Protocol):
 
 
 _OBSERVE: Final = Begin()
+_MISS: Final = (False, None)
+
+
+def copy_hit(env: CallEnv, names: Names) -> tuple[bool, Any]:
+    """The call's first step: (True, value) if this process holds a fresh local copy of the
+    job's value (``local_cache``), else (False, None). A leader calling its own key raises
+    ReentrantFlight first, copy or not. run_call takes this step itself; a driver may take it
+    before starting the machine (the hot path of a cache: no generator, no flight), when it
+    needs no Served and no events."""
+    check_reentry(names.channel, names.job_id)
+    copies = env.local_copies
+    return _MISS if copies is None else copies.get(names.channel)
 
 
 # --- the call ---------------------------------------------------------------------------------
@@ -182,22 +195,19 @@ def run_call(
     offered, if any (see Offer); a sync caller running the function itself never does.
     """
     key = names.channel
-    check_reentry(key, names.job_id)  # raises ReentrantFlight: a leader calling its own key
+    hit, value = copy_hit(env, names)  # raises ReentrantFlight: a leader calling its own key
     handle = (yield _OBSERVE) if observed else None
     now = clock()
     deadline = None if wait_timeout is None else now + wait_timeout
     soft_at = None if soft_timeout is None else now + soft_timeout
     ended = False  # End was yielded (a later failure does not report the call again)
     try:
-        copies = env.local_copies
-        if copies is not None:
-            hit, value = copies.get(key)
-            if hit:
-                age = copies.age_ms(key) if detail or observed else 0
-                if observed:
-                    ended = True
-                    yield End(handle, "copy", age_ms=age)
-                return Served(value, True, "copy", False, age / 1000) if detail else value
+        if hit:
+            age = env.local_copies.age_ms(key) if detail or observed else 0
+            if observed:
+                ended = True
+                yield End(handle, "copy", age_ms=age)
+            return Served(value, True, "copy", False, age / 1000) if detail else value
         while True:
             entry, created = table.join(key)
             if created:

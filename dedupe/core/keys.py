@@ -371,9 +371,14 @@ class KeyBuilder:
         ]
         self._by_keyword = {p.name for p in params if p.kind is not P.POSITIONAL_ONLY}
         self._defaults = {p.name: p.default for p in params if p.default is not P.empty}
+        # Every parameter can come by position: a call that gives them all so needs no more.
+        self._by_position = self._simple and self._positional == self._names
+        self._count = len(self._names)
 
     def arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, in signature order, defaults applied."""
+        if self._by_position and not kwargs and len(args) == self._count:
+            return dict(zip(self._names, args, strict=True))
         if self._simple and len(args) <= len(self._positional):
             given = dict(zip(self._positional, args, strict=False))
             for name, value in kwargs.items():
