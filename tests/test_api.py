@@ -624,3 +624,30 @@ def test_a_sync_flight_called_in_a_running_loop_warns_once_naming_the_function(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_blocking(5) == 5  # no loop runs in this thread now
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("odd", ["my app", "tab\there", "ünï"])
+def test_any_valid_prefix_works_sync_and_async(redis_url: str, prefix: str, odd: str) -> None:
+    """A prefix validate_prefix accepts must work: connection names (CLIENT SETNAME) refuse
+    spaces, so a prefix with one broke every call before it was spelt safely there."""
+    sf = SingleFlight(redis_url, prefix=f"{prefix}-{odd}")
+    try:
+        assert sf.call("job", lambda: 7) == 7
+        assert sf.call_batch([1, 2], lambda items: {i: i * 2 for i in items}, key="i:{item}") == {
+            1: 2,
+            2: 4,
+        }
+
+        async def main() -> int:
+            async def seven() -> int:
+                return 7
+
+            try:
+                return await sf.call("async-job", seven)
+            finally:
+                await sf.aclose()
+
+        assert asyncio.run(main()) == 7
+    finally:
+        sf.close()

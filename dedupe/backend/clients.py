@@ -100,7 +100,9 @@ class Once(Generic[T]):
 def client_name(settings: Settings, role: str) -> str:
     """CLIENT SETNAME of our connections: an operator sees whose they are in CLIENT LIST."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
-    return f"{settings.prefix}:{role}:{host}:{os.getpid()}"
+    # Redis refuses names with spaces (or anything outside '!'..'~'), which a prefix may hold.
+    prefix = re.sub(r"[^!-~]", "_", settings.prefix)
+    return f"{prefix}:{role}:{host}:{os.getpid()}"
 
 
 def redact(url: str) -> str:
