@@ -305,46 +305,47 @@ def _outage_figures(out: list[dict[str, Any]], t0: int, p: dict[str, Any]) -> di
     }
 
 
-def run(phase: str, p: dict[str, Any], tools: tuple[str, ...]) -> dict[str, dict[str, list[float]]]:
+def run(
+    phase: str, p: dict[str, Any], tools: tuple[str, ...], url: str, fleet: Fleet
+) -> dict[str, dict[str, list[float]]]:
     res: dict[str, dict[str, list[float]]] = {t: {} for t in tools}
-    with RedisServer() as server, Fleet(p["procs"]) as fleet:
-        admin = redis.Redis.from_url(server.url)
-        try:
-            for r in range(p["repeats"]):
-                order = list(tools[r % len(tools) :]) + list(tools[: r % len(tools)])
-                for tool in order:
-                    prefix = f"bc:{phase}:{r}:{tools.index(tool)}"
-                    task = {
-                        "tool": tool,
-                        "url": server.url,
-                        "prefix": prefix,
-                        "ttl": p["ttl"],
-                        "job": p["job"],
-                        "threads": p["threads"],
-                        "think": p["think"],
-                        "seconds": p["seconds"],
-                        "outage": (p["lead"], p["outage"]) if phase == "outage" else None,
-                    }
-                    stamp: list[int] = []
+    admin = redis.Redis.from_url(url)
+    try:
+        for r in range(p["repeats"]):
+            order = list(tools[r % len(tools) :]) + list(tools[: r % len(tools)])
+            for tool in order:
+                prefix = f"bc:{phase}:{r}:{tools.index(tool)}"
+                task = {
+                    "tool": tool,
+                    "url": url,
+                    "prefix": prefix,
+                    "ttl": p["ttl"],
+                    "job": p["job"],
+                    "threads": p["threads"],
+                    "think": p["think"],
+                    "seconds": p["seconds"],
+                    "outage": (p["lead"], p["outage"]) if phase == "outage" else None,
+                }
+                stamp: list[int] = []
 
-                    def start(prefix: str = prefix, stamp: list[int] = stamp) -> None:
-                        stamp.append(time.monotonic_ns())
-                        admin.set(f"{prefix}:t0", stamp[0])
+                def start(prefix: str = prefix, stamp: list[int] = stamp) -> None:
+                    stamp.append(time.monotonic_ns())
+                    admin.set(f"{prefix}:t0", stamp[0])
 
-                    w0 = time.monotonic()
-                    out = fleet.run("benchmarks.cachefill:worker", [task] * p["procs"], start)
-                    figs = (
-                        _expiry_figures(out, p)
-                        if phase == "expiry"
-                        else _outage_figures(out, stamp[0], p)
-                    )
-                    for k, v in figs.items():
-                        res[tool].setdefault(k, []).append(v)
-                    admin.flushall()
-                    print(f"  {phase} repeat {r + 1}/{p['repeats']} {tool}: "
-                          f"{time.monotonic() - w0:.1f}s", flush=True)  # fmt: skip
-        finally:
-            admin.close()
+                w0 = time.monotonic()
+                out = fleet.run("benchmarks.cachefill:worker", [task] * p["procs"], start)
+                figs = (
+                    _expiry_figures(out, p)
+                    if phase == "expiry"
+                    else _outage_figures(out, stamp[0], p)
+                )
+                for k, v in figs.items():
+                    res[tool].setdefault(k, []).append(v)
+                admin.flushall()
+                print(f"  {phase} repeat {r + 1}/{p['repeats']} {tool}: "
+                      f"{time.monotonic() - w0:.1f}s", flush=True)  # fmt: skip
+    finally:
+        admin.close()
     return res
 
 
@@ -422,8 +423,8 @@ def report(
     return "\n".join(lines)
 
 
-QUICK = {"procs": 2, "threads": 4, "ttl": 0.3, "job": 0.05, "think": 0.005, "seconds": 0.8,
-         "lead": 0.2, "outage": 0.5, "repeats": 1}  # fmt: skip
+QUICK = {"procs": 2, "threads": 4, "ttl": 0.2, "job": 0.05, "think": 0.005, "seconds": 0.4,
+         "lead": 0.1, "outage": 0.2, "repeats": 1}  # fmt: skip
 FULL = {"procs": 4, "threads": 8, "ttl": 0.5, "job": 0.05, "think": 0.01, "seconds": 2.5,
         "lead": 0.5, "outage": 1.5, "repeats": 3}  # fmt: skip
 
@@ -433,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a small fleet, short runs, 1 repeat")
     for k in FULL:
         ap.add_argument(f"--{k}", type=type(FULL[k]), default=None)
+    ap.add_argument(
+        "--tools",
+        default=",".join(dict.fromkeys(EXPIRY_TOOLS + OUTAGE_TOOLS)),
+        help="comma-separated subset (each phase runs those of its tools named)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
     ns = ap.parse_args(argv)
     p: dict[str, Any] = dict(QUICK if ns.quick else FULL)
@@ -441,9 +447,14 @@ def main(argv: list[str] | None = None) -> int:
             p[k] = getattr(ns, k)
     if p["lead"] + p["outage"] > p["seconds"]:
         ap.error("the outage must end within the run (lead + outage <= seconds)")
+    named = {t.strip() for t in ns.tools.split(",") if t.strip()}
+    unknown = named - set(EXPIRY_TOOLS + OUTAGE_TOOLS)
+    if unknown:
+        ap.error(f"unknown tools: {', '.join(sorted(unknown))}")
     t0 = time.monotonic()
-    expiry = run("expiry", p, EXPIRY_TOOLS)
-    outage = run("outage", p, OUTAGE_TOOLS)
+    with RedisServer() as server, Fleet(p["procs"]) as fleet:
+        expiry = run("expiry", p, tuple(t for t in EXPIRY_TOOLS if t in named), server.url, fleet)
+        outage = run("outage", p, tuple(t for t in OUTAGE_TOOLS if t in named), server.url, fleet)
     text = report(expiry, outage, _meta(redis_version(), elapsed=time.monotonic() - t0, **p))
     print(text)
     if ns.out is not None:
