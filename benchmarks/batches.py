@@ -203,6 +203,7 @@ def worker(ctx: Ctx, task: dict[str, Any]) -> dict[str, Any]:
     made = _make(tool, url, prefix, origin, len(windows[0]))
     lat: list[float] = []
     trips: list[int] = []
+    per_round: list[dict[int, int]] = []
     if tool.startswith("cashews"):
         get, close, cache = made
 
@@ -219,6 +220,8 @@ def worker(ctx: Ctx, task: dict[str, Any]) -> dict[str, Any]:
                 lat.append((time.perf_counter_ns() - t0) / 1e6)
                 trips.append(counting.value() - c0)
                 _check(tool, got, ids)
+                per_round.append(dict(origin.loads))
+                origin.loads.clear()
             await close()
 
         asyncio.run(run())
@@ -235,8 +238,10 @@ def worker(ctx: Ctx, task: dict[str, Any]) -> dict[str, Any]:
             lat.append((time.perf_counter_ns() - t0) / 1e6)
             trips.append(counting.value() - c0)
             _check(tool, got, ids)
+            per_round.append(dict(origin.loads))  # every load of the round has returned
+            origin.loads.clear()
         close()
-    return {"loads": dict(origin.loads), "lat": lat, "trips": trips}
+    return {"loads": per_round, "lat": lat, "trips": trips}
 
 
 # --------------------------------------------------------------------------- the parent
@@ -279,16 +284,17 @@ def run(
                         on_ready=lambda: counting.reset_server_stats(admin),
                     )
                     server_cmds = counting.server_commands(admin)
-                    loads: Counter[int] = Counter()
+                    # Per round (each round's keys are fresh): loads summed over the fleet.
+                    loads = [Counter[int]() for _ in range(rounds)]
                     for w in out:
-                        loads.update({int(k): v for k, v in w["loads"].items()})
-                    # Distinct ids per round, summed: each round's keys are fresh.
+                        for k, counts in enumerate(w["loads"]):
+                            loads[k].update(counts)
                     distinct = sum(len({i for p in range(procs) for i in wins[p][k]})
                                    for k in range(rounds))  # fmt: skip
                     lat = [x for w in out for x in w["lat"]]
                     e = res[tool]
-                    e["loads"].append(sum(loads.values()) / distinct)
-                    e["worst"].append(max(loads.values()) / rounds)
+                    e["loads"].append(sum(sum(c.values()) for c in loads) / distinct)
+                    e["worst"].append(max(max(c.values()) for c in loads))
                     e["trips"].append(sum(x for w in out for x in w["trips"]) / len(lat))
                     e["server"].append(server_cmds / len(lat))
                     e["p50"].append(percentile(lat, 50))
@@ -322,7 +328,7 @@ def report(res: dict[str, dict[str, list[float]]], meta: dict[str, Any]) -> str:
     ]
     for tool, e in res.items():
         lines.append(
-            f"| {tool} | {Spread.of(e['loads']).fmt(2)} | {Spread.of(e['worst']).fmt(1)} | "
+            f"| {tool} | {Spread.of(e['loads']).fmt(2)} | {Spread.of(e['worst']).fmt(0)} | "
             f"{Spread.of(e['trips']).fmt(1)} | {Spread.of(e['server']).fmt(1)} | "
             f"{Spread.of(e['p50']).fmt(0)} | {Spread.of(e['p99']).fmt(0)} |"
         )
