@@ -485,8 +485,8 @@ def report(
 # The outage begins 1.5 TTL into the run: after the first refill of the run (near one TTL in,
 # the warm-up having filled the key just before), mid-way through that value's freshness,
 # so no tool's refill falls on the outage's first instant by the phase of its warm-up.
-QUICK = {"procs": 2, "threads": 4, "ttl": 0.2, "job": 0.05, "think": 0.005, "seconds": 0.4,
-         "lead": 0.3, "outage": 0.1, "repeats": 1}  # fmt: skip
+QUICK = {"procs": 2, "threads": 4, "ttl": 0.1, "job": 0.05, "think": 0.005, "seconds": 0.4,
+         "lead": 0.15, "outage": 0.2, "repeats": 1}  # fmt: skip
 FULL = {"procs": 4, "threads": 8, "ttl": 0.5, "job": 0.05, "think": 0.01, "seconds": 2.5,
         "lead": 0.75, "outage": 1.5, "repeats": 3}  # fmt: skip
 
