@@ -35,7 +35,7 @@ from devtools.servers import RedisServer
 
 from . import counting
 from .fleet import Ctx, Fleet
-from .stats import Spread, percentile
+from .stats import Spread, percentile, ratios
 
 BASE_S = 0.020  # the origin's cost per load ...
 PER_ID_S = 0.0002  # ... plus this per id loaded
@@ -332,6 +332,23 @@ def report(res: dict[str, dict[str, list[float]]], meta: dict[str, Any]) -> str:
             f"{Spread.of(e['trips']).fmt(1)} | {Spread.of(e['server']).fmt(1)} | "
             f"{Spread.of(e['p50']).fmt(0)} | {Spread.of(e['p99']).fmt(0)} |"
         )
+    ours = res.get("dedupe batch")
+    if ours:
+        lines += [
+            "",
+            "dedupe batch against each other form, ratios taken within each repeat (median, "
+            "min-max); issue 22's target: loads per id 1.00 where every peer loads more, "
+            "latency ≤ 0.5x the best peer's:",
+            "",
+            "| against | p50 ratio | p99 ratio | its loads per id |",
+            "| --- | --- | --- | --- |",
+        ]
+        for tool, e in res.items():
+            if tool != "dedupe batch":
+                lines.append(
+                    f"| {tool} | {ratios(ours['p50'], e['p50']).ratio()} | "
+                    f"{ratios(ours['p99'], e['p99']).ratio()} | {Spread.of(e['loads']).fmt(2)} |"
+                )
     lines += [
         "",
         "*Origin loads per id*: loads summed over the fleet / distinct ids asked for in the "
