@@ -90,7 +90,7 @@ demo:
 	$(PYTHON) -m devtools.demo
 
 # Benchmarks against raw redis-py and the peers (benchmarks/; results in benchmarks/results/).
-# `make bench` takes about 10 minutes, `make bench-quick` under 2. Extra flags: BENCH_ARGS=...
+# `make bench` takes about 15 minutes, `make bench-quick` under 2. Extra flags: BENCH_ARGS=...
 # bench-quick writes to benchmarks/results/quick/ (git-ignored): the committed full results stay.
 BENCH_ARGS ?=
 
@@ -98,11 +98,15 @@ bench:
 	$(VENV)/bin/pip install -e '.[bench]' -q
 	$(PYTHON) -m benchmarks $(BENCH_ARGS)
 	$(PYTHON) -m benchmarks.adapters --out benchmarks/results/adapters.md
+	$(PYTHON) -m benchmarks.batches --out benchmarks/results/batches.md
+	$(PYTHON) -m benchmarks.cachefill --out benchmarks/results/cachefill.md
 
 bench-quick:
 	$(VENV)/bin/pip install -e '.[bench]' -q
 	$(PYTHON) -m benchmarks --quick --out benchmarks/results/quick $(BENCH_ARGS)
 	$(PYTHON) -m benchmarks.adapters --calls 500 --repeats 3 --out benchmarks/results/quick/adapters.md
+	$(PYTHON) -m benchmarks.batches --quick --out benchmarks/results/quick/batches.md
+	$(PYTHON) -m benchmarks.cachefill --quick --out benchmarks/results/quick/cachefill.md
 
 # The `compat` tests against the oldest and newest redis-py of each supported major, with and
 # without hiredis, on Redis; and against Valkey 8.1 with the oldest and newest redis-py. Each

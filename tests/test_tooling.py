@@ -14,6 +14,8 @@ if sys.version_info >= (3, 11):
 else:  # pytest needs tomli on 3.10
     import tomli as tomllib
 
+import pytest
+
 from devtools import compat, pins, pythons
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,3 +112,53 @@ def test_the_cluster_soak_runs_and_migrates_slots() -> None:
     assert proc.returncode == 0 and "RESULT: PASS" in proc.stdout, out[-4000:]
     assert re.search(r"^  migrate_slot +[1-9]", proc.stdout, re.M), out[-4000:]
     assert re.search(r"^  keys migrated +[1-9]", proc.stdout, re.M), out[-4000:]
+
+
+def _peers_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("cashews", "dogpile.cache"))
+
+
+@pytest.mark.timeout(120)
+def test_the_batch_and_cache_fill_benchmarks_run_quick_and_print_their_tables() -> None:
+    # Both at once (they sleep more than they compute), each on its own redis-server and
+    # fleet. Without the bench extras (cashews, dogpile.cache), dedupe's rows alone.
+    from benchmarks import batches, cachefill
+
+    if _peers_installed():
+        batch_tools, fill_tools = batches.TOOLS, cachefill.EXPIRY_TOOLS + cachefill.OUTAGE_TOOLS
+    else:
+        batch_tools = tuple(t for t in batches.TOOLS if t.startswith("dedupe"))
+        fill_tools = tuple(
+            t for t in cachefill.EXPIRY_TOOLS + cachefill.OUTAGE_TOOLS if t.startswith("dedupe")
+        )
+    runs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", f"benchmarks.{name}", "--quick", "--tools", ",".join(tools)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, tools in (("batches", batch_tools), ("cachefill", dict.fromkeys(fill_tools)))
+    }
+    out = {}
+    for name, proc in runs.items():
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr[-3000:]
+        out[name] = stdout
+    first_table = out["batches"].split("\n\n| ", 1)[1].split("\n\n", 1)[0]
+    rows = {
+        line.split(" | ")[0].removeprefix("| "): line.split(" | ")
+        for line in first_table.splitlines()
+        if line.startswith("| ")
+    }
+    assert set(batch_tools) <= set(rows)
+    for tool in batch_tools:
+        if tool.startswith("dedupe"):
+            assert rows[tool][1] == "1.00", rows[tool]  # each id loaded once fleet-wide
+    assert "## 1. Expiry under load" in out["cachefill"]
+    assert "## 2. Failing origin" in out["cachefill"]
+    for tool in fill_tools:
+        assert f"| {tool} | " in out["cachefill"], tool
