@@ -14,7 +14,6 @@ if sys.version_info >= (3, 11):
 else:  # pytest needs tomli on 3.10
     import tomli as tomllib
 
-import pytest
 
 from devtools import compat, pins, pythons
 
