@@ -110,6 +110,18 @@ class Report:
                 "0", f"{mode}: dedupe ≤ 1.2x raw instructions/flight", f"{ratio:.2f}x", ratio <= 1.2
             )
         self.table(["mode", "tool", "instructions per call", "vs raw"], rows)
+        # Issue 23's targets: the flight against the hand-packed floor, and the hit.
+        for mode in ("sync", "async"):
+            dd, wire = f"dedupe-{mode}", f"wire-{mode}"
+            if dd in tools and wire in tools:
+                r = tools[dd]["per_call"] / tools[wire]["per_call"]
+                self.target("0", f"{mode}: flight ≤ 2.0x hand-packed floor", f"{r:.2f}x", r <= 2.0)
+        if "hit-sync" in tools and "get-sync" in tools:
+            r = tools["hit-sync"]["per_call"] / tools["get-sync"]["per_call"]
+            self.target("0", "sync: kept hit ≤ 1.3x raw GET", f"{r:.2f}x", r <= 1.3)
+        if "copy-hit-sync" in tools:
+            c = tools["copy-hit-sync"]["per_call"]
+            self.target("0", "local copy hit ≤ 10k instructions", f"{c:,.0f}", c <= 10_000)
         n = res["calls"]
         self.lines.append(
             f"`valgrind --tool=callgrind`, one process per tool: {WARM} warm-up calls, then "
