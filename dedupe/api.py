@@ -595,16 +595,17 @@ class SingleFlight:
         return cached[1]
 
     def _names(self, job_id: str) -> Names:
-        s = self._settings
-        recent = self._recent
-        if recent[0] is not s:
-            self._recent = recent = (s, {})
-        names = recent[1].get(job_id)
-        if names is None:
-            names = names_for(s.prefix, job_id)
-            if len(recent[1]) >= _RECENT_NAMES:
-                recent[1].clear()
-            recent[1][job_id] = names
+        settings, table = self._recent
+        if settings is self._settings:
+            names = table.get(job_id)
+            if names is not None:
+                return names
+        else:
+            self._recent = settings, table = self._settings, {}
+        names = names_for(settings.prefix, job_id)
+        if len(table) >= _RECENT_NAMES:
+            table.clear()
+        table[job_id] = names
         return names
 
     # --- running ------------------------------------------------------------------------------
@@ -620,8 +621,8 @@ class SingleFlight:
     ) -> Any:
         backend = self.backend()
         names = self._names(job_id)
-        if not (detail or events.enabled):  # the call's first step, without the call machine
-            hit, value = copy_hit(backend, names)
+        if backend.local_copies is not None and not (detail or events.enabled):
+            hit, value = copy_hit(backend, names)  # the call's first step, without the machine
             if hit:
                 return value
         p = self._flight_params(o)
@@ -640,8 +641,8 @@ class SingleFlight:
     ) -> Any:
         backend = self.backend()
         names = self._names(job_id)
-        if not (detail or events.enabled):  # the call's first step, without the call machine
-            hit, value = copy_hit(backend, names)
+        if backend.local_copies is not None and not (detail or events.enabled):
+            hit, value = copy_hit(backend, names)  # the call's first step, without the machine
             if hit:
                 return value
         p = self._flight_params(o)
