@@ -27,7 +27,16 @@ from typing import Any
 import pytest
 import redis
 import redis.cluster
-from cache_fill_workers import Where, aorigin, aux, call_and_report, herd, origin, url_of
+from cache_fill_workers import (
+    Failing,
+    Where,
+    aorigin,
+    aux,
+    call_and_report,
+    herd,
+    origin,
+    url_of,
+)
 from helpers import SPAWN, _sf, flatten, gather, numsub, start, until
 
 from dedupe import Served, SingleFlight
@@ -224,7 +233,7 @@ def test_a_failing_origin_serves_the_stale_value_and_backs_off_fleet_wide(
     redis_url: str, prefix: str, r: redis.Redis, sfs: list[SingleFlight], procs: list[Any]
 ) -> None:
     """The origin fails while a good value is within stale_if_error: the failed run's
-    leader, its local joiners and the followers in other processes all get the stale value
+    leader, its local joiners and the followers in another process all get the stale value
     (marked stale), never the error; for error_backoff no caller anywhere runs the origin
     again; once the backoff ends, one run does, and fails over to the stale value again."""
     where: Where = ("url", redis_url)
@@ -235,14 +244,14 @@ def test_a_failing_origin_serves_the_stale_value_and_backs_off_fleet_wide(
     prime(sf, where, prefix)
     o.settle()
     names = names_for(prefix, JOB)
-    # Three processes of three threads, three calls each. The first caller's run fails only
-    # once the other two processes wait on it.
-    out = start_herd(procs, where, prefix, kw, [("sync", 3)] * 3, [JOB], rounds=3)
+    # Two processes of four threads, three calls each. The first caller's run fails only
+    # once the other process waits on it.
+    out = start_herd(procs, where, prefix, kw, [("sync", 4)] * 2, [JOB], rounds=3)
     o.started()
-    until(lambda: numsub(r, names.channel) >= 2, 20, "the other processes to wait on the run")
+    until(lambda: numsub(r, names.channel) >= 1, 20, "the other process to wait on the run")
     o.release()
-    results = flatten(gather(out, 3))
-    assert len(results) == 27
+    results = flatten(gather(out, 2))
+    assert len(results) == 24
     assert served(results) == {("ok", 1, True)}, results
     assert o.runs() == 2  # the one failed run: every later call was served during the backoff
     backoff = r.pttl(names.error)
@@ -269,6 +278,45 @@ def test_without_a_value_in_the_window_the_error_goes_to_every_caller(
     with pytest.raises(Exception, match="run 1 failed"):
         call(sf, where, prefix)
     assert o.runs() == 1
+
+
+def test_past_stale_if_error_the_error_goes_to_the_caller(
+    redis_url: str, prefix: str, r: redis.Redis, sfs: list[SingleFlight]
+) -> None:
+    """A value further past its freshness than stale_if_error never stands in for an error:
+    a stale value is served only within its window."""
+    where: Where = ("url", redis_url)
+    kw = {"result_ttl": 0.2, "stale_if_error": 0.3, "lock_ttl": 2.0}
+    o = Origin(r, prefix)
+    o.plan("ok", "fail")
+    sf = _sf(sfs, redis_url, prefix, **kw)
+    prime(sf, where, prefix)
+
+    def past_the_window() -> bool:
+        kept = sf.inspect(JOB).kept
+        assert kept is not None  # the record outlives the window (grace): still in Redis
+        return kept.age_ms > kept.keep_ms + 300 + 50
+
+    until(past_the_window, 10, "the value to leave its stale window")
+    with pytest.raises(Failing, match="run 2 failed"):
+        call(sf, where, prefix)
+    assert o.runs() == 2
+
+
+def test_an_error_that_is_an_answer_is_never_replaced_by_the_stale_value(
+    redis_url: str, prefix: str, r: redis.Redis, sfs: list[SingleFlight]
+) -> None:
+    """``answers``: a not-found is what the origin says, not a failure; the caller gets it
+    although a good value is within stale_if_error, and no backoff starts."""
+    where: Where = ("url", redis_url)
+    o = Origin(r, prefix)
+    o.plan("ok", "fail")
+    sf = _sf(sfs, redis_url, prefix, **SIE)
+    prime(sf, where, prefix)
+    with pytest.raises(Failing, match="run 2 failed"):
+        sf.options(answers=(Failing,)).call(JOB, origin, where, prefix, JOB)
+    assert r.exists(names_for(prefix, JOB).error) == 0
+    assert o.runs() == 2
 
 
 # --------------------------------------------------------------------------- soft_timeout
@@ -376,10 +424,9 @@ def test_early_refresh_runs_once_before_expiry_and_nobody_waits(
     leader.join(10)
     assert (led[0].value["n"], led[0].role) == (1, "leader")
     o.settle()
-    out = start_herd(procs, where, prefix, kw, [("sync", 4), ("sync", 4), ("async", 4)], [JOB],
-                     rounds=2)  # fmt: skip
-    results = flatten(gather(out, 3))
-    assert len(results) == 24
+    out = start_herd(procs, where, prefix, kw, [("sync", 4), ("async", 4)], [JOB], rounds=2)
+    results = flatten(gather(out, 2))
+    assert len(results) == 16
     assert served(results) == {("ok", 1, False)}, results
     o.started()
     assert o.runs() == 2  # one refresh fleet-wide
@@ -390,6 +437,34 @@ def test_early_refresh_runs_once_before_expiry_and_nobody_waits(
     until(lambda: quiet.call_detailed(JOB, origin, where, prefix, JOB).value["n"] == 2, 10,
           "the early refresh's value")  # fmt: skip
     assert o.runs() == 2
+
+
+def test_over_max_background_runs_callers_get_the_stale_value_without_a_refresh(
+    redis_url: str, prefix: str, r: redis.Redis, sfs: list[SingleFlight]
+) -> None:
+    """A process with one place for background runs, taken by a refresh of one key: a stale
+    hit on another key gets its stale value and starts nothing; once the place is free
+    again, the next stale hit refreshes."""
+    where: Where = ("url", redis_url)
+    sf = _sf(sfs, redis_url, prefix, **SWR, max_background_runs=1)
+    busy, idle = Origin(r, prefix, "busy"), Origin(r, prefix, "idle")
+    for o in (busy, idle):
+        o.plan("ok", "block")  # a refresh holds its lease until released
+        prime(sf, where, prefix, o.job_id)
+        o.settle()
+    assert call(sf, where, prefix, "busy").stale  # its refresh takes the one place
+    busy.started()
+    got = call(sf, where, prefix, "idle")
+    assert (got.value["n"], got.stale) == (1, True)
+    # No place: no refresh (a refresh's lease is granted before the call returns).
+    assert r.exists(names_for(prefix, "idle").lock) == 0
+    busy.release()
+    assert busy.done() == 2
+    until(lambda: sf.stats()["background_runs"] == 0, 10, "the refresh to give its place back")
+    assert call(sf, where, prefix, "idle").stale
+    idle.started()  # refreshed now
+    idle.release()
+    assert idle.done() == 2
 
 
 # ------------------------------------------------------------ forget, SIGKILL, write-back
