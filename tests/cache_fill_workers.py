@@ -6,6 +6,7 @@ counts its runs in Redis and follows a plan the test writes there: run ``n`` (co
 per job) does what ``<aux>:plan``'s item ``n - 1`` says ("ok" when the plan runs out):
 
 - ``ok``: return ``{"n": n, "pid": ..., "token": ...}`` at once;
+- ``slow``: the same after 0.1 s of work (a run with a length: early_refresh scales by it);
 - ``block``: the same, once the test pushes to ``<aux>:go`` (BLPOP; bounded);
 - ``fail``: raise Failing; ``block-fail``: raise it once the test pushes to ``<aux>:go``;
 - ``hang``: wait on a list nobody pushes to (only SIGKILL ends it).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from typing import Any
 
 import redis
@@ -48,6 +50,7 @@ def url_of(where: Where) -> str:
     return "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in target)
 
 
+_BLOCK = 150.0  # longer than any BLPOP below
 _clients: dict[Any, Any] = {}
 _clients_lock = threading.Lock()
 
@@ -59,11 +62,12 @@ def client(where: Where) -> Any:
     with _clients_lock:
         got = _clients.get(key)
         if got is None:
+            # No socket timeout shorter than the BLPOPs (redis-py's default is 5 s).
             if kind == "url":
-                got = redis.Redis.from_url(target)
+                got = redis.Redis.from_url(target, socket_timeout=_BLOCK)
             else:
                 nodes = [redis.cluster.ClusterNode(h, p) for h, p in target]
-                got = redis.cluster.RedisCluster(startup_nodes=nodes)
+                got = redis.cluster.RedisCluster(startup_nodes=nodes, socket_timeout=_BLOCK)
             _clients[key] = got
         return got
 
@@ -87,6 +91,8 @@ def origin(where: Where, prefix: str, job_id: str) -> dict[str, Any]:
             r.blpop([aux(prefix, job_id, "go")], timeout=30)
         elif plan == "hang":
             r.blpop([aux(prefix, job_id, "never")], timeout=120)
+        elif plan == "slow":
+            time.sleep(0.1)  # the run's own length, not a wait for anything
         if plan in ("fail", "block-fail"):
             raise Failing(f"run {n} failed")
         return {"n": n, "pid": os.getpid(), "token": token}
@@ -99,7 +105,7 @@ async def aorigin(where: Where, prefix: str, job_id: str) -> dict[str, Any]:
     n, plan = await asyncio.to_thread(_step, where, prefix, job_id)
     flight = current_flight()
     token = flight.token if flight is not None else 0
-    r = redis.asyncio.Redis.from_url(url_of(where))
+    r = redis.asyncio.Redis.from_url(url_of(where), socket_timeout=_BLOCK)
     try:
         if plan in ("block", "block-fail"):
             await r.blpop([aux(prefix, job_id, "go")], timeout=30)

@@ -91,7 +91,7 @@ class Origin:
 
 @pytest.fixture
 def r(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
+    client = redis.Redis.from_url(redis_url, socket_timeout=60)  # longer than its BLPOPs
     yield client
     client.close()
 
@@ -414,15 +414,13 @@ def test_early_refresh_runs_once_before_expiry_and_nobody_waits(
     where: Where = ("url", redis_url)
     kw = {"result_ttl": 30.0, "early_refresh": 1e6, "lock_ttl": 2.0}
     o = Origin(r, prefix)
-    o.plan("block", "block")
+    # The first run takes a while: XFetch scales the chance by the last run's length, and a
+    # run shorter than the server's millisecond would never fire.
+    o.plan("slow", "block")
     sf = _sf(sfs, redis_url, prefix, **kw)
     quiet = sf.options(early_refresh=0.0)  # reads without firing refreshes of its own
-    # The first run takes a while (XFetch scales the chance by the last run's length).
-    leader, led = in_thread(quiet.call_detailed, JOB, origin, where, prefix, JOB)
-    o.started()
-    o.release()
-    leader.join(10)
-    assert (led[0].value["n"], led[0].role) == (1, "leader")
+    led = quiet.call_detailed(JOB, origin, where, prefix, JOB)
+    assert (led.value["n"], led.role) == (1, "leader")
     o.settle()
     out = start_herd(procs, where, prefix, kw, [("sync", 4), ("async", 4)], [JOB], rounds=2)
     results = flatten(gather(out, 2))
@@ -566,7 +564,7 @@ def test_stale_while_revalidate_over_keys_in_several_cluster_slots(
     nodes = [(h, int(p)) for h, p in redis_cluster.startup_nodes]
     where: Where = ("cluster", nodes)
     aux_client = redis.cluster.RedisCluster(
-        startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes]
+        startup_nodes=[redis.cluster.ClusterNode(h, p) for h, p in nodes], socket_timeout=60
     )
     try:
         jobs = _jobs_in_distinct_slots(aux_client, prefix, 3)
