@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from tests.sim.mutants import MUTANTS, planted
+from tests.sim.mutants import MUTANT_PARAMS, MUTANTS, planted
 from tests.sim.redis import ScriptError, SimRedis
 from tests.sim.schedule import Step, explore, run, shrink
 from tests.sim.world import KINDS, Api, Params
 
 BOUNDED_SCHEDULES = 1200
+CACHE_SCHEDULES = 400
 STEPS = 60
 
 
@@ -55,6 +56,37 @@ def test_bounded_run_finds_nothing(api: Api) -> None:
             trace = run(small.seed, small.steps, params, api, trace=True)
             pytest.fail(_report(out) + "\n" + "\n".join(trace.lines))
     assert steps == BOUNDED_SCHEDULES * STEPS  # every schedule ran to its end
+
+
+@pytest.mark.timeout(120)
+def test_bounded_cache_fill_run_finds_nothing(api: Api) -> None:
+    """The same with cache-fill flights (issue 20): stale values served at once and refreshed
+    in the background, served in place of failed runs, backoffs; the invariants of stale
+    values (one a lease stored, never older than one stored before the caller started) and
+    of refreshes (one per key at a time) besides every other."""
+    params = Params(cache=True)
+    for seed in range(1, CACHE_SCHEDULES + 1):
+        out = explore(seed, STEPS, params, api)
+        if out.violation is not None:
+            small = shrink(out, params, api, budget=100)
+            trace = run(small.seed, small.steps, params, api, trace=True)
+            pytest.fail(_report(out) + " (--cache)\n" + "\n".join(trace.lines))
+
+
+def test_a_stale_value_is_served_at_once_and_refreshed_in_the_background(api: Api) -> None:
+    """A cache-fill flight by hand: p0 stores a value; once it is stale, p1's caller is served
+    it at once, and p1 refreshes it in the background under a lease of its own."""
+    steps: list[Step] = [
+        ("call", 0, 0, 0), ("deliver", 0), ("deliver", 0), ("finish", 0, "ok"),
+        ("deliver", 0), ("deliver", 0), ("advance", 1500),  # stored; then stale
+        ("call", 1, 0, 0), ("deliver", 0), ("deliver", 0),  # served stale; the refresh leads
+    ]  # fmt: skip
+    out = run(1, steps, Params(cache=True), api, trace=True)
+    assert out.violation is None, "\n".join(out.lines)
+    text = "\n".join(out.lines)
+    assert "p1 serves k0 now and refreshes it in the background" in text, text
+    assert "(p1 sync k0): k0@1700000000000000#2 was served stale" in text, text
+    assert text.count("leads k0 with lease") == 2, text  # the first run, and the refresh
 
 
 # --- the simulated Redis ----------------------------------------------------------------------
@@ -269,7 +301,7 @@ def test_finds_each_fixed_defect_planted_again(name: str) -> None:
     unanswered acquire leaves behind) is put back, and random schedules must find it and
     shrink it to a short schedule that still fails the same way."""
     with planted(name) as kinds:
-        api, params, others = Api(), Params(), KINDS - kinds
+        api, params, others = Api(), Params(**MUTANT_PARAMS.get(name, {})), KINDS - kinds
         out = None
         for seed in range(1, 12_001):
             out = explore(seed, STEPS, params, api, others)

@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-drift", type=float, default=None, help="clock-rate skew bound")
     ap.add_argument("--keep-going", action="store_true", help="do not stop at the first failure")
     ap.add_argument(
+        "--cache",
+        action="store_true",
+        help="cache-fill flights (stale_while_revalidate, stale_if_error: Params.cache)",
+    )
+    ap.add_argument(
         "--mutant",
         default=None,
         help="plant a fixed defect again (tests/sim/mutants.py; 'list' names them) and look "
@@ -38,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.package:
         sys.path.insert(0, args.package)
 
-    from .mutants import MUTANTS, planted
+    from .mutants import MUTANT_PARAMS, MUTANTS, planted
     from .world import KINDS
 
     if args.mutant == "list":
@@ -47,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.mutant is not None:
         with planted(args.mutant) as kinds:
+            args.cache = args.cache or MUTANT_PARAMS.get(args.mutant, {}).get("cache", False)
             args.mutant = None
             args.ignore = ",".join(sorted(KINDS - kinds))
             return main_with(args)
@@ -58,7 +64,7 @@ def main_with(args: argparse.Namespace) -> int:
     from .world import Api, Params
 
     api = Api()
-    params = Params()
+    params = Params(cache=args.cache)
     if args.max_drift is not None:
         params.max_drift = args.max_drift
     ignored = frozenset(k for k in args.ignore.split(",") if k)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["MUTANTS", "planted"]
+__all__ = ["MUTANTS", "MUTANT_PARAMS", "planted"]
 
 
 def _revived_record(patch: Callable[[Any, str, Any], None]) -> None:
@@ -79,6 +79,18 @@ def _no_give_back(patch: Callable[[Any, str, Any], None]) -> None:
     patch(DriverBase, "failed", failed)
 
 
+def _double_refresh(patch: Callable[[Any, str, Any], None]) -> None:
+    """Issue 20: the acquire script grants a refresh (a background lease) to a caller that
+    finds a stale value although a lease is held already (it asks only whether this process
+    may run one)."""
+    import dedupe.backend.commands as commands
+
+    lua = commands.ACQUIRE.lua
+    check = "if pttl >= 0 or not background then"
+    assert check in lua, "the scripts' refresh check moved: update this mutant"
+    patch(commands, "ACQUIRE", commands._script(lua.replace(check, "if not background then")))
+
+
 MUTANTS: dict[str, tuple[Callable[[Callable[[Any, str, Any], None]], None], frozenset[str]]] = {
     # name: (plant it, the invariant kinds that may find it)
     "revived-record": (_revived_record, frozenset({"stale-outcome", "older-outcome"})),
@@ -86,7 +98,16 @@ MUTANTS: dict[str, tuple[Callable[[Callable[[Any, str, Any], None]], None], froz
     "abandoning-renewer": (_abandoning_renewer, frozenset({"lapsed-lease"})),
     "renewals-ignore-ask": (_renewals_ignore_ask, frozenset({"lapsed-lease"})),
     "no-give-back": (_no_give_back, frozenset({"orphaned-lease"})),
+    # A second refresh overwrites the live lock of the first: found as that, or as a leader
+    # unaware of its lost lease, or as two refreshes at once.
+    "double-refresh": (
+        _double_refresh,
+        frozenset({"double-refresh", "lock-overwrite", "unaware-leader"}),
+    ),
 }
+
+# The world a mutant needs (Params fields), where it is not the default one.
+MUTANT_PARAMS: dict[str, dict[str, Any]] = {"double-refresh": {"cache": True}}
 
 
 @contextmanager

@@ -46,7 +46,13 @@ Invariants (``KINDS``), checked as things happen and after every step:
 - the protocol never waits past the lease bound; a caller with a wait_timeout ends within
   it plus one subscribe and one round trip, pauses not counted; after the faults stop, every
   call ends (unbounded-wait, missed-deadline, stuck-call);
-- no key lives without a TTL or longer than its bound (ttl).
+- no key lives without a TTL or longer than its bound (ttl);
+- with cache fill (``Params.cache``: stale_while_revalidate, stale_if_error, error_backoff on
+  every flight; a refresh is handed to the background at ``Serve``): a value served stale is
+  one some lease's complete stored (stale-unstored); a caller that drove its own flight is
+  never served stale a value older than one stored before it started (stale-regress); a
+  refresh is granted only while no other refresh of the key runs unaware that its lease is
+  lost (double-refresh).
 
 Not modelled: on_backend_error="local", local copies, the real hub (its subscription
 machine has a state-machine test of its own), TIME going backwards. The network is harsher
@@ -89,6 +95,9 @@ KINDS = frozenset(
         "unbounded-wait",  # the protocol asked for a wait longer than the lease allows
         "stuck-call",  # after the faults stopped, a call never ended
         "ttl",  # a key with no expiry or one longer than its bound
+        "stale-unstored",  # a stale value served that no lease's complete stored
+        "stale-regress",  # a stale value older than one stored before the caller started
+        "double-refresh",  # a refresh granted while another of the key still runs, unaware
         "unexpected-error",  # a caller raised what no documented fault explains
         "wrong-key",
         "script-error",
@@ -130,6 +139,13 @@ class Params:
     max_drift: float = 0.04
     secret: bytes = b"sim-secret"
     max_hold_ms: int = 20_000  # where the code has max_hold (the default 300 s, scaled)
+    # Cache fill (issue 20): every flight serves stale values for stale_ms past result_ttl
+    # and refreshes in the background (stale_while_revalidate), serves them in place of a
+    # failed run's error for error_ms (stale_if_error) and then backs off for backoff_ms.
+    cache: bool = False
+    stale_ms: int = 2000
+    error_ms: int = 4000
+    backoff_ms: int = 1000
 
 
 class Api:
@@ -226,6 +242,7 @@ class Caller:
     seen: int = 0  # the newest lease its flight saw (joiners: what the flight saw when joining)
     joined: bool = False
     own_token: int = 0  # the lease of the process's flight it drove or joined, if that one led
+    ref_value: int = 0  # the newest value a lease stored on the key before it started
     done: bool = False
     result: str = ""
 
@@ -389,6 +406,8 @@ class World:
         self.published: list[tuple[str, bytes]] = []
         self.stored: list[tuple[bytes, bytes, int]] = []  # genuine records written: key, value, px
         self.max_token: dict[str, int] = {}  # newest lease granted per key, across restarts
+        # Value records the scripts stored, per key (tokens): what a stale value may be.
+        self.values: dict[str, set[int]] = {}
         self.grants: dict[tuple[str, int], int] = {}  # (key, token) -> Redis restarts by then
         self.leases: list[SimLease] = []
         self.faults = 0
@@ -677,8 +696,11 @@ class World:
         def run_at(node: str, asking: bool) -> Any:
             def run() -> Any:
                 raw = self.redis.evalsha(sc.script.sha, keys, args)
-                if name == "ACQUIRE" and isinstance(raw, int):
-                    self._granted(key, raw, proc)  # a lease granted: the bare token
+                if name == "ACQUIRE":
+                    granted = _granted_token(raw)
+                    if granted:
+                        refresh = isinstance(raw, list) and raw[0] == 3
+                        self._granted(key, granted, proc, refresh=refresh)
                 if name == "COMPLETE" or name == "COMPLETE_SHARDED":
                     self._completed(key, args)
                 return raw
@@ -913,6 +935,7 @@ class World:
         deadline = proc.clock() + wait_ms / 1000 if wait_ms else None
         caller = Caller(next(self.ids), proc, proc.epoch, key, mode, self.now_us, deadline,
                         self.max_token.get(key, 0), proc.paused_total)  # fmt: skip
+        caller.ref_value = max(self.values.get(key, ()), default=0)
         self.callers.append(caller)
         CallRun(self, caller, wait_ms / 1000 if wait_ms else None).step(None, None)
         return caller
@@ -939,6 +962,9 @@ class World:
         caller.done = True
         errors = self.api.errors
         who = f"caller #{caller.id} ({caller.proc.name()} {caller.mode} {caller.key})"
+        stale = False
+        if how == "value" and type(value).__name__ == "Served":  # a cache-fill world's calls
+            stale, value = bool(value.stale), value.value
         if how == "value" or (isinstance(value, ValueError) and _VALUE.match(str(value))):
             text = str(value)
         elif isinstance(value, (KeyboardInterrupt, asyncio.CancelledError)):
@@ -963,6 +989,9 @@ class World:
         self.log(f"{who} ends: {how} {text}")
         if m.group(1) != caller.key:
             self.fail("wrong-key", f"{who} got {text}")
+        if stale:
+            self._check_stale(caller, who, text, token)
+            return
         if token < caller.seen:
             self.fail(
                 "older-outcome",
@@ -977,6 +1006,21 @@ class World:
                 f"{who} started after lease {caller.ref_start} was granted, yet returned {text}",
             )
 
+    def _check_stale(self, caller: Caller, who: str, text: str, token: int) -> None:
+        """A stale value (cache fill) is older than the leases its flight saw by design; it
+        must be one a lease stored, and, for a caller that drove its own flight, no older
+        than a value stored before the caller started (a newer value, once stored, is the
+        current record: an older one is never served again)."""
+        self.log(f"{who}: {text} was served stale")
+        if token not in self.values.get(caller.key, ()):
+            self.fail("stale-unstored", f"{who} was served {text} stale, which no lease stored")
+        if not caller.joined and token < caller.ref_value:
+            self.fail(
+                "stale-regress",
+                f"{who} started after the value of lease {caller.ref_value} was stored, yet "
+                f"was served {text} stale",
+            )
+
     # --- invariants -----------------------------------------------------------------------
 
     def fail(self, kind: str, detail: str) -> None:
@@ -987,7 +1031,21 @@ class World:
             return
         raise Violation(kind, detail)
 
-    def _granted(self, key: str, token: int, proc: Proc) -> None:
+    def _granted(self, key: str, token: int, proc: Proc, refresh: bool = False) -> None:
+        if refresh:
+            # At most one background refresh of a key at a time: another one still running
+            # must know its lease is lost (or have lost its lock to a restart).
+            for run in self.flight_by_entry.values():
+                lease = run.lease
+                if (run.key != key or not run.served or run.done or lease is None
+                        or not lease.running or lease.restarts != self.redis.restarts
+                        or self.known_lost(lease)):  # fmt: skip
+                    continue
+                self.fail(
+                    "double-refresh",
+                    f"a refresh lease {token} on {key} granted to {proc.name()} while "
+                    f"{run.proc.name()}'s refresh under lease {lease.token} still runs",
+                )
         last = self.max_token.get(key, 0)
         self.log(f"redis granted lease {token} on {key} to {proc.name()}")
         if token <= last:
@@ -1021,6 +1079,9 @@ class World:
         if key in self.by_result:
             k = self.by_result[key]
             token = int(value.split(b":", 1)[0] or 0)
+            parts = value.split(b":", 3)
+            if len(parts) == 4 and parts[3][3:4] == b"v":  # after the header: DD, version, kind
+                self.values.setdefault(k, set()).add(token)
             if token < self.max_token.get(k, 0):
                 self.fail(
                     "stale-record",
@@ -1046,7 +1107,8 @@ class World:
             if raw in self.by_lock:
                 bound = p.lock_ttl_ms
             elif raw in self.by_result:
-                bound = max(p.result_ttl_ms, p.grace_ms)
+                window = max(p.stale_ms, p.error_ms) if p.cache else 0
+                bound = max(p.result_ttl_ms + window, p.grace_ms)
             else:
                 bound = max(p.token_ttl_ms, p.result_ttl_ms, p.grace_ms)
             if pttl == -1 or pttl > bound:
@@ -1143,7 +1205,13 @@ class CallRun:
         self.table = table
         self.names = world.names[caller.key]
         self.machine = world.api.call.run_call(
-            proc.env, table, self.names, wait_timeout, proc.clock, tasked=self.tasked
+            proc.env,
+            table,
+            self.names,
+            wait_timeout,
+            proc.clock,
+            tasked=self.tasked,
+            detail=world.p.cache,  # Served: whether a value was served stale
         )
         self.waiting: Any = None  # the entry it awaits
 
@@ -1226,7 +1294,9 @@ class CallRun:
 
     def _resume_await(self, entry: Any) -> None:
         self._joined_result(entry)
-        self.w.run_on(self.proc, self.epoch, lambda: self.step(True, None), net=False)
+        # A poke (a stale value offered) wakes the waiter with its flight unresolved.
+        done = entry.result.is_set()
+        self.w.run_on(self.proc, self.epoch, lambda: self.step(done, None), net=False)
 
     def _joined_result(self, entry: Any) -> None:
         """A RETRY carries what the aborted flight saw: the caller starts over after it; the
@@ -1326,8 +1396,11 @@ class FlightRun:
             "deadline": deadline,
             "max_hold_ms": p.max_hold_ms,
         }
+        if p.cache:
+            fields.update(stale_ms=p.stale_ms, error_ms=p.error_ms, backoff_ms=p.backoff_ms)
         self.spec = api.protocol.FlightSpec(**fields)
         self.shim = _Shim(self.spec, "SPUBLISH" if key == CLUSTER_KEY else "PUBLISH", api, proc)
+        self.served = False  # Serve: its callers have a stale value; it refreshes on
         self.gen = api.protocol.run_flight(self.spec, world.codec, proc.clock)
         self.seen = 0
         self.lead_token = 0
@@ -1422,6 +1495,18 @@ class FlightRun:
         if name == "Note":
             w.log(f"{self.proc.name()} note {cmd.kind}: {cmd.detail}")
             return None, None
+        if name == "Offer":
+            self.entry.offer(cmd.finished)
+            return None, None
+        if name == "Serve":
+            # The callers get the value now; the flight goes on in the background (the
+            # drivers hand it to a thread or task of its own).
+            self.served = True
+            w.log(f"{self.proc.name()} serves {self.key} now and refreshes it in the background")
+            done, finished = self.done_cb, cmd.finished
+            w.soon(lambda: w.run_on(self.proc, self.epoch, lambda: done(finished, None),
+                                    net=False))  # fmt: skip
+            return None, None
         w.fail("unknown-command", f"the simulator has no handler for {cmd!r}")
         return None
 
@@ -1440,7 +1525,7 @@ class FlightRun:
         reply = base.reply_of(self.shim, cmd, raw)
         if type(cmd).__name__ == "Acquire":
             # Granted to this very request: it was written when the stamp says.
-            self.written_at = self.shim.stamp.sent if reply.state == 2 else 0.0
+            self.written_at = self.shim.stamp.sent if reply.state in (2, 3) else 0.0
             if reply.state == 1:
                 tok = reply.holder.partition(":")[0]
                 if tok.isdigit():
@@ -1586,7 +1671,8 @@ class FlightRun:
         if self.mailbox is not None:
             self.proc.hub.unsubscribe(self.names.channel, self.mailbox)
             self.mailbox = None
-        self.done_cb(value, error)
+        if not self.served:  # a refresh's callers were served already
+            self.done_cb(value, error)
 
 
 def api_start_lease(api: Api, shim: Any, cmd: Any) -> Any:
@@ -1777,7 +1863,10 @@ class _Shim:
         self.backend = _ShimBackend(publish)
         self.lease: Any = None
         self.clock = proc.clock
-        self.background = False  # no place for a background run is ever taken (yet)
+        self.background = False  # a place for a background run (the shim never runs out)
+
+    def give_back_background(self) -> None:
+        self.background = False
 
 
 class _ShimBackend:
@@ -1790,7 +1879,7 @@ class _ShimBackend:
         return self.stub
 
     def reserve_background(self) -> bool:
-        return False
+        return True
 
     def release_background(self) -> None:
         pass
@@ -1805,6 +1894,18 @@ def _enc(value: Any) -> bytes:
     if isinstance(value, (int, float)):
         return repr(value).encode()
     raise TypeError(f"cannot send {value!r}")
+
+
+def _granted_token(raw: Any) -> int:
+    """The lease an acquire reply grants (0: none): a bare token, {2, token, ...} (lead with
+    a stale value to fall back on) or {3, record, fresh, age, token} (a refresh)."""
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, list) and raw and raw[0] == 2 and len(raw) > 1:
+        return int(raw[1])
+    if isinstance(raw, list) and raw and raw[0] == 3 and len(raw) > 4:
+        return int(raw[4])
+    return 0
 
 
 def _token_in(data: bytes) -> int | None:
