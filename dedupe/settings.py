@@ -262,8 +262,9 @@ class Settings:
     url: str | None = setting(
         None,
         "`redis://`, `rediss://`, `unix://`, `redis+cluster://h:p[,h:p]`, "
-        "`redis+sentinel://h:p[,h:p]/service[/db]`; parsed when the instance is built (no "
-        "connection): a malformed URL raises `ValueError` there, in sync and async code alike",
+        "`redis+sentinel://h:p[,h:p]/service[/db]`, `memory://[name]` (no Redis; this process "
+        "only: see Testing your app); parsed when the instance is built (no connection): a "
+        "malformed URL raises `ValueError` there, in sync and async code alike",
         _check_url,
         shown="`DEDUPE_REDIS_URL`, else `redis://localhost:6379/0`",
     )

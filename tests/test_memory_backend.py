@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import multiprocessing as mp
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -324,6 +326,35 @@ def test_stores_are_apart_by_name(url: str) -> None:
     finally:
         a.close(timeout=5)
         b.close(timeout=5)
+
+
+_FORKED: SingleFlight | None = None
+
+
+def _forked_child(out: Any) -> None:
+    assert _FORKED is not None
+    kept = _FORKED.inspect("parent-job").kept
+    served = _FORKED.call_detailed("parent-job", os.getpid)
+    out.put((kept is None, served.role, served.value == os.getpid()))
+
+
+def test_a_forked_child_has_a_store_of_its_own(url: str) -> None:
+    """memory:// does not coordinate processes: a child starts empty, and runs the job."""
+    global _FORKED
+    _FORKED = SingleFlight(url, result_ttl=60)
+    try:
+        assert _FORKED.call("parent-job", os.getpid) == os.getpid()
+        fork = mp.get_context("fork")
+        out = fork.Queue()
+        child = fork.Process(target=_forked_child, args=(out,))
+        child.start()
+        got = out.get(timeout=20)
+        child.join(10)
+        assert got == (True, "leader", True)
+        assert _FORKED.call_detailed("parent-job", os.getpid).role == "kept"  # the parent's own
+    finally:
+        _FORKED.close(timeout=5)
+        _FORKED = None
 
 
 def test_clients_without_a_socket_transport_are_refused() -> None:
