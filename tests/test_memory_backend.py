@@ -268,8 +268,8 @@ def test_stale_while_revalidate_serves_stale_and_refreshes_once(url: str) -> Non
         sf.close(timeout=5)
 
 
-def test_stale_if_error_serves_the_last_good_value(url: str) -> None:
-    sf = SingleFlight(url, result_ttl=0.05, stale_if_error=30)
+def test_stale_if_error_serves_the_last_good_value_and_backs_off(url: str) -> None:
+    sf = SingleFlight(url, result_ttl=0.05, stale_if_error=30, error_backoff=30)
     calls: list[int] = []
 
     def load() -> int:
@@ -281,8 +281,10 @@ def test_stale_if_error_serves_the_last_good_value(url: str) -> None:
     try:
         assert sf.call("sie", load) == 41
         until(lambda: len(calls) > 1 or sf.call("sie", load) != 41, 10, "a run after result_ttl")
-        served = sf.call_detailed("sie", load)
-        assert served.value == 41 and served.stale
+        assert len(calls) == 2  # the run after result_ttl failed; its callers got 41
+        served = [sf.call_detailed("sie", load) for _ in range(5)]
+        assert {(s.value, s.stale) for s in served} == {(41, True)}
+        assert len(calls) == 2  # error_backoff: no run while the job backs off
     finally:
         sf.close(timeout=5)
 
