@@ -242,6 +242,40 @@ def test_forget_says_whether_it_dropped_and_voids_a_running_flight(mem: SingleFl
     assert out == [1] and len(runs) == 2
 
 
+def test_a_lease_is_renewed_while_a_long_run_goes_on(url: str) -> None:
+    """A run longer than lock_ttl keeps its lease (the renewer renews it in the store): a
+    caller that comes meanwhile waits for it rather than taking over."""
+    sf = SingleFlight(url, lock_ttl=0.3)
+    runs: list[int] = []
+    gate = threading.Event()
+
+    def long_run() -> int:
+        runs.append(1)
+        gate.wait(10)
+        return len(runs)
+
+    try:
+        first = threading.Thread(target=lambda: sf.call("long", long_run))
+        first.start()
+        until(lambda: bool(runs), 10, "the run")
+        token = sf.inspect("long").token_counter
+        # Several lease lengths later, the lease is still the first one's, renewed.
+        until(lambda: sf.stats()["lease_renewed"] >= 3, 10, "three renewals")
+        state = sf.inspect("long")
+        assert state.holder is not None and state.token_counter == token
+        out: list[int] = []
+        second = threading.Thread(target=lambda: out.append(sf.call("long", long_run)))
+        second.start()
+        until(lambda: _waiters(sf) >= 2, 10, "the second caller on the flight")
+        gate.set()
+        for t in (first, second):
+            t.join(10)
+        assert runs == [1] and out == [1]
+    finally:
+        gate.set()
+        sf.close(timeout=5)
+
+
 def test_stale_while_revalidate_serves_stale_and_refreshes_once(url: str) -> None:
     sf = SingleFlight(url, result_ttl=0.1, stale_while_revalidate=30)
     runs: list[int] = []

@@ -7,7 +7,9 @@ without cache-fill arguments and floors, renews, completes that store, abort, fa
 stale value or find their lease gone, discards, peeks, forgets, notifies), foreign writes of
 records and counters, and clock steps; both stores share one clock. After every step the
 replies (or both raising), the live keys with their expiries, and the messages published
-must be equal. Seeded; ``DEDUPE_MEMORY_EXAMPLES=N`` runs N examples with a random seed.
+must be equal; the random sequences must reach the common replies, and a scripted flight
+walks every reply of ACQUIRE and COMPLETE. Seeded (80 examples, a few seconds);
+``DEDUPE_MEMORY_EXAMPLES=N`` runs N examples with a random seed.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dedupe.core.signals import Mailbox
 from tests.sim.redis import ScriptError, SimRedis
 
 _LONG = os.environ.get("DEDUPE_MEMORY_EXAMPLES")
-EXAMPLES = int(_LONG) if _LONG else 120
+EXAMPLES = int(_LONG) if _LONG else 80
 
 pytestmark = pytest.mark.timeout(900 if _LONG else 60)
 
@@ -74,6 +76,7 @@ class Pair:
         except ScriptFailed:
             got = "error"
         assert got == want, (script.lua.strip()[:60], keys, args)
+        SEEN.add(_shape(script, got))
         for reply in want if isinstance(want, list) else [want]:
             if isinstance(reply, int) and reply > 1000:
                 self.tokens.append(reply)
@@ -102,6 +105,30 @@ class Pair:
         self.lua_sent.clear()
 
 
+SEEN: set[str] = set()  # the reply shapes met, across every example of a run
+
+
+def _shape(script: Script, reply: Any) -> str:
+    """A reply's kind: which branch of the script answered."""
+    name = {ACQUIRE.sha: "acquire", COMPLETE.sha: "complete", FORGET.sha: "forget"}
+    what = name.get(script.sha, "other")
+    if what == "acquire" and isinstance(reply, list):
+        return f"acquire {reply[0]}" + (f" {reply[4]!r}" if reply[0] == 4 else "")
+    if what == "acquire":
+        return f"acquire {'lead' if isinstance(reply, int) else reply}"
+    if what == "forget" and isinstance(reply, list):
+        return f"forget {reply[0]}"
+    return f"{what} {reply}" if what == "complete" else what
+
+
+# Every branch of ACQUIRE's and COMPLETE's replies, and forget finding a fresh value: a
+# generator that stops reaching one would compare less than it claims.
+SHAPES = {
+    "acquire lead", "acquire 0", "acquire 1", "acquire 2", "acquire 3", "acquire 4 b'e'",
+    "acquire 4 b'r'", "complete -1", "complete 0", "complete 1", "complete 2", "forget 1",
+}  # fmt: skip
+
+
 def _b(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
@@ -115,7 +142,8 @@ owners = st.sampled_from([b"o1", b"o2"])
 def steps(draw: st.DrawFn, pair: Pair) -> None:
     kind = draw(st.sampled_from(
         ["acquire", "acquire", "acquire", "complete", "complete", "renew", "discard", "peek",
-         "forget", "notify", "write", "clock", "clock", "flight", "flight", "flight"]
+         "forget", "notify", "write", "clock", "clock", "flight", "flight", "flight", "stale",
+         "stale"]
     ))  # fmt: skip
     held = pair.current(LOCK)
     token = draw(st.sampled_from(pair.tokens[-4:]))
@@ -144,6 +172,21 @@ def steps(draw: st.DrawFn, pair: Pair) -> None:
             pair.now += 1_000 * draw(st.integers(0, 50))
             pair.run(COMPLETE, [LOCK, RESULT, TOKEN, ERROR],
                      [held, rec, rec.split(b":")[2], b"", *tail])  # fmt: skip
+    elif kind == "stale":  # a cache-fill acquire just past the kept value's freshness
+        head = record.read_header(kept) if kept else None
+        if head is not None:
+            pair.now = max(pair.now, head[0] + 1_000 * (head[1] + draw(st.integers(0, 2_000))))
+        args = [b"o2", draw(ms), draw(ms), "", draw(st.integers(0, 3_000)),
+                draw(st.integers(0, 3_000)), 0, draw(st.sampled_from([0, 1, 1, 2, 3]))]  # fmt: skip
+        reply = pair.run(ACQUIRE, [LOCK, TOKEN, RESULT, ERROR], args)
+        held = pair.current(LOCK)
+        led = isinstance(reply, list) and reply[0] in (2, 3)
+        if led and held is not None and held.endswith(b":o2"):  # the refresh ends: it fails
+            granted = int(held.split(b":")[0])  # (stale_if_error) or stores a new value
+            rec = draw(st.sampled_from([b"", _record(granted, 1_000, 5_000, b"v")]))
+            tail = [kept_token, draw(st.sampled_from([0, args[5]])), draw(small), b"S:1"]
+            pair.now += 1_000 * draw(st.integers(0, 50))
+            pair.run(COMPLETE, [LOCK, RESULT, TOKEN, ERROR], [held, rec, 5_000, b"", *tail])
     elif kind == "acquire":
         args = [draw(owners), draw(ms), draw(ms)]
         args.append(
@@ -207,8 +250,55 @@ def _sequences(data: st.DataObject) -> None:
         data.draw(steps(pair))
 
 
+# What random sequences must reach (the rarer branches are walked by the scripted test).
+COMMON = {"acquire lead", "acquire 0", "acquire 1", "complete -1", "complete 0", "complete 1"}
+
+
 def test_the_python_scripts_answer_and_write_as_the_lua_does() -> None:
+    SEEN.clear()
     (_sequences if _LONG else seed(20261206)(_sequences))()
+    assert COMMON <= SEEN, f"never reached: {sorted(COMMON - SEEN)}"
+
+
+def test_every_reply_branch_on_a_scripted_flight() -> None:
+    """A refresh, a failed refresh standing in the stale value, a backoff, a lost lease: each
+    reply of ACQUIRE and COMPLETE, Lua and Python compared at every step."""
+    pair = Pair()
+    keys_a, keys_c = [LOCK, TOKEN, RESULT, ERROR], [LOCK, RESULT, TOKEN, ERROR]
+
+    def acquire(owner: bytes, *cache: int) -> Any:
+        return pair.run(ACQUIRE, keys_a, [owner, 1_000, 60_000, "", *cache])
+
+    def complete(lock: bytes, rec: bytes, *tail: Any) -> Any:
+        return pair.run(COMPLETE, keys_c, [lock, rec, 11_000, b"", *tail])
+
+    def value(token: int) -> bytes:
+        return _record(token, 1_000, 11_000, b"v")
+
+    SEEN.clear()
+    t1 = acquire(b"o1")
+    assert complete(b"%d:o1" % t1, value(t1)) == 1
+    assert acquire(b"o2")[0] == 0  # fresh
+    assert pair.run(FORGET, [RESULT, TOKEN, LOCK, ERROR], [60_000]) == [1, 0]
+    t2 = acquire(b"o1")
+    assert acquire(b"o2")[0] == 1  # busy
+    assert complete(b"%d:o1" % t2, value(t2)) == 1
+    pair.now += 1_500_000  # stale by 500 ms
+    refresh = acquire(b"o2", 2_000, 0, 0, 1)
+    assert refresh[0] == 3  # served stale, and o2 refreshes in the background
+    assert acquire(b"o1", 2_000, 0, 0, 1)[:1] + acquire(b"o1", 2_000, 0, 0, 1)[4:] == [4, b"r"]
+    # The refresh fails: the stale value stands in, and the job backs off for 2 s.
+    assert complete(b"%d:o2" % refresh[4], b"", b"%d" % t2, 5_000, 2_000, b"S:1") == 2
+    assert acquire(b"o1", 0, 5_000, 0, 0)[4:] == [b"e"]
+    pair.now += 2_500_000  # the backoff is over; past stale_while_revalidate
+    t4 = acquire(b"o1", 0, 10_000, 0, 0)
+    assert t4[0] == 2  # o1 leads, with the stale value to fall back on
+    pair.run(FORGET, [RESULT, TOKEN, LOCK, ERROR], [60_000])
+    assert complete(b"%d:o1" % t4[1], value(t4[1])) == -1  # voided: nothing stored
+    t5 = acquire(b"o1")
+    pair.write(LOCK, b"1:someone", 1_000)  # the lease lost, no newer one granted
+    assert complete(b"%d:o1" % t5, value(t5)) == 0
+    assert SHAPES <= SEEN, f"never reached: {sorted(SHAPES - SEEN)}"
 
 
 def test_a_token_grows_past_a_counter_ahead_of_the_clock() -> None:
