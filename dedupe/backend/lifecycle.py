@@ -14,10 +14,10 @@ of dedupe but never while one is held. Beneath it, and never held together: the 
 and transport's own locks (``Clients._lock``, ``Transport._lock``, each ``Once``'s), the
 hub's (``Hub._lock``, then the leaf locks of Latch, Mailbox and ``ClusterRouter``), the
 renewer's (``Renewer._lock``, then ``leases._guard``), a flight table's (``InFlight._lock``,
-then the Latch of an entry), the local copies' and the codec's: all leaves, or taken in that
-order. No lock is held across network I/O: a client's first build (a Cluster's discovery,
-its version check) runs with none held, so a slow discovery stalls only callers that need
-that very client.
+then the Latch of an entry), the local copies', the codec's and a memory:// store's (then the
+Mailbox and Latch locks of a delivery): all leaves, or taken in that order. No lock is held
+across network I/O: a client's first build (a Cluster's discovery, its version check) runs
+with none held, so a slow discovery stalls only callers that need that very client.
 """
 
 from __future__ import annotations
