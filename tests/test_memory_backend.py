@@ -398,6 +398,14 @@ def test_clients_without_a_socket_transport_are_refused() -> None:
     for given in ({"client": fakeredis.FakeRedis()}, {"async_client": fakeredis.FakeAsyncRedis()}):
         with pytest.raises(ConfigurationError, match=r"memory://"):
             SingleFlight(**given)
+    # A connection class of the user's own that keeps redis-py's socket is a real transport.
+    import redis
+
+    class Named(redis.Connection):
+        pass
+
+    pool = redis.ConnectionPool(connection_class=Named, host="127.0.0.1", port=1)
+    SingleFlight(client=redis.Redis(connection_pool=pool))
 
 
 def test_min_replicas_ack_is_refused_with_memory() -> None:
