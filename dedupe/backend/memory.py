@@ -430,6 +430,10 @@ class MemoryStore:
             if not hubs:
                 del self._subs[channel]
 
+    def holds(self, hub: MemoryHub, channel: bytes) -> bool:
+        with self._lock:
+            return hub in self._subs.get(channel, {})
+
     def subscribed(self, hub: MemoryHub) -> dict[str, int]:
         with self._lock:
             return {
@@ -458,7 +462,7 @@ class MemoryHub:
 
     def confirmation(self, channel: str) -> Latch[bool]:
         latch: Latch[bool] = Latch()
-        latch.set(not self._closed and channel in self._store.subscribed(self))
+        latch.set(not self._closed and self._store.holds(self, channel.encode()))
         return latch
 
     def denied(self, channel: str) -> str | None:
