@@ -56,6 +56,11 @@ def _waiters(sf: SingleFlight) -> int:
     return sum(e.waiters for e in sf.backend().sync_flights._entries.values())
 
 
+def _subscribed(sf: SingleFlight) -> int:
+    """Mailboxes subscribed through the instance's hub: flights waiting on another's lease."""
+    return sum(sf.backend().hub().channels().values())
+
+
 def test_threads_share_one_run(mem: SingleFlight) -> None:
     runs: list[int] = []
     gate = threading.Event()
@@ -142,7 +147,7 @@ def test_several_loops_and_instances_share_one_run_through_the_store(url: str) -
         _in_loop(caller(sf), out)
         for sf, out in zip((other, mem, other), follower_outs, strict=True)
     ]
-    until(lambda: (mem.inspect("job").subscribers or 0) >= 2, 10, "the followers subscribed")
+    until(lambda: _subscribed(mem) == 1 and _subscribed(other) == 2, 10, "the followers subscribed")
     gate.set()
     for t in (leader, *followers):
         t.join(10)
@@ -176,7 +181,11 @@ def test_exceptions_are_shared(mem: SingleFlight, other: SingleFlight) -> None:
     until(lambda: bool(runs), 10, "the leader runs")
     for t in threads[1:]:
         t.start()
-    until(lambda: _waiters(mem) >= 2 and _waiters(other) >= 2, 10, "every caller waits")
+    until(
+        lambda: _waiters(mem) >= 2 and _waiters(other) >= 2 and _subscribed(other) == 1,
+        10,
+        "every caller waits",
+    )
     gate.set()
     for t in threads:
         t.join(10)
@@ -290,13 +299,20 @@ def test_stale_while_revalidate_serves_stale_and_refreshes_once(url: str) -> Non
     try:
         assert sf.call("swr", load) == 1
         until(lambda: sf.call_detailed("swr", load).stale, 10, "the value goes stale")
-        assert len(runs) == 2  # the first stale call started the one refresh
+        until(lambda: len(runs) == 2, 10, "the refresh the first stale call started")
+        kept = sf.inspect("swr").kept
+        assert kept is not None
         served = [sf.call_detailed("swr", load) for _ in range(10)]
         assert {(s.value, s.stale) for s in served} == {(1, True)}
         assert len(runs) == 2  # no second refresh while one runs
         refresh_gate.set()
-        until(lambda: sf.call("swr", load) == 2, 10, "the refreshed value")
+        until(
+            lambda: getattr(sf.inspect("swr").kept, "token", 0) > kept.token,
+            10,
+            "the refreshed value stored",
+        )
         assert len(runs) == 2
+        assert sf.call("swr", load) == 2
     finally:
         refresh_gate.set()
         sf.close(timeout=5)
