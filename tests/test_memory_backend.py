@@ -4,7 +4,8 @@ Threads, tasks, several event loops and several instances on one named store: on
 key, values and exceptions shared, result_ttl kept and then run again, fencing tokens that
 grow, forget (whether it dropped anything; it voids a running flight), inspect,
 stale_while_revalidate (the stale value at once, one refresh in the background),
-stale_if_error, batches; clients without a real socket refused. No server is started: the
+stale_if_error with error_backoff, soft_timeout, a lease renewed through a long run, batches,
+a forked child's store of its own; clients without a real socket refused. No server is started: the
 scripts run in the store (tests/test_memory_scripts.py holds them to the Lua).
 """
 
@@ -336,6 +337,41 @@ def test_stale_if_error_serves_the_last_good_value_and_backs_off(url: str) -> No
         assert {(s.value, s.stale) for s in served} == {(41, True)}
         assert len(calls) == 2  # error_backoff: no run while the job backs off
     finally:
+        sf.close(timeout=5)
+
+
+def test_soft_timeout_gives_a_waiting_caller_the_stale_value(url: str) -> None:
+    sf = SingleFlight(url, result_ttl=0.05, stale_if_error=30, soft_timeout=0.2)
+    runs: list[int] = []
+    gate = threading.Event()
+
+    def load() -> int:
+        runs.append(1)
+        if len(runs) > 1:
+            gate.wait(10)  # the run after result_ttl is slow
+        return len(runs)
+
+    try:
+        assert sf.call("soft", load) == 1
+
+        def slow_caller() -> None:  # served the kept value until result_ttl ends; then runs
+            while len(runs) < 2 and not gate.is_set():
+                sf.call("soft", load)
+
+        slow = threading.Thread(target=slow_caller)
+        slow.start()
+        until(lambda: len(runs) == 2, 10, "the slow run")
+        # A caller of another instance waits on that run; at its soft timeout it is served
+        # the stale value instead.
+        follower = SingleFlight(url, result_ttl=0.05, stale_if_error=30, soft_timeout=0.2)
+        served = follower.call_detailed("soft", load)
+        assert (served.value, served.stale) == (1, True)
+        gate.set()
+        slow.join(10)
+        assert len(runs) == 2
+        follower.close(timeout=5)
+    finally:
+        gate.set()
         sf.close(timeout=5)
 
 
