@@ -5,8 +5,8 @@ key, values and exceptions shared, result_ttl kept and then run again, fencing t
 grow, forget (whether it dropped anything; it voids a running flight), inspect,
 stale_while_revalidate (the stale value at once, one refresh in the background),
 stale_if_error with error_backoff, soft_timeout, a lease renewed through a long run, batches,
-a forked child's store of its own; clients without a real socket refused. No server is started: the
-scripts run in the store (tests/test_memory_scripts.py holds them to the Lua).
+a forked child's store of its own; clients without a real socket refused. No server is
+started: the scripts run in the store (tests/test_memory_scripts.py holds them to the Lua).
 """
 
 from __future__ import annotations
