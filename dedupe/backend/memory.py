@@ -4,7 +4,7 @@ The store is a keyspace of bytes with expiries, on its own monotonic clock (whic
 for the server's ``TIME``: microseconds, started at the wall clock so tokens look as Redis's
 do), and it runs dedupe's scripts: each script of ``dedupe.core.scripts`` has its Python
 twin here, run atomically under the store's lock, reading and writing the same keys and
-replying as Redis replies to the Lua (tests/test_memory_backend.py runs both on random
+replying as Redis replies to the Lua (tests/test_memory_scripts.py runs both on random
 command sequences and compares replies and keys). ``PUBLISH`` hands the message straight to
 the mailboxes subscribed in this process (``MemoryHub`` stands where the pub/sub hub does).
 
@@ -15,7 +15,8 @@ coordinates across processes. ``memory://`` is one store per process, shared by 
 instance with that URL (as a Redis server would be); ``memory://<name>`` a store of its own.
 
 Locks: ``MemoryStore._lock`` guards the keyspace and the subscriptions; it is a leaf but for
-the Mailbox and Latch locks that delivering a message takes (leaves themselves).
+the Mailbox locks that delivering a message takes (leaves themselves). A subscription is
+confirmed at once (a Latch set before it is handed out), and a hub never loses one.
 """
 
 from __future__ import annotations
