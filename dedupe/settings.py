@@ -42,6 +42,7 @@ from dedupe.backend.topology import parse_url
 from dedupe.core.keys import validate_prefix
 from dedupe.core.sealing import SecretSpec, secret_keys, validate_security
 from dedupe.core.serializers import Serializer, resolve_serializer
+from dedupe.errors import ConfigurationError
 
 __all__ = [
     "AsyncClient",
@@ -170,6 +171,21 @@ def _decodes_responses(client: object) -> bool:
     return bool(getattr(encoder, "decode_responses", False))
 
 
+def _no_socket(client: object) -> str | None:
+    """The name of a client's connection class if it opens no real socket (fakeredis's
+    connections override ``_connect``, which opens the socket, outside redis-py), else None.
+    Cluster clients keep a pool per node: they are judged by their nodes."""
+    pool = getattr(client, "connection_pool", None)
+    cls = getattr(pool, "connection_class", None)
+    if not isinstance(cls, type):
+        return None
+    connect = getattr(cls, "_connect", None)
+    module = getattr(connect, "__module__", "") or ""
+    if connect is None or module == "redis" or module.startswith("redis."):
+        return None
+    return cls.__qualname__
+
+
 @dataclass(frozen=True, slots=True)
 class Client:
     """A redis-py client of the given classes, not built with decode_responses=True."""
@@ -182,6 +198,13 @@ class Client:
             return
         if not isinstance(value, self.types):
             raise TypeError(f"{name} must be a {self.described}, not {type(value).__name__}")
+        fake = _no_socket(value)
+        if fake is not None:
+            raise ConfigurationError(
+                f"{name} is a client without a real socket transport (its connections are "
+                f"{fake}: fakeredis, or a client like it), which dedupe cannot carry its "
+                'scripts and pub/sub over: for tests without Redis use SingleFlight("memory://")'
+            )
         if _decodes_responses(value):
             raise ValueError(
                 f"{name} was built with decode_responses=True, but dedupe's records are bytes "
@@ -239,8 +262,9 @@ class Settings:
     url: str | None = setting(
         None,
         "`redis://`, `rediss://`, `unix://`, `redis+cluster://h:p[,h:p]`, "
-        "`redis+sentinel://h:p[,h:p]/service[/db]`; parsed when the instance is built (no "
-        "connection): a malformed URL raises `ValueError` there, in sync and async code alike",
+        "`redis+sentinel://h:p[,h:p]/service[/db]`, `memory://[name]` (no Redis; this process "
+        "only: see Testing your app); parsed when the instance is built (no connection): a "
+        "malformed URL raises `ValueError` there, in sync and async code alike",
         _check_url,
         shown="`DEDUPE_REDIS_URL`, else `redis://localhost:6379/0`",
     )
@@ -439,6 +463,10 @@ def check_relations(s: Settings) -> None:
             "bounds how long one leader may keep renewing its lease"
         )
     validate_security(s.serializer, s.secret)  # pickle needs a secret
+    if s.min_replicas_ack and s.url is not None and s.url.lower().startswith("memory:"):
+        raise ValueError(
+            "min_replicas_ack needs Redis replicas; a memory:// store has none: leave it at 0"
+        )
     if s.error_backoff is not None and s.error_backoff > s.stale_if_error:
         raise ValueError(
             f"error_backoff ({s.error_backoff:g} s) must be at most stale_if_error "

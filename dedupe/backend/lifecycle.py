@@ -14,10 +14,10 @@ of dedupe but never while one is held. Beneath it, and never held together: the 
 and transport's own locks (``Clients._lock``, ``Transport._lock``, each ``Once``'s), the
 hub's (``Hub._lock``, then the leaf locks of Latch, Mailbox and ``ClusterRouter``), the
 renewer's (``Renewer._lock``, then ``leases._guard``), a flight table's (``InFlight._lock``,
-then the Latch of an entry), the local copies' and the codec's: all leaves, or taken in that
-order. No lock is held across network I/O: a client's first build (a Cluster's discovery,
-its version check) runs with none held, so a slow discovery stalls only callers that need
-that very client.
+then the Latch of an entry), the local copies', the codec's and a memory:// store's (then the
+Mailbox and Latch locks of a delivery): all leaves, or taken in that order. No lock is held
+across network I/O: a client's first build (a Cluster's discovery, its version check) runs
+with none held, so a slow discovery stalls only callers that need that very client.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from typing import Any
 from dedupe.backend.clients import Clients, Once, client_name, redact
 from dedupe.backend.commands import complete_call, peek_call
 from dedupe.backend.hub import Hub
+from dedupe.backend.memory import MemoryHub, store_for
 from dedupe.backend.renewal import Renewer, renew_many
 from dedupe.backend.topology import Target, kind_of_clients, parse_url
 from dedupe.backend.transport import Transport
@@ -119,7 +120,7 @@ class Backend:
         self.run_sync_script = self.transport.run_sync_script
         self.run_async_script = self.transport.run_async_script
         self.in_thread = self.transport.in_thread
-        self._hub: Once[Hub] = Once()
+        self._hub: Once[Hub | MemoryHub] = Once()
         self._renewer: Once[Renewer] = Once()
         self.sync_flights = InFlight()
         # Each event loop's table of flights (a loop that stops strands only its own callers):
@@ -173,9 +174,13 @@ class Backend:
                     table = self._loop_flights[loop] = InFlight()
         return table
 
-    def hub(self) -> Hub:
+    def hub(self) -> Hub | MemoryHub:
         """The pub/sub hub (its router is built on a hub thread: on Cluster that is network
-        I/O, and making the hub costs the caller, or its event loop, nothing)."""
+        I/O, and making the hub costs the caller, or its event loop, nothing); memory://
+        delivers in-process."""
+        if self.target is not None and self.target.kind == "memory":
+            target = self.target
+            return self._hub.value or self._hub.get(lambda: MemoryHub(store_for(target.service)))
         return self._hub.value or self._hub.get(
             lambda: Hub(
                 self.clients.router,

@@ -6,6 +6,8 @@ URLs:
   from any of its nodes.
 - ``redis+sentinel://[user:password@]host:port[,host:port…]/service[/db]``
   (or ``rediss+sentinel://``): the master of ``service``, found through those sentinels.
+- ``memory://`` or ``memory://<name>``: no Redis; a store in this process
+  (``dedupe.backend.memory``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import redis.cluster
 import redis.sentinel
 from redis.crc import key_slot
 
+from dedupe.backend import memory
 from dedupe.backend.hub import Connection
 from dedupe.errors import ConfigurationError
 
@@ -46,7 +49,7 @@ __all__ = [
     "sentinel_twin",
 ]
 
-Kind = Literal["standalone", "cluster", "sentinel"]
+Kind = Literal["standalone", "cluster", "sentinel", "memory"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +67,9 @@ class Target:
 
     def client(self, opts: dict[str, Any], *, to_async: bool) -> Any:
         """A client for this target: redis-py's sync one, or its asyncio twin."""
+        if self.kind == "memory":
+            store = memory.store_for(self.service)
+            return memory.MemoryAsyncClient(store) if to_async else memory.MemoryClient(store)
         if self.kind == "cluster":
             cluster = _acluster if to_async else _cluster
             nodes = [cluster.ClusterNode(h, p) for h, p in self.hosts]
@@ -92,7 +98,7 @@ class Target:
         return {k: opts[k] for k in keep if k in opts}
 
 
-_SCHEMES = "redis://, rediss://, unix://, redis+cluster:// or redis+sentinel://"
+_SCHEMES = "redis://, rediss://, unix://, redis+cluster://, redis+sentinel:// or memory://"
 _TRUE = ("1", "true", "yes", "on", "y", "t")
 
 
@@ -160,6 +166,12 @@ def parse_url(url: str) -> Target:
     scheme = parts.scheme.lower()
     if scheme in ("redis", "rediss", "unix"):
         return _standalone(url, scheme)
+    if scheme == "memory":
+        # memory://<name>: the name is all there is (no host, port or database).
+        name = unquote(url.split("://", 1)[1]).strip("/")
+        if parts.query or parts.fragment:
+            raise _bad(url, "memory:// takes a name only, as in memory:// or memory://tests")
+        return Target("memory", url, service=name)
     if scheme not in ("redis+cluster", "rediss+cluster", "redis+sentinel", "rediss+sentinel"):
         raise _bad(url, f"unsupported scheme {parts.scheme!r}: use {_SCHEMES}")
     userinfo, _, hostlist = parts.netloc.rpartition("@")

@@ -52,6 +52,8 @@ def _connect(url: str, timeout: float) -> Any:
         target = parse_url(url)
     except ValueError as exc:
         raise _Failure(str(exc), 2) from exc
+    if target.kind == "memory":  # its store lives in the process that uses it, not here
+        raise _Failure(f"{url}: a memory:// store lives inside its own process; nothing to read", 2)
     opts = {
         "socket_connect_timeout": timeout,
         "socket_timeout": timeout,
