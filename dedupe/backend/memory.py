@@ -364,13 +364,11 @@ class MemoryStore:
 
     def _forget(self, keys: list[bytes], argv: list[bytes]) -> Reply:
         result, counter, lock, error = keys
-        fresh = 0
+        kept = 0  # the record was current: fresh, or stale within a caller's window
         rec = self._get(result)
         head = record.read_header(rec) if rec is not None else None
-        if head is not None:
-            got = self._state(result, counter, head[0], head[1], head[2])
-            if got is not None and got.fresh_ms > 0:
-                fresh = 1
+        if head is not None and self._state(result, counter, head[0], head[1], head[2]):
+            kept = 1
         self._del(result, error)
         voided = 0
         held = self._get(lock)
@@ -386,7 +384,7 @@ class MemoryStore:
             if t <= lease < _NOT_OURS:
                 t = lease + 1
             self._set(counter, b"%d" % t, argv[0])
-        return [fresh, voided]
+        return [kept, voided]
 
     def _notify(self, keys: list[bytes], argv: list[bytes]) -> Reply:
         return self._publish(keys[0][:-5], argv[0])
