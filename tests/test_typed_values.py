@@ -315,6 +315,63 @@ def test_a_value_that_misfits_its_annotation_fails_alike_in_every_process(
     assert "annotation typed_workers.Profile" in str(mine) and "expected exactly" in str(mine)
 
 
+@pytest.mark.timeout(30)
+def test_callers_in_the_leaders_process_share_its_object(sf: SingleFlight) -> None:
+    """Local joins are unchanged: the leader's own object, not a rebuilt copy."""
+    running, release = threading.Event(), threading.Event()
+    made: list[tw.Profile] = []
+
+    def load() -> tw.Profile:
+        running.set()
+        release.wait(20)
+        made.append(tw.Profile("mine"))
+        return made[0]
+
+    got: dict[str, Any] = {}
+    first = threading.Thread(target=lambda: got.setdefault("a", sf.call_detailed("own", load)))
+    first.start()
+    assert running.wait(10)
+    second = threading.Thread(target=lambda: got.setdefault("b", sf.call_detailed("own", load)))
+    second.start()
+    until(lambda: any(i.waiters >= 2 for i in sf.inflight()), what="the local follower")
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert {got["a"].role, got["b"].role} == {"leader", "local"}
+    assert got["a"].value is got["b"].value is made[0]
+
+
+def _untyped(ids):  # type: ignore[no-untyped-def]
+    return {i: tw.Profile(str(i)) for i in ids}
+
+
+def _says_dict() -> dict[str, Any]:
+    return tw.Profile("p")  # type: ignore[return-value]
+
+
+@pytest.mark.timeout(30)
+def test_returns_supplies_or_overrides_the_annotation(
+    sf: SingleFlight, other: SingleFlight
+) -> None:
+    """``returns=`` on the decorator, sf.options and sf.batch; ``other`` (as good as another
+    process) reads the kept values and rebuilds them by its own ``returns=``."""
+    for instance in (sf, other):
+        fn = instance(_says_dict, key="d", returns=tw.Profile)
+        served = fn.detailed()
+        assert type(served.value) is tw.Profile
+    assert served.role == "kept"
+    for instance in (sf, other):
+        served = instance.options(returns=tw.Profile).call_detailed("o", lambda: tw.Profile("o"))
+        assert served.value == tw.Profile("o")
+    assert served.role == "kept"
+    for instance in (sf, other):
+        batch = instance.batch(_untyped, key="b:{item}", returns=dict[int, tw.Profile])
+        assert batch([1, 2]) == {1: tw.Profile("1"), 2: tw.Profile("2")}
+    # returns=Any: values as they are (a dataclass cannot travel then), for every caller.
+    with pytest.raises(ResultNotSerializable, match=r"typed_workers\.Profile"):
+        sf.options(returns=Any).call("any", lambda: tw.Profile("x"))
+
+
 class _Boom:
     built = 0
 
