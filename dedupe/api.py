@@ -666,7 +666,8 @@ class SingleFlight:
 
         ``job_id`` is global: any call (or ``namespace=False`` decorator key) with the same
         id under the same prefix shares the flight. A coroutine function gives a coroutine
-        to await; a plain function runs now.
+        to await; a plain function runs now. ``fn``'s return annotation says what its values
+        are (see the decorator's ``returns``); ``sf.options(returns=...)`` names another.
         """
         return self._call(job_id, fn, args, kwargs, False)
 

@@ -316,8 +316,11 @@ def _union(members: list[Any], nodes: list[_Node]) -> _Node:
             clear = False
         seen |= k
     what = " | ".join(_name(m) for m in members)
+    none_at = next((i for i, m in enumerate(members) if m is None or m is type(None)), -1)
 
     def dump(value: Any) -> Any:
+        if value is None and none_at >= 0:  # Optional's None: no member tried first
+            return None if clear else [none_at, None]
         for i, node in enumerate(nodes):
             try:
                 plain = node.dump(value)
