@@ -504,3 +504,19 @@ def test_fastapi_under_uvicorn_with_two_workers_returns_pydantic_models(
             server.wait(5)
         assert server.stdout is not None
         server.stdout.close()
+
+
+@dataclasses.dataclass
+class Checked:
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise RuntimeError("negative")
+
+
+def test_a_class_that_refuses_the_data_is_a_shape_error() -> None:
+    shape = shape_of(Checked)
+    assert shape is not None
+    with pytest.raises(ShapeError, match="RuntimeError: negative"):
+        shape.load({"n": -1})

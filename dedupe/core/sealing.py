@@ -239,7 +239,9 @@ class Codec:
         self._shaped = self.serializer is SAFE or self.serializer is JSON
         self.max_payload_bytes = max_payload_bytes
         self._lock = threading.Lock()  # guards rejected and _warned; a leaf
-        self.rejected = 0  # inputs refused (bad signature, malformed, foreign): never decoded
+        # Inputs refused (bad signature, malformed, foreign): never decoded; and values that
+        # misfit this process's annotation (ResultInvalid): never built.
+        self.rejected = 0
         self._warned: set[str] = set()  # value types already logged as unserializable
 
     @property

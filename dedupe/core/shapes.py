@@ -122,6 +122,8 @@ class Shape:
             raise
         except RecursionError:
             raise ShapeError("value nested too deep") from None
+        except Exception as exc:  # a class's own __post_init__ or validator refusing it
+            raise ShapeError(f"could not rebuild it: {type(exc).__name__}: {exc}") from None
 
 
 # --- scalars ---------------------------------------------------------------------------------
