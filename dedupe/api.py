@@ -52,6 +52,7 @@ from dedupe.core.protocol import FlightSpec
 from dedupe.core.record import NOTICE_ABORTED
 from dedupe.core.sealing import SecretSpec, codec_for
 from dedupe.core.serializers import Serializer
+from dedupe.core.shapes import FROM_ANNOTATION, Shape, function_shape
 from dedupe.drivers import aio, sync
 from dedupe.ops import events, inspector
 from dedupe.ops.inspector import JobState
@@ -186,7 +187,7 @@ class _FlightParams(NamedTuple):
 
 
 def _spec_maker(
-    backend: Backend, names: Names, p: _FlightParams
+    backend: Backend, names: Names, p: _FlightParams, shape: Shape | None = None
 ) -> Callable[[float | None, float | None], FlightSpec]:
     """The FlightSpec of each flight of one job: its parameters, its owner, its deadlines."""
 
@@ -209,6 +210,7 @@ def _spec_maker(
             early_refresh=p.early_refresh,
             soft_deadline=soft_deadline,
             answers=p.answers,
+            shape=shape,
         )
 
     return make
@@ -279,13 +281,28 @@ class _Decorator(Protocol):
 class _Flown:
     """One decorated function's flight settings; shared by its wrapper and bound wrappers."""
 
-    __slots__ = ("builder", "is_async", "overrides", "sf", "warned")
+    __slots__ = ("builder", "is_async", "overrides", "returns", "sf", "shape", "warned")
 
     def __init__(
-        self, sf: SingleFlight, builder: KeyBuilder, overrides: _Overrides, is_async: bool
+        self,
+        sf: SingleFlight,
+        builder: KeyBuilder,
+        overrides: _Overrides,
+        is_async: bool,
+        returns: Any = FROM_ANNOTATION,
     ) -> None:
         self.sf, self.builder, self.overrides, self.is_async = sf, builder, overrides, is_async
         self.warned = False  # a sync call blocked a running event loop (warned once)
+        self.returns = returns
+        # Resolved at the first call, not here: the annotation may name a class defined
+        # further down the module. Written once (a race only resolves it twice).
+        self.shape: Shape | _Unresolved | None = _UNRESOLVED
+
+    def shape_of(self, fn: Callable[..., Any]) -> Shape | None:
+        shape = self.shape
+        if shape is _UNRESOLVED:
+            shape = self.shape = function_shape(fn, self.returns)
+        return shape  # type: ignore[return-value]
 
     def job_id(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         return self.builder(_full_args(instance, args), kwargs)
@@ -299,17 +316,25 @@ class _Flown:
         detail: bool,
     ) -> Any:
         job_id = self.job_id(instance, args, kwargs)
+        shape = self.shape_of(wrapped)
         if self.is_async:
-            coro = self.sf._run_async(job_id, self.overrides, wrapped, args, kwargs, detail)
+            coro = self.sf._run_async(job_id, self.overrides, wrapped, args, kwargs, detail, shape)
             return _named(coro, wrapped)
         if _get_running_loop() is not None and not self.warned:
             self.warned = True
             _warn_blocking(wrapped)
-        return self.sf._run_sync(job_id, self.overrides, wrapped, args, kwargs, detail)
+        return self.sf._run_sync(job_id, self.overrides, wrapped, args, kwargs, detail, shape)
 
     def forget(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         job_id = self.job_id(instance, args, kwargs)
         return self.sf.aforget(job_id) if self.is_async else self.sf.forget(job_id)
+
+
+class _Unresolved:
+    pass
+
+
+_UNRESOLVED: Final = _Unresolved()
 
 
 class _BoundFlightFunction(wrapt.BoundFunctionWrapper[..., Any]):
@@ -618,6 +643,7 @@ class SingleFlight:
         args: Any,
         kw: Any,
         detail: bool = False,
+        shape: Shape | None = None,
     ) -> Any:
         backend = self.backend()
         names = self._names(job_id)
@@ -626,7 +652,7 @@ class SingleFlight:
             if hit:
                 return value
         p = self._flight_params(o)
-        make = _spec_maker(backend, names, p)
+        make = _spec_maker(backend, names, p, shape)
         return sync.call(backend, names, make, p.wait_timeout, fn, args, kw, detail=detail,
                          soft_timeout=p.soft_timeout)  # fmt: skip
 
@@ -638,6 +664,7 @@ class SingleFlight:
         args: Any,
         kw: Any,
         detail: bool = False,
+        shape: Shape | None = None,
     ) -> Any:
         backend = self.backend()
         names = self._names(job_id)
@@ -646,7 +673,7 @@ class SingleFlight:
             if hit:
                 return value
         p = self._flight_params(o)
-        make = _spec_maker(backend, names, p)
+        make = _spec_maker(backend, names, p, shape)
         return await aio.call(backend, names, make, p.wait_timeout, fn, args, kw,  # type: ignore[arg-type]
                               detail=detail, soft_timeout=p.soft_timeout)  # fmt: skip
 
@@ -666,7 +693,8 @@ class SingleFlight:
 
         ``job_id`` is global: any call (or ``namespace=False`` decorator key) with the same
         id under the same prefix shares the flight. A coroutine function gives a coroutine
-        to await; a plain function runs now.
+        to await; a plain function runs now. ``fn``'s return annotation says what its values
+        are (see the decorator's ``returns``); ``sf.options(returns=...)`` names another.
         """
         return self._call(job_id, fn, args, kwargs, False)
 
@@ -702,15 +730,17 @@ class SingleFlight:
         kwargs: dict[str, Any],
         detail: bool,
         o: _Overrides = _NO_OVERRIDES,
+        returns: Any = FROM_ANNOTATION,
     ) -> Any:
         validate_job_id(job_id)
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        shape = function_shape(fn, returns)
         if _is_async(fn):
-            return _named(self._run_async(job_id, o, fn, args, kwargs, detail), fn)
+            return _named(self._run_async(job_id, o, fn, args, kwargs, detail, shape), fn)
         if _get_running_loop() is not None:
             _warn_blocking_once(fn)
-        return self._run_sync(job_id, o, fn, args, kwargs, detail)
+        return self._run_sync(job_id, o, fn, args, kwargs, detail, shape)
 
     def options(
         self,
@@ -724,14 +754,17 @@ class SingleFlight:
         soft_timeout: float | None = INHERIT,
         early_refresh: float | None = INHERIT,
         answers: tuple[type[BaseException], ...] | None = INHERIT,
+        returns: Any = FROM_ANNOTATION,
     ) -> CallOptions:
         """``call`` and ``call_detailed`` with their own values of the per-function settings
         (a call's keywords are its function's): ``sf.options(stale_while_revalidate=30)
-        .call("user:1", load_user, 1)``. Checked here, as the decorator checks them."""
-        given = {k: v for k, v in locals().items() if k != "self"}
+        .call("user:1", load_user, 1)``. Checked here, as the decorator checks them.
+        ``returns``: the type the call's values have, in place of ``fn``'s return annotation
+        (see the decorator)."""
+        given = {k: v for k, v in locals().items() if k not in ("self", "returns")}
         overrides = _Overrides(**check_function_values(given, INHERIT, "SingleFlight.options"))
         check_relations(overrides.apply(self._settings))
-        return CallOptions(self, overrides)
+        return CallOptions(self, overrides, returns)
 
     def inflight(self) -> list[InFlightInfo]:
         """The flights of this process now: job id, leading or following, local waiters, age."""
@@ -800,12 +833,12 @@ class SingleFlight:
     # --- batches ------------------------------------------------------------------------------
 
     def _batch_plumbing(
-        self, names: list[Names], o: _Overrides
+        self, names: list[Names], o: _Overrides, shape: Shape | None = None
     ) -> tuple[Backend, Callable[[int, float | None, float | None], FlightSpec], _FlightParams]:
         """A batch part's backend, each item's spec maker, and the function's parameters."""
         backend = self.backend()
         p = self._flight_params(o)
-        makers = [_spec_maker(backend, n, p) for n in names]
+        makers = [_spec_maker(backend, n, p, shape) for n in names]
         return backend, lambda i, deadline, soft: makers[i](deadline, soft), p
 
     @overload
@@ -816,6 +849,7 @@ class SingleFlight:
         *,
         key: str | Callable[[Any], str] | None = None,
         namespace: bool | str = True,
+        returns: Any = FROM_ANNOTATION,
         lock_ttl: float | None = INHERIT,
         wait_timeout: float | None = INHERIT,
         result_ttl: float | None = INHERIT,
@@ -834,6 +868,7 @@ class SingleFlight:
         *,
         key: str | Callable[[Any], str] | None = None,
         namespace: bool | str = True,
+        returns: Any = FROM_ANNOTATION,
         lock_ttl: float | None = INHERIT,
         wait_timeout: float | None = INHERIT,
         result_ttl: float | None = INHERIT,
@@ -852,6 +887,7 @@ class SingleFlight:
         *,
         key: str | Callable[[Any], str] | None = None,
         namespace: bool | str = True,
+        returns: Any = FROM_ANNOTATION,
         lock_ttl: float | None = INHERIT,
         wait_timeout: float | None = INHERIT,
         result_ttl: float | None = INHERIT,
@@ -869,6 +905,7 @@ class SingleFlight:
         *,
         key: str | Callable[[Any], str] | None = None,
         namespace: bool | str = True,
+        returns: Any = FROM_ANNOTATION,
         **own: Any,
     ) -> Any:
         """Decorate a batch function (``@sf.batch(key="user:{item}")``): it takes a collection
@@ -879,6 +916,8 @@ class SingleFlight:
           function's other arguments, or a callable of one item; None: a digest of the item.
         - ``namespace``: as for ``@sf``: with the same namespace and key, ``@sf.batch`` and
           ``@sf`` share job ids, so a batch joins single-key flights and they join it.
+        - ``returns``: as for ``@sf``, the mapping type (``dict[int, User]``): each item's
+          value travels as its value type's plain data.
         - the per-function settings, per item.
 
         The result keeps ``fn``'s signature; called, it returns a dict of item to value
@@ -892,7 +931,8 @@ class SingleFlight:
             if not callable(fn):
                 raise TypeError(f"sf.batch decorates callables, not {type(fn).__name__}")
             keys = batch_keys(fn, key, namespace)
-            return BatchFunctionWrapper(fn, Batched(self, keys, overrides, _is_async(fn)))
+            batched = Batched(self, keys, overrides, _is_async(fn), returns)
+            return BatchFunctionWrapper(fn, batched)
 
         return decorate(fn) if fn is not None else decorate
 
@@ -940,6 +980,7 @@ class SingleFlight:
         *,
         key: str | Callable[..., str] | None = None,
         namespace: bool | str = True,
+        returns: Any = FROM_ANNOTATION,
         lock_ttl: float | None = INHERIT,
         wait_timeout: float | None = INHERIT,
         result_ttl: float | None = INHERIT,
@@ -958,6 +999,7 @@ class SingleFlight:
         *,
         key: str | Callable[..., str] | None = None,
         namespace: bool | str = True,
+        returns: Any = FROM_ANNOTATION,
         lock_ttl: float | None = INHERIT,
         wait_timeout: float | None = INHERIT,
         result_ttl: float | None = INHERIT,
@@ -976,6 +1018,7 @@ class SingleFlight:
         *,
         key: str | Callable[..., str] | None = None,
         namespace: bool | str = True,
+        returns: Any = FROM_ANNOTATION,
         lock_ttl: float | None = INHERIT,
         wait_timeout: float | None = INHERIT,
         result_ttl: float | None = INHERIT,
@@ -993,6 +1036,7 @@ class SingleFlight:
         *,
         key: str | Callable[..., str] | None = None,
         namespace: bool | str = True,
+        returns: Any = FROM_ANNOTATION,
         **own: Any,
     ) -> Any:
         """Decorate ``fn`` (``@sf``, or ``sf(fn, key=...)``) or return a decorator
@@ -1005,6 +1049,10 @@ class SingleFlight:
         - ``namespace``: job ids are ``<module.qualname>:<key>`` (True), ``<str>:<key>`` (a
           str of your own, e.g. to keep ids across a rename), or the key alone (False: shared
           with every function and ``call()`` using the same id).
+        - ``returns``: the type values have (default: ``fn``'s return annotation). Values of
+          dataclasses, NamedTuple, TypedDict, Enum and Pydantic models travel as plain data
+          and other processes rebuild them by this type, never by what Redis holds;
+          ``returns=Any`` sends values as they are.
         - the per-function settings: this function's own values (INHERIT: the instance's,
           also after ``configure``), checked as the constructor checks them: {per_function}.
 
@@ -1014,8 +1062,10 @@ class SingleFlight:
         overrides = _Overrides(**check_function_values(own, INHERIT, "SingleFlight.__call__"))
         check_relations(overrides.apply(self._settings))  # e.g. its lock_ttl under max_hold
         if fn is not None:
-            return self._decorate(fn, key, namespace, overrides)
-        return functools.partial(self._decorate, key=key, namespace=namespace, overrides=overrides)
+            return self._decorate(fn, key, namespace, overrides, returns)
+        return functools.partial(
+            self._decorate, key=key, namespace=namespace, overrides=overrides, returns=returns
+        )
 
     def _decorate(
         self,
@@ -1023,11 +1073,12 @@ class SingleFlight:
         key: str | Callable[..., str] | None,
         namespace: bool | str,
         overrides: _Overrides,
+        returns: Any = FROM_ANNOTATION,
     ) -> Any:
         if not callable(fn):
             raise TypeError(f"single_flight decorates callables, not {type(fn).__name__}")
         builder = key_builder(fn, key, namespace)
-        return _FlightFunction(fn, _Flown(self, builder, overrides, _is_async(fn)))
+        return _FlightFunction(fn, _Flown(self, builder, overrides, _is_async(fn), returns))
 
     def __repr__(self) -> str:
         s = self._settings
@@ -1039,11 +1090,14 @@ class CallOptions:
     """``SingleFlight.options(...)``: ``call`` and ``call_detailed`` under per-call settings
     (the rest the instance's, also after ``configure``)."""
 
-    __slots__ = ("_overrides", "_sf")
+    __slots__ = ("_overrides", "_returns", "_sf")
 
-    def __init__(self, sf: SingleFlight, overrides: _Overrides) -> None:
+    def __init__(
+        self, sf: SingleFlight, overrides: _Overrides, returns: Any = FROM_ANNOTATION
+    ) -> None:
         self._sf = sf
         self._overrides = overrides
+        self._returns = returns
 
     def __repr__(self) -> str:
         return f"CallOptions({self._sf!r}, {self._overrides!r})"
@@ -1061,7 +1115,7 @@ class CallOptions:
     def call(self, job_id: str, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R: ...
     def call(self, job_id: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """``SingleFlight.call`` under these settings."""
-        return self._sf._call(job_id, fn, args, kwargs, False, self._overrides)
+        return self._sf._call(job_id, fn, args, kwargs, False, self._overrides, self._returns)
 
     @overload
     def call_detailed(
@@ -1080,7 +1134,7 @@ class CallOptions:
         self, job_id: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
     ) -> Any:
         """``SingleFlight.call_detailed`` under these settings."""
-        return self._sf._call(job_id, fn, args, kwargs, True, self._overrides)
+        return self._sf._call(job_id, fn, args, kwargs, True, self._overrides, self._returns)
 
 
 def _document() -> None:

@@ -23,6 +23,7 @@ import wrapt
 
 from dedupe.core.keys import BatchKeys, Names, names_for, validate_job_id
 from dedupe.core.sealing import Outcome
+from dedupe.core.shapes import FROM_ANNOTATION, Shape, function_shape
 from dedupe.errors import BatchError
 
 if TYPE_CHECKING:
@@ -80,10 +81,20 @@ class AsyncBatchFunction(Protocol[P, K, V]):
 class Batched:
     """One batch function's settings: its keys, its own per-function values, sync or async."""
 
-    __slots__ = ("is_async", "keys", "overrides", "sf")
+    __slots__ = ("is_async", "keys", "overrides", "resolved", "returns", "sf", "shape")
 
-    def __init__(self, sf: SingleFlight, keys: BatchKeys, overrides: _Overrides, is_async: bool):
+    def __init__(
+        self,
+        sf: SingleFlight,
+        keys: BatchKeys,
+        overrides: _Overrides,
+        is_async: bool,
+        returns: Any = FROM_ANNOTATION,
+    ):
         self.sf, self.keys, self.overrides, self.is_async = sf, keys, overrides, is_async
+        self.returns = returns
+        self.shape: Shape | None = None  # each item's: resolved at the first call
+        self.resolved = False
 
     def plan(
         self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -103,7 +114,12 @@ class Batched:
         detail: bool,
     ) -> Any:
         items, ids, call = self.plan(instance, args, kwargs)
-        runner = _Runner(self.sf, self.overrides, items, ids, lambda led: call(wrapped, led))
+        if not self.resolved:
+            self.shape = function_shape(wrapped, self.returns, batch=True)
+            self.resolved = True
+        runner = _Runner(
+            self.sf, self.overrides, items, ids, lambda led: call(wrapped, led), self.shape
+        )
         if self.is_async:
             return runner.run_async(detail)
         return runner.run_sync(detail)
@@ -146,8 +162,10 @@ class _Runner:
         items: list[Any],
         ids: list[str],
         fn: Callable[[list[Any]], Any],
+        shape: Shape | None = None,
     ) -> None:
         self.sf, self.overrides, self.items, self.ids, self.fn = sf, overrides, items, ids, fn
+        self.shape = shape  # of each item's value
 
     def parts(self) -> Iterable[tuple[list[Any], list[Names]]]:
         size = self.sf.settings.max_batch_size
@@ -161,7 +179,7 @@ class _Runner:
 
         result = _Gathered()
         for items, names in self.parts():
-            backend, make, p = self.sf._batch_plumbing(names, self.overrides)
+            backend, make, p = self.sf._batch_plumbing(names, self.overrides, self.shape)
             outcomes = sync.call_batch(
                 backend, names, make, p.wait_timeout, lambda led: self.fn(led), items, (), {},
                 soft_timeout=p.soft_timeout,
@@ -174,7 +192,7 @@ class _Runner:
 
         result = _Gathered()
         for items, names in self.parts():
-            backend, make, p = self.sf._batch_plumbing(names, self.overrides)
+            backend, make, p = self.sf._batch_plumbing(names, self.overrides, self.shape)
             outcomes = await aio.call_batch(
                 backend, names, make, p.wait_timeout, lambda led: self.fn(led), items, (), {},
                 soft_timeout=p.soft_timeout,
@@ -283,5 +301,6 @@ def adhoc(
         ids = [validate_job_id(key(item)) for item in unique]
     else:
         raise TypeError(f"key must be a str template over {{item}} or a callable, not {key!r}")
-    runner = _Runner(sf, overrides, unique, ids, lambda led: fn(led, *args, **kwargs))
+    shape = function_shape(fn, batch=True)
+    runner = _Runner(sf, overrides, unique, ids, lambda led: fn(led, *args, **kwargs), shape)
     return runner.run_async(detail) if is_async else runner.run_sync(detail)

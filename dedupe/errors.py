@@ -15,6 +15,7 @@ __all__ = [
     "LeaseLost",
     "ReentrantFlight",
     "RemoteError",
+    "ResultInvalid",
     "ResultNotSerializable",
     "ResultTooLarge",
     "UnsupportedServer",
@@ -98,7 +99,8 @@ class UnsupportedServer(ConfigurationError):
 
 
 class ResultNotSerializable(DedupeError):
-    """The leader's value could not be serialized, so only callers in its own process got it."""
+    """The leader's value could not be serialized (or did not fit its function's return
+    annotation): every caller gets this error, in the leader's own process too."""
 
 
 class ResultTooLarge(DedupeError):
@@ -107,6 +109,12 @@ class ResultTooLarge(DedupeError):
 
 class EnvelopeError(DedupeError):
     """An outcome read from Redis could not be decoded: truncated, foreign or of unknown version."""
+
+
+class ResultInvalid(EnvelopeError):
+    """A value read from Redis does not fit this function's return annotation (or
+    ``returns=``): a record forged, or written by a different version of the code. The value
+    is never built as any other type."""
 
 
 class ReentrantFlight(DedupeError, RuntimeError):

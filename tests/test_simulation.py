@@ -216,8 +216,8 @@ class _ForgetfulCodec:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._codec, name)
 
-    def open(self, data: bytes, *, channel: str) -> Any:
-        opened = self._codec.open(data, channel=channel)
+    def open(self, data: bytes, *, channel: str, **kw: Any) -> Any:
+        opened = self._codec.open(data, channel=channel, **kw)
         return opened._replace(token=10**17)
 
 

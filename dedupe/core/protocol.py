@@ -59,6 +59,7 @@ from dedupe.core.record import (
     parse_lock,
 )
 from dedupe.core.sealing import Codec, Notice, Opened, Outcome
+from dedupe.core.shapes import Shape
 from dedupe.core.subscriptions import RECHECK  # what the hub hands a Wait: re-subscribe, re-check
 from dedupe.errors import BackendUnavailable, EnvelopeError, ProtocolError, WaitTimeout
 
@@ -165,6 +166,9 @@ class FlightSpec:
     # (soft_timeout) rather than wait on; None: it waits on.
     soft_deadline: float | None = None
     answers: tuple[type[BaseException], ...] = ()  # errors no stale value ever replaces
+    # The function's return annotation, compiled (dedupe.core.shapes): the value travels as
+    # its plain data and is rebuilt by it here. None: no annotation, values travel as they are.
+    shape: Shape | None = None
 
     @property
     def caching(self) -> bool:
@@ -587,7 +591,7 @@ def _open(
 ) -> Generator[Command, object, Opened | Notice | None]:
     """Decode a record or notice; None if it must be ignored (unreadable, forged, foreign)."""
     try:
-        return codec.open(data, channel=spec.names.channel)
+        return codec.open(data, channel=spec.names.channel, shape=spec.shape)
     except EnvelopeError as exc:  # codec.open counted it in codec.rejected
         yield Note("rejected", str(exc))
         return None
@@ -644,8 +648,9 @@ def _lead(
         ttl = max(spec.result_ttl_ms + window, spec.grace_ms)
         sealing = clock()
         record = codec.seal(
-            outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl, trace=trace
-        )
+            outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl, trace=trace,
+            shape=spec.shape,
+        )  # fmt: skip
         sealed = clock() - sealing
         if sealed * 1000 > spec.lock_ttl_ms:
             # The safe serializer encodes a large value in pieces so renewals run meanwhile;

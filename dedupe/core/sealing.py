@@ -48,6 +48,7 @@ from dedupe.core.record import (
 from dedupe.core.remote_errors import error_body, error_from_meta
 from dedupe.core.serializers import (
     HARMLESS,
+    JSON,
     PICKLE,
     SAFE,
     Serializer,
@@ -57,7 +58,8 @@ from dedupe.core.serializers import (
     serializer_name,
     short,
 )
-from dedupe.errors import EnvelopeError, ResultNotSerializable, ResultTooLarge
+from dedupe.core.shapes import Shape, ShapeError
+from dedupe.errors import EnvelopeError, ResultInvalid, ResultNotSerializable, ResultTooLarge
 
 __all__ = [
     "SECRET_ENV",
@@ -232,9 +234,14 @@ class Codec:
             raise ValueError(_PICKLE_NEEDS_SECRET)
         self._macs = tuple(hmac.new(k, digestmod=hashlib.sha256) for k in self._keys)
         self._pickle = is_pickle(self.serializer)
+        # Shapes (a function's return annotation) apply to the plain-data formats only:
+        # pickle carries its own types, and a custom serializer its own way of them.
+        self._shaped = self.serializer is SAFE or self.serializer is JSON
         self.max_payload_bytes = max_payload_bytes
         self._lock = threading.Lock()  # guards rejected and _warned; a leaf
-        self.rejected = 0  # inputs refused (bad signature, malformed, foreign): never decoded
+        # Inputs refused (bad signature, malformed, foreign): never decoded; and values that
+        # misfit this process's annotation (ResultInvalid): never built.
+        self.rejected = 0
         self._warned: set[str] = set()  # value types already logged as unserializable
 
     @property
@@ -268,14 +275,24 @@ class Codec:
         keep_ms: int,
         ttl_ms: int,
         trace: bytes = b"",
+        shape: Shape | None = None,
     ) -> bytes:
-        """The record of an outcome. Only a value keeps ``keep_ms``; anything else gets 0."""
+        """The record of an outcome. Only a value keeps ``keep_ms``; anything else gets 0.
+
+        ``shape``: the function's return annotation, compiled (dedupe.core.shapes): the
+        value is sent as its plain data. A value that cannot travel (the serializer refuses
+        it, or it does not fit the annotation) becomes ResultNotSerializable in ``outcome``
+        too: the leader's callers get the same error as every other process, so a
+        one-process run shows what a fleet would.
+        """
         check_number("token", token)
         check_number("keep_ms", keep_ms)
         check_number("ttl_ms", ttl_ms)
         if not isinstance(trace, bytes) or len(trace) > MAX_TRACE:
             raise ValueError(f"trace must be bytes of at most {MAX_TRACE} bytes")
-        kind, body = self._body(outcome, channel)
+        kind, body = self._body(outcome, channel, shape)
+        if kind == KIND_UNSERIALIZABLE:
+            outcome.value, outcome.error = None, ResultNotSerializable(body.decode())
         if kind != KIND_VALUE:
             keep_ms = 0
         header = record.header(token, keep_ms, ttl_ms)
@@ -322,17 +339,21 @@ class Codec:
                 return True
         return False
 
-    def _body(self, outcome: Outcome, channel: str) -> tuple[int, bytes]:
+    def _body(self, outcome: Outcome, channel: str, shape: Shape | None) -> tuple[int, bytes]:
         if outcome.error is not None:
             kind, body = KIND_ERROR, error_body(outcome.error, with_pickle=self._pickle)
         else:
             try:
-                body = self.serializer.dumps(outcome.value)
+                value = outcome.value
+                if shape is not None and self._shaped:
+                    value = shape.dump(value)
+                body = self.serializer.dumps(value)
                 if not isinstance(body, bytes):
                     raise TypeError(f"dumps returned {type(body).__name__}, not bytes")
                 kind = KIND_VALUE
             except Exception as exc:
-                kind, body = KIND_UNSERIALIZABLE, self._unserializable(outcome.value, exc, channel)
+                kind = KIND_UNSERIALIZABLE
+                body = self._unserializable(outcome.value, exc, channel, shape)
         limit = self.max_payload_bytes
         if limit is not None and len(body) > limit:
             kind = KIND_TOO_LARGE
@@ -341,8 +362,18 @@ class Codec:
             ).encode()
         return kind, body
 
-    def _unserializable(self, value: Any, exc: Exception, channel: str) -> bytes:
+    def _unserializable(
+        self, value: Any, exc: Exception, channel: str, shape: Shape | None
+    ) -> bytes:
         type_name = qualname(type(value))
+        if isinstance(exc, ShapeError) and shape is not None:
+            message = (
+                f"the leader's value of type {type_name} does not fit the function's return "
+                f"annotation {shape.name} ({exc}), so no process could rebuild it from its "
+                "own annotation: return what the annotation says, or pass returns=..."
+            )
+            self._warn_once(type_name, message, channel)
+            return message.encode("utf-8", "replace")
         name = serializer_name(self.serializer)
         how = (
             "pass serializer=<your own Serializer> that can encode it"
@@ -352,28 +383,35 @@ class Codec:
         )
         message = (
             f"the leader's value of type {type_name} cannot be sent to other processes with "
-            f"serializer {name!r} ({short(exc)}); only callers in the leader's process got "
-            f"it. To send it: {how}"
+            f"serializer {name!r} ({short(exc)}); every caller gets this error, in the "
+            f"leader's process too. To send it: {how}"
         )
+        self._warn_once(type_name, message, channel)
+        return message.encode("utf-8", "replace")
+
+    def _warn_once(self, type_name: str, message: str, channel: str) -> None:
         with self._lock:
             first = type_name not in self._warned and len(self._warned) < 1024
             if first:
                 self._warned.add(type_name)
         if first:
             log.warning("%s (first seen on %r; logged once per type)", message, channel)
-        return message.encode("utf-8", "replace")
 
     # --- opening ---------------------------------------------------------------------------
 
-    def open(self, data: bytes, *, channel: str) -> Opened | Notice:
+    def open(self, data: bytes, *, channel: str, shape: Shape | None = None) -> Opened | Notice:
         """Parse (and, with a secret, verify) a record or notice read from ``channel``'s job.
+
+        ``shape``: this process's own return annotation, compiled: a value is rebuilt by it
+        (never by anything the record names); one that does not fit it opens as an Outcome
+        whose error is ResultInvalid (counted in ``rejected``).
 
         Raises only EnvelopeError (TamperedEnvelope for a failed or missing signature), and
         counts every such refusal in ``rejected``. An Opened's token may be older than the
         lease a follower waits on: refusing that is the protocol's decision.
         """
         try:
-            return self._open(data, channel)
+            return self._open(data, channel, shape)
         except EnvelopeError:
             self.count_rejection()
             raise
@@ -383,7 +421,7 @@ class Codec:
             error.unexpected = True  # type: ignore[attr-defined]  # the fuzz tests look for it
             raise error from exc
 
-    def _open(self, data: bytes, channel: str) -> Opened | Notice:
+    def _open(self, data: bytes, channel: str, shape: Shape | None) -> Opened | Notice:
         if type(data) is not bytes:
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise EnvelopeError(f"expected bytes, got {type(data).__name__}")
@@ -400,7 +438,7 @@ class Codec:
         kind, ident, trace, body = self._unpack(
             memoryview(data)[end:], _RECORD_DOMAIN, channel, data[:end]
         )
-        outcome = self._outcome(kind, ident, body)
+        outcome = self._outcome(kind, ident, body, shape)
         if outcome.error is None:
             outcome.fresh_ms = keep
         return Opened(token, keep, ttl, outcome, trace)
@@ -446,7 +484,7 @@ class Codec:
             body = env[end:]
         return kind, ident, bytes(env[HEAD_LEN:end]), bytes(body)
 
-    def _outcome(self, kind: int, ident: int, body: bytes) -> Outcome:
+    def _outcome(self, kind: int, ident: int, body: bytes, shape: Shape | None) -> Outcome:
         limit = self.max_payload_bytes
         if limit is not None and len(body) > limit:
             return Outcome(
@@ -456,7 +494,19 @@ class Codec:
                 )
             )
         if kind == KIND_VALUE:
-            return Outcome(value=self._loads(ident, body))
+            value = self._loads(ident, body)
+            if shape is None or HARMLESS.get(ident) is None:
+                return Outcome(value=value)
+            try:
+                return Outcome(value=shape.load(value))
+            except ShapeError as exc:
+                self.count_rejection()
+                return Outcome(
+                    error=ResultInvalid(
+                        f"the value read from Redis does not fit this function's return "
+                        f"annotation {shape.name} ({str(exc)[:500]})"
+                    )
+                )
         if kind == KIND_ERROR:
             return Outcome(error=error_from_meta(SAFE.loads(body), allow_pickle=self._pickle))
         text = body.decode("utf-8", "replace")[:_MAX_NOTE]
