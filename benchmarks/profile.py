@@ -250,11 +250,11 @@ def parts(url: str, out: Path) -> None:
     backend = sf.backend()
     codec = backend.codec
     client = backend.sync_client()
-    from dedupe.api import _Overrides
     from dedupe.core.keys import key_builder
+    from dedupe.overrides import Overrides
 
     kb = key_builder(getattr(noop, "__wrapped__"), "{i}")  # noqa: B009
-    o = _Overrides()
+    o = Overrides()
     make = sf._spec_maker(backend, names_for("parts", "job"), o)
     spec = make(None, None)
     payload = b"x" * 1024

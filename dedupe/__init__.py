@@ -1,13 +1,6 @@
 """dedupe: distributed single-flight on Redis. One runs the work; all get its outcome."""
 
-from dedupe.api import (
-    INHERIT,
-    AsyncFlightFunction,
-    CallOptions,
-    FlightFunction,
-    SingleFlight,
-    single_flight,
-)
+from dedupe.api import CallOptions, SingleFlight, single_flight
 from dedupe.batches import AsyncBatchFunction, BatchFunction, BatchResult
 from dedupe.core.context import BatchFlight, Flight, current_flight
 from dedupe.core.inflight import InFlightInfo, Served
@@ -29,7 +22,9 @@ from dedupe.errors import (
     UnsupportedServer,
     WaitTimeout,
 )
+from dedupe.functions import AsyncFlightFunction, FlightFunction
 from dedupe.ops.inspector import JobState
+from dedupe.overrides import INHERIT
 
 __all__ = [
     "INHERIT",

@@ -4,28 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import os
-import sys
 import threading
-import warnings
 import weakref
 from asyncio import _get_running_loop  # C: the running loop of this thread, or None
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import replace
 from typing import (
     Any,
-    Concatenate,
     Final,
-    NamedTuple,
     ParamSpec,
-    Protocol,
     TypeVar,
     overload,
 )
-
-import wrapt
 
 from dedupe.backend.commands import ScriptCall, forget_call, notify_call, typed_errors
 from dedupe.backend.lifecycle import Backend, BackendConfig
@@ -40,10 +32,8 @@ from dedupe.batches import (
 from dedupe.core.call import copy_hit
 from dedupe.core.inflight import InFlightInfo, Served
 from dedupe.core.keys import (
-    KeyBuilder,
     Names,
     batch_keys,
-    function_name,
     key_builder,
     names_for,
     validate_job_id,
@@ -54,8 +44,20 @@ from dedupe.core.sealing import SecretSpec, codec_for
 from dedupe.core.serializers import Serializer
 from dedupe.core.shapes import FROM_ANNOTATION, Shape, function_shape
 from dedupe.drivers import aio, sync
+from dedupe.functions import (
+    AsyncFlightFunction,
+    BatchDecorator,
+    Decorator,
+    FlightFunction,
+    FlightFunctionWrapper,
+    Flown,
+    is_async,
+    named,
+    warn_blocking_once,
+)
 from dedupe.ops import events, inspector
 from dedupe.ops.inspector import JobState
+from dedupe.overrides import INHERIT, NO_OVERRIDES, FlightParams, Overrides, spec_maker
 from dedupe.settings import (
     AsyncClient,
     Settings,
@@ -67,403 +69,17 @@ from dedupe.settings import (
     per_function,
 )
 
-__all__ = [
-    "INHERIT",
-    "AsyncFlightFunction",
-    "CallOptions",
-    "FlightFunction",
-    "Served",
-    "Settings",
-    "SingleFlight",
-    "single_flight",
-]
+__all__ = ["CallOptions", "Settings", "SingleFlight", "single_flight"]
 
 P = ParamSpec("P")
-P2 = ParamSpec("P2")
 R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
 K = TypeVar("K")
 V = TypeVar("V")
-S = TypeVar("S")
 
 DEFAULT_URL: Final = "redis://localhost:6379/0"
 
 log = logging.getLogger("dedupe")
-
-
-class _Inherit:
-    """The default of a per-function setting: take the SingleFlight's (also after configure)."""
-
-    def __repr__(self) -> str:
-        return "INHERIT"
-
-    def __reduce__(self) -> str:
-        return "INHERIT"
-
-
-INHERIT: Final[Any] = _Inherit()
-"""Default of the decorator's per-function settings (lock_ttl, ...): use the instance's."""
-
-
-# --- a function's own settings --------------------------------------------------------------
-
-
-class _Overrides:
-    """A decorated function's own values of per-function settings (settings.per_function());
-    the rest, and any it leaves out, are the instance's, also after configure(). Compared and
-    hashed by value: the key of SingleFlight's parameter cache."""
-
-    __slots__ = ("_hash", "values")
-
-    def __init__(self, **values: Any) -> None:
-        self.values: Final = tuple(sorted(values.items()))
-        self._hash: Final = hash(self.values)
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Overrides) and self.values == other.values
-
-    def __repr__(self) -> str:
-        return f"_Overrides({', '.join(f'{k}={v!r}' for k, v in self.values)})"
-
-    def apply(self, s: Settings) -> Settings:
-        """The function's settings: ``s`` with its own values (not checked again)."""
-        return replace(s, **dict(self.values)) if self.values else s
-
-
-_NO_OVERRIDES: Final = _Overrides()  # sf.call's: the instance's settings
 _RECENT_NAMES: Final = 1024  # job names remembered per SingleFlight (then forgotten at once)
-
-
-class _FlightParams(NamedTuple):
-    """A function's flight parameters under one Settings: FlightSpec's fields but the
-    flight's own (names, owner, deadline), plus its wait_timeout."""
-
-    lock_ttl_ms: int
-    token_ttl_ms: int
-    result_ttl_ms: int
-    grace_ms: int
-    inline_max_bytes: int
-    min_replicas: int
-    replica_timeout_ms: int
-    max_hold_ms: int
-    wait_timeout: float | None
-    stale_ms: int
-    error_ms: int
-    backoff_ms: int
-    early_refresh: float
-    answers: tuple[type[BaseException], ...]
-    soft_timeout: float | None
-
-    @classmethod
-    def of(cls, s: Settings) -> _FlightParams:
-        lock_ms = max(10, round(s.lock_ttl * 1000))
-        return cls(
-            lock_ttl_ms=lock_ms,
-            token_ttl_ms=max(1, round(s.token_ttl * 1000)),
-            result_ttl_ms=round(s.result_ttl * 1000),
-            # Any outcome stays readable this long, for followers that missed its message.
-            grace_ms=lock_ms + 2000,
-            inline_max_bytes=s.inline_max_bytes,
-            min_replicas=s.min_replicas_ack,
-            replica_timeout_ms=round(s.replica_ack_timeout * 1000),
-            # A lease is never cut shorter than one lock_ttl, even if configure() made
-            # max_hold shorter than a function's own lock_ttl.
-            max_hold_ms=max(round(s.max_hold * 1000), lock_ms + 1),
-            wait_timeout=s.wait_timeout,
-            stale_ms=round(s.stale_while_revalidate * 1000),
-            error_ms=round(s.stale_if_error * 1000),
-            # After a failed run, this long with no run; configure() may have shortened
-            # stale_if_error below a function's own backoff: the window bounds it.
-            backoff_ms=round(
-                min(30.0 if s.error_backoff is None else s.error_backoff, s.stale_if_error) * 1000
-            ),
-            early_refresh=float(s.early_refresh),
-            answers=s.answers,
-            soft_timeout=s.soft_timeout if s.stale_if_error else None,
-        )
-
-
-def _spec_maker(
-    backend: Backend, names: Names, p: _FlightParams, shape: Shape | None = None
-) -> Callable[[float | None, float | None], FlightSpec]:
-    """The FlightSpec of each flight of one job: its parameters, its owner, its deadlines."""
-
-    def make(deadline: float | None, soft_deadline: float | None) -> FlightSpec:
-        return FlightSpec(
-            names=names,
-            owner=backend.owner(),
-            deadline=deadline,
-            lock_ttl_ms=p.lock_ttl_ms,
-            token_ttl_ms=p.token_ttl_ms,
-            result_ttl_ms=p.result_ttl_ms,
-            grace_ms=p.grace_ms,
-            inline_max_bytes=p.inline_max_bytes,
-            min_replicas=p.min_replicas,
-            replica_timeout_ms=p.replica_timeout_ms,
-            max_hold_ms=p.max_hold_ms,
-            stale_ms=p.stale_ms,
-            error_ms=p.error_ms,
-            backoff_ms=p.backoff_ms,
-            early_refresh=p.early_refresh,
-            soft_deadline=soft_deadline,
-            answers=p.answers,
-            shape=shape,
-        )
-
-    return make
-
-
-# --- what the decorator returns -----------------------------------------------------------
-
-
-class FlightFunction(Protocol[P, R_co]):
-    """What ``@sf`` makes of a plain function: the function, plus the handles of its flights.
-
-    ``fn.job_id(*args, **kwargs)`` is the job id a call would use; ``fn.detailed(...)`` runs
-    the call and returns ``Served(value, shared, role)``; ``fn.forget(...)`` drops the value
-    kept for those arguments and says whether there was one (see SingleFlight.forget).
-    """
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
-    def job_id(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
-    def detailed(self, *args: P.args, **kwargs: P.kwargs) -> Served: ...
-    def forget(self, *args: P.args, **kwargs: P.kwargs) -> bool: ...
-    @overload
-    def __get__(
-        self, instance: None, owner: type[Any] | None = None, /
-    ) -> FlightFunction[P, R_co]: ...
-    @overload
-    def __get__(
-        self: FlightFunction[Concatenate[S, P2], R], instance: S, owner: type[Any] | None = None, /
-    ) -> FlightFunction[P2, R]: ...
-
-
-class AsyncFlightFunction(Protocol[P, R_co]):
-    """What ``@sf`` makes of a coroutine function; as FlightFunction, every handle but
-    ``job_id`` gives a coroutine."""
-
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R_co]: ...
-    def job_id(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
-    def detailed(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, Served]: ...
-    def forget(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, bool]: ...
-    @overload
-    def __get__(
-        self, instance: None, owner: type[Any] | None = None, /
-    ) -> AsyncFlightFunction[P, R_co]: ...
-    @overload
-    def __get__(
-        self: AsyncFlightFunction[Concatenate[S, P2], R],
-        instance: S,
-        owner: type[Any] | None = None,
-        /,
-    ) -> AsyncFlightFunction[P2, R]: ...
-
-
-class _BatchDecorator(Protocol):
-    @overload
-    def __call__(
-        self, fn: Callable[P, Coroutine[Any, Any, Mapping[K, V]]]
-    ) -> AsyncBatchFunction[P, K, V]: ...
-    @overload
-    def __call__(self, fn: Callable[P, Mapping[K, V]]) -> BatchFunction[P, K, V]: ...
-
-
-class _Decorator(Protocol):
-    @overload
-    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> AsyncFlightFunction[P, R]: ...  # type: ignore[overload-overlap]
-    @overload
-    def __call__(self, fn: Callable[P, R]) -> FlightFunction[P, R]: ...
-
-
-class _Flown:
-    """One decorated function's flight settings; shared by its wrapper and bound wrappers."""
-
-    __slots__ = ("builder", "is_async", "overrides", "returns", "sf", "shape", "warned")
-
-    def __init__(
-        self,
-        sf: SingleFlight,
-        builder: KeyBuilder,
-        overrides: _Overrides,
-        is_async: bool,
-        returns: Any = FROM_ANNOTATION,
-    ) -> None:
-        self.sf, self.builder, self.overrides, self.is_async = sf, builder, overrides, is_async
-        self.warned = False  # a sync call blocked a running event loop (warned once)
-        self.returns = returns
-        # Resolved at the first call, not here: the annotation may name a class defined
-        # further down the module. Written once (a race only resolves it twice).
-        self.shape: Shape | _Unresolved | None = _UNRESOLVED
-
-    def shape_of(self, fn: Callable[..., Any]) -> Shape | None:
-        shape = self.shape
-        if shape is _UNRESOLVED:
-            shape = self.shape = function_shape(fn, self.returns)
-        return shape  # type: ignore[return-value]
-
-    def job_id(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-        return self.builder(_full_args(instance, args), kwargs)
-
-    def run(
-        self,
-        wrapped: Callable[..., Any],
-        instance: Any,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        detail: bool,
-    ) -> Any:
-        job_id = self.job_id(instance, args, kwargs)
-        shape = self.shape_of(wrapped)
-        if self.is_async:
-            coro = self.sf._run_async(job_id, self.overrides, wrapped, args, kwargs, detail, shape)
-            return _named(coro, wrapped)
-        if _get_running_loop() is not None and not self.warned:
-            self.warned = True
-            _warn_blocking(wrapped)
-        return self.sf._run_sync(job_id, self.overrides, wrapped, args, kwargs, detail, shape)
-
-    def forget(self, instance: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        job_id = self.job_id(instance, args, kwargs)
-        return self.sf.aforget(job_id) if self.is_async else self.sf.forget(job_id)
-
-
-class _Unresolved:
-    pass
-
-
-_UNRESOLVED: Final = _Unresolved()
-
-
-class _BoundFlightFunction(wrapt.BoundFunctionWrapper[..., Any]):
-    """A decorated method, bound to its instance: the same handles, with self bound."""
-
-    def job_id(self, *args: Any, **kwargs: Any) -> str:
-        flown: _Flown = self._self_parent._self_flown
-        return flown.job_id(self._self_instance, args, kwargs)
-
-    def detailed(self, *args: Any, **kwargs: Any) -> Any:
-        flown: _Flown = self._self_parent._self_flown
-        return flown.run(self.__wrapped__, self._self_instance, args, kwargs, True)
-
-    def forget(self, *args: Any, **kwargs: Any) -> Any:
-        flown: _Flown = self._self_parent._self_flown
-        return flown.forget(self._self_instance, args, kwargs)
-
-
-class _FlightFunction(wrapt.FunctionWrapper[..., Any]):
-    """The decorated function: calls run as flights; it pickles by reference, as a plain
-    function does (so ProcessPoolExecutor.map and multiprocessing can send it)."""
-
-    __bound_function_wrapper__ = _BoundFlightFunction
-
-    def __init__(self, wrapped: Callable[..., Any], flown: _Flown) -> None:
-        super().__init__(wrapped, _wrapper_for(flown, wrapped))
-        self._self_flown = flown
-
-    def __reduce_ex__(self, protocol: Any) -> str:
-        # A str tells pickle: "the global of this name in the object's module", which it
-        # checks is this very object; functions defined in a function cannot be sent.
-        name: str = self.__wrapped__.__qualname__
-        return name
-
-    def __reduce__(self) -> str:
-        return self.__reduce_ex__(2)
-
-    def __copy__(self) -> _FlightFunction:
-        return self  # a function, like a plain one: copies are the object itself
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> _FlightFunction:
-        return self
-
-    def job_id(self, *args: Any, **kwargs: Any) -> str:
-        return self._self_flown.job_id(None, args, kwargs)
-
-    def detailed(self, *args: Any, **kwargs: Any) -> Any:
-        return self._self_flown.run(self.__wrapped__, None, args, kwargs, True)
-
-    def forget(self, *args: Any, **kwargs: Any) -> Any:
-        return self._self_flown.forget(None, args, kwargs)
-
-
-def _wrapper_for(flown: _Flown, fn: Callable[..., Any]) -> Callable[..., Any]:
-    def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        return flown.run(wrapped, instance, args, kwargs, False)
-
-    return wrapper
-
-
-def _named(coro: Coroutine[Any, Any, R], fn: Callable[..., Any]) -> Coroutine[Any, Any, R]:
-    # "coroutine ... was never awaited" then names the user's function, not ours.
-    inner: Any = fn
-    while isinstance(inner, functools.partial):
-        inner = inner.func
-    name = getattr(inner, "__qualname__", None)
-    target: Any = coro
-    if isinstance(name, str):
-        target.__qualname__ = name
-        target.__name__ = getattr(inner, "__name__", name)
-    return coro
-
-
-# --- a sync flight in a thread that runs an event loop ---------------------------------------
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_WRAPT_DIR = os.path.dirname(os.path.abspath(wrapt.__file__)) + os.sep
-_warned_calls: set[object] = set()  # sf.call's sync functions warned about (their code)
-_warned_lock = threading.Lock()  # guards _warned_calls
-
-
-def _warn_blocking(fn: Callable[..., Any]) -> None:
-    """Say, as a RuntimeWarning at the user's call, that a sync flight blocks the running loop."""
-    name = function_name(fn)
-    short = name.rpartition(".")[2] or name
-    # The first frame outside dedupe and wrapt is the user's call.
-    frame, level = sys._getframe(1), 2
-    while frame.f_back is not None and frame.f_code.co_filename.startswith(
-        (_PACKAGE_DIR, _WRAPT_DIR)
-    ):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(
-        f"{name} is a sync function run as a flight from a thread that runs an asyncio event "
-        "loop: the call blocks that loop until the flight ends (its own run, or the wait for "
-        f"another caller's). Make it an async def function, or call it as "
-        f"`await asyncio.to_thread({short}, ...)` (warned once per function)",
-        RuntimeWarning,
-        stacklevel=level,
-    )
-
-
-def _warn_blocking_once(fn: Callable[..., Any]) -> None:
-    """_warn_blocking for sf.call: once per function (its code, so that a lambda made anew
-    for each call counts as one)."""
-    inner: Any = fn
-    while isinstance(inner, functools.partial):
-        inner = inner.func
-    inner = getattr(inner, "__func__", inner)
-    key = getattr(inner, "__code__", None) or type(inner)
-    with _warned_lock:
-        if key in _warned_calls:
-            return
-        _warned_calls.add(key)
-    _warn_blocking(fn)
-
-
-def _full_args(instance: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    # wrapt hands a method's self (or a classmethod's cls) apart; the key binds it too.
-    return args if instance is None else (instance, *args)
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    if inspect.iscoroutinefunction(fn):
-        return True
-    if inspect.isfunction(fn) or inspect.ismethod(fn) or inspect.isbuiltin(fn):
-        return False
-    return inspect.iscoroutinefunction(getattr(fn, "__call__", None))  # noqa: B004
 
 
 # --- the instance -------------------------------------------------------------------------
@@ -533,7 +149,7 @@ class SingleFlight:
         self._backend: Backend | None = None
         # The flight parameters of each function's overrides, under the settings they were
         # worked out from (configure() replaces _settings: they are worked out anew).
-        self._params: dict[_Overrides, tuple[Settings, _FlightParams]] = {}
+        self._params: dict[Overrides, tuple[Settings, FlightParams]] = {}
         # Recent jobs' Redis names under the settings they were made for (a hot key's hit
         # skips validating and spelling them again); no lock: a race only repeats the work.
         self._recent: tuple[Settings, dict[str, Names]] = (settings, {})
@@ -606,17 +222,17 @@ class SingleFlight:
         return Backend(BackendConfig.of(s, url=url, codec=codec))
 
     def _spec_maker(
-        self, backend: Backend, names: Names, o: _Overrides
+        self, backend: Backend, names: Names, o: Overrides
     ) -> Callable[[float | None, float | None], FlightSpec]:
-        return _spec_maker(backend, names, self._flight_params(o))
+        return spec_maker(backend, names, self._flight_params(o))
 
-    def _flight_params(self, o: _Overrides) -> _FlightParams:
+    def _flight_params(self, o: Overrides) -> FlightParams:
         """A function's flight parameters, worked out once per settings and overrides (this
         is on every call's path: one dict lookup when nothing changed)."""
         s = self._settings
         cached = self._params.get(o)
         if cached is None or cached[0] is not s:
-            self._params[o] = cached = (s, _FlightParams.of(o.apply(s)))
+            self._params[o] = cached = (s, FlightParams.of(o.apply(s)))
         return cached[1]
 
     def _names(self, job_id: str) -> Names:
@@ -638,7 +254,7 @@ class SingleFlight:
     def _run_sync(
         self,
         job_id: str,
-        o: _Overrides,
+        o: Overrides,
         fn: Callable[..., R],
         args: Any,
         kw: Any,
@@ -652,14 +268,14 @@ class SingleFlight:
             if hit:
                 return value
         p = self._flight_params(o)
-        make = _spec_maker(backend, names, p, shape)
+        make = spec_maker(backend, names, p, shape)
         return sync.call(backend, names, make, p.wait_timeout, fn, args, kw, detail=detail,
                          soft_timeout=p.soft_timeout)  # fmt: skip
 
     async def _run_async(
         self,
         job_id: str,
-        o: _Overrides,
+        o: Overrides,
         fn: Callable[..., Awaitable[R]],
         args: Any,
         kw: Any,
@@ -673,7 +289,7 @@ class SingleFlight:
             if hit:
                 return value
         p = self._flight_params(o)
-        make = _spec_maker(backend, names, p, shape)
+        make = spec_maker(backend, names, p, shape)
         return await aio.call(backend, names, make, p.wait_timeout, fn, args, kw,  # type: ignore[arg-type]
                               detail=detail, soft_timeout=p.soft_timeout)  # fmt: skip
 
@@ -729,17 +345,17 @@ class SingleFlight:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         detail: bool,
-        o: _Overrides = _NO_OVERRIDES,
+        o: Overrides = NO_OVERRIDES,
         returns: Any = FROM_ANNOTATION,
     ) -> Any:
         validate_job_id(job_id)
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         shape = function_shape(fn, returns)
-        if _is_async(fn):
-            return _named(self._run_async(job_id, o, fn, args, kwargs, detail, shape), fn)
+        if is_async(fn):
+            return named(self._run_async(job_id, o, fn, args, kwargs, detail, shape), fn)
         if _get_running_loop() is not None:
-            _warn_blocking_once(fn)
+            warn_blocking_once(fn)
         return self._run_sync(job_id, o, fn, args, kwargs, detail, shape)
 
     def options(
@@ -762,7 +378,7 @@ class SingleFlight:
         ``returns``: the type the call's values have, in place of ``fn``'s return annotation
         (see the decorator)."""
         given = {k: v for k, v in locals().items() if k not in ("self", "returns")}
-        overrides = _Overrides(**check_function_values(given, INHERIT, "SingleFlight.options"))
+        overrides = Overrides(**check_function_values(given, INHERIT, "SingleFlight.options"))
         check_relations(overrides.apply(self._settings))
         return CallOptions(self, overrides, returns)
 
@@ -833,12 +449,12 @@ class SingleFlight:
     # --- batches ------------------------------------------------------------------------------
 
     def _batch_plumbing(
-        self, names: list[Names], o: _Overrides, shape: Shape | None = None
-    ) -> tuple[Backend, Callable[[int, float | None, float | None], FlightSpec], _FlightParams]:
+        self, names: list[Names], o: Overrides, shape: Shape | None = None
+    ) -> tuple[Backend, Callable[[int, float | None, float | None], FlightSpec], FlightParams]:
         """A batch part's backend, each item's spec maker, and the function's parameters."""
         backend = self.backend()
         p = self._flight_params(o)
-        makers = [_spec_maker(backend, n, p, shape) for n in names]
+        makers = [spec_maker(backend, n, p, shape) for n in names]
         return backend, lambda i, deadline, soft: makers[i](deadline, soft), p
 
     @overload
@@ -897,7 +513,7 @@ class SingleFlight:
         soft_timeout: float | None = INHERIT,
         early_refresh: float | None = INHERIT,
         answers: tuple[type[BaseException], ...] | None = INHERIT,
-    ) -> _BatchDecorator: ...
+    ) -> BatchDecorator: ...
     def batch(
         self,
         fn: Callable[..., Any] | None = None,
@@ -924,14 +540,14 @@ class SingleFlight:
         (BatchError if an item failed); ``.detailed(...)`` returns a BatchResult;
         ``.job_ids(...)`` and ``.forget(...)`` work per item.
         """
-        overrides = _Overrides(**check_function_values(own, INHERIT, "SingleFlight.batch"))
+        overrides = Overrides(**check_function_values(own, INHERIT, "SingleFlight.batch"))
         check_relations(overrides.apply(self._settings))
 
         def decorate(fn: Callable[..., Any]) -> Any:
             if not callable(fn):
                 raise TypeError(f"sf.batch decorates callables, not {type(fn).__name__}")
             keys = batch_keys(fn, key, namespace)
-            batched = Batched(self, keys, overrides, _is_async(fn), returns)
+            batched = Batched(self, keys, overrides, is_async(fn), returns)
             return BatchFunctionWrapper(fn, batched)
 
         return decorate(fn) if fn is not None else decorate
@@ -951,7 +567,7 @@ class SingleFlight:
         item's job id as sf.call's (shared with ``sf.call`` of that id)."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        return adhoc(self, _NO_OVERRIDES, items, fn, key, args, kwargs, _is_async(fn), False)
+        return adhoc(self, NO_OVERRIDES, items, fn, key, args, kwargs, is_async(fn), False)
 
     def call_batch_detailed(
         self,
@@ -966,7 +582,7 @@ class SingleFlight:
         raise for an item."""
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-        return adhoc(self, _NO_OVERRIDES, items, fn, key, args, kwargs, _is_async(fn), True)
+        return adhoc(self, NO_OVERRIDES, items, fn, key, args, kwargs, is_async(fn), True)
 
     # --- decorating ---------------------------------------------------------------------------
 
@@ -1028,7 +644,7 @@ class SingleFlight:
         soft_timeout: float | None = INHERIT,
         early_refresh: float | None = INHERIT,
         answers: tuple[type[BaseException], ...] | None = INHERIT,
-    ) -> _Decorator: ...
+    ) -> Decorator: ...
     def __call__(
         self,
         fn: Callable[..., Any] | None = None,
@@ -1059,7 +675,7 @@ class SingleFlight:
         The result keeps ``fn``'s signature and adds ``.job_id(...)``, ``.detailed(...)`` and
         ``.forget(...)``; it pickles by reference, like the function.
         """
-        overrides = _Overrides(**check_function_values(own, INHERIT, "SingleFlight.__call__"))
+        overrides = Overrides(**check_function_values(own, INHERIT, "SingleFlight.__call__"))
         check_relations(overrides.apply(self._settings))  # e.g. its lock_ttl under max_hold
         if fn is not None:
             return self._decorate(fn, key, namespace, overrides, returns)
@@ -1072,13 +688,13 @@ class SingleFlight:
         fn: Callable[..., Any],
         key: str | Callable[..., str] | None,
         namespace: bool | str,
-        overrides: _Overrides,
+        overrides: Overrides,
         returns: Any = FROM_ANNOTATION,
     ) -> Any:
         if not callable(fn):
             raise TypeError(f"single_flight decorates callables, not {type(fn).__name__}")
         builder = key_builder(fn, key, namespace)
-        return _FlightFunction(fn, _Flown(self, builder, overrides, _is_async(fn), returns))
+        return FlightFunctionWrapper(fn, Flown(self, builder, overrides, is_async(fn), returns))
 
     def __repr__(self) -> str:
         s = self._settings
@@ -1093,7 +709,7 @@ class CallOptions:
     __slots__ = ("_overrides", "_returns", "_sf")
 
     def __init__(
-        self, sf: SingleFlight, overrides: _Overrides, returns: Any = FROM_ANNOTATION
+        self, sf: SingleFlight, overrides: Overrides, returns: Any = FROM_ANNOTATION
     ) -> None:
         self._sf = sf
         self._overrides = overrides

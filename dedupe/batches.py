@@ -27,7 +27,8 @@ from dedupe.core.shapes import FROM_ANNOTATION, Shape, function_shape
 from dedupe.errors import BatchError
 
 if TYPE_CHECKING:
-    from dedupe.api import SingleFlight, _Overrides
+    from dedupe.api import SingleFlight
+    from dedupe.overrides import Overrides
 
 __all__ = ["AsyncBatchFunction", "BatchFunction", "BatchResult"]
 
@@ -87,7 +88,7 @@ class Batched:
         self,
         sf: SingleFlight,
         keys: BatchKeys,
-        overrides: _Overrides,
+        overrides: Overrides,
         is_async: bool,
         returns: Any = FROM_ANNOTATION,
     ):
@@ -158,7 +159,7 @@ class _Runner:
     def __init__(
         self,
         sf: SingleFlight,
-        overrides: _Overrides,
+        overrides: Overrides,
         items: list[Any],
         ids: list[str],
         fn: Callable[[list[Any]], Any],
@@ -276,7 +277,7 @@ class BatchFunctionWrapper(wrapt.FunctionWrapper[..., Any]):
 
 def adhoc(
     sf: SingleFlight,
-    overrides: _Overrides,
+    overrides: Overrides,
     items: Iterable[Any],
     fn: Callable[..., Any],
     key: str | Callable[[Any], str],

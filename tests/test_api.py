@@ -29,9 +29,9 @@ import redis
 import redis.asyncio
 
 from dedupe import INHERIT, ReentrantFlight, Served, SingleFlight
-from dedupe.api import _Overrides
 from dedupe.core.keys import names_for
 from dedupe.core.local_copies import LocalCopies, estimate_size
+from dedupe.overrides import Overrides
 from devtools.servers import RedisServer
 
 # A port nothing listens on: building an instance must never need one.
@@ -427,7 +427,7 @@ def test_a_function_lock_ttl_must_stay_under_max_hold() -> None:
 
 def test_settings_reach_the_flight_spec(redis_url: str, prefix: str) -> None:
     sf = SingleFlight(redis_url, prefix=prefix, token_ttl=7.0, max_hold=90.0, lock_ttl=2.0)
-    spec = sf._spec_maker(sf.backend(), names_for(prefix, "x"), _Overrides())(None, None)
+    spec = sf._spec_maker(sf.backend(), names_for(prefix, "x"), Overrides())(None, None)
     assert (spec.token_ttl_ms, spec.max_hold_ms, spec.lock_ttl_ms) == (7000, 90_000, 2000)
     sf.close()
 

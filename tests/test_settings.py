@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from dedupe import INHERIT, SingleFlight
-from dedupe.api import _FlightParams, _Overrides
 from dedupe.backend.lifecycle import BackendConfig
 from dedupe.core.keys import names_for
 from dedupe.core.protocol import FlightSpec
 from dedupe.core.sealing import Codec
+from dedupe.overrides import FlightParams, Overrides
 from dedupe.settings import Settings, declared, help_text, per_function
 from devtools import readme_settings
 
@@ -132,9 +132,9 @@ def test_none_means_inherit_only_where_none_is_no_value() -> None:
     def fn() -> None: ...
 
     own = fn._self_flown.overrides  # type: ignore[attr-defined]
-    assert own == _Overrides(wait_timeout=None)  # no timeout for this one; the rest inherited
+    assert own == Overrides(wait_timeout=None)  # no timeout for this one; the rest inherited
     assert sf._flight_params(own).wait_timeout is None
-    assert sf._flight_params(_Overrides()).wait_timeout == 3.0
+    assert sf._flight_params(Overrides()).wait_timeout == 3.0
 
 
 # --------------------------------------------------------------------------- the consumers
@@ -152,7 +152,7 @@ def test_the_backend_config_is_the_settings_resolved() -> None:
 def test_every_flight_spec_field_comes_from_the_settings_or_the_flight() -> None:
     spec_fields = {f.name for f in dataclasses.fields(FlightSpec)}
     # The caller's timeouts become the flight's deadlines, on its clock.
-    assert spec_fields == set(_FlightParams._fields) - {"wait_timeout", "soft_timeout"} | {
+    assert spec_fields == set(FlightParams._fields) - {"wait_timeout", "soft_timeout"} | {
         "names",
         "owner",
         "deadline",
@@ -181,7 +181,7 @@ def test_a_functions_own_settings_reach_its_flight_spec_and_survive_configure(
         spec = sf._spec_maker(sf.backend(), names, own)(1.5, None)
         assert (spec.lock_ttl_ms, spec.result_ttl_ms, spec.token_ttl_ms) == (5000, 0, 8000)
         assert spec.deadline == 1.5 and sf._flight_params(own).wait_timeout == 6.0
-        plain = sf._spec_maker(sf.backend(), names, _Overrides())(None, None)
+        plain = sf._spec_maker(sf.backend(), names, Overrides())(None, None)
         assert (plain.lock_ttl_ms, plain.result_ttl_ms) == (1000, 3000)
     finally:
         sf.close()

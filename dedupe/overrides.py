@@ -1,0 +1,140 @@
+"""A decorated function's own settings (its overrides of the instance's), and the flight
+parameters worked out from them once per settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Final, NamedTuple
+
+from dedupe.backend.lifecycle import Backend
+from dedupe.core.keys import Names
+from dedupe.core.protocol import FlightSpec
+from dedupe.core.shapes import Shape
+from dedupe.settings import Settings
+
+__all__ = ["INHERIT", "NO_OVERRIDES", "FlightParams", "Inherit", "Overrides", "spec_maker"]
+
+
+class Inherit:
+    """The default of a per-function setting: take the SingleFlight's (also after configure)."""
+
+    def __repr__(self) -> str:
+        return "INHERIT"
+
+    def __reduce__(self) -> str:
+        return "INHERIT"
+
+
+INHERIT: Final[Any] = Inherit()
+"""Default of the decorator's per-function settings (lock_ttl, ...): use the instance's."""
+
+
+# --- a function's own settings --------------------------------------------------------------
+
+
+class Overrides:
+    """A decorated function's own values of per-function settings (settings.per_function());
+    the rest, and any it leaves out, are the instance's, also after configure(). Compared and
+    hashed by value: the key of SingleFlight's parameter cache."""
+
+    __slots__ = ("_hash", "values")
+
+    def __init__(self, **values: Any) -> None:
+        self.values: Final = tuple(sorted(values.items()))
+        self._hash: Final = hash(self.values)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Overrides) and self.values == other.values
+
+    def __repr__(self) -> str:
+        return f"Overrides({', '.join(f'{k}={v!r}' for k, v in self.values)})"
+
+    def apply(self, s: Settings) -> Settings:
+        """The function's settings: ``s`` with its own values (not checked again)."""
+        return replace(s, **dict(self.values)) if self.values else s
+
+
+NO_OVERRIDES: Final = Overrides()  # sf.call's: the instance's settings
+
+
+class FlightParams(NamedTuple):
+    """A function's flight parameters under one Settings: FlightSpec's fields but the
+    flight's own (names, owner, deadline), plus its wait_timeout."""
+
+    lock_ttl_ms: int
+    token_ttl_ms: int
+    result_ttl_ms: int
+    grace_ms: int
+    inline_max_bytes: int
+    min_replicas: int
+    replica_timeout_ms: int
+    max_hold_ms: int
+    wait_timeout: float | None
+    stale_ms: int
+    error_ms: int
+    backoff_ms: int
+    early_refresh: float
+    answers: tuple[type[BaseException], ...]
+    soft_timeout: float | None
+
+    @classmethod
+    def of(cls, s: Settings) -> FlightParams:
+        lock_ms = max(10, round(s.lock_ttl * 1000))
+        return cls(
+            lock_ttl_ms=lock_ms,
+            token_ttl_ms=max(1, round(s.token_ttl * 1000)),
+            result_ttl_ms=round(s.result_ttl * 1000),
+            # Any outcome stays readable this long, for followers that missed its message.
+            grace_ms=lock_ms + 2000,
+            inline_max_bytes=s.inline_max_bytes,
+            min_replicas=s.min_replicas_ack,
+            replica_timeout_ms=round(s.replica_ack_timeout * 1000),
+            # A lease is never cut shorter than one lock_ttl, even if configure() made
+            # max_hold shorter than a function's own lock_ttl.
+            max_hold_ms=max(round(s.max_hold * 1000), lock_ms + 1),
+            wait_timeout=s.wait_timeout,
+            stale_ms=round(s.stale_while_revalidate * 1000),
+            error_ms=round(s.stale_if_error * 1000),
+            # After a failed run, this long with no run; configure() may have shortened
+            # stale_if_error below a function's own backoff: the window bounds it.
+            backoff_ms=round(
+                min(30.0 if s.error_backoff is None else s.error_backoff, s.stale_if_error) * 1000
+            ),
+            early_refresh=float(s.early_refresh),
+            answers=s.answers,
+            soft_timeout=s.soft_timeout if s.stale_if_error else None,
+        )
+
+
+def spec_maker(
+    backend: Backend, names: Names, p: FlightParams, shape: Shape | None = None
+) -> Callable[[float | None, float | None], FlightSpec]:
+    """The FlightSpec of each flight of one job: its parameters, its owner, its deadlines."""
+
+    def make(deadline: float | None, soft_deadline: float | None) -> FlightSpec:
+        return FlightSpec(
+            names=names,
+            owner=backend.owner(),
+            deadline=deadline,
+            lock_ttl_ms=p.lock_ttl_ms,
+            token_ttl_ms=p.token_ttl_ms,
+            result_ttl_ms=p.result_ttl_ms,
+            grace_ms=p.grace_ms,
+            inline_max_bytes=p.inline_max_bytes,
+            min_replicas=p.min_replicas,
+            replica_timeout_ms=p.replica_timeout_ms,
+            max_hold_ms=p.max_hold_ms,
+            stale_ms=p.stale_ms,
+            error_ms=p.error_ms,
+            backoff_ms=p.backoff_ms,
+            early_refresh=p.early_refresh,
+            soft_deadline=soft_deadline,
+            answers=p.answers,
+            shape=shape,
+        )
+
+    return make
