@@ -25,7 +25,8 @@ def test_decorators_keep_signatures_for_mypy(tmp_path: Path) -> None:
     plain = out.replace("builtins.", "")
     # The decorated function is a FlightFunction: callable with the wrapped signature, plus
     # job_id() / detailed() / forget() with the same parameters.
-    assert 'Revealed type is "dedupe.functions.FlightFunction[[user_id: int], dict[str, int]]"' in plain
+    flight_function = "dedupe.functions.FlightFunction[[user_id: int], dict[str, int]]"
+    assert f'Revealed type is "{flight_function}"' in plain
     assert 'Revealed type is "dedupe.functions.AsyncFlightFunction[[x: int], int]"' in plain, out
     errors = [line for line in out.splitlines() if ": error:" in line]
     # Exactly one error: the deliberate bad call on the last line; everything else type-checks.
