@@ -1,0 +1,185 @@
+"""Memory per waiting flight and per leader (issue 23: at most 4 KB each), at two sizes.
+
+One spawned process leads N asyncio flights on distinct keys, each blocked inside its
+function; a second spawned process then calls the same N keys, so it holds N flights that
+wait on another process's leader (subscribed through the hub). Each process measures the
+Python memory it holds (``tracemalloc``, after a collection) and its RSS, before its N calls
+and once all N are in place; the difference over N is the cost of one flight. Two sizes
+(1,000 and 20,000 by default) show whether it grows linearly.
+
+``python -m benchmarks.flight_memory [--sizes 1000,20000] [--out FILE]``; it starts its own
+redis-server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import multiprocessing as mp
+import os
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+TARGET_KB = 4.0
+TIMEOUT = float(os.environ.get("FLIGHT_MEMORY_TIMEOUT", "300"))
+
+
+def _rss_kb() -> int:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _snapshot() -> tuple[int, int]:
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0], _rss_kb()
+
+
+async def _until(check: Any, what: str) -> None:
+    end = time.monotonic() + TIMEOUT
+    while not check():
+        if time.monotonic() > end:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _side(role: str, url: str, prefix: str, n: int, ready: Any, release: Any, out: Any) -> None:
+    """One process: the leaders (role "lead") or the waiters ("wait")."""
+    from dedupe import SingleFlight
+
+    tracemalloc.start()
+
+    async def main() -> dict[str, Any]:
+        sf = SingleFlight(url, prefix=prefix, lock_ttl=30.0, wait_timeout=None)
+        started = 0
+        gate = asyncio.Event()
+
+        @sf(key="{i}")
+        async def job(i: int) -> int:
+            nonlocal started
+            if i >= 0:  # the warm-up's flights (negative keys) do not block
+                started += 1
+                await gate.wait()
+            return i
+
+        # Warm up: clients, the hub, the renewer, the first flights.
+        await asyncio.gather(*(job(-1 - k) for k in range(50)))
+        if role == "wait":
+            assert ready.wait(TIMEOUT), "the leaders never started"
+        before = _snapshot()
+        # In steps of 500, each in place before the next: the measure is memory, not how
+        # long 20,000 callers queue for 64 command slots (slower under tracemalloc).
+        tasks: list[asyncio.Future[int]] = []
+        hub = sf.backend().hub() if role == "wait" else None
+        for start in range(0, n, 500):
+            tasks += [asyncio.ensure_future(job(i)) for i in range(start, min(n, start + 500))]
+            if hub is None:
+                await _until(lambda: started == len(tasks), "the leaders to run")
+            else:
+                await _until(lambda: len(hub.channels()) >= len(tasks), "the waiters to subscribe")
+        after = _snapshot()
+        tracemalloc.stop()  # measured: the rest runs at full speed
+        if role == "lead":
+            ready.set()
+            await asyncio.to_thread(release.wait, TIMEOUT)
+            gate.set()
+        else:
+            release.set()
+        values = await asyncio.gather(*tasks)
+        assert values == list(range(n)), "a wrong value"
+        await sf.aclose()
+        return {
+            "role": role,
+            "n": n,
+            "py_bytes": after[0] - before[0],
+            "rss_kb": after[1] - before[1],
+        }
+
+    try:
+        out.put(asyncio.run(main()))
+    except BaseException:
+        import traceback
+
+        release.set()  # let the other side finish
+        ready.set()
+        out.put({"role": role, "error": traceback.format_exc()})
+
+
+def measure(url: str, n: int) -> dict[str, dict[str, Any]]:
+    """Per-flight bytes of N leaders and N waiters on another process's leaders."""
+    ctx = mp.get_context("spawn")
+    ready, release, out = ctx.Event(), ctx.Event(), ctx.Queue()
+    prefix = f"fm{n}:{os.getpid()}:{time.monotonic_ns()}"
+    procs = [
+        ctx.Process(target=_side, args=(role, url, prefix, n, ready, release, out))
+        for role in ("lead", "wait")
+    ]
+    for p in procs:
+        p.start()
+    try:
+        results = [out.get(timeout=TIMEOUT) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    for r in results:
+        if "error" in r:
+            raise RuntimeError(f"the {r['role']} process failed:\n{r['error']}")
+    return {r["role"]: r for r in results}
+
+
+def table(rows: list[tuple[int, dict[str, dict[str, Any]]]]) -> str:
+    lines = [
+        "| flights | per leader (Python) | per leader (RSS) | per waiting flight (Python) "
+        "| per waiting flight (RSS) | target ≤ 4 KB (Python, both) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for n, res in rows:
+        lead, wait = res["lead"], res["wait"]
+        lp, wp = lead["py_bytes"] / n / 1024, wait["py_bytes"] / n / 1024
+        ok = "met" if max(lp, wp) <= TARGET_KB else "missed"
+        lines.append(
+            f"| {n:,} | {lp:.2f} KB | {lead['rss_kb'] / n:.2f} KB | {wp:.2f} KB "
+            f"| {wait['rss_kb'] / n:.2f} KB | {ok} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.flight_memory", description=__doc__)
+    ap.add_argument("--sizes", default="1000,20000", help="flights per run, comma-separated")
+    ap.add_argument("--out", default=None, help="also write the table here (markdown)")
+    ns = ap.parse_args(argv)
+    from devtools.servers import RedisServer
+
+    sizes = [int(s) for s in ns.sizes.split(",") if s.strip()]
+    server = RedisServer().start()
+    try:
+        rows = [(n, measure(server.url, n)) for n in sizes]
+    finally:
+        server.stop()
+    text = (
+        "# Memory per flight (issue 23)\n\n"
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · python "
+        f"{sys.version.split()[0]}\n\n" + table(rows) + "\n\n"
+        "Python: tracemalloc's traced memory after a collection, once all N flights are in "
+        "place, minus before them; RSS: the process's resident set, the same way (it grows "
+        "by pages and arenas, so it is coarse at small N). Leaders block inside their "
+        "function; waiters are subscribed followers of another process's leaders.\n"
+    )
+    print(text)
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
