@@ -205,6 +205,26 @@ def test_items_taken_over_from_a_dead_leader_run_again_together() -> None:
     assert d.result is not None and all(r.waited for r in d.result)  # type: ignore[union-attr]
 
 
+def test_an_item_taken_over_while_another_waits_runs_and_completes_before_the_next_wait() -> None:
+    """The machine never waits while an item has I/O to do: an item whose leader died
+    leads, runs and completes while another item is still waiting, and only then does the
+    batch wait again (else its waiters could wait on it while it waits on them)."""
+    clock = FakeClock()
+    d = BatchDriver(2, clock=clock)
+    d.send([busy("7:a:1", pttl_ms=5_000), busy("8:dead:1", pttl_ms=1_000)])
+    d.send([True, True])
+    wait = d.send([busy("7:a:1", pttl_ms=5_000), busy("8:dead:1", pttl_ms=1_000)])
+    until = {i: u for i, u, _ in wait.items}
+    clock.now = until[1] + 0.01  # item 1's leader is gone; item 0's still holds
+    assert many(d.send({}), Acquire, [1]) == [Acquire("8")]
+    many(d.send([Acquired(LEAD, token=9)]), Lead, [1])
+    many(d.send([Outcome(value="taken")]), Complete, [1])
+    wait = d.send([OWNED])
+    assert d.outcome(1).value == "taken"
+    assert type(wait) is WaitAny and [i for i, _, _ in wait.items] == [0]
+    assert d.send({0: record_for("a", token=7, channel=d.names[0].channel)}) is None
+
+
 # --------------------------------------------------------------------------- failures per item
 
 
