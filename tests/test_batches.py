@@ -11,10 +11,12 @@ Synchronisation is through events, barriers and Redis (BLPOP, PUBSUB NUMSUB), ne
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -22,9 +24,21 @@ import batch_workers as bw
 import pytest
 import redis
 from helpers import SPAWN, _sf, gather, numsub, start, until
+from redis.crc import key_slot
+from test_cluster import (
+    errorstat,
+    finish_migration,
+    migrate_slot,
+    owner_of,
+    restore_slot,
+    shard_numsub,
+    slot_owners,
+)
 
 from dedupe import BatchError, BatchFlight, BatchResult, SingleFlight, current_flight
+from dedupe.backend import transport
 from dedupe.core.keys import names_for
+from devtools.servers import RedisClusterSet
 
 # --------------------------------------------------------------------------- helpers
 
@@ -436,3 +450,119 @@ def test_two_batches_each_leading_part_of_the_others_items_both_finish(
     batch_a = spawn(lambda: a.call_batch([1, 2], run_a, key="k:{item}"))
     assert batch_a.result() == {1: "a1", 2: "b2"}
     assert batch_b.result() == {2: "b2", 1: "a1"}
+
+
+# --------------------------------------------------------------------------- on a Cluster
+
+
+def cluster_url(cluster: RedisClusterSet) -> str:
+    return "redis+cluster://" + ",".join(f"{h}:{p}" for h, p in cluster.startup_nodes)
+
+
+def owners(cluster: RedisClusterSet, prefix: str, ids: list[int]) -> dict[int, int]:
+    """Each item's master (its port), as the cluster says now."""
+    layout = slot_owners(cluster)
+    slots = {i: key_slot(user(prefix, i).encode()) for i in ids}
+    return {
+        i: next(p for p, rs in layout.items() if any(lo <= s <= hi for lo, hi in rs))
+        for i, s in slots.items()
+    }
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_cluster_batch_claims_and_completes_in_one_pipeline_per_node(
+    redis_cluster: RedisClusterSet,
+    prefix: str,
+    sfs: list[SingleFlight],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:
+    """60 items over many slots of the 3 masters: each round (claims, completes) is one
+    pipeline per node, and no script goes on its own."""
+    items = list(range(60))
+    where = owners(redis_cluster, prefix, items)
+    assert len(set(where.values())) == 3
+    assert len({key_slot(user(prefix, i).encode()) for i in items}) > 50
+    pipelines: list[int] = []
+    alone: list[Any] = []
+    pipelined = transport._pipelined
+
+    def counted(node: Any, calls: Any, stamps: Any, ks: Any) -> list[Any]:
+        pipelines.append(len(ks))
+        return pipelined(node, calls, stamps, ks)
+
+    sf = _sf(sfs, cluster_url(redis_cluster), prefix)
+    sf.call("warm", lambda: 1)  # the route and the scripts, before counting
+    monkeypatch.setattr(transport, "_pipelined", counted)
+    real = transport.Transport.run_sync_script
+
+    def one(self: Any, call: Any, *args: Any) -> Any:
+        alone.append(call)
+        return real(self, call, *args)
+
+    monkeypatch.setattr(transport.Transport, "run_sync_script", one)
+    calls: list[list[int]] = []
+
+    @sf.batch(key=bw.KEY, namespace=bw.NAMESPACE)
+    def load(ids: list[int]) -> dict[int, int]:
+        calls.append(list(ids))
+        return {i: i * 2 for i in ids}
+
+    @sf.batch(key=bw.KEY, namespace=bw.NAMESPACE)
+    async def aload(ids: list[int]) -> dict[int, int]:
+        calls.append(list(ids))
+        return {i: i * 2 for i in ids}
+
+    got = load(items) if mode == "sync" else asyncio.run(aload(items))
+    assert got == {i: i * 2 for i in items} and calls == [items]
+    per_node = sorted(Counter(where.values()).values())
+    assert sorted(pipelines) == sorted(per_node * 2), pipelines  # claims, then completes
+    assert alone == []
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("finish", [True, False], ids=["moved", "open"])
+def test_cluster_batches_across_processes_with_a_slot_migrating_mid_batch(
+    redis_cluster: RedisClusterSet, prefix: str, procs: list[Any], finish: bool
+) -> None:
+    """Two processes' overlapping batches over many slots of the 3 masters; while the first
+    still runs, a slot holding items of both (their leases, the second's subscriptions) moves
+    to another master (finished: MOVED; or left open with its keys moved: ASK, TRYAGAIN).
+    Every item runs once; each caller gets every value."""
+    url = cluster_url(redis_cluster)
+    a, b = list(range(0, 40)), list(range(20, 60))
+    where = owners(redis_cluster, prefix, a + b)
+    assert len(set(where.values())) == 3
+    moving = 25  # an item of both batches, led by the first
+    slot = key_slot(user(prefix, moving).encode())
+    assert slot != key_slot(bw.aux(prefix, "x").encode())
+    src = owner_of(redis_cluster, slot)
+    dst = next(s for s in redis_cluster.servers if s is not src)
+    aux_client = bw.counter(url)
+    out_a, out_b = SPAWN.Queue(), SPAWN.Queue()
+    try:
+        kw = {"lock_ttl": 2.0}
+        start(procs, bw.call, url, prefix, "batch", a, 30.0, None, out_a, kw)
+        (first,) = started(aux_client, prefix, 1)
+        start(procs, bw.call, url, prefix, "batch", b, 0, None, out_b, kw)
+        started(aux_client, prefix, 1)  # the second ran 40..59, then follows 20..39
+        until(lambda: shard_numsub(src, user(prefix, moving)) >= 1, 30, "the follower")
+        migrate_slot(redis_cluster, slot, src, dst, finish=finish)
+        tryagains = errorstat(src, "TRYAGAIN") + errorstat(dst, "TRYAGAIN")
+        go(aux_client, prefix, first)
+        if not finish:  # the first's complete meets the open slot; the move then completes
+            until(lambda: errorstat(src, "TRYAGAIN") + errorstat(dst, "TRYAGAIN") > tryagains,
+                  30, "a script to meet TRYAGAIN")  # fmt: skip
+            finish_migration(redis_cluster, slot, src, dst)
+        results = [out_a.get(timeout=45), out_b.get(timeout=45)]
+    finally:
+        restore_slot(redis_cluster, slot, src)
+    assert [r[0] for r in results] == ["ok", "ok"], results
+    got_a, got_b = results[0][2], results[1][2]
+    assert list(got_a) == a and list(got_b) == b
+    assert all(got_a[i] == got_b[i] and got_a[i]["pid"] == first for i in range(20, 40))
+    assert runs(aux_client, prefix, a + b) == dict.fromkeys(a + b, 1)
+    aux_client.delete(*(bw.aux(prefix, "runs", i) for i in a + b))
