@@ -18,6 +18,7 @@ from dedupe.core.batch import (
     Each,
     MakeFlights,
     Many,
+    RunLocally,
     WaitAny,
     run_batch,
     run_batch_call,
@@ -353,3 +354,46 @@ def test_a_callers_batch_with_every_item_joined_makes_no_flights() -> None:
     with pytest.raises(StopIteration) as stop:
         call.send(True)
     assert [o.value for o in stop.value.value] == ["item-0", "item-1"]
+
+
+class Down(Env):
+    """on_backend_error="local": Redis failed, or an outage says not to try it yet."""
+
+    def __init__(self, skip: bool) -> None:
+        self.skip, self.fell_back = skip, 0
+
+    def skip_redis(self) -> bool:
+        return self.skip
+
+    def fall_back(self, exc: Exception) -> bool:
+        self.fell_back += 1
+        return True
+
+
+@pytest.mark.parametrize("skip", [False, True], ids=["fails", "outage"])
+def test_items_redis_could_not_serve_run_here_under_local(skip: bool) -> None:
+    """Under on_backend_error="local", an item whose claim met BackendUnavailable (or every
+    item, during an outage) runs in this process, in one run for the batch, its entry
+    resolved only then; an item Redis served keeps its outcome."""
+    table = InFlight()
+    ns = names(2)
+    env = Down(skip)
+    clock = FakeClock()
+    call = run_batch_call(env, table, ns, None, clock)
+    make = next(call)
+    c = codec()
+    cmd = call.send([run_flight(spec_for(ns[i]), c, clock) for i, _ in make.items])
+    if not skip:
+        many(cmd, Acquire, [0, 1])
+        cmd = call.send([fresh("a", channel=ns[0].channel), BackendUnavailable("down")])
+        while type(cmd) is Done or type(cmd) is Each:
+            cmd = call.send(None)
+        assert env.fell_back == 1
+    assert type(cmd) is RunLocally and cmd.items == ((1,) if not skip else (0, 1))
+    joined, created = table.join(ns[1].channel)
+    assert not created  # still open: a caller who joins now waits for the local run
+    with pytest.raises(StopIteration) as stop:
+        call.send([Outcome(value=f"here{k}") for k in cmd.items])
+    got = [o.value for o in stop.value.value]
+    assert got == (["a", "here1"] if not skip else ["here0", "here1"])
+    assert joined.result.get() == Outcome(value="here1")

@@ -566,3 +566,73 @@ def test_cluster_batches_across_processes_with_a_slot_migrating_mid_batch(
     assert all(got_a[i] == got_b[i] and got_a[i]["pid"] == first for i in range(20, 40))
     assert runs(aux_client, prefix, a + b) == dict.fromkeys(a + b, 1)
     aux_client.delete(*(bw.aux(prefix, "runs", i) for i in a + b))
+
+
+# --------------------------------------------------------------------------- Redis down
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (taken from the kernel, then let go)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_batch_runs_in_process_while_redis_is_down_under_local(
+    prefix: str, sfs: list[SingleFlight], mode: str
+) -> None:
+    """on_backend_error="local": as a single-key call, a batch runs its items in this process
+    (no lease: token 0), still once per item for the process's callers; the first batch finds
+    Redis down, the next skips it during the outage."""
+    sf = SingleFlight(f"redis://127.0.0.1:{closed_port()}", prefix=prefix,
+                      on_backend_error="local", connect_timeout=0.5)  # fmt: skip
+    sfs.append(sf)
+    calls: list[list[int]] = []
+    running, release = threading.Event(), threading.Event()
+
+    def record(ids: list[int]) -> dict[int, tuple[int, int]]:
+        flight = current_flight()
+        assert isinstance(flight, BatchFlight)
+        calls.append(list(ids))
+        return {i: (i, flight.items[i].token) for i in ids}
+
+    def held(ids: list[int]) -> dict[int, tuple[int, int]]:
+        got = record(ids)
+        running.set()
+        assert release.wait(30)
+        return got
+
+    async def aheld(ids: list[int]) -> dict[int, tuple[int, int]]:
+        got = record(ids)
+        running.set()
+        await asyncio.to_thread(release.wait, 30)
+        return got
+
+    async def arecord(ids: list[int]) -> dict[int, tuple[int, int]]:
+        return record(ids)
+
+    if mode == "sync":
+        first = spawn(lambda: sf.call_batch([1, 2, 3], held, key="d:{item}"))
+        assert running.wait(30)
+        second = spawn(lambda: sf.call_batch([2, 3, 4], record, key="d:{item}"))
+        until(lambda: calls == [[1, 2, 3], [4]], 30, "the second batch to run item 4")
+        release.set()
+        got = [first.result(), second.result()]
+    else:
+
+        async def both() -> list[Any]:
+            first = asyncio.ensure_future(sf.call_batch([1, 2, 3], aheld, key="d:{item}"))
+            await asyncio.to_thread(running.wait, 30)
+            second = asyncio.ensure_future(sf.call_batch([2, 3, 4], arecord, key="d:{item}"))
+            while calls != [[1, 2, 3], [4]]:
+                await asyncio.sleep(0.01)
+            release.set()
+            return [await first, await second]
+
+        got = asyncio.run(both())
+    assert got == [{i: (i, 0) for i in (1, 2, 3)}, {i: (i, 0) for i in (2, 3, 4)}]
+    assert calls == [[1, 2, 3], [4]]  # each item once: the second joined items 2 and 3
+    assert sf.stats()["local_runs"] >= 1
