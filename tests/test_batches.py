@@ -36,7 +36,7 @@ from test_cluster import (
 )
 
 from dedupe import BatchError, BatchFlight, BatchResult, SingleFlight, current_flight
-from dedupe.backend import transport
+from dedupe.backend import transport, wire
 from dedupe.core.keys import names_for
 from devtools.servers import RedisClusterSet
 
@@ -636,3 +636,52 @@ def test_a_batch_runs_in_process_while_redis_is_down_under_local(
     assert got == [{i: (i, 0) for i in (1, 2, 3)}, {i: (i, 0) for i in (2, 3, 4)}]
     assert calls == [[1, 2, 3], [4]]  # each item once: the second joined items 2 and 3
     assert sf.stats()["local_runs"] >= 1
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_uncontended_batch_takes_one_round_trip_to_claim_and_one_to_complete(
+    redis_url: str,
+    prefix: str,
+    sfs: list[SingleFlight],
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:
+    """Standalone, dedupe's own connections: 50 items claimed in one pipeline and completed
+    in one, with no script sent on its own; also as the first batch on an event loop."""
+    sf = _sf(sfs, redis_url, prefix)
+    sf.call_batch([0], lambda ids: {i: i for i in ids}, key="warm:{item}")  # loads the scripts
+    pipelines: list[int] = []
+    alone: list[Any] = []
+    cls = wire.SyncWire if mode == "sync" else wire.AsyncWire
+    many, one = cls.run_many_on, transport.Transport.run_sync_script
+    aone = transport.Transport.run_async_script
+
+    def counted(self: Any, conn: Any, calls: Any, stamps: Any) -> Any:
+        pipelines.append(len(calls))
+        return many(self, conn, calls, stamps)
+
+    def single(self: Any, call: Any, *args: Any) -> Any:
+        alone.append(call)
+        return one(self, call, *args)
+
+    async def asingle(self: Any, call: Any, *args: Any) -> Any:
+        alone.append(call)
+        return await aone(self, call, *args)
+
+    monkeypatch.setattr(cls, "run_many_on", counted)
+    monkeypatch.setattr(transport.Transport, "run_sync_script", single)
+    monkeypatch.setattr(transport.Transport, "run_async_script", asingle)
+    items = list(range(50))
+
+    async def afetch(ids: list[int]) -> dict[int, int]:
+        return {i: i for i in ids}
+
+    if mode == "sync":
+        got = sf.call_batch(items, lambda ids: {i: i for i in ids}, key="rt:{item}")
+    else:
+        got = asyncio.run(sf.call_batch(items, afetch, key="rt:{item}"))
+    assert got == {i: i for i in items}
+    assert pipelines == [50, 50] and alone == []

@@ -284,11 +284,7 @@ class Transport:
                 # only once this loop's slot is ours: callers queue here, in order and
                 # bounded, not in an executor's queue.
                 return await self.in_thread(self.run_sync_script, call, stamp)
-            route = state.route
-            if route is None:
-                given = self.clients.settings.async_client is not None
-                client = self.clients.for_loop()
-                route = state.route = _route(client, self.kind, not given, True, self.bound)
+            route = state.route or self._loop_route(state)
             wire = route.wire
             if route.own:
                 idle = state.idle
@@ -317,8 +313,8 @@ class Transport:
                 return [exc] * len(calls)
             finally:
                 state.slots.release()
-        route = state.route
-        if route is not None and route.own and route.wire is not None and len(calls) > 1:
+        route = state.route or self._loop_route(state)  # the first batch on a loop too
+        if route.own and route.wire is not None and len(calls) > 1:
             wire: Any = route.wire
             slots = state.slots
             await slots.take(self.queue_timeout)
@@ -340,6 +336,14 @@ class Transport:
             except Exception as exc:
                 out.append(exc)
         return out
+
+    def _loop_route(self, state: _Loop) -> _Route:
+        """The running loop's route, made on its first script (no I/O: the client connects
+        on its first command)."""
+        given = self.clients.settings.async_client is not None
+        client = self.clients.for_loop()
+        state.route = _route(client, self.kind, not given, True, self.bound)
+        return state.route
 
     def in_thread(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """Run blocking ``fn(*args)`` on one of this transport's threads (at most one per
