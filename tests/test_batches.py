@@ -38,6 +38,7 @@ from test_cluster import (
 from dedupe import BatchError, BatchFlight, BatchResult, SingleFlight, current_flight
 from dedupe.backend import transport, wire
 from dedupe.core.keys import names_for
+from dedupe.errors import WaitTimeout
 from devtools.servers import RedisClusterSet
 
 # --------------------------------------------------------------------------- helpers
@@ -450,6 +451,75 @@ def test_two_batches_each_leading_part_of_the_others_items_both_finish(
     batch_a = spawn(lambda: a.call_batch([1, 2], run_a, key="k:{item}"))
     assert batch_a.result() == {1: "a1", 2: "b2"}
     assert batch_b.result() == {2: "b2", 1: "a1"}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_wait_timeout_fails_the_item_that_waits_too_long_alone(
+    redis_url: str, prefix: str, sfs: list[SingleFlight], redis_client: redis.Redis, mode: str
+) -> None:
+    """Item 2's leader (a single-key call elsewhere) holds on: past wait_timeout the batch
+    gives up on item 2 alone (WaitTimeout among the errors), with item 1's value."""
+    holder, sf = _sf(sfs, redis_url, prefix), _sf(sfs, redis_url, prefix, wait_timeout=0.3)
+    running, release = threading.Event(), threading.Event()
+
+    def held() -> str:
+        running.set()
+        release.wait(30)
+        return "late"
+
+    leader = spawn(lambda: holder.call("w:2", held))
+    try:
+        assert running.wait(30)
+
+        async def afetch(ids: list[int]) -> dict[int, str]:
+            return {i: "v" for i in ids}
+
+        if mode == "sync":
+            got = sf.call_batch_detailed([1, 2], lambda ids: {i: "v" for i in ids}, key="w:{item}")
+        else:
+            got = asyncio.run(sf.call_batch_detailed([1, 2], afetch, key="w:{item}"))
+        assert got.values == {1: "v"} and list(got.errors) == [2]
+        assert isinstance(got.errors[2], WaitTimeout)
+    finally:
+        release.set()
+    assert leader.result() == "late"
+
+
+def test_a_cancelled_async_batch_caller_stops_waiting_alone(
+    redis_url: str, prefix: str, sfs: list[SingleFlight]
+) -> None:
+    """Two tasks of one loop ask for overlapping items; the one whose flights run the
+    function is cancelled: the run goes on, and the other task gets every value."""
+    sf = _sf(sfs, redis_url, prefix, result_ttl=30)
+    calls: list[list[int]] = []
+
+    async def main() -> tuple[dict[int, int], bool]:
+        running, release = asyncio.Event(), asyncio.Event()
+
+        async def fetch(ids: list[int]) -> dict[int, int]:
+            calls.append(list(ids))
+            running.set()
+            await release.wait()
+            return {i: i * 10 for i in ids}
+
+        first = asyncio.ensure_future(sf.call_batch([1, 2], fetch, key="c:{item}"))
+        await running.wait()
+        second = asyncio.ensure_future(sf.call_batch([1, 2, 3], fetch, key="c:{item}"))
+        while calls != [[1, 2], [3]]:
+            await asyncio.sleep(0.01)
+        first.cancel()
+        release.set()
+        got = await second
+        try:
+            await first
+        except asyncio.CancelledError:
+            return got, True
+        return got, False
+
+    got, cancelled = asyncio.run(main())
+    assert got == {1: 10, 2: 20, 3: 30} and cancelled
+    assert calls == [[1, 2], [3]]
+    assert sf.call_batch([1, 2, 3], lambda ids: {}, key="c:{item}") == got  # kept
 
 
 # --------------------------------------------------------------------------- on a Cluster
