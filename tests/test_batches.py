@@ -38,7 +38,7 @@ from test_cluster import (
 from dedupe import BatchError, BatchFlight, BatchResult, SingleFlight, current_flight
 from dedupe.backend import transport, wire
 from dedupe.core.keys import names_for
-from dedupe.errors import WaitTimeout
+from dedupe.errors import BackendUnavailable, WaitTimeout
 from devtools.servers import RedisClusterSet
 
 # --------------------------------------------------------------------------- helpers
@@ -755,3 +755,53 @@ def test_an_uncontended_batch_takes_one_round_trip_to_claim_and_one_to_complete(
         got = asyncio.run(sf.call_batch(items, afetch, key="rt:{item}"))
     assert got == {i: i for i in items}
     assert pipelines == [50, 50] and alone == []
+
+
+def cluster_state(server: Any) -> str:
+    with server.client() as c:
+        return str(c.execute_command("CLUSTER", "INFO").decode()).split("cluster_state:")[1][:2]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_a_cluster_batch_with_a_master_down_sends_one_script_alone_per_round(
+    redis_cluster: RedisClusterSet,
+    prefix: str,
+    sfs: list[SingleFlight],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A master dies after the first batch: the claims of its items find it gone, and the
+    completes of the others meet CLUSTERDOWN. Per round, one script goes on its own through
+    the client (with its patience); the rest fail with it (BackendUnavailable per item)
+    instead of each waiting as long in turn. The items on live masters keep their values."""
+    monkeypatch.setattr(transport, "_MIGRATION_PATIENCE", 0.2)
+    sf = _sf(sfs, cluster_url(redis_cluster), prefix, socket_timeout=1.0, connect_timeout=0.5)
+    sf.call_batch(list(range(3)), lambda ids: {i: i for i in ids}, key="warm:{item}")
+    items = list(range(10, 40))
+    dead = redis_cluster.servers[1]
+    live = [s for s in redis_cluster.servers if s is not dead]
+    on_dead = {i for i, port in owners(redis_cluster, prefix, items).items() if port == dead.port}
+    assert on_dead and len(on_dead) < len(items)
+    caller = threading.get_ident()
+    alone: list[str] = []
+    real = transport.Transport.run_sync_script
+
+    def one(self: Any, call: Any, *args: Any) -> Any:
+        if threading.get_ident() == caller:  # not the background releaser's
+            alone.append(call.keys[0])
+        return real(self, call, *args)
+
+    monkeypatch.setattr(transport.Transport, "run_sync_script", one)
+
+    def fetch(ids: list[int]) -> dict[int, int]:
+        # The Cluster says it is down before we complete: every node answers CLUSTERDOWN.
+        until(lambda: all(cluster_state(s) == "fa" for s in live), 30, "cluster_state:fail")
+        return {i: i for i in ids}
+
+    dead.kill()
+    got = sf.call_batch_detailed(items, fetch, key=f"{bw.NAMESPACE}:{bw.KEY}")  # as user()
+    assert set(got.errors) == on_dead
+    assert all(isinstance(e, BackendUnavailable) for e in got.errors.values())
+    assert got.values == {i: i for i in items if i not in on_dead}  # kept for their callers
+    assert len(alone) == 2, alone  # one claim, one complete

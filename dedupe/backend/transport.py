@@ -35,6 +35,7 @@ from redis.exceptions import (
     ClusterError,
     MovedError,
     NoScriptError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -222,7 +223,8 @@ class Transport:
         command slot. A script the node does not run now (MOVED, ASK, TRYAGAIN, CLUSTERDOWN:
         a slot moved or migrating), or that a failed node left unanswered, goes on its own
         through the client's command layer (its redirections, and the pauses while a slot
-        migrates); after a node's failure, its others only if that one got through."""
+        migrates); once one of those fails for want of the Cluster (a node down, CLUSTERDOWN,
+        a migration past patience), the rest fail with it rather than wait as long each."""
         replies: list[Any] = [_UNSENT] * len(calls)
         by_node: dict[str, tuple[Any, list[int]]] = {}
         for k, call in enumerate(calls):
@@ -231,36 +233,33 @@ class Transport:
             except Exception:
                 continue  # a slot not covered now: on its own, below
             by_node.setdefault(node.name, (node, []))[1].append(k)
-        failed: dict[str, list[int]] = {}
         try:
             self._take_sync_slot()
         except Exception as exc:
             return [exc] * len(calls)
         try:
-            for name, (node, ks) in by_node.items():
+            for node, ks in by_node.values():
                 try:
                     got = _pipelined(client.get_redis_connection(node), calls, stamps, ks)
                 except Exception:
-                    failed[name] = ks
-                    continue
+                    continue  # the node may be gone: its scripts on their own, below
                 for k, reply in zip(ks, got, strict=True):
                     replies[k] = reply
         finally:
             self._sync_slots.put(None)
         _note_moved(client, replies)
-        for ks in failed.values():
-            try:  # the node may be gone: its slots elsewhere now, or nowhere
-                replies[ks[0]] = self.run_sync_script(calls[ks[0]], stamps[ks[0]])
-            except Exception as exc:
-                replies[ks[0]] = exc
-                for k in ks[1:]:
-                    replies[k] = exc
+        outage: Exception | None = None
         for k, reply in enumerate(replies):
             if reply is _UNSENT or isinstance(reply, _NOT_RUN_NOW):
+                if outage is not None:
+                    replies[k] = outage
+                    continue
                 try:
                     replies[k] = self.run_sync_script(calls[k], stamps[k])
                 except Exception as exc:
                     replies[k] = exc
+                    if not isinstance(exc, ResponseError) or isinstance(exc, _NOT_RUN_NOW):
+                        outage = exc  # not this script's error: the Cluster's
         return replies
 
     def _make_sync_route(self) -> _Route:
