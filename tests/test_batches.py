@@ -5,7 +5,9 @@ Across processes (spawned; tests/batch_workers.py), runs are counted in Redis pe
 overlapping batches, batches beside single-key calls both ways, a batch leader SIGKILLed mid
 run, threads and asyncio tasks mixed. In one process (instances as good as other processes):
 what a batch returns (failures, items left out or added, duplicates), max_batch_size, fresh
-items, a lease lost for one item, and two batches that each lead part of the other's items.
+items, a lease lost for one item, and two batches that each lead part of the other's items;
+Redis down under on_backend_error="local"; the round trips of an uncontended batch. On the
+3-master Cluster: one pipeline per node, a slot moved or left open mid-batch, a master down.
 Synchronisation is through events, barriers and Redis (BLPOP, PUBSUB NUMSUB), never sleeps.
 """
 
