@@ -79,10 +79,13 @@ def _side(role: str, url: str, prefix: str, n: int, ready: Any, release: Any, ou
         hub = sf.backend().hub() if role == "wait" else None
         for start in range(0, n, 500):
             tasks += [asyncio.ensure_future(job(i)) for i in range(start, min(n, start + 500))]
+            want = len(tasks)
             if hub is None:
-                await _until(lambda: started == len(tasks), "the leaders to run")
+                await _until(lambda want=want: started == want, "the leaders to run")
             else:
-                await _until(lambda: len(hub.channels()) >= len(tasks), "the waiters to subscribe")
+                await _until(
+                    lambda h=hub, want=want: len(h.channels()) >= want, "the waiters to subscribe"
+                )
         after = _snapshot()
         tracemalloc.stop()  # measured: the rest runs at full speed
         if role == "lead":

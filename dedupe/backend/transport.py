@@ -6,8 +6,10 @@ no lease yet not past its deadline). Each script then takes a route: over the wi
 connections of our own (a standalone client dedupe built: one per slot, kept while idle),
 over the wire through the pool of a client passed in (its limits hold), or through the
 client's command layer (Cluster: slot routing, MOVED and ASK, and dedupe's pauses while a
-slot migrates). asyncio's Cluster scripts, and WAIT for replicas, run on threads of this
-transport (one per slot), never in the loop's default executor.
+slot migrates). A batch's scripts go pipelined: in one round trip on our own connections,
+in one per node on a Cluster (a script a node redirects then goes on its own, as above).
+asyncio's Cluster scripts, and WAIT for replicas, run on threads of this transport (one per
+slot), never in the loop's default executor.
 
 Locks: ``Transport._lock`` guards ``_loops``; the sync slots are a C queue and the idle
 lists are appended and popped atomically; neither needs it, and nothing here holds a lock
@@ -27,7 +29,15 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import redis.cluster
-from redis.exceptions import ClusterError, NoScriptError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    MovedError,
+    NoScriptError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dedupe.backend.clients import Clients, Once
@@ -174,9 +184,12 @@ class Transport:
         self, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
     ) -> list[Any]:
         """Run several scripts of one batch: on our own standalone (or Sentinel) connections
-        one pipelined round trip, in one command slot; through a Cluster or a client passed
-        in, one after another. Each item's reply, or the exception its script raised."""
+        one pipelined round trip, in one command slot; on a Cluster one pipelined round trip
+        per node (``_run_on_nodes``); through a client passed in, one after another. Each
+        item's reply, or the exception its script raised."""
         route = self._sync_route.value or self._sync_route.get(self._make_sync_route)
+        if self.kind == "cluster" and len(calls) > 1:
+            return self._run_on_nodes(route.client, calls, stamps)
         if route.own and route.wire is not None and len(calls) > 1:
             wire: Any = route.wire
             self._take_sync_slot()
@@ -202,6 +215,53 @@ class Transport:
                 out.append(exc)
         return out
 
+    def _run_on_nodes(
+        self, client: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
+    ) -> list[Any]:
+        """A batch's scripts on a Cluster: grouped by the node that owns each one's slot (as
+        the client knows the layout), one pipeline per node on that node's own client, in one
+        command slot. A script the node does not run now (MOVED, ASK, TRYAGAIN, CLUSTERDOWN:
+        a slot moved or migrating), or that a failed node left unanswered, goes on its own
+        through the client's command layer (its redirections, and the pauses while a slot
+        migrates); once one of those fails for want of the Cluster (a node down, CLUSTERDOWN,
+        a migration past patience), the rest fail with it rather than wait as long each."""
+        replies: list[Any] = [_UNSENT] * len(calls)
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for k, call in enumerate(calls):
+            try:
+                node = client.get_node_from_key(call.keys[0])
+            except Exception:
+                continue  # a slot not covered now: on its own, below
+            by_node.setdefault(node.name, (node, []))[1].append(k)
+        try:
+            self._take_sync_slot()
+        except Exception as exc:
+            return [exc] * len(calls)
+        try:
+            for node, ks in by_node.values():
+                try:
+                    got = _pipelined(client.get_redis_connection(node), calls, stamps, ks)
+                except Exception:
+                    continue  # the node may be gone: its scripts on their own, below
+                for k, reply in zip(ks, got, strict=True):
+                    replies[k] = reply
+        finally:
+            self._sync_slots.put(None)
+        _note_moved(client, replies)
+        outage: Exception | None = None
+        for k, reply in enumerate(replies):
+            if reply is _UNSENT or isinstance(reply, _NOT_RUN_NOW):
+                if outage is not None:
+                    replies[k] = outage
+                    continue
+                try:
+                    replies[k] = self.run_sync_script(calls[k], stamps[k])
+                except Exception as exc:
+                    replies[k] = exc
+                    if not isinstance(exc, ResponseError) or isinstance(exc, _NOT_RUN_NOW):
+                        outage = exc  # not this script's error: the Cluster's
+        return replies
+
     def _make_sync_route(self) -> _Route:
         client = self.clients.sync()
         given = self.clients.settings.client is not None
@@ -223,11 +283,7 @@ class Transport:
                 # only once this loop's slot is ours: callers queue here, in order and
                 # bounded, not in an executor's queue.
                 return await self.in_thread(self.run_sync_script, call, stamp)
-            route = state.route
-            if route is None:
-                given = self.clients.settings.async_client is not None
-                client = self.clients.for_loop()
-                route = state.route = _route(client, self.kind, not given, True, self.bound)
+            route = state.route or self._loop_route(state)
             wire = route.wire
             if route.own:
                 idle = state.idle
@@ -245,10 +301,19 @@ class Transport:
     async def run_async_scripts(
         self, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
     ) -> list[Any]:
-        """As run_sync_scripts, over the running loop's client."""
+        """As run_sync_scripts, over the running loop's client (a Cluster's on a thread, as
+        run_async_script's)."""
         state = self._loop()
-        route = state.route
-        if route is not None and route.own and route.wire is not None and len(calls) > 1:
+        if self.kind == "cluster" and len(calls) > 1:
+            await state.slots.take(self.queue_timeout)
+            try:
+                return await self.in_thread(self.run_sync_scripts, calls, stamps)
+            except Exception as exc:
+                return [exc] * len(calls)
+            finally:
+                state.slots.release()
+        route = state.route or self._loop_route(state)  # the first batch on a loop too
+        if route.own and route.wire is not None and len(calls) > 1:
             wire: Any = route.wire
             slots = state.slots
             await slots.take(self.queue_timeout)
@@ -270,6 +335,14 @@ class Transport:
             except Exception as exc:
                 out.append(exc)
         return out
+
+    def _loop_route(self, state: _Loop) -> _Route:
+        """The running loop's route, made on its first script (no I/O: the client connects
+        on its first command)."""
+        given = self.clients.settings.async_client is not None
+        client = self.clients.for_loop()
+        state.route = _route(client, self.kind, not given, True, self.bound)
+        return state.route
 
     def in_thread(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
         """Run blocking ``fn(*args)`` on one of this transport's threads (at most one per
@@ -324,6 +397,55 @@ async def _connect_retried(run: Any, *args: Any) -> Any:
         if not _connect_timed_out(exc):
             raise
     return await run(*args)
+
+
+_UNSENT: Any = object()  # a batch's script not sent yet
+# The error replies of a script a Cluster node did not run, to be sent again on its own.
+_NOT_RUN_NOW = (AskError, TryAgainError, ClusterDownError)  # AskError: MovedError too
+
+
+def _pipelined(
+    node: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None], ks: Sequence[int]
+) -> list[Any]:
+    """The scripts ``ks`` of ``calls`` in one pipeline on one node's client; once more, as
+    EVAL, those the node had not cached (a restarted or failed-over node)."""
+    pipe = node.pipeline(transaction=False)
+    for k in ks:
+        pipe.evalsha(*calls[k].evalsha_args())
+    _stamp([stamps[k] for k in ks])
+    replies: list[Any] = list(pipe.execute(raise_on_error=False))
+    again = [j for j, r in enumerate(replies) if isinstance(r, NoScriptError)]
+    if again:
+        pipe = node.pipeline(transaction=False)
+        for j in again:
+            pipe.eval(*calls[ks[j]].eval_args())
+        _stamp([stamps[ks[j]] for j in again])
+        for j, reply in zip(again, pipe.execute(raise_on_error=False), strict=True):
+            replies[j] = reply
+    return replies
+
+
+def _stamp(stamps: Sequence[Stamp | None]) -> None:
+    now = time.monotonic()
+    for stamp in stamps:
+        if stamp is not None:
+            stamp.sent = now
+
+
+def _note_moved(cluster: Any, replies: Sequence[Any]) -> None:
+    """A slot moved: patch the client's slot map (no I/O), so the next batch groups by the
+    new owner (the script itself goes there through the command layer)."""
+    manager = cluster.nodes_manager
+    for reply in replies:
+        if isinstance(reply, MovedError):
+            try:
+                if hasattr(manager, "move_slot"):
+                    manager.move_slot(reply)
+                else:  # redis-py < 5.1
+                    manager.update_moved_exception(reply)
+            except Exception:
+                pass  # the command layer learns the move when it meets it
+            return
 
 
 # While a Cluster slot migrates, a multi-key script may meet TRYAGAIN until it is done. Every

@@ -19,6 +19,11 @@ meanwhile is not lost, as its re-check after subscribing reads the stored outcom
 whose leader dies is taken over by the batch like any flight: its re-check leads, and the
 function runs again with the items taken over.
 
+Under on_backend_error="local", items whose flights met BackendUnavailable (every item,
+during an outage) run in this process after the rest, in one call of the function with no
+lease (``RunLocally``), as one key's ``RunHere``; their entries stay open until then, so
+the process's other callers join that run.
+
 Items served at once (a stale value, or a fresh one with an early refresh: ``Serve``) go on
 in the background as a batch of their own (``Background``): the caller does not wait for
 their refresh.
@@ -58,7 +63,7 @@ from dedupe.core.protocol import (
     is_abort,
 )
 from dedupe.core.sealing import Outcome
-from dedupe.errors import ProtocolError, WaitTimeout
+from dedupe.errors import BackendUnavailable, ProtocolError, WaitTimeout
 
 __all__ = [
     "Absent",
@@ -69,6 +74,7 @@ __all__ = [
     "LaunchBatch",
     "MakeFlights",
     "Many",
+    "RunLocally",
     "WaitAny",
     "run_batch",
     "run_batch_call",
@@ -245,6 +251,14 @@ class MakeFlights(NamedTuple):
     soft_deadline: float | None
 
 
+class RunLocally(NamedTuple):
+    """on_backend_error="local" while Redis is down: run the function once, in this process
+    and with no lease, for these items (their indexes in the MakeFlights reply), as
+    ``call.RunHere`` does for one key. Reply: each item's Outcome, in order."""
+
+    items: tuple[int, ...]
+
+
 class LaunchBatch(NamedTuple):
     """asyncio: start a task that steps ``run_shared_batch`` for these items' entries.
     Reply: None."""
@@ -370,8 +384,14 @@ def resolving(
     to the driver. Entries still open when this ends (an abort) resolve to RETRY."""
     if type(flights) is not list or len(flights) != len(items):
         raise ProtocolError(f"the reply to MakeFlights must be a list of {len(items)} flights")
-    batch = run_batch(flights, clock or _monotonic)
     open_ = {k: entry for k, (_, entry) in enumerate(items)}
+    here: set[int] = set()  # on_backend_error="local", Redis down: the items to run here
+    if env.skip_redis():  # an outage: Redis is not tried again yet
+        for flight in flights:
+            flight.close()
+        here = set(range(len(items)))
+    batch = run_batch(flights if not here else [], clock or _monotonic)
+    results: list[Finished | BaseException] = [ProtocolError("item never finished")] * len(items)
     reply: Any = None
     error: BaseException | None = None
     try:
@@ -379,14 +399,20 @@ def resolving(
             try:
                 cmd = batch.send(reply) if error is None else batch.throw(error)
             except StopIteration as stop:
-                return stop.value  # type: ignore[no-any-return]
+                results = stop.value or results
+                break
             reply, error = None, None
             if type(cmd) is Done:
-                entry = open_.pop(cmd.at)
+                down = cmd.result if isinstance(cmd.result, BackendUnavailable) else None
+                if down is not None and env.fall_back(down):
+                    here.add(cmd.at)  # its entry stays open, for the local run
+            if type(cmd) is Done and cmd.at not in here:
                 key = names[items[cmd.at][0]].channel
                 result = cmd.result
                 shared: Outcome | object
+                entry = open_.pop(cmd.at)
                 if isinstance(result, Finished):
+                    env.answered()
                     entry.role, entry.token, entry.trace = result.role, result.token, result.trace
                     if isinstance(result.outcome.error, Absent):
                         entry.role = ABSENT  # RETRY for joiners; for this batch, final
@@ -400,6 +426,18 @@ def resolving(
                 reply = yield cmd  # Done too: the driver ends the item's lease and subscription
             except BaseException as exc:
                 error = exc
+        if here:
+            outcomes = yield RunLocally(tuple(sorted(here)))
+            if type(outcomes) is not list or len(outcomes) != len(here):
+                raise ProtocolError(f"the reply to RunLocally must be a list of {len(here)}")
+            for k, outcome in zip(sorted(here), outcomes, strict=True):
+                finished = Finished(outcome, "leader", 0)
+                results[k] = finished
+                entry = open_.pop(k)
+                entry.role = ABSENT if isinstance(outcome.error, Absent) else "leader"
+                key = names[items[k][0]].channel
+                table.finish(key, entry, share(env, key, finished))  # type: ignore[arg-type]
+        return results
     finally:
         for k, entry in open_.items():
             table.finish(names[items[k][0]].channel, entry, RETRY)

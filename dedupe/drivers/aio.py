@@ -24,6 +24,7 @@ from dedupe.core.batch import (
     LaunchBatch,
     MakeFlights,
     Many,
+    RunLocally,
     WaitAny,
     run_batch,
     run_batch_call,
@@ -293,6 +294,14 @@ class _BatchDriver(BatchBase):
             return None if carried else await self.backend.run_async_script(script)  # type: ignore[arg-type]
         if kind is MakeFlights:
             return self.make(cmd)
+        if kind is RunLocally:
+            led, context = self.begin_local(cmd)
+            try:
+                with context:
+                    got = await self.fn(led, *self.args, **self.kwargs)
+            except BaseException as exc:  # an abort too: the joiners start over
+                return self.outcomes(led, None, exc)
+            return self.outcomes(led, got, None)
         if kind is AwaitFlight:
             return await cmd.entry.result.wait_async(cmd.timeout)
         if kind is LaunchBatch:

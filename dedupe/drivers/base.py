@@ -28,7 +28,16 @@ from dedupe.backend.commands import (
     translate,
 )
 from dedupe.backend.lifecycle import Backend
-from dedupe.core.batch import Absent, Background, Done, Each, MakeFlights, Many, WaitAny
+from dedupe.core.batch import (
+    Absent,
+    Background,
+    Done,
+    Each,
+    MakeFlights,
+    Many,
+    RunLocally,
+    WaitAny,
+)
 from dedupe.core.call import Begin, End, Takeover
 from dedupe.core.context import BatchFlight, Flight, leading, leading_many
 from dedupe.core.inflight import Entry
@@ -335,6 +344,23 @@ class BatchBase:
             flights[item] = d.flight_of(c)  # type: ignore[arg-type]
             led.append(item)
             keys.append(d.spec.names.channel)
+        return led, leading_many(keys, BatchFlight(flights))
+
+    def begin_local(self, cmd: RunLocally) -> tuple[list[Any], AbstractContextManager[None]]:
+        """on_backend_error="local": the items run here, in input order, with no lease (token
+        0), as ``local_flight`` runs one key."""
+        led, flights, keys = [], {}, []
+        for k in cmd.items:
+            d = self.drivers[k]
+            d.entry.leading = True
+            names = d.spec.names
+            item = self.items[self.positions[k]]
+            self.backend.ran_locally()
+            if events.enabled:
+                events.mark("local_run", names, role="leader")
+            flights[item] = Flight(names.job_id, 0, LostSignal())
+            led.append(item)
+            keys.append(names.channel)
         return led, leading_many(keys, BatchFlight(flights))
 
     @staticmethod

@@ -15,6 +15,7 @@ from dedupe.core.batch import (
     Each,
     MakeFlights,
     Many,
+    RunLocally,
     WaitAny,
     run_batch,
     run_batch_call,
@@ -243,6 +244,14 @@ class _BatchDriver(BatchBase):
             return None if carried else self.backend.run_sync_script(script)  # type: ignore[arg-type]
         if kind is MakeFlights:
             return self.make(cmd)
+        if kind is RunLocally:
+            led, context = self.begin_local(cmd)
+            try:
+                with context:
+                    got = self.fn(led, *self.args, **self.kwargs)
+            except BaseException as exc:  # an abort too: the joiners start over
+                return self.outcomes(led, None, exc)
+            return self.outcomes(led, got, None)
         if kind is AwaitFlight:
             return cmd.entry.result.wait(cmd.timeout)
         if kind is Background:
