@@ -295,9 +295,14 @@ def test_inspect_shows_fresh_stale_refreshing_and_backing_off(redis_url: str, pr
         state = inspect(client, prefix, job)
         assert state.kept is not None and state.kept.state == "fresh", state
         assert state.cache_state == "fresh" and state.kept.fresh_ms > 0
-        until(lambda: inspect(client, prefix, job).cache_state == "stale", "the value to go stale")
+        def stale_for_a_while() -> bool:
+            kept = inspect(client, prefix, job).kept
+            return kept is not None and kept.state == "stale" and kept.stale_ms > 0
+
+        until(stale_for_a_while, "the value to go stale")
         state = inspect(client, prefix, job)
-        assert state.kept is not None and state.kept.stale_ms > 0 and state.kept.fresh_ms == 0
+        assert state.cache_state == "stale" and state.kept is not None
+        assert state.kept.stale_ms > 0 and state.kept.fresh_ms == 0
         assert not state.refreshing and state.backoff_ms is None
 
         mode["block"] = True  # the next call is served stale; its refresh waits on the gate
