@@ -106,7 +106,7 @@ def test_two_batches_that_lead_each_others_followed_items_both_finish(api: Api) 
     text = "\n".join(out.lines)
     assert "batch #1 (p0 k0,k1) runs its function for k0:" in text, text
     assert "runs its function for k1:" in text, text
-    ends = [line for line in out.lines if "batch k" in line and " ends: value " in line]
+    ends = [line for line in out.lines if "batch sync k" in line and " ends: value " in line]
     assert len(ends) == 4, text  # each batch's two items, with a value
 
 

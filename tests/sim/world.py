@@ -955,22 +955,26 @@ class World:
         CallRun(self, caller, wait_ms / 1000 if wait_ms else None).step(None, None)
         return caller
 
-    def batch(self, proc: Proc, keys: list[str], wait_ms: int) -> BatchRun:
+    def batch(self, proc: Proc, keys: list[str], wait_ms: int, mode: str = "sync") -> BatchRun:
         """A batch call over ``keys`` (distinct): one Caller per item, stepped together by
-        the real batch machine (``batch.run_batch_call``, sync mode)."""
+        the real batch machine (``batch.run_batch_call``), in its sync mode or its asyncio
+        one (the items it creates run in a task of their own: ``run_shared_batch``)."""
         deadline = proc.clock() + wait_ms / 1000 if wait_ms else None
         run = BatchRun(self, proc, keys)
+        tasked = mode == "async"
         for key in keys:
-            caller = Caller(next(self.ids), proc, proc.epoch, key, "batch", self.now_us, deadline,
-                            self.max_token.get(key, 0), proc.paused_total)  # fmt: skip
+            caller = Caller(next(self.ids), proc, proc.epoch, key, f"batch {mode}", self.now_us,
+                            deadline, self.max_token.get(key, 0), proc.paused_total)  # fmt: skip
             caller.ref_value = max(self.values.get(key, ()), default=0)
             caller.batch = run
             self.callers.append(caller)
             run.callers.append(caller)
         names = [self.names[k] for k in keys]
-        run.machine = self.api.batch.run_batch_call(
-            proc.env, proc.sync_table, names, wait_ms / 1000 if wait_ms else None, proc.clock
-        )
+        run.names = names
+        run.table = proc.async_table if tasked else proc.sync_table
+        wait = wait_ms / 1000 if wait_ms else None
+        machine = self.api.batch.run_batch_call
+        run.machine = machine(proc.env, run.table, names, wait, proc.clock, tasked=tasked)
         self.batches.append(run)
         run.step(None, None)
         return run
@@ -1163,7 +1167,7 @@ class World:
             if caller.own_token:
                 continue  # its flight leads: wait_timeout bounds waiting, not running the job
             if caller.batch is not None and caller.batch.led_any:
-                continue  # its batch ran the function on the caller's thread (sync)
+                continue  # its batch call ran the function for items of its own
             # Time the process spent paused does not count: it could not act.
             late = proc.clock() - (proc.paused_total - caller.paused_at_start) - caller.deadline
             if proc.epoch == caller.epoch and late > slack:
@@ -1798,14 +1802,34 @@ class BatchRun:
         self.item_runs: dict[int, ItemRun] = {}  # the caller's item -> its latest own flight
         self.pending: Any = None
         self.done = False
-        self.led_any = False  # the function ran on this caller's thread
+        # The function ran for items of this call (sync: on the caller's thread; asyncio: in
+        # its task): wait_timeout bounds waiting on others, not the call's own run.
+        self.led_any = False
+        self.task = False  # asyncio: the task that runs the items a caller's batch created
+        self.parent: BatchRun | None = None  # a task's batch call
+        self.names: list[Any] = []
+        self.table: Any = None
 
     def name(self) -> str:
-        return f"batch #{self.id} ({self.proc.name()} {','.join(self.keys)})"
+        what = "task" if self.task else "batch"
+        return f"{what} #{self.id} ({self.proc.name()} {','.join(self.keys)})"
 
     def step(self, reply: Any, error: BaseException | None) -> None:
         if self.done or self.proc.epoch != self.epoch:
             return
+        if not self.task:
+            self._step(reply, error)
+            return
+        # run_shared_batch steps its items on the driver's clock (time.monotonic, read when
+        # its run_batch starts): here, the process's clock.
+        mod = self.w.api.batch
+        saved, mod._monotonic = mod._monotonic, self.proc.clock
+        try:
+            self._step(reply, error)
+        finally:
+            mod._monotonic = saved
+
+    def _step(self, reply: Any, error: BaseException | None) -> None:
         while True:
             self.pending = None
             try:
@@ -1894,6 +1918,17 @@ class BatchRun:
             return [run.gen for run in self.runs], None
         if kind == "AwaitFlight":
             return self._await(cmd)
+        if kind == "LaunchBatch":
+            task = BatchRun(w, self.proc, self.keys)
+            task.task, task.callers, task.item_runs = True, self.callers, self.item_runs
+            task.parent = self
+            task.machine = w.api.batch.run_shared_batch(self.proc.env, self.table, self.names,
+                                                        cmd.items)  # fmt: skip
+            w.batches.append(task)
+            w.log(f"{self.name()} launches {task.name()} for "
+                  f"{','.join(self.keys[i] for i, _ in cmd.items)}")  # fmt: skip
+            task.step(None, None)
+            return None, None
         w.fail("unknown-command", f"the simulator has no handler for {cmd!r}")
         return None
 
@@ -1906,6 +1941,8 @@ class BatchRun:
             run.pending = c
             run._lead(c, job=False)
         self.led_any = True
+        if self.parent is not None:
+            self.parent.led_any = True
         w.jobs.append(Job(self.proc, self.epoch, runs[0], runs[0].lead_token, next(w.ids),
                           lead=self))  # fmt: skip
         w.log(f"{self.name()} runs its function for {','.join(r.key for r in runs)}: job runs")
@@ -2027,8 +2064,8 @@ class BatchRun:
         for run in self.runs:  # as the driver's finish_all: leases and subscriptions end
             if not run.done and run.batch is self:
                 run.finish(None, None)
-        if not self.callers:
-            return
+        if not self.callers or self.task:
+            return  # the callers' outcomes come through their batch call
         if error is not None:
             if isinstance(error, KeyboardInterrupt) and self.led_any:
                 for caller in self.callers:
