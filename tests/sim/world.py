@@ -52,7 +52,13 @@ Invariants (``KINDS``), checked as things happen and after every step:
   one some lease's complete stored (stale-unstored); a caller that drove its own flight is
   never served stale a value older than one stored before it started (stale-regress); a
   refresh is granted only while no other refresh of the key runs unaware that its lease is
-  lost (double-refresh).
+  lost (double-refresh);
+- with batches (``Params.batches``: "batch" steps run the real batch machine,
+  ``batch.run_batch_call``, sync and asyncio, over 2-3 of three keys; each item's scripts
+  are requests of their own, the items a batch leads run by one job): every check above
+  holds for each item as a caller of its own, and no batch waits for a message of a key
+  whose lock is held by an item another batch leads, while that one waits (through others)
+  on it (batch-deadlock).
 
 Not modelled: on_backend_error="local", local copies, the real hub (its subscription
 machine has a state-machine test of its own), TIME going backwards. The network is harsher
