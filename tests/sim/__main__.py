@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         help="cache-fill flights (stale_while_revalidate, stale_if_error: Params.cache)",
     )
     ap.add_argument(
+        "--batches",
+        action="store_true",
+        help="batch calls beside single-key ones (the batch machine: Params.batches)",
+    )
+    ap.add_argument(
         "--mutant",
         default=None,
         help="plant a fixed defect again (tests/sim/mutants.py; 'list' names them) and look "
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mutant is not None:
         with planted(args.mutant) as kinds:
             args.cache = args.cache or MUTANT_PARAMS.get(args.mutant, {}).get("cache", False)
+            args.batches = args.batches or MUTANT_PARAMS.get(args.mutant, {}).get("batches", False)
             args.mutant = None
             args.ignore = ",".join(sorted(KINDS - kinds))
             return main_with(args)
@@ -64,7 +70,7 @@ def main_with(args: argparse.Namespace) -> int:
     from .world import Api, Params
 
     api = Api()
-    params = Params(cache=args.cache)
+    params = Params(cache=args.cache, batches=args.batches)
     if args.max_drift is not None:
         params.max_drift = args.max_drift
     ignored = frozenset(k for k in args.ignore.split(",") if k)

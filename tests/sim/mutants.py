@@ -91,6 +91,29 @@ def _double_refresh(patch: Callable[[Any, str, Any], None]) -> None:
     patch(commands, "ACQUIRE", commands._script(lua.replace(check, "if not background then")))
 
 
+def _wait_before_complete(patch: Callable[[Any, str, Any], None]) -> None:
+    """Issue 22: a batch waits on the items it follows before it completes the items it led
+    (its Completes go after its Subscribes and its waits), so two batches that each lead
+    part of the other's items wait on each other."""
+    import inspect
+    import textwrap
+
+    import dedupe.core.batch as batch
+
+    src = textwrap.dedent(inspect.getsource(batch.run_batch))
+    order = "gathered = _next_group(blocked)"
+    assert order in src, "the batch machine's order moved: update this mutant"
+    src = src.replace(
+        order,
+        "gathered = _next_group({i: c for i, c in blocked.items()\n"
+        "                                     if not (waiting and type(c) is Complete)})",
+    )
+    space = dict(vars(batch))
+    exec(compile(src, batch.__file__, "exec"), space)  # the planted copy of run_batch
+    patch(batch, "run_batch", space["run_batch"])
+    patch(batch, "_GATHERED", (batch.Acquire, batch.Lead, batch.Subscribe, batch.Complete))
+
+
 MUTANTS: dict[str, tuple[Callable[[Callable[[Any, str, Any], None]], None], frozenset[str]]] = {
     # name: (plant it, the invariant kinds that may find it)
     "revived-record": (_revived_record, frozenset({"stale-outcome", "older-outcome"})),
@@ -104,10 +127,14 @@ MUTANTS: dict[str, tuple[Callable[[Callable[[Any, str, Any], None]], None], froz
         _double_refresh,
         frozenset({"double-refresh", "lock-overwrite", "unaware-leader"}),
     ),
+    "wait-before-complete": (_wait_before_complete, frozenset({"batch-deadlock"})),
 }
 
 # The world a mutant needs (Params fields), where it is not the default one.
-MUTANT_PARAMS: dict[str, dict[str, Any]] = {"double-refresh": {"cache": True}}
+MUTANT_PARAMS: dict[str, dict[str, Any]] = {
+    "double-refresh": {"cache": True},
+    "wait-before-complete": {"batches": True},
+}
 
 
 @contextmanager

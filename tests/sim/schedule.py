@@ -8,6 +8,9 @@ kind. Steps:
 
     ("call", p, k, wait_ms, mode)  process p calls key k (wait_ms 0: no wait_timeout) through
                              the call machine in mode "sync" or "async" (default "sync")
+    ("batch", p, ks, wait_ms, mode)  process p calls keys ks (a tuple of distinct key numbers)
+                             in one batch through the batch machine, mode "sync" (default) or
+                             "async" (Params.batches)
     ("deliver", n)           the n-th deliverable item in transit arrives (0: the oldest)
     ("drop", n)              ... is lost        ("dup", n)  ... arrives twice (later)
     ("next",)                time moves to the next timer (a timeout, a renewal, a resume)
@@ -52,6 +55,10 @@ def describe(step: Step) -> str:
         wait = f" wait_timeout={step[3]}ms" if step[3] else ""
         mode = step[4] if len(step) > 4 else "sync"
         return f"p{step[1]} calls k{step[2]} ({mode}){wait}"
+    if kind == "batch":
+        wait = f" wait_timeout={step[3]}ms" if step[3] else ""
+        mode = step[4] if len(step) > 4 else "sync"
+        return f"p{step[1]} calls {','.join(f'k{k}' for k in step[2])} in a batch ({mode}){wait}"
     if kind in ("deliver", "drop", "dup", "replay"):
         return f"{kind} #{step[1]}"
     if kind == "forge":
@@ -95,6 +102,17 @@ def apply(world: World, step: Step) -> str:
 
         # A paused process makes no calls: this one starts when it resumes.
         world.run_on(proc, proc.epoch, start, net=False)
+        world.settle()
+        return ""
+    if kind == "batch":
+        proc = world.procs[step[1] % len(world.procs)]
+        keys = list(dict.fromkeys(f"k{k % len(world.names)}" for k in step[2]))
+
+        def start_batch() -> None:
+            run = world.batch(proc, keys, step[3], step[4] if len(step) > 4 else "sync")
+            world.log(f"{run.name()} starts")
+
+        world.run_on(proc, proc.epoch, start_batch, net=False)
         world.settle()
         return ""
     if kind in ("deliver", "drop", "dup"):
@@ -166,6 +184,8 @@ def choose(
     options += [(0.6, "kill"), (0.5, "restart")]
     if active < 8:
         options.append((10, "call"))
+        if params.batches:
+            options.append((6, "batch"))
     if items:
         options += [(45, "deliver"), (3, "drop"), (3, "dup")]
     if world.jobs:
@@ -186,6 +206,11 @@ def choose(
     if kind == "call":
         wait = rng.choice((0, 0, 0, 1000, 3000, 6000))
         return ("call", p, rng.randrange(params.keys), wait, rng.choice(("sync", "async")))
+    if kind == "batch":
+        size = min(params.keys, rng.choice((2, 3)))
+        keys = tuple(rng.sample(range(params.keys), size))
+        wait = rng.choice((0, 0, 0, 1000, 3000, 6000))
+        return ("batch", p, keys, wait, rng.choice(("sync", "async")))
     if kind in ("deliver", "drop", "dup"):
         return (kind, 0 if rng.random() < 0.6 else rng.randrange(max(1, items)))
     if kind == "advance":
@@ -395,6 +420,12 @@ def _simpler(step: Step) -> list[Step]:
     kind = step[0]
     if kind in ("deliver", "drop", "dup", "replay", "finish") and step[1]:
         return [(kind, 0, *step[2:])]
+    if kind == "batch" and step[3]:
+        return [("batch", step[1], step[2], 0, *step[4:])]
+    if kind == "batch" and len(step[2]) > 2:
+        return [("batch", step[1], step[2][:2], *step[3:])]
+    if kind == "batch" and len(step) > 4 and step[4] != "sync":
+        return [step[:4]]
     if kind == "call" and step[3]:
         return [("call", step[1], step[2], 0, *step[4:])]
     if kind == "call" and len(step) > 4 and step[4] != "sync":

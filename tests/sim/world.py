@@ -52,7 +52,13 @@ Invariants (``KINDS``), checked as things happen and after every step:
   one some lease's complete stored (stale-unstored); a caller that drove its own flight is
   never served stale a value older than one stored before it started (stale-regress); a
   refresh is granted only while no other refresh of the key runs unaware that its lease is
-  lost (double-refresh).
+  lost (double-refresh);
+- with batches (``Params.batches``: "batch" steps run the real batch machine,
+  ``batch.run_batch_call``, sync and asyncio, over 2-3 of three keys; each item's scripts
+  are requests of their own, the items a batch leads run by one job): every check above
+  holds for each item as a caller of its own, and no batch waits for a message of a key
+  whose lock is held by an item another batch leads, while that one waits (through others)
+  on it (batch-deadlock).
 
 Not modelled: on_backend_error="local", local copies, the real hub (its subscription
 machine has a state-machine test of its own), TIME going backwards. The network is harsher
@@ -98,6 +104,7 @@ KINDS = frozenset(
         "stale-unstored",  # a stale value served that no lease's complete stored
         "stale-regress",  # a stale value older than one stored before the caller started
         "double-refresh",  # a refresh granted while another of the key still runs, unaware
+        "batch-deadlock",  # batches that wait on each other's led items (a cycle)
         "unexpected-error",  # a caller raised what no documented fault explains
         "wrong-key",
         "script-error",
@@ -146,6 +153,13 @@ class Params:
     stale_ms: int = 2000
     error_ms: int = 4000
     backoff_ms: int = 1000
+    # Batches (issue 22): "batch" steps start a batch call (the real batch machine) over 2-3
+    # keys beside the single-key calls; with batches the world has three keys.
+    batches: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batches and self.keys == 2:
+            self.keys = 3
 
 
 class Api:
@@ -164,6 +178,10 @@ class Api:
         self.leases = imp("dedupe.core.leases")
         self.inflight = imp("dedupe.core.inflight")
         self.wire = imp("dedupe.backend.wire")
+        try:
+            self.batch: Any = imp("dedupe.core.batch")
+        except ImportError:  # a checkout from before batches (--package)
+            self.batch = None
         self.renewal = imp("dedupe.backend.renewal")
         self.scripts = [
             v for v in vars(self.commands).values() if isinstance(v, self.commands.Script)
@@ -245,6 +263,7 @@ class Caller:
     ref_value: int = 0  # the newest value a lease stored on the key before it started
     done: bool = False
     result: str = ""
+    batch: Any = None  # the BatchRun of a batch call's item
 
 
 @dataclass(eq=False)
@@ -254,6 +273,7 @@ class Job:
     flight: FlightRun
     token: int
     seq: int
+    lead: Any = None  # a batch's one run of the function for the items it leads (BatchRun)
 
 
 class Hub:
@@ -424,6 +444,7 @@ class World:
         self.procs = [Proc(self, i, drifts[i], 10_000 * US * (i + 1)) for i in range(params.procs)]
         self.flight_by_entry: dict[int, FlightRun] = {}
         self.flight_by_owner: dict[str, FlightRun] = {}
+        self.batches: list[BatchRun] = []  # batch calls and their background parts
         self.trace = trace
         self.ignored: frozenset[str] = frozenset()
         self.lines: list[str] = []
@@ -940,10 +961,39 @@ class World:
         CallRun(self, caller, wait_ms / 1000 if wait_ms else None).step(None, None)
         return caller
 
+    def batch(self, proc: Proc, keys: list[str], wait_ms: int, mode: str = "sync") -> BatchRun:
+        """A batch call over ``keys`` (distinct): one Caller per item, stepped together by
+        the real batch machine (``batch.run_batch_call``), in its sync mode or its asyncio
+        one (the items it creates run in a task of their own: ``run_shared_batch``)."""
+        deadline = proc.clock() + wait_ms / 1000 if wait_ms else None
+        run = BatchRun(self, proc, keys)
+        tasked = mode == "async"
+        for key in keys:
+            caller = Caller(next(self.ids), proc, proc.epoch, key, f"batch {mode}", self.now_us,
+                            deadline, self.max_token.get(key, 0), proc.paused_total)  # fmt: skip
+            caller.ref_value = max(self.values.get(key, ()), default=0)
+            caller.batch = run
+            self.callers.append(caller)
+            run.callers.append(caller)
+        names = [self.names[k] for k in keys]
+        run.names = names
+        run.table = proc.async_table if tasked else proc.sync_table
+        wait = wait_ms / 1000 if wait_ms else None
+        machine = self.api.batch.run_batch_call
+        run.machine = machine(proc.env, run.table, names, wait, proc.clock, tasked=tasked)
+        self.batches.append(run)
+        run.step(None, None)
+        return run
+
     def finish_job(self, n: int, how: str) -> str:
         if not self.jobs:
             return "no job running"
         job = self.jobs.pop(n % len(self.jobs))
+        if job.lead is not None:
+            lead = job.lead
+            self.run_on(job.proc, job.epoch, lambda: lead.led(job, how), net=False)
+            self.settle()
+            return f"batch job of {lead.name()} on {job.proc.name()} -> {how}"
         key = job.flight.key
         if how == "ok":
             outcome = self.api.envelope.Outcome(value=f"{key}@{job.token}#{job.seq}")
@@ -955,14 +1005,13 @@ class World:
         self.settle()
         return f"job {key}@{job.token} on {job.proc.name()} -> {how}"
 
-    def end(self, caller: Caller, how: str, value: Any) -> None:
+    def end(self, caller: Caller, how: str, value: Any, stale: bool = False) -> None:
         """A caller returns: check what it got (invariant: no outcome older than its lease)."""
         if caller.done:
             return
         caller.done = True
         errors = self.api.errors
         who = f"caller #{caller.id} ({caller.proc.name()} {caller.mode} {caller.key})"
-        stale = False
         if how == "value" and type(value).__name__ == "Served":  # a cache-fill world's calls
             stale, value = bool(value.stale), value.value
         if how == "value" or (isinstance(value, ValueError) and _VALUE.match(str(value))):
@@ -1102,6 +1151,8 @@ class World:
         """After every step: keys have bounded lifetimes; callers with deadlines end in time;
         running leaders' locks do not lapse under them while nothing was wrong."""
         p = self.p
+        if self.batches:
+            self.check_deadlock()
         for raw in self.redis.live_keys():
             pttl = self.redis.pttl(raw)
             if raw in self.by_lock:
@@ -1121,6 +1172,8 @@ class World:
                 continue
             if caller.own_token:
                 continue  # its flight leads: wait_timeout bounds waiting, not running the job
+            if caller.batch is not None and caller.batch.led_any:
+                continue  # its batch call ran the function for items of its own
             # Time the process spent paused does not count: it could not act.
             late = proc.clock() - (proc.paused_total - caller.paused_at_start) - caller.deadline
             if proc.epoch == caller.epoch and late > slack:
@@ -1179,6 +1232,42 @@ class World:
                 f"{key}'s lock {held.decode()} is held for {run.proc.name()}'s flight that gave "
                 "up on its acquire without leading; waiters would wait out the lease",
             )
+
+    def check_deadlock(self) -> None:
+        """No batch waits on an item led by a batch that waits (through others) on it: a
+        batch waits on another when it waits for a message of a key whose lock the other's
+        item holds, led and not yet ended, or on a flight of its process the other runs."""
+        live = [b for b in self.batches if not b.done and b.proc.epoch == b.epoch]
+        if len(live) < 2:
+            return
+        edges: dict[BatchRun, list[tuple[str, BatchRun]]] = {}
+        for b in live:
+            cmd, out = b.pending, []
+            kind = type(cmd).__name__
+            if kind == "WaitAny":
+                for i, _, pause in cmd.items:
+                    key = b.runs[i].key
+                    held = self.redis.get_any(self.names[key].lock.encode())
+                    if pause or held is None:
+                        continue
+                    for o in live:
+                        if o is not b and any(
+                            r.key == key and r.lead_token and not r.done and r.lease is not None
+                            and r.lease.real.value.encode() == held for r in o.runs
+                        ):  # fmt: skip
+                            out.append((key, o))
+            elif kind == "AwaitFlight":
+                run = self.flight_by_entry.get(id(cmd.entry))
+                if isinstance(run, ItemRun) and not run.done and run.batch in live \
+                        and run.batch is not b:  # fmt: skip
+                    out.append((run.key, run.batch))
+            edges[b] = out
+        # A cycle: depth-first from each batch along its waits.
+        for start in live:
+            cycle = _cycle(start, edges)
+            if cycle:
+                said = ", ".join(f"{b.name()} waits on {k}" for b, k in cycle)
+                self.fail("batch-deadlock", f"{said}: each led by the next, which waits")
 
     def check_quiet(self) -> None:
         """After the schedule and a fault-free drain: every call ended."""
@@ -1587,7 +1676,7 @@ class FlightRun:
         timer = self.w.at(self.proc, self.proc.clock() + timeout, expire, "wait")
         return None
 
-    def _lead(self, cmd: Any) -> None:
+    def _lead(self, cmd: Any, job: bool = True) -> None:
         w, proc = self.w, self.proc
         self.lead_token = int(cmd.token)
         for caller in self.attached:
@@ -1608,6 +1697,9 @@ class FlightRun:
         self.lease = lease
         w.leases.append(lease)
         proc.renewer.add(lease)
+        if not job:  # a batch's item: the batch runs one job for the items it leads
+            w.log(f"{proc.name()} leads {self.key} with lease {cmd.token} (batch)")
+            return
         seq = next(w.ids)
         w.jobs.append(Job(proc, self.epoch, self, int(cmd.token), seq))
         w.log(f"{proc.name()} leads {self.key} with lease {cmd.token}: job runs")
@@ -1673,6 +1765,333 @@ class FlightRun:
             self.mailbox = None
         if not self.served:  # a refresh's callers were served already
             self.done_cb(value, error)
+
+
+class ItemRun(FlightRun):
+    """One item of a batch: its run_flight machine is stepped by the batch machine
+    (``run_batch``); this carries the item's commands one by one, as a FlightRun does, and
+    hands each reply to whoever asked (``carry``)."""
+
+    def __init__(self, world: World, proc: Proc, key: str, entry: Any, deadline: float | None,
+                 batch: BatchRun) -> None:  # fmt: skip
+        super().__init__(world, proc, key, entry, deadline, lambda value, error: None)
+        self.batch = batch  # the batch machine stepping it (a background part, once handed)
+        self.reply_to: Callable[[Any, BaseException | None], None] | None = None
+
+    def carry(self, cmd: Any, to: Callable[[Any, BaseException | None], None]) -> None:
+        """Carry one command of the item; ``to`` gets its reply (now, or when it comes)."""
+        self.pending, self.reply_to = cmd, to
+        handled = self.handle(cmd)
+        if handled is not None:
+            self.resume(*handled)
+
+    def resume(self, reply: object, error: BaseException | None) -> None:
+        if self.done or self.proc.epoch != self.epoch:
+            return
+        to, self.reply_to, self.pending = self.reply_to, None, None
+        if to is not None:
+            to(reply, error)
+
+
+class BatchRun:
+    """A batch call (the real ``batch.run_batch_call``, sync mode) or a background part
+    (``batch.run_batch`` over the items served at once): its commands carried through the
+    world, each item's scripts as requests of their own (so each can be delayed, dropped,
+    duplicated or redirected), the items it leads run by one job."""
+
+    def __init__(self, world: World, proc: Proc, keys: list[str]) -> None:
+        self.w, self.proc, self.epoch, self.keys = world, proc, proc.epoch, keys
+        self.id = next(world.ids)
+        self.callers: list[Caller] = []  # by item (none for a background part)
+        self.machine: Any = None
+        self.runs: list[ItemRun] = []  # the current run_batch's items, by its indices
+        self.item_runs: dict[int, ItemRun] = {}  # the caller's item -> its latest own flight
+        self.pending: Any = None
+        self.done = False
+        # The function ran for items of this call (sync: on the caller's thread; asyncio: in
+        # its task): wait_timeout bounds waiting on others, not the call's own run.
+        self.led_any = False
+        self.task = False  # asyncio: the task that runs the items a caller's batch created
+        self.parent: BatchRun | None = None  # a task's batch call
+        self.names: list[Any] = []
+        self.table: Any = None
+
+    def name(self) -> str:
+        what = "task" if self.task else "batch"
+        return f"{what} #{self.id} ({self.proc.name()} {','.join(self.keys)})"
+
+    def step(self, reply: Any, error: BaseException | None) -> None:
+        if self.done or self.proc.epoch != self.epoch:
+            return
+        if not self.task:
+            self._step(reply, error)
+            return
+        # run_shared_batch steps its items on the driver's clock (time.monotonic, read when
+        # its run_batch starts): here, the process's clock.
+        mod = self.w.api.batch
+        saved, mod._monotonic = mod._monotonic, self.proc.clock
+        try:
+            self._step(reply, error)
+        finally:
+            mod._monotonic = saved
+
+    def _step(self, reply: Any, error: BaseException | None) -> None:
+        while True:
+            self.pending = None
+            try:
+                cmd = self.machine.send(reply) if error is None else self.machine.throw(error)
+            except StopIteration as stop:
+                self.ended(stop.value, None)
+                return
+            except Violation:
+                raise
+            except BaseException as exc:
+                self.ended(None, exc)
+                return
+            reply, error = None, None
+            self.pending = cmd
+            handled = self.handle(cmd)
+            if handled is None:
+                return  # the reply comes later
+            reply, error = handled
+
+    def later(self, cmd: Any, reply: Any, error: BaseException | None) -> None:
+        """A reply that came later: step on, once the current event is handled."""
+        if self.pending is cmd:
+            w = self.w
+            w.soon(lambda: w.run_on(self.proc, self.epoch, lambda: self.step(reply, error),
+                                    net=False))  # fmt: skip
+
+    def handle(self, cmd: Any) -> tuple[Any, BaseException | None] | None:
+        w = self.w
+        kind = type(cmd).__name__
+        if kind == "Many":
+            if cmd.kind.__name__ == "Lead":
+                self._lead(cmd)
+                return None
+            replies: list[Any] = [None] * len(cmd.items)
+            state = {"left": len(cmd.items), "now": True}
+
+            def reply_for(n: int) -> Callable[[Any, BaseException | None], None]:
+                def to(reply: Any, error: BaseException | None) -> None:
+                    replies[n] = error if error is not None else reply
+                    state["left"] -= 1
+                    if state["left"] == 0 and not state["now"]:
+                        self.later(cmd, replies, None)
+
+                return to
+
+            for n, (k, c) in enumerate(cmd.items):
+                self.runs[k].carry(c, reply_for(n))
+            state["now"] = False
+            return (replies, None) if state["left"] == 0 else None
+        if kind == "WaitAny":
+            return self._wait_any(cmd)
+        if kind == "Each":
+            got: list[tuple[Any, BaseException | None]] = []
+            self.runs[cmd.at].carry(cmd.cmd, lambda reply, error: got.append((reply, error)))
+            if got:
+                return got[0]
+            self.runs[cmd.at].reply_to = lambda reply, error: self.later(cmd, reply, error)
+            return None
+        if kind == "Done":
+            run = self.runs[cmd.at]
+            if cmd.going_on:
+                run.served = True  # its callers have a value; it refreshes on
+            else:
+                run.finish(None, None)
+            return None, None
+        if kind == "Background":
+            part = BatchRun(w, self.proc, [self.runs[k].key for k, _ in cmd.flights])
+            part.runs = [self.runs[k] for k, _ in cmd.flights]
+            for run in part.runs:
+                run.batch = part
+            part.machine = w.api.batch.run_batch([f for _, f in cmd.flights], self.proc.clock)
+            w.batches.append(part)
+            w.log(f"{self.proc.name()} refreshes {','.join(part.keys)} in the background")
+            w.soon(lambda: w.run_on(self.proc, self.epoch, lambda: part.step(None, None),
+                                    net=False))  # fmt: skip
+            return None, None
+        if kind == "MakeFlights":
+            self.runs = []
+            for i, entry in cmd.items:
+                run = ItemRun(w, self.proc, self.keys[i], entry, cmd.deadline, self)
+                caller = self.callers[i]
+                caller.joined = False
+                run.attach(caller)
+                self.item_runs[i] = run
+                self.runs.append(run)
+            return [run.gen for run in self.runs], None
+        if kind == "AwaitFlight":
+            return self._await(cmd)
+        if kind == "LaunchBatch":
+            task = BatchRun(w, self.proc, self.keys)
+            task.task, task.callers, task.item_runs = True, self.callers, self.item_runs
+            task.parent = self
+            task.machine = w.api.batch.run_shared_batch(self.proc.env, self.table, self.names,
+                                                        cmd.items)  # fmt: skip
+            w.batches.append(task)
+            w.log(f"{self.name()} launches {task.name()} for "
+                  f"{','.join(self.keys[i] for i, _ in cmd.items)}")  # fmt: skip
+            task.step(None, None)
+            return None, None
+        w.fail("unknown-command", f"the simulator has no handler for {cmd!r}")
+        return None
+
+    def _lead(self, cmd: Any) -> None:
+        """Many(Lead): every item's lease starts; one job runs the function for them all.
+        (Sync: the function runs on the caller's thread, so the batch does nothing else.)"""
+        w = self.w
+        runs = [self.runs[k] for k, _ in cmd.items]
+        for run, (_, c) in zip(runs, cmd.items, strict=True):
+            run.pending = c
+            run._lead(c, job=False)
+        self.led_any = True
+        if self.parent is not None:
+            self.parent.led_any = True
+        w.jobs.append(Job(self.proc, self.epoch, runs[0], runs[0].lead_token, next(w.ids),
+                          lead=self))  # fmt: skip
+        w.log(f"{self.name()} runs its function for {','.join(r.key for r in runs)}: job runs")
+        self.leading = (cmd, runs)
+
+    leading: Any = None
+
+    def led(self, job: Job, how: str) -> None:
+        """The batch's job ended: each led item's outcome (an abort or an error for all)."""
+        if self.leading is None:
+            return
+        cmd, runs = self.leading
+        self.leading = None
+        outcome = self.w.api.envelope.Outcome
+        outs = []
+        for run in runs:
+            if run.lease is not None:
+                run.lease.running = False
+            text = f"{run.key}@{run.lead_token}#{job.seq}"
+            if how == "ok":
+                outs.append(outcome(value=text))
+            elif how == "raise":
+                outs.append(outcome(error=ValueError(text)))
+            else:
+                outs.append(outcome(error=KeyboardInterrupt()))
+            run.pending = None
+        if self.pending is cmd:
+            self.step(outs, None)
+
+    def resume_if(self, cmd: Any, reply: Callable[[], Any]) -> None:
+        """Step on with reply() if the batch still waits on cmd."""
+        if self.pending is cmd:
+            self.step(reply(), None)
+
+    def _wait_any(self, cmd: Any) -> tuple[Any, BaseException | None] | None:
+        w, proc = self.w, self.proc
+        boxes = {i: self.runs[i].mailbox for i, _, pause in cmd.items
+                 if not pause and self.runs[i].mailbox is not None}  # fmt: skip
+
+        def take() -> dict[int, object]:
+            return {i: box.pop(0) for i, box in boxes.items() if box}
+
+        got = take()
+        if got:
+            return got, None
+        first = min(until for _, until, _ in cmd.items)
+        if first <= proc.clock():
+            return {}, None
+        state = {"open": True}
+
+        def close() -> None:
+            state["open"] = False
+            for box in boxes.values():
+                box.waker = None
+
+        def wake() -> None:
+            if state["open"] and self.pending is cmd:
+                close()
+                timer.cancelled = True
+                w.soon(lambda: w.run_on(proc, self.epoch, lambda: self.resume_if(cmd, take),
+                                        net=False))  # fmt: skip
+
+        def expire() -> None:
+            if state["open"] and self.pending is cmd:
+                close()
+                self.step({}, None)
+
+        for box in boxes.values():
+            box.waker = wake
+        timer = w.at(proc, first, expire, "wait any")
+        return None
+
+    def _await(self, cmd: Any) -> tuple[Any, BaseException | None] | None:
+        """AwaitFlight: a joined item waits on its process's flight of that key."""
+        w, entry = self.w, cmd.entry
+        run = w.flight_by_entry.get(id(entry))
+        caller = None
+        if run is not None and run.key in self.keys:
+            caller = self.callers[self.keys.index(run.key)]
+            if caller not in run.attached:
+                caller.joined = True
+                caller.seen = max(caller.seen, run.seen)
+                run.attach(caller)
+
+        def result() -> bool:
+            done = bool(entry.result.is_set())
+            retry = done and entry.result.get() is w.api.inflight.RETRY
+            if retry and run is not None and caller is not None:
+                caller.seen = max(caller.seen, run.seen)
+            return done
+
+        if entry.result.is_set():
+            return result(), None
+        state = {"open": True}
+
+        def wake() -> None:
+            if state["open"]:
+                state["open"] = False
+                if timer is not None:
+                    timer.cancelled = True
+                w.soon(lambda: w.run_on(self.proc, self.epoch, lambda: self.resume_if(cmd, result),
+                                        net=False))  # fmt: skip
+
+        def expire() -> None:
+            if state["open"] and self.pending is cmd:
+                state["open"] = False
+                entry.result.discard_waker(wake)
+                self.step(False, None)
+
+        timer = None
+        if cmd.timeout is not None:
+            timer = w.at(self.proc, self.proc.clock() + cmd.timeout, expire, "await flight")
+        entry.result.add_waker(wake)
+        return None
+
+    def ended(self, value: Any, error: BaseException | None) -> None:
+        w = self.w
+        self.done = True
+        for run in self.runs:  # as the driver's finish_all: leases and subscriptions end
+            if not run.done and run.batch is self:
+                run.finish(None, None)
+        if not self.callers or self.task:
+            return  # the callers' outcomes come through their batch call
+        if error is not None:
+            if isinstance(error, KeyboardInterrupt) and self.led_any:
+                for caller in self.callers:
+                    if not caller.done:
+                        caller.done, caller.result = True, "abort"
+                w.log(f"{self.name()} ends: its own job was interrupted")
+                return
+            for caller in self.callers:
+                w.end(caller, "error", error)
+            return
+        for i, (caller, outcome) in enumerate(zip(self.callers, value, strict=True)):
+            own = self.item_runs.get(i)
+            if own is not None and not caller.joined:
+                caller.seen = max(caller.seen, own.seen)  # what its own flight saw
+            if outcome is None:
+                w.fail("unexpected-error", f"{self.name()}: {caller.key} came back absent")
+            elif outcome.error is not None:
+                w.end(caller, "error", outcome.error)
+            else:
+                w.end(caller, "value", outcome.value, stale=bool(outcome.stale))
 
 
 def api_start_lease(api: Api, shim: Any, cmd: Any) -> Any:
@@ -1817,6 +2236,27 @@ class SimRenewer:
         earliest = self.book.settle(batch, sent, now, replies or [], error)
         if not math.isinf(earliest):
             self._wake(earliest)
+
+
+def _cycle(start: Any, edges: dict[Any, list[tuple[str, Any]]]) -> list[tuple[Any, str]] | None:
+    """A path of waits (node, key) from start back to start, if any."""
+    path: list[tuple[Any, str]] = []
+    seen: set[int] = set()
+
+    def visit(b: Any) -> list[tuple[Any, str]] | None:
+        for key, o in edges.get(b, []):
+            path.append((b, key))
+            if o is start:
+                return list(path)
+            if id(o) not in seen:
+                seen.add(id(o))
+                found = visit(o)
+                if found:
+                    return found
+            path.pop()
+        return None
+
+    return visit(start)
 
 
 def _flag(reply: Any) -> int:
