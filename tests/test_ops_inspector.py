@@ -295,6 +295,7 @@ def test_inspect_shows_fresh_stale_refreshing_and_backing_off(redis_url: str, pr
         state = inspect(client, prefix, job)
         assert state.kept is not None and state.kept.state == "fresh", state
         assert state.cache_state == "fresh" and state.kept.fresh_ms > 0
+
         def stale_for_a_while() -> bool:
             kept = inspect(client, prefix, job).kept
             return kept is not None and kept.state == "stale" and kept.stale_ms > 0
