@@ -44,8 +44,10 @@ from dedupe.core.inflight import Entry
 from dedupe.core.keys import Names
 from dedupe.core.leases import Lease, LostSignal
 from dedupe.core.protocol import (
+    LEAD,
     REFRESH,
     Acquire,
+    Acquired,
     Command,
     Complete,
     Discard,
@@ -58,6 +60,7 @@ from dedupe.core.protocol import (
     run_flight,
 )
 from dedupe.core.protocol import Flight as ProtocolFlight
+from dedupe.core.record import lock_value
 from dedupe.core.sealing import Codec, Outcome
 from dedupe.core.signals import Latch, Mailbox
 from dedupe.ops import events
@@ -223,21 +226,37 @@ class DriverBase:
 
     def start_lease(self, cmd: Lead, loop: asyncio.AbstractEventLoop | None = None) -> Flight:
         """The lease is renewed from here until ``finish()``: after the complete script, so a
-        slow encode or a slow complete never lets a waiter take over a live leader."""
+        slow encode or a slow complete never lets a waiter take over a live leader. A batch
+        item's lease may have started already, at its grant (``renew_from_grant``)."""
+        lease = self.lease
+        if lease is None or lease.value != cmd.lock_value:
+            if lease is not None:
+                self.backend.renewer().remove(lease)
+            lease = self._renew(cmd.lock_value, cmd.since, loop)
+        return Flight(self.spec.names.job_id, cmd.token, lease.lost)
+
+    def renew_from_grant(self, reply: Acquired) -> None:
+        """A batch item's acquire was granted: renew its lease from now, not from the Lead,
+        which waits for every sibling's acquire (one may wait for a slot, a redirection or a
+        lost reply longer than the lease; found by simulation). Dated from the write."""
+        if (reply.state == LEAD or reply.state == REFRESH) and reply.sent and self.lease is None:
+            self._renew(lock_value(reply.token, self.spec.owner), reply.sent, None)
+
+    def _renew(self, value: str, since: float, loop: asyncio.AbstractEventLoop | None) -> Lease:
         names, spec = self.spec.names, self.spec
         lease = Lease(
             names.job_id,
             names.lock,
-            cmd.lock_value,
+            value,
             spec.lock_ttl_ms / 1000,
-            acquired_at=cmd.since,  # on run_flight's clock, self.clock
+            acquired_at=since,  # on run_flight's clock, self.clock
             max_hold=spec.max_hold_ms / 1000,
             loop=loop,
             clock=self.clock,
         )
         self.backend.renewer().add(lease)
         self.lease = lease
-        return Flight(names.job_id, cmd.token, lease.lost)
+        return lease
 
     def as_leader(self, flight: Flight) -> AbstractContextManager[None]:
         """While the function runs: current_flight() set, reentry guarded."""
@@ -331,7 +350,13 @@ class BatchBase:
         out: list[Any] = []
         for (k, c), raw in zip(cmd.items, raws, strict=True):
             d = self.drivers[k]
-            out.append(d.failed(c, raw) if isinstance(raw, BaseException) else d.reply_of(c, raw))
+            if isinstance(raw, BaseException):
+                out.append(d.failed(c, raw))
+                continue
+            reply = d.reply_of(c, raw)
+            if type(reply) is Acquired:
+                d.renew_from_grant(reply)
+            out.append(reply)
         return out
 
     def begin_leads(self, cmd: Many) -> tuple[list[Any], AbstractContextManager[None]]:

@@ -1615,6 +1615,8 @@ class FlightRun:
         if type(cmd).__name__ == "Acquire":
             # Granted to this very request: it was written when the stamp says.
             self.written_at = self.shim.stamp.sent if reply.state in (2, 3) else 0.0
+            if isinstance(self, ItemRun) and type(reply).__name__ == "Acquired":
+                self.granted(reply)
             if reply.state == 1:
                 tok = reply.holder.partition(":")[0]
                 if tok.isdigit():
@@ -1682,7 +1684,13 @@ class FlightRun:
         for caller in self.attached:
             caller.own_token = self.lead_token
         self.entry.leading = True
-        real = api_start_lease(w.api, self.shim, cmd)  # the driver's own lease, on our clock
+        early = (
+            self.lease if self.lease is not None and self.lease.token == self.lead_token else None
+        )
+        # The driver's own lease, on our clock (a batch item's: started at its grant).
+        real = early.real if early is not None else api_start_lease(w.api, self.shim, cmd)
+        if early is not None:
+            w.api.base.DriverBase.start_lease(self.shim, cmd)  # reuses it, as the driver does
         # A lease granted to the acquire written at written_at began no earlier than that
         # write (not when the command was queued). An own lease found by a retried acquire
         # (written_at 0) is dated back by as much as it has run down: not checked here.
@@ -1692,11 +1700,12 @@ class FlightRun:
                 f"lease {cmd.token} on {self.key} ({proc.name()}) is dated from "
                 f"{self.written_at - real.sent_at:.3f}s before its acquire was written",
             )
-        lease = SimLease(proc, self.epoch, self.key, int(cmd.token), real,
-                         w.grants.get((self.key, int(cmd.token)), w.redis.restarts))  # fmt: skip
-        self.lease = lease
-        w.leases.append(lease)
-        proc.renewer.add(lease)
+        if early is None:
+            grant = w.grants.get((self.key, int(cmd.token)), w.redis.restarts)
+            lease = SimLease(proc, self.epoch, self.key, int(cmd.token), real, grant)
+            self.lease = lease
+            w.leases.append(lease)
+            proc.renewer.add(lease)
         if not job:  # a batch's item: the batch runs one job for the items it leads
             w.log(f"{proc.name()} leads {self.key} with lease {cmd.token} (batch)")
             return
@@ -1777,6 +1786,22 @@ class ItemRun(FlightRun):
         super().__init__(world, proc, key, entry, deadline, lambda value, error: None)
         self.batch = batch  # the batch machine stepping it (a background part, once handed)
         self.reply_to: Callable[[Any, BaseException | None], None] | None = None
+
+    def granted(self, reply: Any) -> None:
+        """As BatchBase.replies: an item's granted lease is renewed from its grant, not from
+        the Lead (which waits for every sibling's acquire)."""
+        w = self.w
+        stub = self.shim.backend.stub
+        before = len(stub.added)
+        w.api.base.DriverBase.renew_from_grant(self.shim, reply)
+        if len(stub.added) == before:
+            return
+        real = stub.added[-1]
+        lease = SimLease(self.proc, self.epoch, self.key, int(reply.token), real,
+                         w.grants.get((self.key, int(reply.token)), w.redis.restarts))  # fmt: skip
+        self.lease = lease
+        w.leases.append(lease)
+        self.proc.renewer.add(lease)
 
     def carry(self, cmd: Any, to: Callable[[Any, BaseException | None], None]) -> None:
         """Carry one command of the item; ``to`` gets its reply (now, or when it comes)."""
@@ -2304,9 +2329,13 @@ class _Shim:
         self.lease: Any = None
         self.clock = proc.clock
         self.background = False  # a place for a background run (the shim never runs out)
+        self._driver = api.base.DriverBase
 
     def give_back_background(self) -> None:
         self.background = False
+
+    def _renew(self, value: str, since: float, loop: Any) -> Any:
+        return self._driver._renew(self, value, since, loop)
 
 
 class _ShimBackend:
