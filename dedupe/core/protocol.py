@@ -92,6 +92,7 @@ __all__ = [
     "Unanswered",
     "Wait",
     "is_abort",
+    "own_lease",
     "run_flight",
 ]
 
@@ -294,6 +295,23 @@ class Complete(NamedTuple):
     stale_notice: bytes = b""
 
 
+def own_lease(spec: FlightSpec, reply: Acquired) -> tuple[int, float] | None:
+    """The lease an acquire reply says is ours, as (token, when it began on the flight's
+    clock), or None. Granted to this request (LEAD, REFRESH): it began at the request's
+    write. BUSY with our own lock value: an earlier copy of the acquire (its reply lost, the
+    client retried) was granted, by as much before this write as it has run down (found by
+    simulation). ``reply.sent`` 0 (unknown): None."""
+    if not reply.sent:
+        return None
+    if reply.state == LEAD or reply.state == REFRESH:
+        return reply.token, reply.sent
+    if reply.state == BUSY:
+        holder = parse_lock(reply.holder)
+        if holder is not None and holder.owner == spec.owner:
+            return holder.token, reply.sent - max(0, spec.lock_ttl_ms - reply.pttl_ms) / 1000
+    return None
+
+
 class Offer(NamedTuple):
     """A stale value this flight's callers may take at their soft_timeout rather than wait
     on (the process's callers who joined the flight, and asyncio callers). Reply: None."""
@@ -426,11 +444,11 @@ def run_flight(
         since = sent
         state = reply.state
         holder = parse_lock(reply.holder) if state == BUSY else None
-        if holder is not None and holder.owner == spec.owner:
-            # Our own lease: an acquire whose reply was lost and that the client retried. It
-            # began before this acquire, by as much as it has run down (found by simulation).
-            since = sent - max(0, spec.lock_ttl_ms - reply.pttl_ms) / 1000
-            reply = reply._replace(state=LEAD, token=holder.token, replicas=-1)
+        own = own_lease(spec, reply._replace(sent=sent)) if holder is not None else None
+        if own is not None:
+            # Our own lease: an acquire whose reply was lost and that the client retried.
+            since = own[1]
+            reply = reply._replace(state=LEAD, token=own[0], replicas=-1)
             state = LEAD
         if (state in (BUSY, LEAD)) and reply.record and reply.record != fallen_back_on:
             fallen_back_on = reply.record

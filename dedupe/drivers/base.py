@@ -44,7 +44,6 @@ from dedupe.core.inflight import Entry
 from dedupe.core.keys import Names
 from dedupe.core.leases import Lease, LostSignal
 from dedupe.core.protocol import (
-    LEAD,
     REFRESH,
     Acquire,
     Acquired,
@@ -57,6 +56,7 @@ from dedupe.core.protocol import (
     Offer,
     Release,
     Unanswered,
+    own_lease,
     run_flight,
 )
 from dedupe.core.protocol import Flight as ProtocolFlight
@@ -236,11 +236,13 @@ class DriverBase:
         return Flight(self.spec.names.job_id, cmd.token, lease.lost)
 
     def renew_from_grant(self, reply: Acquired) -> None:
-        """A batch item's acquire was granted: renew its lease from now, not from the Lead,
-        which waits for every sibling's acquire (one may wait for a slot, a redirection or a
-        lost reply longer than the lease; found by simulation). Dated from the write."""
-        if (reply.state == LEAD or reply.state == REFRESH) and reply.sent and self.lease is None:
-            self._renew(lock_value(reply.token, self.spec.owner), reply.sent, None)
+        """A batch item's acquire found a lease of ours (granted now, or to an earlier copy
+        of it): renew it from now, not from the Lead, which waits for every sibling's
+        acquire (one may wait for a slot, a redirection or a lost reply longer than the
+        lease; found by simulation). Dated as run_flight dates it (``own_lease``)."""
+        own = own_lease(self.spec, reply) if self.lease is None else None
+        if own is not None:
+            self._renew(lock_value(own[0], self.spec.owner), own[1], None)
 
     def _renew(self, value: str, since: float, loop: asyncio.AbstractEventLoop | None) -> Lease:
         names, spec = self.spec.names, self.spec
