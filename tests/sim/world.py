@@ -1797,8 +1797,9 @@ class ItemRun(FlightRun):
         if len(stub.added) == before:
             return
         real = stub.added[-1]
-        lease = SimLease(self.proc, self.epoch, self.key, int(reply.token), real,
-                         w.grants.get((self.key, int(reply.token)), w.redis.restarts))  # fmt: skip
+        token = int(real.value.partition(":")[0])  # granted now, or to an earlier copy
+        lease = SimLease(self.proc, self.epoch, self.key, token, real,
+                         w.grants.get((self.key, token), w.redis.restarts))  # fmt: skip
         self.lease = lease
         w.leases.append(lease)
         self.proc.renewer.add(lease)
