@@ -25,6 +25,7 @@ from dedupe.core.keys import BatchKeys, Names, names_for, validate_job_id
 from dedupe.core.sealing import Outcome
 from dedupe.core.shapes import FROM_ANNOTATION, Shape, function_shape
 from dedupe.errors import BatchError
+from dedupe.functions import ByReference
 
 if TYPE_CHECKING:
     from dedupe.api import SingleFlight
@@ -240,7 +241,7 @@ class BoundBatchFunction(wrapt.BoundFunctionWrapper[..., Any]):
         return batched.forget(self._self_instance, args, kwargs)
 
 
-class BatchFunctionWrapper(wrapt.FunctionWrapper[..., Any]):
+class BatchFunctionWrapper(ByReference, wrapt.FunctionWrapper[..., Any]):
     """The decorated batch function; it pickles by reference, as a plain function does."""
 
     __bound_function_wrapper__ = BoundBatchFunction
@@ -251,19 +252,6 @@ class BatchFunctionWrapper(wrapt.FunctionWrapper[..., Any]):
 
         super().__init__(wrapped, wrapper)
         self._self_batched = batched
-
-    def __reduce_ex__(self, protocol: Any) -> str:
-        name: str = self.__wrapped__.__qualname__
-        return name
-
-    def __reduce__(self) -> str:
-        return self.__reduce_ex__(2)
-
-    def __copy__(self) -> BatchFunctionWrapper:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> BatchFunctionWrapper:
-        return self
 
     def detailed(self, *args: Any, **kwargs: Any) -> Any:
         return self._self_batched.run(self.__wrapped__, None, args, kwargs, True)

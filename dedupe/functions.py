@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Concatenate, Final, ParamSpec, Protocol, 
 
 import wrapt
 
-from dedupe.batches import AsyncBatchFunction, BatchFunction
 from dedupe.core.inflight import Served
 from dedupe.core.keys import KeyBuilder, function_name
 from dedupe.core.shapes import FROM_ANNOTATION, Shape, function_shape
@@ -23,6 +22,7 @@ from dedupe.overrides import Overrides
 
 if TYPE_CHECKING:
     from dedupe.api import SingleFlight
+    from dedupe.batches import AsyncBatchFunction, BatchFunction
 
 __all__ = ["AsyncFlightFunction", "FlightFunction"]
 
@@ -172,15 +172,12 @@ class BoundFlightFunctionWrapper(wrapt.BoundFunctionWrapper[..., Any]):
         return flown.forget(self._self_instance, args, kwargs)
 
 
-class FlightFunctionWrapper(wrapt.FunctionWrapper[..., Any]):
-    """The decorated function: calls run as flights; it pickles by reference, as a plain
-    function does (so ProcessPoolExecutor.map and multiprocessing can send it)."""
+class ByReference:
+    """A decorated function as pickle and copy see it: by reference, like a plain function
+    (so ProcessPoolExecutor.map and multiprocessing can send it); mixed in before wrapt's
+    FunctionWrapper, which refuses both."""
 
-    __bound_function_wrapper__ = BoundFlightFunctionWrapper
-
-    def __init__(self, wrapped: Callable[..., Any], flown: Flown) -> None:
-        super().__init__(wrapped, wrapper_for(flown, wrapped))
-        self._self_flown = flown
+    __wrapped__: Any
 
     def __reduce_ex__(self, protocol: Any) -> str:
         # A str tells pickle: "the global of this name in the object's module", which it
@@ -191,11 +188,22 @@ class FlightFunctionWrapper(wrapt.FunctionWrapper[..., Any]):
     def __reduce__(self) -> str:
         return self.__reduce_ex__(2)
 
-    def __copy__(self) -> FlightFunctionWrapper:
+    def __copy__(self) -> Any:
         return self  # a function, like a plain one: copies are the object itself
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> FlightFunctionWrapper:
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         return self
+
+
+class FlightFunctionWrapper(ByReference, wrapt.FunctionWrapper[..., Any]):
+    """The decorated function: calls run as flights; it pickles by reference, as a plain
+    function does (so ProcessPoolExecutor.map and multiprocessing can send it)."""
+
+    __bound_function_wrapper__ = BoundFlightFunctionWrapper
+
+    def __init__(self, wrapped: Callable[..., Any], flown: Flown) -> None:
+        super().__init__(wrapped, wrapper_for(flown, wrapped))
+        self._self_flown = flown
 
     def job_id(self, *args: Any, **kwargs: Any) -> str:
         return self._self_flown.job_id(None, args, kwargs)

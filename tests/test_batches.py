@@ -335,6 +335,26 @@ def test_items_the_function_adds_are_ignored(
     assert sf.call("x:1", lambda: "ran") == "one"
 
 
+# Never connected (nothing listens on port 1): only its decorator is used, at import.
+_PICKLE_SF = SingleFlight("redis://127.0.0.1:1/0", prefix="batch-pickle")
+
+
+@_PICKLE_SF.batch(key="n:{item}")
+def module_batch(items: list[int]) -> dict[int, int]:
+    return {i: i for i in items}
+
+
+def test_a_batch_function_pickles_and_copies_by_reference() -> None:
+    """As a decorated function (and a plain one): ProcessPoolExecutor and multiprocessing
+    can send it; copies are the object itself."""
+    import copy
+    import pickle
+
+    assert pickle.loads(pickle.dumps(module_batch)) is module_batch
+    assert copy.copy(module_batch) is module_batch
+    assert copy.deepcopy(module_batch) is module_batch
+
+
 def test_duplicate_items_collapse(
     redis_url: str, prefix: str, sfs: list[SingleFlight], calls: list[list[Any]]
 ) -> None:
