@@ -23,7 +23,12 @@ import dedupe.drivers.aio as aio
 import dedupe.drivers.sync as sync
 
 # Names that differ between the twins only because one blocks and the other awaits.
-_SAME = {"wait_async": "wait", "get_async": "get", "_aroundtrip": "_roundtrip"}
+_SAME = {
+    "wait_async": "wait",
+    "get_async": "get",
+    "_aroundtrip": "_roundtrip",
+    "_apipeline": "_pipeline",
+}
 
 # What the twins may still differ in, after that: each line is sync's then async's.
 _KNOWN: dict[str, set[str]] = {
@@ -55,7 +60,14 @@ _KNOWN: dict[str, set[str]] = {
         "+def _run_here(backend: Backend, names: Names, entry: Entry, fn: Fn, args: tuple[Any,"
         " ...], kwargs: dict[str, Any]) -> Outcome:",
     },
-    "SyncWire.run_on": {
+    "SyncWire.run_on": set(),
+    "SyncWire.run_many_on": set(),
+    "SyncWire._on": {
+        # The round trip it is handed: a function, or a coroutine function.
+        "-def _on(self, conn: Any, trip: Callable[[Any, Any, Any], Any], what: Any, stamps:"
+        " Any) -> Any:",
+        "+def _on(self, conn: Any, trip: Callable[[Any, Any, Any], Awaitable[Any]], what: Any,"
+        " stamps: Any) -> Any:",
         # redis.asyncio closes without waiting for the peer (a half-open link would hang).
         "-conn.disconnect()",
         "+conn.disconnect(nowait=True)",
@@ -84,6 +96,8 @@ _PAIRS: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [
     ("_Driver.execute", sync._Driver.execute, aio._Driver.execute),
     ("_run_here", sync._run_here, aio._run_here),
     ("SyncWire.run_on", wire.SyncWire.run_on, wire.AsyncWire.run_on),
+    ("SyncWire.run_many_on", wire.SyncWire.run_many_on, wire.AsyncWire.run_many_on),
+    ("SyncWire._on", wire.SyncWire._on, wire.AsyncWire._on),
     ("SyncWire.run", wire.SyncWire.run, wire.AsyncWire.run),
     ("_roundtrip", wire._roundtrip, wire._aroundtrip),
 ]

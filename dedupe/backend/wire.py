@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -154,9 +154,23 @@ class SyncWire(_Wire):
         """Run the script on a connection the caller owns. A failure other than an error
         reply (a timeout too: the reply may be lost on a hanging connection) drops the
         connection and tries once more on a fresh one, within what is left of ``bound``."""
+        return self._on(conn, _roundtrip, call, stamp)
+
+    def run_many_on(
+        self, conn: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
+    ) -> list[Any]:
+        """Run several scripts pipelined on a connection the caller owns: one write, then
+        every reply in order. Each item's reply, or the ResponseError its script got (an
+        error reply is read whole: the others are unaffected). A failure of the connection
+        fails them all, after one more try on a fresh connection, as ``run_on``."""
+        return self._on(conn, _pipeline, calls, stamps)  # type: ignore[no-any-return]
+
+    def _on(self, conn: Any, trip: Callable[[Any, Any, Any], Any], what: Any, stamps: Any) -> Any:
+        """``trip(conn, what, stamps)``, and once more on a fresh connection after a
+        failure that may have left the connection mid-reply (see ``run_on``)."""
         started = time.monotonic()
         try:
-            return _roundtrip(conn, call, stamp)
+            return trip(conn, what, stamps)
         except ResponseError:
             raise  # the error reply was read whole: the connection is clean
         except _RETRYABLE:
@@ -172,34 +186,7 @@ class SyncWire(_Wire):
                 conn.disconnect()
         fresh = self.new_connection(left)
         try:
-            return _roundtrip(fresh, call, stamp)
-        finally:
-            fresh.disconnect()
-
-    def run_many_on(
-        self, conn: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
-    ) -> list[Any]:
-        """Run several scripts pipelined on a connection the caller owns: one write, then
-        every reply in order. Each item's reply, or the ResponseError its script got (an
-        error reply is read whole: the others are unaffected). A failure of the connection
-        fails them all, after one more try on a fresh connection, as ``run_on``."""
-        started = time.monotonic()
-        try:
-            return _pipeline(conn, calls, stamps)
-        except _RETRYABLE:
-            conn.disconnect()
-            left = self.retry_bound(started)
-            if left is None:
-                raise
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            if self._notified and conn.should_reconnect():
-                conn.disconnect()
-        fresh = self.new_connection(left)
-        try:
-            return _pipeline(fresh, calls, stamps)
+            return trip(fresh, what, stamps)
         finally:
             fresh.disconnect()
 
@@ -271,9 +258,21 @@ class AsyncWire(_Wire):
 
     async def run_on(self, conn: Any, call: ScriptCall, stamp: Stamp | None = None) -> Any:
         """As SyncWire.run_on, on the running loop."""
+        return await self._on(conn, _aroundtrip, call, stamp)
+
+    async def run_many_on(
+        self, conn: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
+    ) -> list[Any]:
+        """As SyncWire.run_many_on, on the running loop."""
+        return await self._on(conn, _apipeline, calls, stamps)  # type: ignore[no-any-return]
+
+    async def _on(
+        self, conn: Any, trip: Callable[[Any, Any, Any], Awaitable[Any]], what: Any, stamps: Any
+    ) -> Any:
+        """As SyncWire._on, on the running loop."""
         started = time.monotonic()
         try:
-            return await _aroundtrip(conn, call, stamp)
+            return await trip(conn, what, stamps)
         except ResponseError:
             raise
         except _RETRYABLE:
@@ -289,31 +288,7 @@ class AsyncWire(_Wire):
                 await conn.disconnect()
         fresh = self.new_connection(left)
         try:
-            return await _aroundtrip(fresh, call, stamp)
-        finally:
-            await fresh.disconnect(nowait=True)
-
-    async def run_many_on(
-        self, conn: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
-    ) -> list[Any]:
-        """As SyncWire.run_many_on, on the running loop."""
-        started = time.monotonic()
-        try:
-            return await _apipeline(conn, calls, stamps)
-        except _RETRYABLE:
-            await conn.disconnect(nowait=True)
-            left = self.retry_bound(started)
-            if left is None:
-                raise
-        except BaseException:
-            await conn.disconnect(nowait=True)
-            raise
-        finally:
-            if self._notified and conn.should_reconnect():
-                await conn.disconnect()
-        fresh = self.new_connection(left)
-        try:
-            return await _apipeline(fresh, calls, stamps)
+            return await trip(fresh, what, stamps)
         finally:
             await fresh.disconnect(nowait=True)
 
