@@ -651,3 +651,19 @@ def test_any_valid_prefix_works_sync_and_async(redis_url: str, prefix: str, odd:
         assert asyncio.run(main()) == 7
     finally:
         sf.close()
+
+
+def test_configure_moves_the_keys_of_a_job_already_called(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    """A job's Redis names are remembered per SingleFlight (the hot path); configure() with a
+    new prefix must move every later call's keys, also a job called before it."""
+    sf = SingleFlight(redis_url, prefix=f"{prefix}-a", result_ttl=30.0)
+    try:
+        assert sf.call("moved", lambda: 1) == 1
+        assert redis_client.exists(names_for(f"{prefix}-a", "moved").result) == 1
+        sf.configure(prefix=f"{prefix}-b")
+        assert sf.call("moved", lambda: 2) == 2  # a new prefix: nothing kept there yet
+        assert redis_client.exists(names_for(f"{prefix}-b", "moved").result) == 1
+    finally:
+        sf.close()
