@@ -8,6 +8,9 @@ and callgrind dumps its counters on entering it (``--dump-before=os_getpgrp``); 
 of the counts through 3N calls and through N calls, divided by 2N, is the cost of one call,
 with start-up, imports, warm-up and shutdown removed. Every thread of the process is counted
 (the renewal thread and the pub/sub hub too), but not the redis-server, outside valgrind.
+With ``callgrind_control`` at hand, valgrind starts with instrumentation off and the worker
+turns it on after the warm-up: the uncounted start-up (97% of a process's instructions) runs
+several times faster, and the counted calls are instrumented just the same.
 
 ``python -m benchmarks.callgrind [--calls N] [--tools a,b] [--functions TOOL]``; ``--functions``
 also writes the per-C-function self counts (``--dump-instr=no``) of the last 2N calls of that
@@ -26,12 +29,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 TOOLS = ("raw-sync", "wire-sync", "dedupe-sync", "raw-async", "wire-async", "dedupe-async")
-# The hit (issue 23): a fresh kept value against a raw GET; a local copy alone.
-HIT_TOOLS = ("get-sync", "hit-sync", "copy-hit-sync")
+# The hit (issue 23): a fresh kept value against a raw GET, sync and async; a local copy alone.
+HIT_TOOLS = ("get-sync", "hit-sync", "copy-hit-sync", "get-async", "hit-async")
+HIT_PAIRS = (("sync", "hit-sync", "get-sync"), ("async", "hit-async", "get-async"))
 LABELS = {
     "raw-sync": "raw SET NX PX + EVALSHA (redis-py)",
     "wire-sync": "raw, hand-packed on one redis-py Connection",
@@ -42,16 +47,41 @@ LABELS = {
     "get-sync": "raw GET (redis-py client API)",
     "hit-sync": "dedupe, a fresh kept value (sync)",
     "copy-hit-sync": "dedupe, a local copy (local_cache, sync)",
+    "get-async": "raw GET (redis.asyncio client API)",
+    "hit-async": "dedupe, a fresh kept value (async)",
 }
 # The target compares with raw redis-py; the wire baseline (no pool, no command layer) is
 # shown beside it: it is what dedupe's own layer costs on top of the least redis-py can do.
 PAIRS = (("sync", "dedupe-sync", "raw-sync"), ("async", "dedupe-async", "raw-async"))
 WIRE_PAIRS = (("sync", "dedupe-sync", "wire-sync"), ("async", "dedupe-async", "wire-async"))
 WARM = 100  # calls before the measured ones, in both runs: connections, scripts, caches
+_LATE = "DEDUPE_CALLGRIND_INSTR_LATE"  # set: the worker turns instrumentation on after WARM
 OUT = Path(__file__).resolve().parent / "results" / "profile"
 
 
 # --------------------------------------------------------------------------- worker (in valgrind)
+
+
+def _instrument_on() -> None:
+    """Turn callgrind's instrumentation on in this process, if it was started without
+    (``--instr-atstart=no``: Python's start-up, imports and the warm-up then run several
+    times faster, uncounted). ``callgrind_control`` asks through vgdb, which valgrind polls
+    while the process runs code: wait for it busily, never blocked in a system call."""
+    if os.environ.get(_LATE) != "1":
+        return
+    proc = subprocess.Popen(
+        ["callgrind_control", "--instr=on", str(os.getpid())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    end = time.monotonic() + 120
+    while proc.poll() is None:
+        if time.monotonic() > end:
+            proc.kill()
+            raise RuntimeError("callgrind_control did not answer in 120 s")
+    out = proc.stdout.read() if proc.stdout else b""
+    if proc.returncode != 0:
+        raise RuntimeError(f"callgrind_control failed: {out[-500:]!r}")
 
 
 def _worker(tool: str, n: int, url: str) -> None:
@@ -64,6 +94,8 @@ def _worker(tool: str, n: int, url: str) -> None:
             while i < mark:
                 t(i)
                 i += 1
+            if mark == WARM:
+                _instrument_on()
             os.getpgrp()
         t.close()
         return
@@ -76,6 +108,8 @@ def _worker(tool: str, n: int, url: str) -> None:
             while i < mark:
                 await a(i)
                 i += 1
+            if mark == WARM:
+                _instrument_on()
             os.getpgrp()
         await a.close()
 
@@ -95,6 +129,8 @@ def _tool_class(tool: str) -> Any:
         "get-sync": tools.RawGetSync,
         "hit-sync": tools.DedupeHit,
         "copy-hit-sync": tools.DedupeCopyHit,
+        "get-async": tools.RawGetAsync,
+        "hit-async": tools.DedupeHitAsync,
     }[tool]
 
 
@@ -129,9 +165,13 @@ def run_one(
 ) -> dict[str, Any]:
     """One process running ``tool``: instructions of its N and of its next 2N calls."""
     out = workdir / f"cg.{tool}.out"
+    late = shutil.which("callgrind_control") is not None
+    env = _env(extra_path)
+    env[_LATE] = "1" if late else "0"
     cmd = [
         "valgrind",
         "--tool=callgrind",
+        f"--instr-atstart={'no' if late else 'yes'}",
         "--dump-instr=no",
         "--collect-jumps=no",
         "--compress-strings=no",  # each dump file readable alone
@@ -147,11 +187,12 @@ def run_one(
         url,
     ]
     proc = subprocess.run(
-        cmd, env=_env(extra_path), capture_output=True, text=True, timeout=timeout, check=False
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
     if proc.returncode != 0:
         raise RuntimeError(f"callgrind run of {tool} failed:\n{proc.stderr[-3000:]}")
-    # Dump k holds the counts since dump k-1: 1 = start-up and warm-up, 2 = N calls, 3 = 2N.
+    # Dump k holds the counts since dump k-1 (or since instrumentation went on): 1 = start-up
+    # and warm-up, 2 = N calls, 3 = 2N.
     dumps = {int(p.suffix[1:]): p for p in workdir.glob(f"cg.{tool}.out.*")}
     if not {2, 3} <= set(dumps):
         raise RuntimeError(f"callgrind wrote no marker dumps for {tool}: {sorted(dumps)}")
@@ -172,22 +213,34 @@ def per_call(
     *,
     extra_path: str | None = None,
     keep: Path | None = None,
+    jobs: int = 0,
 ) -> dict[str, dict[str, Any]]:
-    """Instructions per call for each tool: (I(3N) - I(N)) / 2N."""
+    """Instructions per call for each tool: (I(3N) - I(N)) / 2N.
+
+    ``jobs`` processes run at once (0: one per core). The counts are each process's own, so
+    running several at a time changes the wall time only; most of it is Python's start-up
+    under valgrind."""
     res: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="dedupe-cg-") as tmp:
         work = Path(tmp)
-        for tool in tools:
+
+        def one(tool: str) -> dict[str, Any]:
             t0 = time.monotonic()
             r = run_one(tool, n, url, work, extra_path=extra_path)
-            dump = r.pop("dump")
             r["seconds"] = time.monotonic() - t0
+            k = r["per_call"] / 1000
+            print(f"  callgrind {tool}: {k:.0f}k instr/call ({r['seconds']:.0f} s)", flush=True)
+            return r
+
+        with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as ex:
+            done = dict(zip(tools, ex.map(one, tools), strict=True))
+        for tool in tools:  # in the order asked for
+            r = done[tool]
+            dump = r.pop("dump")
             res[tool] = r
             if keep is not None:
                 keep.mkdir(parents=True, exist_ok=True)
                 shutil.copy(dump, keep / f"callgrind.{tool}.out")  # the last 2N calls
-            k = r["per_call"] / 1000
-            print(f"  callgrind {tool}: {k:.0f}k instr/call ({r['seconds']:.0f} s)", flush=True)
     return res
 
 
@@ -299,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--functions", default="", help="also write per-function counts of TOOL")
     ap.add_argument("--pyfuncs", default="", help="Python bytecodes per function of TOOL")
     ap.add_argument("--path", default=None, help="prepend this to PYTHONPATH (a patched copy)")
+    ap.add_argument("--jobs", type=int, default=0, help="valgrind processes at once (0: cores)")
     ns = ap.parse_args(argv)
     if ns.worker:
         tool, n, url = ns.worker
@@ -329,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     server = RedisServer().start()
     try:
         with tempfile.TemporaryDirectory(prefix="dedupe-cgf-") as keep:
-            res = per_call(tools, ns.calls, server.url, extra_path=ns.path, keep=Path(keep))
+            res = per_call(
+                tools, ns.calls, server.url, extra_path=ns.path, keep=Path(keep), jobs=ns.jobs
+            )
             if ns.functions:
                 OUT.mkdir(parents=True, exist_ok=True)
                 dump = Path(keep) / f"callgrind.{ns.functions}.out"
@@ -348,9 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         if dd in res and wire in res:
             ratio = res[dd]["per_call"] / res[wire]["per_call"]
             print(f"{mode}: dedupe / hand-packed raw = {ratio:.2f}x")
-    if "hit-sync" in res and "get-sync" in res:
-        ratio = res["hit-sync"]["per_call"] / res["get-sync"]["per_call"]
-        print(f"sync: kept hit / raw GET = {ratio:.2f}x")
+    for mode, hit, get in HIT_PAIRS:
+        if hit in res and get in res:
+            ratio = res[hit]["per_call"] / res[get]["per_call"]
+            print(f"{mode}: kept hit / raw GET = {ratio:.2f}x")
     return 0
 
 

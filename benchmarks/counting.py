@@ -16,6 +16,9 @@ executed, including those run inside Lua scripts (EVALSHA counts once, and so do
 from __future__ import annotations
 
 import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import redis
@@ -25,6 +28,9 @@ _cells: list[list[int]] = []
 _cells_lock = threading.Lock()
 _local = threading.local()
 _originals: dict[str, Any] = {}
+# While record_names() is open: the name of every command written, across threads (guarded by
+# _cells_lock). None otherwise, so plain counting parses no more than a request's head.
+_names: Counter[str] | None = None
 
 
 def _cell() -> list[int]:
@@ -47,9 +53,66 @@ def head_of(packed: Any, count: int = 1) -> list[bytes]:
     return [lines[i] for i in range(2, min(len(lines), 2 + 2 * count), 2)]
 
 
+def names_of(packed: Any) -> list[str]:
+    """The command of every request in a packed RESP write (a pipeline packs several), as
+    ``INFO commandstats`` names it: lower case, ``container|sub`` for subcommands (such as
+    ``client|setname``) when the second word is one."""
+    if isinstance(packed, (list, tuple)):
+        data = b"".join(c.encode() if isinstance(c, str) else bytes(c) for c in packed)
+    else:
+        data = packed.encode() if isinstance(packed, str) else bytes(packed)
+    out: list[str] = []
+    pos = 0
+    while pos < len(data) and data[pos : pos + 1] == b"*":
+        end = data.index(b"\r\n", pos)
+        argc = int(data[pos + 1 : end])
+        pos = end + 2
+        words: list[bytes] = []
+        for _ in range(argc):
+            end = data.index(b"\r\n", pos)
+            size = int(data[pos + 1 : end])
+            if len(words) < 2:
+                words.append(data[end + 2 : end + 2 + size])
+            pos = end + 2 + size + 2
+        if words:
+            name = words[0].decode("ascii", "replace").lower()
+            if len(words) > 1 and name in _CONTAINERS:
+                name += "|" + words[1].decode("ascii", "replace").lower()
+            out.append(name)
+    return out
+
+
+# Commands whose commandstats entry is per subcommand (INFO commandstats: "config|resetstat").
+_CONTAINERS = frozenset(
+    {"acl", "client", "cluster", "command", "config", "function", "latency", "memory"}
+    | {"module", "object", "pubsub", "script", "slowlog", "xgroup", "xinfo"}
+)
+
+
 def _counted(packed: Any) -> bool:
     head = head_of(packed)
-    return bool(head) and head[0].decode("ascii", "replace").upper() not in _SKIP
+    counted = bool(head) and head[0].decode("ascii", "replace").upper() not in _SKIP
+    if counted and _names is not None:
+        names = names_of(packed)
+        with _cells_lock:
+            if _names is not None:
+                _names.update(names)
+    return counted
+
+
+@contextmanager
+def record_names() -> Iterator[Counter[str]]:
+    """Within the block, every counted request's command names (all threads of this process),
+    by commandstats name, in the Counter it yields. Needs :func:`install`."""
+    global _names
+    names: Counter[str] = Counter()
+    with _cells_lock:
+        _names = names
+    try:
+        yield names
+    finally:
+        with _cells_lock:
+            _names = None
 
 
 def install() -> None:
@@ -135,3 +198,24 @@ def server_commandstats(client: redis.Redis) -> dict[str, int]:
 
 def server_commands(client: redis.Redis) -> int:
     return sum(server_commandstats(client).values())
+
+
+def server_usec(client: redis.Redis, sent: Counter[str]) -> tuple[float, dict[str, float]]:
+    """Server microseconds spent on the commands in ``sent`` (names and how many of each the
+    client wrote, from :func:`record_names`) since the last reset: the total and per command.
+
+    A command's ``usec`` covers everything it ran (a script's includes each ``redis.call`` in
+    it), so only the commands the client sent are summed, never those run inside a script. If
+    the server ran a command more often than it was sent (the same command inside a script
+    too), its share is ``usec_per_call`` times the count sent."""
+    raw = client.info("commandstats")
+    per: dict[str, float] = {}
+    for name, count in sent.items():
+        fields = raw.get(f"cmdstat_{name}")
+        if fields is None:
+            raise RuntimeError(f"{name} was sent but the server has no commandstats for it")
+        if int(fields["calls"]) == count:
+            per[name] = float(fields["usec"])
+        else:
+            per[name] = float(fields["usec_per_call"]) * count
+    return sum(per.values()), per

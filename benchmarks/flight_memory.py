@@ -155,9 +155,35 @@ def table(rows: list[tuple[int, dict[str, dict[str, Any]]]]) -> str:
     return "\n".join(lines)
 
 
+NOTE = (
+    "Python: tracemalloc's traced memory after a collection, once all N flights are in "
+    "place, minus before them; RSS: the process's resident set, the same way (it grows "
+    "by pages and arenas, so it is coarse at small N). Leaders block inside their "
+    "function; waiters are subscribed followers of another process's leaders."
+)
+SIZES = (1000, 20000)  # issue 23: at 1,000 and 20,000 flights
+QUICK_SIZES = (200, 2000)
+
+
+def document(rows: list[tuple[int, dict[str, dict[str, Any]]]]) -> str:
+    """The markdown file `make bench` writes (results/flight_memory.md)."""
+    return (
+        "# Memory per flight (issue 23)\n\n"
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · python "
+        f"{sys.version.split()[0]}\n\n" + table(rows) + "\n\n" + NOTE + "\n"
+    )
+
+
+def scenario(url: str, quick: bool) -> dict[str, Any]:
+    """The `make bench` scenario: both sizes, on the run's redis-server."""
+    return {"rows": [(n, measure(url, n)) for n in (QUICK_SIZES if quick else SIZES)]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.flight_memory", description=__doc__)
-    ap.add_argument("--sizes", default="1000,20000", help="flights per run, comma-separated")
+    ap.add_argument(
+        "--sizes", default=",".join(map(str, SIZES)), help="flights per run, comma-separated"
+    )
     ap.add_argument("--out", default=None, help="also write the table here (markdown)")
     ns = ap.parse_args(argv)
     from devtools.servers import RedisServer
@@ -168,15 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [(n, measure(server.url, n)) for n in sizes]
     finally:
         server.stop()
-    text = (
-        "# Memory per flight (issue 23)\n\n"
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · python "
-        f"{sys.version.split()[0]}\n\n" + table(rows) + "\n\n"
-        "Python: tracemalloc's traced memory after a collection, once all N flights are in "
-        "place, minus before them; RSS: the process's resident set, the same way (it grows "
-        "by pages and arenas, so it is coarse at small N). Leaders block inside their "
-        "function; waiters are subscribed followers of another process's leaders.\n"
-    )
+    text = document(rows)
     print(text)
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)

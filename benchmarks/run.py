@@ -16,7 +16,7 @@ import redis
 
 from devtools.servers import RedisServer
 
-from . import callgrind, herd_fastapi, scenarios, server_time
+from . import callgrind, flight_memory, herd_fastapi, hit, scenarios, server_time
 from .pool import WorkerPool
 from .report import SCENARIOS, Report, plots
 
@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
 
         timed("callgrind", callgrind.scenario, server.url, p.quick)
         timed("servertime", server_time.scenario, server.url, p.quick)
+        timed("hit", hit.scenario, server.url, p)
         timed("overhead", scenarios.overhead, server.url, p)
         if {"wake", "stampede", "steady"} & set(only):
             t0 = time.monotonic()
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         timed("throughput", scenarios.throughput, server.url, p)
         timed("memory", scenarios.memory, server.url, p)
         timed("herd", herd_fastapi.run, server.url, 2 if p.quick else 5, 3 if p.quick else 6)
+        timed("flightmem", flight_memory.scenario, server.url, p.quick)
         admin.close()
     finally:
         if pool is not None:
@@ -123,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     made = plots(res, outdir)
     text += "\n" + "\n".join(f"![{m.stem}]({m.name})" for m in made) + "\n"
     (outdir / "latest.md").write_text(text)
+    if "flightmem" in res:  # also alone, as `python -m benchmarks.flight_memory` writes it
+        (outdir / "flight_memory.md").write_text(flight_memory.document(res["flightmem"]["rows"]))
     print()
     print(text)
     print(f"wrote {outdir / 'latest.md'} and {len(made)} plots in {elapsed:.0f} s", file=sys.stderr)

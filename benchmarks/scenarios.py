@@ -208,6 +208,10 @@ def wake(pool: WorkerPool, p: Params) -> dict[str, Any]:
                 entry = out.setdefault(str(followers), {}).setdefault(
                     label, {"samples": [], "dropped": 0, "legs": []}
                 )
+                # The idle before the message goes out, after the key's barrier: the raw
+                # publisher sleeps "hold", a leader's job "job_s"; the report checks they match
+                # (a publish after a shorter idle is faster: issue 23).
+                entry["idle_ms"] = 1000 * (task["hold"] if tool == RAW_WAKE else task["job_s"])
                 samples, dropped, legs = _wake_samples(res)
                 entry["samples"].append(samples)
                 entry["dropped"] += dropped

@@ -426,6 +426,52 @@ class DedupeCopyHit(DedupeHit):
     local_cache = True
 
 
+class RawGetAsync:
+    """RawGetSync through redis.asyncio's client API."""
+
+    name = "raw GET (redis.asyncio)"
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.r = redis.asyncio.Redis.from_url(url)
+        self.key = f"{prefix}:hot"
+
+    async def start(self) -> None:
+        await self.r.set(self.key, b"x" * 16, ex=3600)
+
+    async def __call__(self, i: int) -> None:
+        if await self.r.get(self.key) is None:
+            raise RuntimeError("the hot key is gone")
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+
+class DedupeHitAsync:
+    """DedupeHit's async twin: every call after the first is served the fresh kept value."""
+
+    name = "dedupe kept hit"
+
+    def __init__(self, url: str, prefix: str) -> None:
+        self.sf = SingleFlight(url, prefix=prefix, lock_ttl=LOCK_TTL_S, result_ttl=3600)
+
+        @self.sf(key="hot")
+        async def hot() -> bytes:
+            return b"x" * 16
+
+        self.fn: Callable[[], Awaitable[bytes]] = hot
+
+    async def start(self) -> None:
+        pass
+
+    async def __call__(self, i: int) -> None:
+        await self.fn()
+
+    async def close(self) -> None:
+        client = self.sf.backend().async_client()
+        self.sf.close()
+        await client.aclose()
+
+
 class RedisPyLockNoop:
     name = "redis-py Lock"
 
