@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 import threading
@@ -124,10 +125,63 @@ def hot_throughput(url: str, p: Params) -> dict[str, dict[str, list[float]]]:
     return out
 
 
+def hot_trips(url: str, seconds: float = 0.3) -> dict[str, dict[str, float]]:
+    """Round trips per call in a short counted run of each hot-key case, apart from the timed
+    runs (counting costs a little): concurrent dedupe callers may share one call."""
+    out: dict[str, dict[str, float]] = {"sync": {}, "async": {}}
+    run = uuid.uuid4().hex[:8]
+    counter = itertools.count()
+    counting.install()
+    try:
+        for name, tool in (
+            ("raw GET", RawGetSync(url, f"bc:{run}:get")),
+            ("dedupe hit", DedupeHit(url, f"bc:{run}")),
+        ):
+            try:
+                _sync_rate(tool, counter.__next__, 8, 0.1)  # warm: 8 connections
+                calls = itertools.count()
+
+                def counted(i: int, tool: Any = tool, calls: Any = calls) -> None:
+                    next(calls)  # atomic under the GIL
+                    tool(i)
+
+                base = counting.value()
+                _sync_rate(counted, counter.__next__, 8, seconds)
+                out["sync"][name] = (counting.value() - base) / max(1, next(calls))
+            finally:
+                tool.close()
+
+        async def run_async() -> None:
+            for name, tool in (
+                ("raw GET", RawGetAsync(url, f"bc:{run}:aget")),
+                ("dedupe hit", DedupeHitAsync(url, f"bc:{run}:a")),
+            ):
+                await tool.start()
+                try:
+                    await _async_rate(tool, counter.__next__, 100, 0.1)
+                    calls = itertools.count()
+
+                    async def counted(i: int, tool: Any = tool, calls: Any = calls) -> None:
+                        next(calls)
+                        await tool(i)
+
+                    base = counting.value()
+                    await _async_rate(counted, counter.__next__, 100, seconds)
+                    out["async"][name] = (counting.value() - base) / max(1, next(calls))
+                finally:
+                    await tool.close()
+
+        asyncio.run(run_async())
+    finally:
+        counting.uninstall()
+    return out
+
+
 def scenario(url: str, p: Params) -> dict[str, Any]:
     """The `make bench` scenario: server time and round trips, then hot-key throughput."""
     res = server_and_trips(url, calls=1000 if p.quick else 5000, repeats=p.repeats)
     res["throughput"] = hot_throughput(url, p)
+    res["throughput_trips"] = hot_trips(url)
     return res
 
 
