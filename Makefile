@@ -90,7 +90,8 @@ demo:
 	$(PYTHON) -m devtools.demo
 
 # Benchmarks against raw redis-py and the peers (benchmarks/; results in benchmarks/results/).
-# `make bench` takes about 15 minutes, `make bench-quick` under 2. Extra flags: BENCH_ARGS=...
+# `make bench` takes about 15 minutes, `make bench-quick` about 3 (18 and 6 under a load of 6 on
+# 2 cores: 7 Dec 2026). Extra flags: BENCH_ARGS=...
 # bench-quick writes to benchmarks/results/quick/ (git-ignored): the committed full results stay.
 # The main run (python -m benchmarks) also measures memory per flight and writes
 # flight_memory.md beside latest.md, whose Targets table judges issue 23's targets.

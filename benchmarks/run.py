@@ -49,7 +49,7 @@ def _meta(server: RedisServer, quick: bool) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="fewer samples; under 2 minutes")
+    ap.add_argument("--quick", action="store_true", help="fewer samples; about 2 minutes")
     ap.add_argument(
         "--only",
         default=",".join(SCENARIOS),
