@@ -162,6 +162,8 @@ async def _run_here(
 
 
 class _Driver(DriverBase):
+    __slots__ = ()
+
     async def run(self) -> Finished:
         return await self.drive(run_flight(self.spec, self.codec, self.clock, self.trace))
 

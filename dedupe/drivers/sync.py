@@ -112,6 +112,8 @@ def _run_here(
 
 
 class _Driver(DriverBase):
+    __slots__ = ()
+
     def run(self) -> Finished:
         return self.drive(run_flight(self.spec, self.codec, self.clock, self.trace))
 
