@@ -66,14 +66,17 @@ class Latch(Generic[T]):
         self._lock = threading.Lock()  # a leaf: no other lock is taken while it is held
         # Written once, under _lock; read without it (one attribute read: set or not).
         self._value: object = _UNSET
-        self._wakers: list[Callable[[], None]] = []  # under _lock; called after it is released
+        # Under _lock; called after it is released. An empty tuple once set.
+        self._wakers: list[Callable[[], None]] | tuple[()] = []
 
     def set(self, value: T) -> bool:
         with self._lock:
             if self._value is not _UNSET:
                 return False
             self._value = value
-            wakers, self._wakers = self._wakers, []
+            # Never added to once set: an empty tuple, not a new list, stays behind (a
+            # subscription's latch outlives its confirmation; issue 23's memory per flight).
+            wakers, self._wakers = self._wakers, ()
         for wake in wakers:
             wake()
         return True
@@ -97,14 +100,14 @@ class Latch(Generic[T]):
     def add_waker(self, wake: Callable[[], None]) -> None:
         with self._lock:
             if self._value is _UNSET:
-                self._wakers.append(wake)
+                self._wakers.append(wake)  # type: ignore[union-attr]  # unset: a list
                 return
         wake()
 
     def discard_waker(self, wake: Callable[[], None]) -> None:
         with self._lock:
-            if wake in self._wakers:
-                self._wakers.remove(wake)
+            if wake in self._wakers:  # so unset: a list
+                self._wakers.remove(wake)  # type: ignore[union-attr]
 
     def wait(self, timeout: float | None) -> bool:
         if self._value is not _UNSET:
