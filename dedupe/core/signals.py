@@ -2,11 +2,19 @@
 
 The pub/sub hub and the renewal thread run on their own threads; these are how they hand
 news to waiting callers, whether a caller blocks a thread or awaits on an event loop.
+
+Locks: each Latch and Mailbox is guarded by one of ``_LOCKS``, handed out in turn when it is
+made (a lock of its own would cost 88 bytes, and a waiting flight holds up to three of these:
+issue 23's memory per flight). Each is a leaf: no other lock is taken while one is held
+(wakers are called after it is released), so objects that share one cannot deadlock; Hub and
+InFlight locks may be held while taking one, never the other way round.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -15,6 +23,15 @@ __all__ = ["Latch", "Mailbox", "take_any", "take_any_async"]
 
 T = TypeVar("T")
 _UNSET = object()
+
+_STRIPES = 64
+_LOCKS = [threading.Lock() for _ in range(_STRIPES)]
+_turn = itertools.count()
+
+
+def _a_lock() -> threading.Lock:
+    """A lock for a new Latch or Mailbox: the next of ``_LOCKS``, round robin."""
+    return _LOCKS[next(_turn) % _STRIPES]
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
@@ -63,7 +80,7 @@ class Latch(Generic[T]):
     __slots__ = ("_lock", "_value", "_wakers")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # a leaf: no other lock is taken while it is held
+        self._lock = _a_lock()  # a leaf, maybe shared (see Locks above)
         # Written once, under _lock; read without it (one attribute read: set or not).
         self._value: object = _UNSET
         # Under _lock; called after it is released. An empty tuple once set.
@@ -143,7 +160,7 @@ class Mailbox(Generic[T]):
     __slots__ = ("_items", "_lock", "_waker")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # a leaf: no other lock is taken while it is held
+        self._lock = _a_lock()  # a leaf, maybe shared (see Locks above)
         # Under _lock. A list: a box holds one or two items, and an empty deque costs 624
         # bytes against 56 (one per waiting flight; issue 23's memory per flight).
         self._items: list[T] = []
@@ -245,3 +262,13 @@ async def take_any_async(boxes: dict[int, Mailbox[T]], timeout: float) -> dict[i
                 timer.cancel()
     _collect(boxes, wake, got)
     return got
+
+
+def _after_fork_in_child() -> None:
+    # A thread of the parent may have held one at fork time: the child's new objects take
+    # fresh ones (the parent's objects are the parent's flights, abandoned in the child).
+    _LOCKS[:] = [threading.Lock() for _ in range(_STRIPES)]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
