@@ -17,7 +17,7 @@ import string
 import uuid
 import zoneinfo
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 __all__ = [
     "BatchKeys",
@@ -38,6 +38,14 @@ _MAX_PLAIN_ID = 200
 _MAX_DEPTH = 64
 
 
+# Each key of a job is its channel and one of these (Names; the flight's scripts join them
+# themselves: a property call each would cost more than the join).
+LOCK: Final = ":lock"
+TOKEN: Final = ":token"
+RESULT: Final = ":result"
+ERROR: Final = ":error"
+
+
 class Names(NamedTuple):
     """The Redis keys and channel of one job; all share one hash tag, hence one cluster slot.
 
@@ -50,20 +58,20 @@ class Names(NamedTuple):
 
     @property
     def lock(self) -> str:
-        return self.channel + ":lock"
+        return self.channel + LOCK
 
     @property
     def token(self) -> str:
-        return self.channel + ":token"
+        return self.channel + TOKEN
 
     @property
     def result(self) -> str:
-        return self.channel + ":result"
+        return self.channel + RESULT
 
     @property
     def error(self) -> str:
         """The error mark: a failed run's backoff (stale_if_error)."""
-        return self.channel + ":error"
+        return self.channel + ERROR
 
     def described(self) -> dict[str, str]:
         """Every name, by what it names (the inspector's JSON)."""

@@ -29,11 +29,6 @@ _LOCKS = [threading.Lock() for _ in range(_STRIPES)]
 _turn = itertools.count()
 
 
-def _a_lock() -> threading.Lock:
-    """A lock for a new Latch or Mailbox: the next of ``_LOCKS``, round robin."""
-    return _LOCKS[next(_turn) % _STRIPES]
-
-
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -80,7 +75,7 @@ class Latch(Generic[T]):
     __slots__ = ("_lock", "_value", "_wakers")
 
     def __init__(self) -> None:
-        self._lock = _a_lock()  # a leaf, maybe shared (see Locks above)
+        self._lock = _LOCKS[next(_turn) % _STRIPES]  # a leaf, maybe shared (see Locks)
         # Written once, under _lock; read without it (one attribute read: set or not).
         self._value: object = _UNSET
         # Under _lock; called after it is released. An empty tuple once set.
@@ -160,7 +155,7 @@ class Mailbox(Generic[T]):
     __slots__ = ("_items", "_lock", "_waker")
 
     def __init__(self) -> None:
-        self._lock = _a_lock()  # a leaf, maybe shared (see Locks above)
+        self._lock = _LOCKS[next(_turn) % _STRIPES]  # a leaf, maybe shared (see Locks)
         # Under _lock. A list: a box holds one or two items, and an empty deque costs 624
         # bytes against 56 (one per waiting flight; issue 23's memory per flight).
         self._items: list[T] = []
