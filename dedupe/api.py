@@ -88,6 +88,16 @@ _RECENT_NAMES: Final = 1024  # job names remembered per SingleFlight (then forgo
 _instances: weakref.WeakSet[SingleFlight] = weakref.WeakSet()  # for the fork handler below
 
 
+async def _ready(value: Any) -> Any:
+    """A call served at once (a local copy), as the coroutine the caller awaits."""
+    return value
+
+
+async def _raising(exc: BaseException) -> Any:
+    """A call that failed before its flight, failing where it is awaited."""
+    raise exc
+
+
 class SingleFlight:
     """Runs a function once across every concurrent caller that shares a Redis.
 
@@ -272,7 +282,7 @@ class SingleFlight:
         return sync.call(backend, names, make, p.wait_timeout, fn, args, kw, detail=detail,
                          soft_timeout=p.soft_timeout)  # fmt: skip
 
-    async def _run_async(
+    def _run_async(
         self,
         job_id: str,
         o: Overrides,
@@ -281,17 +291,24 @@ class SingleFlight:
         kw: Any,
         detail: bool = False,
         shape: Shape | None = None,
-    ) -> Any:
-        backend = self.backend()
-        names = self._names(job_id)
-        if backend.local_copies is not None and not (detail or events.enabled):
-            hit, value = copy_hit(backend, names)  # the call's first step, without the machine
-            if hit:
-                return value
-        p = self._flight_params(o)
-        make = spec_maker(backend, names, p, shape)
-        return await aio.call(backend, names, make, p.wait_timeout, fn, args, kw,  # type: ignore[arg-type]
-                              detail=detail, soft_timeout=p.soft_timeout)  # fmt: skip
+    ) -> Coroutine[Any, Any, Any]:
+        """The call's coroutine: aio.call's own, with no coroutine of ours around it (a
+        waiting caller holds one frame less: issue 23's memory per flight). What comes before
+        it is done now, when the call is made; what it raises is raised when it is awaited,
+        as before."""
+        try:
+            backend = self.backend()
+            names = self._names(job_id)
+            if backend.local_copies is not None and not (detail or events.enabled):
+                hit, value = copy_hit(backend, names)  # the call's first step, no machine
+                if hit:
+                    return _ready(value)
+            p = self._flight_params(o)
+            make = spec_maker(backend, names, p, shape)
+        except Exception as exc:  # an abort (KeyboardInterrupt) goes on up at once
+            return _raising(exc)
+        return aio.call(backend, names, make, p.wait_timeout, fn, args, kw,  # type: ignore[arg-type]
+                        detail=detail, soft_timeout=p.soft_timeout)  # fmt: skip
 
     @overload
     def call(

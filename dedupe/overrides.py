@@ -114,11 +114,24 @@ def spec_maker(
     backend: Backend, names: Names, p: FlightParams, shape: Shape | None = None
 ) -> Callable[[float | None, float | None], FlightSpec]:
     """The FlightSpec of each flight of one job: its parameters, its owner, its deadlines."""
+    return _SpecMaker(backend, names, p, shape)
 
-    def make(deadline: float | None, soft_deadline: float | None) -> FlightSpec:
+
+class _SpecMaker:
+    """spec_maker's callable. An object with slots, not a closure: a caller holds it while it
+    waits, and a closure over four cells costs 384 bytes against 72 (issue 23's memory per
+    flight)."""
+
+    __slots__ = ("backend", "names", "p", "shape")
+
+    def __init__(self, backend: Backend, names: Names, p: FlightParams, shape: Shape | None):
+        self.backend, self.names, self.p, self.shape = backend, names, p, shape
+
+    def __call__(self, deadline: float | None, soft_deadline: float | None) -> FlightSpec:
+        p = self.p
         return FlightSpec(
-            names=names,
-            owner=backend.owner(),
+            names=self.names,
+            owner=self.backend.owner(),
             deadline=deadline,
             lock_ttl_ms=p.lock_ttl_ms,
             token_ttl_ms=p.token_ttl_ms,
@@ -134,7 +147,5 @@ def spec_maker(
             early_refresh=p.early_refresh,
             soft_deadline=soft_deadline,
             answers=p.answers,
-            shape=shape,
+            shape=self.shape,
         )
-
-    return make

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import redis.exceptions as rexc
 
 from dedupe.core import scripts
-from dedupe.core.keys import Names
+from dedupe.core.keys import ERROR, LOCK, RESULT, TOKEN, Names
 from dedupe.core.protocol import (
     BUSY,
     DONE,
@@ -108,26 +108,27 @@ class ScriptCall(NamedTuple):  # made twice per flight: a tuple is the cheapest 
 
 def acquire_call(spec: FlightSpec, cmd: Acquire, background: bool = False) -> ScriptCall:
     """``background``: this process may run a refresh in the background now."""
-    n = spec.names
+    c = spec.names.channel  # each key is the channel and a suffix
+    keys = (c + LOCK, c + TOKEN, c + RESULT, c + ERROR)
     if not spec.caching:  # the arguments of every call without cache-fill settings
         return ScriptCall(
             ACQUIRE,
-            (n.lock, n.token, n.result, n.error),
+            keys,
             (spec.owner, spec.lock_ttl_ms, spec.token_ttl_ms, cmd.floor),
         )
     flags = (1 if background else 0) | (2 if cmd.after_error else 0)
     return ScriptCall(
         ACQUIRE,
-        (n.lock, n.token, n.result, n.error),
+        keys,
         (spec.owner, spec.lock_ttl_ms, spec.token_ttl_ms, cmd.floor, spec.stale_ms,
          spec.error_ms, cmd.early, flags),
     )  # fmt: skip
 
 
 def complete_call(spec: FlightSpec, cmd: Complete, publish: str) -> ScriptCall:
-    n = spec.names
+    c = spec.names.channel  # each key is the channel and a suffix
     script = COMPLETE_SHARDED if publish == "SPUBLISH" else COMPLETE
-    keys = (n.lock, n.result, n.token, n.error)
+    keys = (c + LOCK, c + RESULT, c + TOKEN, c + ERROR)
     args: tuple[str | bytes | int, ...] = (
         cmd.lock_value, cmd.record, max(1, cmd.record_ttl_ms), cmd.message
     )  # fmt: skip

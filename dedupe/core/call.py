@@ -231,7 +231,17 @@ def run_call(
                     )
                 yield Launch(entry)
             try:
-                done = yield from wait_for(entry, created, deadline, soft_at, clock)
+                # wait_for's loop, written out: a waiting caller holds no generator of it.
+                while True:
+                    step = wait_step(entry, created, deadline, soft_at, clock)
+                    if not isinstance(step, AwaitFlight):
+                        done = step
+                        break
+                    got = yield step
+                    _expect_bool(got)
+                    if got:
+                        done = True
+                        break
             except GeneratorExit:
                 raise
             except BaseException:
@@ -328,7 +338,18 @@ def run_shared_flight(
     key = names.channel
     shared: Outcome | object = RETRY
     try:
-        finished = yield from _fly(env, entry, None)
+        # _fly, written out: a flight holds no generator of it while it runs.
+        if env.skip_redis():
+            finished = yield from _run_here(entry)
+        else:
+            try:
+                reply = yield Fly(entry, None)
+            except BackendUnavailable as exc:
+                if not env.fall_back(exc):
+                    raise
+                finished = yield from _run_here(entry)
+            else:
+                finished = _flown(env, reply)
         entry.role, entry.token, entry.trace = finished.role, finished.token, finished.trace
         if finished.waited and observed:
             yield Takeover(finished.token)
@@ -348,18 +369,28 @@ def _fly(
     env: CallEnv, entry: Entry, deadline: float | None, soft_deadline: float | None = None
 ) -> Generator[CallCommand, Any, Finished]:
     """The flight through Redis; or, under on_backend_error="local" while Redis is down,
-    the function in this process."""
+    the function in this process. (run_shared_flight writes these steps out.)"""
     if not env.skip_redis():
         try:
-            finished = yield Fly(entry, deadline, soft_deadline)
+            reply = yield Fly(entry, deadline, soft_deadline)
         except BackendUnavailable as exc:
             if not env.fall_back(exc):
                 raise
         else:
-            if type(finished) is not Finished:
-                raise ProtocolError(f"the reply to Fly must be Finished, not {finished!r}")
-            env.answered()
-            return finished
+            return _flown(env, reply)
+    return (yield from _run_here(entry))
+
+
+def _flown(env: CallEnv, finished: object) -> Finished:
+    """Fly's reply: the flight through Redis finished (Redis answered)."""
+    if type(finished) is not Finished:
+        raise ProtocolError(f"the reply to Fly must be Finished, not {finished!r}")
+    env.answered()
+    return finished
+
+
+def _run_here(entry: Entry) -> Generator[CallCommand, Any, Finished]:
+    """on_backend_error="local" while Redis is down: the function in this process."""
     outcome = yield RunHere(entry)
     if type(outcome) is not Outcome:
         raise ProtocolError(f"the reply to RunHere must be Outcome, not {outcome!r}")
@@ -375,27 +406,45 @@ def wait_for(
 ) -> Generator[CallCommand, Any, bool | None]:
     """Wait for the process's flight: True once it is resolved, False at the deadline,
     None at the soft deadline once the flight offered a stale value (entry.fallback).
+    Each step is ``wait_step``'s (run_call runs this loop itself)."""
+    while True:
+        step = wait_step(entry, created, deadline, soft_at, clock)
+        if not isinstance(step, AwaitFlight):
+            return step
+        done = yield step
+        _expect_bool(done)
+        if done:
+            return True
+
+
+def wait_step(
+    entry: Entry,
+    created: bool,
+    deadline: float | None,
+    soft_at: float | None,
+    clock: Callable[[], float],
+) -> AwaitFlight | bool | None:
+    """The next step of waiting for the process's flight: the AwaitFlight to yield, or the
+    wait's end: False at the deadline, None at the soft deadline once the flight offered a
+    stale value (entry.fallback). A plain function, so that a caller that loops over it
+    holds no generator frame while it waits (issue 23's memory per flight).
 
     The deadline does not cut short an asyncio caller whose own flight leads: wait_timeout
     bounds waiting on others. An offer pokes the entry's latch, so a caller past its soft
     deadline takes the stale value as soon as it is offered."""
-    while True:
-        now = clock()
-        bound = None if deadline is None else deadline - now
-        if bound is not None and bound <= 0:
-            if not (created and entry.leading):
-                return False
-            bound = None  # our own call runs the function
-        if soft_at is not None:
-            if now >= soft_at:
-                if entry.fallback is not None:
-                    return None
-            else:
-                bound = soft_at - now if bound is None else min(bound, soft_at - now)
-        done = yield AwaitFlight(entry, None if bound is None else max(0.0, bound))
-        _expect_bool(done)
-        if done:
-            return True
+    now = clock()
+    bound = None if deadline is None else deadline - now
+    if bound is not None and bound <= 0:
+        if not (created and entry.leading):
+            return False
+        bound = None  # our own call runs the function
+    if soft_at is not None:
+        if now >= soft_at:
+            if entry.fallback is not None:
+                return None
+        else:
+            bound = soft_at - now if bound is None else min(bound, soft_at - now)
+    return AwaitFlight(entry, None if bound is None else max(0.0, bound))
 
 
 def _leave(table: InFlight, entry: Entry) -> Generator[CallCommand, Any, None]:

@@ -118,56 +118,72 @@ class BatchFlight(Flight):
         return f"BatchFlight(items={len(self.items)}, lost={len(self.lost_items())})"
 
 
-_current: ContextVar[Flight | None] = ContextVar("dedupe_flight", default=None)
-_leading: ContextVar[frozenset[str]] = ContextVar("dedupe_leading", default=frozenset())
+class _Leads:
+    """What both context managers below share: the leader's state in its context, one value
+    per led flight (its keys, its Flight, the leads around it), the manager itself. One
+    ContextVar set, not a frozenset of every key led plus two ContextVars: a leader's context
+    costs one object and one token (issue 23's memory per flight)."""
+
+    __slots__ = ("_flight", "_outer", "_token")
+
+    _flight: Flight
+    _outer: _Leads | None  # the lead this one runs inside (a leader's function that leads)
+
+    def leads(self, full_key: str) -> bool:
+        raise NotImplementedError
+
+    def __enter__(self) -> None:
+        self._outer = _state.get()
+        self._token = _state.set(self)
+
+    def __exit__(self, *exc: object) -> None:
+        _state.reset(self._token)
+
+
+# The innermost lead of the running context (None outside one); each links the one outside.
+_state: ContextVar[_Leads | None] = ContextVar("dedupe_leading", default=None)
 
 
 def current_flight() -> Flight | None:
     """The Flight of the function running now as a leader, or None outside one."""
-    return _current.get()
+    state = _state.get()
+    return None if state is None else state._flight
 
 
 def check_reentry(full_key: str, job_id: str) -> None:
-    if full_key in _leading.get():
-        raise ReentrantFlight(
-            f"the flight {job_id!r} called itself with its own key; it would wait on itself"
-        )
+    state = _state.get()
+    while state is not None:  # as deep as leaders call leaders of other keys: a few
+        if state.leads(full_key):
+            raise ReentrantFlight(
+                f"the flight {job_id!r} called itself with its own key; it would wait on itself"
+            )
+        state = state._outer
 
 
-class leading_many:
+class leading_many(_Leads):
     """``leading`` for a batch: re-entry refused on every key it leads."""
 
-    __slots__ = ("_current", "_flight", "_keys", "_set")
+    __slots__ = ("_keys",)
 
     def __init__(self, full_keys: Iterable[str], flight: Flight) -> None:
         self._keys = frozenset(full_keys)
         self._flight = flight
 
-    def __enter__(self) -> None:
-        self._set = _leading.set(_leading.get() | self._keys)
-        self._current = _current.set(self._flight)
-
-    def __exit__(self, *exc: object) -> None:
-        _current.reset(self._current)
-        _leading.reset(self._set)
+    def leads(self, full_key: str) -> bool:
+        return full_key in self._keys
 
 
-class leading:
+class leading(_Leads):
     """While a leader's function runs: current_flight() is its Flight, re-entry is refused.
 
     A class, not @contextmanager: it runs once per led flight, and a generator-based context
     manager costs about three times the bytecodes."""
 
-    __slots__ = ("_current", "_flight", "_key", "_keys")
+    __slots__ = ("_key",)
 
     def __init__(self, full_key: str, flight: Flight) -> None:
         self._key = full_key
         self._flight = flight
 
-    def __enter__(self) -> None:
-        self._keys = _leading.set(_leading.get() | {self._key})
-        self._current = _current.set(self._flight)
-
-    def __exit__(self, *exc: object) -> None:
-        _current.reset(self._current)
-        _leading.reset(self._keys)
+    def leads(self, full_key: str) -> bool:
+        return full_key == self._key

@@ -17,7 +17,7 @@ import string
 import uuid
 import zoneinfo
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 __all__ = [
     "BatchKeys",
@@ -38,15 +38,45 @@ _MAX_PLAIN_ID = 200
 _MAX_DEPTH = 64
 
 
+# Each key of a job is its channel and one of these (Names; the flight's scripts join them
+# themselves: a property call each would cost more than the join).
+LOCK: Final = ":lock"
+TOKEN: Final = ":token"
+RESULT: Final = ":result"
+ERROR: Final = ":error"
+
+
 class Names(NamedTuple):
-    """The Redis keys and channel of one job; all share one hash tag, hence one cluster slot."""
+    """The Redis keys and channel of one job; all share one hash tag, hence one cluster slot.
+
+    The keys are the channel and a suffix, made when asked for: every flight holds its job's
+    Names while it waits, and four keys kept would cost about 480 bytes of it (issue 23's
+    memory per flight); a key is asked for once per script."""
 
     job_id: str
-    lock: str
-    token: str
-    result: str
-    channel: str
-    error: str  # the error mark: a failed run's backoff (stale_if_error)
+    channel: str  # P:{J}; each key is the channel and a suffix
+
+    @property
+    def lock(self) -> str:
+        return self.channel + LOCK
+
+    @property
+    def token(self) -> str:
+        return self.channel + TOKEN
+
+    @property
+    def result(self) -> str:
+        return self.channel + RESULT
+
+    @property
+    def error(self) -> str:
+        """The error mark: a failed run's backoff (stale_if_error)."""
+        return self.channel + ERROR
+
+    def described(self) -> dict[str, str]:
+        """Every name, by what it names (the inspector's JSON)."""
+        return {"job_id": self.job_id, "lock": self.lock, "token": self.token,
+                "result": self.result, "channel": self.channel, "error": self.error}  # fmt: skip
 
 
 def validate_job_id(job_id: object) -> str:
@@ -84,8 +114,7 @@ def _tag(job_id: str) -> str:
 def names_for(prefix: str, job_id: str) -> Names:
     validate_prefix(prefix)
     tag = _tag(validate_job_id(job_id))
-    base = f"{prefix}:{{{tag}}}"
-    return Names(job_id, f"{base}:lock", f"{base}:token", f"{base}:result", base, f"{base}:error")
+    return Names(job_id, f"{prefix}:{{{tag}}}")
 
 
 # --- canonical encoding of arguments -------------------------------------------------------

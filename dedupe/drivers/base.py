@@ -117,6 +117,22 @@ def observe(names: Names, cmd: Begin | End | Takeover) -> Any:
 class DriverBase:
     """One flight's plumbing: scripts to run, the subscription, the lease while leading."""
 
+    # One per flight: slots, not a __dict__ (issue 23's memory per flight).
+    __slots__ = (
+        "args",
+        "backend",
+        "background",
+        "codec",
+        "entry",
+        "fn",
+        "kwargs",
+        "lease",
+        "mailbox",
+        "spec",
+        "stamp",
+        "trace",
+    )
+
     # The monotonic clock the flight's times are on (the simulator gives its own).
     clock: Callable[[], float] = staticmethod(time.monotonic)
 

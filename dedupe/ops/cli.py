@@ -122,7 +122,7 @@ def _row(state: JobState) -> list[str]:
 
 def _as_json(state: JobState) -> dict[str, Any]:
     data = dataclasses.asdict(state)
-    data["names"] = state.names._asdict()
+    data["names"] = state.names.described()
     data["in_flight"] = state.in_flight
     return data
 

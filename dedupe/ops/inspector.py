@@ -112,10 +112,7 @@ def names_of(prefix: str, job_id: str) -> Names:
     validate_prefix(prefix)
     validate_job_id(job_id)
     if _DIGEST_TAG.fullmatch(job_id):
-        base = f"{prefix}:{{{job_id}}}"
-        return Names(
-            job_id, f"{base}:lock", f"{base}:token", f"{base}:result", base, f"{base}:error"
-        )
+        return Names(job_id, f"{prefix}:{{{job_id}}}")
     return names_for(prefix, job_id)
 
 
