@@ -9,7 +9,7 @@ from typing import Any, Final, NamedTuple
 
 from dedupe.backend.lifecycle import Backend
 from dedupe.core.keys import Names
-from dedupe.core.protocol import FlightSpec
+from dedupe.core.protocol import FlightSpec, Reads
 from dedupe.core.shapes import Shape
 from dedupe.settings import Settings
 
@@ -80,6 +80,10 @@ class FlightParams(NamedTuple):
     early_refresh: float
     answers: tuple[type[BaseException], ...]
     soft_timeout: float | None
+    # Whether flights read a kept value before the acquire script, and while they hit: for
+    # a function that keeps values and draws no early refresh (XFetch draws on every hit,
+    # in the script). One per function and settings: how its reads have been doing.
+    reads: Reads | None
 
     @classmethod
     def of(cls, s: Settings) -> FlightParams:
@@ -107,6 +111,7 @@ class FlightParams(NamedTuple):
             early_refresh=float(s.early_refresh),
             answers=s.answers,
             soft_timeout=s.soft_timeout if s.stale_if_error else None,
+            reads=Reads() if s.result_ttl > 0 and not s.early_refresh else None,
         )
 
 
@@ -135,6 +140,7 @@ def spec_maker(
             soft_deadline=soft_deadline,
             answers=p.answers,
             shape=shape,
+            reads=p.reads,
         )
 
     return make

@@ -31,6 +31,7 @@ from dedupe.core.protocol import (
     FlightSpec,
     Lead,
     Pause,
+    Read,
     Serve,
     Subscribe,
     Wait,
@@ -161,6 +162,9 @@ class _Driver(DriverBase):
                 # No lease yet: the caller's wait_timeout bounds its wait for a slot too.
                 raw = self.backend.run_sync_script(script, self.stamp, self.spec.deadline)
                 return self.reply_of(cmd, raw)
+            if type(cmd) is Read:  # no lease yet either
+                return self.reply_of(cmd, self.backend.run_sync_script(script, None,
+                                                                      self.spec.deadline))  # fmt: skip
             return self.reply_of(cmd, self.backend.run_sync_script(script))
         if type(cmd) is Wait:
             return self.mailbox.get(cmd.timeout)  # type: ignore[union-attr]
