@@ -116,9 +116,15 @@ class FlightParams(NamedTuple):
 
 
 def spec_maker(
-    backend: Backend, names: Names, p: FlightParams, shape: Shape | None = None
+    backend: Backend,
+    names: Names,
+    p: FlightParams,
+    shape: Shape | None = None,
+    reads: bool = True,
 ) -> Callable[[float | None, float | None], FlightSpec]:
-    """The FlightSpec of each flight of one job: its parameters, its owner, its deadlines."""
+    """The FlightSpec of each flight of one job: its parameters, its owner, its deadlines.
+    ``reads`` False: no plain read first (a batch's items acquire in one pipeline)."""
+    read_first = p.reads if reads else None
 
     def make(deadline: float | None, soft_deadline: float | None) -> FlightSpec:
         return FlightSpec(
@@ -140,7 +146,7 @@ def spec_maker(
             soft_deadline=soft_deadline,
             answers=p.answers,
             shape=shape,
-            reads=p.reads,
+            reads=read_first,
         )
 
     return make

@@ -163,8 +163,8 @@ class _Driver(DriverBase):
                 raw = self.backend.run_sync_script(script, self.stamp, self.spec.deadline)
                 return self.reply_of(cmd, raw)
             if type(cmd) is Read:  # no lease yet either
-                return self.reply_of(cmd, self.backend.run_sync_script(script, None,
-                                                                      self.spec.deadline))  # fmt: skip
+                raw = self.backend.run_sync_script(script, None, self.spec.deadline)
+                return self.reply_of(cmd, raw)
             return self.reply_of(cmd, self.backend.run_sync_script(script))
         if type(cmd) is Wait:
             return self.mailbox.get(cmd.timeout)  # type: ignore[union-attr]

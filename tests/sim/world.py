@@ -156,6 +156,10 @@ class Params:
     # Batches (issue 22): "batch" steps start a batch call (the real batch machine) over 2-3
     # keys beside the single-key calls; with batches the world has three keys.
     batches: bool = False
+    # Issue 23: single-key flights read a kept value with plain MGET and TIME before the
+    # acquire script, while their reads hit (protocol.Reads). False: the script alone (the
+    # schedules recorded before the read replay as they were written).
+    reads: bool = True
 
     def __post_init__(self) -> None:
         if self.batches and self.keys == 2:
@@ -426,6 +430,7 @@ class World:
         self.published: list[tuple[str, bytes]] = []
         self.stored: list[tuple[bytes, bytes, int]] = []  # genuine records written: key, value, px
         self.max_token: dict[str, int] = {}  # newest lease granted per key, across restarts
+        self.reads: dict[tuple[str, str], Any] = {}  # (process, key) -> its protocol.Reads
         # Value records the scripts stored, per key (tokens): what a stale value may be.
         self.values: dict[str, set[int]] = {}
         self.grants: dict[tuple[str, int], int] = {}  # (key, token) -> Redis restarts by then
@@ -1487,6 +1492,10 @@ class FlightRun:
         }
         if p.cache:
             fields.update(stale_ms=p.stale_ms, error_ms=p.error_ms, backoff_ms=p.backoff_ms)
+        reads = getattr(api.protocol, "Reads", None)  # a plain read before the script
+        if reads is not None and p.reads and p.result_ttl_ms > 0:
+            # One per process and job, as one per function and settings in a process.
+            fields["reads"] = world.reads.setdefault((proc.name(), key), reads())
         self.spec = api.protocol.FlightSpec(**fields)
         self.shim = _Shim(self.spec, "SPUBLISH" if key == CLUSTER_KEY else "PUBLISH", api, proc)
         self.served = False  # Serve: its callers have a stale value; it refreshes on
