@@ -19,7 +19,7 @@ import pytest
 import redis
 from hypothesis import given
 from hypothesis import strategies as st
-from test_protocol import NAMES, Driver, codec, make_spec, record_for
+from test_protocol import Driver, codec, make_spec, record_for
 
 from dedupe import SingleFlight
 from dedupe.core.keys import names_for

@@ -425,7 +425,18 @@ class Note(NamedTuple):
 
 
 Command: TypeAlias = (
-    Read | Acquire | Subscribe | Wait | Lead | Complete | Discard | Pause | Release | Note | Offer | Serve
+    Read
+    | Acquire
+    | Subscribe
+    | Wait
+    | Lead
+    | Complete
+    | Discard
+    | Pause
+    | Release
+    | Note
+    | Offer
+    | Serve
 )
 Flight: TypeAlias = Generator[Command, object, "Finished"]
 

@@ -1463,6 +1463,8 @@ class SharedRun:
 class FlightRun:
     """One flight: the real run_flight generator, its commands carried through the world."""
 
+    reads_first = True  # a single key's flight: a plain read first (Params.reads)
+
     def __init__(
         self,
         world: World,
@@ -1493,7 +1495,7 @@ class FlightRun:
         if p.cache:
             fields.update(stale_ms=p.stale_ms, error_ms=p.error_ms, backoff_ms=p.backoff_ms)
         reads = getattr(api.protocol, "Reads", None)  # a plain read before the script
-        if reads is not None and p.reads and p.result_ttl_ms > 0:
+        if reads is not None and p.reads and p.result_ttl_ms > 0 and self.reads_first:
             # One per process and job, as one per function and settings in a process.
             fields["reads"] = world.reads.setdefault((proc.name(), key), reads())
         self.spec = api.protocol.FlightSpec(**fields)
@@ -1789,6 +1791,8 @@ class ItemRun(FlightRun):
     """One item of a batch: its run_flight machine is stepped by the batch machine
     (``run_batch``); this carries the item's commands one by one, as a FlightRun does, and
     hands each reply to whoever asked (``carry``)."""
+
+    reads_first = False  # a batch's items acquire together (as api's batch specs)
 
     def __init__(self, world: World, proc: Proc, key: str, entry: Any, deadline: float | None,
                  batch: BatchRun) -> None:  # fmt: skip
