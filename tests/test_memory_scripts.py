@@ -143,8 +143,8 @@ owners = st.sampled_from([b"o1", b"o2"])
 def steps(draw: st.DrawFn, pair: Pair) -> None:
     kind = draw(st.sampled_from(
         ["acquire", "acquire", "acquire", "complete", "complete", "renew", "discard", "peek",
-         "read", "forget", "notify", "write", "clock", "clock", "flight", "flight", "flight", "stale",
-         "stale"]
+         "read", "forget", "notify", "write", "clock", "clock", "flight", "flight", "flight",
+         "stale", "stale"]
     ))  # fmt: skip
     held = pair.current(LOCK)
     token = draw(st.sampled_from(pair.tokens[-4:]))
