@@ -110,18 +110,28 @@ def test_a_refused_read_goes_to_the_script_and_an_outage_is_raised() -> None:
         d.throw(BackendUnavailable("down"))
 
 
-def test_reads_stop_after_misses_in_a_row_and_probe_until_one_hits() -> None:
+def test_reads_stop_once_misses_spent_their_credit_and_probe_until_one_hits() -> None:
     reads = Reads()
-    tried = []
-    for _ in range(Reads.MISSES):
+    for _ in range(Reads.START):
         assert reads.wanted()
         reads.saw(False)
-    for _ in range(3 * Reads.PROBE):
-        tried.append(reads.wanted())
+    tried = [reads.wanted() for _ in range(3 * Reads.PROBE)]
     assert tried.count(True) == 3  # one probe in every PROBE flights
     assert tried.index(True) == Reads.PROBE - 1
-    reads.saw(True)  # a probe that hits: reads go first again
+    reads.saw(True)  # a probe that hits earns credit: reads go first again
     assert all(reads.wanted() for _ in range(10))
+
+
+def test_reads_go_on_while_one_in_five_hits() -> None:
+    reads = Reads()
+    for _ in range(200):  # a hit, then four misses, over and over: the reads pay
+        for hit in (True, False, False, False, False):
+            assert reads.wanted()
+            reads.saw(hit)
+    for _ in range(Reads.CAP):  # misses only: the credit runs out, capped, and reads stop
+        reads.wanted()
+        reads.saw(False)
+    assert not reads.wanted()
 
 
 def test_no_read_without_a_policy() -> None:
@@ -258,10 +268,10 @@ def test_a_user_without_mget_is_served_through_the_script(server: RedisServer) -
         stats = admin.info("commandstats")
         assert runs == [1]
         assert stats["cmdstat_evalsha"]["calls"] == 40  # every hit through the script
-        # Refused reads count as misses (the first call's was one): after Reads.MISSES of
-        # them, one probe per PROBE flights.
+        # Refused reads count as misses (the first call's was one): after Reads.START of
+        # them (no hit earned any credit), one probe per PROBE flights.
         denied = stats["cmdstat_mget"]["rejected_calls"]
-        left = Reads.MISSES - 1
+        left = Reads.START - 1
         assert denied == left + (40 - left) // Reads.PROBE, stats
     finally:
         sf.close()
@@ -277,7 +287,47 @@ def test_reads_stop_for_a_function_whose_reads_miss(server: RedisServer) -> None
             assert sf.call(f"k{i}", lambda i=i: i) == i
         calls = _calls(client)
         assert calls["evalsha"] == 200  # acquire and complete each
-        assert calls["mget"] == Reads.MISSES + (100 - Reads.MISSES) // Reads.PROBE, calls
+        assert calls["mget"] == Reads.START + (100 - Reads.START) // Reads.PROBE, calls
     finally:
         sf.close()
         client.close()
+
+
+@pytest.mark.cluster
+def test_a_hit_on_a_cluster_reads_on_the_slots_node(redis_cluster: Any, prefix: str) -> None:
+    """Through the Cluster client the read is a one-line script of the same MGET and TIME,
+    on the node that owns the job's slot: hits of sync and asyncio callers, one run."""
+    host, port = redis_cluster.startup_nodes[0]
+    sf = SingleFlight(f"redis+cluster://{host}:{port}", prefix=prefix, result_ttl=30)
+    nodes = [s.client() for s in redis_cluster.servers]
+    runs: list[int] = []
+
+    @sf(key="c:{x}")
+    def get(x: int) -> int:
+        runs.append(x)
+        return x
+
+    @sf(key="c:{x}")
+    async def aget(x: int) -> int:
+        runs.append(x)
+        return x
+
+    async def async_hits() -> None:
+        for _ in range(5):
+            assert await aget(7) == 7
+
+    try:
+        assert get(7) == 7
+        asyncio.run(aget(7))
+        for node in nodes:
+            node.config_resetstat()
+        for _ in range(5):
+            assert get(7) == 7
+        asyncio.run(async_hits())
+        mget = sum(n.info("commandstats").get("cmdstat_mget", {}).get("calls", 0) for n in nodes)
+        assert runs == [7, 7]  # a sync and an async function, one run each
+        assert mget == 10  # every hit read, in its script, on its slot's node
+    finally:
+        sf.close()
+        for node in nodes:
+            node.close()

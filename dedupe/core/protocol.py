@@ -219,23 +219,27 @@ class Reads:
 
     A hit costs the server a read and the clock instead of the acquire script (a Redis shard
     is one thread: its time per hit bounds the hits per second of one hot key), but a miss
-    costs one more round trip before the script. So reads go first while they hit: after
-    ``MISSES`` misses in a row only every ``PROBE``-th flight tries one, until one hits.
+    costs one more round trip before the script. So reads go first while they pay: a hit
+    earns ``HIT`` credit (up to ``CAP``), a miss costs one, and reads go first while there is
+    credit: while at least one read in ``HIT + 1`` hits. Without credit, one flight in
+    ``PROBE`` reads, until one hits. A new function starts with ``START``.
 
     No lock: the fields are counts that many threads update; a lost update only moves when
     the next read is tried, never what a flight is served.
     """
 
-    MISSES: Final = 3
+    START: Final = 3
+    HIT: Final = 4
+    CAP: Final = 32
     PROBE: Final = 32
-    __slots__ = ("misses", "skipped")
+    __slots__ = ("credit", "skipped")
 
     def __init__(self) -> None:
-        self.misses = 0  # reads in a row that found no fresh value
-        self.skipped = 0  # flights since the last read, once reads stopped hitting
+        self.credit = self.START
+        self.skipped = 0  # flights without a read since the credit ran out, or the last probe
 
     def wanted(self) -> bool:
-        if self.misses < self.MISSES:
+        if self.credit > 0:
             return True
         self.skipped += 1
         if self.skipped < self.PROBE:
@@ -244,7 +248,7 @@ class Reads:
         return True
 
     def saw(self, hit: bool) -> None:
-        self.misses = 0 if hit else self.misses + 1
+        self.credit = min(self.CAP, self.credit + self.HIT) if hit else max(0, self.credit - 1)
 
 
 # --- commands (what the protocol asks the driver to do) and their replies --------------------
