@@ -1571,7 +1571,9 @@ class FlightRun:
             acquire = name == "Acquire"
             w.script(self.proc, sc, lambda raw, err: self._scripted(cmd, raw, err),
                      stamp=self.shim.stamp if acquire else None,
-                     deadline=self.spec.deadline if acquire else None)  # fmt: skip
+                     # Before any lease (Acquire, Read) a sync caller's wait for a command
+                     # slot is bounded by its wait_timeout, as in the sync driver.
+                     deadline=self.spec.deadline if acquire or name == "Read" else None)  # fmt: skip
             return None
         bound = self.spec.lock_ttl_ms / 1000 + self.spec.slack(self.spec.lock_ttl_ms) + 1e-6
         if name == "Wait":
