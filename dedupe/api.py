@@ -471,7 +471,7 @@ class SingleFlight:
         """A batch part's backend, each item's spec maker, and the function's parameters."""
         backend = self.backend()
         p = self._flight_params(o)
-        makers = [spec_maker(backend, n, p, shape) for n in names]
+        makers = [spec_maker(backend, n, p, shape, reads=False) for n in names]
         return backend, lambda i, deadline, soft: makers[i](deadline, soft), p
 
     @overload

@@ -9,7 +9,7 @@ from typing import Any, Final, NamedTuple
 
 from dedupe.backend.lifecycle import Backend
 from dedupe.core.keys import Names
-from dedupe.core.protocol import FlightSpec
+from dedupe.core.protocol import FlightSpec, Reads
 from dedupe.core.shapes import Shape
 from dedupe.settings import Settings
 
@@ -80,6 +80,10 @@ class FlightParams(NamedTuple):
     early_refresh: float
     answers: tuple[type[BaseException], ...]
     soft_timeout: float | None
+    # Whether flights read a kept value before the acquire script, and while they hit: for
+    # a function that keeps values and draws no early refresh (XFetch draws on every hit,
+    # in the script). One per function and settings: how its reads have been doing.
+    reads: Reads | None
 
     @classmethod
     def of(cls, s: Settings) -> FlightParams:
@@ -107,14 +111,20 @@ class FlightParams(NamedTuple):
             early_refresh=float(s.early_refresh),
             answers=s.answers,
             soft_timeout=s.soft_timeout if s.stale_if_error else None,
+            reads=Reads() if s.result_ttl > 0 and not s.early_refresh else None,
         )
 
 
 def spec_maker(
-    backend: Backend, names: Names, p: FlightParams, shape: Shape | None = None
+    backend: Backend,
+    names: Names,
+    p: FlightParams,
+    shape: Shape | None = None,
+    reads: bool = True,
 ) -> Callable[[float | None, float | None], FlightSpec]:
-    """The FlightSpec of each flight of one job: its parameters, its owner, its deadlines."""
-    return _SpecMaker(backend, names, p, shape)
+    """The FlightSpec of each flight of one job: its parameters, its owner, its deadlines.
+    ``reads`` False: no plain read first (a batch's items acquire in one pipeline)."""
+    return _SpecMaker(backend, names, p, shape, p.reads if reads else None)
 
 
 class _SpecMaker:
@@ -122,10 +132,18 @@ class _SpecMaker:
     waits, and a closure over four cells costs 384 bytes against 72 (issue 23's memory per
     flight)."""
 
-    __slots__ = ("backend", "names", "p", "shape")
+    __slots__ = ("backend", "names", "p", "reads", "shape")
 
-    def __init__(self, backend: Backend, names: Names, p: FlightParams, shape: Shape | None):
+    def __init__(
+        self,
+        backend: Backend,
+        names: Names,
+        p: FlightParams,
+        shape: Shape | None,
+        reads: Reads | None,
+    ) -> None:
         self.backend, self.names, self.p, self.shape = backend, names, p, shape
+        self.reads = reads
 
     def __call__(self, deadline: float | None, soft_deadline: float | None) -> FlightSpec:
         p = self.p
@@ -148,4 +166,5 @@ class _SpecMaker:
             soft_deadline=soft_deadline,
             answers=p.answers,
             shape=self.shape,
+            reads=self.reads,
         )

@@ -28,6 +28,7 @@ from dedupe.backend.commands import (
     FORGET,
     NOTIFY,
     PEEK,
+    READ,
     RENEW,
     Script,
 )
@@ -142,8 +143,8 @@ owners = st.sampled_from([b"o1", b"o2"])
 def steps(draw: st.DrawFn, pair: Pair) -> None:
     kind = draw(st.sampled_from(
         ["acquire", "acquire", "acquire", "complete", "complete", "renew", "discard", "peek",
-         "forget", "notify", "write", "clock", "clock", "flight", "flight", "flight", "stale",
-         "stale"]
+         "read", "forget", "notify", "write", "clock", "clock", "flight", "flight", "flight",
+         "stale", "stale"]
     ))  # fmt: skip
     held = pair.current(LOCK)
     token = draw(st.sampled_from(pair.tokens[-4:]))
@@ -216,6 +217,8 @@ def steps(draw: st.DrawFn, pair: Pair) -> None:
         pair.run(DISCARD, [RESULT], [draw(st.sampled_from([rec, b"other"]))])
     elif kind == "peek":
         pair.run(PEEK, [LOCK], [])
+    elif kind == "read":
+        pair.run(READ, [RESULT, TOKEN], [])
     elif kind == "forget":
         pair.run(FORGET, [RESULT, TOKEN, LOCK, ERROR], [draw(ms)])
     elif kind == "notify":

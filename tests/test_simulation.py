@@ -101,7 +101,8 @@ def test_two_batches_that_lead_each_others_followed_items_both_finish(api: Api) 
         ("deliver", 0), ("deliver", 0), ("deliver", 0), ("deliver", 0),  # the replies
         ("finish", 0, "ok"), ("finish", 0, "ok"),
     ]  # fmt: skip
-    out = run(1, steps, Params(batches=True), api, trace=True)
+    # Recorded before single-key flights read first (issue 23): replayed without the read.
+    out = run(1, steps, Params(batches=True, reads=False), api, trace=True)
     assert out.violation is None, "\n".join(out.lines)
     text = "\n".join(out.lines)
     assert "batch #1 (p0 k0,k1) runs its function for k0:" in text, text
@@ -139,7 +140,7 @@ def test_a_batch_lease_granted_is_renewed_while_another_items_acquire_waits(
     (Through a Cluster, or a client passed in, the drivers run a batch's scripts one after
     another, each in a command slot of its own: queue_timeout 20 s, a bound of 7 s each,
     against a lock_ttl of 10 s.)"""
-    out = run(seed, steps, Params(batches=True), api, trace=True)
+    out = run(seed, steps, Params(batches=True, reads=False), api, trace=True)  # as recorded
     assert out.violation is None, "\n".join(out.lines)
 
 
@@ -151,7 +152,7 @@ def test_a_stale_value_is_served_at_once_and_refreshed_in_the_background(api: Ap
         ("deliver", 0), ("deliver", 0), ("advance", 1500),  # stored; then stale
         ("call", 1, 0, 0), ("deliver", 0), ("deliver", 0),  # served stale; the refresh leads
     ]  # fmt: skip
-    out = run(1, steps, Params(cache=True), api, trace=True)
+    out = run(1, steps, Params(cache=True, reads=False), api, trace=True)  # as recorded
     assert out.violation is None, "\n".join(out.lines)
     text = "\n".join(out.lines)
     assert "p1 serves k0 now and refreshes it in the background" in text, text

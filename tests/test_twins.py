@@ -28,6 +28,7 @@ _SAME = {
     "get_async": "get",
     "_aroundtrip": "_roundtrip",
     "_apipeline": "_pipeline",
+    "_aread": "_read",
 }
 
 # What the twins may still differ in, after that: each line is sync's then async's.
@@ -46,6 +47,8 @@ _KNOWN: dict[str, set[str]] = {
         # on the flight's task with their own deadline instead.
         "-raw = self.backend.run_sync_script(script, self.stamp, self.spec.deadline)",
         "+raw = self.backend.run_async_script(script, self.stamp)",
+        "-raw = self.backend.run_sync_script(script, None, self.spec.deadline)",
+        "+raw = self.backend.run_async_script(script)",
         "-return self.reply_of(cmd, self.backend.run_sync_script(script))",
         "+return self.reply_of(cmd, self.backend.run_async_script(script))",
         # An asyncio lease knows its loop (renewal stops once the loop is closed).

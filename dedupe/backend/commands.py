@@ -27,6 +27,7 @@ from dedupe.core.protocol import (
     Completed,
     Discard,
     FlightSpec,
+    Looked,
 )
 from dedupe.errors import (
     BackendBusy,
@@ -37,6 +38,7 @@ from dedupe.errors import (
 )
 
 __all__ = [
+    "READ",
     "ScriptCall",
     "Stamp",
     "acquire_call",
@@ -46,7 +48,9 @@ __all__ = [
     "notify_call",
     "parse_acquired",
     "parse_completed",
+    "parse_looked",
     "peek_call",
+    "read_call",
     "renew_call",
     "translate",
     "typed_errors",
@@ -78,6 +82,7 @@ COMPLETE = _script(scripts.COMPLETE)
 COMPLETE_SHARDED = _script(scripts.COMPLETE_SHARDED)
 DISCARD = _script(scripts.DISCARD)
 PEEK = _script(scripts.PEEK)
+READ = _script(scripts.READ)  # sent as plain MGET and TIME where dedupe packs (wire.pack)
 FORGET = _script(scripts.FORGET)
 NOTIFY = _script(scripts.NOTIFY)
 NOTIFY_SHARDED = _script(scripts.NOTIFY_SHARDED)
@@ -152,6 +157,22 @@ def notify_call(names: Names, message: bytes, publish: str) -> ScriptCall:
     )
 
 
+def read_call(spec: FlightSpec) -> ScriptCall:
+    n = spec.names
+    return ScriptCall(READ, (n.result, n.token), ())
+
+
+def parse_looked(raw: Any) -> Looked:
+    """The read's reply: ``[[record, counter], [seconds, microseconds]]``."""
+    keys, now = raw
+    record, counter = keys
+    return Looked(
+        None if record is None else bytes(record),
+        None if counter is None else bytes(counter),
+        int(now[0]) * 1000 + int(now[1]) // 1000,
+    )
+
+
 def peek_call(spec: FlightSpec) -> ScriptCall:
     return ScriptCall(PEEK, (spec.names.lock,), ())
 
@@ -222,7 +243,7 @@ _UNAVAILABLE = (
 
 # The ACL a dedupe user needs; named in every permission error.
 ACL_NEEDED = (
-    "commands +evalsha +eval +publish +spublish +subscribe +ssubscribe +unsubscribe "
+    "commands +evalsha +eval +mget +time +publish +spublish +subscribe +ssubscribe +unsubscribe "
     "+sunsubscribe +ping +wait +del, keys ~<prefix>:* and channels &<prefix>:*"
 )
 

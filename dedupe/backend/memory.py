@@ -122,6 +122,7 @@ class MemoryStore:
             (scripts.COMPLETE_SHARDED, self._complete),
             (scripts.DISCARD, self._discard),
             (scripts.PEEK, self._peek),
+            (scripts.READ, self._read),
             (scripts.FORGET, self._forget),
             (scripts.NOTIFY, self._notify),
             (scripts.NOTIFY_SHARDED, self._notify),
@@ -358,6 +359,11 @@ class MemoryStore:
         if self._get(keys[0]) == argv[0]:
             return self._del(keys[0])
         return 0
+
+    def _read(self, keys: list[bytes], argv: list[bytes]) -> Reply:
+        now = self._now_us
+        return [[self._get(keys[0]), self._get(keys[1])], [b"%d" % (now // 1_000_000),
+                b"%d" % (now % 1_000_000)]]  # fmt: skip
 
     def _peek(self, keys: list[bytes], argv: list[bytes]) -> Reply:
         return self._get(keys[0])

@@ -41,7 +41,7 @@ from redis.exceptions import (
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dedupe.backend.clients import Clients, Once
-from dedupe.backend.commands import ScriptCall, Stamp
+from dedupe.backend.commands import READ, ScriptCall, Stamp
 from dedupe.backend.slots import AsyncSlots
 from dedupe.backend.wire import AsyncWire, SyncWire, wire_ready
 from dedupe.errors import BackendUnavailable, WaitTimeout
@@ -474,7 +474,7 @@ def run_script(
 ) -> Any:
     """One script through the client's command layer (Cluster, or a client the wire cannot
     carry); ``stamp`` is set before each send (it then includes the client's own connect)."""
-    if not cluster:
+    if not cluster or call.script is READ:  # a read met by TRYAGAIN: the acquire decides
         if stamp is not None:
             stamp.sent = time.monotonic()
         return _once(client, call)

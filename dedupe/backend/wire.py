@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from dedupe.backend.commands import ScriptCall, Stamp
+from dedupe.backend.commands import READ, ScriptCall, Stamp
 
 __all__ = ["AsyncWire", "SyncWire", "pack", "pack_many", "retry_left", "wire_ready"]
 
@@ -45,6 +45,12 @@ def pack(call: ScriptCall, *, by_sha: bool = True) -> list[bytes]:
     chunk redis-py's send_packed_command writes (a bare bytes would be iterated as ints)."""
     script = call.script
     keys, args = call.keys, call.args
+    if script is READ:  # no script: MGET of its two keys, then TIME (two replies)
+        a, b = keys[0].encode(), keys[1].encode()
+        return [
+            b"*3\r\n$4\r\nMGET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n*1\r\n$4\r\nTIME\r\n"
+            % (len(a), a, len(b), b)
+        ]
     numkeys = b"%d" % len(keys)
     parts = [
         b"*%d\r\n%b$%d\r\n%b\r\n"
@@ -209,6 +215,12 @@ def _roundtrip(conn: Any, call: ScriptCall, stamp: Stamp | None) -> Any:
             conn.connect()  # a connect is not a send: the stamp comes after it
         stamp.sent = time.monotonic()
     conn.send_packed_command(pack(call))
+    if call.script is READ:
+        keys = _read(conn)  # an error reply is read whole: then the clock's reply
+        now = conn.read_response()
+        if isinstance(keys, ResponseError):
+            raise keys
+        return [keys, now]
     try:
         return conn.read_response()
     except NoScriptError:  # a restarted or flushed server: send the script itself
@@ -309,6 +321,12 @@ async def _aroundtrip(conn: Any, call: ScriptCall, stamp: Stamp | None) -> Any:
             await conn.connect()  # a connect is not a send: the stamp comes after it
         stamp.sent = time.monotonic()
     await _asend(conn, pack(call))
+    if call.script is READ:
+        keys = await _aread(conn)
+        now = await conn.read_response()
+        if isinstance(keys, ResponseError):
+            raise keys
+        return [keys, now]
     try:
         return await conn.read_response()
     except NoScriptError:

@@ -12,6 +12,8 @@ it scripted replies, and simulated with the real Lua scripts (tests/sim).
 States and transitions (``STATE_OF`` names the state each command is yielded in)::
 
     state        command      reply                          next
+    ACQUIRING    Read         Looked: a fresh, current value -> return (kept)
+                              anything else, ReadRefused     -> Acquire
     ACQUIRING    Acquire      Acquired DONE, readable        -> return (kept, or remote)
                               Acquired DONE, unreadable      -> Discard, (Pause), ACQUIRING
                               Acquired BUSY, our own lease   -> LEADING (a retried acquire)
@@ -57,11 +59,19 @@ from dedupe.core.record import (
     header_of,
     lock_value,
     parse_lock,
+    read_header,
+    record_state,
 )
 from dedupe.core.sealing import Codec, Notice, Opened, Outcome
 from dedupe.core.shapes import Shape
 from dedupe.core.subscriptions import RECHECK  # what the hub hands a Wait: re-subscribe, re-check
-from dedupe.errors import BackendUnavailable, EnvelopeError, ProtocolError, WaitTimeout
+from dedupe.errors import (
+    BackendUnavailable,
+    DedupeError,
+    EnvelopeError,
+    ProtocolError,
+    WaitTimeout,
+)
 
 __all__ = [
     "BUSY",
@@ -83,9 +93,13 @@ __all__ = [
     "FlightSpec",
     "FlightState",
     "Lead",
+    "Looked",
     "Note",
     "Offer",
     "Pause",
+    "Read",
+    "ReadRefused",
+    "Reads",
     "Release",
     "Serve",
     "Subscribe",
@@ -170,6 +184,9 @@ class FlightSpec:
     # The function's return annotation, compiled (dedupe.core.shapes): the value travels as
     # its plain data and is rebuilt by it here. None: no annotation, values travel as they are.
     shape: Shape | None = None
+    # Whether a flight first tries the kept value with a plain read (Read) before the
+    # acquire script: a function that keeps values, while its reads mostly hit. None: never.
+    reads: Reads | None = None
 
     @property
     def caching(self) -> bool:
@@ -197,7 +214,60 @@ class FlightSpec:
         return 0.025 + pttl_ms / 100_000
 
 
+class Reads:
+    """Whether a function's next flight tries a plain read of its kept value first (Read).
+
+    A hit costs the server a read and the clock instead of the acquire script (a Redis shard
+    is one thread: its time per hit bounds the hits per second of one hot key), but a miss
+    costs one more round trip before the script. So reads go first while they pay: a hit
+    earns ``HIT`` credit (up to ``CAP``), a miss costs one, and reads go first while there is
+    credit: while at least one read in ``HIT + 1`` hits. Without credit, one flight in
+    ``PROBE`` reads, until one hits. A new function starts with ``START``.
+
+    No lock: the fields are counts that many threads update; a lost update only moves when
+    the next read is tried, never what a flight is served.
+    """
+
+    START: Final = 3
+    HIT: Final = 4
+    CAP: Final = 32
+    PROBE: Final = 32
+    __slots__ = ("credit", "skipped")
+
+    def __init__(self) -> None:
+        self.credit = self.START
+        self.skipped = 0  # flights without a read since the credit ran out, or the last probe
+
+    def wanted(self) -> bool:
+        if self.credit > 0:
+            return True
+        self.skipped += 1
+        if self.skipped < self.PROBE:
+            return False
+        self.skipped = 0
+        return True
+
+    def saw(self, hit: bool) -> None:
+        self.credit = min(self.CAP, self.credit + self.HIT) if hit else max(0, self.credit - 1)
+
+
 # --- commands (what the protocol asks the driver to do) and their replies --------------------
+
+
+class Read(NamedTuple):
+    """Read the job's result key and token counter, then the server's clock, with plain
+    commands (``MGET`` then ``TIME``, one round trip; no script). Reply: Looked. A read the
+    server refuses (an ACL without MGET, a slot elsewhere) is thrown in as ReadRefused."""
+
+
+class Looked(NamedTuple):
+    record: bytes | None  # the result key's value
+    counter: bytes | None  # the token counter's value
+    now_ms: int  # the server's clock, read after them
+
+
+class ReadRefused(DedupeError):
+    """A Read got an error reply: the acquire script decides instead."""
 
 
 class Acquire(NamedTuple):
@@ -359,11 +429,23 @@ class Note(NamedTuple):
 
 
 Command: TypeAlias = (
-    Acquire | Subscribe | Wait | Lead | Complete | Discard | Pause | Release | Note | Offer | Serve
+    Read
+    | Acquire
+    | Subscribe
+    | Wait
+    | Lead
+    | Complete
+    | Discard
+    | Pause
+    | Release
+    | Note
+    | Offer
+    | Serve
 )
 Flight: TypeAlias = Generator[Command, object, "Finished"]
 
 STATE_OF: Final[dict[type, FlightState | None]] = {
+    Read: FlightState.ACQUIRING,
     Acquire: FlightState.ACQUIRING,
     Discard: FlightState.ACQUIRING,
     Pause: FlightState.ACQUIRING,
@@ -424,6 +506,16 @@ def run_flight(
     fallback: Finished | None = None  # a stale value to fall back on (soft_timeout, a failure)
     fallen_back_on = b""  # the record it was opened from (offered once per record)
     after_error = False  # the run we waited on failed, and a stale value stands in for it
+    reads = spec.reads
+    if reads is not None and reads.wanted():
+        try:
+            looked = yield Read()
+        except ReadRefused:
+            looked = None
+        kept = None if looked is None else (yield from _read_kept(spec, codec, looked))
+        reads.saw(kept is not None)
+        if kept is not None:
+            return kept
     while True:
         asked = clock()
         try:
@@ -572,6 +664,45 @@ def run_flight(
             if outcome.error is None:
                 outcome.fresh_ms = min(opened.keep_ms, spec.result_ttl_ms)
             return Finished(outcome, "remote", opened.token, trace=opened.trace)
+
+
+def _read_kept(
+    spec: FlightSpec, codec: Codec, looked: object
+) -> Generator[Command, object, Finished | None]:
+    """The kept value a Read found, if the acquire script would serve it to a new caller
+    now (fresh, current, readable); None: the script decides.
+
+    The script's rule (``record_state``), by the server's clock read after the keys. Without
+    the key's PTTL, its own clock is taken as just written: for a record written after its
+    lease's grant (every record a lease stores) the grant's clock is the stricter of the two,
+    so the answer is the same, and a key whose expiry was moved is still served no longer
+    than its signed header allows. MGET reads both keys at one instant: the counter names the
+    record then (a record of an older lease written back is refused, as by the script), and
+    the later clock only makes it older."""
+    _expect(looked, Looked, "Read")
+    looked = cast(Looked, looked)
+    record = looked.record
+    if record is None:
+        return None  # a miss
+    h = read_header(record)
+    if h is None:
+        return None  # not a record: the script takes the key as empty
+    token, keep, ttl = h[0], h[1], h[2]
+    state = record_state(token, keep, ttl, ttl, looked.counter, looked.now_ms)
+    if state is None or state.fresh_ms <= 0:
+        return None
+    opened = yield from _open(spec, codec, record)
+    if not isinstance(opened, Opened) or opened.outcome.error is not None:
+        # Forged, foreign or unreadable (counted once, here): dropped if unchanged, and the
+        # script decides as if it had never been there.
+        yield Discard(record)
+        return None
+    outcome = opened.outcome
+    outcome.fresh_ms = state.fresh_ms
+    # Its age since the write: the grant's age (run_ms here) less the run, which the keep
+    # holds beyond result_ttl (exact while the leader's result_ttl was this function's).
+    outcome.age_ms = max(0, state.run_ms - max(0, keep - spec.result_ttl_ms))
+    return Finished(outcome, "kept", opened.token, trace=opened.trace)
 
 
 def _draw(spec: FlightSpec, rand: Callable[[], float]) -> int:

@@ -28,6 +28,7 @@ __all__ = [
     "NOTIFY",
     "NOTIFY_SHARDED",
     "PEEK",
+    "READ",
     "RENEW",
 ]
 
@@ -148,6 +149,15 @@ end
 return grant(nil, ARGV[3])
 """
 )
+
+# KEYS: result, token
+# -> {{record, counter}, {seconds, microseconds}}: the hit's read (protocol.Read). Where dedupe
+# packs its own requests it is no script: the same replies come from a plain MGET and TIME
+# in one round trip (a script costs the server several times a GET); this text carries it
+# through a client's command layer (a Cluster, a client passed in, memory://, the simulator).
+READ: Final = """
+return {redis.call('MGET', KEYS[1], KEYS[2]), redis.call('TIME')}
+"""
 
 # KEYS: lock
 # ARGV: lock_value, lock_ttl_ms

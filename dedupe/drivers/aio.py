@@ -41,6 +41,7 @@ from dedupe.core.protocol import (
     FlightSpec,
     Lead,
     Pause,
+    Read,
     Serve,
     Subscribe,
     Wait,
@@ -217,6 +218,9 @@ class _Driver(DriverBase):
                     )
                     return self.reply_of(cmd, raw, acked)
                 raw = await self.backend.run_async_script(script, self.stamp)
+                return self.reply_of(cmd, raw)
+            if type(cmd) is Read:  # no lease yet either
+                raw = await self.backend.run_async_script(script)
                 return self.reply_of(cmd, raw)
             return self.reply_of(cmd, await self.backend.run_async_script(script))
         if type(cmd) is Wait:

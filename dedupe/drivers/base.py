@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Final, TypeVar
 
+from redis.exceptions import ResponseError
+
 from dedupe.backend.commands import (
     ScriptCall,
     Stamp,
@@ -25,6 +27,8 @@ from dedupe.backend.commands import (
     discard_call,
     parse_acquired,
     parse_completed,
+    parse_looked,
+    read_call,
     translate,
 )
 from dedupe.backend.lifecycle import Backend
@@ -54,6 +58,8 @@ from dedupe.core.protocol import (
     Lead,
     Note,
     Offer,
+    Read,
+    ReadRefused,
     Release,
     Unanswered,
     own_lease,
@@ -172,6 +178,8 @@ class DriverBase:
             return complete_call(self.spec, cmd, self.backend.publish)
         if isinstance(cmd, Discard):
             return discard_call(self.spec, cmd)
+        if isinstance(cmd, Read):
+            return read_call(self.spec)
         return None
 
     def reply_of(self, cmd: Command, raw: Any, replicas: int = 0) -> object:
@@ -183,6 +191,8 @@ class DriverBase:
             return reply._replace(replicas=replicas) if replicas else reply
         if isinstance(cmd, Complete):
             return parse_completed(raw)
+        if isinstance(cmd, Read):
+            return parse_looked(raw)
         return raw
 
     def failed(self, cmd: Command, exc: BaseException) -> BaseException:
@@ -193,6 +203,8 @@ class DriverBase:
         client's re-sends on ASK and TRYAGAIN), and an earlier copy may have been granted
         (found by simulation: a slot migration, a retry, then TRYAGAIN until patience ran
         out). The give-back is owner-checked and off the caller's path."""
+        if isinstance(cmd, Read) and isinstance(exc, ResponseError):
+            return ReadRefused(str(exc))  # the acquire script decides instead
         error = translate(exc) if isinstance(exc, Exception) else exc
         if isinstance(cmd, Acquire) and self.background:
             self.give_back_background()

@@ -31,6 +31,7 @@ from dedupe.core.protocol import (
     FlightSpec,
     Lead,
     Pause,
+    Read,
     Serve,
     Subscribe,
     Wait,
@@ -164,6 +165,9 @@ class _Driver(DriverBase):
                     return self.reply_of(cmd, raw, acked)
                 # No lease yet: the caller's wait_timeout bounds its wait for a slot too.
                 raw = self.backend.run_sync_script(script, self.stamp, self.spec.deadline)
+                return self.reply_of(cmd, raw)
+            if type(cmd) is Read:  # no lease yet either
+                raw = self.backend.run_sync_script(script, None, self.spec.deadline)
                 return self.reply_of(cmd, raw)
             return self.reply_of(cmd, self.backend.run_sync_script(script))
         if type(cmd) is Wait:

@@ -114,9 +114,26 @@ def _wait_before_complete(patch: Callable[[Any, str, Any], None]) -> None:
     patch(batch, "_GATHERED", (batch.Acquire, batch.Lead, batch.Subscribe, batch.Complete))
 
 
+def _read_ignores_counter(patch: Callable[[Any, str, Any], None]) -> None:
+    """Issue 23's read (MGET and TIME, no script) without the acquire script's counter check:
+    a fresh-looking record of an older lease, written back, would be served."""
+    import dedupe.core.protocol as protocol
+
+    real = protocol.record_state
+
+    def lax(token: int, keep: int, ttl: int, pttl: int, counter: Any, now: int) -> Any:
+        return real(token, keep, ttl, pttl, b"%d" % token, now)  # as if the counter named it
+
+    patch(protocol, "record_state", lax)
+
+
 MUTANTS: dict[str, tuple[Callable[[Callable[[Any, str, Any], None]], None], frozenset[str]]] = {
     # name: (plant it, the invariant kinds that may find it)
     "revived-record": (_revived_record, frozenset({"stale-outcome", "older-outcome"})),
+    "read-ignores-counter": (
+        _read_ignores_counter,
+        frozenset({"stale-outcome", "older-outcome"}),
+    ),
     "dated-from-queue": (_dated_from_queue, frozenset({"lease-dated-early"})),
     "abandoning-renewer": (_abandoning_renewer, frozenset({"lapsed-lease"})),
     "renewals-ignore-ask": (_renewals_ignore_ask, frozenset({"lapsed-lease"})),

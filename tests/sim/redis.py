@@ -220,6 +220,9 @@ class SimRedis:
     def _get(self, a: list[bytes]) -> Any:
         return self.get(a[0])
 
+    def _mget(self, a: list[bytes]) -> Any:
+        return [self.get(k) for k in a]
+
     def _set(self, a: list[bytes]) -> Any:
         key, value, opts = a[0], a[1], [o.upper() for o in a[2:]]
         px: int | None = None
@@ -295,6 +298,7 @@ class SimRedis:
 
 _COMMANDS: dict[bytes, Callable[[SimRedis, list[bytes]], Any]] = {
     b"GET": SimRedis._get,
+    b"MGET": SimRedis._mget,
     b"SET": SimRedis._set,
     b"DEL": SimRedis._del,
     b"EXISTS": SimRedis._exists,

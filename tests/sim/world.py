@@ -156,6 +156,10 @@ class Params:
     # Batches (issue 22): "batch" steps start a batch call (the real batch machine) over 2-3
     # keys beside the single-key calls; with batches the world has three keys.
     batches: bool = False
+    # Issue 23: single-key flights read a kept value with plain MGET and TIME before the
+    # acquire script, while their reads hit (protocol.Reads). False: the script alone (the
+    # schedules recorded before the read replay as they were written).
+    reads: bool = True
 
     def __post_init__(self) -> None:
         if self.batches and self.keys == 2:
@@ -426,6 +430,7 @@ class World:
         self.published: list[tuple[str, bytes]] = []
         self.stored: list[tuple[bytes, bytes, int]] = []  # genuine records written: key, value, px
         self.max_token: dict[str, int] = {}  # newest lease granted per key, across restarts
+        self.reads: dict[tuple[str, str], Any] = {}  # (process, key) -> its protocol.Reads
         # Value records the scripts stored, per key (tokens): what a stale value may be.
         self.values: dict[str, set[int]] = {}
         self.grants: dict[tuple[str, int], int] = {}  # (key, token) -> Redis restarts by then
@@ -1458,6 +1463,8 @@ class SharedRun:
 class FlightRun:
     """One flight: the real run_flight generator, its commands carried through the world."""
 
+    reads_first = True  # a single key's flight: a plain read first (Params.reads)
+
     def __init__(
         self,
         world: World,
@@ -1487,6 +1494,10 @@ class FlightRun:
         }
         if p.cache:
             fields.update(stale_ms=p.stale_ms, error_ms=p.error_ms, backoff_ms=p.backoff_ms)
+        reads = getattr(api.protocol, "Reads", None)  # a plain read before the script
+        if reads is not None and p.reads and p.result_ttl_ms > 0 and self.reads_first:
+            # One per process and job, as one per function and settings in a process.
+            fields["reads"] = world.reads.setdefault((proc.name(), key), reads())
         self.spec = api.protocol.FlightSpec(**fields)
         self.shim = _Shim(self.spec, "SPUBLISH" if key == CLUSTER_KEY else "PUBLISH", api, proc)
         self.served = False  # Serve: its callers have a stale value; it refreshes on
@@ -1560,7 +1571,9 @@ class FlightRun:
             acquire = name == "Acquire"
             w.script(self.proc, sc, lambda raw, err: self._scripted(cmd, raw, err),
                      stamp=self.shim.stamp if acquire else None,
-                     deadline=self.spec.deadline if acquire else None)  # fmt: skip
+                     # Before any lease (Acquire, Read) a sync caller's wait for a command
+                     # slot is bounded by its wait_timeout, as in the sync driver.
+                     deadline=self.spec.deadline if acquire or name == "Read" else None)  # fmt: skip
             return None
         bound = self.spec.lock_ttl_ms / 1000 + self.spec.slack(self.spec.lock_ttl_ms) + 1e-6
         if name == "Wait":
@@ -1780,6 +1793,8 @@ class ItemRun(FlightRun):
     """One item of a batch: its run_flight machine is stepped by the batch machine
     (``run_batch``); this carries the item's commands one by one, as a FlightRun does, and
     hands each reply to whoever asked (``carry``)."""
+
+    reads_first = False  # a batch's items acquire together (as api's batch specs)
 
     def __init__(self, world: World, proc: Proc, key: str, entry: Any, deadline: float | None,
                  batch: BatchRun) -> None:  # fmt: skip

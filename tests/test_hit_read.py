@@ -1,0 +1,333 @@
+"""The hit without a script (issue 23): a call that keeps values first reads the result key
+and the token counter with MGET, then the server's clock with TIME, and is served a fresh,
+current value without the acquire script; anything else goes on to the script.
+
+The sans-I/O tests drive ``run_flight`` with scripted replies; the property test holds the
+read's verdict to the script's rule (``record_state`` with the key's real PTTL) for every
+record a lease can store; the rest run against a real redis-server: what a hit sends, a
+record of an older lease written back, an ACL without MGET, the adaptive reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import given
+from hypothesis import strategies as st
+from test_protocol import Driver, codec, make_spec, record_for
+
+from dedupe import SingleFlight
+from dedupe.core.keys import names_for
+from dedupe.core.protocol import (
+    LEAD,
+    Acquire,
+    Acquired,
+    Discard,
+    Looked,
+    Read,
+    ReadRefused,
+    Reads,
+)
+from dedupe.core.record import counter_value, record_state
+from dedupe.errors import BackendUnavailable
+from devtools.servers import RedisServer
+
+pytestmark = pytest.mark.timeout(60)
+
+TOKEN = 1_700_000_000_000_000  # a lease's token: its grant, in µs of the server's clock
+GRANTED_MS = TOKEN // 1000
+
+
+def reading(**spec: Any) -> Driver:
+    d = Driver(make_spec(reads=Reads(), **spec))
+    assert d.command == Read()
+    return d
+
+
+# --------------------------------------------------------------------------- sans-I/O
+
+
+def test_a_fresh_current_value_is_served_from_the_read_alone() -> None:
+    d = reading()
+    record = record_for("v", token=TOKEN, keep_ms=1_000)
+    assert d.send(Looked(record, counter_value(TOKEN), GRANTED_MS + 400)) is None
+    assert d.result is not None and d.result.role == "kept" and d.result.token == TOKEN
+    assert d.outcome.value == "v"
+    assert d.outcome.fresh_ms == 600  # by the server's clock: the grant + keep - now
+    assert [type(c) for c in d.commands] == [Read]
+
+
+def test_a_value_kept_as_the_base_of_a_running_refresh_is_served() -> None:
+    d = reading()
+    record = record_for("v", token=TOKEN, keep_ms=1_000)
+    assert d.send(Looked(record, counter_value(TOKEN + 5, TOKEN), GRANTED_MS + 10)) is None
+    assert d.outcome.value == "v"
+
+
+@pytest.mark.parametrize(
+    ("counter", "now_ms", "why"),
+    [
+        (counter_value(TOKEN + 5), GRANTED_MS + 10, "a newer lease: the record is not current"),
+        (None, GRANTED_MS + 10, "no counter: nothing names the record"),
+        (b"junk", GRANTED_MS + 10, "a counter that is not ours"),
+        (counter_value(TOKEN), GRANTED_MS + 1_000, "past its freshness by the server's clock"),
+    ],
+)
+def test_a_record_the_script_would_not_serve_fresh_goes_to_the_script(
+    counter: bytes | None, now_ms: int, why: str
+) -> None:
+    d = reading()
+    record = record_for("old", token=TOKEN, keep_ms=1_000)
+    assert d.send(Looked(record, counter, now_ms)) == Acquire(""), why
+    assert d.send(Acquired(LEAD, token=TOKEN + 9)) is not None  # leads, as without the read
+
+
+def test_a_miss_an_error_record_and_a_non_record_go_to_the_script() -> None:
+    error = record_for(error=ValueError("e"), token=TOKEN, keep_ms=0)  # as a lease stores one
+    for record in (None, b"not a record", error):
+        d = reading()
+        assert d.send(Looked(record, counter_value(TOKEN), GRANTED_MS)) == Acquire("")
+
+
+def test_a_forged_record_is_rejected_dropped_and_left_to_the_script() -> None:
+    d = Driver(make_spec(reads=Reads()), codec_=codec(b"the-real-secret-of-this-test"))
+    forged = record_for("forged", token=TOKEN, c=codec(b"an-attackers-secret-key-here"))
+    assert d.send(Looked(forged, counter_value(TOKEN), GRANTED_MS)) == Discard(forged)
+    assert [n.kind for n in d.notes] == ["rejected"]
+    assert d.send(None) == Acquire("")
+
+
+def test_a_refused_read_goes_to_the_script_and_an_outage_is_raised() -> None:
+    d = reading()
+    assert d.throw(ReadRefused("NOPERM this user has no permissions to run 'mget'")) == Acquire("")
+    d = reading()
+    with pytest.raises(BackendUnavailable):
+        d.throw(BackendUnavailable("down"))
+
+
+def test_reads_stop_once_misses_spent_their_credit_and_probe_until_one_hits() -> None:
+    reads = Reads()
+    for _ in range(Reads.START):
+        assert reads.wanted()
+        reads.saw(False)
+    tried = [reads.wanted() for _ in range(3 * Reads.PROBE)]
+    assert tried.count(True) == 3  # one probe in every PROBE flights
+    assert tried.index(True) == Reads.PROBE - 1
+    reads.saw(True)  # a probe that hits earns credit: reads go first again
+    assert all(reads.wanted() for _ in range(10))
+
+
+def test_reads_go_on_while_one_in_five_hits() -> None:
+    reads = Reads()
+    for _ in range(200):  # a hit, then four misses, over and over: the reads pay
+        for hit in (True, False, False, False, False):
+            assert reads.wanted()
+            reads.saw(hit)
+    for _ in range(Reads.CAP):  # misses only: the credit runs out, capped, and reads stop
+        reads.wanted()
+        reads.saw(False)
+    assert not reads.wanted()
+
+
+def test_no_read_without_a_policy() -> None:
+    assert Driver(make_spec()).command == Acquire("")
+
+
+@given(
+    keep=st.integers(1, 10**7),
+    run=st.integers(0, 10**6),  # from the grant to the write
+    age=st.integers(0, 2 * 10**7),  # from the write to the read
+    extra_ttl=st.integers(0, 10**7),
+    counter=st.sampled_from(["own", "base", "newer", "none"]),
+)
+def test_the_reads_verdict_is_the_scripts_for_every_record_a_lease_stores(
+    keep: int, run: int, age: int, extra_ttl: int, counter: str
+) -> None:
+    """For a record written after its grant, with the life it was written with: the read's
+    verdict (no PTTL) is the script's (the key's real PTTL), fresh or not, to the ms."""
+    ttl = keep + extra_ttl
+    if age >= ttl:
+        return  # expired: MGET and the script both find no key
+    now = GRANTED_MS + run + age
+    pttl = ttl - age
+    c = {
+        "own": counter_value(TOKEN),
+        "base": counter_value(TOKEN + 7, TOKEN),
+        "newer": counter_value(TOKEN + 7),
+        "none": None,
+    }[counter]
+    script = record_state(TOKEN, keep, ttl, pttl, c, now)
+    read = record_state(TOKEN, keep, ttl, ttl, c, now)
+    script_fresh = script is not None and script.fresh_ms > 0
+    read_fresh = read is not None and read.fresh_ms > 0
+    assert read_fresh == script_fresh
+    if read_fresh:
+        assert read is not None and script is not None and read.fresh_ms == script.fresh_ms
+
+
+# --------------------------------------------------------------------------- real Redis
+
+
+def _calls(client: redis.Redis) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in client.info("commandstats").items()}
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer().start()  # its own: the tests count every command it runs
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_a_hit_sends_mget_and_time_and_no_script(server: RedisServer) -> None:
+    client = server.client()
+    sf = SingleFlight(server.url, prefix=f"t{uuid.uuid4().hex[:6]}", result_ttl=30)
+    runs: list[int] = []
+
+    @sf(key="h:{x}")
+    def get(x: int) -> dict[str, int]:
+        runs.append(x)
+        return {"x": x}
+
+    @sf(key="a:{x}")
+    async def aget(x: int) -> list[int]:
+        runs.append(x)
+        return [x]
+
+    async def async_hits() -> None:
+        for _ in range(10):
+            assert await aget(2) == [2]
+
+    try:
+        assert get(1) == {"x": 1}
+        asyncio.run(aget(2))
+        client.config_resetstat()
+        for _ in range(10):
+            assert get(1) == {"x": 1}
+        asyncio.run(async_hits())
+        calls = _calls(client)
+        for handshake in ("config|resetstat", "hello", "client|setname"):  # a new connection's
+            calls.pop(handshake, None)
+        assert calls == {"mget": 20, "time": 20}, calls
+        assert runs == [1, 2]
+    finally:
+        sf.close()
+        client.close()
+
+
+def test_an_older_record_written_back_is_refused_by_the_read(server: RedisServer) -> None:
+    """T1's record, captured, is written back with a fresh life over T2's: the read (the
+    counter names T2) refuses it, and so does the script (T2's record is gone), so a new
+    run: never T1's value."""
+    client = server.client()
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    sf = SingleFlight(server.url, prefix=prefix, result_ttl=30, secret="s" * 32)
+    names = names_for(prefix, "job")
+    try:
+        assert sf.call("job", lambda: "T1") == "T1"
+        old = client.get(names.result)
+        assert old is not None
+        assert sf.forget("job")
+        assert sf.call("job", lambda: "T2") == "T2"
+        client.set(names.result, old, px=30_000)  # T1's genuine record, back
+        client.config_resetstat()
+        served = sf.call_detailed("job", lambda: "T3")
+        assert served.value == "T3" and served.role == "leader"
+        assert _calls(client).get("mget") == 1  # the read ran first, and refused it
+        assert sf.call("job", lambda: "T4") == "T3"  # T3's own record: a hit
+    finally:
+        sf.close()
+        client.close()
+
+
+def test_a_user_without_mget_is_served_through_the_script(server: RedisServer) -> None:
+    admin = server.client()
+    admin.execute_command(
+        "ACL", "SETUSER", "nomget", "on", ">pw-of-the-test", "~*", "&*", "+@all", "-mget"
+    )
+    url = server.url.replace("redis://", "redis://nomget:pw-of-the-test@")
+    sf = SingleFlight(url, prefix=f"t{uuid.uuid4().hex[:6]}", result_ttl=30)
+    runs: list[int] = []
+
+    def job() -> int:
+        runs.append(1)
+        return 42
+
+    try:
+        assert sf.call("j", job) == 42
+        admin.config_resetstat()
+        for _ in range(40):
+            assert sf.call("j", job) == 42
+        stats = admin.info("commandstats")
+        assert runs == [1]
+        assert stats["cmdstat_evalsha"]["calls"] == 40  # every hit through the script
+        # Refused reads count as misses (the first call's was one): after Reads.START of
+        # them (no hit earned any credit), one probe per PROBE flights.
+        denied = stats["cmdstat_mget"]["rejected_calls"]
+        left = Reads.START - 1
+        assert denied == left + (40 - left) // Reads.PROBE, stats
+    finally:
+        sf.close()
+        admin.close()
+
+
+def test_reads_stop_for_a_function_whose_reads_miss(server: RedisServer) -> None:
+    client = server.client()
+    sf = SingleFlight(server.url, prefix=f"t{uuid.uuid4().hex[:6]}", result_ttl=30)
+    try:
+        client.config_resetstat()
+        for i in range(100):  # every key new: every read would miss
+            assert sf.call(f"k{i}", lambda i=i: i) == i
+        calls = _calls(client)
+        assert calls["evalsha"] == 200  # acquire and complete each
+        assert calls["mget"] == Reads.START + (100 - Reads.START) // Reads.PROBE, calls
+    finally:
+        sf.close()
+        client.close()
+
+
+@pytest.mark.cluster
+def test_a_hit_on_a_cluster_reads_on_the_slots_node(redis_cluster: Any, prefix: str) -> None:
+    """Through the Cluster client the read is a one-line script of the same MGET and TIME,
+    on the node that owns the job's slot: hits of sync and asyncio callers, one run."""
+    host, port = redis_cluster.startup_nodes[0]
+    sf = SingleFlight(f"redis+cluster://{host}:{port}", prefix=prefix, result_ttl=30)
+    nodes = [s.client() for s in redis_cluster.servers]
+    runs: list[int] = []
+
+    @sf(key="c:{x}")
+    def get(x: int) -> int:
+        runs.append(x)
+        return x
+
+    @sf(key="c:{x}")
+    async def aget(x: int) -> int:
+        runs.append(x)
+        return x
+
+    async def async_hits() -> None:
+        for _ in range(5):
+            assert await aget(7) == 7
+
+    try:
+        assert get(7) == 7
+        asyncio.run(aget(7))
+        for node in nodes:
+            node.config_resetstat()
+        for _ in range(5):
+            assert get(7) == 7
+        asyncio.run(async_hits())
+        mget = sum(n.info("commandstats").get("cmdstat_mget", {}).get("calls", 0) for n in nodes)
+        assert runs == [7, 7]  # a sync and an async function, one run each
+        assert mget == 10  # every hit read, in its script, on its slot's node
+    finally:
+        sf.close()
+        for node in nodes:
+            node.close()
