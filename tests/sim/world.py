@@ -1569,11 +1569,12 @@ class FlightRun:
             if name == "Complete" and self.lease is not None:
                 self.lease.real.completing = True  # as Renewer.completing()
             acquire = name == "Acquire"
+            # Before any lease (Acquire, Read) a sync caller's wait for a command slot is
+            # bounded by its wait_timeout, as in the sync driver.
+            before_lease = acquire or name == "Read"
             w.script(self.proc, sc, lambda raw, err: self._scripted(cmd, raw, err),
                      stamp=self.shim.stamp if acquire else None,
-                     # Before any lease (Acquire, Read) a sync caller's wait for a command
-                     # slot is bounded by its wait_timeout, as in the sync driver.
-                     deadline=self.spec.deadline if acquire or name == "Read" else None)  # fmt: skip
+                     deadline=self.spec.deadline if before_lease else None)  # fmt: skip
             return None
         bound = self.spec.lock_ttl_ms / 1000 + self.spec.slack(self.spec.lock_ttl_ms) + 1e-6
         if name == "Wait":
