@@ -54,7 +54,6 @@ from dedupe.core.record import (
     NOTICE_ABORTED,
     NOTICE_STALE,
     NOTICE_STORED,
-    header_of,
     lock_value,
     parse_lock,
 )
@@ -658,14 +657,14 @@ def _lead(
             return done
         # Fresh for result_ttl after the run: sealed as keep since the grant (the token's
         # time), so that a record written back later can never pass for fresh.
-        run_ms = max(0, round((clock() - sent) * 1000))
+        sealing = clock()  # the run's end, and the seal's start
+        run_ms = max(0, round((sealing - sent) * 1000))
         window = max(spec.stale_ms, spec.error_ms) if outcome.error is None else 0
         kept = spec.result_ttl_ms or window
         keep = max(1, spec.result_ttl_ms + run_ms) if outcome.error is None and kept else 0
         # In Redis for its freshness and the longest stale window after it.
         ttl = max(spec.result_ttl_ms + window, spec.grace_ms)
-        sealing = clock()
-        record = codec.seal(
+        record, sealed_keep = codec.seal_kept(
             outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl, trace=trace,
             shape=spec.shape,
         )  # fmt: skip
@@ -681,7 +680,7 @@ def _lead(
                 token,
             )
         # seal keeps nothing fresh of an outcome that other processes could not read.
-        keep = min(spec.result_ttl_ms, header_of(record).keep_ms)
+        keep = min(spec.result_ttl_ms, sealed_keep)
         message = b""
         if len(record) > spec.inline_max_bytes:
             message = codec.notice(NOTICE_STORED, channel=channel, token=token)
