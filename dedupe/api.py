@@ -261,8 +261,12 @@ class SingleFlight:
         detail: bool = False,
         shape: Shape | None = None,
     ) -> Any:
-        backend = self.backend()
-        names = self._names(job_id)
+        backend = self._backend or self.backend()
+        # The remembered names of a recent job inline (a hot key's path), else _names.
+        settings, table = self._recent
+        names = table.get(job_id) if settings is self._settings else None
+        if names is None:
+            names = self._names(job_id)
         if backend.local_copies is not None and not (detail or events.enabled):
             hit, value = copy_hit(backend, names)  # the call's first step, without the machine
             if hit:
@@ -282,8 +286,12 @@ class SingleFlight:
         detail: bool = False,
         shape: Shape | None = None,
     ) -> Any:
-        backend = self.backend()
-        names = self._names(job_id)
+        backend = self._backend or self.backend()
+        # The remembered names of a recent job inline (a hot key's path), else _names.
+        settings, table = self._recent
+        names = table.get(job_id) if settings is self._settings else None
+        if names is None:
+            names = self._names(job_id)
         if backend.local_copies is not None and not (detail or events.enabled):
             hit, value = copy_hit(backend, names)  # the call's first step, without the machine
             if hit:

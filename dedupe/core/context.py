@@ -8,12 +8,20 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Final
 
 from dedupe.core.leases import LostSignal
 from dedupe.errors import LeaseLost, ReentrantFlight
 
-__all__ = ["BatchFlight", "Flight", "check_reentry", "current_flight", "leading", "leading_many"]
+__all__ = [
+    "BatchFlight",
+    "Flight",
+    "check_reentry",
+    "current_flight",
+    "leading",
+    "leading_keys",
+    "leading_many",
+]
 
 
 class Flight:
@@ -120,6 +128,7 @@ class BatchFlight(Flight):
 
 _current: ContextVar[Flight | None] = ContextVar("dedupe_flight", default=None)
 _leading: ContextVar[frozenset[str]] = ContextVar("dedupe_leading", default=frozenset())
+leading_keys: Final = _leading  # the keys this context leads (read by call.copy_hit inline)
 
 
 def current_flight() -> Flight | None:
