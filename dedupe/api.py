@@ -34,6 +34,7 @@ from dedupe.core.inflight import InFlightInfo, Served
 from dedupe.core.keys import (
     Names,
     batch_keys,
+    checked_names,
     key_builder,
     names_for,
     validate_job_id,
@@ -243,7 +244,7 @@ class SingleFlight:
                 return names
         else:
             self._recent = settings, table = self._settings, {}
-        names = names_for(settings.prefix, job_id)
+        names = checked_names(settings.prefix, job_id)  # both checked: the settings, the call
         if len(table) >= _RECENT_NAMES:
             table.clear()
         table[job_id] = names

@@ -25,6 +25,7 @@ __all__ = [
     "Names",
     "args_digest",
     "batch_keys",
+    "checked_names",
     "function_name",
     "key_builder",
     "module_name",
@@ -83,9 +84,17 @@ def _tag(job_id: str) -> str:
 
 def names_for(prefix: str, job_id: str) -> Names:
     validate_prefix(prefix)
-    tag = _tag(validate_job_id(job_id))
-    base = f"{prefix}:{{{tag}}}"
-    return Names(job_id, f"{base}:lock", f"{base}:token", f"{base}:result", base, f"{base}:error")
+    return checked_names(prefix, validate_job_id(job_id))
+
+
+def checked_names(prefix: str, job_id: str) -> Names:
+    """``names_for`` of a prefix and a job id already validated (the settings' prefix, an id
+    a call has checked): the per-call path, with no checks made twice."""
+    base = f"{prefix}:{{{_tag(job_id)}}}"
+    # tuple.__new__: what Names(...) runs, without its Python-level __new__.
+    return tuple.__new__(
+        Names, (job_id, f"{base}:lock", f"{base}:token", f"{base}:result", base, f"{base}:error")
+    )
 
 
 # --- canonical encoding of arguments -------------------------------------------------------
