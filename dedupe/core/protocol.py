@@ -657,13 +657,20 @@ def _lead(
             return done
         # Fresh for result_ttl after the run: sealed as keep since the grant (the token's
         # time), so that a record written back later can never pass for fresh.
+        # (Comparisons, not min() and max(): each of those parses its arguments for keywords,
+        # some 600 instructions a call, on every flight.)
         sealing = clock()  # the run's end, and the seal's start
-        run_ms = max(0, round((sealing - sent) * 1000))
-        window = max(spec.stale_ms, spec.error_ms) if outcome.error is None else 0
+        run_ms = round((sealing - sent) * 1000)
+        if run_ms < 0:
+            run_ms = 0
+        value = outcome.error is None
+        window = (spec.stale_ms if spec.stale_ms > spec.error_ms else spec.error_ms) if value else 0
         kept = spec.result_ttl_ms or window
-        keep = max(1, spec.result_ttl_ms + run_ms) if outcome.error is None and kept else 0
+        keep = ((spec.result_ttl_ms + run_ms) or 1) if value and kept else 0  # both >= 0
         # In Redis for its freshness and the longest stale window after it.
-        ttl = max(spec.result_ttl_ms + window, spec.grace_ms)
+        ttl = spec.result_ttl_ms + window
+        if ttl < spec.grace_ms:
+            ttl = spec.grace_ms
         record, sealed_keep = codec.seal_kept(
             outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl, trace=trace,
             shape=spec.shape,
@@ -680,7 +687,7 @@ def _lead(
                 token,
             )
         # seal keeps nothing fresh of an outcome that other processes could not read.
-        keep = min(spec.result_ttl_ms, sealed_keep)
+        keep = sealed_keep if sealed_keep < spec.result_ttl_ms else spec.result_ttl_ms
         message = b""
         if len(record) > spec.inline_max_bytes:
             message = codec.notice(NOTICE_STORED, channel=channel, token=token)
