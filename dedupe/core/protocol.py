@@ -426,7 +426,8 @@ def run_flight(
     while True:
         asked = clock()
         try:
-            reply = yield Acquire(str(floor) if floor else "", _draw(spec, rand), after_error)
+            early = _draw(spec, rand) if spec.early_refresh else 0
+            reply = yield Acquire(str(floor) if floor else "", early, after_error)
         except Unanswered as unanswered:
             lost: BaseException | None = unanswered.error
         else:
@@ -650,7 +651,7 @@ def _lead(
         and spec.replaceable(error, fallback.outcome.fresh_ms > 0)
     )
     try:
-        if is_abort(outcome.error):
+        if error is not None and not isinstance(error, Exception):  # is_abort, inline
             # Nothing to keep; tell the followers at once so one of them takes over.
             notice = codec.notice(NOTICE_ABORTED, channel=channel, token=token)
             yield Complete(lock, b"", 0, notice, token)
