@@ -239,6 +239,9 @@ class Codec:
         # pickle carries its own types, and a custom serializer its own way of them.
         self._shaped = self.serializer is SAFE or self.serializer is JSON
         self.max_payload_bytes = max_payload_bytes
+        # The envelope head of each kind with no trace (every record when no tracer
+        # listens), made once. No lock: a race only makes one twice.
+        self._bare_heads: dict[int, bytes] = {}
         self._lock = threading.Lock()  # guards rejected and _warned; a leaf
         # Inputs refused (bad signature, malformed, foreign): never decoded; and values that
         # misfit this process's annotation (ResultInvalid): never built.
@@ -324,7 +327,11 @@ class Codec:
         if kind != KIND_VALUE:
             keep_ms = 0
         header = record.header(token, keep_ms, ttl_ms)
-        head = self._head(kind, trace)
+        head = None if trace else self._bare_heads.get(kind)
+        if head is None:
+            head = self._head(kind, trace)
+            if not trace:
+                self._bare_heads[kind] = head
         if not self._macs:
             return header + head + body, keep_ms
         mac = self._mac(_RECORD_DOMAIN, channel, header, head, body)
