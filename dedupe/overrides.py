@@ -115,44 +115,26 @@ def spec_maker(
 ) -> Callable[[float | None, float | None], FlightSpec]:
     """The FlightSpec of each flight of one job: its parameters, its owner, its deadlines."""
 
-    fields = _SPEC_FIELDS.get(p)
-    if fields is None:
-        if len(_SPEC_FIELDS) >= _MAX_SPEC_FIELDS:
-            _SPEC_FIELDS.clear()
-        fields = _SPEC_FIELDS[p] = _spec_fields(p)
-
     def make(deadline: float | None, soft_deadline: float | None) -> FlightSpec:
         return FlightSpec(
             names=names,
             owner=backend.owner(),
             deadline=deadline,
+            lock_ttl_ms=p.lock_ttl_ms,
+            token_ttl_ms=p.token_ttl_ms,
+            result_ttl_ms=p.result_ttl_ms,
+            grace_ms=p.grace_ms,
+            inline_max_bytes=p.inline_max_bytes,
+            min_replicas=p.min_replicas,
+            replica_timeout_ms=p.replica_timeout_ms,
+            max_hold_ms=p.max_hold_ms,
+            stale_ms=p.stale_ms,
+            error_ms=p.error_ms,
+            backoff_ms=p.backoff_ms,
+            early_refresh=p.early_refresh,
             soft_deadline=soft_deadline,
+            answers=p.answers,
             shape=shape,
-            **fields,
         )
 
     return make
-
-
-# The FlightSpec fields of each FlightParams, by value: one dict merged in C per flight, not
-# fifteen attributes read and passed by name. No lock: a race only works one out twice.
-_SPEC_FIELDS: dict[FlightParams, dict[str, Any]] = {}
-_MAX_SPEC_FIELDS: Final = 256  # more distinct parameter sets than that: start afresh
-
-
-def _spec_fields(p: FlightParams) -> dict[str, Any]:
-    return {
-        "lock_ttl_ms": p.lock_ttl_ms,
-        "token_ttl_ms": p.token_ttl_ms,
-        "result_ttl_ms": p.result_ttl_ms,
-        "grace_ms": p.grace_ms,
-        "inline_max_bytes": p.inline_max_bytes,
-        "min_replicas": p.min_replicas,
-        "replica_timeout_ms": p.replica_timeout_ms,
-        "max_hold_ms": p.max_hold_ms,
-        "stale_ms": p.stale_ms,
-        "error_ms": p.error_ms,
-        "backoff_ms": p.backoff_ms,
-        "early_refresh": p.early_refresh,
-        "answers": p.answers,
-    }
