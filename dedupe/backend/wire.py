@@ -46,20 +46,15 @@ def pack(call: ScriptCall, *, by_sha: bool = True) -> list[bytes]:
     script = call.script
     keys, args = call.keys, call.args
     # A bytes format costs about a thousand instructions: what repeats is packed once (the
-    # head of each script, a job's keys, sent twice a flight, the ttls), the rest each time.
+    # head of each script, the ttls), the rest each time.
     head = _HEADS.get((script.sha, by_sha, len(keys), len(args)))
     if head is None:
         head = _packed_head(script, by_sha, len(keys), len(args))
     parts = [head]
-    if len(_KEYS) >= _MAX_PACKED:
-        _KEYS.clear()
     # Loops, not a call per argument: keys are text (UTF-8), arguments text, ints or bytes.
     for key in keys:
-        packed = _KEYS.get(key)
-        if packed is None:  # inline: a new job's keys are new once a flight
-            data = key.encode()
-            packed = _KEYS[key] = b"$%d\r\n%b\r\n" % (len(data), data)
-        parts.append(packed)
+        data = key.encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     for arg in args:
         if type(arg) is int:
             packed = _INTS.get(arg)
@@ -74,10 +69,9 @@ def pack(call: ScriptCall, *, by_sha: bool = True) -> list[bytes]:
     return [b"".join(parts)]
 
 
-# What pack packed before, by what it was made of; each bounded (cleared when full: a burst
-# of new keys costs what it did before). No lock: a race only packs one twice.
+# What pack packed before, by what it was made of; each bounded (cleared when full). No
+# lock: a race only packs one twice.
 _HEADS: dict[tuple[str, bool, int, int], bytes] = {}  # (sha, by_sha, keys, args) -> head
-_KEYS: dict[str, bytes] = {}  # the keys of recent jobs
 _INTS: dict[int, bytes] = {}  # ttls and windows: a handful per process
 _MAX_PACKED = 1024
 _EMPTY = b"$0\r\n\r\n"
