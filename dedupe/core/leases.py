@@ -214,13 +214,15 @@ class Lease:
         loop: asyncio.AbstractEventLoop | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        # A lease is made for every flight that leads: what follows from its ttl alone is
-        # worked out once per ttl (a handful per process).
-        terms = _TERMS.get(ttl)
-        if terms is None:
-            terms = _terms(ttl)
-        margin, interval, ttl_ms = terms
+        if not ttl > 0:
+            raise ValueError(f"a lease's ttl must be positive, not {ttl!r}")
+        # Plain arithmetic, no calls: a lease is made for every flight that leads.
         start = clock() if acquired_at is None else acquired_at
+        margin = ttl * 0.05  # lease_margin(ttl), inlined
+        if margin < 0.010:
+            margin = 0.010
+        if margin > ttl / 3:
+            margin = ttl / 3
         if max_hold is None:
             hold_until = math.inf
         elif max_hold > 0:
@@ -233,8 +235,8 @@ class Lease:
         self.lock_key = lock_key
         self.value = value
         self.ttl = ttl
-        self.ttl_ms = ttl_ms
-        self.interval = interval
+        self.ttl_ms = int(ttl * 1000 + 0.5) or 1
+        self.interval = ttl / 3
         self.margin = margin
         self.max_hold = max_hold
         self.hold_until = hold_until
@@ -248,25 +250,11 @@ class Lease:
         self.completing = False
         # Under the lock of the Renewer that carries its LeaseBook:
         self.sent_at = start  # send time of the last confirmed renewal (or of the acquire)
-        self._next = start + interval  # when to send the next renewal
+        self._next = start + self.interval  # when to send the next renewal
         self._busy = False  # queued at or in flight with a worker
         self._entry = 0  # sequence number of this lease's one live heap entry (0: none)
         self._error: str | None = None  # the last renewal error, until a renewal succeeds
         self._reported = False  # its loss was counted and logged (once)
-
-
-# ttl -> (margin, interval, ttl_ms) of a Lease; bounded. No lock: a race only works one out
-# twice.
-_TERMS: dict[float, tuple[float, float, int]] = {}
-
-
-def _terms(ttl: float) -> tuple[float, float, int]:
-    if not ttl > 0:
-        raise ValueError(f"a lease's ttl must be positive, not {ttl!r}")
-    if len(_TERMS) >= 256:
-        _TERMS.clear()
-    terms = _TERMS[ttl] = (lease_margin(ttl), ttl / 3, int(ttl * 1000 + 0.5) or 1)
-    return terms
 
 
 _LOGS_PER_SECOND: Final = 20
