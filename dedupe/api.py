@@ -34,6 +34,7 @@ from dedupe.core.inflight import InFlightInfo, Served
 from dedupe.core.keys import (
     Names,
     batch_keys,
+    checked_names,
     key_builder,
     names_for,
     validate_job_id,
@@ -253,7 +254,7 @@ class SingleFlight:
                 return names
         else:
             self._recent = settings, table = self._settings, {}
-        names = names_for(settings.prefix, job_id)
+        names = checked_names(settings.prefix, job_id)  # both checked: the settings, the call
         if len(table) >= _RECENT_NAMES:
             table.clear()
         table[job_id] = names
@@ -271,8 +272,12 @@ class SingleFlight:
         detail: bool = False,
         shape: Shape | None = None,
     ) -> Any:
-        backend = self.backend()
-        names = self._names(job_id)
+        backend = self._backend or self.backend()
+        # The remembered names of a recent job inline (a hot key's path), else _names.
+        settings, table = self._recent
+        names = table.get(job_id) if settings is self._settings else None
+        if names is None:
+            names = self._names(job_id)
         if backend.local_copies is not None and not (detail or events.enabled):
             hit, value = copy_hit(backend, names)  # the call's first step, without the machine
             if hit:
@@ -297,8 +302,12 @@ class SingleFlight:
         it is done now, when the call is made; what it raises is raised when it is awaited,
         as before."""
         try:
-            backend = self.backend()
-            names = self._names(job_id)
+            backend = self._backend or self.backend()
+            # The remembered names of a recent job inline (a hot key's path), else _names.
+            settings, table = self._recent
+            names = table.get(job_id) if settings is self._settings else None
+            if names is None:
+                names = self._names(job_id)
             if backend.local_copies is not None and not (detail or events.enabled):
                 hit, value = copy_hit(backend, names)  # the call's first step, no machine
                 if hit:

@@ -134,8 +134,10 @@ class Flown:
         kwargs: dict[str, Any],
         detail: bool,
     ) -> Any:
-        job_id = self.job_id(instance, args, kwargs)
-        shape = self.shape_of(wrapped)
+        job_id = self.builder(args if instance is None else (instance, *args), kwargs)
+        shape: Any = self.shape
+        if shape is UNRESOLVED:
+            shape = self.shape_of(wrapped)
         if self.is_async:
             coro = self.sf._run_async(job_id, self.overrides, wrapped, args, kwargs, detail, shape)
             return named(coro, wrapped)
@@ -204,6 +206,17 @@ class FlightFunctionWrapper(ByReference, wrapt.FunctionWrapper[..., Any]):
     def __init__(self, wrapped: Callable[..., Any], flown: Flown) -> None:
         super().__init__(wrapped, wrapper_for(flown, wrapped))
         self._self_flown = flown
+        # What wrapt's own call passes as the instance: a bound method's __self__. Looked up
+        # once here; wrapt looks it up on every call, and a plain function's missing
+        # __self__ raised and cleared an AttributeError each time (some 2k instructions).
+        self._self_bound_to = (
+            getattr(wrapped, "__self__", None)
+            if self._self_binding in ("function", "instancemethod", "callable", "classmethod")
+            else None
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._self_flown.run(self.__wrapped__, self._self_bound_to, args, kwargs, False)
 
     def job_id(self, *args: Any, **kwargs: Any) -> str:
         return self._self_flown.job_id(None, args, kwargs)

@@ -135,7 +135,7 @@ def complete_call(spec: FlightSpec, cmd: Complete, publish: str) -> ScriptCall:
     script = COMPLETE_SHARDED if publish == "SPUBLISH" else COMPLETE
     keys = (c + LOCK, c + RESULT, c + TOKEN, c + ERROR)
     args: tuple[str | bytes | int, ...] = (
-        cmd.lock_value, cmd.record, max(1, cmd.record_ttl_ms), cmd.message
+        cmd.lock_value, cmd.record, cmd.record_ttl_ms if cmd.record_ttl_ms > 1 else 1, cmd.message
     )  # fmt: skip
     if spec.caching:
         fallback = cmd.fallback or ""

@@ -130,7 +130,9 @@ class Transport:
         caller's wait_timeout, on time.monotonic: then WaitTimeout)."""
         timeout = self.queue_timeout
         if deadline is not None:
-            timeout = min(timeout, max(0.0, deadline - time.monotonic()))
+            left = deadline - time.monotonic()  # (not min/max: a keyword parse each)
+            if left < timeout:
+                timeout = left if left > 0.0 else 0.0
         try:
             self._sync_slots.get(timeout=timeout)
         except queue.Empty:

@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from dedupe.backend.commands import READ, ScriptCall, Stamp
+from dedupe.backend.commands import READ, Script, ScriptCall, Stamp
 
 __all__ = ["AsyncWire", "SyncWire", "pack", "pack_many", "retry_left", "wire_ready"]
 
@@ -51,26 +51,59 @@ def pack(call: ScriptCall, *, by_sha: bool = True) -> list[bytes]:
             b"*3\r\n$4\r\nMGET\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n*1\r\n$4\r\nTIME\r\n"
             % (len(a), a, len(b), b)
         ]
-    numkeys = b"%d" % len(keys)
-    parts = [
-        b"*%d\r\n%b$%d\r\n%b\r\n"
-        % (
-            3 + len(keys) + len(args),
-            script.evalsha_head if by_sha else script.eval_head,
-            len(numkeys),
-            numkeys,
-        )
-    ]
+    # A bytes format costs about a thousand instructions: what repeats is packed once (the
+    # head of each script, the ttls), the rest each time.
+    head = _HEADS.get((script.sha, by_sha, len(keys), len(args)))
+    if head is None:
+        head = _packed_head(script, by_sha, len(keys), len(args))
+    parts = [head]
     # Loops, not a call per argument: keys are text (UTF-8), arguments text, ints or bytes.
     for key in keys:
         data = key.encode()
         parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
     for arg in args:
+        if type(arg) is int:
+            packed = _INTS.get(arg)
+            if packed is None:
+                packed = _packed_int(arg)
+            parts.append(packed)
+            continue
         data = (
             arg.encode() if isinstance(arg, str) else b"%d" % arg if isinstance(arg, int) else arg
         )
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data) if data else _EMPTY)
     return [b"".join(parts)]
+
+
+# What pack packed before, by what it was made of; each bounded (cleared when full). No
+# lock: a race only packs one twice.
+_HEADS: dict[tuple[str, bool, int, int], bytes] = {}  # (sha, by_sha, keys, args) -> head
+_INTS: dict[int, bytes] = {}  # ttls and windows: a handful per process
+_MAX_PACKED = 1024
+_EMPTY = b"$0\r\n\r\n"
+
+
+def _packed_head(script: Script, by_sha: bool, nkeys: int, nargs: int) -> bytes:
+    numkeys = b"%d" % nkeys
+    head = b"*%d\r\n%b$%d\r\n%b\r\n" % (
+        3 + nkeys + nargs,
+        script.evalsha_head if by_sha else script.eval_head,
+        len(numkeys),
+        numkeys,
+    )
+    return _keep(_HEADS, (script.sha, by_sha, nkeys, nargs), head)
+
+
+def _packed_int(arg: int) -> bytes:
+    data = b"%d" % arg
+    return _keep(_INTS, arg, b"$%d\r\n%b\r\n" % (len(data), data))
+
+
+def _keep(table: dict[Any, bytes], what: Any, packed: bytes) -> bytes:
+    if len(table) >= _MAX_PACKED:
+        table.clear()
+    table[what] = packed
+    return packed
 
 
 def pack_many(calls: Sequence[ScriptCall], *, by_sha: bool = True) -> list[bytes]:

@@ -54,7 +54,7 @@ import dataclasses
 from collections.abc import Callable, Generator
 from typing import Any, Final, NamedTuple, Protocol, TypeAlias
 
-from dedupe.core.context import check_reentry
+from dedupe.core.context import check_reentry, leading_state
 from dedupe.core.inflight import RETRY, Entry, InFlight, Served
 from dedupe.core.keys import Names
 from dedupe.core.protocol import Finished, is_abort
@@ -166,9 +166,11 @@ def copy_hit(env: CallEnv, names: Names) -> tuple[bool, Any]:
     ReentrantFlight first, copy or not. run_call takes this step itself; a driver may take it
     before starting the machine (the hot path of a cache: no generator, no flight), when it
     needs no Served and no events."""
-    check_reentry(names.channel, names.job_id)
+    key = names.channel
+    if leading_state.get() is not None:  # inside a leader's function: is it this key?
+        check_reentry(key, names.job_id)
     copies = env.local_copies
-    return _MISS if copies is None else copies.get(names.channel)
+    return _MISS if copies is None else copies.get(key)
 
 
 # --- the call ---------------------------------------------------------------------------------

@@ -8,12 +8,20 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Final
 
 from dedupe.core.leases import LostSignal
 from dedupe.errors import LeaseLost, ReentrantFlight
 
-__all__ = ["BatchFlight", "Flight", "check_reentry", "current_flight", "leading", "leading_many"]
+__all__ = [
+    "BatchFlight",
+    "Flight",
+    "check_reentry",
+    "current_flight",
+    "leading",
+    "leading_many",
+    "leading_state",
+]
 
 
 class Flight:
@@ -142,6 +150,7 @@ class _Leads:
 
 # The innermost lead of the running context (None outside one); each links the one outside.
 _state: ContextVar[_Leads | None] = ContextVar("dedupe_leading", default=None)
+leading_state: Final = _state  # read by call.copy_hit inline: None outside any lead
 
 
 def current_flight() -> Flight | None:

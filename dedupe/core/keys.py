@@ -25,6 +25,7 @@ __all__ = [
     "Names",
     "args_digest",
     "batch_keys",
+    "checked_names",
     "function_name",
     "key_builder",
     "module_name",
@@ -113,8 +114,14 @@ def _tag(job_id: str) -> str:
 
 def names_for(prefix: str, job_id: str) -> Names:
     validate_prefix(prefix)
-    tag = _tag(validate_job_id(job_id))
-    return Names(job_id, f"{prefix}:{{{tag}}}")
+    return checked_names(prefix, validate_job_id(job_id))
+
+
+def checked_names(prefix: str, job_id: str) -> Names:
+    """``names_for`` of a prefix and a job id already validated (the settings' prefix, an id
+    a call has checked): the per-call path, with no checks made twice."""
+    # tuple.__new__: what Names(...) runs, without its Python-level __new__.
+    return tuple.__new__(Names, (job_id, f"{prefix}:{{{_tag(job_id)}}}"))
 
 
 # --- canonical encoding of arguments -------------------------------------------------------
@@ -386,7 +393,12 @@ P = inspect.Parameter
 class KeyBuilder:
     """Turns one call's arguments into its job id."""
 
-    def __init__(self, fn: Callable[..., object], build: Callable[[dict[str, Any]], str]):
+    def __init__(
+        self,
+        fn: Callable[..., object],
+        build: Callable[[dict[str, Any]], str],
+        by_position: Callable[..., str] | None = None,
+    ):
         self._signature = inspect.signature(fn)
         self._build = build
         params = list(self._signature.parameters.values())
@@ -403,11 +415,14 @@ class KeyBuilder:
         # Every parameter can come by position: a call that gives them all so needs no more.
         self._by_position = self._simple and self._positional == self._names
         self._count = len(self._names)
+        # ``build`` of a call that gives every argument by position, taking them as they
+        # come (no dict of them): a template's str.format by position. Only then.
+        self._fast = by_position if self._by_position else None
 
     def arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, in signature order, defaults applied."""
         if self._by_position and not kwargs and len(args) == self._count:
-            return dict(zip(self._names, args, strict=True))
+            return dict(zip(self._names, args))  # noqa: B905 (the lengths are equal)
         if self._simple and len(args) <= len(self._positional):
             given = dict(zip(self._positional, args, strict=False))
             for name, value in kwargs.items():
@@ -429,7 +444,44 @@ class KeyBuilder:
         return dict(bound.arguments)
 
     def __call__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
-        return validate_job_id(self._build(self.arguments(args, kwargs)))
+        # The usual call, every argument by position, inline: a call's key is on the path of
+        # every call (a local copy's hit is little more than this).
+        fast = self._fast
+        if fast is not None and not kwargs and len(args) == self._count:
+            try:
+                job_id = fast(*args)
+            except (AttributeError, KeyError, IndexError):
+                job_id = self._build(self.arguments(args, kwargs))  # raises, saying why
+        elif self._by_position and not kwargs and len(args) == self._count:
+            job_id = self._build(dict(zip(self._names, args)))  # noqa: B905 (equal lengths)
+        else:
+            job_id = self._build(self.arguments(args, kwargs))
+        return job_id if type(job_id) is str and job_id else validate_job_id(job_id)
+
+
+def _by_position(template: str, head: str, names: list[str]) -> str | None:
+    """``head + template`` with each field's argument named by its position in ``names``
+    (``"user:{user_id.name!r}"`` -> ``"user:{0.name!r}"``): formatted with the arguments by
+    position it gives what ``template.format(**arguments)`` gives. None when a format spec
+    nests a field (``{x:{width}}``): those keep the named path."""
+    out = [head.replace("{", "{{").replace("}", "}}")]
+    for literal, field, spec, conversion in string.Formatter().parse(template):
+        out.append(literal.replace("{", "{{").replace("}", "}}"))
+        if field is None:
+            continue
+        if spec and ("{" in spec or "}" in spec):
+            return None
+        root = re.match(r"[^.\[]*", field)
+        name = root.group(0) if root else field
+        if name not in names:
+            return None
+        out.append("{" + str(names.index(name)) + field[len(name) :])
+        if conversion:
+            out.append("!" + conversion)
+        if spec:
+            out.append(":" + spec)
+        out.append("}")
+    return "".join(out)
 
 
 def _template_fields(template: str) -> list[str]:
@@ -505,7 +557,9 @@ def key_builder(
             except (AttributeError, KeyError, IndexError) as exc:
                 raise TypeError(f"key template {template!r} failed for {where}: {exc}") from exc
 
-        return KeyBuilder(fn, build_from_template)
+        positional = _by_position(template, head, list(params))
+        fast = None if positional is None else positional.format
+        return KeyBuilder(fn, build_from_template, fast)
     if callable(key):
         build = _callable_key(fn, key, where, params)
         if not ns:

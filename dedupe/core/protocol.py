@@ -49,14 +49,13 @@ import math
 import random
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Final, NamedTuple, TypeAlias, cast
+from typing import Final, NamedTuple, NoReturn, TypeAlias
 
 from dedupe.core.keys import Names
 from dedupe.core.record import (
     NOTICE_ABORTED,
     NOTICE_STALE,
     NOTICE_STORED,
-    header_of,
     lock_value,
     parse_lock,
     read_header,
@@ -481,9 +480,9 @@ class Finished(NamedTuple):
     trace: bytes = b""
 
 
-def _expect(reply: object, kind: type, cmd: str) -> None:
-    if type(reply) is not kind:
-        raise ProtocolError(f"the reply to {cmd} must be {kind.__name__}, not {reply!r}")
+def _unexpected(reply: object, kind: type, cmd: str) -> NoReturn:
+    # The type test is inline at each reply (a call per reply cost more than the test).
+    raise ProtocolError(f"the reply to {cmd} must be {kind.__name__}, not {reply!r}")
 
 
 def run_flight(
@@ -519,7 +518,8 @@ def run_flight(
     while True:
         asked = clock()
         try:
-            reply = yield Acquire(str(floor) if floor else "", _draw(spec, rand), after_error)
+            early = _draw(spec, rand) if spec.early_refresh else 0
+            reply = yield Acquire(str(floor) if floor else "", early, after_error)
         except Unanswered as unanswered:
             lost: BaseException | None = unanswered.error
         else:
@@ -529,8 +529,8 @@ def run_flight(
             # that waiters take over now instead of when it runs out.
             yield Release()
             raise lost
-        _expect(reply, Acquired, "Acquire")
-        reply = cast(Acquired, reply)
+        if type(reply) is not Acquired:
+            _unexpected(reply, Acquired, "Acquire")
         # The lease, if granted, began no earlier than the request's write (not its queue).
         sent = reply.sent or asked
         since = sent
@@ -679,8 +679,8 @@ def _read_kept(
     than its signed header allows. MGET reads both keys at one instant: the counter names the
     record then (a record of an older lease written back is refused, as by the script), and
     the later clock only makes it older."""
-    _expect(looked, Looked, "Read")
-    looked = cast(Looked, looked)
+    if type(looked) is not Looked:
+        _unexpected(looked, Looked, "Read")
     record = looked.record
     if record is None:
         return None  # a miss
@@ -771,8 +771,8 @@ def _lead(
             f"on {spec.names.job_id!r} within {spec.replica_timeout_ms} ms"
         )
     outcome = yield Lead(token, lock, since)
-    _expect(outcome, Outcome, "Lead")
-    outcome = cast(Outcome, outcome)
+    if type(outcome) is not Outcome:
+        _unexpected(outcome, Outcome, "Lead")
     done = Finished(outcome, "leader", token, waited, trace)
     # A failure a stale value may stand in for (stale_if_error).
     error = outcome.error
@@ -782,21 +782,28 @@ def _lead(
         and spec.replaceable(error, fallback.outcome.fresh_ms > 0)
     )
     try:
-        if is_abort(outcome.error):
+        if error is not None and not isinstance(error, Exception):  # is_abort, inline
             # Nothing to keep; tell the followers at once so one of them takes over.
             notice = codec.notice(NOTICE_ABORTED, channel=channel, token=token)
             yield Complete(lock, b"", 0, notice, token)
             return done
         # Fresh for result_ttl after the run: sealed as keep since the grant (the token's
         # time), so that a record written back later can never pass for fresh.
-        run_ms = max(0, round((clock() - sent) * 1000))
-        window = max(spec.stale_ms, spec.error_ms) if outcome.error is None else 0
+        # (Comparisons, not min() and max(): each of those parses its arguments for keywords,
+        # some 600 instructions a call, on every flight.)
+        sealing = clock()  # the run's end, and the seal's start
+        run_ms = round((sealing - sent) * 1000)
+        if run_ms < 0:
+            run_ms = 0
+        value = outcome.error is None
+        window = (spec.stale_ms if spec.stale_ms > spec.error_ms else spec.error_ms) if value else 0
         kept = spec.result_ttl_ms or window
-        keep = max(1, spec.result_ttl_ms + run_ms) if outcome.error is None and kept else 0
+        keep = ((spec.result_ttl_ms + run_ms) or 1) if value and kept else 0  # both >= 0
         # In Redis for its freshness and the longest stale window after it.
-        ttl = max(spec.result_ttl_ms + window, spec.grace_ms)
-        sealing = clock()
-        record = codec.seal(
+        ttl = spec.result_ttl_ms + window
+        if ttl < spec.grace_ms:
+            ttl = spec.grace_ms
+        record, sealed_keep = codec.seal_kept(
             outcome, channel=channel, token=token, keep_ms=keep, ttl_ms=ttl, trace=trace,
             shape=spec.shape,
         )  # fmt: skip
@@ -812,7 +819,7 @@ def _lead(
                 token,
             )
         # seal keeps nothing fresh of an outcome that other processes could not read.
-        keep = min(spec.result_ttl_ms, header_of(record).keep_ms)
+        keep = sealed_keep if sealed_keep < spec.result_ttl_ms else spec.result_ttl_ms
         message = b""
         if len(record) > spec.inline_max_bytes:
             message = codec.notice(NOTICE_STORED, channel=channel, token=token)
@@ -822,8 +829,8 @@ def _lead(
         else:
             cmd = Complete(lock, record, ttl, message, token)
         completed = yield cmd
-        _expect(completed, Completed, "Complete")
-        completed = cast(Completed, completed)
+        if type(completed) is not Completed:
+            _unexpected(completed, Completed, "Complete")
         if completed.publish_error:
             yield Note(
                 "publish_failed",

@@ -35,6 +35,7 @@ from dedupe.core.record import (
     KIND_VALUE,
     MAC_LEN,
     MAGIC,
+    MAX_NUMBER,
     MAX_TRACE,
     NOTICE_ABORTED,
     NOTICE_STALE,
@@ -238,6 +239,9 @@ class Codec:
         # pickle carries its own types, and a custom serializer its own way of them.
         self._shaped = self.serializer is SAFE or self.serializer is JSON
         self.max_payload_bytes = max_payload_bytes
+        # The envelope head of each kind with no trace (every record when no tracer
+        # listens), made once. No lock: a race only makes one twice.
+        self._bare_heads: dict[int, bytes] = {}
         self._lock = threading.Lock()  # guards rejected and _warned; a leaf
         # Inputs refused (bad signature, malformed, foreign): never decoded; and values that
         # misfit this process's annotation (ResultInvalid): never built.
@@ -285,9 +289,36 @@ class Codec:
         too: the leader's callers get the same error as every other process, so a
         one-process run shows what a fleet would.
         """
-        check_number("token", token)
-        check_number("keep_ms", keep_ms)
-        check_number("ttl_ms", ttl_ms)
+        return self.seal_kept(
+            outcome, channel=channel, token=token, keep_ms=keep_ms, ttl_ms=ttl_ms, trace=trace,
+            shape=shape,
+        )[0]  # fmt: skip
+
+    def seal_kept(
+        self,
+        outcome: Outcome,
+        *,
+        channel: str,
+        token: int,
+        keep_ms: int,
+        ttl_ms: int,
+        trace: bytes = b"",
+        shape: Shape | None = None,
+    ) -> tuple[bytes, int]:
+        """As ``seal``, with the keep_ms its header carries (0 but for a value that can
+        travel): what the leader keeps fresh, without reading back the record just made."""
+        # One test for the usual numbers; check_number names the one that is wrong.
+        if not (
+            type(token) is int
+            and type(keep_ms) is int
+            and type(ttl_ms) is int
+            and 0 <= token <= MAX_NUMBER
+            and 0 <= keep_ms <= MAX_NUMBER
+            and 0 <= ttl_ms <= MAX_NUMBER
+        ):
+            check_number("token", token)
+            check_number("keep_ms", keep_ms)
+            check_number("ttl_ms", ttl_ms)
         if not isinstance(trace, bytes) or len(trace) > MAX_TRACE:
             raise ValueError(f"trace must be bytes of at most {MAX_TRACE} bytes")
         kind, body = self._body(outcome, channel, shape)
@@ -296,10 +327,15 @@ class Codec:
         if kind != KIND_VALUE:
             keep_ms = 0
         header = record.header(token, keep_ms, ttl_ms)
-        head = self._head(kind, trace)
+        head = None if trace else self._bare_heads.get(kind)
+        if head is None:
+            head = self._head(kind, trace)
+            if not trace:
+                self._bare_heads[kind] = head
         if not self._macs:
-            return header + head + body
-        return header + head + self._mac(_RECORD_DOMAIN, channel, header, head, body) + body
+            return header + head + body, keep_ms
+        mac = self._mac(_RECORD_DOMAIN, channel, header, head, body)
+        return header + head + mac + body, keep_ms
 
     def notice(self, kind: bytes, *, channel: str, token: int) -> bytes:
         """A channel notice (record.NOTICE_KINDS), signed when a secret is set."""

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any, Final, Protocol, runtime_checkable
 
 import cloudpickle
@@ -251,6 +252,14 @@ def _hook(obj: dict[str, Any]) -> Any:
 
 # Built once: json.dumps/loads with any option build a new encoder or decoder per call.
 _ENCODER: Final = json.JSONEncoder(separators=(",", ":"), allow_nan=True)
+# What _ENCODER.encode runs, built once too (encode builds it anew for every value: some 90
+# bytecodes). No cycle check: _enc's trees are fresh containers, at most MAX_DEPTH deep.
+_ONE_SHOT: Final = (
+    None
+    if c_make_encoder is None
+    else c_make_encoder(None, _ENCODER.default, encode_basestring_ascii, None, ":", ",",
+                        False, False, True)
+)  # fmt: skip
 _DECODER: Final = json.JSONDecoder(object_hook=_hook)
 # A value whose tagging pass took longer than this is encoded in pieces: the C encoder holds
 # the GIL for a whole value, and a lease's renewal thread cannot run meanwhile (a 0.2 s
@@ -271,6 +280,8 @@ class _Safe:
         started = time.perf_counter()
         tree = _enc(value, 0)  # Python: other threads run between its steps
         if time.perf_counter() - started < _LARGE_SECONDS:
+            if _ONE_SHOT is not None:
+                return "".join(_ONE_SHOT(tree, 0)).encode("ascii")
             return _ENCODER.encode(tree).encode("ascii")
         return _in_pieces(tree)
 

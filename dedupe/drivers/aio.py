@@ -206,6 +206,13 @@ class _Driver(DriverBase):
             log.warning("a background refresh of %r failed: %s", self.spec.names.job_id, exc)
 
     async def execute(self, cmd: Command) -> object:
+        if type(cmd) is Lead:  # first: the one command of a leader that runs no script
+            flight = self.flight_of(cmd, asyncio.get_running_loop())
+            try:
+                with self.as_leader(flight):
+                    return Outcome(value=await self.fn(*self.args, **self.kwargs))
+            except BaseException as exc:  # an abort too: the protocol must tell the waiters
+                return Outcome(error=exc)
         script = self.script_for(cmd)
         if script is not None:
             if type(cmd) is Acquire:
@@ -225,13 +232,6 @@ class _Driver(DriverBase):
             return self.reply_of(cmd, await self.backend.run_async_script(script))
         if type(cmd) is Wait:
             return await self.mailbox.get_async(cmd.timeout)  # type: ignore[union-attr]
-        if type(cmd) is Lead:
-            flight = self.flight_of(cmd, asyncio.get_running_loop())
-            try:
-                with self.as_leader(flight):
-                    return Outcome(value=await self.fn(*self.args, **self.kwargs))
-            except BaseException as exc:  # an abort too: the protocol must tell the waiters
-                return Outcome(error=exc)
         if type(cmd) is Subscribe:
             latch = self.subscribe()
             return await latch.wait_async(self.confirm_timeout(cmd.timeout)) and latch.get()

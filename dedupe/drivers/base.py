@@ -167,16 +167,16 @@ class DriverBase:
 
     def script_for(self, cmd: Command) -> ScriptCall | None:
         """The script a command runs, if it is one of the script commands."""
-        if isinstance(cmd, Acquire):
+        if type(cmd) is Acquire:
             self.stamp.sent = 0.0
             if self.spec.refreshes and not self.background:
                 self.background = self.backend.reserve_background()
             return acquire_call(self.spec, cmd, self.background)
-        if isinstance(cmd, Complete):
+        if type(cmd) is Complete:
             if self.lease is not None:  # our own complete may now delete the lock
                 self.backend.renewer().completing(self.lease)
             return complete_call(self.spec, cmd, self.backend.publish)
-        if isinstance(cmd, Discard):
+        if type(cmd) is Discard:
             return discard_call(self.spec, cmd)
         if isinstance(cmd, Read):
             return read_call(self.spec)
@@ -184,12 +184,12 @@ class DriverBase:
 
     def reply_of(self, cmd: Command, raw: Any, replicas: int = 0) -> object:
         """The protocol's reply to a script command; ``replicas``: what WAIT answered."""
-        if isinstance(cmd, Acquire):
+        if type(cmd) is Acquire:
             reply = parse_acquired(raw, self.stamp.sent)
             if self.background and reply.state != REFRESH:
                 self.give_back_background()
             return reply._replace(replicas=replicas) if replicas else reply
-        if isinstance(cmd, Complete):
+        if type(cmd) is Complete:
             return parse_completed(raw)
         if isinstance(cmd, Read):
             return parse_looked(raw)

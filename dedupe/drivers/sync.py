@@ -155,6 +155,13 @@ class _Driver(DriverBase):
             log.warning("a background refresh of %r failed: %s", self.spec.names.job_id, exc)
 
     def execute(self, cmd: Command) -> object:
+        if type(cmd) is Lead:  # first: the one command of a leader that runs no script
+            flight = self.flight_of(cmd)
+            try:
+                with self.as_leader(flight):
+                    return Outcome(value=self.fn(*self.args, **self.kwargs))
+            except BaseException as exc:  # an abort too: the protocol must tell the waiters
+                return Outcome(error=exc)
         script = self.script_for(cmd)
         if script is not None:
             if type(cmd) is Acquire:
@@ -172,13 +179,6 @@ class _Driver(DriverBase):
             return self.reply_of(cmd, self.backend.run_sync_script(script))
         if type(cmd) is Wait:
             return self.mailbox.get(cmd.timeout)  # type: ignore[union-attr]
-        if type(cmd) is Lead:
-            flight = self.flight_of(cmd)
-            try:
-                with self.as_leader(flight):
-                    return Outcome(value=self.fn(*self.args, **self.kwargs))
-            except BaseException as exc:  # an abort too: the protocol must tell the waiters
-                return Outcome(error=exc)
         if type(cmd) is Subscribe:
             latch = self.subscribe()
             return latch.wait(self.confirm_timeout(cmd.timeout)) and latch.get()
