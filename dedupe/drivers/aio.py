@@ -4,6 +4,14 @@ The process's flight for a key runs in a task of its own (``call.run_shared_flig
 cancelled caller stops waiting alone: the shared work and the other callers go on. A flight
 that is only following, and that no caller awaits any more, is cancelled. Each event loop has
 its own table of flights: a loop that stops mid-flight strands only its own callers.
+
+A follower's message reaches its callers in one hand-off: the hub's callback on the loop
+(one per loop and message) steps the flight machine with it right there
+(``_Driver.step_ahead``); should that end the flight, it tidies up as drive() would and hands
+the end to the shared flight's machine, which resolves the entry and so each caller's future.
+The callers run at the loop's next turn; the flight's task, woken after them, takes those
+steps as its own (``_Stepped``) and ends. Before, the message woke the task, which woke the
+callers: a turn more. The machines decide, as ever; only who steps them changed.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Coroutine, Generator, Sequence
-from typing import Any
+from typing import Any, Final, Generic, TypeVar
 
 from dedupe.backend.lifecycle import Backend
 from dedupe.backend.transport import acquire_and_wait
@@ -30,7 +38,16 @@ from dedupe.core.batch import (
     run_batch_call,
     run_shared_batch,
 )
-from dedupe.core.call import AwaitFlight, Cancel, Fly, Launch, RunHere, run_call, run_shared_flight
+from dedupe.core.call import (
+    AwaitFlight,
+    CallCommand,
+    Cancel,
+    Fly,
+    Launch,
+    RunHere,
+    run_call,
+    run_shared_flight,
+)
 from dedupe.core.inflight import Entry, InFlight
 from dedupe.core.keys import Names
 from dedupe.core.protocol import (
@@ -56,6 +73,8 @@ __all__ = ["call", "call_batch"]
 Fn = Callable[..., Coroutine[Any, Any, Any]]
 
 log = logging.getLogger("dedupe.core.protocol")
+
+Y = TypeVar("Y")
 
 
 async def call(
@@ -122,11 +141,27 @@ async def _shared_flight(
 ) -> None:
     """The task that runs a key's flight for this loop's callers (call.run_shared_flight)."""
     machine = run_shared_flight(backend, table, names, entry, observed=events.enabled)
+    ahead: _Stepped[CallCommand] | None = None
+    counted = False  # the flight's end was counted (end_flight) in the hub's callback
+
+    def ended(finished: Finished) -> None:
+        """The flight ended in the hub's callback (step_ahead): what the task would do next
+        is done there, in the same order (the flight is no longer counted, then the machine
+        takes its end, resolving the entry); the task takes that step as its own after."""
+        nonlocal ahead, counted
+        counted = True
+        backend.end_flight()
+        ahead = _Stepped(machine, finished)
+
     reply: Any = None
     error: BaseException | None = None
     while True:
         try:
-            cmd = machine.send(reply) if error is None else machine.throw(error)
+            if ahead is not None and error is None:
+                stepped, ahead = ahead, None
+                cmd = stepped.replay()
+            else:
+                cmd = machine.send(reply) if error is None else machine.throw(error)
         except StopIteration:
             return
         reply, error = None, None
@@ -134,9 +169,12 @@ async def _shared_flight(
             if type(cmd) is Fly:
                 backend.begin_flight()
                 try:
-                    reply = await _Driver(backend, spec, fn, args, kwargs, entry).run()
+                    driver = _Driver(backend, spec, fn, args, kwargs, entry)
+                    driver.ended = ended
+                    reply = await driver.run()
                 finally:
-                    backend.end_flight()
+                    if not counted:
+                        backend.end_flight()
             elif type(cmd) is RunHere:
                 reply = await _run_here(backend, names, entry, fn, args, kwargs)
             else:
@@ -161,7 +199,46 @@ async def _run_here(
         return Outcome(error=exc)
 
 
+_AHEAD: Final = object()
+"""A Wait's reply once the hub's callback stepped the flight with the message (step_ahead)."""
+
+
+class _Stepped(Generic[Y]):
+    """One step of a machine taken on the loop ahead of the task that drives it (in the hub's
+    callback), which the task then takes as its own next step: the command the machine
+    yielded, or how it ended."""
+
+    __slots__ = ("cmd", "done", "error", "value")
+
+    def __init__(self, machine: Generator[Y, Any, Any], reply: object) -> None:
+        self.cmd: Y | None = None
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+        try:
+            self.cmd = machine.send(reply)
+        except StopIteration as stop:
+            self.done, self.value = True, stop.value
+        except BaseException as exc:  # raised in the task, where it would have been
+            self.done, self.error = True, exc
+
+    def replay(self) -> Y:
+        """The step's command; or its end, raised as the machine raised it."""
+        if self.error is not None:
+            raise self.error
+        if self.done:
+            raise StopIteration(self.value)
+        return self.cmd  # type: ignore[return-value]
+
+
 class _Driver(DriverBase):
+    # Set by the shared flight: where the flight's end goes when step_ahead reaches it.
+    ended: Callable[[Finished], None] | None = None
+    # The flight drive() steps, and a step the hub's callback took of it (on the loop, so
+    # no lock: the callback and this driver's task never run at once).
+    running: Flight | None = None
+    ahead: _Stepped[Command] | None = None
+
     async def run(self) -> Finished:
         return await self.drive(run_flight(self.spec, self.codec, self.clock, self.trace))
 
@@ -170,10 +247,16 @@ class _Driver(DriverBase):
         reply: object = None
         error: BaseException | None = None
         handed_off = False
+        self.running = flight
         try:
             while True:
                 try:
-                    cmd = flight.send(reply) if error is None else flight.throw(error)
+                    if reply is _AHEAD:
+                        stepped, self.ahead = self.ahead, None
+                        assert stepped is not None  # step_ahead set it, then woke us
+                        cmd = stepped.replay()
+                    else:
+                        cmd = flight.send(reply) if error is None else flight.throw(error)
                 except StopIteration as stop:
                     return stop.value  # type: ignore[no-any-return]
                 reply, error = None, None
@@ -198,6 +281,20 @@ class _Driver(DriverBase):
         except Exception as exc:
             log.warning("a background refresh of %r failed: %s", self.spec.names.job_id, exc)
 
+    def step_ahead(self, message: object) -> None:
+        """A Wait's message, on the loop (the hub's callback, ahead of this driver's task):
+        into the flight now. Should that end it, what drive() does at its end is done here,
+        and the end goes on to the callers (``ended``), who then run before the task."""
+        assert self.running is not None
+        stepped = self.ahead = _Stepped(self.running, message)
+        if stepped.done and stepped.error is None and self.ended is not None:
+            try:
+                self.finish()  # drive()'s own finish() finds nothing left to do
+            except BaseException as exc:  # the task raises it, as drive() would have
+                stepped.error = exc
+                return
+            self.ended(stepped.value)
+
     async def execute(self, cmd: Command) -> object:
         script = self.script_for(cmd)
         if script is not None:
@@ -214,7 +311,9 @@ class _Driver(DriverBase):
                 return self.reply_of(cmd, raw)
             return self.reply_of(cmd, await self.backend.run_async_script(script))
         if type(cmd) is Wait:
-            return await self.mailbox.get_async(cmd.timeout)  # type: ignore[union-attr]
+            # The message goes into the flight in the hub's callback (step_ahead): _AHEAD.
+            got = await self.mailbox.take_async(cmd.timeout, self.step_ahead)  # type: ignore[union-attr]
+            return _AHEAD if got else None
         if type(cmd) is Lead:
             flight = self.flight_of(cmd, asyncio.get_running_loop())
             try:
