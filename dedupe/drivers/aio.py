@@ -141,18 +141,7 @@ async def _shared_flight(
 ) -> None:
     """The task that runs a key's flight for this loop's callers (call.run_shared_flight)."""
     machine = run_shared_flight(backend, table, names, entry, observed=events.enabled)
-    ahead: _Stepped[CallCommand] | None = None
-    counted = False  # the flight's end was counted (end_flight) in the hub's callback
-
-    def ended(finished: Finished) -> None:
-        """The flight ended in the hub's callback (step_ahead): what the task would do next
-        is done there, in the same order (the flight is no longer counted, then the machine
-        takes its end, resolving the entry); the task takes that step as its own after."""
-        nonlocal ahead, counted
-        counted = True
-        backend.end_flight()
-        ahead = _Stepped(machine, finished)
-
+    ahead: _Stepped[CallCommand] | None = None  # the machine's step the hub's callback took
     reply: Any = None
     error: BaseException | None = None
     while True:
@@ -168,12 +157,13 @@ async def _shared_flight(
         try:
             if type(cmd) is Fly:
                 backend.begin_flight()
+                driver = _Driver(backend, spec, fn, args, kwargs, entry)
+                driver.shared = machine
                 try:
-                    driver = _Driver(backend, spec, fn, args, kwargs, entry)
-                    driver.ended = ended
                     reply = await driver.run()
                 finally:
-                    if not counted:
+                    ahead = driver.ended
+                    if not driver.counted:
                         backend.end_flight()
             elif type(cmd) is RunHere:
                 reply = await _run_here(backend, names, entry, fn, args, kwargs)
@@ -232,12 +222,13 @@ class _Stepped(Generic[Y]):
 
 
 class _Driver(DriverBase):
-    # Set by the shared flight: where the flight's end goes when step_ahead reaches it.
-    ended: Callable[[Finished], None] | None = None
-    # The flight drive() steps, and a step the hub's callback took of it (on the loop, so
-    # no lock: the callback and this driver's task never run at once).
-    running: Flight | None = None
-    ahead: _Stepped[Command] | None = None
+    # Written and read on the loop only (the hub's callback and this driver's task never run
+    # at once), so no lock; class defaults, so a flight that never waits stores none:
+    running: Flight | None = None  # the flight drive() steps
+    ahead: _Stepped[Command] | None = None  # a step of it the hub's callback took
+    shared: Generator[CallCommand, Any, None] | None = None  # run_shared_flight's machine
+    ended: _Stepped[CallCommand] | None = None  # its step, once the flight ended there
+    counted = False  # end_flight was called there
 
     async def run(self) -> Finished:
         return await self.drive(run_flight(self.spec, self.codec, self.clock, self.trace))
@@ -283,17 +274,21 @@ class _Driver(DriverBase):
 
     def step_ahead(self, message: object) -> None:
         """A Wait's message, on the loop (the hub's callback, ahead of this driver's task):
-        into the flight now. Should that end it, what drive() does at its end is done here,
-        and the end goes on to the callers (``ended``), who then run before the task."""
+        into the flight now. Should that end it, the shared flight's machine takes the end
+        here too, which resolves the entry: the callers then run before the task."""
         assert self.running is not None
         stepped = self.ahead = _Stepped(self.running, message)
-        if stepped.done and stepped.error is None and self.ended is not None:
+        if stepped.done and stepped.error is None and self.shared is not None:
+            # What drive() and _shared_flight do next, in their order: drive()'s finish()
+            # (its own then finds nothing left), the flight counted out, the machine's step.
             try:
-                self.finish()  # drive()'s own finish() finds nothing left to do
+                self.finish()
             except BaseException as exc:  # the task raises it, as drive() would have
                 stepped.error = exc
                 return
-            self.ended(stepped.value)
+            self.counted = True
+            self.backend.end_flight()
+            self.ended = _Stepped(self.shared, stepped.value)
 
     async def execute(self, cmd: Command) -> object:
         script = self.script_for(cmd)
