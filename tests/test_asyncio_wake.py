@@ -16,8 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import redis
 
 from dedupe import SingleFlight
+from dedupe.core.keys import names_for
 from dedupe.core.signals import LoopWaker, Mailbox, wake_all
 
 pytestmark = pytest.mark.compat
@@ -99,6 +101,33 @@ async def test_cancelled_followers_stop_alone_and_the_outcome_is_taken_once(
     finally:
         del backend.codec.open
         del table.finish
+
+
+async def test_a_follower_re_checks_at_the_lease_end_when_no_message_comes(
+    redis_url: str, prefix: str, redis_client: redis.Redis
+) -> None:
+    """A lease nobody runs (a leader gone without publishing): the waits time out at the
+    lease's end, the flight re-checks and leads; a caller cancelled meanwhile stops alone."""
+    sf = SingleFlight(redis_url, prefix=prefix, lock_ttl=2.0)
+    try:
+        redis_client.set(names_for(prefix, "silent").lock, "7:gone", px=400)
+        runs: list[int] = []
+
+        async def job() -> str:
+            runs.append(1)
+            return "took over"
+
+        callers = [asyncio.create_task(sf.call("silent", job)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert not any(c.done() for c in callers)
+        callers[0].cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await callers[0]
+        got = await asyncio.wait_for(asyncio.gather(callers[1], callers[2]), 10)
+        assert got == ["took over", "took over"]
+        assert runs == [1]
+    finally:
+        await sf.aclose()
 
 
 async def test_an_item_for_a_cancelled_wait_is_handed_to_nobody() -> None:

@@ -310,7 +310,8 @@ class _Handover(LoopWaker, Generic[T]):
         try:
             self.handle(got)  # what it wakes runs before the task, at the loop's next turn
         finally:
-            fut.set_result(True)
+            if not fut.done():
+                fut.set_result(True)
 
 
 def _gather(boxes: dict[int, Mailbox[T]], waker: Callable[[], None]) -> dict[int, T]:
