@@ -103,6 +103,81 @@ async def test_cancelled_followers_stop_alone_and_the_outcome_is_taken_once(
         del table.finish
 
 
+async def test_the_callers_return_one_loop_turn_after_the_hub_callback(
+    sf: SingleFlight, other: SingleFlight, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub's callback steps the flight and resolves the callers' futures; they return in
+    the loop's next iteration (before: the callback woke the flight task, which woke them,
+    one iteration later still)."""
+    import dedupe.core.signals as signals
+    import dedupe.drivers.aio as aio
+
+    loop = asyncio.get_running_loop()
+    turn = 0
+    ticking = False
+
+    def tick() -> None:  # once per loop iteration while armed (call_soon runs in the next)
+        nonlocal turn
+        turn += 1
+        if ticking:
+            loop.call_soon(tick)
+
+    stepped: list[tuple[int, bool]] = []
+    step_ahead = aio._Driver.step_ahead
+
+    def spy(self: Any, message: object) -> None:
+        stepped.append((turn, threading.current_thread() is threading.main_thread()))
+        step_ahead(self, message)
+
+    monkeypatch.setattr(aio._Driver, "step_ahead", spy)
+    handed: list[int] = []
+    handover = signals._Handover.run
+
+    def spy_handover(self: Any) -> None:
+        handed.append(turn)
+        handover(self)
+
+    monkeypatch.setattr(signals._Handover, "run", spy_handover)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def lead() -> str:
+        started.set()
+        await release.wait()
+        return "v"
+
+    async def never() -> str:
+        raise AssertionError("a follower ran the job")
+
+    returned: list[int] = []
+
+    async def follow() -> str:
+        got = await other.call("turns", never)
+        returned.append(turn)
+        return got
+
+    leader = asyncio.create_task(sf.call("turns", lead))
+    await started.wait()
+    callers = [asyncio.create_task(follow()) for _ in range(3)]
+    hub = other.backend().hub()
+    await _until(lambda: bool(hub.channels()), "the follower's subscription")
+    channel = next(iter(hub.channels()))
+    await _until(lambda: hub.confirmation(channel).is_set(), "its confirmation")
+    await asyncio.sleep(0.05)
+    ticking = True
+    loop.call_soon(tick)
+    try:
+        release.set()
+        assert await asyncio.wait_for(asyncio.gather(*callers), 10) == ["v"] * 3
+    finally:
+        ticking = False
+    assert await leader == "v"
+    # The hub's callback ran once, stepped the flight in that same iteration, and every
+    # caller returned in the next.
+    assert len(handed) == 1 and len(stepped) == 1, (handed, stepped)
+    assert stepped == [(handed[0], True)], (handed, stepped)
+    assert returned == [handed[0] + 1] * 3, (handed, returned)
+
+
 async def test_a_follower_re_checks_at_the_lease_end_when_no_message_comes(
     redis_url: str, prefix: str, redis_client: redis.Redis
 ) -> None:

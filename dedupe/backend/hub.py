@@ -357,17 +357,16 @@ class Hub:
             if mailboxes is None:  # an ack, a PONG, ...: the machine has news
                 self._apply()
                 return
-            # A message: the follower's path. Each mailbox gets it under the lock (so it
-            # keeps its order with RECHECKs); the followers are woken after, one callback
-            # per event loop however many of its flights wait on the channel.
+            # A message: the follower's path. A thread is woken as before; the flights of an
+            # event loop with one callback on it however many of them wait on the channel.
             payload = reply[2]
             wakers = []
             for mailbox in mailboxes:
                 waker = mailbox.put_quietly(payload)
                 if waker is not None:
                     wakers.append(waker)
-        if wakers:
-            wake_all(wakers)
+            if wakers:
+                wake_all(wakers)
 
     def _on_error(self, link: _Link, exc: ResponseError) -> None:
         kind = _kind_of(exc)

@@ -12,7 +12,7 @@ import asyncio
 import threading
 from asyncio import events
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, Generic, TypeVar
 
@@ -83,9 +83,12 @@ def _run_each(fns: list[Callable[[], None]]) -> None:
             )
 
 
-def wake_all(wakers: Iterable[Callable[[], None]]) -> None:
+def wake_all(wakers: Sequence[Callable[[], None]]) -> None:
     """Call each waker; those of one event loop other than the running one share a single
     callback on it (one self-pipe write and one loop turn, however many wait there)."""
+    if len(wakers) == 1:
+        wakers[0]()  # the usual case: one waiter, nothing to share
+        return
     batches: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
     running = events._get_running_loop()
     for wake in wakers:
