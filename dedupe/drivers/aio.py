@@ -10,7 +10,7 @@ A follower's message reaches its callers in one hand-off: the hub's callback on 
 (``_Driver.step_ahead``); should that end the flight, it tidies up as drive() would and hands
 the end to the shared flight's machine, which resolves the entry and so each caller's future.
 The callers run at the loop's next turn; the flight's task, woken after them, takes those
-steps as its own (``_Stepped``) and ends. Before, the message woke the task, which woke the
+steps as its own (``_step``) and ends. Before, the message woke the task, which woke the
 callers: a turn more. The machines decide, as ever; only who steps them changed.
 """
 
@@ -21,7 +21,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Coroutine, Generator, Sequence
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, TypeAlias
 
 from dedupe.backend.lifecycle import Backend
 from dedupe.backend.transport import acquire_and_wait
@@ -73,8 +73,6 @@ __all__ = ["call", "call_batch"]
 Fn = Callable[..., Coroutine[Any, Any, Any]]
 
 log = logging.getLogger("dedupe.core.protocol")
-
-Y = TypeVar("Y")
 
 
 async def call(
@@ -141,14 +139,19 @@ async def _shared_flight(
 ) -> None:
     """The task that runs a key's flight for this loop's callers (call.run_shared_flight)."""
     machine = run_shared_flight(backend, table, names, entry, observed=events.enabled)
-    ahead: _Stepped[CallCommand] | None = None  # the machine's step the hub's callback took
+    ahead: _Step | None = None  # the machine's step the hub's callback took
+    cmd: CallCommand
     reply: Any = None
     error: BaseException | None = None
     while True:
         try:
-            if ahead is not None and error is None:
-                stepped, ahead = ahead, None
-                cmd = stepped.replay()
+            if ahead is not None and error is None:  # taken in the hub's callback
+                ended, cmd, raised = ahead
+                ahead = None
+                if raised is not None:
+                    raise raised
+                if ended:
+                    return
             else:
                 cmd = machine.send(reply) if error is None else machine.throw(error)
         except StopIteration:
@@ -192,42 +195,28 @@ async def _run_here(
 _AHEAD: Final = object()
 """A Wait's reply once the hub's callback stepped the flight with the message (step_ahead)."""
 
+_Step: TypeAlias = tuple[bool, Any, "BaseException | None"]
 
-class _Stepped(Generic[Y]):
-    """One step of a machine taken on the loop ahead of the task that drives it (in the hub's
-    callback), which the task then takes as its own next step: the command the machine
-    yielded, or how it ended."""
 
-    __slots__ = ("cmd", "done", "error", "value")
-
-    def __init__(self, machine: Generator[Y, Any, Any], reply: object) -> None:
-        self.cmd: Y | None = None
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.done = False
-        try:
-            self.cmd = machine.send(reply)
-        except StopIteration as stop:
-            self.done, self.value = True, stop.value
-        except BaseException as exc:  # raised in the task, where it would have been
-            self.done, self.error = True, exc
-
-    def replay(self) -> Y:
-        """The step's command; or its end, raised as the machine raised it."""
-        if self.error is not None:
-            raise self.error
-        if self.done:
-            raise StopIteration(self.value)
-        return self.cmd  # type: ignore[return-value]
+def _step(machine: Generator[Any, Any, Any], reply: object) -> _Step:
+    """One step of a machine taken on the loop (in the hub's callback) ahead of the task that
+    drives it, which then takes it as its own next step: (False, the command yielded, None),
+    or (True, the value returned, None), or (True, None, what it raised)."""
+    try:
+        return False, machine.send(reply), None
+    except StopIteration as stop:
+        return True, stop.value, None
+    except BaseException as exc:  # raised in the task, where it would have been
+        return True, None, exc
 
 
 class _Driver(DriverBase):
     # Written and read on the loop only (the hub's callback and this driver's task never run
     # at once), so no lock; class defaults, so a flight that never waits stores none:
     running: Flight | None = None  # the flight drive() steps
-    ahead: _Stepped[Command] | None = None  # a step of it the hub's callback took
+    ahead: _Step | None = None  # a step of it the hub's callback took
     shared: Generator[CallCommand, Any, None] | None = None  # run_shared_flight's machine
-    ended: _Stepped[CallCommand] | None = None  # its step, once the flight ended there
+    ended: _Step | None = None  # its step, once the flight ended there
     counted = False  # end_flight was called there
 
     async def run(self) -> Finished:
@@ -242,10 +231,14 @@ class _Driver(DriverBase):
         try:
             while True:
                 try:
-                    if reply is _AHEAD:
-                        stepped, self.ahead = self.ahead, None
-                        assert stepped is not None  # step_ahead set it, then woke us
-                        cmd = stepped.replay()
+                    if reply is _AHEAD:  # step_ahead took this step, then woke us
+                        assert self.ahead is not None
+                        ended, cmd, raised = self.ahead
+                        self.ahead = None
+                        if raised is not None:
+                            raise raised
+                        if ended:
+                            return cmd  # type: ignore[no-any-return]
                     else:
                         cmd = flight.send(reply) if error is None else flight.throw(error)
                 except StopIteration as stop:
@@ -277,18 +270,18 @@ class _Driver(DriverBase):
         into the flight now. Should that end it, the shared flight's machine takes the end
         here too, which resolves the entry: the callers then run before the task."""
         assert self.running is not None
-        stepped = self.ahead = _Stepped(self.running, message)
-        if stepped.done and stepped.error is None and self.shared is not None:
+        ended, value, raised = self.ahead = _step(self.running, message)
+        if ended and raised is None and self.shared is not None:
             # What drive() and _shared_flight do next, in their order: drive()'s finish()
             # (its own then finds nothing left), the flight counted out, the machine's step.
             try:
                 self.finish()
             except BaseException as exc:  # the task raises it, as drive() would have
-                stepped.error = exc
+                self.ahead = (True, None, exc)
                 return
             self.counted = True
             self.backend.end_flight()
-            self.ended = _Stepped(self.shared, stepped.value)
+            self.ended = _step(self.shared, value)
 
     async def execute(self, cmd: Command) -> object:
         script = self.script_for(cmd)
