@@ -153,6 +153,7 @@ async def _shared_flight(
                 if ended:
                     return
             else:
+                ahead = None  # an error came after it: thrown into the machine instead
                 cmd = machine.send(reply) if error is None else machine.throw(error)
         except StopIteration:
             return
