@@ -167,7 +167,7 @@ async def _shared_flight(
                     reply = await driver.run()
                 finally:
                     ahead = driver.ended
-                    if not driver.counted:
+                    if ahead is None:  # else counted out in the hub's callback
                         backend.end_flight()
             elif type(cmd) is RunHere:
                 reply = await _run_here(backend, names, entry, fn, args, kwargs)
@@ -217,8 +217,7 @@ class _Driver(DriverBase):
     running: Flight | None = None  # the flight drive() steps
     ahead: _Step | None = None  # a step of it the hub's callback took
     shared: Generator[CallCommand, Any, None] | None = None  # run_shared_flight's machine
-    ended: _Step | None = None  # its step, once the flight ended there
-    counted = False  # end_flight was called there
+    ended: _Step | None = None  # its step, once the flight ended (and was counted out) there
 
     async def run(self) -> Finished:
         return await self.drive(run_flight(self.spec, self.codec, self.clock, self.trace))
@@ -280,9 +279,10 @@ class _Driver(DriverBase):
             except BaseException as exc:  # the task raises it, as drive() would have
                 self.ahead = (True, None, exc)
                 return
-            self.counted = True
-            self.backend.end_flight()
-            self.ended = _step(self.shared, value)
+            try:
+                self.backend.end_flight()
+            finally:  # counted out, so the machine's step is the task's to take, whatever
+                self.ended = _step(self.shared, value)
 
     async def execute(self, cmd: Command) -> object:
         script = self.script_for(cmd)
