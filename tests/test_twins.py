@@ -56,6 +56,11 @@ _KNOWN: dict[str, set[str]] = {
         "+flight = self.flight_of(cmd, asyncio.get_running_loop())",
         "-time.sleep(cmd.seconds)",
         "+asyncio.sleep(cmd.seconds)",
+        # asyncio: the hub's callback on the loop steps the flight with the message itself
+        # (step_ahead), a loop turn before the task could; the task then takes that step.
+        "-return self.mailbox.get(cmd.timeout)",
+        "+got = self.mailbox.take_async(cmd.timeout, self.step_ahead)",
+        "+return _AHEAD if got else None",
     },
     "_run_here": {
         "-def _run_here(backend: Backend, names: Names, entry: Entry, fn: Callable[..., Any],"

@@ -29,6 +29,7 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -232,11 +233,12 @@ def count_messages() -> list[int]:
 
     A waiting flight gets what the hub delivers through its Mailbox (dedupe.core.signals): a
     record or notice (bytes), or an order to re-check (not bytes). A flight served by the
-    leader's message takes that message; one served by a re-check of Redis takes none."""
+    leader's message takes that message; one served by a re-check of Redis takes none. An
+    asyncio flight takes it through ``take_async`` (handed over in the hub's callback)."""
     from dedupe.core.signals import Mailbox
 
     taken = [0]
-    get, get_async = Mailbox.get, Mailbox.get_async
+    get, get_async, take_async = Mailbox.get, Mailbox.get_async, Mailbox.take_async
 
     def counted(item: Any) -> Any:
         if type(item) is bytes:
@@ -249,8 +251,14 @@ def count_messages() -> list[int]:
     async def spy_get_async(self: Any, timeout: float | None) -> Any:
         return counted(await get_async(self, timeout))
 
+    async def spy_take_async(
+        self: Any, timeout: float | None, handle: Callable[[Any], None]
+    ) -> bool:
+        return await take_async(self, timeout, lambda item: handle(counted(item)))
+
     Mailbox.get = spy_get  # type: ignore[method-assign]
     Mailbox.get_async = spy_get_async  # type: ignore[method-assign]
+    Mailbox.take_async = spy_take_async  # type: ignore[method-assign]
     return taken
 
 

@@ -57,7 +57,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from dedupe.core.signals import Latch, Mailbox
+from dedupe.core.signals import Latch, Mailbox, wake_all
 from dedupe.core.subscriptions import RECHECK, Command, Effects, ErrorKind, Subscriptions
 from dedupe.errors import BackendUnavailable
 
@@ -357,8 +357,16 @@ class Hub:
             if mailboxes is None:  # an ack, a PONG, ...: the machine has news
                 self._apply()
                 return
-            for mailbox in mailboxes:  # a message: the follower's path
-                mailbox.put(reply[2])
+            # A message: the follower's path. A thread is woken as before; the flights of an
+            # event loop with one callback on it however many of them wait on the channel.
+            payload = reply[2]
+            wakers = []
+            for mailbox in mailboxes:
+                waker = mailbox.put_quietly(payload)
+                if waker is not None:
+                    wakers.append(waker)
+            if wakers:
+                wake_all(wakers)
 
     def _on_error(self, link: _Link, exc: ResponseError) -> None:
         kind = _kind_of(exc)

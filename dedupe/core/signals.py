@@ -1,7 +1,9 @@
 """Thread-safe one-shot latches and mailboxes that threads and asyncio tasks can both wait on.
 
 The pub/sub hub and the renewal thread run on their own threads; these are how they hand
-news to waiting callers, whether a caller blocks a thread or awaits on an event loop.
+news to waiting callers, whether a caller blocks a thread or awaits on an event loop. A
+waiter on a loop is woken through its ``LoopWaker``; ``wake_all`` wakes many at once, with
+one callback per loop (one self-pipe write and one loop turn for all of that loop's).
 
 Locks: each Latch and Mailbox is guarded by one of ``_LOCKS``, handed out in turn when it is
 made (a lock of its own would cost 88 bytes, and a waiting flight holds up to three of these:
@@ -16,10 +18,12 @@ import asyncio
 import itertools
 import os
 import threading
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from asyncio import events
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, Generic, TypeVar
 
-__all__ = ["Latch", "Mailbox", "take_any", "take_any_async"]
+__all__ = ["Latch", "LoopWaker", "Mailbox", "take_any", "take_any_async", "wake_all"]
 
 T = TypeVar("T")
 _UNSET = object()
@@ -29,13 +33,59 @@ _LOCKS = [threading.Lock() for _ in range(_STRIPES)]
 _turn = itertools.count()
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
+def _wake(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_result(None)
 
 
+class LoopWaker:
+    """Runs ``run`` on ``loop``: from another thread through the loop's call_soon_threadsafe
+    (``wake_all`` gives all the wakers of one loop a single one); from the loop's own thread
+    at once if ``direct`` (setting a future: no self-pipe write, no extra loop turn), else at
+    the loop's next turn (``run`` steps a consumer, which must not run inside its producer).
+    Subclasses say what ``run`` does, in slots (a waiting flight holds one), and ``direct``."""
+
+    __slots__ = ("loop",)
+    direct = False
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop  # written once, here
+
+    def run(self) -> None:
+        """On the loop."""
+        raise NotImplementedError
+
+    def __call__(self) -> None:
+        loop = self.loop
+        try:
+            if events._get_running_loop() is not loop:
+                loop.call_soon_threadsafe(self.run)
+            elif self.direct:
+                self.run()
+            else:
+                loop.call_soon(self.run)
+        except RuntimeError:
+            pass  # the waiter's loop is closed: nobody is left to wake
+
+
+class _FutureWaker(LoopWaker):
+    """Resolves a future (with None) unless it is done already."""
+
+    __slots__ = ("fut",)
+    direct = True
+
+    def __init__(self, fut: asyncio.Future[Any]) -> None:
+        # Written once, here:
+        self.loop = fut.get_loop()
+        self.fut = fut
+
+    def run(self) -> None:
+        _wake(self.fut)
+
+
 class _Waker:
-    """Wakes an asyncio future from any thread. An object with slots, not a closure: each
+    """A Latch's waker: wakes an asyncio future from any thread (a latch wakes its waiters
+    itself, one by one, not through ``wake_all``). An object with slots, not a closure: each
     waiting caller holds one, and a closure over its cells costs 208 bytes against 48 (issue
     23's memory per flight)."""
 
@@ -60,7 +110,38 @@ class _Waker:
             pass  # the waiter's loop is closed: nobody is left to wake
 
 
-def _timer(fut: asyncio.Future[None], timeout: float | None) -> asyncio.TimerHandle | None:
+def _run_each(fns: list[Callable[[], None]]) -> None:
+    """One loop's share of a ``wake_all``, on that loop: each runs, whatever another raised."""
+    for fn in fns:
+        try:
+            fn()
+        except Exception as exc:  # as the loop reports a callback that raised
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": f"waking {fn!r} failed", "exception": exc}
+            )
+
+
+def wake_all(wakers: Sequence[Callable[[], None]]) -> None:
+    """Call each waker; those of one event loop other than the running one share a single
+    callback on it (one self-pipe write and one loop turn, however many wait there)."""
+    if len(wakers) == 1:
+        wakers[0]()  # the usual case: one waiter, nothing to share
+        return
+    batches: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
+    running = events._get_running_loop()
+    for wake in wakers:
+        if isinstance(wake, LoopWaker) and wake.loop is not running:
+            batches.setdefault(wake.loop, []).append(wake.run)
+        else:
+            wake()
+    for loop, fns in batches.items():
+        try:
+            loop.call_soon_threadsafe(fns[0] if len(fns) == 1 else partial(_run_each, fns))
+        except RuntimeError:
+            pass  # that loop is closed: nobody is left to wake
+
+
+def _timer(fut: asyncio.Future[Any], timeout: float | None) -> asyncio.TimerHandle | None:
     """Wake ``fut`` after ``timeout`` seconds (None: never). A timer on the future itself:
     asyncio.wait_for would add a task and two loop turns; the waiter awaits ``fut`` in its own
     frame, with no coroutine of ours between (one frame less per waiting caller)."""
@@ -162,11 +243,17 @@ class Mailbox(Generic[T]):
         self._waker: Callable[[], None] | None = None  # under _lock; called after release
 
     def put(self, item: T) -> None:
+        waker = self.put_quietly(item)
+        if waker is not None:
+            waker()
+
+    def put_quietly(self, item: T) -> Callable[[], None] | None:
+        """Put ``item`` without waking the consumer: the waker to call (after releasing the
+        caller's own locks, with ``wake_all`` to wake many), or None if nobody waits."""
         with self._lock:
             self._items.append(item)
             waker, self._waker = self._waker, None
-        if waker is not None:
-            waker()
+        return waker
 
     def _take_or_arm(self, waker: Callable[[], None]) -> tuple[bool, T | None]:
         """The next item if there is one; else arm ``waker`` for the next put."""
@@ -201,7 +288,7 @@ class Mailbox(Generic[T]):
             if self._items:
                 return self._items.pop(0)
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waker = _Waker(fut)
+            self._waker = _FutureWaker(fut)
         timer = None
         try:
             timer = _timer(fut, timeout)
@@ -212,6 +299,74 @@ class Mailbox(Generic[T]):
             with self._lock:
                 self._waker = None
         return self._take()
+
+    async def take_async(self, timeout: float | None, handle: Callable[[T], None]) -> bool:
+        """Hand the next item to ``handle`` on this loop, waiting up to ``timeout`` seconds
+        for one: True once handed, False if none came.
+
+        An item put while the task waits is handed over in the producer's callback on the
+        loop, ahead of the task (which resumes at the loop's next turn, after whatever
+        ``handle`` woke): what ``handle`` does needs no turn of the task's. A cancelled wait
+        hands nothing over; one cancelled after the callback handed its item over raises
+        all the same."""
+        fut: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        waker = _Handover(self, fut, handle)
+        with self._lock:
+            has = bool(self._items)
+            item = self._items.pop(0) if has else None
+            if not has:
+                self._waker = waker
+        if has:
+            handle(item)  # type: ignore[arg-type]
+            return True
+        timer = None
+        try:
+            timer = _timer(fut, timeout)
+            await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            with self._lock:
+                if self._waker is waker:
+                    self._waker = None
+        if fut.result():
+            return True
+        with self._lock:  # timed out; an item may have come just now
+            has = bool(self._items)
+            item = self._items.pop(0) if has else None
+        if has:
+            handle(item)  # type: ignore[arg-type]
+        return has
+
+
+class _Handover(LoopWaker, Generic[T]):
+    """A take_async's waker: on the loop, hands the mailbox's next item to its consumer."""
+
+    __slots__ = ("box", "fut", "handle")
+
+    def __init__(
+        self, box: Mailbox[T], fut: asyncio.Future[bool | None], handle: Callable[[T], None]
+    ) -> None:
+        # Written once, here:
+        self.loop = fut.get_loop()
+        self.box = box
+        self.fut = fut  # True once handed over; None: timed out (_wake); or cancelled
+        self.handle = handle
+
+    def run(self) -> None:
+        fut, box = self.fut, self.box
+        if fut.done():
+            return  # timed out or cancelled: the task takes what came itself, or nobody
+        with box._lock:
+            if not box._items:  # woken with nothing to take: wait on
+                box._waker = self
+                return
+            got = box._items.pop(0)
+        try:
+            self.handle(got)  # what it wakes runs before the task, at the loop's next turn
+        finally:
+            if not fut.done():
+                fut.set_result(True)
 
 
 def _gather(boxes: dict[int, Mailbox[T]], waker: Callable[[], None]) -> dict[int, T]:
@@ -246,7 +401,7 @@ def take_any(boxes: dict[int, Mailbox[T]], timeout: float) -> dict[int, T]:
 async def take_any_async(boxes: dict[int, Mailbox[T]], timeout: float) -> dict[int, T]:
     """take_any on the running loop."""
     fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    wake = _Waker(fut)
+    wake = _FutureWaker(fut)
     got = _gather(boxes, wake)
     if not got:
         timer = _timer(fut, max(0.0, timeout))

@@ -4,6 +4,14 @@ The process's flight for a key runs in a task of its own (``call.run_shared_flig
 cancelled caller stops waiting alone: the shared work and the other callers go on. A flight
 that is only following, and that no caller awaits any more, is cancelled. Each event loop has
 its own table of flights: a loop that stops mid-flight strands only its own callers.
+
+A follower's message reaches its callers in one hand-off: the hub's callback on the loop
+(one per loop and message) steps the flight machine with it right there
+(``_Driver.step_ahead``); should that end the flight, it tidies up as drive() would and hands
+the end to the shared flight's machine, which resolves the entry and so each caller's future.
+The callers run at the loop's next turn; the flight's task, woken after them, takes those
+steps as its own (``_step``) and ends. Before, the message woke the task, which woke the
+callers: a turn more. The machines decide, as ever; only who steps them changed.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable, Coroutine, Generator, Sequence
-from typing import Any
+from typing import Any, Final, TypeAlias
 
 from dedupe.backend.lifecycle import Backend
 from dedupe.backend.transport import acquire_and_wait
@@ -30,7 +38,16 @@ from dedupe.core.batch import (
     run_batch_call,
     run_shared_batch,
 )
-from dedupe.core.call import AwaitFlight, Cancel, Fly, Launch, RunHere, run_call, run_shared_flight
+from dedupe.core.call import (
+    AwaitFlight,
+    CallCommand,
+    Cancel,
+    Fly,
+    Launch,
+    RunHere,
+    run_call,
+    run_shared_flight,
+)
 from dedupe.core.inflight import Entry, InFlight
 from dedupe.core.keys import Names
 from dedupe.core.protocol import (
@@ -127,21 +144,36 @@ async def _shared_flight(
 ) -> None:
     """The task that runs a key's flight for this loop's callers (call.run_shared_flight)."""
     machine = run_shared_flight(backend, table, names, entry, observed=events.enabled)
+    ahead: _Step | None = None  # the machine's step the hub's callback took
+    cmd: CallCommand
     reply: Any = None
     error: BaseException | None = None
     while True:
         try:
-            cmd = machine.send(reply) if error is None else machine.throw(error)
+            if ahead is not None and error is None:  # taken in the hub's callback
+                ended, cmd, raised = ahead
+                ahead = None
+                if raised is not None:
+                    raise raised
+                if ended:
+                    return
+            else:
+                ahead = None  # an error came after it: thrown into the machine instead
+                cmd = machine.send(reply) if error is None else machine.throw(error)
         except StopIteration:
             return
         reply, error = None, None
         try:
             if type(cmd) is Fly:
                 backend.begin_flight()
+                driver = _Driver(backend, spec, fn, args, kwargs, entry)
+                driver.shared = machine
                 try:
-                    reply = await _Driver(backend, spec, fn, args, kwargs, entry).run()
+                    reply = await driver.run()
                 finally:
-                    backend.end_flight()
+                    ahead = driver.ended
+                    if ahead is None:  # else counted out in the hub's callback
+                        backend.end_flight()
             elif type(cmd) is RunHere:
                 reply = await _run_here(backend, names, entry, fn, args, kwargs)
             else:
@@ -166,8 +198,39 @@ async def _run_here(
         return Outcome(error=exc)
 
 
+_AHEAD: Final = object()
+"""A Wait's reply once the hub's callback stepped the flight with the message (step_ahead)."""
+
+_Step: TypeAlias = tuple[bool, Any, "BaseException | None"]
+
+
+def _step(machine: Generator[Any, Any, Any], reply: object) -> _Step:
+    """One step of a machine taken on the loop (in the hub's callback) ahead of the task that
+    drives it, which then takes it as its own next step: (False, the command yielded, None),
+    or (True, the value returned, None), or (True, None, what it raised)."""
+    try:
+        return False, machine.send(reply), None
+    except StopIteration as stop:
+        return True, stop.value, None
+    except BaseException as exc:  # raised in the task, where it would have been
+        return True, None, exc
+
+
 class _Driver(DriverBase):
-    __slots__ = ()
+    # Written and read on the loop only (the hub's callback and this driver's task never run
+    # at once), so no lock.
+    __slots__ = ("ahead", "ended", "running", "shared")
+    running: Flight | None  # the flight drive() steps
+    ahead: _Step | None  # a step of it the hub's callback took
+    shared: Generator[CallCommand, Any, None] | None  # run_shared_flight's machine
+    ended: _Step | None  # its step, once the flight ended (and was counted out) there
+
+    def __init__(
+        self, backend: Backend, spec: FlightSpec, fn: Callable[..., Any],
+        args: tuple[Any, ...], kwargs: dict[str, Any], entry: Entry,
+    ) -> None:  # fmt: skip
+        super().__init__(backend, spec, fn, args, kwargs, entry)
+        self.running = self.ahead = self.shared = self.ended = None
 
     def run(self) -> Run:
         return self.drive(run_flight(self.spec, self.codec, self.clock, self.trace))
@@ -177,10 +240,20 @@ class _Driver(DriverBase):
         reply: object = None
         error: BaseException | None = None
         handed_off = False
+        self.running = flight
         try:
             while True:
                 try:
-                    cmd = flight.send(reply) if error is None else flight.throw(error)
+                    if reply is _AHEAD:  # step_ahead took this step, then woke us
+                        assert self.ahead is not None
+                        ended, cmd, raised = self.ahead
+                        self.ahead = None
+                        if raised is not None:
+                            raise raised
+                        if ended:
+                            return cmd  # type: ignore[no-any-return]
+                    else:
+                        cmd = flight.send(reply) if error is None else flight.throw(error)
                 except StopIteration as stop:
                     return stop.value  # type: ignore[no-any-return]
                 reply, error = None, None
@@ -204,6 +277,25 @@ class _Driver(DriverBase):
             await self.drive(flight)
         except Exception as exc:
             log.warning("a background refresh of %r failed: %s", self.spec.names.job_id, exc)
+
+    def step_ahead(self, message: object) -> None:
+        """A Wait's message, on the loop (the hub's callback, ahead of this driver's task):
+        into the flight now. Should that end it, the shared flight's machine takes the end
+        here too, which resolves the entry: the callers then run before the task."""
+        assert self.running is not None
+        ended, value, raised = self.ahead = _step(self.running, message)
+        if ended and raised is None and self.shared is not None:
+            # What drive() and _shared_flight do next, in their order: drive()'s finish()
+            # (its own then finds nothing left), the flight counted out, the machine's step.
+            try:
+                self.finish()
+            except BaseException as exc:  # the task raises it, as drive() would have
+                self.ahead = (True, None, exc)
+                return
+            try:
+                self.backend.end_flight()
+            finally:  # counted out, so the machine's step is the task's to take, whatever
+                self.ended = _step(self.shared, value)
 
     async def execute(self, cmd: Command) -> object:
         if type(cmd) is Lead:  # first: the one command of a leader that runs no script
@@ -231,7 +323,9 @@ class _Driver(DriverBase):
                 return self.reply_of(cmd, raw)
             return self.reply_of(cmd, await self.backend.run_async_script(script))
         if type(cmd) is Wait:
-            return await self.mailbox.get_async(cmd.timeout)  # type: ignore[union-attr]
+            # The message goes into the flight in the hub's callback (step_ahead): _AHEAD.
+            got = await self.mailbox.take_async(cmd.timeout, self.step_ahead)  # type: ignore[union-attr]
+            return _AHEAD if got else None
         if type(cmd) is Subscribe:
             latch = self.subscribe()
             return await latch.wait_async(self.confirm_timeout(cmd.timeout)) and latch.get()
