@@ -29,6 +29,7 @@ import redis.cluster
 from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError
 
 from dedupe.backend.commands import renew_call
+from dedupe.backend.topology import note_moved
 from dedupe.core.leases import RENEW_UNKNOWN, Lease, LeaseBook
 
 __all__ = ["BatchRenewFn", "Renewer", "renew_many"]
@@ -275,21 +276,6 @@ def _redirect(reply: Any) -> tuple[str, str, int] | None:
     return None
 
 
-def _note_moved(cluster: Any, replies: list[Any]) -> None:
-    # A slot moved: patch the slot map (no I/O), so the next renewal goes to the new owner.
-    manager = cluster.nodes_manager
-    for reply in replies:
-        if isinstance(reply, MovedError):
-            try:
-                if hasattr(manager, "move_slot"):
-                    manager.move_slot(reply)
-                else:  # redis-py < 5.1
-                    manager.update_moved_exception(reply)
-            except Exception:
-                log.debug("could not patch the slot map", exc_info=True)
-            return
-
-
 def _follow(
     cluster: Any, items: Sequence[tuple[str, str, int]], redirects: list[tuple[int, str, str, int]]
 ) -> dict[int, Any]:
@@ -366,7 +352,7 @@ def renew_many(client: Any, items: Sequence[tuple[str, str, int]]) -> list[int]:
             except Exception:
                 log.debug("could not refresh the cluster slot map", exc_info=True)
             continue
-        _note_moved(c, replies)
+        note_moved(c, replies)
         redirects: list[tuple[int, str, str, int]] = []
         for i, reply in zip(idxs, replies, strict=True):
             out[i] = _flag(reply)

@@ -12,9 +12,10 @@ URLs:
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -26,6 +27,7 @@ import redis.asyncio.sentinel
 import redis.cluster
 import redis.sentinel
 from redis.crc import key_slot
+from redis.exceptions import MovedError
 
 from dedupe.backend import memory
 from dedupe.backend.hub import Connection
@@ -45,9 +47,12 @@ __all__ = [
     "Target",
     "cluster_twin",
     "kind_of_clients",
+    "note_moved",
     "parse_url",
     "sentinel_twin",
 ]
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["standalone", "cluster", "sentinel", "memory"]
 
@@ -387,3 +392,20 @@ class AsyncSentinel(_asentinel.Sentinel):  # type: ignore[misc]
                 error = exc
             answers.append(_answer(_where(sentinel), service_name, masters, error))
         raise _no_master(service_name, answers, _asentinel.MasterNotFoundError)
+
+
+def note_moved(cluster: Any, replies: Sequence[Any]) -> None:
+    """A slot moved: patch the Cluster client's slot map (no I/O) from the first MOVED among
+    ``replies``, so the next batch or renewal goes to the new owner (the command layer
+    learns it anyway when it meets the move)."""
+    manager = cluster.nodes_manager
+    for reply in replies:
+        if isinstance(reply, MovedError):
+            try:
+                if hasattr(manager, "move_slot"):
+                    manager.move_slot(reply)
+                else:  # redis-py < 5.1
+                    manager.update_moved_exception(reply)
+            except Exception:
+                log.debug("could not patch the slot map", exc_info=True)
+            return

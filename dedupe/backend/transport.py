@@ -33,7 +33,6 @@ from redis.exceptions import (
     AskError,
     ClusterDownError,
     ClusterError,
-    MovedError,
     NoScriptError,
     ResponseError,
     TryAgainError,
@@ -43,6 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from dedupe.backend.clients import Clients, Once
 from dedupe.backend.commands import READ, ScriptCall, Stamp
 from dedupe.backend.slots import AsyncSlots
+from dedupe.backend.topology import note_moved
 from dedupe.backend.wire import AsyncWire, SyncWire, wire_ready
 from dedupe.errors import BackendUnavailable, WaitTimeout
 from dedupe.settings import AsyncClient, SyncClient
@@ -249,7 +249,7 @@ class Transport:
                     replies[k] = reply
         finally:
             self._sync_slots.put(None)
-        _note_moved(client, replies)
+        note_moved(client, replies)
         outage: Exception | None = None
         for k, reply in enumerate(replies):
             if reply is _UNSENT or isinstance(reply, _NOT_RUN_NOW):
@@ -432,22 +432,6 @@ def _stamp(stamps: Sequence[Stamp | None]) -> None:
     for stamp in stamps:
         if stamp is not None:
             stamp.sent = now
-
-
-def _note_moved(cluster: Any, replies: Sequence[Any]) -> None:
-    """A slot moved: patch the client's slot map (no I/O), so the next batch groups by the
-    new owner (the script itself goes there through the command layer)."""
-    manager = cluster.nodes_manager
-    for reply in replies:
-        if isinstance(reply, MovedError):
-            try:
-                if hasattr(manager, "move_slot"):
-                    manager.move_slot(reply)
-                else:  # redis-py < 5.1
-                    manager.update_moved_exception(reply)
-            except Exception:
-                pass  # the command layer learns the move when it meets it
-            return
 
 
 # While a Cluster slot migrates, a multi-key script may meet TRYAGAIN until it is done. Every
