@@ -331,3 +331,46 @@ def test_a_hit_on_a_cluster_reads_on_the_slots_node(redis_cluster: Any, prefix: 
         sf.close()
         for node in nodes:
             node.close()
+
+
+@pytest.mark.parametrize("lost", [1, 2])
+def test_a_lost_read_reply_on_a_hanging_connection(server: RedisServer, lost: int) -> None:
+    """The read's reply is lost and its connection hangs. One lost: the read is tried again
+    on a fresh connection within its bound and the kept value is served. Two lost (the
+    retry's too): the caller gets BackendUnavailable within the bound, not a hang; nothing
+    was run and no lease is left behind (a read takes none)."""
+    from proxy import Proxy
+
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    names = names_for(prefix, "hung")
+    client = server.client()
+    direct = SingleFlight(server.url, prefix=prefix, result_ttl=60)
+    runs: list[str] = []
+
+    def job(who: str) -> str:
+        runs.append(who)
+        return who
+
+    try:
+        assert direct.call("hung", job, "first") == "first"
+        with Proxy(server.address) as proxy:
+            url = "redis://{}:{}/0".format(*proxy.address)
+            cut = SingleFlight(
+                url, prefix=prefix, result_ttl=60, connect_timeout=0.5, socket_timeout=1
+            )
+            try:
+                proxy.lose_reply_to(b"MGET", lost)
+                if lost == 1:
+                    served = cut.call_detailed("hung", job, "again")
+                    assert served.value == "first" and served.role == "kept"
+                else:
+                    with pytest.raises(BackendUnavailable):
+                        cut.call("hung", job, "again")
+                assert proxy.lost_replies == lost
+            finally:
+                cut.close(timeout=0)
+        assert runs == ["first"]
+        assert client.exists(names.lock) == 0
+    finally:
+        direct.close()
+        client.close()
