@@ -1460,6 +1460,36 @@ class SharedRun:
             self.flight.cancel()
 
 
+def step_machine(
+    run: Any,
+    machine: Any,
+    reply: Any,
+    error: BaseException | None,
+    ended: Callable[[Any, BaseException | None], None],
+) -> None:
+    """Step a flight's or a batch's machine with ``reply`` (or ``error``), carrying each
+    command ``run.handle`` answers at once, until one is answered later (``run.pending``) or
+    the machine ends (``ended`` gets its value or error; a Violation goes on up)."""
+    while True:
+        run.pending = None
+        try:
+            cmd = machine.send(reply) if error is None else machine.throw(error)
+        except StopIteration as stop:
+            ended(stop.value, None)
+            return
+        except Violation:
+            raise
+        except BaseException as exc:
+            ended(None, exc)
+            return
+        reply, error = None, None
+        run.pending = cmd
+        handled = run.handle(cmd)
+        if handled is None:
+            return  # the reply comes later
+        reply, error = handled
+
+
 class FlightRun:
     """One flight: the real run_flight generator, its commands carried through the world."""
 
@@ -1527,24 +1557,7 @@ class FlightRun:
     def resume(self, reply: object, error: BaseException | None) -> None:
         if self.done or self.proc.epoch != self.epoch:
             return
-        while True:
-            self.pending = None
-            try:
-                cmd = self.gen.send(reply) if error is None else self.gen.throw(error)
-            except StopIteration as stop:
-                self.finish(stop.value, None)
-                return
-            except Violation:
-                raise
-            except BaseException as exc:
-                self.finish(None, exc)
-                return
-            reply, error = None, None
-            self.pending = cmd
-            handled = self.handle(cmd)
-            if handled is None:
-                return  # the reply comes later
-            reply, error = handled
+        step_machine(self, self.gen, reply, error, self.finish)
 
     def cancel(self) -> None:
         """The task awaiting this flight is cancelled: CancelledError at its pending await,
@@ -1878,24 +1891,7 @@ class BatchRun:
             mod._monotonic = saved
 
     def _step(self, reply: Any, error: BaseException | None) -> None:
-        while True:
-            self.pending = None
-            try:
-                cmd = self.machine.send(reply) if error is None else self.machine.throw(error)
-            except StopIteration as stop:
-                self.ended(stop.value, None)
-                return
-            except Violation:
-                raise
-            except BaseException as exc:
-                self.ended(None, exc)
-                return
-            reply, error = None, None
-            self.pending = cmd
-            handled = self.handle(cmd)
-            if handled is None:
-                return  # the reply comes later
-            reply, error = handled
+        step_machine(self, self.machine, reply, error, self.ended)
 
     def later(self, cmd: Any, reply: Any, error: BaseException | None) -> None:
         """A reply that came later: step on, once the current event is handled."""
