@@ -35,7 +35,7 @@ from typing import Any
 
 TOOLS = ("raw-sync", "wire-sync", "dedupe-sync", "raw-async", "wire-async", "dedupe-async")
 # The hit (issue 23): a fresh kept value against a raw GET, sync and async; a local copy alone.
-HIT_TOOLS = ("get-sync", "hit-sync", "copy-hit-sync", "get-async", "hit-async")
+HIT_TOOLS = ("get-sync", "hit-sync", "copy-hit-sync", "plain-sync", "get-async", "hit-async")
 HIT_PAIRS = (("sync", "hit-sync", "get-sync"), ("async", "hit-async", "get-async"))
 LABELS = {
     "raw-sync": "raw SET NX PX + EVALSHA (redis-py)",
@@ -47,6 +47,7 @@ LABELS = {
     "get-sync": "raw GET (redis-py client API)",
     "hit-sync": "dedupe, a fresh kept value (sync)",
     "copy-hit-sync": "dedupe, a local copy (local_cache, sync)",
+    "plain-sync": "a plain function call (the loop's own cost)",
     "get-async": "raw GET (redis.asyncio client API)",
     "hit-async": "dedupe, a fresh kept value (async)",
 }
@@ -129,6 +130,7 @@ def _tool_class(tool: str) -> Any:
         "get-sync": tools.RawGetSync,
         "hit-sync": tools.DedupeHit,
         "copy-hit-sync": tools.DedupeCopyHit,
+        "plain-sync": tools.PlainCall,
         "get-async": tools.RawGetAsync,
         "hit-async": tools.DedupeHitAsync,
     }[tool]

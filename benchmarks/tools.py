@@ -426,6 +426,24 @@ class DedupeCopyHit(DedupeHit):
     local_cache = True
 
 
+class PlainCall:
+    """The benchmark's own floor for a local copy: the same loop calling a plain function."""
+
+    name = "a plain function call"
+
+    def __init__(self, url: str, prefix: str) -> None:
+        def hot() -> bytes:
+            return b"x" * 16
+
+        self.fn: Callable[[], bytes] = hot
+
+    def __call__(self, i: int) -> None:
+        self.fn()
+
+    def close(self) -> None:
+        pass
+
+
 class RawGetAsync:
     """RawGetSync through redis.asyncio's client API."""
 

@@ -100,7 +100,7 @@ class Decorator(Protocol):
 class Flown:
     """One decorated function's flight settings; shared by its wrapper and bound wrappers."""
 
-    __slots__ = ("builder", "is_async", "overrides", "returns", "sf", "shape", "warned")
+    __slots__ = ("builder", "is_async", "overrides", "returns", "sf", "shape", "warned", "wrapped")
 
     def __init__(
         self,
@@ -108,11 +108,13 @@ class Flown:
         builder: KeyBuilder,
         overrides: Overrides,
         is_async: bool,
+        wrapped: Callable[..., Any],
         returns: Any = FROM_ANNOTATION,
     ) -> None:
         self.sf, self.builder, self.overrides, self.is_async = sf, builder, overrides, is_async
         self.warned = False  # a sync call blocked a running event loop (warned once)
         self.returns = returns
+        self.wrapped = wrapped  # the decorated function, as the wrapper calls it
         # Resolved at the first call, not here: the annotation may name a class defined
         # further down the module. Written once (a race only resolves it twice).
         self.shape: Shape | Unresolved | None = UNRESOLVED
@@ -128,12 +130,16 @@ class Flown:
 
     def run(
         self,
-        wrapped: Callable[..., Any],
-        instance: Any,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        detail: bool,
+        detail: bool = False,
+        wrapped: Callable[..., Any] | None = None,
+        instance: Any = None,
     ) -> Any:
+        """One call: ``wrapped`` (the decorated function unless given: a bound wrapper's)
+        with ``args``; ``instance``, a bound wrapper's self, is the key's first argument."""
+        if wrapped is None:
+            wrapped = self.wrapped
         job_id = self.builder(args if instance is None else (instance, *args), kwargs)
         shape: Any = self.shape
         if shape is UNRESOLVED:
@@ -167,7 +173,7 @@ class BoundFlightFunctionWrapper(wrapt.BoundFunctionWrapper[..., Any]):
 
     def detailed(self, *args: Any, **kwargs: Any) -> Any:
         flown: Flown = self._self_parent._self_flown
-        return flown.run(self.__wrapped__, self._self_instance, args, kwargs, True)
+        return flown.run(args, kwargs, True, self.__wrapped__, self._self_instance)
 
     def forget(self, *args: Any, **kwargs: Any) -> Any:
         flown: Flown = self._self_parent._self_flown
@@ -206,23 +212,20 @@ class FlightFunctionWrapper(ByReference, wrapt.FunctionWrapper[..., Any]):
     def __init__(self, wrapped: Callable[..., Any], flown: Flown) -> None:
         super().__init__(wrapped, wrapper_for(flown, wrapped))
         self._self_flown = flown
-        # What wrapt's own call passes as the instance: a bound method's __self__. Looked up
-        # once here; wrapt looks it up on every call, and a plain function's missing
-        # __self__ raised and cleared an AttributeError each time (some 2k instructions).
-        self._self_bound_to = (
-            getattr(wrapped, "__self__", None)
-            if self._self_binding in ("function", "instancemethod", "callable", "classmethod")
-            else None
-        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._self_flown.run(self.__wrapped__, self._self_bound_to, args, kwargs, False)
+        # Not wrapt's call: that looks up the wrapped function's __self__ on every call (a
+        # plain function's missing one raised and cleared an AttributeError: some 2k
+        # instructions) and passes it as the instance, though a bound method's signature,
+        # which the key is built by, has no self. One attribute of the proxy, not three:
+        # each costs a __getattribute__ lookup through wrapt's proxy.
+        return self._self_flown.run(args, kwargs)
 
     def job_id(self, *args: Any, **kwargs: Any) -> str:
         return self._self_flown.job_id(None, args, kwargs)
 
     def detailed(self, *args: Any, **kwargs: Any) -> Any:
-        return self._self_flown.run(self.__wrapped__, None, args, kwargs, True)
+        return self._self_flown.run(args, kwargs, True)
 
     def forget(self, *args: Any, **kwargs: Any) -> Any:
         return self._self_flown.forget(None, args, kwargs)
@@ -230,7 +233,7 @@ class FlightFunctionWrapper(ByReference, wrapt.FunctionWrapper[..., Any]):
 
 def wrapper_for(flown: Flown, fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
-        return flown.run(wrapped, instance, args, kwargs, False)
+        return flown.run(args, kwargs, False, wrapped, instance)
 
     return wrapper
 

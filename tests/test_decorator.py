@@ -50,6 +50,50 @@ def test_methods_key_on_self(sf: SingleFlight) -> None:
     assert repo.calls == 2
 
 
+def test_a_decorated_bound_method_keys_on_its_own_arguments(sf: SingleFlight) -> None:
+    # A bound method's signature has no self: its key is built from the call's arguments
+    # alone (it once got the method's __self__ too, and every call raised TypeError).
+    class Client:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def fetch(self, n: int) -> int:
+            self.calls += 1
+            return n * 2
+
+    client = Client()
+    fetch = sf(key="fetch:{n}", result_ttl=30)(client.fetch)
+    assert fetch.job_id(4) == fetch.job_id(n=4) and fetch.job_id(4).endswith(":fetch:4")
+    assert fetch(4) == 8
+    assert fetch.detailed(4).role == "kept"  # the same job as the plain call
+    assert fetch.detailed(5).value == 10
+    with pytest.raises(TypeError):
+        fetch(4, 5)
+    assert client.calls == 2
+
+
+def test_a_key_without_fields_names_one_job_and_still_checks_arguments(
+    redis_url: str, prefix: str
+) -> None:
+    sf = SingleFlight(redis_url, prefix=prefix, local_cache=True)
+
+    @sf(key="token", result_ttl=30)
+    def refresh(scope: str) -> str:
+        return scope
+
+    try:
+        assert refresh.job_id("a") == refresh.job_id(scope="b") == refresh.job_id("c")
+        assert refresh("a") == "a"
+        assert refresh("b") == "a"  # one job, whatever the arguments: its local copy
+        assert refresh.detailed("c").role == "copy"
+        with pytest.raises(TypeError):
+            refresh()
+        with pytest.raises(TypeError):
+            refresh("a", "b")
+    finally:
+        sf.close()
+
+
 async def test_call_detects_every_kind_of_coroutine_function(sf: SingleFlight) -> None:
     import functools
 

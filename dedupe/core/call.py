@@ -163,9 +163,10 @@ _MISS: Final = (False, None)
 def copy_hit(env: CallEnv, names: Names) -> tuple[bool, Any]:
     """The call's first step: (True, value) if this process holds a fresh local copy of the
     job's value (``local_cache``), else (False, None). A leader calling its own key raises
-    ReentrantFlight first, copy or not. run_call takes this step itself; a driver may take it
-    before starting the machine (the hot path of a cache: no generator, no flight), when it
-    needs no Served and no events."""
+    ReentrantFlight first, copy or not. run_call takes this step itself; SingleFlight's
+    _run_sync and _run_async take it inline before starting the machine (the hot path of a
+    cache: no generator, no flight) outside any lead, when they need no Served and no
+    events."""
     key = names.channel
     if leading_state.get() is not None:  # inside a leader's function: is it this key?
         check_reentry(key, names.job_id)

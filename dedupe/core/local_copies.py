@@ -49,8 +49,10 @@ class LocalCopies:
 
     Expired entries are dropped on every put (soonest expiry first, from a heap), so none
     outlives its freshness by more than the next put; when a bound is reached the oldest
-    entries go first. One lock guards ``_entries``, ``_expiry`` and ``_bytes``; ``get``
-    reads ``_entries`` without it (a dict lookup is atomic) and takes it only to delete.
+    entries go first. One lock guards ``entries``, ``_expiry`` and ``_bytes``; ``get``
+    reads ``entries`` without it (a dict lookup is atomic) and takes it only to delete.
+    ``entries`` and ``clock`` are public for the call's hot path, which reads a fresh entry
+    as ``get`` does, inline (SingleFlight._run_sync).
     """
 
     def __init__(
@@ -59,70 +61,70 @@ class LocalCopies:
         max_bytes: int = DEFAULT_MAX_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._clock = clock
+        self.clock = clock
         self._lock = threading.Lock()
         # key -> (expires at, value, estimated bytes, produced at); insertion order is age
         # order.
-        self._entries: dict[str, tuple[float, Any, int, float]] = {}
+        self.entries: dict[str, tuple[float, Any, int, float]] = {}
         self._expiry: list[tuple[float, str]] = []  # may hold stale pairs; checked on pop
         self._bytes = 0
         self._max = max_entries
         self._max_bytes = max_bytes
 
     def get(self, key: str) -> tuple[bool, Any]:
-        hit = self._entries.get(key)
+        hit = self.entries.get(key)
         if hit is None:
             return False, None
-        if hit[0] > self._clock():
+        if hit[0] > self.clock():
             return True, hit[1]
         with self._lock:
-            if self._entries.get(key) is hit:
+            if self.entries.get(key) is hit:
                 self._drop(key)
         return False, None
 
     def age_ms(self, key: str) -> int:
         """How old the copy of ``key`` is: its age when kept, and the time since (0: none)."""
-        hit = self._entries.get(key)
-        return 0 if hit is None else max(0, round((self._clock() - hit[3]) * 1000))
+        hit = self.entries.get(key)
+        return 0 if hit is None else max(0, round((self.clock() - hit[3]) * 1000))
 
     def put(self, key: str, value: Any, fresh_ms: int, age_ms: int = 0) -> None:
         if fresh_ms <= 0:
             return
         size = estimate_size(value)
-        now = self._clock()
+        now = self.clock()
         expires = now + fresh_ms / 1000
         with self._lock:
-            if key in self._entries:
+            if key in self.entries:
                 self._drop(key)
             self._evict_expired(now)
             if size > self._max_bytes:
                 return  # larger than the whole bound: not worth a copy
-            self._entries[key] = (expires, value, size, now - age_ms / 1000)
+            self.entries[key] = (expires, value, size, now - age_ms / 1000)
             self._bytes += size
             heapq.heappush(self._expiry, (expires, key))
-            while len(self._entries) > self._max or self._bytes > self._max_bytes:
-                self._drop(next(iter(self._entries)))
-            if len(self._expiry) > 2 * len(self._entries) + 64:
-                self._expiry = [(e[0], k) for k, e in self._entries.items()]
+            while len(self.entries) > self._max or self._bytes > self._max_bytes:
+                self._drop(next(iter(self.entries)))
+            if len(self._expiry) > 2 * len(self.entries) + 64:
+                self._expiry = [(e[0], k) for k, e in self.entries.items()]
                 heapq.heapify(self._expiry)
 
     def discard(self, key: str) -> bool:
         """Forget the copy of ``key`` now (``SingleFlight.forget``); True if it was fresh."""
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self.entries.get(key)
             if entry is None:
                 return False
             self._drop(key)
-        return entry[0] > self._clock()
+        return entry[0] > self.clock()
 
     def _drop(self, key: str) -> None:
-        self._bytes -= self._entries.pop(key)[2]
+        self._bytes -= self.entries.pop(key)[2]
 
     def _evict_expired(self, now: float) -> None:
         heap = self._expiry
         while heap and heap[0][0] <= now:
             expires, key = heapq.heappop(heap)
-            entry = self._entries.get(key)
+            entry = self.entries.get(key)
             if entry is not None and entry[0] == expires:
                 self._drop(key)
 
@@ -132,4 +134,4 @@ class LocalCopies:
         return self._bytes
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
