@@ -724,8 +724,12 @@ class SingleFlight:
         overrides: Overrides,
         returns: Any = FROM_ANNOTATION,
     ) -> Any:
-        if not callable(fn):
-            raise TypeError(f"single_flight decorates callables, not {type(fn).__name__}")
+        given: object = fn  # what was passed, whatever the annotation says
+        if not callable(given):
+            hint = ""
+            if isinstance(given, classmethod):  # a classmethod object is not callable
+                hint = ": put @classmethod above the single_flight decorator, not below"
+            raise TypeError(f"single_flight decorates callables, not {type(given).__name__}{hint}")
         builder = key_builder(fn, key, namespace)
         return FlightFunctionWrapper(fn, Flown(self, builder, overrides, is_async(fn), fn, returns))
 

@@ -123,6 +123,20 @@ def test_bad_keys_are_typed_errors(sf: SingleFlight) -> None:
         g(object())
     with pytest.raises(ValueError, match="empty"):
         sf.call("", lambda: None)
+    with pytest.raises(TypeError, match="@classmethod above"):
+
+        class Repo:
+            @sf(key="k:{n}")  # type: ignore[arg-type]
+            @classmethod
+            def load(cls, n: int) -> int: ...
+
+    class Fine:  # the other order works
+        @classmethod
+        @sf(key="k:{n}", result_ttl=0)
+        def load(cls, n: int) -> tuple[str, int]:
+            return cls.__name__, n
+
+    assert Fine.load(3) == ("Fine", 3)
 
 
 def test_bad_settings_are_typed_errors(redis_url: str) -> None:
