@@ -52,6 +52,7 @@ from dedupe.functions import (
     FlightFunction,
     FlightFunctionWrapper,
     Flown,
+    check_runnable,
     is_async,
     named,
     warn_blocking_once,
@@ -382,8 +383,7 @@ class SingleFlight:
         returns: Any = FROM_ANNOTATION,
     ) -> Any:
         validate_job_id(job_id)
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        check_runnable(fn, "fn must be callable")
         shape = function_shape(fn, returns)
         if is_async(fn):
             return named(self._run_async(job_id, o, fn, args, kwargs, detail, shape), fn)
@@ -577,8 +577,7 @@ class SingleFlight:
         check_relations(overrides.apply(self._settings))
 
         def decorate(fn: Callable[..., Any]) -> Any:
-            if not callable(fn):
-                raise TypeError(f"sf.batch decorates callables, not {type(fn).__name__}")
+            check_runnable(fn, "sf.batch decorates callables")
             keys = batch_keys(fn, key, namespace)
             batched = Batched(self, keys, overrides, is_async(fn), returns)
             return BatchFunctionWrapper(fn, batched)
@@ -598,8 +597,7 @@ class SingleFlight:
         return a dict of item to value (BatchError if one failed; a coroutine for a coroutine
         function). ``key``: a template over ``{item}`` or a callable of one item, giving each
         item's job id as sf.call's (shared with ``sf.call`` of that id)."""
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        check_runnable(fn, "fn must be callable")
         return adhoc(self, NO_OVERRIDES, items, fn, key, args, kwargs, is_async(fn), False)
 
     def call_batch_detailed(
@@ -613,8 +611,7 @@ class SingleFlight:
     ) -> Any:
         """As ``call_batch``, but return a BatchResult (values, errors, stale) and never
         raise for an item."""
-        if not callable(fn):
-            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        check_runnable(fn, "fn must be callable")
         return adhoc(self, NO_OVERRIDES, items, fn, key, args, kwargs, is_async(fn), True)
 
     # --- decorating ---------------------------------------------------------------------------
@@ -724,12 +721,7 @@ class SingleFlight:
         overrides: Overrides,
         returns: Any = FROM_ANNOTATION,
     ) -> Any:
-        given: object = fn  # what was passed, whatever the annotation says
-        if not callable(given):
-            hint = ""
-            if isinstance(given, classmethod):  # a classmethod object is not callable
-                hint = ": put @classmethod above the single_flight decorator, not below"
-            raise TypeError(f"single_flight decorates callables, not {type(given).__name__}{hint}")
+        check_runnable(fn, "single_flight decorates callables")
         builder = key_builder(fn, key, namespace)
         return FlightFunctionWrapper(fn, Flown(self, builder, overrides, is_async(fn), fn, returns))
 

@@ -299,6 +299,29 @@ def full_args(instance: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return args if instance is None else (instance, *args)
 
 
+def check_runnable(fn: object, refused: str) -> None:
+    """Refuse, as a TypeError, what no flight can run or share: not a callable (a classmethod
+    object under the decorator is not one), or a generator function (its generator can be
+    consumed once, by one caller, and cannot travel to another process). ``refused``
+    begins the message: "single_flight decorates callables", "fn must be callable"."""
+    if not callable(fn):
+        hint = ""
+        if isinstance(fn, classmethod):
+            hint = ": put @classmethod above the single_flight decorator, not below"
+        raise TypeError(f"{refused}, not {type(fn).__name__}{hint}")
+    inner: Any = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    if not (inspect.isfunction(inner) or inspect.ismethod(inner)):
+        inner = getattr(inner, "__call__", inner)  # noqa: B004 (a callable object's method)
+    if inspect.isgeneratorfunction(inner) or inspect.isasyncgenfunction(inner):
+        raise TypeError(
+            f"{function_name(fn)} is a generator function: its generator could be consumed "
+            "by one caller only and cannot be sent to other processes; return a list (or "
+            "another value) instead"
+        )
+
+
 def is_async(fn: Callable[..., Any]) -> bool:
     while isinstance(fn, functools.partial):
         fn = fn.func

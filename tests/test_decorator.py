@@ -6,7 +6,9 @@ typed errors, the derived sync/async twin clients, and the lazy default instance
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -92,6 +94,32 @@ def test_a_key_without_fields_names_one_job_and_still_checks_arguments(
             refresh("a", "b")
     finally:
         sf.close()
+
+
+def test_generator_functions_are_refused_when_given(sf: SingleFlight) -> None:
+    # A generator is consumed once and cannot travel: refused where it is given, not at the
+    # first call as a value the serializer cannot send.
+    def numbers(n: int) -> Iterator[int]:
+        yield n
+
+    async def anumbers(n: int) -> AsyncIterator[int]:
+        yield n
+
+    class Callable_:
+        def __call__(self, n: int) -> Iterator[int]:
+            yield n
+
+    for fn in (numbers, anumbers, functools.partial(numbers, 1), Callable_()):
+        with pytest.raises(TypeError, match="generator function"):
+            sf(key="g")(fn)
+        with pytest.raises(TypeError, match="generator function"):
+            sf.call("g", fn)
+        with pytest.raises(TypeError, match="generator function"):
+            sf.batch(key="g:{item}")(fn)
+        with pytest.raises(TypeError, match="generator function"):
+            sf.call_batch([1], fn, key="g:{item}")
+    with pytest.raises(TypeError, match="must be callable, not int"):
+        sf.call("g", 3)  # type: ignore[call-overload]
 
 
 async def test_call_detects_every_kind_of_coroutine_function(sf: SingleFlight) -> None:
