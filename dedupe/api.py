@@ -208,6 +208,20 @@ class SingleFlight:
             await old.aclose_loop_client()
             await asyncio.to_thread(old.close, timeout)
 
+    def __enter__(self) -> SingleFlight:
+        """``with SingleFlight(...) as sf:``: close() at the end of the block."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> SingleFlight:
+        """``async with SingleFlight(...) as sf:``: aclose() at the end of the block."""
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
     def stats(self) -> dict[str, int]:
         """Counters: envelopes rejected, hub reconnects, leases lost, local runs, flights now."""
         return self.backend().stats()

@@ -86,6 +86,33 @@ def test_two_functions_with_one_template_keep_their_own_results(
     assert redis_client.exists(result_key(prefix, load_orders.job_id(42))) == 1
 
 
+def _dedupe_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("dedupe")}
+
+
+def test_with_and_async_with_close_the_instance(redis_url: str, prefix: str) -> None:
+    before = _dedupe_threads()
+    with SingleFlight(redis_url, prefix=prefix, lock_ttl=2.0) as sf:
+        assert sf.call("with", lambda: 7) == 7
+        assert _dedupe_threads() - before  # the lease's renewer runs
+    assert not _dedupe_threads() - before  # closed at the end of the block
+
+    async def main() -> int:
+        async with SingleFlight(redis_url, prefix=prefix, lock_ttl=2.0) as asf:
+
+            async def job() -> int:
+                return 8
+
+            got = await asf.call("async with", job)
+            assert _dedupe_threads() - before
+        assert not _dedupe_threads() - before
+        return got
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)  # the loop's client closed too
+        assert asyncio.run(main()) == 8
+
+
 def test_namespace_false_shares_the_id_with_call(sf: SingleFlight) -> None:
     runs: list[int] = []
 

@@ -55,6 +55,9 @@ class _Group:
         self.thread: threading.Thread | None = None
 
 
+_JOIN = 1.0  # close() waits this long, in all, for the renewer's threads to end
+
+
 class Renewer:
     """Renews leases about every ttl/3 until they are removed, lost or abandoned.
 
@@ -123,13 +126,25 @@ class Renewer:
             self._closed = True
             held = self._book.close()
             self._cond.notify()
+            threads = [self._thread]
             for group in self._groups.values():
                 group.queue.clear()
                 group.cond.notify()
+                threads.append(group.thread)
         for lease in held:
             lease.lost.set()
         if held:
             log.warning("renewer closed under %d leases; they count as lost", len(held))
+        # Bounded as a whole, as the hub's: a worker in a round trip to a server that does
+        # not answer ends on its own when its timeout does (the threads are daemons).
+        deadline = time.monotonic() + _JOIN
+        for thread in threads:
+            if (
+                thread is not None
+                and thread.is_alive()
+                and thread is not threading.current_thread()
+            ):
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def pending(self) -> int:
         """Leases still renewed (not removed, not lost for good)."""
