@@ -5,6 +5,10 @@ its fixtures: no instance is built, no thread and no server started, before that
 
 - ``dedupe_memory``: a ``SingleFlight("memory://<unique>")`` of the test's own (no Redis),
   closed after the test, its store dropped.
+- ``dedupe_in_memory``: a function; ``dedupe_in_memory(app.sf)`` moves your app's own
+  instances (the ones its functions were decorated with, or ``dedupe.single_flight``) to a
+  memory:// store of the test's own until the test ends, then gives them back their
+  settings and drops the store.
 - ``dedupe_redis_url``: the URL of a throwaway ``redis-server`` on a free loopback port,
   started once per session (no persistence, in a temporary directory) and stopped by its
   PID at the end; the test is skipped, saying why, when no ``redis-server`` is on PATH
@@ -22,15 +26,17 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import fields
 from typing import TYPE_CHECKING
 
 import pytest
 
 if TYPE_CHECKING:
     from dedupe.api import SingleFlight
+    from dedupe.settings import Settings
 
-__all__ = ["dedupe_memory", "dedupe_redis", "dedupe_redis_url"]
+__all__ = ["dedupe_in_memory", "dedupe_memory", "dedupe_redis", "dedupe_redis_url"]
 
 _START_TIMEOUT = 10.0  # a redis-server that does not answer by then is reported, not waited on
 
@@ -47,6 +53,31 @@ def dedupe_memory() -> Iterator[SingleFlight]:
         yield sf
     finally:
         sf.close(timeout=5)
+        drop_store(name)
+
+
+@pytest.fixture
+def dedupe_in_memory() -> Iterator[Callable[..., None]]:
+    """``dedupe_in_memory(app.sf, ...)``: those instances run on a memory:// store of this
+    test's own until it ends (functions decorated earlier follow, as after configure());
+    then their own settings come back and the store is dropped."""
+    from dedupe.backend.memory import drop_store
+
+    name = f"pytest-{uuid.uuid4().hex}"
+    moved: list[tuple[SingleFlight, Settings]] = []
+
+    def use(*instances: SingleFlight) -> None:
+        for sf in instances:
+            if any(sf is done for done, _ in moved):
+                continue
+            moved.append((sf, sf.settings))
+            sf.configure(url=f"memory://{name}", client=None, async_client=None)
+
+    try:
+        yield use
+    finally:
+        for sf, settings in reversed(moved):
+            sf.configure(**{f.name: getattr(settings, f.name) for f in fields(settings)})
         drop_store(name)
 
 

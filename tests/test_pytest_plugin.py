@@ -90,6 +90,61 @@ def test_the_fixtures_in_a_users_test_file(pytester: pytest.Pytester) -> None:
     assert not _port_answers(port)  # the throwaway server was stopped with the session
 
 
+APP = """
+from dedupe import SingleFlight
+
+sf = SingleFlight("redis://127.0.0.1:9/0", wait_timeout=0.5)  # no server there
+runs = []
+
+
+@sf(key="user:{user_id}", result_ttl=60)
+def load(user_id):
+    runs.append(user_id)
+    return {"id": user_id}
+
+
+@sf(key="user:{user_id}", result_ttl=60, namespace="async")
+async def aload(user_id):
+    runs.append(-user_id)
+    return {"id": user_id}
+"""
+
+APP_TESTS = """
+import asyncio
+
+import pytest
+
+import app
+from dedupe import BackendUnavailable
+
+
+def test_the_apps_own_functions_run_in_memory(dedupe_in_memory):
+    dedupe_in_memory(app.sf)
+    assert app.load(1) == app.load(1) == {"id": 1}
+    assert asyncio.run(app.aload(1)) == {"id": 1}
+    assert app.runs == [1, -1]  # kept: one run per key
+    assert app.sf.settings.url.startswith("memory://")
+
+
+def test_a_store_of_each_tests_own(dedupe_in_memory):
+    dedupe_in_memory(app.sf, app.sf)  # twice: moved once
+    assert app.load(1) == {"id": 1}
+    assert app.runs == [1, -1, 1]  # not the last test's kept value
+
+
+def test_the_settings_come_back_after():
+    assert app.sf.settings.url == "redis://127.0.0.1:9/0"
+    with pytest.raises(BackendUnavailable):
+        app.load(2)
+"""
+
+
+def test_an_apps_own_instance_in_memory_for_a_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(app=APP, test_app=APP_TESTS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q")
+    result.assert_outcomes(passed=3)
+
+
 def test_the_redis_fixtures_skip_without_a_redis_server(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_user=USER_TESTS)
     env = {"DEDUPE_REDIS_SERVER": "no-such-redis-server-binary"}
