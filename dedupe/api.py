@@ -278,14 +278,17 @@ class SingleFlight:
         names = table.get(job_id) if settings is self._settings else None
         if names is None:
             names = self._names(job_id)
-        if backend.local_copies is not None and not (detail or events.enabled):
-            hit, value = copy_hit(backend, names)  # the call's first step, without the machine
+        # Without Served or events, the call's first steps are taken without the machine:
+        # the local copy, then the read of the kept value (sync.call).
+        first = not (detail or events.enabled)
+        if first and backend.local_copies is not None:
+            hit, value = copy_hit(backend, names)
             if hit:
                 return value
         p = self._flight_params(o)
         make = spec_maker(backend, names, p, shape)
         return sync.call(backend, names, make, p.wait_timeout, fn, args, kw, detail=detail,
-                         soft_timeout=p.soft_timeout)  # fmt: skip
+                         soft_timeout=p.soft_timeout, first=first)  # fmt: skip
 
     def _run_async(
         self,
@@ -308,8 +311,11 @@ class SingleFlight:
             names = table.get(job_id) if settings is self._settings else None
             if names is None:
                 names = self._names(job_id)
-            if backend.local_copies is not None and not (detail or events.enabled):
-                hit, value = copy_hit(backend, names)  # the call's first step, no machine
+            # Without Served or events, the call's first steps are taken without the
+            # machine: the local copy now, the read of the kept value in aio.call.
+            first = not (detail or events.enabled)
+            if first and backend.local_copies is not None:
+                hit, value = copy_hit(backend, names)
                 if hit:
                     return _ready(value)
             p = self._flight_params(o)
@@ -317,7 +323,7 @@ class SingleFlight:
         except Exception as exc:  # an abort (KeyboardInterrupt) goes on up at once
             return _raising(exc)
         return aio.call(backend, names, make, p.wait_timeout, fn, args, kw,  # type: ignore[arg-type]
-                        detail=detail, soft_timeout=p.soft_timeout)  # fmt: skip
+                        detail=detail, soft_timeout=p.soft_timeout, first=first)  # fmt: skip
 
     @overload
     def call(

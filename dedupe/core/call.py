@@ -57,11 +57,15 @@ from typing import Any, Final, NamedTuple, Protocol, TypeAlias
 from dedupe.core.context import check_reentry, leading_state
 from dedupe.core.inflight import RETRY, Entry, InFlight, Served
 from dedupe.core.keys import Names
-from dedupe.core.protocol import Finished, is_abort
-from dedupe.core.sealing import Outcome
+from dedupe.core.protocol import Finished, Looked, ReadRefused, Reads, is_abort, read_kept
+from dedupe.core.sealing import Codec, Outcome
+from dedupe.core.shapes import Shape
 from dedupe.errors import BackendUnavailable, ProtocolError, WaitTimeout
 
 __all__ = [
+    "AS_EVER",
+    "NO_READ",
+    "READ",
     "AwaitFlight",
     "Begin",
     "CallCommand",
@@ -73,8 +77,11 @@ __all__ = [
     "RunHere",
     "Takeover",
     "copy_hit",
+    "read_failed",
+    "read_first",
     "run_call",
     "run_shared_flight",
+    "served_read",
 ]
 
 
@@ -173,6 +180,76 @@ def copy_hit(env: CallEnv, names: Names) -> tuple[bool, Any]:
     return _MISS if copies is None else copies.get(key)
 
 
+# --- the read before any flight (issue 23's hit) -----------------------------------------------
+
+# What read_first decides for a call whose function reads first (Reads):
+AS_EVER: Final = 0  # the machine, its flight reading as it may (a flight runs, Redis is down)
+READ: Final = 1  # read the kept value now, with no machine (then served_read, or read_failed)
+NO_READ: Final = 2  # the machine, with no read: the credit said no (its flight must not ask again)
+
+
+def read_first(env: CallEnv, table: InFlight, names: Names, reads: Reads) -> int:
+    """Whether the call begins with a plain read of the kept value, before any flight (the
+    hot path of a cache: no generator, no entry, no flight), as a flight's first step would
+    (run_flight's Read); the driver may take this step when it needs no Served and no events.
+
+    A flight of the key running in this process is joined as ever (AS_EVER: its outcome
+    serves this call too; no read of ours), and so is Redis skipped in an outage (local
+    runs). Else the read credit decides, asked once for the call: READ, or NO_READ (after
+    either, the call's flight reads no more: a miss goes straight to the acquire script).
+    A leader calling its own key raises ReentrantFlight first."""
+    key = names.channel
+    if leading_state.get() is not None:  # inside a leader's function: is it this key?
+        check_reentry(key, names.job_id)
+    if table.running(key) or env.skip_redis():
+        return AS_EVER
+    return READ if reads.wanted() else NO_READ
+
+
+def served_read(
+    env: CallEnv,
+    reads: Reads,
+    names: Names,
+    codec: Codec,
+    looked: Looked,
+    shape: Shape | None,
+    result_ttl_ms: int,
+) -> tuple[bool, Any]:
+    """What read_first's read found (run_flight's rule, ``read_kept``): (True, value) for a
+    fresh, current value, served as a flight's kept outcome is (a local copy kept, the
+    credit earned); else (False, None) and the machine goes on, its flight starting at the
+    acquire script; or (False, Rejected): the driver notes it, drops the record (Discard)
+    and then goes on likewise."""
+    kept = read_kept(codec, looked, names.channel, shape, result_ttl_ms)
+    reads.saw(type(kept) is Finished)
+    if type(kept) is not Finished:
+        return _MISS if kept is None else (False, kept)
+    env.answered()  # what Fly's reply tells (_flown): Redis answers
+    outcome = kept.outcome
+    copies = env.local_copies
+    if copies is not None:  # what share() keeps of a kept value
+        copies.put(names.channel, outcome.value, outcome.fresh_ms, outcome.age_ms)
+    return True, outcome.value
+
+
+def read_failed(
+    env: CallEnv, reads: Reads, names: Names, error: BaseException, wait_timeout: float | None
+) -> None:
+    """read_first's read failed (the driver's translated ``error``). Refused (ReadRefused:
+    an ACL without MGET, a slot elsewhere): a miss, the machine goes on to the script.
+    No command slot within wait_timeout: WaitTimeout, as a flight's. Redis down: raised, as
+    Fly's error is, unless on_backend_error="local" says run here (the machine goes on and
+    finds Redis skipped). Anything else, an abort too, goes on up."""
+    if type(error) is ReadRefused:
+        reads.saw(False)
+        return
+    if isinstance(error, WaitTimeout):
+        raise WaitTimeout(job_id=names.job_id, seconds=wait_timeout) from None
+    if isinstance(error, BackendUnavailable) and env.fall_back(error):
+        return
+    raise error
+
+
 # --- the call ---------------------------------------------------------------------------------
 
 
@@ -187,6 +264,7 @@ def run_call(
     tasked: bool = False,
     observed: bool = False,
     soft_timeout: float | None = None,
+    started: float | None = None,
 ) -> Generator[CallCommand, Any, Any]:
     """One caller's call, to the value it returns (or the exception it raises).
 
@@ -195,11 +273,13 @@ def run_call(
     ``observed``: events listen (Begin, End and Takeover are yielded only then);
     ``soft_timeout``: past it, a caller still waiting takes the stale value its flight
     offered, if any (see Offer); a sync caller running the function itself never does.
+    ``started``: when the call began on ``clock``, if before the machine (read_first's
+    read): its deadlines count from there.
     """
     key = names.channel
     hit, value = copy_hit(env, names)  # raises ReentrantFlight: a leader calling its own key
     handle = (yield _OBSERVE) if observed else None
-    now = clock()
+    now = clock() if started is None else started
     deadline = None if wait_timeout is None else now + wait_timeout
     soft_at = None if soft_timeout is None else now + soft_timeout
     ended = False  # End was yielded (a later failure does not report the call again)

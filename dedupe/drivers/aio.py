@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import sys
 import time
-from collections.abc import Callable, Coroutine, Generator, Sequence
-from typing import Any, Final, TypeAlias
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
+from dedupe.backend.commands import discard_call, parse_looked, read_call, translate
 from dedupe.backend.lifecycle import Backend
 from dedupe.backend.transport import acquire_and_wait
 from dedupe.core.batch import (
@@ -39,14 +41,19 @@ from dedupe.core.batch import (
     run_shared_batch,
 )
 from dedupe.core.call import (
+    AS_EVER,
+    READ,
     AwaitFlight,
     CallCommand,
     Cancel,
     Fly,
     Launch,
     RunHere,
+    read_failed,
+    read_first,
     run_call,
     run_shared_flight,
+    served_read,
 )
 from dedupe.core.inflight import Entry, InFlight
 from dedupe.core.keys import Names
@@ -57,8 +64,11 @@ from dedupe.core.protocol import (
     Flight,
     FlightSpec,
     Lead,
+    Note,
     Pause,
     Read,
+    Reads,
+    Rejected,
     Serve,
     Subscribe,
     Wait,
@@ -66,8 +76,12 @@ from dedupe.core.protocol import (
 )
 from dedupe.core.sealing import Outcome
 from dedupe.core.signals import take_any_async
-from dedupe.drivers.base import BatchBase, DriverBase, local_flight, observe
+from dedupe.drivers.base import BatchBase, DriverBase, local_flight, note, observe, read_error
+from dedupe.errors import WaitTimeout
 from dedupe.ops import events
+
+if TYPE_CHECKING:
+    from dedupe.overrides import SpecMaker
 
 __all__ = ["call", "call_batch"]
 
@@ -83,7 +97,7 @@ log = logging.getLogger("dedupe.core.protocol")
 async def call(
     backend: Backend,
     names: Names,
-    make_spec: Callable[[float | None, float | None], FlightSpec],
+    make_spec: SpecMaker,
     wait_timeout: float | None,
     fn: Fn,
     args: tuple[Any, ...],
@@ -91,9 +105,23 @@ async def call(
     *,
     detail: bool = False,
     soft_timeout: float | None = None,
+    first: bool = False,
 ) -> Any:
-    """Await ``fn`` once across every caller of the job, and return its outcome."""
+    """Await ``fn`` once across every caller of the job, and return its outcome. ``first``:
+    the call needs no Served and no events, so it may read its kept value before any
+    flight (``read_first``), in this coroutine: no task, no future."""
     table = backend.async_flights()
+    started = None
+    reads = make_spec.reads
+    if first and reads is not None:
+        step = read_first(backend, table, names, reads)
+        if step != AS_EVER:
+            make_spec.reads = None  # the credit was asked: the call's flight reads no more
+            if step == READ:
+                started = time.monotonic()
+                hit, value = await _read(backend, names, make_spec, reads, wait_timeout)
+                if hit:
+                    return value
     machine = run_call(
         backend,
         table,
@@ -104,6 +132,7 @@ async def call(
         tasked=True,
         observed=events.enabled,
         soft_timeout=soft_timeout,
+        started=started,
     )
     reply: Any = None
     error: BaseException | None = None
@@ -130,6 +159,67 @@ async def call(
                 reply = observe(names, cmd)  # type: ignore[arg-type]
         except BaseException as exc:  # thrown in: the machine tidies up and raises it
             error = exc
+
+
+async def _read(
+    backend: Backend,
+    names: Names,
+    make_spec: SpecMaker,
+    reads: Reads,
+    wait_timeout: float | None,
+) -> tuple[bool, Any]:
+    """read_first's read, carried as a flight's Read is, but by the caller: wait_timeout
+    bounds it, as it bounds a caller's wait for its flight; counted as a flight (close()
+    waits for it); the core decides what it found. (False, _): the machine goes on."""
+    backend.begin_flight()
+    try:
+        try:
+            if wait_timeout is None:
+                raw = await backend.run_async_script(read_call(names))
+            else:
+                raw = await _bounded(backend.run_async_script(read_call(names)), wait_timeout)
+            looked = parse_looked(raw)
+        except BaseException as exc:
+            error = read_error(exc)
+        else:
+            hit, value = served_read(backend, reads, names, backend.codec, looked,
+                                     make_spec.shape, make_spec.p.result_ttl_ms)  # fmt: skip
+            if type(value) is not Rejected:
+                return hit, value
+            if value.detail:
+                note(names, Note("rejected", value.detail))
+            try:
+                await backend.run_async_script(discard_call(names, value.record))
+                return False, None
+            except BaseException as exc:
+                error = translate(exc) if isinstance(exc, Exception) else exc
+        read_failed(backend, reads, names, error, wait_timeout)  # raises, or the machine goes on
+        return False, None
+    finally:
+        backend.end_flight()
+
+
+if sys.version_info >= (3, 11):
+
+    async def _bounded(read: Awaitable[Any], timeout: float) -> Any:
+        """``read``, cut short past ``timeout`` seconds: WaitTimeout (no task: a timer)."""
+        bound = asyncio.timeout(timeout)
+        try:
+            async with bound:
+                return await read
+        except TimeoutError:
+            if bound.expired():
+                raise WaitTimeout("waited the wait_timeout for the read") from None
+            raise
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _bounded(read: Awaitable[Any], timeout: float) -> Any:
+        """``read``, cut short past ``timeout`` seconds: WaitTimeout."""
+        try:
+            return await asyncio.wait_for(read, timeout)
+        except asyncio.TimeoutError:
+            raise WaitTimeout("waited the wait_timeout for the read") from None
 
 
 async def _shared_flight(

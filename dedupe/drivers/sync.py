@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Generator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from dedupe.backend.commands import discard_call, parse_looked, read_call, translate
 from dedupe.backend.lifecycle import Backend
 from dedupe.backend.transport import acquire_and_wait
 from dedupe.core.batch import (
@@ -20,7 +21,17 @@ from dedupe.core.batch import (
     run_batch,
     run_batch_call,
 )
-from dedupe.core.call import AwaitFlight, Fly, RunHere, run_call
+from dedupe.core.call import (
+    AS_EVER,
+    READ,
+    AwaitFlight,
+    Fly,
+    RunHere,
+    read_failed,
+    read_first,
+    run_call,
+    served_read,
+)
 from dedupe.core.inflight import Entry
 from dedupe.core.keys import Names
 from dedupe.core.protocol import (
@@ -30,8 +41,11 @@ from dedupe.core.protocol import (
     Flight,
     FlightSpec,
     Lead,
+    Note,
     Pause,
     Read,
+    Reads,
+    Rejected,
     Serve,
     Subscribe,
     Wait,
@@ -39,8 +53,11 @@ from dedupe.core.protocol import (
 )
 from dedupe.core.sealing import Outcome
 from dedupe.core.signals import take_any
-from dedupe.drivers.base import BatchBase, DriverBase, local_flight, observe
+from dedupe.drivers.base import BatchBase, DriverBase, local_flight, note, observe, read_error
 from dedupe.ops import events
+
+if TYPE_CHECKING:
+    from dedupe.overrides import SpecMaker
 
 __all__ = ["call", "call_batch"]
 
@@ -52,7 +69,7 @@ Run = Finished
 def call(
     backend: Backend,
     names: Names,
-    make_spec: Callable[[float | None, float | None], FlightSpec],
+    make_spec: SpecMaker,
     wait_timeout: float | None,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
@@ -60,8 +77,22 @@ def call(
     *,
     detail: bool = False,
     soft_timeout: float | None = None,
+    first: bool = False,
 ) -> Any:
-    """Run ``fn`` once across every caller of the job, and return its outcome."""
+    """Run ``fn`` once across every caller of the job, and return its outcome. ``first``:
+    the call needs no Served and no events, so it may read its kept value before any
+    flight (``read_first``)."""
+    started = None
+    reads = make_spec.reads
+    if first and reads is not None:
+        step = read_first(backend, backend.sync_flights, names, reads)
+        if step != AS_EVER:
+            make_spec.reads = None  # the credit was asked: the call's flight reads no more
+            if step == READ:
+                started = time.monotonic()
+                hit, value = _read(backend, names, make_spec, reads, wait_timeout, started)
+                if hit:
+                    return value
     machine = run_call(
         backend,
         backend.sync_flights,
@@ -71,6 +102,7 @@ def call(
         detail=detail,
         observed=events.enabled,
         soft_timeout=soft_timeout,
+        started=started,
     )
     reply: Any = None
     error: BaseException | None = None
@@ -96,6 +128,42 @@ def call(
                 reply = observe(names, cmd)  # type: ignore[arg-type]
         except BaseException as exc:  # thrown in: the machine tidies up and raises it
             error = exc
+
+
+def _read(
+    backend: Backend,
+    names: Names,
+    make_spec: SpecMaker,
+    reads: Reads,
+    wait_timeout: float | None,
+    started: float,
+) -> tuple[bool, Any]:
+    """read_first's read, carried as a flight's Read is (no lease yet: wait_timeout bounds
+    its wait for a command slot), counted as a flight (close() waits for it); the core
+    decides what it found. (False, _): the machine goes on."""
+    backend.begin_flight()
+    try:
+        deadline = None if wait_timeout is None else started + wait_timeout
+        try:
+            looked = parse_looked(backend.run_sync_script(read_call(names), None, deadline))
+        except BaseException as exc:
+            error = read_error(exc)
+        else:
+            hit, value = served_read(backend, reads, names, backend.codec, looked,
+                                     make_spec.shape, make_spec.p.result_ttl_ms)  # fmt: skip
+            if type(value) is not Rejected:
+                return hit, value
+            if value.detail:
+                note(names, Note("rejected", value.detail))
+            try:
+                backend.run_sync_script(discard_call(names, value.record))
+                return False, None
+            except BaseException as exc:
+                error = translate(exc) if isinstance(exc, Exception) else exc
+        read_failed(backend, reads, names, error, wait_timeout)  # raises, or the machine goes on
+        return False, None
+    finally:
+        backend.end_flight()
 
 
 def _run_here(
