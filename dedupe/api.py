@@ -285,10 +285,8 @@ class SingleFlight:
             hit, value = copy_hit(backend, names)
             if hit:
                 return value
-        p = self._flight_params(o)
-        make = spec_maker(backend, names, p, shape)
-        return sync.call(backend, names, make, p.wait_timeout, fn, args, kw, detail=detail,
-                         soft_timeout=p.soft_timeout, first=first)  # fmt: skip
+        return sync.call(backend, names, self._flight_params(o), shape, fn, args, kw,
+                         detail=detail, first=first)  # fmt: skip
 
     def _run_async(
         self,
@@ -319,11 +317,10 @@ class SingleFlight:
                 if hit:
                     return _ready(value)
             p = self._flight_params(o)
-            make = spec_maker(backend, names, p, shape)
         except Exception as exc:  # an abort (KeyboardInterrupt) goes on up at once
             return _raising(exc)
-        return aio.call(backend, names, make, p.wait_timeout, fn, args, kw,  # type: ignore[arg-type]
-                        detail=detail, soft_timeout=p.soft_timeout, first=first)  # fmt: skip
+        return aio.call(backend, names, p, shape, fn, args, kw,  # type: ignore[arg-type]
+                        detail=detail, first=first)  # fmt: skip
 
     @overload
     def call(

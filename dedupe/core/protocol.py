@@ -704,7 +704,7 @@ def read_kept(
     if state is None or state.fresh_ms <= 0:
         return None
     try:
-        opened = codec.open(record, channel=channel, shape=shape)
+        opened = codec.open(record, channel=channel, shape=shape, header=h)
     except EnvelopeError as exc:  # codec.open counted it in codec.rejected
         return Rejected(record, str(exc))
     if type(opened) is not Opened or opened.outcome.error is not None:

@@ -22,7 +22,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 from dedupe.backend.commands import discard_call, parse_looked, read_call, translate
 from dedupe.backend.lifecycle import Backend
@@ -75,13 +75,12 @@ from dedupe.core.protocol import (
     run_flight,
 )
 from dedupe.core.sealing import Outcome
+from dedupe.core.shapes import Shape
 from dedupe.core.signals import take_any_async
 from dedupe.drivers.base import BatchBase, DriverBase, local_flight, note, observe, read_error
 from dedupe.errors import WaitTimeout
 from dedupe.ops import events
-
-if TYPE_CHECKING:
-    from dedupe.overrides import SpecMaker
+from dedupe.overrides import FlightParams, spec_maker
 
 __all__ = ["call", "call_batch"]
 
@@ -97,31 +96,34 @@ log = logging.getLogger("dedupe.core.protocol")
 async def call(
     backend: Backend,
     names: Names,
-    make_spec: SpecMaker,
-    wait_timeout: float | None,
+    p: FlightParams,
+    shape: Shape | None,
     fn: Fn,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     *,
     detail: bool = False,
-    soft_timeout: float | None = None,
     first: bool = False,
 ) -> Any:
-    """Await ``fn`` once across every caller of the job, and return its outcome. ``first``:
+    """Await ``fn`` once across every caller of the job, and return its outcome, with the
+    flight parameters ``p`` and the return annotation ``shape``. ``first``:
     the call needs no Served and no events, so it may read its kept value before any
     flight (``read_first``), in this coroutine: no task, no future."""
     table = backend.async_flights()
     started = None
-    reads = make_spec.reads
+    reading = True
+    reads = p.reads
+    wait_timeout = p.wait_timeout
     if first and reads is not None:
         step = read_first(backend, table, names, reads)
         if step != AS_EVER:
-            make_spec.reads = None  # the credit was asked: the call's flight reads no more
+            reading = False  # the credit was asked: the call's flight reads no more
             if step == READ:
                 started = time.monotonic()
-                hit, value = await _read(backend, names, make_spec, reads, wait_timeout)
+                hit, value = await _read(backend, names, p, shape, reads)
                 if hit:
                     return value
+    make_spec = spec_maker(backend, names, p, shape, reading)
     machine = run_call(
         backend,
         table,
@@ -131,7 +133,7 @@ async def call(
         detail=detail,
         tasked=True,
         observed=events.enabled,
-        soft_timeout=soft_timeout,
+        soft_timeout=p.soft_timeout,
         started=started,
     )
     reply: Any = None
@@ -164,13 +166,14 @@ async def call(
 async def _read(
     backend: Backend,
     names: Names,
-    make_spec: SpecMaker,
+    p: FlightParams,
+    shape: Shape | None,
     reads: Reads,
-    wait_timeout: float | None,
 ) -> tuple[bool, Any]:
     """read_first's read, carried as a flight's Read is, but by the caller: wait_timeout
     bounds it, as it bounds a caller's wait for its flight; counted as a flight (close()
     waits for it); the core decides what it found. (False, _): the machine goes on."""
+    wait_timeout = p.wait_timeout
     backend.begin_flight()
     try:
         try:
@@ -183,7 +186,7 @@ async def _read(
             error = read_error(exc)
         else:
             hit, value = served_read(backend, reads, names, backend.codec, looked,
-                                     make_spec.shape, make_spec.p.result_ttl_ms)  # fmt: skip
+                                     shape, p.result_ttl_ms)  # fmt: skip
             if type(value) is not Rejected:
                 return hit, value
             if value.detail:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Generator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dedupe.backend.commands import discard_call, parse_looked, read_call, translate
 from dedupe.backend.lifecycle import Backend
@@ -52,12 +52,11 @@ from dedupe.core.protocol import (
     run_flight,
 )
 from dedupe.core.sealing import Outcome
+from dedupe.core.shapes import Shape
 from dedupe.core.signals import take_any
 from dedupe.drivers.base import BatchBase, DriverBase, local_flight, note, observe, read_error
 from dedupe.ops import events
-
-if TYPE_CHECKING:
-    from dedupe.overrides import SpecMaker
+from dedupe.overrides import FlightParams, spec_maker
 
 __all__ = ["call", "call_batch"]
 
@@ -69,30 +68,33 @@ Run = Finished
 def call(
     backend: Backend,
     names: Names,
-    make_spec: SpecMaker,
-    wait_timeout: float | None,
+    p: FlightParams,
+    shape: Shape | None,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     *,
     detail: bool = False,
-    soft_timeout: float | None = None,
     first: bool = False,
 ) -> Any:
-    """Run ``fn`` once across every caller of the job, and return its outcome. ``first``:
+    """Run ``fn`` once across every caller of the job, and return its outcome, with the
+    flight parameters ``p`` and the return annotation ``shape``. ``first``:
     the call needs no Served and no events, so it may read its kept value before any
     flight (``read_first``)."""
     started = None
-    reads = make_spec.reads
+    reading = True
+    reads = p.reads
+    wait_timeout = p.wait_timeout
     if first and reads is not None:
         step = read_first(backend, backend.sync_flights, names, reads)
         if step != AS_EVER:
-            make_spec.reads = None  # the credit was asked: the call's flight reads no more
+            reading = False  # the credit was asked: the call's flight reads no more
             if step == READ:
                 started = time.monotonic()
-                hit, value = _read(backend, names, make_spec, reads, wait_timeout, started)
+                hit, value = _read(backend, names, p, shape, reads, started)
                 if hit:
                     return value
+    make_spec = spec_maker(backend, names, p, shape, reading)
     machine = run_call(
         backend,
         backend.sync_flights,
@@ -101,7 +103,7 @@ def call(
         time.monotonic,
         detail=detail,
         observed=events.enabled,
-        soft_timeout=soft_timeout,
+        soft_timeout=p.soft_timeout,
         started=started,
     )
     reply: Any = None
@@ -133,14 +135,15 @@ def call(
 def _read(
     backend: Backend,
     names: Names,
-    make_spec: SpecMaker,
+    p: FlightParams,
+    shape: Shape | None,
     reads: Reads,
-    wait_timeout: float | None,
     started: float,
 ) -> tuple[bool, Any]:
     """read_first's read, carried as a flight's Read is (no lease yet: wait_timeout bounds
     its wait for a command slot), counted as a flight (close() waits for it); the core
     decides what it found. (False, _): the machine goes on."""
+    wait_timeout = p.wait_timeout
     backend.begin_flight()
     try:
         deadline = None if wait_timeout is None else started + wait_timeout
@@ -150,7 +153,7 @@ def _read(
             error = read_error(exc)
         else:
             hit, value = served_read(backend, reads, names, backend.codec, looked,
-                                     make_spec.shape, make_spec.p.result_ttl_ms)  # fmt: skip
+                                     shape, p.result_ttl_ms)  # fmt: skip
             if type(value) is not Rejected:
                 return hit, value
             if value.detail:
