@@ -385,7 +385,7 @@ def test_a_lost_read_reply_on_a_hanging_connection(
         client.close()
 
 
-# --------------------------------------------------------------------------- the read before any flight
+# ------------------------------------------------------------- the read before any flight
 
 
 class _Machines:
