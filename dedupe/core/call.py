@@ -63,15 +63,13 @@ from dedupe.core.shapes import Shape
 from dedupe.errors import BackendUnavailable, ProtocolError, WaitTimeout
 
 __all__ = [
-    "AS_EVER",
-    "NO_READ",
-    "READ",
     "AwaitFlight",
     "Begin",
     "CallCommand",
     "CallEnv",
     "Cancel",
     "End",
+    "FirstStep",
     "Fly",
     "Launch",
     "RunHere",
@@ -182,71 +180,88 @@ def copy_hit(env: CallEnv, names: Names) -> tuple[bool, Any]:
 
 # --- the read before any flight (issue 23's hit) -----------------------------------------------
 
-# What read_first decides for a call whose function reads first (Reads):
-AS_EVER: Final = 0  # the machine, its flight reading as it may (a flight runs, Redis is down)
-READ: Final = 1  # read the kept value now, with no machine (then served_read, or read_failed)
-NO_READ: Final = 2  # the machine, with no read: the credit said no (its flight must not ask again)
+
+FirstStep: TypeAlias = tuple[Entry, bool, bool]
+"""What read_first decided: the process's flight of the key the call joined, whether the
+call created it (it is this call's), and whether the call reads the kept value now (then
+the entry is its read's, joined by the callers who come meanwhile). A plain tuple: a
+NamedTuple's constructor runs Python code on the hit's path."""
 
 
-def read_first(env: CallEnv, table: InFlight, names: Names, reads: Reads) -> int:
-    """Whether the call begins with a plain read of the kept value, before any flight (the
-    hot path of a cache: no generator, no entry, no flight), as a flight's first step would
-    (run_flight's Read); the driver may take this step when it needs no Served and no events.
+def read_first(env: CallEnv, table: InFlight, names: Names, reads: Reads) -> FirstStep | None:
+    """A call whose function reads first (``Reads``) joins or creates the process's flight
+    of its key as run_call would; if it created it and the read credit says so, it reads the
+    kept value now, before any machine (the hot path of a cache: no generator, no driver, no
+    spec), as the flight's first step would (run_flight's Read). The driver may take this
+    step when it needs no Served and no events; run_call then goes on with the entry
+    (``joined``), its flight starting at the acquire script if this call asked the credit.
 
-    A flight of the key running in this process is joined as ever (AS_EVER: its outcome
-    serves this call too; no read of ours), and so is Redis skipped in an outage (local
-    runs). Else the read credit decides, asked once for the call: READ, or NO_READ (after
-    either, the call's flight reads no more: a miss goes straight to the acquire script).
-    A leader calling its own key raises ReentrantFlight first."""
+    None: the machine as ever (Redis is skipped in an outage: local runs). A leader calling
+    its own key raises ReentrantFlight first."""
     key = names.channel
     if leading_state.get() is not None:  # inside a leader's function: is it this key?
         check_reentry(key, names.job_id)
-    if table.running(key) or env.skip_redis():
-        return AS_EVER
-    return READ if reads.wanted() else NO_READ
+    if env.skip_redis():
+        return None
+    entry, created = table.join(key)
+    if created:
+        entry.job_id = names.job_id
+        return entry, True, reads.wanted()
+    return entry, False, False
 
 
 def served_read(
     env: CallEnv,
+    table: InFlight,
     reads: Reads,
     names: Names,
+    entry: Entry,
     codec: Codec,
     looked: Looked,
     shape: Shape | None,
     result_ttl_ms: int,
 ) -> tuple[bool, Any]:
-    """What read_first's read found (run_flight's rule, ``read_kept``): (True, value) for a
-    fresh, current value, served as a flight's kept outcome is (a local copy kept, the
-    credit earned); else (False, None) and the machine goes on, its flight starting at the
-    acquire script; or (False, Rejected): the driver notes it, drops the record (Discard)
-    and then goes on likewise."""
+    """What read_first's read found (run_flight's rule, ``read_kept``). (True, value): a
+    fresh, current value, which ends the call's flight as a kept outcome does (the callers
+    who joined get it, a local copy is kept, the credit earned). Else (False, None): the
+    machine goes on with the entry, its flight starting at the acquire script; or (False,
+    Rejected): the driver notes it and drops the record (Discard) first."""
     kept = read_kept(codec, looked, names.channel, shape, result_ttl_ms)
     reads.saw(type(kept) is Finished)
     if type(kept) is not Finished:
         return _MISS if kept is None else (False, kept)
     env.answered()  # what Fly's reply tells (_flown): Redis answers
+    entry.role, entry.token, entry.trace = "kept", kept.token, kept.trace
     outcome = kept.outcome
-    copies = env.local_copies
-    if copies is not None:  # what share() keeps of a kept value
-        copies.put(names.channel, outcome.value, outcome.fresh_ms, outcome.age_ms)
+    table.finish(names.channel, entry, share(env, names.channel, kept))  # type: ignore[arg-type]
     return True, outcome.value
 
 
 def read_failed(
-    env: CallEnv, reads: Reads, names: Names, error: BaseException, wait_timeout: float | None
+    env: CallEnv,
+    table: InFlight,
+    reads: Reads,
+    names: Names,
+    entry: Entry,
+    error: BaseException,
+    wait_timeout: float | None,
 ) -> None:
-    """read_first's read failed (the driver's translated ``error``). Refused (ReadRefused:
-    an ACL without MGET, a slot elsewhere): a miss, the machine goes on to the script.
-    No command slot within wait_timeout: WaitTimeout, as a flight's. Redis down: raised, as
-    Fly's error is, unless on_backend_error="local" says run here (the machine goes on and
-    finds Redis skipped). Anything else, an abort too, goes on up."""
+    """read_first's read failed (``error``: the driver's, translated). Refused (ReadRefused:
+    an ACL without MGET, a slot elsewhere): a miss, the machine goes on with the entry to
+    the script; so it does for an outage under on_backend_error="local" (it finds Redis
+    skipped and runs the function here). Else the call's flight ends as _drive_inline ends
+    it: no command slot within wait_timeout raises WaitTimeout and an abort goes on up (the
+    callers who joined start over); another error reaches them too."""
     if type(error) is ReadRefused:
         reads.saw(False)
         return
+    key = names.channel
     if isinstance(error, WaitTimeout):
+        table.finish(key, entry, RETRY)
         raise WaitTimeout(job_id=names.job_id, seconds=wait_timeout) from None
     if isinstance(error, BackendUnavailable) and env.fall_back(error):
         return
+    table.finish(key, entry, Outcome(error=error) if isinstance(error, Exception) else RETRY)
     raise error
 
 
@@ -265,6 +280,7 @@ def run_call(
     observed: bool = False,
     soft_timeout: float | None = None,
     started: float | None = None,
+    joined: FirstStep | None = None,
 ) -> Generator[CallCommand, Any, Any]:
     """One caller's call, to the value it returns (or the exception it raises).
 
@@ -274,10 +290,12 @@ def run_call(
     ``soft_timeout``: past it, a caller still waiting takes the stale value its flight
     offered, if any (see Offer); a sync caller running the function itself never does.
     ``started``: when the call began on ``clock``, if before the machine (read_first's
-    read): its deadlines count from there.
+    read): its deadlines count from there. ``joined``: the process's flight of the key the
+    call joined or created already (read_first), taken up in place of its first join.
     """
     key = names.channel
-    hit, value = copy_hit(env, names)  # raises ReentrantFlight: a leader calling its own key
+    # raises ReentrantFlight: a leader calling its own key (read_first checked it)
+    hit, value = copy_hit(env, names) if joined is None else _MISS
     handle = (yield _OBSERVE) if observed else None
     now = clock() if started is None else started
     deadline = None if wait_timeout is None else now + wait_timeout
@@ -291,7 +309,11 @@ def run_call(
                 yield End(handle, "copy", age_ms=age)
             return Served(value, True, "copy", False, age / 1000) if detail else value
         while True:
-            entry, created = table.join(key)
+            if joined is None:
+                entry, created = table.join(key)
+            else:
+                entry, created, _ = joined
+                joined = None
             if created:
                 entry.job_id = names.job_id
                 if not tasked:

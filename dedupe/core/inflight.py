@@ -85,11 +85,6 @@ class InFlight:
             entry.waiters += 1
             return entry, False
 
-    def running(self, key: str) -> bool:
-        """Whether a flight of the key runs now. No lock (a dict lookup is atomic): a stale
-        answer costs a read of Redis that joining would have spared, never a wrong value."""
-        return key in self._entries
-
     def finish(self, key: str, entry: Entry, result: Outcome | _Retry) -> None:
         with self._lock:
             if self._entries.get(key) is entry:

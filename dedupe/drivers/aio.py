@@ -41,8 +41,6 @@ from dedupe.core.batch import (
     run_shared_batch,
 )
 from dedupe.core.call import (
-    AS_EVER,
-    READ,
     AwaitFlight,
     CallCommand,
     Cancel,
@@ -110,17 +108,16 @@ async def call(
     the call needs no Served and no events, so it may read its kept value before any
     flight (``read_first``), in this coroutine: no task, no future."""
     table = backend.async_flights()
-    started = None
+    started = joined = None
     reading = True
     reads = p.reads
-    wait_timeout = p.wait_timeout
     if first and reads is not None:
-        step = read_first(backend, table, names, reads)
-        if step != AS_EVER:
+        joined = read_first(backend, table, names, reads)
+        if joined is not None and joined[1]:  # created: this call's flight
             reading = False  # the credit was asked: the call's flight reads no more
-            if step == READ:
+            if joined[2]:  # read now
                 started = time.monotonic()
-                hit, value = await _read(backend, names, p, shape, reads)
+                hit, value = await _read(backend, table, names, p, shape, reads, joined[0])
                 if hit:
                     return value
     make_spec = spec_maker(backend, names, p, shape, reading)
@@ -128,13 +125,14 @@ async def call(
         backend,
         table,
         names,
-        wait_timeout,
+        p.wait_timeout,
         time.monotonic,
         detail=detail,
         tasked=True,
         observed=events.enabled,
         soft_timeout=p.soft_timeout,
         started=started,
+        joined=joined,
     )
     reply: Any = None
     error: BaseException | None = None
@@ -165,14 +163,17 @@ async def call(
 
 async def _read(
     backend: Backend,
+    table: InFlight,
     names: Names,
     p: FlightParams,
     shape: Shape | None,
     reads: Reads,
+    entry: Entry,
 ) -> tuple[bool, Any]:
     """read_first's read, carried as a flight's Read is, but by the caller: wait_timeout
     bounds it, as it bounds a caller's wait for its flight; counted as a flight (close()
-    waits for it); the core decides what it found. (False, _): the machine goes on."""
+    waits for it); the core decides what it found and ends ``entry`` on a hit or a
+    failure. (False, _): the machine goes on with the entry."""
     wait_timeout = p.wait_timeout
     backend.begin_flight()
     try:
@@ -185,18 +186,18 @@ async def _read(
         except BaseException as exc:
             error = read_error(exc)
         else:
-            hit, value = served_read(backend, reads, names, backend.codec, looked,
-                                     shape, p.result_ttl_ms)  # fmt: skip
-            if type(value) is not Rejected:
-                return hit, value
-            if value.detail:
-                note(names, Note("rejected", value.detail))
             try:
+                hit, value = served_read(backend, table, reads, names, entry, backend.codec,
+                                         looked, shape, p.result_ttl_ms)  # fmt: skip
+                if type(value) is not Rejected:
+                    return hit, value
+                if value.detail:
+                    note(names, Note("rejected", value.detail))
                 await backend.run_async_script(discard_call(names, value.record))
                 return False, None
             except BaseException as exc:
                 error = translate(exc) if isinstance(exc, Exception) else exc
-        read_failed(backend, reads, names, error, wait_timeout)  # raises, or the machine goes on
+        read_failed(backend, table, reads, names, entry, error, wait_timeout)  # raises, or on
         return False, None
     finally:
         backend.end_flight()

@@ -22,8 +22,6 @@ from dedupe.core.batch import (
     run_batch_call,
 )
 from dedupe.core.call import (
-    AS_EVER,
-    READ,
     AwaitFlight,
     Fly,
     RunHere,
@@ -81,17 +79,16 @@ def call(
     flight parameters ``p`` and the return annotation ``shape``. ``first``:
     the call needs no Served and no events, so it may read its kept value before any
     flight (``read_first``)."""
-    started = None
+    started = joined = None
     reading = True
     reads = p.reads
-    wait_timeout = p.wait_timeout
     if first and reads is not None:
-        step = read_first(backend, backend.sync_flights, names, reads)
-        if step != AS_EVER:
+        joined = read_first(backend, backend.sync_flights, names, reads)
+        if joined is not None and joined[1]:  # created: this call's flight
             reading = False  # the credit was asked: the call's flight reads no more
-            if step == READ:
+            if joined[2]:  # read now
                 started = time.monotonic()
-                hit, value = _read(backend, names, p, shape, reads, started)
+                hit, value = _read(backend, names, p, shape, reads, joined[0], started)
                 if hit:
                     return value
     make_spec = spec_maker(backend, names, p, shape, reading)
@@ -99,12 +96,13 @@ def call(
         backend,
         backend.sync_flights,
         names,
-        wait_timeout,
+        p.wait_timeout,
         time.monotonic,
         detail=detail,
         observed=events.enabled,
         soft_timeout=p.soft_timeout,
         started=started,
+        joined=joined,
     )
     reply: Any = None
     error: BaseException | None = None
@@ -138,12 +136,15 @@ def _read(
     p: FlightParams,
     shape: Shape | None,
     reads: Reads,
+    entry: Entry,
     started: float,
 ) -> tuple[bool, Any]:
     """read_first's read, carried as a flight's Read is (no lease yet: wait_timeout bounds
     its wait for a command slot), counted as a flight (close() waits for it); the core
-    decides what it found. (False, _): the machine goes on."""
+    decides what it found and ends ``entry`` on a hit or a failure. (False, _): the machine
+    goes on with the entry."""
     wait_timeout = p.wait_timeout
+    table = backend.sync_flights
     backend.begin_flight()
     try:
         deadline = None if wait_timeout is None else started + wait_timeout
@@ -152,18 +153,18 @@ def _read(
         except BaseException as exc:
             error = read_error(exc)
         else:
-            hit, value = served_read(backend, reads, names, backend.codec, looked,
-                                     shape, p.result_ttl_ms)  # fmt: skip
-            if type(value) is not Rejected:
-                return hit, value
-            if value.detail:
-                note(names, Note("rejected", value.detail))
             try:
+                hit, value = served_read(backend, table, reads, names, entry, backend.codec,
+                                         looked, shape, p.result_ttl_ms)  # fmt: skip
+                if type(value) is not Rejected:
+                    return hit, value
+                if value.detail:
+                    note(names, Note("rejected", value.detail))
                 backend.run_sync_script(discard_call(names, value.record))
                 return False, None
             except BaseException as exc:
                 error = translate(exc) if isinstance(exc, Exception) else exc
-        read_failed(backend, reads, names, error, wait_timeout)  # raises, or the machine goes on
+        read_failed(backend, table, reads, names, entry, error, wait_timeout)  # raises, or on
         return False, None
     finally:
         backend.end_flight()
