@@ -34,7 +34,7 @@ from dedupe.core.protocol import (
     Reads,
 )
 from dedupe.core.record import counter_value, record_state
-from dedupe.errors import BackendUnavailable
+from dedupe.errors import BackendUnavailable, WaitTimeout
 from dedupe.overrides import NO_OVERRIDES
 from devtools.servers import RedisServer
 
@@ -169,6 +169,103 @@ def test_the_reads_verdict_is_the_scripts_for_every_record_a_lease_stores(
     assert read_fresh == script_fresh
     if read_fresh:
         assert read is not None and script is not None and read.fresh_ms == script.fresh_ms
+
+
+# ------------------------------------------- the read before any flight (sans-I/O)
+
+
+class _Env:
+    """What the call machine reads in the process (CallEnv), with no Redis."""
+
+    def __init__(self, fall_back: bool = False) -> None:
+        from dedupe.core.local_copies import LocalCopies
+
+        self.local_copies = LocalCopies(max_bytes=1 << 20)
+        self._fall_back = fall_back
+        self.down = False
+
+    def skip_redis(self) -> bool:
+        return self.down
+
+    def fall_back(self, exc: Exception) -> bool:
+        self.down = self._fall_back
+        return self._fall_back
+
+    def answered(self) -> None:
+        pass
+
+
+def test_the_read_first_is_the_processs_flight_of_the_key() -> None:
+    """The call that reads first creates the process's flight of the key: a caller who
+    comes meanwhile joins it (no read of its own) and gets the kept value it finds, which
+    is also kept as the local copy."""
+    from test_protocol import NAMES
+
+    from dedupe.core.call import read_first, served_read
+    from dedupe.core.inflight import InFlight
+
+    env, table, reads = _Env(), InFlight(), Reads()
+    entry, created, read = read_first(env, table, NAMES, reads)
+    assert created and read
+    joiner, joined_created, joiner_reads = read_first(env, table, NAMES, reads)
+    assert joiner is entry and not joined_created and not joiner_reads
+    record = record_for("v", token=TOKEN, keep_ms=1_000)
+    looked = Looked(record, counter_value(TOKEN), GRANTED_MS + 400)
+    assert served_read(env, table, reads, NAMES, entry, codec(), looked, None, 1_000) == (True, "v")
+    assert entry.result.get().value == "v" and entry.role == "kept" and entry.token == TOKEN
+    assert env.local_copies.get(NAMES.channel) == (True, "v")
+    assert reads.credit == Reads.START + Reads.HIT
+    assert read_first(env, table, NAMES, reads)[1]  # ended: the next call's flight is new
+
+
+def test_a_read_first_that_misses_leaves_its_flight_to_the_machine() -> None:
+    from test_protocol import NAMES
+
+    from dedupe.core.call import read_first, served_read
+    from dedupe.core.inflight import InFlight
+
+    env, table, reads = _Env(), InFlight(), Reads()
+    entry, _, _ = read_first(env, table, NAMES, reads)
+    got = served_read(env, table, reads, NAMES, entry, codec(), Looked(None, None, 1), None, 1_000)
+    assert got == (False, None)
+    assert not entry.result.is_set() and reads.credit == Reads.START - 1
+    assert read_first(env, table, NAMES, reads)[0] is entry  # still the key's flight: joined
+
+
+@pytest.mark.parametrize(
+    ("error", "fall_back", "joiners_get"),
+    [
+        (ReadRefused("NOPERM"), False, None),  # a miss: the machine goes on
+        (BackendUnavailable("down"), True, None),  # local runs: the machine goes on
+        (BackendUnavailable("down"), False, "error"),  # raised, and shared
+        (WaitTimeout("no slot"), False, "retry"),  # ours alone: the joiners start over
+        (KeyboardInterrupt(), False, "retry"),  # an abort: the joiners start over
+    ],
+)
+def test_a_failed_read_first_ends_its_flight_as_a_failed_flight_does(
+    error: BaseException, fall_back: bool, joiners_get: str | None
+) -> None:
+    from test_protocol import NAMES
+
+    from dedupe.core.call import read_failed, read_first
+    from dedupe.core.inflight import RETRY, InFlight
+
+    env, table, reads = _Env(fall_back), InFlight(), Reads()
+    entry, _, _ = read_first(env, table, NAMES, reads)
+    if joiners_get is None:
+        read_failed(env, table, reads, NAMES, entry, error, 2.0)
+        assert not entry.result.is_set()
+        return
+    with pytest.raises(type(error)) as raised:
+        read_failed(env, table, reads, NAMES, entry, error, 2.0)
+    result = entry.result.get()
+    if joiners_get == "retry":
+        assert result is RETRY
+    else:
+        assert result.error is error
+    if isinstance(error, WaitTimeout):
+        assert raised.value.job_id == NAMES.job_id and raised.value.seconds == 2.0
+    assert reads.credit == Reads.START  # no verdict on the reads
 
 
 # --------------------------------------------------------------------------- real Redis
