@@ -41,6 +41,13 @@ States and transitions::
                                          WaitTimeout           -> End, raise; joiners RETRY
                                          another error         -> End, raise it; joiners too
 
+Before the machine (a hit's hot path, when no Served and no events are wanted): the driver
+may take the local copy (``copy_hit``), then the join, and for a function that reads first
+the read of its kept value (``read_first``: the read is the process's flight of the key,
+which callers who come meanwhile join); ``served_read`` and ``read_failed`` decide what the
+read found, as the flight would. A hit ends the entry with the value; a miss hands the entry
+to run_call (``joined``), whose flight then starts at the acquire script.
+
 Contract: the driver replies to each command as its docstring says; it may throw an abort
 (``CancelledError``, ``KeyboardInterrupt``) into an ``AwaitFlight`` or ``Fly``, which goes
 back out after the machine has tidied up (left the flight, ended the observation). A reply
