@@ -137,9 +137,9 @@ def spec_maker(
 class SpecMaker:
     """spec_maker's callable, one per call. An object with slots, not a closure: a caller
     holds it while it waits, and a closure over four cells costs 384 bytes against 72
-    (issue 23's memory per flight). ``reads``: the function's read credit, until the call
-    read (or was told not to) before its flight (``call.read_first``): then None, so that
-    its flight starts at the acquire script."""
+    (issue 23's memory per flight). ``reads``: the function's read credit; None once the
+    call read (or asked the credit) before its flight (``call.read_first``), so that its
+    flight starts at the acquire script."""
 
     __slots__ = ("backend", "names", "p", "reads", "shape")
 
