@@ -29,6 +29,7 @@ from dedupe.batches import (
     BatchFunctionWrapper,
     adhoc,
 )
+from dedupe.core.call import copy_hit
 from dedupe.core.context import leading_state
 from dedupe.core.inflight import InFlightInfo, Served
 from dedupe.core.keys import (
@@ -293,18 +294,23 @@ class SingleFlight:
         names = table.get(job_id) if settings is self._settings else None
         if names is None:
             names = self._names(job_id)
-        # The call's first step without the machine (a local copy's hit: issue 23's hot path):
-        # copy_hit and LocalCopies.get inline, as their frames were most of its cost. Inside a
-        # leader's function the machine takes the step, checking for reentry first.
+        # Without Served or events, the call's first steps are taken without the machine:
+        # the local copy here, then the read of the kept value (sync.call). Outside a
+        # leader's function copy_hit and LocalCopies.get inline, as their frames were most
+        # of a copy's cost; inside one copy_hit checks for reentry first.
+        first = not (detail or events.enabled)
         copies = backend.local_copies
-        if copies is not None and not (detail or events.enabled) and leading_state.get() is None:
-            got = copies.entries.get(names.channel)
-            if got is not None and got[0] > copies.clock():
-                return got[1]
-        p = self._flight_params(o)
-        make = spec_maker(backend, names, p, shape)
-        return sync.call(backend, names, make, p.wait_timeout, fn, args, kw, detail=detail,
-                         soft_timeout=p.soft_timeout)  # fmt: skip
+        if first and copies is not None:
+            if leading_state.get() is None:
+                got = copies.entries.get(names.channel)
+                if got is not None and got[0] > copies.clock():
+                    return got[1]
+            else:
+                hit, value = copy_hit(backend, names)
+                if hit:
+                    return value
+        return sync.call(backend, names, self._flight_params(o), shape, fn, args, kw,
+                         detail=detail, first=first)  # fmt: skip
 
     def _run_async(
         self,
@@ -327,19 +333,23 @@ class SingleFlight:
             names = table.get(job_id) if settings is self._settings else None
             if names is None:
                 names = self._names(job_id)
+            # As _run_sync's first steps: the local copy now, the read in aio.call.
+            first = not (detail or events.enabled)
             copies = backend.local_copies
-            if copies is not None and not (
-                detail or events.enabled or leading_state.get() is not None
-            ):
-                got = copies.entries.get(names.channel)  # as _run_sync's
-                if got is not None and got[0] > copies.clock():
-                    return _ready(got[1])
+            if first and copies is not None:
+                if leading_state.get() is None:
+                    got = copies.entries.get(names.channel)
+                    if got is not None and got[0] > copies.clock():
+                        return _ready(got[1])
+                else:
+                    hit, value = copy_hit(backend, names)
+                    if hit:
+                        return _ready(value)
             p = self._flight_params(o)
-            make = spec_maker(backend, names, p, shape)
         except Exception as exc:  # an abort (KeyboardInterrupt) goes on up at once
             return _raising(exc)
-        return aio.call(backend, names, make, p.wait_timeout, fn, args, kw,  # type: ignore[arg-type]
-                        detail=detail, soft_timeout=p.soft_timeout)  # fmt: skip
+        return aio.call(backend, names, p, shape, fn, args, kw,  # type: ignore[arg-type]
+                        detail=detail, first=first)  # fmt: skip
 
     @overload
     def call(

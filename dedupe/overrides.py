@@ -3,7 +3,6 @@ parameters worked out from them once per settings."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, Final, NamedTuple
 
@@ -13,7 +12,15 @@ from dedupe.core.protocol import FlightSpec, Reads
 from dedupe.core.shapes import Shape
 from dedupe.settings import Settings
 
-__all__ = ["INHERIT", "NO_OVERRIDES", "FlightParams", "Inherit", "Overrides", "spec_maker"]
+__all__ = [
+    "INHERIT",
+    "NO_OVERRIDES",
+    "FlightParams",
+    "Inherit",
+    "Overrides",
+    "SpecMaker",
+    "spec_maker",
+]
 
 
 class Inherit:
@@ -121,16 +128,18 @@ def spec_maker(
     p: FlightParams,
     shape: Shape | None = None,
     reads: bool = True,
-) -> Callable[[float | None, float | None], FlightSpec]:
+) -> SpecMaker:
     """The FlightSpec of each flight of one job: its parameters, its owner, its deadlines.
     ``reads`` False: no plain read first (a batch's items acquire in one pipeline)."""
-    return _SpecMaker(backend, names, p, shape, p.reads if reads else None)
+    return SpecMaker(backend, names, p, shape, p.reads if reads else None)
 
 
-class _SpecMaker:
-    """spec_maker's callable. An object with slots, not a closure: a caller holds it while it
-    waits, and a closure over four cells costs 384 bytes against 72 (issue 23's memory per
-    flight)."""
+class SpecMaker:
+    """spec_maker's callable, one per call. An object with slots, not a closure: a caller
+    holds it while it waits, and a closure over four cells costs 384 bytes against 72
+    (issue 23's memory per flight). ``reads``: the function's read credit; None once the
+    call read (or asked the credit) before its flight (``call.read_first``), so that its
+    flight starts at the acquire script."""
 
     __slots__ = ("backend", "names", "p", "reads", "shape")
 

@@ -34,7 +34,8 @@ from dedupe.core.protocol import (
     Reads,
 )
 from dedupe.core.record import counter_value, record_state
-from dedupe.errors import BackendUnavailable
+from dedupe.errors import BackendUnavailable, WaitTimeout
+from dedupe.overrides import NO_OVERRIDES
 from devtools.servers import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -168,6 +169,103 @@ def test_the_reads_verdict_is_the_scripts_for_every_record_a_lease_stores(
     assert read_fresh == script_fresh
     if read_fresh:
         assert read is not None and script is not None and read.fresh_ms == script.fresh_ms
+
+
+# ------------------------------------------- the read before any flight (sans-I/O)
+
+
+class _Env:
+    """What the call machine reads in the process (CallEnv), with no Redis."""
+
+    def __init__(self, fall_back: bool = False) -> None:
+        from dedupe.core.local_copies import LocalCopies
+
+        self.local_copies = LocalCopies(max_bytes=1 << 20)
+        self._fall_back = fall_back
+        self.down = False
+
+    def skip_redis(self) -> bool:
+        return self.down
+
+    def fall_back(self, exc: Exception) -> bool:
+        self.down = self._fall_back
+        return self._fall_back
+
+    def answered(self) -> None:
+        pass
+
+
+def test_the_read_first_is_the_processs_flight_of_the_key() -> None:
+    """The call that reads first creates the process's flight of the key: a caller who
+    comes meanwhile joins it (no read of its own) and gets the kept value it finds, which
+    is also kept as the local copy."""
+    from test_protocol import NAMES
+
+    from dedupe.core.call import read_first, served_read
+    from dedupe.core.inflight import InFlight
+
+    env, table, reads = _Env(), InFlight(), Reads()
+    entry, created, read = read_first(env, table, NAMES, reads)
+    assert created and read
+    joiner, joined_created, joiner_reads = read_first(env, table, NAMES, reads)
+    assert joiner is entry and not joined_created and not joiner_reads
+    record = record_for("v", token=TOKEN, keep_ms=1_000)
+    looked = Looked(record, counter_value(TOKEN), GRANTED_MS + 400)
+    assert served_read(env, table, reads, NAMES, entry, codec(), looked, None, 1_000) == (True, "v")
+    assert entry.result.get().value == "v" and entry.role == "kept" and entry.token == TOKEN
+    assert env.local_copies.get(NAMES.channel) == (True, "v")
+    assert reads.credit == Reads.START + Reads.HIT
+    assert read_first(env, table, NAMES, reads)[1]  # ended: the next call's flight is new
+
+
+def test_a_read_first_that_misses_leaves_its_flight_to_the_machine() -> None:
+    from test_protocol import NAMES
+
+    from dedupe.core.call import read_first, served_read
+    from dedupe.core.inflight import InFlight
+
+    env, table, reads = _Env(), InFlight(), Reads()
+    entry, _, _ = read_first(env, table, NAMES, reads)
+    got = served_read(env, table, reads, NAMES, entry, codec(), Looked(None, None, 1), None, 1_000)
+    assert got == (False, None)
+    assert not entry.result.is_set() and reads.credit == Reads.START - 1
+    assert read_first(env, table, NAMES, reads)[0] is entry  # still the key's flight: joined
+
+
+@pytest.mark.parametrize(
+    ("error", "fall_back", "joiners_get"),
+    [
+        (ReadRefused("NOPERM"), False, None),  # a miss: the machine goes on
+        (BackendUnavailable("down"), True, None),  # local runs: the machine goes on
+        (BackendUnavailable("down"), False, "error"),  # raised, and shared
+        (WaitTimeout("no slot"), False, "retry"),  # ours alone: the joiners start over
+        (KeyboardInterrupt(), False, "retry"),  # an abort: the joiners start over
+    ],
+)
+def test_a_failed_read_first_ends_its_flight_as_a_failed_flight_does(
+    error: BaseException, fall_back: bool, joiners_get: str | None
+) -> None:
+    from test_protocol import NAMES
+
+    from dedupe.core.call import read_failed, read_first
+    from dedupe.core.inflight import RETRY, InFlight
+
+    env, table, reads = _Env(fall_back), InFlight(), Reads()
+    entry, _, _ = read_first(env, table, NAMES, reads)
+    if joiners_get is None:
+        read_failed(env, table, reads, NAMES, entry, error, 2.0)
+        assert not entry.result.is_set()
+        return
+    with pytest.raises(type(error)) as raised:
+        read_failed(env, table, reads, NAMES, entry, error, 2.0)
+    result = entry.result.get()
+    if joiners_get == "retry":
+        assert result is RETRY
+    else:
+        assert result.error is error
+    if isinstance(error, WaitTimeout):
+        assert raised.value.job_id == NAMES.job_id and raised.value.seconds == 2.0
+    assert reads.credit == Reads.START  # no verdict on the reads
 
 
 # --------------------------------------------------------------------------- real Redis
@@ -333,8 +431,11 @@ def test_a_hit_on_a_cluster_reads_on_the_slots_node(redis_cluster: Any, prefix: 
             node.close()
 
 
+@pytest.mark.parametrize("detailed", [True, False], ids=["machine", "read-first"])
 @pytest.mark.parametrize("lost", [1, 2])
-def test_a_lost_read_reply_on_a_hanging_connection(server: RedisServer, lost: int) -> None:
+def test_a_lost_read_reply_on_a_hanging_connection(
+    server: RedisServer, lost: int, detailed: bool
+) -> None:
     """The read's reply is lost and its connection hangs. One lost: the read is tried again
     on a fresh connection within its bound and the kept value is served. Two lost (the
     retry's too): the caller gets BackendUnavailable within the bound, not a hang; nothing
@@ -360,12 +461,17 @@ def test_a_lost_read_reply_on_a_hanging_connection(server: RedisServer, lost: in
             )
             try:
                 proxy.lose_reply_to(b"MGET", lost)
-                if lost == 1:
+                if lost == 1 and detailed:
                     served = cut.call_detailed("hung", job, "again")
                     assert served.value == "first" and served.role == "kept"
+                elif lost == 1:
+                    assert cut.call("hung", job, "again") == "first"
                 else:
                     with pytest.raises(BackendUnavailable):
-                        cut.call("hung", job, "again")
+                        if detailed:
+                            cut.call_detailed("hung", job, "again")
+                        else:
+                            cut.call("hung", job, "again")
                 assert proxy.lost_replies == lost
             finally:
                 cut.close(timeout=0)
@@ -374,3 +480,293 @@ def test_a_lost_read_reply_on_a_hanging_connection(server: RedisServer, lost: in
     finally:
         direct.close()
         client.close()
+
+
+# ------------------------------------------------------------- the read before any flight
+
+
+class _Machines:
+    """Counts the call machines the drivers start (a spy on run_call: the read before any
+    flight starts none on a hit)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from dedupe.drivers import aio, sync
+
+        self.started = 0
+        real = sync.run_call
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.started += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(sync, "run_call", counted)
+        monkeypatch.setattr(aio, "run_call", counted)
+
+
+@pytest.fixture
+def machines(monkeypatch: pytest.MonkeyPatch) -> _Machines:
+    return _Machines(monkeypatch)
+
+
+def _plain(calls: dict[str, int]) -> dict[str, int]:
+    for handshake in ("config|resetstat", "hello", "client|setname", "info"):  # not the calls'
+        calls.pop(handshake, None)
+    return calls
+
+
+def _sent(client: redis.Redis) -> dict[str, int]:
+    """The reads (MGET) and scripts the calls sent since the stats were reset (what the
+    scripts run inside, TIME too, is counted under its own names: left out)."""
+    calls = _calls(client)
+    return {k: calls[k] for k in ("mget", "evalsha", "eval") if k in calls}
+
+
+def _load_scripts(client: redis.Redis) -> None:
+    """Every script in the server's cache: a script's first run is then one EVALSHA."""
+    from dedupe.backend import commands
+
+    for script in (commands.ACQUIRE, commands.COMPLETE, commands.DISCARD):
+        client.script_load(script.lua)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_hit_runs_no_machine_and_keeps_the_local_copy_and_earns_credit(
+    server: RedisServer, machines: _Machines, mode: str
+) -> None:
+    """Served by the read alone: no call machine; what a kept outcome does still happens
+    (the local copy kept, so the next call makes no round trip; the credit earned)."""
+    client = server.client()
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    writer = SingleFlight(server.url, prefix=prefix, result_ttl=30)
+    reader = SingleFlight(server.url, prefix=prefix, result_ttl=30, local_cache=True)
+    runs: list[str] = []
+
+    def job() -> str:
+        runs.append("run")
+        return "kept"
+
+    async def ajob() -> str:
+        return job()
+
+    async def twice() -> list[str]:
+        return [await reader.call("k", ajob), await reader.call("k", ajob)]
+
+    try:
+        assert writer.call("k", job) == "kept"
+        reads = reader._flight_params(NO_OVERRIDES).reads
+        assert reads is not None and reads.credit == Reads.START
+        client.config_resetstat()
+        started = machines.started
+        got = (
+            [reader.call("k", job), reader.call("k", job)]
+            if mode == "sync"
+            else asyncio.run(twice())
+        )
+        assert got == ["kept", "kept"] and runs == ["run"]
+        assert machines.started == started  # neither call started a machine
+        assert _plain(_calls(client)) == {"mget": 1, "time": 1}  # the second: the local copy
+        assert reads.credit == Reads.START + Reads.HIT
+    finally:
+        writer.close()
+        reader.close()
+        client.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_miss_goes_straight_to_the_acquire_script(
+    server: RedisServer, machines: _Machines, mode: str
+) -> None:
+    """The read misses: the machine's flight starts at the acquire script (no second MGET),
+    and the miss costs the credit one."""
+    client = server.client()
+    sf = SingleFlight(server.url, prefix=f"t{uuid.uuid4().hex[:6]}", result_ttl=30)
+
+    async def ajob() -> int:
+        return 7
+
+    try:
+        reads = sf._flight_params(NO_OVERRIDES).reads
+        assert reads is not None
+        _load_scripts(client)
+        client.config_resetstat()
+        if mode == "sync":
+            assert sf.call("m", lambda: 7) == 7
+        else:
+            assert asyncio.run(sf.call("m", ajob)) == 7  # type: ignore[arg-type]
+        assert machines.started == 1
+        # acquire and complete: two scripts; one read
+        assert _sent(client) == {"mget": 1, "evalsha": 2}
+        assert reads.credit == Reads.START - 1
+    finally:
+        sf.close()
+        client.close()
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_forged_record_read_first_is_refused_once_dropped_and_the_script_decides(
+    server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+) -> None:
+    """A fresh, current record sealed with another secret: the read refuses it (counted
+    once, logged), drops it (the discard script), and the acquire script, finding no
+    record, grants a lease: the function runs; the forged value is never served."""
+    client = server.client()
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    forger = SingleFlight(server.url, prefix=prefix, result_ttl=30, secret="f" * 32)
+    sf = SingleFlight(server.url, prefix=prefix, result_ttl=30, secret="s" * 32)
+
+    async def ajob() -> str:
+        return "genuine"
+
+    from dedupe.drivers import base
+
+    monkeypatch.setattr(base, "_last_logged", {})  # the note's line: not held back by others'
+    try:
+        assert forger.call("j", lambda: "forged") == "forged"
+        _load_scripts(client)
+        client.config_resetstat()
+        if mode == "sync":
+            assert sf.call("j", lambda: "genuine") == "genuine"
+        else:
+            assert asyncio.run(sf.call("j", ajob)) == "genuine"  # type: ignore[arg-type]
+        assert sf.stats()["rejected_envelopes"] == 1
+        assert any("ignored an outcome" in r.getMessage() for r in caplog.records)
+        # discard, acquire, complete; one read (the flight read no more)
+        assert _sent(client) == {"mget": 1, "evalsha": 3}
+        assert sf.call("j", lambda: "again") == "genuine"  # its own record: a hit
+    finally:
+        forger.close()
+        sf.close()
+        client.close()
+
+
+def test_a_running_flight_of_the_key_is_joined_not_read_past(server: RedisServer) -> None:
+    """A flight of the key runs in this process (sync): a new caller joins it, as ever,
+    with no read of its own."""
+    import threading
+
+    from helpers import until
+
+    client = server.client()
+    sf = SingleFlight(server.url, prefix=f"t{uuid.uuid4().hex[:6]}", result_ttl=30)
+    release = threading.Event()
+    runs: list[int] = []
+    got: list[int] = []
+
+    def slow() -> int:
+        runs.append(1)
+        assert release.wait(30)
+        return 5
+
+    leader = threading.Thread(target=lambda: got.append(sf.call("r", slow)))
+    joiner = threading.Thread(target=lambda: got.append(sf.call("r", slow)))
+    try:
+        leader.start()
+        until(lambda: runs == [1], what="the leader runs")
+        client.config_resetstat()
+        joiner.start()
+        until(lambda: [f.waiters for f in sf.inflight()] == [2], what="the caller joined")
+        release.set()
+        leader.join(30)
+        joiner.join(30)
+        assert got == [5, 5] and runs == [1]
+        assert "mget" not in _calls(client)  # joined: no read
+    finally:
+        release.set()
+        sf.close()
+        client.close()
+
+
+def test_a_running_flight_of_the_key_is_joined_not_read_past_async(server: RedisServer) -> None:
+    """The same on asyncio: the loop's flight of the key is joined, with no read."""
+    client = server.client()
+    sf = SingleFlight(server.url, prefix=f"t{uuid.uuid4().hex[:6]}", result_ttl=30)
+    runs: list[int] = []
+
+    async def scenario() -> list[int]:
+        release = asyncio.Event()
+        running = asyncio.Event()
+
+        async def slow() -> int:
+            runs.append(1)
+            running.set()
+            await release.wait()
+            return 5
+
+        leader = asyncio.ensure_future(sf.call("r", slow))  # type: ignore[arg-type]
+        await running.wait()
+        client.config_resetstat()
+        joiner = asyncio.ensure_future(sf.call("r", slow))  # type: ignore[arg-type]
+        while [f.waiters for f in sf.inflight()] != [2]:
+            await asyncio.sleep(0)  # the joiner's turn: it joins the flight
+        release.set()
+        return [await leader, await joiner]
+
+    try:
+        assert asyncio.run(scenario()) == [5, 5] and runs == [1]
+        assert "mget" not in _calls(client)
+    finally:
+        sf.close()
+        client.close()
+
+
+def test_detail_and_events_go_through_the_machine(server: RedisServer, machines: _Machines) -> None:
+    """A Served, or a listener, needs the machine: the hit still reads first (its flight's
+    Read) and is reported, as before."""
+    from dedupe.ops import events
+
+    client = server.client()
+    sf = SingleFlight(server.url, prefix=f"t{uuid.uuid4().hex[:6]}", result_ttl=30)
+    seen: list[Any] = []
+    try:
+        assert sf.call("d", lambda: 1) == 1
+        client.config_resetstat()
+        started = machines.started
+        served = sf.call_detailed("d", lambda: 2)
+        assert served.value == 1 and served.role == "kept"
+        remove = events.add_listener(seen.append)
+        try:
+            assert sf.call("d", lambda: 3) == 1
+        finally:
+            remove()
+        assert machines.started == started + 2
+        assert [e.role for e in seen if e.role] == ["kept"]
+        assert _plain(_calls(client)) == {"mget": 2, "time": 2}
+    finally:
+        sf.close()
+        client.close()
+
+
+def test_the_wait_timeout_bounds_an_async_read_that_hangs(server: RedisServer) -> None:
+    """The read's reply is lost and its connection hangs, far longer than wait_timeout: an
+    asyncio caller gets WaitTimeout at its wait_timeout, as it would waiting for a flight."""
+    import time
+
+    from proxy import Proxy
+
+    from dedupe.errors import WaitTimeout
+
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    direct = SingleFlight(server.url, prefix=prefix, result_ttl=60)
+
+    async def job() -> str:
+        return "again"
+
+    try:
+        assert direct.call("hung", lambda: "first") == "first"
+        with Proxy(server.address) as proxy:
+            url = "redis://{}:{}/0".format(*proxy.address)
+            cut = SingleFlight(url, prefix=prefix, result_ttl=60, socket_timeout=20,
+                               wait_timeout=0.5)  # fmt: skip
+            try:
+                proxy.lose_reply_to(b"MGET", 2)
+                began = time.monotonic()
+                with pytest.raises(WaitTimeout):
+                    asyncio.run(cut.call("hung", job))  # type: ignore[arg-type]
+                assert time.monotonic() - began < 5
+            finally:
+                cut.close(timeout=0)
+    finally:
+        direct.close()

@@ -25,7 +25,6 @@ from dedupe.core.protocol import (
     Acquired,
     Complete,
     Completed,
-    Discard,
     FlightSpec,
     Looked,
 )
@@ -143,8 +142,8 @@ def complete_call(spec: FlightSpec, cmd: Complete, publish: str) -> ScriptCall:
     return ScriptCall(script, keys, args)
 
 
-def discard_call(spec: FlightSpec, cmd: Discard) -> ScriptCall:
-    return ScriptCall(DISCARD, (spec.names.result,), (cmd.record,))
+def discard_call(names: Names, record: bytes) -> ScriptCall:
+    return ScriptCall(DISCARD, (names.result,), (record,))
 
 
 def forget_call(names: Names, token_ttl_ms: int) -> ScriptCall:
@@ -157,9 +156,8 @@ def notify_call(names: Names, message: bytes, publish: str) -> ScriptCall:
     )
 
 
-def read_call(spec: FlightSpec) -> ScriptCall:
-    n = spec.names
-    return ScriptCall(READ, (n.result, n.token), ())
+def read_call(names: Names) -> ScriptCall:
+    return ScriptCall(READ, (names.result, names.token), ())
 
 
 def parse_looked(raw: Any) -> Looked:

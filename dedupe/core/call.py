@@ -41,6 +41,13 @@ States and transitions::
                                          WaitTimeout           -> End, raise; joiners RETRY
                                          another error         -> End, raise it; joiners too
 
+Before the machine (a hit's hot path, when no Served and no events are wanted): the driver
+may take the local copy (``copy_hit``), then the join, and for a function that reads first
+the read of its kept value (``read_first``: the read is the process's flight of the key,
+which callers who come meanwhile join); ``served_read`` and ``read_failed`` decide what the
+read found, as the flight would. A hit ends the entry with the value; a miss hands the entry
+to run_call (``joined``), whose flight then starts at the acquire script.
+
 Contract: the driver replies to each command as its docstring says; it may throw an abort
 (``CancelledError``, ``KeyboardInterrupt``) into an ``AwaitFlight`` or ``Fly``, which goes
 back out after the machine has tidied up (left the flight, ended the observation). A reply
@@ -57,8 +64,9 @@ from typing import Any, Final, NamedTuple, Protocol, TypeAlias
 from dedupe.core.context import check_reentry, leading_state
 from dedupe.core.inflight import RETRY, Entry, InFlight, Served
 from dedupe.core.keys import Names
-from dedupe.core.protocol import Finished, is_abort
-from dedupe.core.sealing import Outcome
+from dedupe.core.protocol import Finished, Looked, ReadRefused, Reads, is_abort, read_kept
+from dedupe.core.sealing import Codec, Outcome
+from dedupe.core.shapes import Shape
 from dedupe.errors import BackendUnavailable, ProtocolError, WaitTimeout
 
 __all__ = [
@@ -68,13 +76,17 @@ __all__ = [
     "CallEnv",
     "Cancel",
     "End",
+    "FirstStep",
     "Fly",
     "Launch",
     "RunHere",
     "Takeover",
     "copy_hit",
+    "read_failed",
+    "read_first",
     "run_call",
     "run_shared_flight",
+    "served_read",
 ]
 
 
@@ -164,14 +176,101 @@ def copy_hit(env: CallEnv, names: Names) -> tuple[bool, Any]:
     """The call's first step: (True, value) if this process holds a fresh local copy of the
     job's value (``local_cache``), else (False, None). A leader calling its own key raises
     ReentrantFlight first, copy or not. run_call takes this step itself; SingleFlight's
-    _run_sync and _run_async take it inline before starting the machine (the hot path of a
-    cache: no generator, no flight) outside any lead, when they need no Served and no
-    events."""
+    _run_sync and _run_async take it before starting the machine (the hot path of a cache:
+    no generator, no flight) when they need no Served and no events: inline outside any
+    lead, by this function inside one."""
     key = names.channel
     if leading_state.get() is not None:  # inside a leader's function: is it this key?
         check_reentry(key, names.job_id)
     copies = env.local_copies
     return _MISS if copies is None else copies.get(key)
+
+
+# --- the read before any flight (issue 23's hit) -----------------------------------------------
+
+
+FirstStep: TypeAlias = tuple[Entry, bool, bool]
+"""What read_first decided: the process's flight of the key the call joined, whether the
+call created it (it is this call's), and whether the call reads the kept value now (then
+the entry is its read's, joined by the callers who come meanwhile). A plain tuple: a
+NamedTuple's constructor runs Python code on the hit's path."""
+
+
+def read_first(env: CallEnv, table: InFlight, names: Names, reads: Reads) -> FirstStep | None:
+    """A call whose function reads first (``Reads``) joins or creates the process's flight
+    of its key as run_call would; if it created it and the read credit says so, it reads the
+    kept value now, before any machine (the hot path of a cache: no generator, no driver, no
+    spec), as the flight's first step would (run_flight's Read). The driver may take this
+    step when it needs no Served and no events; run_call then goes on with the entry
+    (``joined``), its flight starting at the acquire script if this call asked the credit.
+
+    None: the machine as ever (Redis is skipped in an outage: local runs). A leader calling
+    its own key raises ReentrantFlight first."""
+    key = names.channel
+    if leading_state.get() is not None:  # inside a leader's function: is it this key?
+        check_reentry(key, names.job_id)
+    if env.skip_redis():
+        return None
+    entry, created = table.join(key)
+    if created:
+        entry.job_id = names.job_id
+        return entry, True, reads.wanted()
+    return entry, False, False
+
+
+def served_read(
+    env: CallEnv,
+    table: InFlight,
+    reads: Reads,
+    names: Names,
+    entry: Entry,
+    codec: Codec,
+    looked: Looked,
+    shape: Shape | None,
+    result_ttl_ms: int,
+) -> tuple[bool, Any]:
+    """What read_first's read found (run_flight's rule, ``read_kept``). (True, value): a
+    fresh, current value, which ends the call's flight as a kept outcome does (the callers
+    who joined get it, a local copy is kept, the credit earned). Else (False, None): the
+    machine goes on with the entry, its flight starting at the acquire script; or (False,
+    Rejected): the driver notes it and drops the record (Discard) first."""
+    kept = read_kept(codec, looked, names.channel, shape, result_ttl_ms)
+    reads.saw(type(kept) is Finished)
+    if type(kept) is not Finished:
+        return _MISS if kept is None else (False, kept)
+    env.answered()  # what Fly's reply tells (_flown): Redis answers
+    entry.role, entry.token, entry.trace = "kept", kept.token, kept.trace
+    outcome = kept.outcome
+    table.finish(names.channel, entry, share(env, names.channel, kept))  # type: ignore[arg-type]
+    return True, outcome.value
+
+
+def read_failed(
+    env: CallEnv,
+    table: InFlight,
+    reads: Reads,
+    names: Names,
+    entry: Entry,
+    error: BaseException,
+    wait_timeout: float | None,
+) -> None:
+    """read_first's read failed (``error``: the driver's, translated). Refused (ReadRefused:
+    an ACL without MGET, a slot elsewhere): a miss, the machine goes on with the entry to
+    the script; so it does for an outage under on_backend_error="local" (it finds Redis
+    skipped and runs the function here). Else the call's flight ends as _drive_inline ends
+    it: no command slot within wait_timeout raises WaitTimeout and an abort goes on up (the
+    callers who joined start over); another error reaches them too."""
+    if type(error) is ReadRefused:
+        reads.saw(False)
+        return
+    key = names.channel
+    if isinstance(error, WaitTimeout):
+        table.finish(key, entry, RETRY)
+        raise WaitTimeout(job_id=names.job_id, seconds=wait_timeout) from None
+    if isinstance(error, BackendUnavailable) and env.fall_back(error):
+        return
+    table.finish(key, entry, Outcome(error=error) if isinstance(error, Exception) else RETRY)
+    raise error
 
 
 # --- the call ---------------------------------------------------------------------------------
@@ -188,6 +287,8 @@ def run_call(
     tasked: bool = False,
     observed: bool = False,
     soft_timeout: float | None = None,
+    started: float | None = None,
+    joined: FirstStep | None = None,
 ) -> Generator[CallCommand, Any, Any]:
     """One caller's call, to the value it returns (or the exception it raises).
 
@@ -196,11 +297,15 @@ def run_call(
     ``observed``: events listen (Begin, End and Takeover are yielded only then);
     ``soft_timeout``: past it, a caller still waiting takes the stale value its flight
     offered, if any (see Offer); a sync caller running the function itself never does.
+    ``started``: when the call began on ``clock``, if before the machine (read_first's
+    read): its deadlines count from there. ``joined``: the process's flight of the key the
+    call joined or created already (read_first), taken up in place of its first join.
     """
     key = names.channel
-    hit, value = copy_hit(env, names)  # raises ReentrantFlight: a leader calling its own key
+    # raises ReentrantFlight: a leader calling its own key (read_first checked it)
+    hit, value = copy_hit(env, names) if joined is None else _MISS
     handle = (yield _OBSERVE) if observed else None
-    now = clock()
+    now = clock() if started is None else started
     deadline = None if wait_timeout is None else now + wait_timeout
     soft_at = None if soft_timeout is None else now + soft_timeout
     ended = False  # End was yielded (a later failure does not report the call again)
@@ -212,7 +317,11 @@ def run_call(
                 yield End(handle, "copy", age_ms=age)
             return Served(value, True, "copy", False, age / 1000) if detail else value
         while True:
-            entry, created = table.join(key)
+            if joined is None:
+                entry, created = table.join(key)
+            else:
+                entry, created, _ = joined
+                joined = None
             if created:
                 entry.job_id = names.job_id
                 if not tasked:

@@ -99,6 +99,7 @@ __all__ = [
     "Read",
     "ReadRefused",
     "Reads",
+    "Rejected",
     "Release",
     "Serve",
     "Subscribe",
@@ -106,6 +107,7 @@ __all__ = [
     "Wait",
     "is_abort",
     "own_lease",
+    "read_kept",
     "run_flight",
 ]
 
@@ -666,11 +668,23 @@ def run_flight(
             return Finished(outcome, "remote", opened.token, trace=opened.trace)
 
 
-def _read_kept(
-    spec: FlightSpec, codec: Codec, looked: object
-) -> Generator[Command, object, Finished | None]:
+class Rejected(NamedTuple):
+    """A record a Read found that is not to be served: forged, foreign or unreadable
+    (counted once, by the codec, when it was opened). It is dropped if unchanged (Discard)
+    and the acquire script decides as if it had never been there. ``detail``: the
+    rejection's words for a "rejected" Note ("" for a readable record that holds no value)."""
+
+    record: bytes
+    detail: str
+
+
+def read_kept(
+    codec: Codec, looked: Looked, channel: str, shape: Shape | None, result_ttl_ms: int
+) -> Finished | Rejected | None:
     """The kept value a Read found, if the acquire script would serve it to a new caller
-    now (fresh, current, readable); None: the script decides.
+    now (fresh, current, readable); a Rejected record; None: the script decides. The one
+    rule of a read, for the flight (``_read_kept``) and for a call that reads before any
+    flight (``call.served_read``).
 
     The script's rule (``record_state``), by the server's clock read after the keys. Without
     the key's PTTL, its own clock is taken as just written: for a record written after its
@@ -679,8 +693,6 @@ def _read_kept(
     than its signed header allows. MGET reads both keys at one instant: the counter names the
     record then (a record of an older lease written back is refused, as by the script), and
     the later clock only makes it older."""
-    if type(looked) is not Looked:
-        _unexpected(looked, Looked, "Read")
     record = looked.record
     if record is None:
         return None  # a miss
@@ -691,18 +703,34 @@ def _read_kept(
     state = record_state(token, keep, ttl, ttl, looked.counter, looked.now_ms)
     if state is None or state.fresh_ms <= 0:
         return None
-    opened = yield from _open(spec, codec, record)
-    if not isinstance(opened, Opened) or opened.outcome.error is not None:
-        # Forged, foreign or unreadable (counted once, here): dropped if unchanged, and the
-        # script decides as if it had never been there.
-        yield Discard(record)
-        return None
+    try:
+        opened = codec.open(record, channel=channel, shape=shape, header=h)
+    except EnvelopeError as exc:  # codec.open counted it in codec.rejected
+        return Rejected(record, str(exc))
+    if type(opened) is not Opened or opened.outcome.error is not None:
+        return Rejected(record, "")
     outcome = opened.outcome
     outcome.fresh_ms = state.fresh_ms
     # Its age since the write: the grant's age (run_ms here) less the run, which the keep
     # holds beyond result_ttl (exact while the leader's result_ttl was this function's).
-    outcome.age_ms = max(0, state.run_ms - max(0, keep - spec.result_ttl_ms))
+    outcome.age_ms = max(0, state.run_ms - max(0, keep - result_ttl_ms))
     return Finished(outcome, "kept", opened.token, trace=opened.trace)
+
+
+def _read_kept(
+    spec: FlightSpec, codec: Codec, looked: object
+) -> Generator[Command, object, Finished | None]:
+    """read_kept's verdict, in the flight: a Rejected record is noted and dropped (if
+    unchanged), and the script decides."""
+    if type(looked) is not Looked:
+        _unexpected(looked, Looked, "Read")
+    kept = read_kept(codec, looked, spec.names.channel, spec.shape, spec.result_ttl_ms)
+    if type(kept) is Rejected:
+        if kept.detail:
+            yield Note("rejected", kept.detail)
+        yield Discard(kept.record)
+        return None
+    return kept  # type: ignore[return-value]
 
 
 def _draw(spec: FlightSpec, rand: Callable[[], float]) -> int:

@@ -435,7 +435,14 @@ class Codec:
 
     # --- opening ---------------------------------------------------------------------------
 
-    def open(self, data: bytes, *, channel: str, shape: Shape | None = None) -> Opened | Notice:
+    def open(
+        self,
+        data: bytes,
+        *,
+        channel: str,
+        shape: Shape | None = None,
+        header: tuple[int, int, int, int] | None = None,
+    ) -> Opened | Notice:
         """Parse (and, with a secret, verify) a record or notice read from ``channel``'s job.
 
         ``shape``: this process's own return annotation, compiled: a value is rebuilt by it
@@ -444,10 +451,11 @@ class Codec:
 
         Raises only EnvelopeError (TamperedEnvelope for a failed or missing signature), and
         counts every such refusal in ``rejected``. An Opened's token may be older than the
-        lease a follower waits on: refusing that is the protocol's decision.
+        lease a follower waits on: refusing that is the protocol's decision. ``header``: the
+        record's header, if the caller read it already (``read_header`` of these bytes).
         """
         try:
-            return self._open(data, channel, shape)
+            return self._open(data, channel, shape, header)
         except EnvelopeError:
             self.count_rejection()
             raise
@@ -457,14 +465,17 @@ class Codec:
             error.unexpected = True  # type: ignore[attr-defined]  # the fuzz tests look for it
             raise error from exc
 
-    def _open(self, data: bytes, channel: str, shape: Shape | None) -> Opened | Notice:
-        if type(data) is not bytes:
-            if not isinstance(data, (bytes, bytearray, memoryview)):
-                raise EnvelopeError(f"expected bytes, got {type(data).__name__}")
-            data = bytes(data)
-        if data[:1] in (NOTICE_STORED, NOTICE_ABORTED, NOTICE_STALE):
-            return self._open_notice(data, channel)
-        h = read_header(data)
+    def _open(
+        self, data: bytes, channel: str, shape: Shape | None, h: tuple[int, int, int, int] | None
+    ) -> Opened | Notice:
+        if h is None:
+            if type(data) is not bytes:
+                if not isinstance(data, (bytes, bytearray, memoryview)):
+                    raise EnvelopeError(f"expected bytes, got {type(data).__name__}")
+                data = bytes(data)
+            if data[:1] in (NOTICE_STORED, NOTICE_ABORTED, NOTICE_STALE):
+                return self._open_notice(data, channel)
+            h = read_header(data)
         if h is None:
             raise EnvelopeError(
                 "not a dedupe record (expected '<token>:<keep_ms>:<ttl_ms>:', numbers without "

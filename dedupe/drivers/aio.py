@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import sys
 import time
-from collections.abc import Callable, Coroutine, Generator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import Any, Final, TypeAlias
 
+from dedupe.backend.commands import discard_call, parse_looked, read_call, translate
 from dedupe.backend.lifecycle import Backend
 from dedupe.backend.transport import acquire_and_wait
 from dedupe.core.batch import (
@@ -45,8 +47,11 @@ from dedupe.core.call import (
     Fly,
     Launch,
     RunHere,
+    read_failed,
+    read_first,
     run_call,
     run_shared_flight,
+    served_read,
 )
 from dedupe.core.inflight import Entry, InFlight
 from dedupe.core.keys import Names
@@ -57,17 +62,23 @@ from dedupe.core.protocol import (
     Flight,
     FlightSpec,
     Lead,
+    Note,
     Pause,
     Read,
+    Reads,
+    Rejected,
     Serve,
     Subscribe,
     Wait,
     run_flight,
 )
 from dedupe.core.sealing import Outcome
+from dedupe.core.shapes import Shape
 from dedupe.core.signals import take_any_async
-from dedupe.drivers.base import BatchBase, DriverBase, local_flight, observe
+from dedupe.drivers.base import BatchBase, DriverBase, local_flight, note, observe, read_error
+from dedupe.errors import WaitTimeout
 from dedupe.ops import events
+from dedupe.overrides import FlightParams, spec_maker
 
 __all__ = ["call", "call_batch"]
 
@@ -83,27 +94,45 @@ log = logging.getLogger("dedupe.core.protocol")
 async def call(
     backend: Backend,
     names: Names,
-    make_spec: Callable[[float | None, float | None], FlightSpec],
-    wait_timeout: float | None,
+    p: FlightParams,
+    shape: Shape | None,
     fn: Fn,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     *,
     detail: bool = False,
-    soft_timeout: float | None = None,
+    first: bool = False,
 ) -> Any:
-    """Await ``fn`` once across every caller of the job, and return its outcome."""
+    """Await ``fn`` once across every caller of the job, and return its outcome, with the
+    flight parameters ``p`` and the return annotation ``shape``. ``first``:
+    the call needs no Served and no events, so it may read its kept value before any
+    flight (``read_first``), in this coroutine: no task, no future."""
     table = backend.async_flights()
+    started = joined = None
+    reading = True
+    reads = p.reads
+    if first and reads is not None:
+        joined = read_first(backend, table, names, reads)
+        if joined is not None and joined[1]:  # created: this call's flight
+            reading = False  # the credit was asked: the call's flight reads no more
+            if joined[2]:  # read now
+                started = time.monotonic()
+                hit, value = await _read(backend, table, names, p, shape, reads, joined[0])
+                if hit:
+                    return value
+    make_spec = spec_maker(backend, names, p, shape, reading)
     machine = run_call(
         backend,
         table,
         names,
-        wait_timeout,
+        p.wait_timeout,
         time.monotonic,
         detail=detail,
         tasked=True,
         observed=events.enabled,
-        soft_timeout=soft_timeout,
+        soft_timeout=p.soft_timeout,
+        started=started,
+        joined=joined,
     )
     reply: Any = None
     error: BaseException | None = None
@@ -130,6 +159,71 @@ async def call(
                 reply = observe(names, cmd)  # type: ignore[arg-type]
         except BaseException as exc:  # thrown in: the machine tidies up and raises it
             error = exc
+
+
+async def _read(
+    backend: Backend,
+    table: InFlight,
+    names: Names,
+    p: FlightParams,
+    shape: Shape | None,
+    reads: Reads,
+    entry: Entry,
+) -> tuple[bool, Any]:
+    """read_first's read, carried as a flight's Read is, but by the caller: wait_timeout
+    bounds it, as it bounds a caller's wait for its flight; counted as a flight (close()
+    waits for it); the core decides what it found and ends ``entry`` on a hit or a
+    failure. (False, _): the machine goes on with the entry."""
+    wait_timeout = p.wait_timeout
+    backend.begin_flight()
+    try:
+        try:
+            if wait_timeout is None:
+                raw = await backend.run_async_script(read_call(names))
+            else:
+                raw = await _bounded(backend.run_async_script(read_call(names)), wait_timeout)
+            looked = parse_looked(raw)
+        except BaseException as exc:
+            error = read_error(exc)
+        else:
+            try:
+                hit, value = served_read(backend, table, reads, names, entry, backend.codec,
+                                         looked, shape, p.result_ttl_ms)  # fmt: skip
+                if type(value) is not Rejected:
+                    return hit, value
+                if value.detail:
+                    note(names, Note("rejected", value.detail))
+                await backend.run_async_script(discard_call(names, value.record))
+                return False, None
+            except BaseException as exc:
+                error = translate(exc) if isinstance(exc, Exception) else exc
+        read_failed(backend, table, reads, names, entry, error, wait_timeout)  # raises, or on
+        return False, None
+    finally:
+        backend.end_flight()
+
+
+if sys.version_info >= (3, 11):
+
+    async def _bounded(read: Awaitable[Any], timeout: float) -> Any:
+        """``read``, cut short past ``timeout`` seconds: WaitTimeout (no task: a timer)."""
+        bound = asyncio.timeout(timeout)
+        try:
+            async with bound:
+                return await read
+        except TimeoutError:
+            if bound.expired():
+                raise WaitTimeout("waited the wait_timeout for the read") from None
+            raise
+
+else:  # pragma: no cover - Python 3.10
+
+    async def _bounded(read: Awaitable[Any], timeout: float) -> Any:
+        """``read``, cut short past ``timeout`` seconds: WaitTimeout."""
+        try:
+            return await asyncio.wait_for(read, timeout)
+        except asyncio.TimeoutError:
+            raise WaitTimeout("waited the wait_timeout for the read") from None
 
 
 async def _shared_flight(

@@ -71,7 +71,7 @@ from dedupe.core.sealing import Codec, Outcome
 from dedupe.core.signals import Latch, Mailbox
 from dedupe.ops import events
 
-__all__ = ["BatchBase", "DriverBase", "local_flight", "note", "observe"]
+__all__ = ["BatchBase", "DriverBase", "local_flight", "note", "observe", "read_error"]
 
 log = logging.getLogger("dedupe.core.protocol")
 
@@ -118,6 +118,14 @@ def observe(names: Names, cmd: Begin | End | Takeover) -> Any:
     if type(cmd) is Takeover:
         events.mark("takeover", names, token=cmd.token, role="leader")
     return None
+
+
+def read_error(exc: BaseException) -> BaseException:
+    """What a Read that raised ``exc`` tells the core: an error reply is ReadRefused (the
+    acquire script decides instead); else the typed error (an abort as it is)."""
+    if isinstance(exc, ResponseError):
+        return ReadRefused(str(exc))
+    return translate(exc) if isinstance(exc, Exception) else exc
 
 
 class DriverBase:
@@ -177,9 +185,9 @@ class DriverBase:
                 self.backend.renewer().completing(self.lease)
             return complete_call(self.spec, cmd, self.backend.publish)
         if type(cmd) is Discard:
-            return discard_call(self.spec, cmd)
+            return discard_call(self.spec.names, cmd.record)
         if isinstance(cmd, Read):
-            return read_call(self.spec)
+            return read_call(self.spec.names)
         return None
 
     def reply_of(self, cmd: Command, raw: Any, replicas: int = 0) -> object:
@@ -203,8 +211,8 @@ class DriverBase:
         client's re-sends on ASK and TRYAGAIN), and an earlier copy may have been granted
         (found by simulation: a slot migration, a retry, then TRYAGAIN until patience ran
         out). The give-back is owner-checked and off the caller's path."""
-        if isinstance(cmd, Read) and isinstance(exc, ResponseError):
-            return ReadRefused(str(exc))  # the acquire script decides instead
+        if isinstance(cmd, Read):
+            return read_error(exc)
         error = translate(exc) if isinstance(exc, Exception) else exc
         if isinstance(cmd, Acquire) and self.background:
             self.give_back_background()

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
+from dedupe.backend.commands import discard_call, parse_looked, read_call, translate
 from dedupe.backend.lifecycle import Backend
 from dedupe.backend.transport import acquire_and_wait
 from dedupe.core.batch import (
@@ -20,7 +21,15 @@ from dedupe.core.batch import (
     run_batch,
     run_batch_call,
 )
-from dedupe.core.call import AwaitFlight, Fly, RunHere, run_call
+from dedupe.core.call import (
+    AwaitFlight,
+    Fly,
+    RunHere,
+    read_failed,
+    read_first,
+    run_call,
+    served_read,
+)
 from dedupe.core.inflight import Entry
 from dedupe.core.keys import Names
 from dedupe.core.protocol import (
@@ -30,17 +39,22 @@ from dedupe.core.protocol import (
     Flight,
     FlightSpec,
     Lead,
+    Note,
     Pause,
     Read,
+    Reads,
+    Rejected,
     Serve,
     Subscribe,
     Wait,
     run_flight,
 )
 from dedupe.core.sealing import Outcome
+from dedupe.core.shapes import Shape
 from dedupe.core.signals import take_any
-from dedupe.drivers.base import BatchBase, DriverBase, local_flight, observe
+from dedupe.drivers.base import BatchBase, DriverBase, local_flight, note, observe, read_error
 from dedupe.ops import events
+from dedupe.overrides import FlightParams, spec_maker
 
 __all__ = ["call", "call_batch"]
 
@@ -52,25 +66,43 @@ Run = Finished
 def call(
     backend: Backend,
     names: Names,
-    make_spec: Callable[[float | None, float | None], FlightSpec],
-    wait_timeout: float | None,
+    p: FlightParams,
+    shape: Shape | None,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     *,
     detail: bool = False,
-    soft_timeout: float | None = None,
+    first: bool = False,
 ) -> Any:
-    """Run ``fn`` once across every caller of the job, and return its outcome."""
+    """Run ``fn`` once across every caller of the job, and return its outcome, with the
+    flight parameters ``p`` and the return annotation ``shape``. ``first``:
+    the call needs no Served and no events, so it may read its kept value before any
+    flight (``read_first``)."""
+    started = joined = None
+    reading = True
+    reads = p.reads
+    if first and reads is not None:
+        joined = read_first(backend, backend.sync_flights, names, reads)
+        if joined is not None and joined[1]:  # created: this call's flight
+            reading = False  # the credit was asked: the call's flight reads no more
+            if joined[2]:  # read now
+                started = time.monotonic()
+                hit, value = _read(backend, names, p, shape, reads, joined[0], started)
+                if hit:
+                    return value
+    make_spec = spec_maker(backend, names, p, shape, reading)
     machine = run_call(
         backend,
         backend.sync_flights,
         names,
-        wait_timeout,
+        p.wait_timeout,
         time.monotonic,
         detail=detail,
         observed=events.enabled,
-        soft_timeout=soft_timeout,
+        soft_timeout=p.soft_timeout,
+        started=started,
+        joined=joined,
     )
     reply: Any = None
     error: BaseException | None = None
@@ -96,6 +128,46 @@ def call(
                 reply = observe(names, cmd)  # type: ignore[arg-type]
         except BaseException as exc:  # thrown in: the machine tidies up and raises it
             error = exc
+
+
+def _read(
+    backend: Backend,
+    names: Names,
+    p: FlightParams,
+    shape: Shape | None,
+    reads: Reads,
+    entry: Entry,
+    started: float,
+) -> tuple[bool, Any]:
+    """read_first's read, carried as a flight's Read is (no lease yet: wait_timeout bounds
+    its wait for a command slot), counted as a flight (close() waits for it); the core
+    decides what it found and ends ``entry`` on a hit or a failure. (False, _): the machine
+    goes on with the entry."""
+    wait_timeout = p.wait_timeout
+    table = backend.sync_flights
+    backend.begin_flight()
+    try:
+        deadline = None if wait_timeout is None else started + wait_timeout
+        try:
+            looked = parse_looked(backend.run_sync_script(read_call(names), None, deadline))
+        except BaseException as exc:
+            error = read_error(exc)
+        else:
+            try:
+                hit, value = served_read(backend, table, reads, names, entry, backend.codec,
+                                         looked, shape, p.result_ttl_ms)  # fmt: skip
+                if type(value) is not Rejected:
+                    return hit, value
+                if value.detail:
+                    note(names, Note("rejected", value.detail))
+                backend.run_sync_script(discard_call(names, value.record))
+                return False, None
+            except BaseException as exc:
+                error = translate(exc) if isinstance(exc, Exception) else exc
+        read_failed(backend, table, reads, names, entry, error, wait_timeout)  # raises, or on
+        return False, None
+    finally:
+        backend.end_flight()
 
 
 def _run_here(
