@@ -115,7 +115,16 @@ async def call(
         reply, error = None, None
         try:
             if type(cmd) is AwaitFlight:
-                reply = await cmd.entry.result.wait_async(cmd.timeout)
+                # Latch.wait_async, written out: a waiting caller holds no coroutine of it
+                # (issue 23's memory per flight).
+                latch = cmd.entry.result
+                wake = latch.wait_soon(cmd.timeout)
+                if wake is not None:
+                    try:
+                        await wake.fut
+                    finally:
+                        latch.stop_wait(wake)
+                reply = latch.is_set()
             elif type(cmd) is Launch:
                 entry = cmd.entry
                 # The flight has no deadline of its own: each caller waits with its own.
@@ -262,8 +271,31 @@ class _Driver(DriverBase):
                     self.backend.start_task(self.refresh(flight))
                     handed_off = True
                     return cmd.finished
+                # Lead and Wait, the commands a flight waits on, are carried here rather
+                # than in execute(): a waiting flight holds no coroutine of execute's, nor
+                # of Mailbox.take_async's (issue 23's memory per flight).
                 try:
-                    reply = await self.execute(cmd)
+                    if type(cmd) is Lead:
+                        lead = self.flight_of(cmd, asyncio.get_running_loop())
+                        try:
+                            with self.as_leader(lead):
+                                reply = Outcome(value=await self.fn(*self.args, **self.kwargs))
+                        except BaseException as exc:  # an abort too: the waiters must be told
+                            reply = Outcome(error=exc)
+                    elif type(cmd) is Wait:
+                        # The message goes into the flight in the hub's callback (step_ahead):
+                        # _AHEAD.
+                        box = self.mailbox
+                        assert box is not None  # a Wait comes after a Subscribe
+                        waker = box.take_soon(cmd.timeout, self.step_ahead)
+                        if waker is not None:
+                            try:
+                                await waker.fut
+                            finally:
+                                box.stop_take(waker)
+                        reply = _AHEAD if waker is None or box.took(waker) else None
+                    else:
+                        reply = await self.execute(cmd)
                 except BaseException as exc:  # an abort too: thrown in, it goes on up
                     error = self.failed(cmd, exc)
         finally:
@@ -298,13 +330,7 @@ class _Driver(DriverBase):
                 self.ended = _step(self.shared, value)
 
     async def execute(self, cmd: Command) -> object:
-        if type(cmd) is Lead:  # first: the one command of a leader that runs no script
-            flight = self.flight_of(cmd, asyncio.get_running_loop())
-            try:
-                with self.as_leader(flight):
-                    return Outcome(value=await self.fn(*self.args, **self.kwargs))
-            except BaseException as exc:  # an abort too: the protocol must tell the waiters
-                return Outcome(error=exc)
+        """The commands but Lead and Wait (drive() carries those)."""
         script = self.script_for(cmd)
         if script is not None:
             if type(cmd) is Acquire:
@@ -322,10 +348,6 @@ class _Driver(DriverBase):
                 raw = await self.backend.run_async_script(script)
                 return self.reply_of(cmd, raw)
             return self.reply_of(cmd, await self.backend.run_async_script(script))
-        if type(cmd) is Wait:
-            # The message goes into the flight in the hub's callback (step_ahead): _AHEAD.
-            got = await self.mailbox.take_async(cmd.timeout, self.step_ahead)  # type: ignore[union-attr]
-            return _AHEAD if got else None
         if type(cmd) is Subscribe:
             latch = self.subscribe()
             return await latch.wait_async(self.confirm_timeout(cmd.timeout)) and latch.get()
