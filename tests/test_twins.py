@@ -33,7 +33,6 @@ _SAME = {
 
 # What the twins may still differ in, after that: each line is sync's then async's.
 _KNOWN: dict[str, set[str]] = {
-    "_Driver.run": set(),
     "_Driver.execute": {
         # WAIT for replicas runs on the sync client: on a thread of ours for asyncio.
         "-client = self.backend.sync_client()",
@@ -104,7 +103,6 @@ _KNOWN: dict[str, set[str]] = {
 }
 
 _PAIRS: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [
-    ("_Driver.run", sync._Driver.run, aio._Driver.run),
     ("_Driver.execute", sync._Driver.execute, aio._Driver.execute),
     ("_run_here", sync._run_here, aio._run_here),
     ("SyncWire.run_on", wire.SyncWire.run_on, wire.AsyncWire.run_on),
