@@ -5,13 +5,19 @@ cancelled caller stops waiting alone: the shared work and the other callers go o
 that is only following, and that no caller awaits any more, is cancelled. Each event loop has
 its own table of flights: a loop that stops mid-flight strands only its own callers.
 
+While a follower waits for its channel's message (Wait), it holds no task: the task ends,
+and the wait's end (the message, the timeout, or a Cancel) goes on in a new one
+(``_Driver.park``; the driver stands in for the task in ``Entry.task`` meanwhile). A waiting
+flight is then its machines and their small objects (issue 23's memory per flight).
+
 A follower's message reaches its callers in one hand-off: the hub's callback on the loop
 (one per loop and message) steps the flight machine with it right there
 (``_Driver.step_ahead``); should that end the flight, it tidies up as fly() would and hands
 the end to the shared flight's machine, which resolves the entry and so each caller's future.
-The callers run at the loop's next turn; the flight's task, woken after them, takes those
-steps as its own (``_step``) and ends. Before, the message woke the task, which woke the
-callers: a turn more. The machines decide, as ever; only who steps them changed.
+The callers run at the loop's next turn; ``unpark``, after them, finds nothing left to step
+and starts no task. (Otherwise the new task takes those steps as its own: ``_step``.) Before,
+the message woke the task, which woke the callers: a turn more. The machines decide, as
+ever; only who steps them changed.
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ from dedupe.core.protocol import (
     run_flight,
 )
 from dedupe.core.sealing import Outcome
-from dedupe.core.signals import take_any_async
+from dedupe.core.signals import _Handover, take_any_async
 from dedupe.drivers.base import BatchBase, DriverBase, local_flight, observe
 from dedupe.ops import events
 
@@ -173,11 +179,12 @@ def _step(machine: Generator[Any, Any, Any], reply: object) -> _Step:
 class _Driver(DriverBase):
     # Written and read on the loop only (the hub's callback and this driver's task never run
     # at once), so no lock.
-    __slots__ = ("ahead", "ended", "running", "shared")
+    __slots__ = ("ahead", "ended", "parked", "running", "shared")
     running: Flight | None  # the flight fly() steps
     ahead: _Step | None  # a step of it the hub's callback took
     shared: Generator[CallCommand, Any, None] | None  # run_shared_flight's machine
     ended: _Step | None  # its step, once the flight ended (and was counted out) there
+    parked: _Handover[object] | None  # the armed Wait of a flight that waits with no task
 
     def __init__(
         self, backend: Backend, spec: FlightSpec, fn: Callable[..., Any],
@@ -185,17 +192,27 @@ class _Driver(DriverBase):
     ) -> None:  # fmt: skip
         super().__init__(backend, spec, fn, args, kwargs, entry)
         self.running = self.ahead = self.shared = self.ended = None
+        self.parked = None
 
-    async def fly(self, flight: Flight | None = None) -> Any:
+    async def fly(
+        self,
+        flight: Flight | None = None,
+        reply: Any = None,
+        error: BaseException | None = None,
+        *,
+        alone: bool = False,
+    ) -> Any:
         """The task of a key's flight for this loop's callers: steps call.run_shared_flight's
         machine (``shared``) and, at its Fly, the flight itself, in this one frame (a
         waiting flight holds one coroutine of ours, not two: issue 23's memory per flight).
-        At a Serve, the rest of the flight goes to a task of its own (``refresh``), where
-        ``fly(flight)`` steps that flight alone and returns its Finished."""
-        machine = None if flight is not None else self.shared
+
+        At a Wait, the flight parks: the task ends, and the wait's end (the hub's callback,
+        the timeout, or a Cancel) goes on with a new task, ``fly(flight, reply, error)``,
+        unless the hub's callback ended the flight there (step_ahead). At a Serve, the rest
+        of the flight goes to a task of its own (``refresh``), where ``fly(flight,
+        alone=True)`` steps that flight alone and returns its Finished."""
+        machine = None if alone else self.shared
         handed_off = False
-        reply: Any = None
-        error: BaseException | None = None
         while True:
             if flight is None:
                 assert machine is not None
@@ -272,12 +289,18 @@ class _Driver(DriverBase):
                             box = self.mailbox
                             assert box is not None  # a Wait comes after a Subscribe
                             waker = box.take_soon(cmd.timeout, self.step_ahead)
-                            if waker is not None:
+                            if waker is None:
+                                reply = _AHEAD
+                            elif machine is not None:
+                                # Parked: a waiting flight holds no task nor coroutine.
+                                self.park(waker)
+                                return None
+                            else:  # a refresh (which leads: it never waits, as it stands)
                                 try:
                                     await waker.fut
                                 finally:
                                     box.stop_take(waker)
-                            reply = _AHEAD if waker is None or box.took(waker) else None
+                                reply = _AHEAD if box.took(waker) else None
                         else:
                             reply = await self.execute(cmd)
                     except BaseException as exc:  # an abort too: thrown in, it goes on up
@@ -302,9 +325,54 @@ class _Driver(DriverBase):
     async def refresh(self, flight: Flight) -> None:
         """The rest of a flight whose callers were served, in a task the backend keeps."""
         try:
-            await self.fly(flight)
+            await self.fly(flight, alone=True)
         except Exception as exc:
             log.warning("a background refresh of %r failed: %s", self.spec.names.job_id, exc)
+
+    def park(self, waker: _Handover[object]) -> None:
+        """A Wait of the flight's task: the task ends here; the flight waits with no task
+        (issue 23's memory per flight) until the wait ends (unpark) or a Cancel comes."""
+        self.parked = waker
+        # In a copy of this task's context: so is the task that unpark() starts.
+        waker.fut.add_done_callback(self.unpark)
+        self.entry.task = self
+
+    def unpark(self, fut: asyncio.Future[bool | None]) -> None:
+        """The parked Wait ended (on the loop, after whatever the hub's callback woke)."""
+        waker = self.parked
+        if waker is not None and waker.fut is fut:  # else cancel() took it on already
+            self.resume(None)
+
+    def resume(self, error: BaseException | None) -> None:
+        """The parked flight goes on, in a new task, with what the Wait replies (or with
+        ``error`` thrown in); or ends here if the hub's callback ended it and the shared
+        flight's machine (step_ahead): then nothing is left to step."""
+        waker = self.parked
+        assert waker is not None
+        self.parked = None
+        box = waker.box  # self.mailbox is gone if the flight ended (step_ahead's finish())
+        box.stop_take(waker)
+        reply: object = None
+        if error is None:
+            reply = _AHEAD if box.took(waker) else None
+            ended = self.ended
+            if reply is _AHEAD and ended is not None and ended[0] and ended[2] is None:
+                self.ahead = self.ended = None
+                return  # what fly() would do: the flight and the machine ended, tidied up
+        flight = self.fly(self.running, reply, error)
+        self.entry.task = asyncio.get_running_loop().create_task(flight)
+
+    def done(self) -> bool:
+        """Entry.task's done(), while the driver stands in for the flight's task."""
+        return self.parked is None
+
+    def cancel(self) -> bool:
+        """Entry.task's cancel(), while the driver stands in for the flight's task: a parked
+        flight goes on in a task, with CancelledError thrown in as into its task."""
+        if self.parked is None:
+            return False
+        self.resume(asyncio.CancelledError())
+        return True
 
     def step_ahead(self, message: object) -> None:
         """A Wait's message, on the loop (the hub's callback, ahead of this driver's task):
