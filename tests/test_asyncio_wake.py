@@ -178,6 +178,63 @@ async def test_the_callers_return_one_loop_turn_after_the_hub_callback(
     assert returned == [handed[0] + 1] * 3, (handed, returned)
 
 
+async def test_a_waiting_flight_holds_no_task_and_ends_when_its_last_caller_leaves(
+    sf: SingleFlight, other: SingleFlight
+) -> None:
+    """A follower's flight waits for its message with no task of its own (parked: issue 23's
+    memory per flight); once every caller is cancelled, it ends all the same: the entry
+    resolved (RETRY), the flight counted out, the channel left, the leader untouched."""
+    from dedupe.core.inflight import RETRY
+
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def lead() -> str:
+        started.set()
+        await release.wait()
+        return "v"
+
+    async def never() -> str:
+        raise AssertionError("a follower ran the job")
+
+    leader = asyncio.create_task(sf.call("parked", lead))
+    await started.wait()
+    backend = other.backend()
+    table = backend.async_flights()
+    finished: list[Any] = []
+    table_finish = table.finish
+
+    def counting_finish(key: str, entry: Any, result: Any) -> None:
+        finished.append(result)
+        table_finish(key, entry, result)
+
+    table.finish = counting_finish  # type: ignore[method-assign]
+    try:
+        before = asyncio.all_tasks()
+        callers = [asyncio.create_task(other.call("parked", never)) for _ in range(2)]
+        hub = backend.hub()
+        await _until(lambda: bool(hub.channels()), "the follower's subscription")
+        channel = next(iter(hub.channels()))
+        await _until(lambda: hub.confirmation(channel).is_set(), "its confirmation")
+        await asyncio.sleep(0.05)
+        # Only the two callers run: the flight waits with no task.
+        assert asyncio.all_tasks() - before == set(callers)
+        assert backend._active == 1
+        for caller in callers:
+            caller.cancel()
+        for caller in callers:
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+        await _until(lambda: bool(finished), "the flight's end")
+        assert finished == [RETRY]
+        assert backend._active == 0
+        await _until(lambda: not hub.channels(), "the unsubscribe")
+        assert not leader.done()
+        release.set()
+        assert await leader == "v"
+    finally:
+        del table.finish
+
+
 async def test_a_follower_re_checks_at_the_lease_end_when_no_message_comes(
     redis_url: str, prefix: str, redis_client: redis.Redis
 ) -> None:

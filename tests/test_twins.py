@@ -33,7 +33,6 @@ _SAME = {
 
 # What the twins may still differ in, after that: each line is sync's then async's.
 _KNOWN: dict[str, set[str]] = {
-    "_Driver.run": set(),
     "_Driver.execute": {
         # WAIT for replicas runs on the sync client: on a thread of ours for asyncio.
         "-client = self.backend.sync_client()",
@@ -51,16 +50,20 @@ _KNOWN: dict[str, set[str]] = {
         "+raw = self.backend.run_async_script(script)",
         "-return self.reply_of(cmd, self.backend.run_sync_script(script))",
         "+return self.reply_of(cmd, self.backend.run_async_script(script))",
-        # An asyncio lease knows its loop (renewal stops once the loop is closed).
-        "-flight = self.flight_of(cmd)",
-        "+flight = self.flight_of(cmd, asyncio.get_running_loop())",
         "-time.sleep(cmd.seconds)",
         "+asyncio.sleep(cmd.seconds)",
-        # asyncio: the hub's callback on the loop steps the flight with the message itself
-        # (step_ahead), a loop turn before the task could; the task then takes that step.
+        # asyncio carries Lead and Wait in drive() itself, so that a waiting flight holds no
+        # coroutine of execute's (issue 23's memory per flight); there, the hub's callback on
+        # the loop steps the flight with the message itself (step_ahead).
+        "-if type(cmd) is Lead:",
+        "-flight = self.flight_of(cmd)",
+        "-try:",
+        "-with self.as_leader(flight):",
+        "-return Outcome(value=self.fn(*self.args, **self.kwargs))",
+        "-except BaseException as exc:",
+        "-return Outcome(error=exc)",
+        "-if type(cmd) is Wait:",
         "-return self.mailbox.get(cmd.timeout)",
-        "+got = self.mailbox.take_async(cmd.timeout, self.step_ahead)",
-        "+return _AHEAD if got else None",
     },
     "_run_here": {
         "-def _run_here(backend: Backend, names: Names, entry: Entry, fn: Callable[..., Any],"
@@ -100,7 +103,6 @@ _KNOWN: dict[str, set[str]] = {
 }
 
 _PAIRS: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [
-    ("_Driver.run", sync._Driver.run, aio._Driver.run),
     ("_Driver.execute", sync._Driver.execute, aio._Driver.execute),
     ("_run_here", sync._run_here, aio._run_here),
     ("SyncWire.run_on", wire.SyncWire.run_on, wire.AsyncWire.run_on),

@@ -234,11 +234,11 @@ def count_messages() -> list[int]:
     A waiting flight gets what the hub delivers through its Mailbox (dedupe.core.signals): a
     record or notice (bytes), or an order to re-check (not bytes). A flight served by the
     leader's message takes that message; one served by a re-check of Redis takes none. An
-    asyncio flight takes it through ``take_async`` (handed over in the hub's callback)."""
+    asyncio flight takes it through ``take_soon`` (handed over in the hub's callback)."""
     from dedupe.core.signals import Mailbox
 
     taken = [0]
-    get, get_async, take_async = Mailbox.get, Mailbox.get_async, Mailbox.take_async
+    get, get_async, take_soon = Mailbox.get, Mailbox.get_async, Mailbox.take_soon
 
     def counted(item: Any) -> Any:
         if type(item) is bytes:
@@ -251,14 +251,12 @@ def count_messages() -> list[int]:
     async def spy_get_async(self: Any, timeout: float | None) -> Any:
         return counted(await get_async(self, timeout))
 
-    async def spy_take_async(
-        self: Any, timeout: float | None, handle: Callable[[Any], None]
-    ) -> bool:
-        return await take_async(self, timeout, lambda item: handle(counted(item)))
+    def spy_take_soon(self: Any, timeout: float | None, handle: Callable[[Any], None]) -> Any:
+        return take_soon(self, timeout, lambda item: handle(counted(item)))
 
     Mailbox.get = spy_get  # type: ignore[method-assign]
     Mailbox.get_async = spy_get_async  # type: ignore[method-assign]
-    Mailbox.take_async = spy_take_async  # type: ignore[method-assign]
+    Mailbox.take_soon = spy_take_soon  # type: ignore[method-assign]
     return taken
 
 

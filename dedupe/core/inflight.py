@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, Protocol
 
 from dedupe.core.sealing import Outcome
 from dedupe.core.signals import Latch
@@ -20,6 +19,13 @@ class _Retry:
 
 RETRY: Final = _Retry()
 """An entry's result when its driver stopped without an outcome: joiners start over."""
+
+
+class Cancellable(Protocol):
+    """What runs an asyncio flight (Entry.task): an asyncio.Task, or what stands in for it."""
+
+    def done(self) -> bool: ...
+    def cancel(self) -> bool: ...
 
 
 class Entry:
@@ -42,9 +48,10 @@ class Entry:
         # Set once, by InFlight.finish() (under its lock and the Latch's own): the outcome.
         self.result: Latch[Outcome | _Retry] = Latch()
         self.waiters = 1  # asyncio callers still awaiting it: guarded by InFlight._lock
-        # asyncio only, on its loop's thread: the flight's task (set by the caller that
-        # launched it, read by the last one to leave).
-        self.task: asyncio.Task[None] | None = None
+        # asyncio only, on its loop's thread: what runs the flight, its task or (while the
+        # flight waits with no task: aio's parked flight) its driver; set by the caller that
+        # launched it and by the driver, read by the last caller to leave (done, cancel).
+        self.task: Cancellable | None = None
         # Written only by the thread or task that drives the flight (False -> True once it
         # leads, with no lock: one store); read without a lock by callers deciding whether
         # their wait_timeout bounds waiting on it. A stale False costs one wait's bound.

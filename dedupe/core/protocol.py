@@ -551,19 +551,16 @@ def run_flight(
                 fallback = stale
                 yield Offer(stale)
         if state == LEAD:
-            return (
-                yield from _lead(
-                    spec,
-                    codec,
-                    clock,
-                    trace,
-                    reply,
-                    sent,
-                    waited=floor > 0,
-                    since=since,
-                    fallback=fallback,
-                )
-            )
+            # _lead, written out: while the function runs, the flight holds no generator of
+            # it (issue 23's memory per flight).
+            token = reply.token
+            lock = lock_value(token, spec.owner)
+            if spec.min_replicas and 0 <= reply.replicas < spec.min_replicas:
+                yield from _too_few_replicas(spec, codec, reply, lock)
+            reply = holder = None  # dead while the function runs
+            outcome = yield Lead(token, lock, since)
+            return (yield from _led(spec, codec, clock, trace, outcome, token, lock, sent,
+                                    floor > 0, fallback))  # fmt: skip
         if state in (REFRESH, STALE):
             served = yield from _stale(spec, codec, reply)
             if served is None:
@@ -636,6 +633,9 @@ def run_flight(
             # Pub/sub is denied, slow or down: no message may come, so look again sooner
             # than the lease's end (a round trip per _POLL, only in this degraded state).
             timeout = min(timeout, _POLL)
+        # Dead while it waits, and some 300 bytes a waiting flight (issue 23's memory per
+        # flight): the acquire's reply and its parsed holder.
+        reply = holder = None
         until = clock() + timeout
         while True:
             message = yield Wait(max(0.0, until - clock()))
@@ -786,21 +786,50 @@ def _lead(
     since: float,
     fallback: Finished | None = None,
 ) -> Flight:
+    """Lead under the lease ``acquired`` granted: run the function (Lead), then store and
+    publish its outcome (``_led``). (run_flight writes these steps out for a LEAD.)"""
     token = acquired.token
     lock = lock_value(token, spec.owner)
-    channel = spec.names.channel
-    # replicas -1: our own lease found by a retried acquire, acknowledged when it was granted.
     if spec.min_replicas and 0 <= acquired.replicas < spec.min_replicas:
-        # A lease only the master knows of could vanish in a failover: give it back.
-        notice = codec.notice(NOTICE_ABORTED, channel=channel, token=token)
-        yield Complete(lock, b"", 0, notice, token)
-        raise BackendUnavailable(
-            f"only {acquired.replicas} of {spec.min_replicas} replicas acknowledged the lease "
-            f"on {spec.names.job_id!r} within {spec.replica_timeout_ms} ms"
-        )
+        yield from _too_few_replicas(spec, codec, acquired, lock)
     outcome = yield Lead(token, lock, since)
+    return (yield from _led(spec, codec, clock, trace, outcome, token, lock, sent, waited,
+                            fallback))  # fmt: skip
+
+
+def _too_few_replicas(
+    spec: FlightSpec, codec: Codec, acquired: Acquired, lock: str
+) -> Generator[Command, object, NoReturn]:
+    """Too few replicas acknowledged the lease (min_replicas; -1: our own lease found by a
+    retried acquire, acknowledged when it was granted): a lease only the master knows of
+    could vanish in a failover, so give it back and fail."""
+    token = acquired.token
+    notice = codec.notice(NOTICE_ABORTED, channel=spec.names.channel, token=token)
+    yield Complete(lock, b"", 0, notice, token)
+    raise BackendUnavailable(
+        f"only {acquired.replicas} of {spec.min_replicas} replicas acknowledged the lease "
+        f"on {spec.names.job_id!r} within {spec.replica_timeout_ms} ms"
+    )
+
+
+def _led(
+    spec: FlightSpec,
+    codec: Codec,
+    clock: Callable[[], float],
+    trace: bytes,
+    outcome: object,
+    token: int,
+    lock: str,
+    sent: float,
+    waited: bool,
+    fallback: Finished | None,
+) -> Flight:
+    """After the Lead: the function's outcome sealed, stored and published (Complete). Its
+    own generator, made once the function has returned: a leader whose function runs holds
+    no frame of these steps (issue 23's memory per flight)."""
     if type(outcome) is not Outcome:
         _unexpected(outcome, Outcome, "Lead")
+    channel = spec.names.channel
     done = Finished(outcome, "leader", token, waited, trace)
     # A failure a stale value may stand in for (stale_if_error).
     error = outcome.error

@@ -73,13 +73,14 @@ class _FutureWaker(LoopWaker):
     waiting on a Latch, a Mailbox or several. An object with slots, not a closure: each
     waiting caller holds one (issue 23's memory per flight)."""
 
-    __slots__ = ("fut",)
+    __slots__ = ("fut", "timer")
     direct = True
 
     def __init__(self, fut: asyncio.Future[Any]) -> None:
         # Written once, here:
         self.loop = fut.get_loop()
         self.fut = fut
+        self.timer: asyncio.TimerHandle | None = None  # a Latch's wait_soon: its timeout
 
     def run(self) -> None:
         _wake(self.fut)
@@ -189,20 +190,35 @@ class Latch(Generic[T]):
         return self._value is not _UNSET
 
     async def wait_async(self, timeout: float | None) -> bool:
-        if self._value is not _UNSET:
+        wake = self.wait_soon(timeout)
+        if wake is None:
             return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        wake = _FutureWaker(fut)
-        self.add_waker(wake)
-        timer = None
         try:
-            timer = _timer(fut, timeout)
-            await fut
+            await wake.fut
         finally:
-            if timer is not None:
-                timer.cancel()
-            self.discard_waker(wake)
+            self.stop_wait(wake)
         return self._value is not _UNSET
+
+    def wait_soon(self, timeout: float | None) -> _FutureWaker | None:
+        """wait_async's first half, for a caller that awaits in its own frame (a waiting
+        caller then holds no coroutine of ours: issue 23's memory per flight): None if set,
+        else the armed waker; await its ``fut``, then ``stop_wait`` it however that ended."""
+        if self._value is not _UNSET:
+            return None
+        wake = _FutureWaker(asyncio.get_running_loop().create_future())
+        self.add_waker(wake)
+        try:
+            wake.timer = _timer(wake.fut, timeout)
+        except BaseException:
+            self.discard_waker(wake)
+            raise
+        return wake
+
+    def stop_wait(self, wake: _FutureWaker) -> None:
+        """wait_async's second half: the wait is over (woken, timed out or cancelled)."""
+        if wake.timer is not None:
+            wake.timer.cancel()
+        self.discard_waker(wake)
 
 
 class Mailbox(Generic[T]):
@@ -284,6 +300,20 @@ class Mailbox(Generic[T]):
         ``handle`` woke): what ``handle`` does needs no turn of the task's. A cancelled wait
         hands nothing over; one cancelled after the callback handed its item over raises
         all the same."""
+        waker = self.take_soon(timeout, handle)
+        if waker is None:
+            return True
+        try:
+            await waker.fut
+        finally:
+            self.stop_take(waker)
+        return self.took(waker)
+
+    def take_soon(self, timeout: float | None, handle: Callable[[T], None]) -> _Handover[T] | None:
+        """take_async's first half, for a consumer that awaits in its own frame (a waiting
+        flight then holds no coroutine of ours: issue 23's memory per flight): hands the
+        next item over now if there is one (None), else the armed waker. Await its ``fut``;
+        then ``stop_take`` it however that ended, and, unless cancelled, ``took``."""
         fut: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
         waker = _Handover(self, fut, handle)
         with self._lock:
@@ -293,31 +323,39 @@ class Mailbox(Generic[T]):
                 self._waker = waker
         if has:
             handle(item)  # type: ignore[arg-type]
-            return True
-        timer = None
+            return None
         try:
-            timer = _timer(fut, timeout)
-            await fut
-        finally:
-            if timer is not None:
-                timer.cancel()
-            with self._lock:
-                if self._waker is waker:
-                    self._waker = None
-        if fut.result():
+            waker.timer = _timer(fut, timeout)
+        except BaseException:
+            self.stop_take(waker)
+            raise
+        return waker
+
+    def stop_take(self, waker: _Handover[T]) -> None:
+        """The wait of a take_soon is over (handed over, timed out or cancelled)."""
+        if waker.timer is not None:
+            waker.timer.cancel()
+        with self._lock:
+            if self._waker is waker:
+                self._waker = None
+
+    def took(self, waker: _Handover[T]) -> bool:
+        """After a take_soon's wait that was not cancelled: True if an item was handed
+        over (in the callback, or now: one that came as the wait timed out)."""
+        if waker.fut.result():
             return True
         with self._lock:  # timed out; an item may have come just now
             has = bool(self._items)
             item = self._items.pop(0) if has else None
         if has:
-            handle(item)  # type: ignore[arg-type]
+            waker.handle(item)  # type: ignore[arg-type]
         return has
 
 
 class _Handover(LoopWaker, Generic[T]):
     """A take_async's waker: on the loop, hands the mailbox's next item to its consumer."""
 
-    __slots__ = ("box", "fut", "handle")
+    __slots__ = ("box", "fut", "handle", "timer")
 
     def __init__(
         self, box: Mailbox[T], fut: asyncio.Future[bool | None], handle: Callable[[T], None]
@@ -327,6 +365,7 @@ class _Handover(LoopWaker, Generic[T]):
         self.box = box
         self.fut = fut  # True once handed over; None: timed out (_wake); or cancelled
         self.handle = handle
+        self.timer: asyncio.TimerHandle | None = None  # the wait's timeout (take_soon)
 
     def run(self) -> None:
         fut, box = self.fut, self.box

@@ -5,13 +5,19 @@ cancelled caller stops waiting alone: the shared work and the other callers go o
 that is only following, and that no caller awaits any more, is cancelled. Each event loop has
 its own table of flights: a loop that stops mid-flight strands only its own callers.
 
+While a follower waits for its channel's message (Wait), it holds no task: the task ends,
+and the wait's end (the message, the timeout, or a Cancel) goes on in a new one
+(``_Driver.park``; the driver stands in for the task in ``Entry.task`` meanwhile). A waiting
+flight is then its machines and their small objects (issue 23's memory per flight).
+
 A follower's message reaches its callers in one hand-off: the hub's callback on the loop
 (one per loop and message) steps the flight machine with it right there
-(``_Driver.step_ahead``); should that end the flight, it tidies up as drive() would and hands
+(``_Driver.step_ahead``); should that end the flight, it tidies up as fly() would and hands
 the end to the shared flight's machine, which resolves the entry and so each caller's future.
-The callers run at the loop's next turn; the flight's task, woken after them, takes those
-steps as its own (``_step``) and ends. Before, the message woke the task, which woke the
-callers: a turn more. The machines decide, as ever; only who steps them changed.
+The callers run at the loop's next turn; ``unpark``, after them, finds nothing left to step
+and starts no task. (Otherwise the new task takes those steps as its own: ``_step``.) Before,
+the message woke the task, which woke the callers: a turn more. The machines decide, as
+ever; only who steps them changed.
 """
 
 from __future__ import annotations
@@ -58,7 +64,6 @@ from dedupe.core.keys import Names
 from dedupe.core.protocol import (
     Acquire,
     Command,
-    Finished,
     Flight,
     FlightSpec,
     Lead,
@@ -74,7 +79,7 @@ from dedupe.core.protocol import (
 )
 from dedupe.core.sealing import Outcome
 from dedupe.core.shapes import Shape
-from dedupe.core.signals import take_any_async
+from dedupe.core.signals import _Handover, take_any_async
 from dedupe.drivers.base import BatchBase, DriverBase, local_flight, note, observe, read_error
 from dedupe.errors import WaitTimeout
 from dedupe.ops import events
@@ -83,11 +88,6 @@ from dedupe.overrides import FlightParams, spec_maker
 __all__ = ["call", "call_batch"]
 
 Fn = Callable[..., Coroutine[Any, Any, Any]]
-# What _Driver.run gives: drive's coroutine itself. run is no coroutine of its own, so a
-# flight holds one frame less while it runs (issue 23's memory per flight); sync's Run is
-# Finished, so the twins stay the same code.
-Run = Coroutine[Any, Any, Finished]
-
 log = logging.getLogger("dedupe.core.protocol")
 
 
@@ -144,13 +144,23 @@ async def call(
         reply, error = None, None
         try:
             if type(cmd) is AwaitFlight:
-                reply = await cmd.entry.result.wait_async(cmd.timeout)
+                # Latch.wait_async, written out: a waiting caller holds no coroutine of it
+                # (issue 23's memory per flight).
+                latch = cmd.entry.result
+                wake = latch.wait_soon(cmd.timeout)
+                if wake is not None:
+                    try:
+                        await wake.fut
+                    finally:
+                        latch.stop_wait(wake)
+                reply = latch.is_set()
             elif type(cmd) is Launch:
                 entry = cmd.entry
                 # The flight has no deadline of its own: each caller waits with its own.
-                flight = _shared_flight(backend, table, names, make_spec(None, None), fn, args,
-                                        kwargs, entry)  # fmt: skip
-                entry.task = asyncio.get_running_loop().create_task(flight)
+                driver = _Driver(backend, make_spec(None, None), fn, args, kwargs, entry)
+                driver.shared = run_shared_flight(backend, table, names, entry,
+                                                  observed=events.enabled)  # fmt: skip
+                entry.task = asyncio.get_running_loop().create_task(driver.fly())
             elif type(cmd) is Cancel:
                 task = cmd.entry.task
                 if task is not None and not task.done():
@@ -226,56 +236,6 @@ else:  # pragma: no cover - Python 3.10
             raise WaitTimeout("waited the wait_timeout for the read") from None
 
 
-async def _shared_flight(
-    backend: Backend,
-    table: InFlight,
-    names: Names,
-    spec: FlightSpec,
-    fn: Fn,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    entry: Entry,
-) -> None:
-    """The task that runs a key's flight for this loop's callers (call.run_shared_flight)."""
-    machine = run_shared_flight(backend, table, names, entry, observed=events.enabled)
-    ahead: _Step | None = None  # the machine's step the hub's callback took
-    cmd: CallCommand
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            if ahead is not None and error is None:  # taken in the hub's callback
-                ended, cmd, raised = ahead
-                ahead = None
-                if raised is not None:
-                    raise raised
-                if ended:
-                    return
-            else:
-                ahead = None  # an error came after it: thrown into the machine instead
-                cmd = machine.send(reply) if error is None else machine.throw(error)
-        except StopIteration:
-            return
-        reply, error = None, None
-        try:
-            if type(cmd) is Fly:
-                backend.begin_flight()
-                driver = _Driver(backend, spec, fn, args, kwargs, entry)
-                driver.shared = machine
-                try:
-                    reply = await driver.run()
-                finally:
-                    ahead = driver.ended
-                    if ahead is None:  # else counted out in the hub's callback
-                        backend.end_flight()
-            elif type(cmd) is RunHere:
-                reply = await _run_here(backend, names, entry, fn, args, kwargs)
-            else:
-                reply = observe(names, cmd)  # type: ignore[arg-type]
-        except BaseException as exc:
-            error = exc
-
-
 async def _run_here(
     backend: Backend,
     names: Names,
@@ -313,11 +273,12 @@ def _step(machine: Generator[Any, Any, Any], reply: object) -> _Step:
 class _Driver(DriverBase):
     # Written and read on the loop only (the hub's callback and this driver's task never run
     # at once), so no lock.
-    __slots__ = ("ahead", "ended", "running", "shared")
-    running: Flight | None  # the flight drive() steps
+    __slots__ = ("ahead", "ended", "parked", "running", "shared")
+    running: Flight | None  # the flight fly() steps
     ahead: _Step | None  # a step of it the hub's callback took
     shared: Generator[CallCommand, Any, None] | None  # run_shared_flight's machine
     ended: _Step | None  # its step, once the flight ended (and was counted out) there
+    parked: _Handover[object] | None  # the armed Wait of a flight that waits with no task
 
     def __init__(
         self, backend: Backend, spec: FlightSpec, fn: Callable[..., Any],
@@ -325,52 +286,187 @@ class _Driver(DriverBase):
     ) -> None:  # fmt: skip
         super().__init__(backend, spec, fn, args, kwargs, entry)
         self.running = self.ahead = self.shared = self.ended = None
+        self.parked = None
 
-    def run(self) -> Run:
-        return self.drive(run_flight(self.spec, self.codec, self.clock, self.trace))
+    async def fly(
+        self,
+        flight: Flight | None = None,
+        reply: Any = None,
+        error: BaseException | None = None,
+        *,
+        alone: bool = False,
+    ) -> Any:
+        """The task of a key's flight for this loop's callers: steps call.run_shared_flight's
+        machine (``shared``) and, at its Fly, the flight itself, in this one frame (a
+        waiting flight holds one coroutine of ours, not two: issue 23's memory per flight).
 
-    async def drive(self, flight: Flight) -> Finished:
-        """Step the flight to its end; at a Serve, hand the rest to a task of its own."""
-        reply: object = None
-        error: BaseException | None = None
+        At a Wait, the flight parks: the task ends, and the wait's end (the hub's callback,
+        the timeout, or a Cancel) goes on with a new task, ``fly(flight, reply, error)``,
+        unless the hub's callback ended the flight there (step_ahead). At a Serve, the rest
+        of the flight goes to a task of its own (``refresh``), where ``fly(flight,
+        alone=True)`` steps that flight alone and returns its Finished."""
+        machine = None if alone else self.shared
         handed_off = False
-        self.running = flight
-        try:
-            while True:
+        while True:
+            if flight is None:
+                assert machine is not None
+                # run_shared_flight's step; or the one the hub's callback took as the flight
+                # ended (step_ahead), unless an error came after it: thrown in instead.
+                ahead, self.ended = self.ended, None
                 try:
-                    if reply is _AHEAD:  # step_ahead took this step, then woke us
-                        assert self.ahead is not None
-                        ended, cmd, raised = self.ahead
-                        self.ahead = None
+                    if ahead is not None and error is None:
+                        ended, cmd, raised = ahead
                         if raised is not None:
                             raise raised
                         if ended:
-                            return cmd  # type: ignore[no-any-return]
+                            return None
                     else:
-                        cmd = flight.send(reply) if error is None else flight.throw(error)
-                except StopIteration as stop:
-                    return stop.value  # type: ignore[no-any-return]
+                        cmd = machine.send(reply) if error is None else machine.throw(error)
+                except StopIteration:
+                    return None
+                reply, error = None, None
+                try:
+                    if type(cmd) is Fly:
+                        self.backend.begin_flight()
+                        flight = run_flight(self.spec, self.codec, self.clock, self.trace)
+                        self.running = flight
+                    elif type(cmd) is RunHere:
+                        reply = await _run_here(self.backend, self.spec.names, self.entry,
+                                                self.fn, self.args, self.kwargs)  # fmt: skip
+                    else:
+                        reply = observe(self.spec.names, cmd)
+                except BaseException as exc:
+                    error = exc
+                continue
+            # The flight's step.
+            landed = False  # the flight ended: its Finished in reply, or its error
+            try:
+                if reply is _AHEAD:  # step_ahead took this step, then woke us
+                    assert self.ahead is not None
+                    ended, cmd, raised = self.ahead
+                    self.ahead = None
+                    if raised is not None:
+                        raise raised
+                    if ended:
+                        landed, reply = True, cmd
+                else:
+                    cmd = flight.send(reply) if error is None else flight.throw(error)
+            except StopIteration as stop:
+                landed, reply, error = True, stop.value, None
+            except BaseException as exc:
+                landed, reply, error = True, None, exc
+            if not landed:
                 reply, error = None, None
                 if type(cmd) is Serve:
-                    self.serving()
-                    self.backend.start_task(self.refresh(flight))
-                    handed_off = True
-                    return cmd.finished
-                try:
-                    reply = await self.execute(cmd)
-                except BaseException as exc:  # an abort too: thrown in, it goes on up
-                    error = self.failed(cmd, exc)
-        finally:
-            if not handed_off:
-                flight.close()
-                self.finish()
+                    landed = True
+                    try:
+                        self.serving()
+                        self.backend.start_task(self.refresh(flight))
+                        handed_off, reply = True, cmd.finished
+                    except BaseException as exc:
+                        error = exc
+                else:
+                    # Lead and Wait, the commands a flight waits on, are carried here rather
+                    # than in execute(): a waiting flight holds no coroutine of execute's,
+                    # nor of Mailbox.take_async's.
+                    try:
+                        if type(cmd) is Lead:
+                            lead = self.flight_of(cmd, asyncio.get_running_loop())
+                            try:
+                                with self.as_leader(lead):
+                                    reply = Outcome(value=await self.fn(*self.args, **self.kwargs))
+                            except BaseException as exc:  # an abort too: the waiters are told
+                                reply = Outcome(error=exc)
+                        elif type(cmd) is Wait:
+                            # The message goes into the flight in the hub's callback
+                            # (step_ahead): _AHEAD.
+                            box = self.mailbox
+                            assert box is not None  # a Wait comes after a Subscribe
+                            waker = box.take_soon(cmd.timeout, self.step_ahead)
+                            if waker is None:
+                                reply = _AHEAD
+                            elif machine is not None:
+                                # Parked: a waiting flight holds no task nor coroutine.
+                                self.park(waker)
+                                return None
+                            else:  # a refresh (which leads: it never waits, as it stands)
+                                try:
+                                    await waker.fut
+                                finally:
+                                    box.stop_take(waker)
+                                reply = _AHEAD if box.took(waker) else None
+                        else:
+                            reply = await self.execute(cmd)
+                    except BaseException as exc:  # an abort too: thrown in, it goes on up
+                        error = self.failed(cmd, exc)
+                    continue
+            # The flight ended: its subscription and lease end (unless handed off), it is
+            # counted out (unless the hub's callback did both), and its end goes on up.
+            try:
+                if not handed_off:
+                    flight.close()
+                    self.finish()
+            except BaseException as exc:
+                reply, error = None, exc
+            if machine is None:  # a refresh: the flight alone
+                if error is not None:
+                    raise error
+                return reply
+            flight, handed_off = None, False
+            if self.ended is None:
+                self.backend.end_flight()
 
     async def refresh(self, flight: Flight) -> None:
         """The rest of a flight whose callers were served, in a task the backend keeps."""
         try:
-            await self.drive(flight)
+            await self.fly(flight, alone=True)
         except Exception as exc:
             log.warning("a background refresh of %r failed: %s", self.spec.names.job_id, exc)
+
+    def park(self, waker: _Handover[object]) -> None:
+        """A Wait of the flight's task: the task ends here; the flight waits with no task
+        (issue 23's memory per flight) until the wait ends (unpark) or a Cancel comes."""
+        self.parked = waker
+        # In a copy of this task's context: so is the task that unpark() starts.
+        waker.fut.add_done_callback(self.unpark)
+        self.entry.task = self
+
+    def unpark(self, fut: asyncio.Future[bool | None]) -> None:
+        """The parked Wait ended (on the loop, after whatever the hub's callback woke)."""
+        waker = self.parked
+        if waker is not None and waker.fut is fut:  # else cancel() took it on already
+            self.resume(None)
+
+    def resume(self, error: BaseException | None) -> None:
+        """The parked flight goes on, in a new task, with what the Wait replies (or with
+        ``error`` thrown in); or ends here if the hub's callback ended it and the shared
+        flight's machine (step_ahead): then nothing is left to step."""
+        waker = self.parked
+        assert waker is not None
+        self.parked = None
+        box = waker.box  # self.mailbox is gone if the flight ended (step_ahead's finish())
+        box.stop_take(waker)
+        reply: object = None
+        if error is None:
+            reply = _AHEAD if box.took(waker) else None
+            ended = self.ended
+            if reply is _AHEAD and ended is not None and ended[0] and ended[2] is None:
+                self.ahead = self.ended = None
+                return  # what fly() would do: the flight and the machine ended, tidied up
+        flight = self.fly(self.running, reply, error)
+        self.entry.task = asyncio.get_running_loop().create_task(flight)
+
+    def done(self) -> bool:
+        """Entry.task's done(), while the driver stands in for the flight's task."""
+        return self.parked is None
+
+    def cancel(self) -> bool:
+        """Entry.task's cancel(), while the driver stands in for the flight's task: a parked
+        flight goes on in a task, with CancelledError thrown in as into its task."""
+        if self.parked is None:
+            return False
+        self.resume(asyncio.CancelledError())
+        return True
 
     def step_ahead(self, message: object) -> None:
         """A Wait's message, on the loop (the hub's callback, ahead of this driver's task):
@@ -379,11 +475,11 @@ class _Driver(DriverBase):
         assert self.running is not None
         ended, value, raised = self.ahead = _step(self.running, message)
         if ended and raised is None and self.shared is not None:
-            # What drive() and _shared_flight do next, in their order: drive()'s finish()
-            # (its own then finds nothing left), the flight counted out, the machine's step.
+            # What fly() does next, in its order: the flight's finish() (its own then finds
+            # nothing left), the flight counted out, the shared machine's step.
             try:
                 self.finish()
-            except BaseException as exc:  # the task raises it, as drive() would have
+            except BaseException as exc:  # the task raises it, as fly() would have
                 self.ahead = (True, None, exc)
                 return
             try:
@@ -392,13 +488,7 @@ class _Driver(DriverBase):
                 self.ended = _step(self.shared, value)
 
     async def execute(self, cmd: Command) -> object:
-        if type(cmd) is Lead:  # first: the one command of a leader that runs no script
-            flight = self.flight_of(cmd, asyncio.get_running_loop())
-            try:
-                with self.as_leader(flight):
-                    return Outcome(value=await self.fn(*self.args, **self.kwargs))
-            except BaseException as exc:  # an abort too: the protocol must tell the waiters
-                return Outcome(error=exc)
+        """The commands but Serve, Lead and Wait (fly() carries those)."""
         script = self.script_for(cmd)
         if script is not None:
             if type(cmd) is Acquire:
@@ -416,10 +506,6 @@ class _Driver(DriverBase):
                 raw = await self.backend.run_async_script(script)
                 return self.reply_of(cmd, raw)
             return self.reply_of(cmd, await self.backend.run_async_script(script))
-        if type(cmd) is Wait:
-            # The message goes into the flight in the hub's callback (step_ahead): _AHEAD.
-            got = await self.mailbox.take_async(cmd.timeout, self.step_ahead)  # type: ignore[union-attr]
-            return _AHEAD if got else None
         if type(cmd) is Subscribe:
             latch = self.subscribe()
             return await latch.wait_async(self.confirm_timeout(cmd.timeout)) and latch.get()
