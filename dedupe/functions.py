@@ -140,7 +140,21 @@ class Flown:
         with ``args``; ``instance``, a bound wrapper's self, is the key's first argument."""
         if wrapped is None:
             wrapped = self.wrapped
-        job_id = self.builder(args if instance is None else (instance, *args), kwargs)
+        full = args if instance is None else (instance, *args)
+        # KeyBuilder.__call__'s usual path inline (every argument by position: a frame less
+        # on every call, some 1k instructions); anything else, a failure or an id that is no
+        # valid one goes through the builder, which builds it again and says what is wrong.
+        b = self.builder
+        job_id: Any = None
+        if not kwargs and len(full) == b.count:
+            job_id = b.const
+            if job_id is None and b.fast is not None:
+                try:
+                    job_id = b.fast(*full)
+                except Exception:
+                    job_id = None
+        if type(job_id) is not str or not job_id:
+            job_id = b(full, kwargs)
         shape: Any = self.shape
         if shape is UNRESOLVED:
             shape = self.shape_of(wrapped)

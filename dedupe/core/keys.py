@@ -415,18 +415,20 @@ class KeyBuilder:
         self._defaults = {p.name: p.default for p in params if p.default is not P.empty}
         # Every parameter can come by position: a call that gives them all so needs no more.
         self._by_position = self._simple and self._positional == self._names
-        self._count = len(self._names)
+        self.count = len(self._names)
         # ``build`` of a call that gives every argument by position, taking them as they
-        # come (no dict of them): a template's str.format by position. Only then.
-        self._fast = by_position if self._by_position else None
+        # come (no dict of them): a template's str.format by position. Only then. ``fast``,
+        # ``const`` and ``count`` are public for Flown.run, which takes this usual path inline
+        # (a frame less on every call) and calls the builder for anything else.
+        self.fast = by_position if self._by_position else None
         # A template without fields names one job whatever the arguments (key="token"): its
         # id is built once, not formatted per call (about 1.4k instructions of a local copy's
         # hit). Used only when the call's arguments fit the signature by position.
-        self._const = const if self._fast is not None else None
+        self.const = const if self.fast is not None else None
 
     def arguments(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """The call's arguments by name, in signature order, defaults applied."""
-        if self._by_position and not kwargs and len(args) == self._count:
+        if self._by_position and not kwargs and len(args) == self.count:
             return dict(zip(self._names, args))  # noqa: B905 (the lengths are equal)
         if self._simple and len(args) <= len(self._positional):
             given = dict(zip(self._positional, args, strict=False))
@@ -451,15 +453,15 @@ class KeyBuilder:
     def __call__(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
         # The usual call, every argument by position, inline: a call's key is on the path of
         # every call (a local copy's hit is little more than this).
-        fast = self._fast
-        if fast is not None and not kwargs and len(args) == self._count:
-            if self._const is not None:
-                return self._const
+        fast = self.fast
+        if fast is not None and not kwargs and len(args) == self.count:
+            if self.const is not None:
+                return self.const
             try:
                 job_id = fast(*args)
             except (AttributeError, KeyError, IndexError):
                 job_id = self._build(self.arguments(args, kwargs))  # raises, saying why
-        elif self._by_position and not kwargs and len(args) == self._count:
+        elif self._by_position and not kwargs and len(args) == self.count:
             job_id = self._build(dict(zip(self._names, args)))  # noqa: B905 (equal lengths)
         else:
             job_id = self._build(self.arguments(args, kwargs))
