@@ -362,3 +362,43 @@ def test_event_loops_and_threads_at_once_never_share_a_connection(
         sf.close(timeout=0)
         check.close()
     assert errors == [] and bad == []
+
+
+# --------------------------------------------------------------------------- random draws
+
+
+def _draw_in_child(q: Any) -> None:
+    from dedupe.backend import hub
+    from dedupe.core import protocol
+
+    q.put((protocol._random(), hub._jitter.random()))
+
+
+@pytest.mark.timeout(60)
+def test_dedupe_leaves_the_global_random_sequence_alone_and_forks_draw_their_own() -> None:
+    from dedupe.backend import hub
+    from dedupe.core import protocol
+
+    # early_refresh draws on every call of a kept key: the app's seeded sequence must not move.
+    sf = SingleFlight("memory://random-draws", result_ttl=60, early_refresh=1.0)
+    try:
+        random = __import__("random")
+        random.seed(7)
+        expected = [random.random() for _ in range(3)]
+        random.seed(7)
+        for _ in range(20):
+            assert sf.call("drawn", lambda: 1) == 1
+        assert [random.random() for _ in range(3)] == expected
+    finally:
+        sf.close()
+    # A forked child reseeds dedupe's generators, as Python reseeds the global one: forked
+    # workers neither refresh early nor reconnect in step.
+    q = mp.get_context("fork").Queue()
+    child = mp.get_context("fork").Process(target=_draw_in_child, args=(q,))
+    child.start()
+    try:
+        theirs = q.get(timeout=30)
+    finally:
+        child.join(30)
+    assert theirs[0] != protocol._random()
+    assert theirs[1] != hub._jitter.random()

@@ -40,6 +40,7 @@ No lock guards a socket: only a link's writer thread writes on it, only its read
 from __future__ import annotations
 
 import logging
+import os
 import random
 import socket
 import threading
@@ -63,6 +64,12 @@ from dedupe.errors import BackendUnavailable
 
 __all__ = ["Hub", "Router", "SingleRouter"]
 
+# The reconnect jitter's own generator: a library must not move the app's global random
+# sequence (an app or a test that seeds it would see other numbers). Reseeded in a forked
+# child, as the global one is, so that forked workers do not reconnect in step.
+_jitter = random.Random()
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_jitter.seed)
 log = logging.getLogger(__name__)
 
 Item = bytes | object  # a message, or RECHECK
@@ -485,7 +492,7 @@ class _Link:
                 log.exception("pub/sub reader failed; restarting it")
                 up = 0.0
             delay = 0.0 if up > 1.0 else min(2.0, max(0.05, delay * 2))
-            self._closed.wait(delay * random.uniform(0.5, 1.0))
+            self._closed.wait(delay * _jitter.uniform(0.5, 1.0))
 
     def _session(self) -> float:
         """Connect, subscribe and read until the connection fails; how long it was up."""

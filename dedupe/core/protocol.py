@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import random
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
@@ -71,6 +72,14 @@ from dedupe.errors import (
     ProtocolError,
     WaitTimeout,
 )
+
+# early_refresh's draws come from a generator of dedupe's own, not the global one (an app
+# that seeds random must see the sequence it seeded); reseeded in a forked child, as the
+# global one is: forked workers must not draw in step (XFetch spreads refreshes by the draw).
+_rng = random.Random()
+_random = _rng.random
+if hasattr(os, "register_at_fork"):  # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_rng.seed)
 
 __all__ = [
     "BUSY",
@@ -492,7 +501,7 @@ def run_flight(
     codec: Codec,
     clock: Callable[[], float],
     trace: bytes = b"",
-    rand: Callable[[], float] = random.random,
+    rand: Callable[[], float] = _random,
 ) -> Flight:
     """Drive one flight to its outcome; the caller sends replies to the yielded commands.
 
