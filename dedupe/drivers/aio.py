@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import Any, Final, TypeAlias
 
-from dedupe.backend.commands import discard_call, parse_looked, read_call, translate
+from dedupe.backend.commands import parse_looked, read_call, translate
 from dedupe.backend.lifecycle import Backend
 from dedupe.backend.transport import acquire_and_wait
 from dedupe.core.batch import (
@@ -57,7 +57,6 @@ from dedupe.core.call import (
     read_first,
     run_call,
     run_shared_flight,
-    served_read,
 )
 from dedupe.core.inflight import Entry, InFlight
 from dedupe.core.keys import Names
@@ -67,11 +66,9 @@ from dedupe.core.protocol import (
     Flight,
     FlightSpec,
     Lead,
-    Note,
     Pause,
     Read,
     Reads,
-    Rejected,
     Serve,
     Subscribe,
     Wait,
@@ -80,7 +77,7 @@ from dedupe.core.protocol import (
 from dedupe.core.sealing import Outcome
 from dedupe.core.shapes import Shape
 from dedupe.core.signals import _Handover, take_any_async
-from dedupe.drivers.base import BatchBase, DriverBase, local_flight, note, observe, read_error
+from dedupe.drivers.base import BatchBase, DriverBase, local_flight, observe, read_error, read_found
 from dedupe.errors import WaitTimeout
 from dedupe.ops import events
 from dedupe.overrides import FlightParams, spec_maker
@@ -109,18 +106,16 @@ async def call(
     flight (``read_first``), in this coroutine: no task, no future."""
     table = backend.async_flights()
     started = joined = None
-    reading = True
     reads = p.reads
     if first and reads is not None:
         joined = read_first(backend, table, names, reads)
-        if joined is not None and joined[1]:  # created: this call's flight
-            reading = False  # the credit was asked: the call's flight reads no more
-            if joined[2]:  # read now
-                started = time.monotonic()
-                hit, value = await _read(backend, table, names, p, shape, reads, joined[0])
-                if hit:
-                    return value
-    make_spec = spec_maker(backend, names, p, shape, reading)
+        if joined is not None and joined[2]:  # its own new entry, and the credit says read
+            started = time.monotonic()
+            hit, value = await _read(backend, table, names, p, shape, reads, joined[0])
+            if hit:
+                return value
+    # A call that created its entry above asked the credit: its flight reads no more.
+    make_spec = spec_maker(backend, names, p, shape, joined is None or not joined[1])
     machine = run_call(
         backend,
         table,
@@ -197,13 +192,11 @@ async def _read(
             error = read_error(exc)
         else:
             try:
-                hit, value = served_read(backend, table, reads, names, entry, backend.codec,
-                                         looked, shape, p.result_ttl_ms)  # fmt: skip
-                if type(value) is not Rejected:
+                hit, value, discard = read_found(backend, table, reads, names, entry, looked,
+                                                 shape, p.result_ttl_ms)  # fmt: skip
+                if discard is None:
                     return hit, value
-                if value.detail:
-                    note(names, Note("rejected", value.detail))
-                await backend.run_async_script(discard_call(names, value.record))
+                await backend.run_async_script(discard)
                 return False, None
             except BaseException as exc:
                 error = translate(exc) if isinstance(exc, Exception) else exc

@@ -42,9 +42,9 @@ from dedupe.core.batch import (
     RunLocally,
     WaitAny,
 )
-from dedupe.core.call import Begin, End, Takeover
+from dedupe.core.call import Begin, End, Takeover, served_read
 from dedupe.core.context import BatchFlight, Flight, leading, leading_many
-from dedupe.core.inflight import Entry
+from dedupe.core.inflight import Entry, InFlight
 from dedupe.core.keys import Names
 from dedupe.core.leases import Lease, LostSignal
 from dedupe.core.protocol import (
@@ -56,10 +56,13 @@ from dedupe.core.protocol import (
     Discard,
     FlightSpec,
     Lead,
+    Looked,
     Note,
     Offer,
     Read,
     ReadRefused,
+    Reads,
+    Rejected,
     Release,
     Unanswered,
     own_lease,
@@ -68,10 +71,11 @@ from dedupe.core.protocol import (
 from dedupe.core.protocol import Flight as ProtocolFlight
 from dedupe.core.record import lock_value
 from dedupe.core.sealing import Codec, Outcome
+from dedupe.core.shapes import Shape
 from dedupe.core.signals import Latch, Mailbox
 from dedupe.ops import events
 
-__all__ = ["BatchBase", "DriverBase", "local_flight", "note", "observe", "read_error"]
+__all__ = ["BatchBase", "DriverBase", "local_flight", "note", "observe", "read_error", "read_found"]
 
 log = logging.getLogger("dedupe.core.protocol")
 
@@ -118,6 +122,28 @@ def observe(names: Names, cmd: Begin | End | Takeover) -> Any:
     if type(cmd) is Takeover:
         events.mark("takeover", names, token=cmd.token, role="leader")
     return None
+
+
+def read_found(
+    backend: Backend,
+    table: InFlight,
+    reads: Reads,
+    names: Names,
+    entry: Entry,
+    looked: Looked,
+    shape: Shape | None,
+    result_ttl_ms: int,
+) -> tuple[bool, Any, ScriptCall | None]:
+    """What read_first's read found, as both drivers take it: (hit, value, None) from the
+    core's served_read; or, for a forged or unreadable record, noted here once, the Discard
+    that drops it (the driver sends it, and the machine goes on to the acquire script)."""
+    hit, value = served_read(backend, table, reads, names, entry, backend.codec, looked,
+                             shape, result_ttl_ms)  # fmt: skip
+    if type(value) is not Rejected:
+        return hit, value, None
+    if value.detail:
+        note(names, Note("rejected", value.detail))
+    return False, None, discard_call(names, value.record)
 
 
 def read_error(exc: BaseException) -> BaseException:

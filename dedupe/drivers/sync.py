@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any
 
-from dedupe.backend.commands import discard_call, parse_looked, read_call, translate
+from dedupe.backend.commands import parse_looked, read_call, translate
 from dedupe.backend.lifecycle import Backend
 from dedupe.backend.transport import acquire_and_wait
 from dedupe.core.batch import (
@@ -28,7 +28,6 @@ from dedupe.core.call import (
     read_failed,
     read_first,
     run_call,
-    served_read,
 )
 from dedupe.core.inflight import Entry
 from dedupe.core.keys import Names
@@ -39,11 +38,9 @@ from dedupe.core.protocol import (
     Flight,
     FlightSpec,
     Lead,
-    Note,
     Pause,
     Read,
     Reads,
-    Rejected,
     Serve,
     Subscribe,
     Wait,
@@ -52,7 +49,7 @@ from dedupe.core.protocol import (
 from dedupe.core.sealing import Outcome
 from dedupe.core.shapes import Shape
 from dedupe.core.signals import take_any
-from dedupe.drivers.base import BatchBase, DriverBase, local_flight, note, observe, read_error
+from dedupe.drivers.base import BatchBase, DriverBase, local_flight, observe, read_error, read_found
 from dedupe.ops import events
 from dedupe.overrides import FlightParams, spec_maker
 
@@ -80,18 +77,16 @@ def call(
     the call needs no Served and no events, so it may read its kept value before any
     flight (``read_first``)."""
     started = joined = None
-    reading = True
     reads = p.reads
     if first and reads is not None:
         joined = read_first(backend, backend.sync_flights, names, reads)
-        if joined is not None and joined[1]:  # created: this call's flight
-            reading = False  # the credit was asked: the call's flight reads no more
-            if joined[2]:  # read now
-                started = time.monotonic()
-                hit, value = _read(backend, names, p, shape, reads, joined[0], started)
-                if hit:
-                    return value
-    make_spec = spec_maker(backend, names, p, shape, reading)
+        if joined is not None and joined[2]:  # its own new entry, and the credit says read
+            started = time.monotonic()
+            hit, value = _read(backend, names, p, shape, reads, joined[0], started)
+            if hit:
+                return value
+    # A call that created its entry above asked the credit: its flight reads no more.
+    make_spec = spec_maker(backend, names, p, shape, joined is None or not joined[1])
     machine = run_call(
         backend,
         backend.sync_flights,
@@ -154,13 +149,11 @@ def _read(
             error = read_error(exc)
         else:
             try:
-                hit, value = served_read(backend, table, reads, names, entry, backend.codec,
-                                         looked, shape, p.result_ttl_ms)  # fmt: skip
-                if type(value) is not Rejected:
+                hit, value, discard = read_found(backend, table, reads, names, entry, looked,
+                                                 shape, p.result_ttl_ms)  # fmt: skip
+                if discard is None:
                     return hit, value
-                if value.detail:
-                    note(names, Note("rejected", value.detail))
-                backend.run_sync_script(discard_call(names, value.record))
+                backend.run_sync_script(discard)
                 return False, None
             except BaseException as exc:
                 error = translate(exc) if isinstance(exc, Exception) else exc
