@@ -302,3 +302,214 @@ def test_an_asyncio_record_larger_than_the_socket_buffer_goes_out_whole(
         assert sf.call("big", lambda: b"ran again") == big
     finally:
         sf.close(timeout=0)
+
+
+# --------------------------------------------------------------------------- replies
+
+
+def _resp(value: Any) -> bytes:
+    """RESP2 of a value as Redis sends it (a str stands for an error reply's text)."""
+    if value is None:
+        return b"$-1\r\n"
+    if isinstance(value, bool):
+        raise TypeError(value)
+    if isinstance(value, int):
+        return b":%d\r\n" % value
+    if isinstance(value, bytes):
+        return b"$%d\r\n%b\r\n" % (len(value), value)
+    if isinstance(value, str):
+        return b"-%b\r\n" % value.encode()
+    return b"*%d\r\n%b" % (len(value), b"".join(_resp(v) for v in value))
+
+
+def _by_redis_py(wire: bytes, count: int) -> list[Any]:
+    """The replies as redis-py's own RESP2 reader parses them, off a socket."""
+    import socket
+
+    from redis._parsers import Encoder, _RESP2Parser
+
+    ours, peer = socket.socketpair()
+    try:
+        ours.settimeout(5)
+        writer = threading.Thread(target=peer.sendall, args=(wire,))
+        writer.start()
+        conn = type("Conn", (), {})()
+        conn._sock, conn.socket_timeout = ours, 5
+        conn.encoder = Encoder("utf-8", "strict", False)
+        parser = _RESP2Parser(socket_read_size=65536)
+        parser.on_connect(conn)
+        got = [parser.read_response() for _ in range(count)]
+        writer.join(5)
+        return got
+    finally:
+        ours.close()
+        peer.close()
+
+
+def _seen(value: Any) -> Any:
+    if isinstance(value, Exception):
+        return (type(value).__name__, str(value))
+    if isinstance(value, list):
+        return [_seen(v) for v in value]
+    return value
+
+
+_reply = st.recursive(
+    st.none()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.binary(max_size=300)  # CR, LF and "\r\n" inside values too
+    | st.sampled_from(["ERR wrong", "WRONGTYPE Operation against a key"]),
+    lambda inner: st.lists(inner, max_size=5),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(replies=st.lists(_reply, min_size=1, max_size=4))
+def test_replies_parse_whole_and_a_cut_reply_asks_only_for_bytes_it_has_coming(
+    replies: list[Any],
+) -> None:
+    """Every reply parses to its value and ends where the next begins. Cut anywhere, the
+    parse asks for more, never for more than the reply has: a reader that waited for
+    bytes the server will not send would hang until the socket timeout."""
+    from dedupe.backend.resp import Short, parse
+
+    wire = b"".join(_resp(r) for r in replies)
+    pos, got = 0, []
+    for _ in replies:
+        value, pos = parse(wire, pos)
+        got.append(value)
+    assert pos == len(wire)
+    assert _seen(got) == _seen(_by_redis_py(wire, len(replies)))
+    start = 0
+    for reply in replies:
+        whole = _resp(reply)
+        for cut in range(len(whole)):
+            with pytest.raises(Short) as short:
+                parse(wire[: start + cut], start)
+            assert start + cut < short.value.need <= start + len(whole)
+        start += len(whole)
+
+
+class _Conn:
+    """What read_replies uses of a redis-py connection: its socket, its name for errors."""
+
+    health_check_interval = 0
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+
+    def _host_error(self) -> str:
+        return "test peer"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    replies=st.lists(_reply, min_size=1, max_size=4),
+    big=st.integers(min_value=0, max_value=3 * 65536),
+    cuts=st.lists(st.integers(min_value=1, max_value=70000), max_size=8),
+)
+def test_replies_cut_into_any_pieces_on_a_socket_are_read_whole(
+    replies: list[Any], big: int, cuts: list[int]
+) -> None:
+    """The replies of one request, and a bulk string past the read size, written in pieces
+    of any size (a slow link, a large record): read_replies returns them all and leaves
+    nothing on the socket."""
+    import socket
+
+    from dedupe.backend.resp import read_replies
+
+    replies = [*replies, bytes(range(256)) * (big // 256)]
+    wire = b"".join(_resp(r) for r in replies)
+    ours, peer = socket.socketpair()
+    ours.settimeout(5)
+
+    def write() -> None:
+        rest = memoryview(wire)
+        for cut in cuts:
+            peer.sendall(rest[:cut])
+            rest = rest[cut:]
+        peer.sendall(rest)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        got = read_replies(_Conn(ours), len(replies))
+        assert _seen(got) == _seen(_by_redis_py(wire, len(replies)))
+        writer.join(5)
+        ours.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            ours.recv(1)
+    finally:
+        writer.join(5)
+        ours.close()
+        peer.close()
+
+
+def test_a_reply_that_does_not_come_whole_is_redis_pys_error() -> None:
+    """The errors wire._on acts on: a timeout (drop, retry), a closed connection, an error
+    reply of the connection kind (LOADING: raised, as redis-py raises it), bytes no
+    request asked for (a connection not to use again)."""
+    import socket
+
+    from dedupe.backend.resp import read_replies
+
+    def read(sent: bytes, count: int = 1, close: bool = False) -> list[Any]:
+        ours, peer = socket.socketpair()
+        ours.settimeout(0.2)
+        try:
+            peer.sendall(sent)
+            if close:
+                peer.close()
+            return read_replies(_Conn(ours), count)
+        finally:
+            ours.close()
+            peer.close()
+
+    with pytest.raises(redis.exceptions.TimeoutError):
+        read(b"$5\r\nhel")  # cut, and nothing more comes
+    with pytest.raises(redis.exceptions.ConnectionError, match="closed"):
+        read(b"*2\r\n:1\r\n", close=True)
+    with pytest.raises(redis.exceptions.BusyLoadingError):
+        read(b"-LOADING Redis is loading the dataset in memory\r\n")
+    with pytest.raises(redis.exceptions.InvalidResponse):
+        read(b":1\r\n:2\r\n")  # one reply asked for, two came
+    with pytest.raises(redis.exceptions.InvalidResponse):
+        read(b"%1\r\n:1\r\n:2\r\n")  # a RESP3 map on a RESP2 connection
+    (noscript,) = read(b"-NOSCRIPT No matching script.\r\n")
+    assert isinstance(noscript, redis.exceptions.NoScriptError)
+
+
+@pytest.mark.parametrize("protocol", ["", "?protocol=2", "?protocol=3"])
+def test_own_connections_speak_resp2_unless_the_url_asks_for_resp3(
+    redis_server: RedisServer, prefix: str, protocol: str
+) -> None:
+    """dedupe's command connections speak RESP2, whose replies it reads itself (redis-py 8
+    speaks RESP3 unless told); a URL that asks for RESP3 gets it, read by redis-py. Either
+    way a flight, a kept value's hit, a refused command and an asyncio flight work."""
+    admin = redis_server.client()
+    sf = SingleFlight(redis_server.url + protocol, prefix=prefix, result_ttl=60)
+    want = {"3" if protocol.endswith("3") else "2"}
+
+    def spoken() -> set[str]:
+        return {c["resp"] for c in admin.client_list() if c["name"].startswith(f"{prefix}:cmd:")}
+
+    async def aval(v: str) -> str:
+        return v
+
+    async def amain() -> set[str]:
+        assert await sf.call("a", aval, "a1") == "a1"
+        assert await sf.call("a", aval, "a2") == "a1"
+        return spoken()
+
+    try:
+        assert sf.call("s", lambda: "s1") == "s1"
+        assert sf.call("s", lambda: "s2") == "s1"  # the hit: MGET and TIME read whole
+        assert spoken() == want
+        sf.close(timeout=1)
+        assert spoken() == set()
+        assert asyncio.run(amain()) == want
+        admin.script_flush()  # the next acquire gets NOSCRIPT, then sends the script
+        assert sf.call("t", lambda: "t1") == "t1"
+    finally:
+        sf.close(timeout=0)

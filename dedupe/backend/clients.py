@@ -35,6 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.retry import Retry
 
 from dedupe.backend.hub import Connection, Router, SingleRouter
+from dedupe.backend.resp import resp2_kwargs
 from dedupe.backend.topology import ClusterRouter, Target, cluster_twin, sentinel_twin
 from dedupe.errors import UnsupportedServer
 from dedupe.settings import AsyncClient, Settings, SyncClient
@@ -299,11 +300,10 @@ def _twin(client: Any, *, to_async: bool) -> Any:
 
 
 def _hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    # The hub reads RESP2 pub/sub frames as bytes and does its own health checks;
-    # redis-py's maintenance notifications need RESP3, so they stay off its connections.
-    kw = {k: v for k, v in kwargs.items() if not k.startswith("maint_notif")}
-    # The hub names its connections itself (CLIENT SETNAME as the first command).
-    kw.update(protocol=2, health_check_interval=0, decode_responses=False, client_name=None)
+    # The hub reads RESP2 pub/sub frames as bytes and does its own health checks; it names
+    # its connections itself (CLIENT SETNAME as the first command).
+    kw = resp2_kwargs(kwargs)
+    kw.update(health_check_interval=0, decode_responses=False, client_name=None)
     return kw
 
 

@@ -8,9 +8,10 @@ checks, RESP parsing and error types), and retried as the connection's own ``ret
 
 Connections come from one of two places. A client dedupe built from a URL gives each
 command slot a connection of its own (``Slots``): taking a slot is taking its connection,
-one C-level queue operation. A client the user passed in keeps its own pool and limits:
-each command checks a connection out of that pool and back. Cluster clients keep the
-client path (they route by slot and follow MOVED/ASK).
+one C-level queue operation; those speak RESP2 and their replies are read by resp.py, not
+by redis-py's parser. A client the user passed in keeps its own pool and limits: each
+command checks a connection out of that pool and back. Cluster clients keep the client path
+(they route by slot and follow MOVED/ASK).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from dedupe.backend.commands import READ, Script, ScriptCall, Stamp
+from dedupe.backend.resp import aread_replies, asked_resp3, read_replies, resp2_kwargs
 
 __all__ = ["AsyncWire", "SyncWire", "pack", "pack_many", "retry_left", "wire_ready"]
 
@@ -57,10 +59,14 @@ def pack(call: ScriptCall, *, by_sha: bool = True) -> list[bytes]:
     if head is None:
         head = _packed_head(script, by_sha, len(keys), len(args))
     parts = [head]
-    # Loops, not a call per argument: keys are text (UTF-8), arguments text, ints or bytes.
+    # Loops, not a call per argument, and no bytes format (about a thousand instructions
+    # each): a bulk string's "$<len>\r\n" comes from a table. Keys are text (UTF-8),
+    # arguments text, ints or bytes.
+    lengths = _LENGTHS
     for key in keys:
         data = key.encode()
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+        size = len(data)
+        parts += (lengths[size] if size < _TABLED else b"$%d\r\n" % size, data, _CRLF)
     for arg in args:
         if type(arg) is int:
             packed = _INTS.get(arg)
@@ -71,7 +77,8 @@ def pack(call: ScriptCall, *, by_sha: bool = True) -> list[bytes]:
         data = (
             arg.encode() if isinstance(arg, str) else b"%d" % arg if isinstance(arg, int) else arg
         )
-        parts.append(b"$%d\r\n%b\r\n" % (len(data), data) if data else _EMPTY)
+        size = len(data)
+        parts += (lengths[size] if size < _TABLED else b"$%d\r\n" % size, data, _CRLF)
     return [b"".join(parts)]
 
 
@@ -80,7 +87,9 @@ def pack(call: ScriptCall, *, by_sha: bool = True) -> list[bytes]:
 _HEADS: dict[tuple[str, bool, int, int], bytes] = {}  # (sha, by_sha, keys, args) -> head
 _INTS: dict[int, bytes] = {}  # ttls and windows: a handful per process
 _MAX_PACKED = 1024
-_EMPTY = b"$0\r\n\r\n"
+_CRLF = b"\r\n"
+_TABLED = 512  # bulk strings shorter than this take their head from _LENGTHS (20 KB)
+_LENGTHS = [b"$%d\r\n" % n for n in range(_TABLED)]
 
 
 def _packed_head(script: Script, by_sha: bool, nkeys: int, nargs: int) -> bytes:
@@ -140,7 +149,7 @@ class _Wire:
     retry included; None for a client passed in, whose own retry policy then applies.
     """
 
-    __slots__ = ("_name", "_no_retry", "_notified", "bound", "pool")
+    __slots__ = ("_name", "_no_retry", "_notified", "_resp2", "bound", "pool")
 
     def __init__(self, client: Any, bound: float | None = None) -> None:
         self.pool = client.connection_pool
@@ -151,6 +160,9 @@ class _Wire:
         # redis-py >= 6.2: a server's maintenance notification may ask for a new connection.
         self._notified = hasattr(self.pool.connection_class, "should_reconnect")
         self._no_retry: Any = None  # set by the subclass: a Retry that never retries
+        # Our own connections speak RESP2, and their replies are read in resp.py, unless
+        # the client asked for RESP3 (then redis-py reads them: pushes, RESP3's types).
+        self._resp2 = not asked_resp3(self.pool.connection_kwargs)
 
     def new_connection(self, bound: float | None = None) -> Any:
         """A connection of the client's settings, owned by the caller (a command slot).
@@ -159,7 +171,8 @@ class _Wire:
         within ``bound``. ``bound`` given: a one-off connection whose connect and reads
         together fit in it (what is left of a command's bound for its retry)."""
         pool = self.pool
-        kw = {**pool.connection_kwargs, "retry": self._no_retry}
+        kw = resp2_kwargs(pool.connection_kwargs) if self._resp2 else {**pool.connection_kwargs}
+        kw["retry"] = self._no_retry
         if bound is not None:
             for name in ("socket_timeout", "socket_connect_timeout"):
                 given = kw.get(name)
@@ -204,12 +217,15 @@ class SyncWire(_Wire):
         fails them all, after one more try on a fresh connection, as ``run_on``."""
         return self._on(conn, _pipeline, calls, stamps)  # type: ignore[no-any-return]
 
-    def _on(self, conn: Any, trip: Callable[[Any, Any, Any], Any], what: Any, stamps: Any) -> Any:
+    def _on(
+        self, conn: Any, trip: Callable[[Any, Any, Any, Replies], Any], what: Any, stamps: Any
+    ) -> Any:
         """``trip(conn, what, stamps)``, and once more on a fresh connection after a
         failure that may have left the connection mid-reply (see ``run_on``)."""
+        replies = read_replies if self._resp2 else _replies
         started = time.monotonic()
         try:
-            return trip(conn, what, stamps)
+            return trip(conn, what, stamps, replies)
         except ResponseError:
             raise  # the error reply was read whole: the connection is clean
         except _RETRYABLE:
@@ -225,7 +241,7 @@ class SyncWire(_Wire):
                 conn.disconnect()
         fresh = self.new_connection(left)
         try:
-            return trip(fresh, what, stamps)
+            return trip(fresh, what, stamps, replies)
         finally:
             fresh.disconnect()
 
@@ -236,46 +252,63 @@ class SyncWire(_Wire):
         conn = pool.get_connection(*self._name)
         try:
             return conn.retry.call_with_retry(
-                partial(_roundtrip, conn, call, stamp), conn.disconnect
+                partial(_roundtrip, conn, call, stamp, _replies), conn.disconnect
             )
         finally:
             pool.release(conn)
 
 
-def _roundtrip(conn: Any, call: ScriptCall, stamp: Stamp | None) -> Any:
+Replies = Callable[[Any, int], list[Any]]
+"""replies(conn, n): the n replies of the request just sent, an error reply as its
+ResponseError (read whole); a failure of the connection raised."""
+
+
+def _replies(conn: Any, count: int) -> list[Any]:
+    """Replies as redis-py's reader reads them (a client passed in; RESP3)."""
+    return [_read(conn) for _ in range(count)]
+
+
+def _roundtrip(conn: Any, call: ScriptCall, stamp: Stamp | None, replies: Replies) -> Any:
     if stamp is not None:
         if conn._sock is None:
             conn.connect()  # a connect is not a send: the stamp comes after it
         stamp.sent = time.monotonic()
     conn.send_packed_command(pack(call))
-    if call.script is READ:
-        keys = _read(conn)  # an error reply is read whole: then the clock's reply
-        now = conn.read_response()
-        if isinstance(keys, ResponseError):
-            raise keys
+    if call.script is READ:  # two replies, both read whole before either error is raised
+        keys, now = replies(conn, 2)
+        _raise_any(keys)
+        _raise_any(now)
         return [keys, now]
-    try:
-        return conn.read_response()
-    except NoScriptError:  # a restarted or flushed server: send the script itself
+    (reply,) = replies(conn, 1)
+    if isinstance(reply, NoScriptError):  # a restarted or flushed server: send the script
         if stamp is not None:
             stamp.sent = time.monotonic()
         conn.send_packed_command(pack(call, by_sha=False))
-        return conn.read_response()
+        (reply,) = replies(conn, 1)
+    _raise_any(reply)
+    return reply
 
 
-def _pipeline(conn: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]) -> list[Any]:
+def _raise_any(reply: Any) -> None:
+    if isinstance(reply, ResponseError):
+        raise reply
+
+
+def _pipeline(
+    conn: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None], replies: Replies
+) -> list[Any]:
     if conn._sock is None:
         conn.connect()  # a connect is not a send: the stamps come after it
     _stamp(stamps)
     conn.send_packed_command(pack_many(calls))
-    replies = [_read(conn) for _ in calls]
-    again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+    got = replies(conn, len(calls))
+    again = [i for i, r in enumerate(got) if isinstance(r, NoScriptError)]
     if again:  # a restarted or flushed server: send those scripts themselves
         _stamp([stamps[i] for i in again])
         conn.send_packed_command(pack_many([calls[i] for i in again], by_sha=False))
-        for i in again:
-            replies[i] = _read(conn)
-    return replies
+        for i, reply in zip(again, replies(conn, len(again)), strict=True):
+            got[i] = reply
+    return got
 
 
 def _read(conn: Any) -> Any:
@@ -312,12 +345,17 @@ class AsyncWire(_Wire):
         return await self._on(conn, _apipeline, calls, stamps)  # type: ignore[no-any-return]
 
     async def _on(
-        self, conn: Any, trip: Callable[[Any, Any, Any], Awaitable[Any]], what: Any, stamps: Any
+        self,
+        conn: Any,
+        trip: Callable[[Any, Any, Any, AsyncReplies], Awaitable[Any]],
+        what: Any,
+        stamps: Any,
     ) -> Any:
         """As SyncWire._on, on the running loop."""
+        replies = aread_replies if self._resp2 else _areplies
         started = time.monotonic()
         try:
-            return await trip(conn, what, stamps)
+            return await trip(conn, what, stamps, replies)
         except ResponseError:
             raise
         except _RETRYABLE:
@@ -333,7 +371,7 @@ class AsyncWire(_Wire):
                 await conn.disconnect()
         fresh = self.new_connection(left)
         try:
-            return await trip(fresh, what, stamps)
+            return await trip(fresh, what, stamps, replies)
         finally:
             await fresh.disconnect(nowait=True)
 
@@ -342,48 +380,59 @@ class AsyncWire(_Wire):
         conn = await pool.get_connection(*self._name)
         try:
             return await conn.retry.call_with_retry(
-                partial(_aroundtrip, conn, call, stamp), lambda error: conn.disconnect()
+                partial(_aroundtrip, conn, call, stamp, _areplies),
+                lambda error: conn.disconnect(),
             )
         finally:
             await pool.release(conn)
 
 
-async def _aroundtrip(conn: Any, call: ScriptCall, stamp: Stamp | None) -> Any:
+AsyncReplies = Callable[[Any, int], Awaitable[list[Any]]]
+"""As Replies, on the running loop."""
+
+
+async def _areplies(conn: Any, count: int) -> list[Any]:
+    return [await _aread(conn) for _ in range(count)]
+
+
+async def _aroundtrip(
+    conn: Any, call: ScriptCall, stamp: Stamp | None, replies: AsyncReplies
+) -> Any:
     if stamp is not None:
         if getattr(conn, "_writer", None) is None:
             await conn.connect()  # a connect is not a send: the stamp comes after it
         stamp.sent = time.monotonic()
     await _asend(conn, pack(call))
     if call.script is READ:
-        keys = await _aread(conn)
-        now = await conn.read_response()
-        if isinstance(keys, ResponseError):
-            raise keys
+        keys, now = await replies(conn, 2)
+        _raise_any(keys)
+        _raise_any(now)
         return [keys, now]
-    try:
-        return await conn.read_response()
-    except NoScriptError:
+    (reply,) = await replies(conn, 1)
+    if isinstance(reply, NoScriptError):
         if stamp is not None:
             stamp.sent = time.monotonic()
         await _asend(conn, pack(call, by_sha=False))
-        return await conn.read_response()
+        (reply,) = await replies(conn, 1)
+    _raise_any(reply)
+    return reply
 
 
 async def _apipeline(
-    conn: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None]
+    conn: Any, calls: Sequence[ScriptCall], stamps: Sequence[Stamp | None], replies: AsyncReplies
 ) -> list[Any]:
     if getattr(conn, "_writer", None) is None:
         await conn.connect()  # a connect is not a send: the stamps come after it
     _stamp(stamps)
     await _asend(conn, pack_many(calls))
-    replies = [await _aread(conn) for _ in calls]
-    again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+    got = await replies(conn, len(calls))
+    again = [i for i, r in enumerate(got) if isinstance(r, NoScriptError)]
     if again:
         _stamp([stamps[i] for i in again])
         await _asend(conn, pack_many([calls[i] for i in again], by_sha=False))
-        for i in again:
-            replies[i] = await _aread(conn)
-    return replies
+        for i, reply in zip(again, await replies(conn, len(again)), strict=True):
+            got[i] = reply
+    return got
 
 
 async def _aread(conn: Any) -> Any:
