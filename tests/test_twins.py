@@ -29,6 +29,9 @@ _SAME = {
     "_aroundtrip": "_roundtrip",
     "_apipeline": "_pipeline",
     "_aread": "_read",
+    "_areplies": "_replies",
+    "aread_replies": "read_replies",
+    "AsyncReplies": "Replies",
 }
 
 # What the twins may still differ in, after that: each line is sync's then async's.
@@ -75,10 +78,10 @@ _KNOWN: dict[str, set[str]] = {
     "SyncWire.run_many_on": set(),
     "SyncWire._on": {
         # The round trip it is handed: a function, or a coroutine function.
-        "-def _on(self, conn: Any, trip: Callable[[Any, Any, Any], Any], what: Any, stamps:"
-        " Any) -> Any:",
-        "+def _on(self, conn: Any, trip: Callable[[Any, Any, Any], Awaitable[Any]], what: Any,"
+        "-def _on(self, conn: Any, trip: Callable[[Any, Any, Any, Replies], Any], what: Any,"
         " stamps: Any) -> Any:",
+        "+def _on(self, conn: Any, trip: Callable[[Any, Any, Any, Replies], Awaitable[Any]],"
+        " what: Any, stamps: Any) -> Any:",
         # redis.asyncio closes without waiting for the peer (a half-open link would hang).
         "-conn.disconnect()",
         "+conn.disconnect(nowait=True)",
@@ -86,10 +89,10 @@ _KNOWN: dict[str, set[str]] = {
         "+fresh.disconnect(nowait=True)",
     },
     "SyncWire.run": {
-        "-return conn.retry.call_with_retry(partial(_roundtrip, conn, call, stamp),"
+        "-return conn.retry.call_with_retry(partial(_roundtrip, conn, call, stamp, _replies),"
         " conn.disconnect)",
-        "+return conn.retry.call_with_retry(partial(_roundtrip, conn, call, stamp), lambda"
-        " error: conn.disconnect())",
+        "+return conn.retry.call_with_retry(partial(_roundtrip, conn, call, stamp, _replies),"
+        " lambda error: conn.disconnect())",
     },
     "_roundtrip": {
         # A socket, or a stream writer (written straight to its transport: wire._asend).
@@ -99,6 +102,14 @@ _KNOWN: dict[str, set[str]] = {
         "+_asend(conn, pack(call))",
         "-conn.send_packed_command(pack(call, by_sha=False))",
         "+_asend(conn, pack(call, by_sha=False))",
+    },
+    "_pipeline": {
+        "-if conn._sock is None:",
+        "+if getattr(conn, '_writer', None) is None:",
+        "-conn.send_packed_command(pack_many(calls))",
+        "+_asend(conn, pack_many(calls))",
+        "-conn.send_packed_command(pack_many([calls[i] for i in again], by_sha=False))",
+        "+_asend(conn, pack_many([calls[i] for i in again], by_sha=False))",
     },
 }
 
@@ -110,6 +121,7 @@ _PAIRS: list[tuple[str, Callable[..., Any], Callable[..., Any]]] = [
     ("SyncWire._on", wire.SyncWire._on, wire.AsyncWire._on),
     ("SyncWire.run", wire.SyncWire.run, wire.AsyncWire.run),
     ("_roundtrip", wire._roundtrip, wire._aroundtrip),
+    ("_pipeline", wire._pipeline, wire._apipeline),
 ]
 
 
