@@ -476,6 +476,10 @@ def test_a_reply_that_does_not_come_whole_is_redis_pys_error() -> None:
         read(b":1\r\n:2\r\n")  # one reply asked for, two came
     with pytest.raises(redis.exceptions.InvalidResponse):
         read(b"%1\r\n:1\r\n:2\r\n")  # a RESP3 map on a RESP2 connection
+    with pytest.raises(redis.exceptions.InvalidResponse):
+        read(b"$x\r\n")  # a length that is no number
+    with pytest.raises(redis.exceptions.InvalidResponse):
+        read(b"*1\r\n" * 5000 + b":1\r\n")  # nested past the interpreter's stack
     (noscript,) = read(b"-NOSCRIPT No matching script.\r\n")
     assert isinstance(noscript, redis.exceptions.NoScriptError)
 

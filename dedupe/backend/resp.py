@@ -105,6 +105,8 @@ def _take(buf: bytes, count: int, out: list[Any]) -> tuple[int, int]:
             value, end = parse(buf, pos)
         except Short as short:
             return pos, short.need - pos
+        except (ValueError, RecursionError) as exc:  # a length that is no number; nesting
+            raise InvalidResponse(f"Protocol Error: {exc}") from None
         if isinstance(value, RedisConnectionError):
             raise value
         out.append(value)
@@ -121,6 +123,8 @@ def read_replies(conn: Any, count: int) -> list[Any]:
     if sock is None:
         raise RedisConnectionError(_CLOSED)
     out: list[Any] = []
+    if not count:
+        return out
     buf = _recv(conn, sock, _CHUNK)
     while True:
         pos, need = _take(buf, count, out)
@@ -211,6 +215,8 @@ else:  # pragma: no cover - Python 3.10
 
 async def _aread(reader: Any, count: int) -> list[Any]:
     out: list[Any] = []
+    if not count:
+        return out
     buf = await _arecv(reader, _CHUNK)
     while True:
         pos, need = _take(buf, count, out)
