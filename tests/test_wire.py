@@ -517,3 +517,43 @@ def test_own_connections_speak_resp2_unless_the_url_asks_for_resp3(
         assert sf.call("t", lambda: "t1") == "t1"
     finally:
         sf.close(timeout=0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    replies=st.lists(_reply, min_size=1, max_size=6),
+    cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=10),
+)
+def test_a_stream_of_pushes_cut_anywhere_yields_each_reply_once_in_order(
+    replies: list[Any], cuts: list[int]
+) -> None:
+    """The hub's reader (resp.Stream): messages written in pieces of any size come out
+    whole, each once, in order; a read that got only part of one gives [] (heard, not
+    silence), a read that got nothing within its timeout gives None (silence)."""
+    import socket
+
+    from dedupe.backend.resp import Stream
+
+    wire = b"".join(_resp(r) for r in replies)
+    ours, peer = socket.socketpair()
+    ours.settimeout(5)
+    conn = _Conn(ours)
+    conn.socket_timeout = 5  # type: ignore[attr-defined]
+    stream = Stream(conn)
+    got: list[Any] = []
+    try:
+        rest = wire
+        for cut in [*cuts, len(wire)]:
+            piece, rest = rest[:cut], rest[cut:]
+            if not piece:
+                break
+            peer.sendall(piece)
+            out = stream.read(5)
+            assert out is not None  # bytes came: never silence
+            got += out
+        assert stream.read(0.01) is None  # all of it read: silence
+        assert ours.gettimeout() == 5  # the socket's own timeout put back
+        assert _seen(got) == _seen(_by_redis_py(wire, len(replies)))
+    finally:
+        ours.close()
+        peer.close()

@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["aread_replies", "asked_resp3", "parse", "read_replies", "resp2_kwargs"]
+__all__ = ["Stream", "aread_replies", "asked_resp3", "parse", "read_replies", "resp2_kwargs"]
 
 _CHUNK = 65536  # a read's size, as redis-py's socket_read_size
 _BIG = 1 << 20  # a read's largest size, when a long reply is cut
@@ -163,6 +163,61 @@ def _recv(conn: Any, sock: Any, size: int) -> bytes:
     if not data:
         raise RedisConnectionError(_CLOSED)
     return data
+
+
+class Stream:
+    """Replies as they come off a pub/sub connection (the hub's reader thread): one read may
+    hold several messages and the start of the next, which waits here for the rest.
+
+    ``read(timeout)``: the replies complete by now, reading the socket once if none is
+    buffered; None if nothing came within ``timeout`` (silence); [] if bytes came but no
+    reply is whole yet. Errors as read_replies'. The socket's timeout is set for the read
+    and put back after it (as redis-py's can_read does).
+    """
+
+    __slots__ = ("_buf", "_conn", "_sock")
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._sock = conn._sock
+        self._buf = b""
+
+    def read(self, timeout: float | None) -> list[Any] | None:
+        out = self._parsed()
+        if out:
+            return out
+        sock = self._sock
+        sock.settimeout(timeout)
+        try:
+            data = _recv(self._conn, sock, _CHUNK)
+        except RedisTimeoutError:
+            return None
+        finally:
+            try:
+                sock.settimeout(self._conn.socket_timeout)
+            except OSError:  # closed meanwhile: the next read says so
+                pass
+        self._buf += data
+        return self._parsed()
+
+    def _parsed(self) -> list[Any]:
+        buf = self._buf
+        out: list[Any] = []
+        pos = 0
+        try:
+            while pos < len(buf):
+                value, pos_next = parse(buf, pos)
+                if isinstance(value, RedisConnectionError):
+                    raise value
+                out.append(value)
+                pos = pos_next
+        except Short:
+            pass
+        except (ValueError, RecursionError) as exc:
+            raise InvalidResponse(f"Protocol Error: {exc}") from None
+        if pos:
+            self._buf = buf[pos:]
+        return out
 
 
 async def aread_replies(conn: Any, count: int) -> list[Any]:
