@@ -236,6 +236,9 @@ class Clients:
             "retry": Retry(NoBackoff(), 0),
             "health_check_interval": 0,
             "client_name": client_name(s, "renew"),
+            # Our own connections, which only renew: RESP2, whose replies the wire reads in
+            # one pass (a URL's protocol=3 still wins).
+            "protocol": 2,
         }
         if self.target is not None:
             client: SyncClient = self.target.client(opts, to_async=False)

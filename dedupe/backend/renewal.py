@@ -30,6 +30,7 @@ from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError
 
 from dedupe.backend.commands import renew_call
 from dedupe.backend.topology import note_moved
+from dedupe.backend.wire import SyncWire, wire_ready
 from dedupe.core.leases import RENEW_UNKNOWN, Lease, LeaseBook
 
 __all__ = ["BatchRenewFn", "Renewer", "renew_many"]
@@ -258,8 +259,13 @@ def _flag(reply: Any) -> int:
 
 def _pipelined(client: Any, items: Sequence[tuple[str, str, int]]) -> list[Any]:
     """One round trip of EVALSHA RENEW; one more only if the server had not cached the
-    script: EVAL once (which caches it), EVALSHA for the rest, in one pipeline."""
+    script (EVAL then). Packed and read by the wire where the client allows (wire_ready):
+    about a third of the client's time of redis-py's pipeline, for renewals that can run
+    to thousands a second."""
     calls = [renew_call(key, value, ttl_ms) for key, value, ttl_ms in items]
+    wire = _wire_of(client)
+    if wire is not None:
+        return wire.run_many(calls)
     pipe = client.pipeline(transaction=False)
     for call in calls:
         pipe.evalsha(*call.evalsha_args())
@@ -273,6 +279,22 @@ def _pipelined(client: Any, items: Sequence[tuple[str, str, int]]) -> list[Any]:
         for i, reply in zip(missing, pipe.execute(raise_on_error=False), strict=True):
             replies[i] = reply
     return replies
+
+
+# The wire of each client renewals went through (a Cluster node's client too), or None where
+# the client cannot take one. No lock: a race only makes a wire twice.
+_wires: weakref.WeakKeyDictionary[Any, SyncWire | None] = weakref.WeakKeyDictionary()
+
+
+def _wire_of(client: Any) -> SyncWire | None:
+    try:
+        return _wires[client]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referenceable
+        return SyncWire(client) if wire_ready(client) else None
+    wire = _wires[client] = SyncWire(client) if wire_ready(client) else None
+    return wire
 
 
 def _redirect(reply: Any) -> tuple[str, str, int] | None:
