@@ -557,3 +557,40 @@ def test_a_stream_of_pushes_cut_anywhere_yields_each_reply_once_in_order(
     finally:
         ours.close()
         peer.close()
+
+
+def test_a_renewal_batch_whose_replies_time_out_never_leaves_them_to_the_next(
+    redis_server: RedisServer,
+) -> None:
+    """Renewals go pipelined through the renew client's pool (SyncWire.run_many). A batch
+    whose replies do not come in time fails, and its connection goes back to the pool
+    dropped: the next batch reads its own replies (0: not ours), never the late 1s."""
+    from proxy import Proxy
+
+    from dedupe.backend.renewal import renew_many
+
+    admin = redis_server.client()
+    with Proxy(redis_server.address).start() as proxy:
+        # As dedupe's renew client: no retries of redis-py's own, one connection.
+        client = redis.Redis(
+            *proxy.address,
+            protocol=2,
+            socket_timeout=0.3,
+            max_connections=1,
+            retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),
+        )
+        try:
+            keys = [f"{{rn}}:lock:{i}" for i in range(50)]
+            for key in keys:
+                admin.set(key, "1:me", px=60_000)
+            ours = [(key, "1:me", 60_000) for key in keys]
+            assert renew_many(client, ours) == [1] * 50
+            proxy.blackhole()
+            with pytest.raises(redis.exceptions.TimeoutError):
+                renew_many(client, ours)
+            proxy.heal()  # the late replies of that batch (fifty 1s) now arrive
+            theirs = [(key, "1:someone-else", 60_000) for key in keys]
+            assert renew_many(client, theirs) == [0] * 50
+            assert renew_many(client, ours) == [1] * 50
+        finally:
+            client.close()
