@@ -85,6 +85,8 @@ from dedupe.overrides import FlightParams, spec_maker
 __all__ = ["call", "call_batch"]
 
 Fn = Callable[..., Coroutine[Any, Any, Any]]
+_NO_KWARGS: Final[dict[str, Any]] = {}
+"""A call's keyword arguments when it has none (read, never written: fn(**kwargs) copies)."""
 log = logging.getLogger("dedupe.core.protocol")
 
 
@@ -115,7 +117,10 @@ async def call(
             if hit:
                 return value
     # A call that created its entry above asked the credit: its flight reads no more.
-    make_spec = spec_maker(backend, names, p, shape, joined is None or not joined[1])
+    fresh = joined is None or not joined[1]
+    if not kwargs:
+        # The call's own empty dict, held while it waits: the shared one (nobody writes it).
+        kwargs = _NO_KWARGS
     machine = run_call(
         backend,
         table,
@@ -129,6 +134,7 @@ async def call(
         started=started,
         joined=joined,
     )
+    joined = None  # the machine has it (64 bytes a waiting caller held: issue 23)
     reply: Any = None
     error: BaseException | None = None
     while True:
@@ -143,6 +149,7 @@ async def call(
                 # (issue 23's memory per flight).
                 latch = cmd.entry.result
                 wake = latch.wait_soon(cmd.timeout)
+                del cmd  # the machine holds it while we wait
                 if wake is not None:
                     try:
                         await wake.fut
@@ -151,11 +158,16 @@ async def call(
                 reply = latch.is_set()
             elif type(cmd) is Launch:
                 entry = cmd.entry
-                # The flight has no deadline of its own: each caller waits with its own.
-                driver = _Driver(backend, make_spec(None, None), fn, args, kwargs, entry)
+                # The flight has no deadline of its own: each caller waits with its own. Its
+                # spec is made here, not before the machine: a caller who joins another's
+                # flight makes none, and one who launched holds no maker while it waits.
+                spec = spec_maker(backend, names, p, shape, fresh)(None, None)
+                driver = _Driver(backend, spec, fn, args, kwargs, entry)
                 driver.shared = run_shared_flight(backend, table, names, entry,
                                                   observed=events.enabled)  # fmt: skip
-                entry.task = asyncio.get_running_loop().create_task(driver.fly())
+                # Named by its job: a name of its own ("Task-N") is a string per flight.
+                entry.task = asyncio.get_running_loop().create_task(driver.fly(),
+                                                                    name=names.job_id)  # fmt: skip
             elif type(cmd) is Cancel:
                 task = cmd.entry.task
                 if task is not None and not task.done():
@@ -447,7 +459,8 @@ class _Driver(DriverBase):
                 self.ahead = self.ended = None
                 return  # what fly() would do: the flight and the machine ended, tidied up
         flight = self.fly(self.running, reply, error)
-        self.entry.task = asyncio.get_running_loop().create_task(flight)
+        loop = asyncio.get_running_loop()
+        self.entry.task = loop.create_task(flight, name=self.spec.names.job_id)
 
     def done(self) -> bool:
         """Entry.task's done(), while the driver stands in for the flight's task."""

@@ -310,7 +310,7 @@ class DriverBase:
         names, spec = self.spec.names, self.spec
         lease = Lease(
             names.job_id,
-            names.lock,
+            names,  # its lock key made when renewed: a leader holds no string of it
             value,
             spec.lock_ttl_ms / 1000,
             acquired_at=since,  # on run_flight's clock, self.clock
