@@ -77,14 +77,24 @@ def _side(role: str, url: str, prefix: str, n: int, ready: Any, release: Any, ou
         # long 20,000 callers queue for 64 command slots (slower under tracemalloc).
         tasks: list[asyncio.Future[int]] = []
         hub = sf.backend().hub() if role == "wait" else None
+        table = sf.backend().async_flights()
         for start in range(0, n, 500):
             tasks += [asyncio.ensure_future(job(i)) for i in range(start, min(n, start + 500))]
             want = len(tasks)
             if hub is None:
                 await _until(lambda want=want: started == want, "the leaders to run")
             else:
+                # Subscribed, and waiting: no flight still between its subscription and its
+                # wait (the re-check's acquire runs in a task; a waiting flight has none).
+                # Without the second test, a step's last flights were measured mid-way.
                 await _until(
-                    lambda h=hub, want=want: len(h.channels()) >= want, "the waiters to subscribe"
+                    lambda h=hub, want=want: (
+                        len(h.channels()) >= want
+                        and not any(
+                            isinstance(e.task, asyncio.Task) for e in table._entries.values()
+                        )
+                    ),
+                    "the waiters to subscribe and wait",
                 )
         after = _snapshot()
         tracemalloc.stop()  # measured: the rest runs at full speed

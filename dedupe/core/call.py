@@ -70,6 +70,7 @@ from dedupe.core.shapes import Shape
 from dedupe.errors import BackendUnavailable, ProtocolError, WaitTimeout
 
 __all__ = [
+    "RUN_HERE",
     "AwaitFlight",
     "Begin",
     "CallCommand",
@@ -87,6 +88,8 @@ __all__ = [
     "run_call",
     "run_shared_flight",
     "served_read",
+    "shared_fly",
+    "shared_landed",
 ]
 
 
@@ -446,22 +449,61 @@ def run_shared_flight(
     env: CallEnv, table: InFlight, names: Names, entry: Entry, *, observed: bool = False
 ) -> Generator[CallCommand, Any, None]:
     """The flight an asyncio task runs for its process's callers (see Launch): it resolves
-    ``entry`` with the outcome, or RETRY after an abort (which then goes on up the task)."""
+    ``entry`` with the outcome, or RETRY after an abort (which then goes on up the task).
+
+    Its two halves, which a driver may take apart: the Fly (``shared_fly``), then what its
+    reply or error decides (``shared_landed``, a generator made once the flight landed: a
+    flight holds no generator of this machine while it runs; issue 23's memory per flight).
+    """
+    reply: object = RUN_HERE
+    error: BaseException | None = None
+    try:
+        fly = shared_fly(env, entry)
+        if fly is not None:
+            reply = yield fly
+    except GeneratorExit:
+        table.finish(names.channel, entry, RETRY)
+        raise
+    except BaseException as exc:
+        error = exc
+    yield from shared_landed(env, table, names, entry, reply, error, observed=observed)
+
+
+RUN_HERE: Final = object()
+"""shared_landed's reply when there was no Fly: Redis is skipped (on_backend_error="local"
+in an outage), the function runs in this process."""
+
+
+def shared_fly(env: CallEnv, entry: Entry) -> Fly | None:
+    """run_shared_flight's first step: the Fly to carry, or None when Redis is skipped (then
+    ``shared_landed`` gets RUN_HERE, and asks for the RunHere)."""
+    return None if env.skip_redis() else Fly(entry, None)
+
+
+def shared_landed(
+    env: CallEnv,
+    table: InFlight,
+    names: Names,
+    entry: Entry,
+    reply: object,
+    error: BaseException | None,
+    *,
+    observed: bool = False,
+) -> Generator[CallCommand, Any, None]:
+    """run_shared_flight after its Fly: the Fly's ``reply`` (RUN_HERE: there was none), or
+    the ``error`` it raised; resolves ``entry`` whatever comes, once started (the driver
+    steps it as soon as it is made)."""
     key = names.channel
     shared: Outcome | object = RETRY
     try:
-        # _fly, written out: a flight holds no generator of it while it runs.
-        if env.skip_redis():
+        if error is not None:
+            if not isinstance(error, BackendUnavailable) or not env.fall_back(error):
+                raise error
+            finished = yield from _run_here(entry)
+        elif reply is RUN_HERE:
             finished = yield from _run_here(entry)
         else:
-            try:
-                reply = yield Fly(entry, None)
-            except BackendUnavailable as exc:
-                if not env.fall_back(exc):
-                    raise
-                finished = yield from _run_here(entry)
-            else:
-                finished = _flown(env, reply)
+            finished = _flown(env, reply)
         entry.role, entry.token, entry.trace = finished.role, finished.token, finished.trace
         if finished.waited and observed:
             yield Takeover(finished.token)

@@ -47,16 +47,17 @@ from dedupe.core.batch import (
     run_shared_batch,
 )
 from dedupe.core.call import (
+    RUN_HERE,
     AwaitFlight,
     CallCommand,
     Cancel,
-    Fly,
     Launch,
     RunHere,
     read_failed,
     read_first,
     run_call,
-    run_shared_flight,
+    shared_fly,
+    shared_landed,
 )
 from dedupe.core.inflight import Entry, InFlight
 from dedupe.core.keys import Names
@@ -163,8 +164,6 @@ async def call(
                 # flight makes none, and one who launched holds no maker while it waits.
                 spec = spec_maker(backend, names, p, shape, fresh)(None, None)
                 driver = _Driver(backend, spec, fn, args, kwargs, entry)
-                driver.shared = run_shared_flight(backend, table, names, entry,
-                                                  observed=events.enabled)  # fmt: skip
                 # Named by its job: a name of its own ("Task-N") is a string per flight.
                 entry.task = asyncio.get_running_loop().create_task(driver.fly(),
                                                                     name=names.job_id)  # fmt: skip
@@ -281,7 +280,8 @@ class _Driver(DriverBase):
     __slots__ = ("ahead", "ended", "parked", "running", "shared")
     running: Flight | None  # the flight fly() steps
     ahead: _Step | None  # a step of it the hub's callback took
-    shared: Generator[CallCommand, Any, None] | None  # run_shared_flight's machine
+    # run_shared_flight's machine once the flight landed (shared_landed); None before
+    shared: Generator[CallCommand, Any, None] | None
     ended: _Step | None  # its step, once the flight ended (and was counted out) there
     parked: _Handover[object] | None  # the armed Wait of a flight that waits with no task
 
@@ -301,17 +301,31 @@ class _Driver(DriverBase):
         *,
         alone: bool = False,
     ) -> Any:
-        """The task of a key's flight for this loop's callers: steps call.run_shared_flight's
-        machine (``shared``) and, at its Fly, the flight itself, in this one frame (a
-        waiting flight holds one coroutine of ours, not two: issue 23's memory per flight).
+        """The task of a key's flight for this loop's callers: call.run_shared_flight's two
+        halves, its Fly (``shared_fly``: the flight itself, stepped here) and then, once the
+        flight landed, the machine of what that decides (``shared``: ``shared_landed``), in
+        this one frame (a waiting flight holds one coroutine of ours, not two, and no
+        generator of the shared machine while the flight runs: issue 23's memory per flight).
 
         At a Wait, the flight parks: the task ends, and the wait's end (the hub's callback,
         the timeout, or a Cancel) goes on with a new task, ``fly(flight, reply, error)``,
         unless the hub's callback ended the flight there (step_ahead). At a Serve, the rest
         of the flight goes to a task of its own (``refresh``), where ``fly(flight,
         alone=True)`` steps that flight alone and returns its Finished."""
-        machine = None if alone else self.shared
+        machine = self.shared
         handed_off = False
+        if flight is None and machine is None:
+            # run_shared_flight's first step, taken apart: the Fly, or the machine at once.
+            try:
+                if shared_fly(self.backend, self.entry) is not None:
+                    self.backend.begin_flight()
+                    flight = run_flight(self.spec, self.codec, self.clock, self.trace)
+                    self.running = flight
+            except BaseException as exc:
+                error = exc
+            if flight is None:
+                machine = self.shared = self.landed(RUN_HERE, error)
+                error = None
         while True:
             if flight is None:
                 assert machine is not None
@@ -331,11 +345,7 @@ class _Driver(DriverBase):
                     return None
                 reply, error = None, None
                 try:
-                    if type(cmd) is Fly:
-                        self.backend.begin_flight()
-                        flight = run_flight(self.spec, self.codec, self.clock, self.trace)
-                        self.running = flight
-                    elif type(cmd) is RunHere:
+                    if type(cmd) is RunHere:
                         reply = await _run_here(self.backend, self.spec.names, self.entry,
                                                 self.fn, self.args, self.kwargs)  # fmt: skip
                     else:
@@ -390,7 +400,7 @@ class _Driver(DriverBase):
                             waker = box.take_soon(cmd.timeout, self.step_ahead)
                             if waker is None:
                                 reply = _AHEAD
-                            elif machine is not None:
+                            elif not alone:
                                 # Parked: a waiting flight holds no task nor coroutine.
                                 self.park(waker)
                                 return None
@@ -413,13 +423,26 @@ class _Driver(DriverBase):
                     self.finish()
             except BaseException as exc:
                 reply, error = None, exc
-            if machine is None:  # a refresh: the flight alone
+            if alone:  # a refresh: the flight alone
                 if error is not None:
                     raise error
                 return reply
             flight, handed_off = None, False
             if self.ended is None:
                 self.backend.end_flight()
+            machine = self.shared  # made already if the hub's callback ended the flight
+            if machine is None:
+                machine = self.shared = self.landed(reply, error)
+                reply, error = None, None
+
+    def landed(
+        self, reply: object, error: BaseException | None
+    ) -> Generator[CallCommand, Any, None]:
+        """The shared flight's machine once its Fly landed with ``reply`` or ``error`` (to be
+        stepped at once: it resolves the entry)."""
+        backend = self.backend
+        return shared_landed(backend, backend.async_flights(), self.spec.names, self.entry,
+                             reply, error, observed=events.enabled)  # fmt: skip
 
     async def refresh(self, flight: Flight) -> None:
         """The rest of a flight whose callers were served, in a task the backend keeps."""
@@ -480,7 +503,7 @@ class _Driver(DriverBase):
         here too, which resolves the entry: the callers then run before the task."""
         assert self.running is not None
         ended, value, raised = self.ahead = _step(self.running, message)
-        if ended and raised is None and self.shared is not None:
+        if ended and raised is None and self.shared is None:  # the shared flight's, not a refresh
             # What fly() does next, in its order: the flight's finish() (its own then finds
             # nothing left), the flight counted out, the shared machine's step.
             try:
@@ -491,7 +514,8 @@ class _Driver(DriverBase):
             try:
                 self.backend.end_flight()
             finally:  # counted out, so the machine's step is the task's to take, whatever
-                self.ended = _step(self.shared, value)
+                self.shared = self.landed(value, None)
+                self.ended = _step(self.shared, None)
 
     async def execute(self, cmd: Command) -> object:
         """The commands but Serve, Lead and Wait (fly() carries those)."""
