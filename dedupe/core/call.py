@@ -59,7 +59,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable, Generator
-from typing import Any, Final, NamedTuple, Protocol, TypeAlias
+from typing import Any, Final, NamedTuple, NoReturn, Protocol, TypeAlias
 
 from dedupe.core.context import check_reentry, leading_state
 from dedupe.core.inflight import RETRY, Entry, InFlight, Served
@@ -304,26 +304,26 @@ def run_call(
     read): its deadlines count from there. ``joined``: the process's flight of the key the
     call joined or created already (read_first), taken up in place of its first join.
     """
+    # An asyncio caller holds this frame while it waits: its locals are few (8 bytes a slot,
+    # issue 23's memory per flight), the rare branches' in functions of their own.
     key = names.channel
     # raises ReentrantFlight: a leader calling its own key (read_first checked it)
     hit, value = copy_hit(env, names) if joined is None else _MISS
     handle = (yield _OBSERVE) if observed else None
-    now = clock() if started is None else started
-    deadline = None if wait_timeout is None else now + wait_timeout
-    soft_at = None if soft_timeout is None else now + soft_timeout
+    if started is None:
+        started = clock()
+    deadline = None if wait_timeout is None else started + wait_timeout
+    soft_at = None if soft_timeout is None else started + soft_timeout
     ended = False  # End was yielded (a later failure does not report the call again)
     try:
         if hit:
-            age = env.local_copies.age_ms(key) if detail or observed else 0
-            if observed:
-                ended = True
-                yield End(handle, "copy", age_ms=age)
-            return Served(value, True, "copy", False, age / 1000) if detail else value
+            ended = True
+            return (yield from _copy(env, key, value, handle, detail, observed))
         while True:
             if joined is None:
                 entry, created = table.join(key)
             else:
-                entry, created, _ = joined
+                entry, created = joined[0], joined[1]
                 joined = None
             if created:
                 entry.job_id = names.job_id
@@ -352,7 +352,10 @@ def run_call(
                     if not isinstance(step, AwaitFlight):
                         done = step
                         break
-                    got = yield step
+                    # Yielded anew, not from a local: a waiting caller's frame holds none.
+                    got = step.timeout
+                    step = None
+                    got = yield AwaitFlight(entry, got)
                     _expect_bool(got)
                     if got:
                         done = True
@@ -367,29 +370,20 @@ def run_call(
                 # soft_timeout: the stale value the flight offered; the run goes on.
                 if tasked:
                     yield from _leave(table, entry)
-                fallback = entry.fallback
-                stale = dataclasses.replace(fallback.outcome, stale="timeout")
                 ended = True
-                return (
-                    yield from _deliver(stale, "kept", False, fallback.token, fallback.trace,
-                                        handle, detail, observed)
-                )  # fmt: skip
+                return (yield from _deliver_stale(entry.fallback, handle, detail, observed))
             if not done:
                 if tasked:
                     yield from _leave(table, entry)
-                error = WaitTimeout(job_id=names.job_id, seconds=wait_timeout)
-                if observed:
-                    ended = True
-                    yield End(handle, "" if created else "local", error)
-                raise error
-            result = entry.result.get()
-            if result is RETRY:
+                ended = True
+                yield from _timed_out(names, wait_timeout, created, handle, observed)
+            value = entry.result.get()
+            if value is RETRY:
                 continue
-            role = entry.role if created else "local"
             ended = True
             return (
-                yield from _deliver(result, role, created, entry.token, entry.trace, handle,
-                                    detail, observed)
+                yield from _deliver(value, entry.role if created else "local", created,
+                                    entry.token, entry.trace, handle, detail, observed)
             )  # fmt: skip
     except GeneratorExit:
         raise
@@ -397,6 +391,35 @@ def run_call(
         if observed and not ended:
             yield End(handle, "", exc)  # an abort, or a failure before any role
         raise
+
+
+def _copy(
+    env: CallEnv, key: str, value: Any, handle: Any, detail: bool, observed: bool
+) -> Generator[CallCommand, Any, Any]:
+    """run_call's local copy: the value (its End reported)."""
+    age = env.local_copies.age_ms(key) if detail or observed else 0
+    if observed:
+        yield End(handle, "copy", age_ms=age)
+    return Served(value, True, "copy", False, age / 1000) if detail else value
+
+
+def _deliver_stale(
+    fallback: Any, handle: Any, detail: bool, observed: bool
+) -> Generator[CallCommand, Any, Any]:
+    """soft_timeout: the stale value the flight offered (``fallback``: a Finished)."""
+    stale = dataclasses.replace(fallback.outcome, stale="timeout")
+    return (yield from _deliver(stale, "kept", False, fallback.token, fallback.trace, handle,
+                                detail, observed))  # fmt: skip
+
+
+def _timed_out(
+    names: Names, wait_timeout: float | None, created: bool, handle: Any, observed: bool
+) -> Generator[CallCommand, Any, NoReturn]:
+    """wait_timeout: WaitTimeout (its End reported)."""
+    error = WaitTimeout(job_id=names.job_id, seconds=wait_timeout)
+    if observed:
+        yield End(handle, "" if created else "local", error)
+    raise error
 
 
 def _drive_inline(

@@ -509,6 +509,9 @@ def run_flight(
     ``trace``: the leader's W3C traceparent, sealed into the record if this flight leads.
     ``rand``: uniform in [0, 1), for early_refresh's draw.
     """
+    # A waiting flight holds this frame: its locals are few (8 bytes a slot, issue 23's
+    # memory per flight), the read before the script and a refresh's steps in generators of
+    # their own.
     floor = 0  # the newest lease we waited on: an outcome of an older one is never ours
     subscribed = False
     confirmed = False  # no message can wake us unless the server confirmed the subscription
@@ -516,30 +519,25 @@ def run_flight(
     fallback: Finished | None = None  # a stale value to fall back on (soft_timeout, a failure)
     fallen_back_on = b""  # the record it was opened from (offered once per record)
     after_error = False  # the run we waited on failed, and a stale value stands in for it
-    reads = spec.reads
-    if reads is not None and reads.wanted():
-        try:
-            looked = yield Read()
-        except ReadRefused:
-            looked = None
-        kept = None if looked is None else (yield from _read_kept(spec, codec, looked))
-        reads.saw(kept is not None)
-        if kept is not None:
-            return kept
+    if spec.reads is not None and spec.reads.wanted():
+        fallback = yield from _read_first(spec, codec)
+        if fallback is not None:
+            return fallback
     while True:
         asked = clock()
         try:
-            early = _draw(spec, rand) if spec.early_refresh else 0
-            reply = yield Acquire(str(floor) if floor else "", early, after_error)
+            reply = yield Acquire(
+                str(floor) if floor else "",
+                _draw(spec, rand) if spec.early_refresh else 0,
+                after_error,
+            )
         except Unanswered as unanswered:
-            lost: BaseException | None = unanswered.error
-        else:
-            lost = None
-        if lost is not None:
+            reply = unanswered
+        if type(reply) is Unanswered:
             # The acquire may have granted us a lease nobody will run: give it back, so
             # that waiters take over now instead of when it runs out.
             yield Release()
-            raise lost
+            raise reply.error
         if type(reply) is not Acquired:
             _unexpected(reply, Acquired, "Acquire")
         # The lease, if granted, began no earlier than the request's write (not its queue).
@@ -618,19 +616,15 @@ def run_flight(
             floor = max(floor, holder.token)
         after_error = False
         timeout = reply.pttl_ms / 1000 + spec.slack(reply.pttl_ms)
-        if spec.deadline is not None:
-            left = spec.deadline - clock()
-            if left <= 0:
-                raise WaitTimeout(f"waited the wait_timeout for {spec.names.job_id!r}")
-            timeout = min(timeout, left)
+        timeout = _bounded(spec, clock, timeout)  # the deadline, if any
         if fallback is not None and spec.soft_deadline is not None:
             # soft_timeout: past it, the stale value rather than a longer wait; the run goes
             # on and stores its outcome for the next callers.
-            soft = spec.soft_deadline - clock()
-            if soft <= 0:
+            until = spec.soft_deadline - clock()
+            if until <= 0:
                 fallback.outcome.stale = "timeout"
                 return fallback
-            timeout = min(timeout, soft)
+            timeout = min(timeout, until)
         if not subscribed:
             # Subscribe first, then re-check: a publish between the two is then never missed.
             # The confirmation only hurries things along: the wait below is bounded by the
@@ -724,6 +718,18 @@ def read_kept(
     # holds beyond result_ttl (exact while the leader's result_ttl was this function's).
     outcome.age_ms = max(0, state.run_ms - max(0, keep - result_ttl_ms))
     return Finished(outcome, "kept", opened.token, trace=opened.trace)
+
+
+def _read_first(spec: FlightSpec, codec: Codec) -> Generator[Command, object, Finished | None]:
+    """The plain read of the kept value before the acquire script (Read): the kept value
+    if it is to be served, else None (the script decides); the read credit told."""
+    try:
+        looked = yield Read()
+    except ReadRefused:
+        looked = None
+    kept = None if looked is None else (yield from _read_kept(spec, codec, looked))
+    spec.reads.saw(kept is not None)  # type: ignore[union-attr]  # read only with credit
+    return kept
 
 
 def _read_kept(

@@ -142,6 +142,7 @@ def _wake_context() -> contextvars.Context:
 
 
 _NO_WAKERS: Final = ()
+_NO_ITEMS: Final = ()
 _Wakers: TypeAlias = "Callable[[], None] | list[Callable[[], None]] | tuple[()]"
 
 
@@ -266,8 +267,10 @@ class Mailbox(Generic[T]):
     def __init__(self) -> None:
         self._lock = _LOCKS[next(_turn) % _STRIPES]  # a leaf, maybe shared (see Locks)
         # Under _lock. A list: a box holds one or two items, and an empty deque costs 624
-        # bytes against 56 (one per waiting flight; issue 23's memory per flight).
-        self._items: list[T] = []
+        # bytes against 56 (one per waiting flight; issue 23's memory per flight). Until the
+        # first put, the shared empty tuple (most boxes never get an item before their
+        # flight ends): every take tests it first, only put_quietly writes it.
+        self._items: list[T] = _NO_ITEMS  # type: ignore[assignment]
         self._waker: Callable[[], None] | None = None  # under _lock; called after release
 
     def put(self, item: T) -> None:
@@ -279,7 +282,11 @@ class Mailbox(Generic[T]):
         """Put ``item`` without waking the consumer: the waker to call (after releasing the
         caller's own locks, with ``wake_all`` to wake many), or None if nobody waits."""
         with self._lock:
-            self._items.append(item)
+            items: list[T] | tuple[()] = self._items
+            if type(items) is list:
+                items.append(item)
+            else:
+                self._items = [item]
             waker, self._waker = self._waker, None
         return waker
 

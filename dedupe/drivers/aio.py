@@ -51,6 +51,7 @@ from dedupe.core.call import (
     AwaitFlight,
     CallCommand,
     Cancel,
+    FirstStep,
     Launch,
     RunHere,
     read_failed,
@@ -107,22 +108,67 @@ async def call(
     flight parameters ``p`` and the return annotation ``shape``. ``first``:
     the call needs no Served and no events, so it may read its kept value before any
     flight (``read_first``), in this coroutine: no task, no future."""
+    # Few locals, and no long call here (a waiting caller holds this frame, 8 bytes a slot
+    # of its locals and stack: issue 23's memory per flight): the machine's making and the
+    # Launch are functions of their own.
     table = backend.async_flights()
     started = joined = None
-    reads = p.reads
-    if first and reads is not None:
-        joined = read_first(backend, table, names, reads)
+    reply: Any = None
+    if first and p.reads is not None:
+        joined = read_first(backend, table, names, p.reads)
         if joined is not None and joined[2]:  # its own new entry, and the credit says read
             started = time.monotonic()
-            hit, value = await _read(backend, table, names, p, shape, reads, joined[0])
-            if hit:
-                return value
+            reply = await _read(backend, table, names, p, shape, p.reads, joined[0])
+            if reply[0]:
+                return reply[1]  # a hit
     # A call that created its entry above asked the credit: its flight reads no more.
     fresh = joined is None or not joined[1]
     if not kwargs:
         # The call's own empty dict, held while it waits: the shared one (nobody writes it).
         kwargs = _NO_KWARGS
-    machine = run_call(
+    machine = _call_machine(backend, table, names, p, detail, started, joined)
+    joined = None  # the machine has it (64 bytes a waiting caller held)
+    reply = None
+    error: BaseException | None = None
+    while True:
+        try:
+            cmd = machine.send(reply) if error is None else machine.throw(error)
+        except StopIteration as exc:
+            return exc.value
+        reply, error = None, None
+        try:
+            if type(cmd) is AwaitFlight:
+                # Latch.wait_async, written out: a waiting caller holds no coroutine of it
+                # (issue 23's memory per flight).
+                latch = cmd.entry.result
+                wake = latch.wait_soon(cmd.timeout)
+                del cmd  # nobody holds it while we wait
+                if wake is not None:
+                    try:
+                        await wake.fut
+                    finally:
+                        latch.stop_wait(wake)
+                reply = latch.is_set()
+            elif type(cmd) is Launch:
+                _launch(backend, names, p, shape, fresh, fn, args, kwargs, cmd.entry)
+            elif type(cmd) is Cancel:
+                _cancel(cmd.entry)
+            else:
+                reply = observe(names, cmd)  # type: ignore[arg-type]
+        except BaseException as exc:  # thrown in: the machine tidies up and raises it
+            error = exc
+
+
+def _call_machine(
+    backend: Backend,
+    table: InFlight,
+    names: Names,
+    p: FlightParams,
+    detail: bool,
+    started: float | None,
+    joined: FirstStep | None,
+) -> Generator[CallCommand, Any, Any]:
+    return run_call(
         backend,
         table,
         names,
@@ -135,46 +181,32 @@ async def call(
         started=started,
         joined=joined,
     )
-    joined = None  # the machine has it (64 bytes a waiting caller held: issue 23)
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            cmd = machine.send(reply) if error is None else machine.throw(error)
-        except StopIteration as stop:
-            return stop.value
-        reply, error = None, None
-        try:
-            if type(cmd) is AwaitFlight:
-                # Latch.wait_async, written out: a waiting caller holds no coroutine of it
-                # (issue 23's memory per flight).
-                latch = cmd.entry.result
-                wake = latch.wait_soon(cmd.timeout)
-                del cmd  # the machine holds it while we wait
-                if wake is not None:
-                    try:
-                        await wake.fut
-                    finally:
-                        latch.stop_wait(wake)
-                reply = latch.is_set()
-            elif type(cmd) is Launch:
-                entry = cmd.entry
-                # The flight has no deadline of its own: each caller waits with its own. Its
-                # spec is made here, not before the machine: a caller who joins another's
-                # flight makes none, and one who launched holds no maker while it waits.
-                spec = spec_maker(backend, names, p, shape, fresh)(None, None)
-                driver = _Driver(backend, spec, fn, args, kwargs, entry)
-                # Named by its job: a name of its own ("Task-N") is a string per flight.
-                entry.task = asyncio.get_running_loop().create_task(driver.fly(),
-                                                                    name=names.job_id)  # fmt: skip
-            elif type(cmd) is Cancel:
-                task = cmd.entry.task
-                if task is not None and not task.done():
-                    task.cancel()  # same loop: the table is this loop's
-            else:
-                reply = observe(names, cmd)  # type: ignore[arg-type]
-        except BaseException as exc:  # thrown in: the machine tidies up and raises it
-            error = exc
+
+
+def _launch(
+    backend: Backend,
+    names: Names,
+    p: FlightParams,
+    shape: Shape | None,
+    fresh: bool,
+    fn: Fn,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    entry: Entry,
+) -> None:
+    """Launch: the flight's task. The flight has no deadline of its own: each caller waits
+    with its own. Its spec is made here, not before the machine: a caller who joins another's
+    flight makes none, and one who launched holds no maker while it waits."""
+    spec = spec_maker(backend, names, p, shape, fresh)(None, None)
+    driver = _Driver(backend, spec, fn, args, kwargs, entry)
+    # Named by its job: a name of its own ("Task-N") is a string per flight.
+    entry.task = asyncio.get_running_loop().create_task(driver.fly(), name=names.job_id)
+
+
+def _cancel(entry: Entry) -> None:
+    task = entry.task
+    if task is not None and not task.done():
+        task.cancel()  # same loop: the table is this loop's
 
 
 async def _read(
@@ -455,8 +487,9 @@ class _Driver(DriverBase):
         """A Wait of the flight's task: the task ends here; the flight waits with no task
         (issue 23's memory per flight) until the wait ends (unpark) or a Cancel comes."""
         self.parked = waker
-        # In a copy of this task's context: so is the task that unpark() starts.
-        waker.fut.add_done_callback(self.unpark)
+        # In a copy of this task's context: so is the task that unpark() starts. The driver
+        # is the callback itself (__call__): a bound method would be 64 bytes more.
+        waker.fut.add_done_callback(self)
         self.entry.task = self
 
     def unpark(self, fut: asyncio.Future[bool | None]) -> None:
@@ -464,6 +497,8 @@ class _Driver(DriverBase):
         waker = self.parked
         if waker is not None and waker.fut is fut:  # else cancel() took it on already
             self.resume(None)
+
+    __call__ = unpark
 
     def resume(self, error: BaseException | None) -> None:
         """The parked flight goes on, in a new task, with what the Wait replies (or with
