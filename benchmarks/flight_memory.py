@@ -26,6 +26,7 @@ from typing import Any
 
 TARGET_KB = 4.0
 TIMEOUT = float(os.environ.get("FLIGHT_MEMORY_TIMEOUT", "300"))
+SETTLE = 10.0  # seconds a step's waiters may take to wait (see _side)
 
 
 def _rss_kb() -> int:
@@ -47,6 +48,11 @@ async def _until(check: Any, what: str) -> None:
         if time.monotonic() > end:
             raise TimeoutError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+def _running(table: Any) -> int:
+    """How many of the process's flights run in a task now (a waiting flight has none)."""
+    return sum(isinstance(e.task, asyncio.Task) for e in list(table._entries.values()))
 
 
 def _side(role: str, url: str, prefix: str, n: int, ready: Any, release: Any, out: Any) -> None:
@@ -84,18 +90,17 @@ def _side(role: str, url: str, prefix: str, n: int, ready: Any, release: Any, ou
             if hub is None:
                 await _until(lambda want=want: started == want, "the leaders to run")
             else:
-                # Subscribed, and waiting: no flight still between its subscription and its
-                # wait (the re-check's acquire runs in a task; a waiting flight has none).
-                # Without the second test, a step's last flights were measured mid-way.
                 await _until(
-                    lambda h=hub, want=want: (
-                        len(h.channels()) >= want
-                        and not any(
-                            isinstance(e.task, asyncio.Task) for e in table._entries.values()
-                        )
-                    ),
-                    "the waiters to subscribe and wait",
+                    lambda h=hub, want=want: len(h.channels()) >= want, "the waiters to subscribe"
                 )
+                # And waiting: no flight still between its subscription and its wait (the
+                # re-check's acquire runs in a task; a waiting flight has none). Without this
+                # a step's last flights were measured mid-way (at 1,000, half of them). Up to
+                # SETTLE seconds: a flight whose subscription was confirmed late polls (a
+                # round trip now and then), which a loaded machine may never stop doing.
+                settle = time.monotonic() + SETTLE
+                while _running(table) > want // 100 and time.monotonic() < settle:
+                    await asyncio.sleep(0.05)
         after = _snapshot()
         tracemalloc.stop()  # measured: the rest runs at full speed
         if role == "lead":

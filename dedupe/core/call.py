@@ -314,6 +314,7 @@ def run_call(
         started = clock()
     deadline = None if wait_timeout is None else started + wait_timeout
     soft_at = None if soft_timeout is None else started + soft_timeout
+    started = None  # read no more: not held while the caller waits
     ended = False  # End was yielded (a later failure does not report the call again)
     try:
         if hit:

@@ -202,8 +202,9 @@ def _terms_of(ttl: float, max_hold: float | None) -> _Terms:
     return terms
 
 
-class Lease:
-    """One leader's hold on a lock key, from the acquire until the driver removes it.
+class Lease(LostSignal):
+    """One leader's hold on a lock key, from the acquire until the driver removes it; it is
+    its own LostSignal (``lost``: one object a leader, not two; issue 23's memory per flight).
 
     ``lock_key``: the key, or the job's Names (its ``lock``, made when the renewer needs it:
     a leader holds no string of it). ``acquired_at``: monotonic time the acquire script was
@@ -225,7 +226,6 @@ class Lease:
         "hold_until",
         "job_id",
         "loop",
-        "lost",
         "sent_at",
         "terms",
         "value",
@@ -263,7 +263,7 @@ class Lease:
         self.terms = terms
         self.hold_until = hold_until
         self.loop = loop
-        self.lost = LostSignal(deadline if deadline < hold_until else hold_until, clock)
+        LostSignal.__init__(self, deadline if deadline < hold_until else hold_until, clock)
         # Written by the driver with no lock (one store, O(1)); the watchdog reads it and
         # tolerates a stale True (a renewal of a finished lease is harmless: compare-and-expire).
         self.active = True
@@ -277,6 +277,11 @@ class Lease:
         self._entry = 0  # sequence number of this lease's one live heap entry (0: none)
         self._error: str | None = None  # the last renewal error, until a renewal succeeds
         self._reported = False  # its loss was counted and logged (once)
+
+    @property
+    def lost(self) -> LostSignal:
+        """Set once the lease is lost (the watchdog, or the clock): the lease itself."""
+        return self
 
     @property
     def lock_key(self) -> str:

@@ -127,7 +127,7 @@ async def call(
         # The call's own empty dict, held while it waits: the shared one (nobody writes it).
         kwargs = _NO_KWARGS
     machine = _call_machine(backend, table, names, p, detail, started, joined)
-    joined = None  # the machine has it (64 bytes a waiting caller held)
+    joined = started = None  # the machine has them (88 bytes a waiting caller held)
     reply = None
     error: BaseException | None = None
     while True:
@@ -293,6 +293,9 @@ _AHEAD: Final = object()
 
 _Step: TypeAlias = tuple[bool, Any, "BaseException | None"]
 
+_LED: Final = Lead(0, "", 0.0)
+"""What fly() holds for the Lead it carries while the function runs (the Lead is done with)."""
+
 
 def _step(machine: Generator[Any, Any, Any], reply: object) -> _Step:
     """One step of a machine taken on the loop (in the hub's callback) ahead of the task that
@@ -419,6 +422,7 @@ class _Driver(DriverBase):
                     try:
                         if type(cmd) is Lead:
                             lead = self.flight_of(cmd, asyncio.get_running_loop())
+                            cmd = _LED  # not held while the function runs (64 bytes a leader)
                             try:
                                 with self.as_leader(lead):
                                     reply = Outcome(value=await self.fn(*self.args, **self.kwargs))
