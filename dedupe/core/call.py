@@ -349,13 +349,12 @@ def run_call(
             try:
                 # wait_for's loop, written out: a waiting caller holds no generator of it.
                 while True:
-                    step = wait_step(entry, created, deadline, soft_at, clock)
-                    if not isinstance(step, AwaitFlight):
-                        done = step
+                    done = wait_step(entry, created, deadline, soft_at, clock)
+                    if not isinstance(done, AwaitFlight):
                         break
                     # Yielded anew, not from a local: a waiting caller's frame holds none.
-                    got = step.timeout
-                    step = None
+                    got = done.timeout
+                    done = None
                     got = yield AwaitFlight(entry, got)
                     _expect_bool(got)
                     if got:

@@ -611,10 +611,10 @@ def run_flight(
             state = LEAD
         if (state in (BUSY, LEAD)) and reply.record and reply.record != fallen_back_on:
             fallen_back_on = reply.record
-            stale = yield from _stale(spec, codec, reply)
-            if stale is not None:
-                fallback = stale
-                yield Offer(stale)
+            served = yield from _stale(spec, codec, reply)
+            if served is not None:
+                fallback = served
+                yield Offer(served)
         if state == LEAD:
             # _lead, written out: while the function runs, the flight holds no generator of
             # it (issue 23's memory per flight).
