@@ -26,6 +26,8 @@ from typing import Any
 
 TARGET_KB = 4.0
 TIMEOUT = float(os.environ.get("FLIGHT_MEMORY_TIMEOUT", "300"))
+SETTLE = 10.0  # seconds a step's waiters may take to wait (see _side)
+WARM_UP = 200  # flights at once before measuring (see _side)
 
 
 def _rss_kb() -> int:
@@ -49,6 +51,11 @@ async def _until(check: Any, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+def _running(table: Any) -> int:
+    """How many of the process's flights run in a task now (a waiting flight has none)."""
+    return sum(isinstance(e.task, asyncio.Task) for e in list(table._entries.values()))
+
+
 def _side(role: str, url: str, prefix: str, n: int, ready: Any, release: Any, out: Any) -> None:
     """One process: the leaders (role "lead") or the waiters ("wait")."""
     from dedupe import SingleFlight
@@ -68,8 +75,11 @@ def _side(role: str, url: str, prefix: str, n: int, ready: Any, release: Any, ou
                 await gate.wait()
             return i
 
-        # Warm up: clients, the hub, the renewer, the first flights.
-        await asyncio.gather(*(job(-1 - k) for k in range(50)))
+        # Warm up: clients, the hub, the renewer, the first flights. More at once than the
+        # loop has command slots (64), so that every slot's connection is open (and what the
+        # first connections import is imported): one-off costs, not a flight's (at 50, the
+        # 1,000 waiters' figure carried some 0.1-0.3 KB of them).
+        await asyncio.gather(*(job(-1 - k) for k in range(WARM_UP)))
         if role == "wait":
             assert ready.wait(TIMEOUT), "the leaders never started"
         before = _snapshot()
@@ -77,6 +87,7 @@ def _side(role: str, url: str, prefix: str, n: int, ready: Any, release: Any, ou
         # long 20,000 callers queue for 64 command slots (slower under tracemalloc).
         tasks: list[asyncio.Future[int]] = []
         hub = sf.backend().hub() if role == "wait" else None
+        table = sf.backend().async_flights()
         for start in range(0, n, 500):
             tasks += [asyncio.ensure_future(job(i)) for i in range(start, min(n, start + 500))]
             want = len(tasks)
@@ -86,6 +97,14 @@ def _side(role: str, url: str, prefix: str, n: int, ready: Any, release: Any, ou
                 await _until(
                     lambda h=hub, want=want: len(h.channels()) >= want, "the waiters to subscribe"
                 )
+                # And waiting: no flight still between its subscription and its wait (the
+                # re-check's acquire runs in a task; a waiting flight has none). Without this
+                # a step's last flights were measured mid-way (at 1,000, half of them). Up to
+                # SETTLE seconds: a flight whose subscription was confirmed late polls (a
+                # round trip now and then), which a loaded machine may never stop doing.
+                settle = time.monotonic() + SETTLE
+                while _running(table) > want // 100 and time.monotonic() < settle:
+                    await asyncio.sleep(0.05)
         after = _snapshot()
         tracemalloc.stop()  # measured: the rest runs at full speed
         if role == "lead":

@@ -8,7 +8,7 @@ from typing import Any, Final, NamedTuple
 
 from dedupe.backend.lifecycle import Backend
 from dedupe.core.keys import Names
-from dedupe.core.protocol import FlightSpec, Reads
+from dedupe.core.protocol import FlightSpec, FlightTerms, Reads
 from dedupe.core.shapes import Shape
 from dedupe.settings import Settings
 
@@ -91,11 +91,19 @@ class FlightParams(NamedTuple):
     # a function that keeps values and draws no early refresh (XFetch draws on every hit,
     # in the script). One per function and settings: how its reads have been doing.
     reads: Reads | None
+    # The fields above that are FlightTerms', in one object its flights' specs share.
+    terms: FlightTerms
 
     @classmethod
     def of(cls, s: Settings) -> FlightParams:
+        fields = cls._fields_of(s)
+        terms = FlightTerms(**{name: fields[name] for name in FlightTerms._fields})
+        return cls(**fields, terms=terms)
+
+    @staticmethod
+    def _fields_of(s: Settings) -> dict[str, Any]:
         lock_ms = max(10, round(s.lock_ttl * 1000))
-        return cls(
+        return dict(
             lock_ttl_ms=lock_ms,
             token_ttl_ms=max(1, round(s.token_ttl * 1000)),
             result_ttl_ms=round(s.result_ttl * 1000),
@@ -155,25 +163,12 @@ class SpecMaker:
         self.reads = reads
 
     def __call__(self, deadline: float | None, soft_deadline: float | None) -> FlightSpec:
-        p = self.p
         return FlightSpec(
             names=self.names,
             owner=self.backend.owner(),
             deadline=deadline,
-            lock_ttl_ms=p.lock_ttl_ms,
-            token_ttl_ms=p.token_ttl_ms,
-            result_ttl_ms=p.result_ttl_ms,
-            grace_ms=p.grace_ms,
-            inline_max_bytes=p.inline_max_bytes,
-            min_replicas=p.min_replicas,
-            replica_timeout_ms=p.replica_timeout_ms,
-            max_hold_ms=p.max_hold_ms,
-            stale_ms=p.stale_ms,
-            error_ms=p.error_ms,
-            backoff_ms=p.backoff_ms,
-            early_refresh=p.early_refresh,
             soft_deadline=soft_deadline,
-            answers=p.answers,
             shape=self.shape,
             reads=self.reads,
+            terms=self.p.terms,
         )

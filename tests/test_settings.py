@@ -19,7 +19,7 @@ import pytest
 from dedupe import INHERIT, SingleFlight
 from dedupe.backend.lifecycle import BackendConfig
 from dedupe.core.keys import names_for
-from dedupe.core.protocol import FlightSpec
+from dedupe.core.protocol import FlightSpec, FlightTerms
 from dedupe.core.sealing import Codec
 from dedupe.overrides import FlightParams, Overrides
 from dedupe.settings import Settings, declared, help_text, per_function
@@ -150,15 +150,22 @@ def test_the_backend_config_is_the_settings_resolved() -> None:
 
 
 def test_every_flight_spec_field_comes_from_the_settings_or_the_flight() -> None:
-    spec_fields = {f.name for f in dataclasses.fields(FlightSpec)}
+    # The spec's own fields, and its function's terms (FlightTerms, shared), read as fields.
+    spec_fields = set(FlightSpec.__slots__) - {"terms"} | set(FlightTerms._fields)
     # The caller's timeouts become the flight's deadlines, on its clock.
-    assert spec_fields == set(FlightParams._fields) - {"wait_timeout", "soft_timeout"} | {
+    assert spec_fields == set(FlightParams._fields) - {"wait_timeout", "soft_timeout", "terms"} | {
         "names",
         "owner",
         "deadline",
         "soft_deadline",
         "shape",  # the function's return annotation, compiled
     }
+    # The terms a spec is made with are the FlightParams' own, one object for every flight.
+    p = FlightParams.of(Settings())
+    assert p.terms == tuple(getattr(p, name) for name in FlightTerms._fields)
+    spec = FlightSpec(names=names_for("p", "x"), owner="o", deadline=None, terms=p.terms)
+    assert spec.terms is p.terms
+    assert all(getattr(spec, name) == getattr(p, name) for name in FlightTerms._fields)
     with pytest.raises(TypeError):
         FlightSpec(names_for("p", "x"), "o", 1, 1, 1, 1, 1, None)  # type: ignore[call-arg]
 

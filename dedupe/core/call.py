@@ -59,7 +59,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable, Generator
-from typing import Any, Final, NamedTuple, Protocol, TypeAlias
+from typing import Any, Final, NamedTuple, NoReturn, Protocol, TypeAlias
 
 from dedupe.core.context import check_reentry, leading_state
 from dedupe.core.inflight import RETRY, Entry, InFlight, Served
@@ -70,6 +70,7 @@ from dedupe.core.shapes import Shape
 from dedupe.errors import BackendUnavailable, ProtocolError, WaitTimeout
 
 __all__ = [
+    "RUN_HERE",
     "AwaitFlight",
     "Begin",
     "CallCommand",
@@ -87,6 +88,8 @@ __all__ = [
     "run_call",
     "run_shared_flight",
     "served_read",
+    "shared_fly",
+    "shared_landed",
 ]
 
 
@@ -301,26 +304,27 @@ def run_call(
     read): its deadlines count from there. ``joined``: the process's flight of the key the
     call joined or created already (read_first), taken up in place of its first join.
     """
+    # An asyncio caller holds this frame while it waits: its locals are few (8 bytes a slot,
+    # issue 23's memory per flight), the rare branches' in functions of their own.
     key = names.channel
     # raises ReentrantFlight: a leader calling its own key (read_first checked it)
     hit, value = copy_hit(env, names) if joined is None else _MISS
     handle = (yield _OBSERVE) if observed else None
-    now = clock() if started is None else started
-    deadline = None if wait_timeout is None else now + wait_timeout
-    soft_at = None if soft_timeout is None else now + soft_timeout
+    if started is None:
+        started = clock()
+    deadline = None if wait_timeout is None else started + wait_timeout
+    soft_at = None if soft_timeout is None else started + soft_timeout
+    started = None  # read no more: not held while the caller waits
     ended = False  # End was yielded (a later failure does not report the call again)
     try:
         if hit:
-            age = env.local_copies.age_ms(key) if detail or observed else 0
-            if observed:
-                ended = True
-                yield End(handle, "copy", age_ms=age)
-            return Served(value, True, "copy", False, age / 1000) if detail else value
+            ended = True
+            return (yield from _copy(env, key, value, handle, detail, observed))
         while True:
             if joined is None:
                 entry, created = table.join(key)
             else:
-                entry, created, _ = joined
+                entry, created = joined[0], joined[1]
                 joined = None
             if created:
                 entry.job_id = names.job_id
@@ -345,11 +349,13 @@ def run_call(
             try:
                 # wait_for's loop, written out: a waiting caller holds no generator of it.
                 while True:
-                    step = wait_step(entry, created, deadline, soft_at, clock)
-                    if not isinstance(step, AwaitFlight):
-                        done = step
+                    done = wait_step(entry, created, deadline, soft_at, clock)
+                    if not isinstance(done, AwaitFlight):
                         break
-                    got = yield step
+                    # Yielded anew, not from a local: a waiting caller's frame holds none.
+                    got = done.timeout
+                    done = None
+                    got = yield AwaitFlight(entry, got)
                     _expect_bool(got)
                     if got:
                         done = True
@@ -364,29 +370,20 @@ def run_call(
                 # soft_timeout: the stale value the flight offered; the run goes on.
                 if tasked:
                     yield from _leave(table, entry)
-                fallback = entry.fallback
-                stale = dataclasses.replace(fallback.outcome, stale="timeout")
                 ended = True
-                return (
-                    yield from _deliver(stale, "kept", False, fallback.token, fallback.trace,
-                                        handle, detail, observed)
-                )  # fmt: skip
+                return (yield from _deliver_stale(entry.fallback, handle, detail, observed))
             if not done:
                 if tasked:
                     yield from _leave(table, entry)
-                error = WaitTimeout(job_id=names.job_id, seconds=wait_timeout)
-                if observed:
-                    ended = True
-                    yield End(handle, "" if created else "local", error)
-                raise error
-            result = entry.result.get()
-            if result is RETRY:
+                ended = True
+                yield from _timed_out(names, wait_timeout, created, handle, observed)
+            value = entry.result.get()
+            if value is RETRY:
                 continue
-            role = entry.role if created else "local"
             ended = True
             return (
-                yield from _deliver(result, role, created, entry.token, entry.trace, handle,
-                                    detail, observed)
+                yield from _deliver(value, entry.role if created else "local", created,
+                                    entry.token, entry.trace, handle, detail, observed)
             )  # fmt: skip
     except GeneratorExit:
         raise
@@ -394,6 +391,35 @@ def run_call(
         if observed and not ended:
             yield End(handle, "", exc)  # an abort, or a failure before any role
         raise
+
+
+def _copy(
+    env: CallEnv, key: str, value: Any, handle: Any, detail: bool, observed: bool
+) -> Generator[CallCommand, Any, Any]:
+    """run_call's local copy: the value (its End reported)."""
+    age = env.local_copies.age_ms(key) if detail or observed else 0
+    if observed:
+        yield End(handle, "copy", age_ms=age)
+    return Served(value, True, "copy", False, age / 1000) if detail else value
+
+
+def _deliver_stale(
+    fallback: Any, handle: Any, detail: bool, observed: bool
+) -> Generator[CallCommand, Any, Any]:
+    """soft_timeout: the stale value the flight offered (``fallback``: a Finished)."""
+    stale = dataclasses.replace(fallback.outcome, stale="timeout")
+    return (yield from _deliver(stale, "kept", False, fallback.token, fallback.trace, handle,
+                                detail, observed))  # fmt: skip
+
+
+def _timed_out(
+    names: Names, wait_timeout: float | None, created: bool, handle: Any, observed: bool
+) -> Generator[CallCommand, Any, NoReturn]:
+    """wait_timeout: WaitTimeout (its End reported)."""
+    error = WaitTimeout(job_id=names.job_id, seconds=wait_timeout)
+    if observed:
+        yield End(handle, "" if created else "local", error)
+    raise error
 
 
 def _drive_inline(
@@ -446,22 +472,61 @@ def run_shared_flight(
     env: CallEnv, table: InFlight, names: Names, entry: Entry, *, observed: bool = False
 ) -> Generator[CallCommand, Any, None]:
     """The flight an asyncio task runs for its process's callers (see Launch): it resolves
-    ``entry`` with the outcome, or RETRY after an abort (which then goes on up the task)."""
+    ``entry`` with the outcome, or RETRY after an abort (which then goes on up the task).
+
+    Its two halves, which a driver may take apart: the Fly (``shared_fly``), then what its
+    reply or error decides (``shared_landed``, a generator made once the flight landed: a
+    flight holds no generator of this machine while it runs; issue 23's memory per flight).
+    """
+    reply: object = RUN_HERE
+    error: BaseException | None = None
+    try:
+        fly = shared_fly(env, entry)
+        if fly is not None:
+            reply = yield fly
+    except GeneratorExit:
+        table.finish(names.channel, entry, RETRY)
+        raise
+    except BaseException as exc:
+        error = exc
+    yield from shared_landed(env, table, names, entry, reply, error, observed=observed)
+
+
+RUN_HERE: Final = object()
+"""shared_landed's reply when there was no Fly: Redis is skipped (on_backend_error="local"
+in an outage), the function runs in this process."""
+
+
+def shared_fly(env: CallEnv, entry: Entry) -> Fly | None:
+    """run_shared_flight's first step: the Fly to carry, or None when Redis is skipped (then
+    ``shared_landed`` gets RUN_HERE, and asks for the RunHere)."""
+    return None if env.skip_redis() else Fly(entry, None)
+
+
+def shared_landed(
+    env: CallEnv,
+    table: InFlight,
+    names: Names,
+    entry: Entry,
+    reply: object,
+    error: BaseException | None,
+    *,
+    observed: bool = False,
+) -> Generator[CallCommand, Any, None]:
+    """run_shared_flight after its Fly: the Fly's ``reply`` (RUN_HERE: there was none), or
+    the ``error`` it raised; resolves ``entry`` whatever comes, once started (the driver
+    steps it as soon as it is made)."""
     key = names.channel
     shared: Outcome | object = RETRY
     try:
-        # _fly, written out: a flight holds no generator of it while it runs.
-        if env.skip_redis():
+        if error is not None:
+            if not isinstance(error, BackendUnavailable) or not env.fall_back(error):
+                raise error
+            finished = yield from _run_here(entry)
+        elif reply is RUN_HERE:
             finished = yield from _run_here(entry)
         else:
-            try:
-                reply = yield Fly(entry, None)
-            except BackendUnavailable as exc:
-                if not env.fall_back(exc):
-                    raise
-                finished = yield from _run_here(entry)
-            else:
-                finished = _flown(env, reply)
+            finished = _flown(env, reply)
         entry.role, entry.token, entry.trace = finished.role, finished.token, finished.trace
         if finished.waited and observed:
             yield Takeover(finished.token)

@@ -28,14 +28,15 @@ class Cancellable(Protocol):
     def cancel(self) -> bool: ...
 
 
-class Entry:
-    """One key's flight in this process; its first caller drives it, the others wait here."""
+class Entry(Latch["Outcome | _Retry"]):
+    """One key's flight in this process; its first caller drives it, the others wait here.
+    It is its own ``result`` latch (one object a flight, not two: issue 23's memory per
+    flight)."""
 
     __slots__ = (
         "fallback",
         "job_id",
         "leading",
-        "result",
         "role",
         "started",
         "task",
@@ -45,8 +46,9 @@ class Entry:
     )
 
     def __init__(self) -> None:
-        # Set once, by InFlight.finish() (under its lock and the Latch's own): the outcome.
-        self.result: Latch[Outcome | _Retry] = Latch()
+        # result: set once, by InFlight.finish() (under its lock and the Latch's own): the
+        # outcome.
+        Latch.__init__(self)
         self.waiters = 1  # asyncio callers still awaiting it: guarded by InFlight._lock
         # asyncio only, on its loop's thread: what runs the flight, its task or (while the
         # flight waits with no task: aio's parked flight) its driver; set by the caller that
@@ -66,6 +68,11 @@ class Entry:
         # A stale value the callers may take at their soft_timeout (Offer): written once by
         # the driving side (one store, then the latch is poked), read without a lock.
         self.fallback: Any = None  # protocol.Finished | None
+
+    @property
+    def result(self) -> Latch[Outcome | _Retry]:
+        """Set once with the flight's outcome (or RETRY): the entry itself."""
+        return self
 
     def offer(self, fallback: Any) -> None:
         """A stale value to fall back on: waiting callers look again at their soft_timeout."""

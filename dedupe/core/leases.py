@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Final, Protocol
 
 __all__ = [
     "COUNTERS",
@@ -170,42 +170,71 @@ class LostSignal:
                     self._waiters.remove(entry)
 
 
-class Lease:
-    """One leader's hold on a lock key, from the acquire until the driver removes it.
+class _Terms:
+    """A lease's terms, the same for every lease of one lock_ttl and max_hold: shared, not
+    copied into each lease (five numbers, some 160 bytes a leader: issue 23's memory per
+    flight). Never changed once made."""
 
-    ``acquired_at``: monotonic time the acquire script was written to the socket (default:
-    now), the start of the first period. ``max_hold``: seconds after which renewal stops and
-    the lease counts as lost (None: no bound). ``loop``: the asyncio loop of an async leader;
-    once it is closed the lease is no longer renewed. ``clock``: the monotonic clock all its
-    times are on.
+    __slots__ = ("interval", "margin", "max_hold", "ttl", "ttl_ms")
+
+    def __init__(self, ttl: float, max_hold: float | None) -> None:
+        margin = ttl * 0.05  # lease_margin(ttl), inlined
+        if margin < 0.010:
+            margin = 0.010
+        if margin > ttl / 3:
+            margin = ttl / 3
+        self.ttl = ttl
+        self.ttl_ms = int(ttl * 1000 + 0.5) or 1
+        self.interval = ttl / 3
+        self.margin = margin
+        self.max_hold = max_hold
+
+
+_terms: dict[tuple[float, float | None], _Terms] = {}  # a few per process: one per setting
+
+
+def _terms_of(ttl: float, max_hold: float | None) -> _Terms:
+    terms = _terms.get((ttl, max_hold))
+    if terms is None:
+        if len(_terms) >= 256:  # settings made on the fly: keep the table small
+            _terms.clear()
+        terms = _terms[ttl, max_hold] = _Terms(ttl, max_hold)  # a race makes an equal one
+    return terms
+
+
+class Lease(LostSignal):
+    """One leader's hold on a lock key, from the acquire until the driver removes it; it is
+    its own LostSignal (``lost``: one object a leader, not two; issue 23's memory per flight).
+
+    ``lock_key``: the key, or the job's Names (its ``lock``, made when the renewer needs it:
+    a leader holds no string of it). ``acquired_at``: monotonic time the acquire script was
+    written to the socket (default: now), the start of the first period. ``max_hold``:
+    seconds after which renewal stops and the lease counts as lost (None: no bound).
+    ``loop``: the asyncio loop of an async leader; once it is closed the lease is no longer
+    renewed. ``clock``: the monotonic clock all its times are on.
     """
 
     __slots__ = (
         "_busy",
         "_entry",
         "_error",
+        "_key",
         "_next",
         "_reported",
         "active",
         "completing",
         "hold_until",
-        "interval",
         "job_id",
-        "lock_key",
         "loop",
-        "lost",
-        "margin",
-        "max_hold",
         "sent_at",
-        "ttl",
-        "ttl_ms",
+        "terms",
         "value",
     )
 
     def __init__(
         self,
         job_id: str,
-        lock_key: str,
+        lock_key: str | HasLock,
         value: str,
         ttl: float,
         *,
@@ -216,32 +245,25 @@ class Lease:
     ) -> None:
         if not ttl > 0:
             raise ValueError(f"a lease's ttl must be positive, not {ttl!r}")
-        # Plain arithmetic, no calls: a lease is made for every flight that leads.
+        # Plain arithmetic, no calls but the terms': a lease is made for every flight that
+        # leads.
         start = clock() if acquired_at is None else acquired_at
-        margin = ttl * 0.05  # lease_margin(ttl), inlined
-        if margin < 0.010:
-            margin = 0.010
-        if margin > ttl / 3:
-            margin = ttl / 3
         if max_hold is None:
             hold_until = math.inf
         elif max_hold > 0:
             hold_until = start + max_hold
         else:
             raise ValueError(f"max_hold must be positive or None, not {max_hold!r}")
-        deadline = start + ttl - margin
+        terms = _terms_of(ttl, max_hold)
+        deadline = start + ttl - terms.margin
         # Set here and never changed:
         self.job_id = job_id
-        self.lock_key = lock_key
+        self._key = lock_key
         self.value = value
-        self.ttl = ttl
-        self.ttl_ms = int(ttl * 1000 + 0.5) or 1
-        self.interval = ttl / 3
-        self.margin = margin
-        self.max_hold = max_hold
+        self.terms = terms
         self.hold_until = hold_until
         self.loop = loop
-        self.lost = LostSignal(deadline if deadline < hold_until else hold_until, clock)
+        LostSignal.__init__(self, deadline if deadline < hold_until else hold_until, clock)
         # Written by the driver with no lock (one store, O(1)); the watchdog reads it and
         # tolerates a stale True (a renewal of a finished lease is harmless: compare-and-expire).
         self.active = True
@@ -250,11 +272,48 @@ class Lease:
         self.completing = False
         # Under the lock of the Renewer that carries its LeaseBook:
         self.sent_at = start  # send time of the last confirmed renewal (or of the acquire)
-        self._next = start + self.interval  # when to send the next renewal
+        self._next = start + terms.interval  # when to send the next renewal
         self._busy = False  # queued at or in flight with a worker
         self._entry = 0  # sequence number of this lease's one live heap entry (0: none)
         self._error: str | None = None  # the last renewal error, until a renewal succeeds
         self._reported = False  # its loss was counted and logged (once)
+
+    @property
+    def lost(self) -> LostSignal:
+        """Set once the lease is lost (the watchdog, or the clock): the lease itself."""
+        return self
+
+    @property
+    def lock_key(self) -> str:
+        key = self._key
+        return key if type(key) is str else key.lock  # type: ignore[union-attr]
+
+    @property
+    def ttl(self) -> float:
+        return self.terms.ttl
+
+    @property
+    def ttl_ms(self) -> int:
+        return self.terms.ttl_ms
+
+    @property
+    def interval(self) -> float:
+        return self.terms.interval
+
+    @property
+    def margin(self) -> float:
+        return self.terms.margin
+
+    @property
+    def max_hold(self) -> float | None:
+        return self.terms.max_hold
+
+
+class HasLock(Protocol):
+    """What names a lease's lock key: keys.Names."""
+
+    @property
+    def lock(self) -> str: ...
 
 
 _LOGS_PER_SECOND: Final = 20

@@ -46,11 +46,11 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
 import os
 import random
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
-from typing import Final, NamedTuple, NoReturn, TypeAlias
+from typing import Any, Final, NamedTuple, NoReturn, TypeAlias
 
 from dedupe.core.keys import Names
 from dedupe.core.record import (
@@ -100,6 +100,7 @@ __all__ = [
     "Finished",
     "FlightSpec",
     "FlightState",
+    "FlightTerms",
     "Lead",
     "Looked",
     "Note",
@@ -162,15 +163,11 @@ REFRESH: Final = AcquireState.REFRESH
 STALE: Final = AcquireState.STALE
 
 
-@dataclass(slots=True, kw_only=True)
-class FlightSpec:
-    """Everything the protocol needs to know about one flight (treat it as read-only).
+class FlightTerms(NamedTuple):
+    """A function's flight parameters under one Settings (milliseconds), shared by every
+    FlightSpec of its flights: not copied into each (some 130 bytes a flight, issue 23's
+    memory per flight). FlightSpec reads them as its own fields."""
 
-    Built from named fields (api.py works them out from the settings, in milliseconds).
-    """
-
-    names: Names
-    owner: str
     lock_ttl_ms: int  # lock_ttl: the lease
     token_ttl_ms: int  # token_ttl: how long the fencing-token counter outlives a lease
     # result_ttl: how long after its run a value stays fresh for new callers. The record's
@@ -178,7 +175,6 @@ class FlightSpec:
     result_ttl_ms: int
     grace_ms: int  # how long any outcome stays readable for followers that missed the message
     inline_max_bytes: int
-    deadline: float | None  # on the clock given to run_flight; None: wait while a leader lives
     min_replicas: int = 0  # replicas that must acknowledge a new lease (WAIT) before we lead
     replica_timeout_ms: int = 1000
     max_hold_ms: int = 300_000  # max_hold: a leader's hold on one lease; renewal stops after it
@@ -187,16 +183,73 @@ class FlightSpec:
     error_ms: int = 0  # stale_if_error: serve stale in place of a failed run's error
     backoff_ms: int = 0  # error_backoff: after that, no run for this long (fleet-wide)
     early_refresh: float = 0.0  # XFetch's beta: refresh fresh values early, by chance
-    # On run_flight's clock: when a follower with a stale value to fall back on takes it
-    # (soft_timeout) rather than wait on; None: it waits on.
-    soft_deadline: float | None = None
     answers: tuple[type[BaseException], ...] = ()  # errors no stale value ever replaces
-    # The function's return annotation, compiled (dedupe.core.shapes): the value travels as
-    # its plain data and is rebuilt by it here. None: no annotation, values travel as they are.
-    shape: Shape | None = None
-    # Whether a flight first tries the kept value with a plain read (Read) before the
-    # acquire script: a function that keeps values, while its reads mostly hit. None: never.
-    reads: Reads | None = None
+
+
+class FlightSpec:
+    """Everything the protocol needs to know about one flight (treat it as read-only).
+
+    Built from named fields: the flight's own, and either ``terms`` (the function's
+    FlightTerms, shared) or FlightTerms' fields by name (api.py works them out from the
+    settings, in milliseconds). FlightTerms' fields read as the spec's own.
+    """
+
+    __slots__ = ("deadline", "names", "owner", "reads", "shape", "soft_deadline", "terms")
+
+    # FlightTerms' fields, read through ``terms`` (properties made below the class).
+    lock_ttl_ms: int
+    token_ttl_ms: int
+    result_ttl_ms: int
+    grace_ms: int
+    inline_max_bytes: int
+    min_replicas: int
+    replica_timeout_ms: int
+    max_hold_ms: int
+    stale_ms: int
+    error_ms: int
+    backoff_ms: int
+    early_refresh: float
+    answers: tuple[type[BaseException], ...]
+
+    def __init__(
+        self,
+        *,
+        names: Names,
+        owner: str,
+        deadline: float | None,
+        soft_deadline: float | None = None,
+        shape: Shape | None = None,
+        reads: Reads | None = None,
+        terms: FlightTerms | None = None,
+        **fields: Any,
+    ) -> None:
+        self.names = names
+        self.owner = owner
+        # On the clock given to run_flight; None: wait while a leader lives.
+        self.deadline = deadline
+        # On run_flight's clock: when a follower with a stale value to fall back on takes it
+        # (soft_timeout) rather than wait on; None: it waits on.
+        self.soft_deadline = soft_deadline
+        # The function's return annotation, compiled (dedupe.core.shapes): the value travels
+        # as its plain data and is rebuilt by it here. None: no annotation, values travel as
+        # they are.
+        self.shape = shape
+        # Whether a flight first tries the kept value with a plain read (Read) before the
+        # acquire script: a function that keeps values, while its reads mostly hit. None:
+        # never.
+        self.reads = reads
+        if terms is None:
+            terms = FlightTerms(**fields)
+        elif fields:
+            raise TypeError(f"FlightSpec takes terms or their fields, not both: {set(fields)}")
+        self.terms = terms
+
+    def __repr__(self) -> str:
+        return (
+            f"FlightSpec(names={self.names!r}, owner={self.owner!r}, "
+            f"deadline={self.deadline!r}, soft_deadline={self.soft_deadline!r}, "
+            f"shape={self.shape!r}, reads={self.reads!r}, terms={self.terms!r})"
+        )
 
     @property
     def caching(self) -> bool:
@@ -222,6 +275,11 @@ class FlightSpec:
     def slack(self, pttl_ms: int) -> float:
         """Extra wait past the lease, so the re-check lands after a dead leader's lease expired."""
         return 0.025 + pttl_ms / 100_000
+
+
+for _name in FlightTerms._fields:  # FlightSpec's fields that are its function's terms
+    setattr(FlightSpec, _name, property(operator.attrgetter(f"terms.{_name}")))
+del _name
 
 
 class Reads:
@@ -509,6 +567,9 @@ def run_flight(
     ``trace``: the leader's W3C traceparent, sealed into the record if this flight leads.
     ``rand``: uniform in [0, 1), for early_refresh's draw.
     """
+    # A waiting flight holds this frame: its locals are few (8 bytes a slot, issue 23's
+    # memory per flight), the read before the script and a refresh's steps in generators of
+    # their own.
     floor = 0  # the newest lease we waited on: an outcome of an older one is never ours
     subscribed = False
     confirmed = False  # no message can wake us unless the server confirmed the subscription
@@ -516,30 +577,25 @@ def run_flight(
     fallback: Finished | None = None  # a stale value to fall back on (soft_timeout, a failure)
     fallen_back_on = b""  # the record it was opened from (offered once per record)
     after_error = False  # the run we waited on failed, and a stale value stands in for it
-    reads = spec.reads
-    if reads is not None and reads.wanted():
-        try:
-            looked = yield Read()
-        except ReadRefused:
-            looked = None
-        kept = None if looked is None else (yield from _read_kept(spec, codec, looked))
-        reads.saw(kept is not None)
-        if kept is not None:
-            return kept
+    if spec.reads is not None and spec.reads.wanted():
+        fallback = yield from _read_first(spec, codec)
+        if fallback is not None:
+            return fallback
     while True:
         asked = clock()
         try:
-            early = _draw(spec, rand) if spec.early_refresh else 0
-            reply = yield Acquire(str(floor) if floor else "", early, after_error)
+            reply = yield Acquire(
+                str(floor) if floor else "",
+                _draw(spec, rand) if spec.early_refresh else 0,
+                after_error,
+            )
         except Unanswered as unanswered:
-            lost: BaseException | None = unanswered.error
-        else:
-            lost = None
-        if lost is not None:
+            reply = unanswered
+        if type(reply) is Unanswered:
             # The acquire may have granted us a lease nobody will run: give it back, so
             # that waiters take over now instead of when it runs out.
             yield Release()
-            raise lost
+            raise reply.error
         if type(reply) is not Acquired:
             _unexpected(reply, Acquired, "Acquire")
         # The lease, if granted, began no earlier than the request's write (not its queue).
@@ -555,10 +611,10 @@ def run_flight(
             state = LEAD
         if (state in (BUSY, LEAD)) and reply.record and reply.record != fallen_back_on:
             fallen_back_on = reply.record
-            stale = yield from _stale(spec, codec, reply)
-            if stale is not None:
-                fallback = stale
-                yield Offer(stale)
+            served = yield from _stale(spec, codec, reply)
+            if served is not None:
+                fallback = served
+                yield Offer(served)
         if state == LEAD:
             # _lead, written out: while the function runs, the flight holds no generator of
             # it (issue 23's memory per flight).
@@ -567,6 +623,7 @@ def run_flight(
             if spec.min_replicas and 0 <= reply.replicas < spec.min_replicas:
                 yield from _too_few_replicas(spec, codec, reply, lock)
             reply = holder = None  # dead while the function runs
+            asked = 0.0  # (sent and since are read after it)
             outcome = yield Lead(token, lock, since)
             return (yield from _led(spec, codec, clock, trace, outcome, token, lock, sent,
                                     floor > 0, fallback))  # fmt: skip
@@ -618,19 +675,15 @@ def run_flight(
             floor = max(floor, holder.token)
         after_error = False
         timeout = reply.pttl_ms / 1000 + spec.slack(reply.pttl_ms)
-        if spec.deadline is not None:
-            left = spec.deadline - clock()
-            if left <= 0:
-                raise WaitTimeout(f"waited the wait_timeout for {spec.names.job_id!r}")
-            timeout = min(timeout, left)
+        timeout = _bounded(spec, clock, timeout)  # the deadline, if any
         if fallback is not None and spec.soft_deadline is not None:
             # soft_timeout: past it, the stale value rather than a longer wait; the run goes
             # on and stores its outcome for the next callers.
-            soft = spec.soft_deadline - clock()
-            if soft <= 0:
+            until = spec.soft_deadline - clock()
+            if until <= 0:
                 fallback.outcome.stale = "timeout"
                 return fallback
-            timeout = min(timeout, soft)
+            timeout = min(timeout, until)
         if not subscribed:
             # Subscribe first, then re-check: a publish between the two is then never missed.
             # The confirmation only hurries things along: the wait below is bounded by the
@@ -642,10 +695,12 @@ def run_flight(
             # Pub/sub is denied, slow or down: no message may come, so look again sooner
             # than the lease's end (a round trip per _POLL, only in this degraded state).
             timeout = min(timeout, _POLL)
-        # Dead while it waits, and some 300 bytes a waiting flight (issue 23's memory per
-        # flight): the acquire's reply and its parsed holder.
+        # Dead while it waits, and some 370 bytes a waiting flight (issue 23's memory per
+        # flight): the acquire's reply and its parsed holder, and the times before the wait
+        # (each set anew before it is read again).
         reply = holder = None
         until = clock() + timeout
+        asked = sent = since = timeout = 0.0
         while True:
             message = yield Wait(max(0.0, until - clock()))
             if message is None:
@@ -724,6 +779,18 @@ def read_kept(
     # holds beyond result_ttl (exact while the leader's result_ttl was this function's).
     outcome.age_ms = max(0, state.run_ms - max(0, keep - result_ttl_ms))
     return Finished(outcome, "kept", opened.token, trace=opened.trace)
+
+
+def _read_first(spec: FlightSpec, codec: Codec) -> Generator[Command, object, Finished | None]:
+    """The plain read of the kept value before the acquire script (Read): the kept value
+    if it is to be served, else None (the script decides); the read credit told."""
+    try:
+        looked = yield Read()
+    except ReadRefused:
+        looked = None
+    kept = None if looked is None else (yield from _read_kept(spec, codec, looked))
+    spec.reads.saw(kept is not None)  # type: ignore[union-attr]  # read only with credit
+    return kept
 
 
 def _read_kept(

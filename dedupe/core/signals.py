@@ -15,13 +15,14 @@ InFlight locks may be held while taking one, never the other way round.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import os
 import threading
 from asyncio import events
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeAlias, TypeVar
 
 __all__ = ["Latch", "LoopWaker", "Mailbox", "take_any", "take_any_async", "wake_all"]
 
@@ -123,7 +124,26 @@ def _timer(fut: asyncio.Future[Any], timeout: float | None) -> asyncio.TimerHand
     frame, with no coroutine of ours between (one frame less per waiting caller)."""
     if timeout is None:
         return None
-    return fut.get_loop().call_later(max(0.0, timeout), _wake, fut)
+    return fut.get_loop().call_later(max(0.0, timeout), _wake, fut, context=_wake_context())
+
+
+_threads = threading.local()
+
+
+def _wake_context() -> contextvars.Context:
+    """An empty context for _wake's timers, one per thread (a loop's timers run on its
+    thread, one at a time): call_later would copy the caller's context for each, 64 bytes
+    a waiting flight (issue 23's memory per flight), and _wake reads no context variable."""
+    try:
+        return _threads.wake_context  # type: ignore[no-any-return]
+    except AttributeError:
+        _threads.wake_context = context = contextvars.Context()
+        return context
+
+
+_NO_WAKERS: Final = ()
+_NO_ITEMS: Final = ()
+_Wakers: TypeAlias = "Callable[[], None] | list[Callable[[], None]] | tuple[()]"
 
 
 class Latch(Generic[T]):
@@ -135,19 +155,22 @@ class Latch(Generic[T]):
         self._lock = _LOCKS[next(_turn) % _STRIPES]  # a leaf, maybe shared (see Locks)
         # Written once, under _lock; read without it (one attribute read: set or not).
         self._value: object = _UNSET
-        # Under _lock; called after it is released. An empty tuple once set.
-        self._wakers: list[Callable[[], None]] | tuple[()] = []
+        # Under _lock; called after it is released. _NO_WAKERS (none, and once set), the
+        # one waker itself, or a list of two or more: a latch mostly has one waiter (a
+        # flight's caller), and a list for it costs 88 bytes (issue 23's memory per flight).
+        self._wakers: _Wakers = _NO_WAKERS
 
     def set(self, value: T) -> bool:
         with self._lock:
             if self._value is not _UNSET:
                 return False
             self._value = value
-            # Never added to once set: an empty tuple, not a new list, stays behind (a
-            # subscription's latch outlives its confirmation; issue 23's memory per flight).
-            wakers, self._wakers = self._wakers, ()
-        for wake in wakers:
-            wake()
+            wakers, self._wakers = self._wakers, _NO_WAKERS  # never added to once set
+        if type(wakers) is list:
+            for wake in wakers:
+                wake()
+        elif wakers is not _NO_WAKERS:
+            wakers()  # type: ignore[operator]
         return True
 
     def is_set(self) -> bool:
@@ -157,9 +180,14 @@ class Latch(Generic[T]):
         """Wake every waiter without setting it: their waits return False (not set), so
         they look again at what they wait for (a flight's stale value was offered)."""
         with self._lock:
-            wakers = list(self._wakers)
-        for wake in wakers:
-            wake()
+            wakers = self._wakers
+            if type(wakers) is list:
+                wakers = list(wakers)
+        if type(wakers) is list:
+            for wake in wakers:
+                wake()
+        elif wakers is not _NO_WAKERS:
+            wakers()  # type: ignore[operator]
 
     def get(self) -> T:
         if self._value is _UNSET:
@@ -169,14 +197,24 @@ class Latch(Generic[T]):
     def add_waker(self, wake: Callable[[], None]) -> None:
         with self._lock:
             if self._value is _UNSET:
-                self._wakers.append(wake)  # type: ignore[union-attr]  # unset: a list
+                wakers = self._wakers
+                if wakers is _NO_WAKERS:
+                    self._wakers = wake
+                elif type(wakers) is list:
+                    wakers.append(wake)
+                else:
+                    self._wakers = [wakers, wake]  # type: ignore[list-item]
                 return
         wake()
 
     def discard_waker(self, wake: Callable[[], None]) -> None:
         with self._lock:
-            if wake in self._wakers:  # so unset: a list
-                self._wakers.remove(wake)  # type: ignore[union-attr]
+            wakers = self._wakers
+            if type(wakers) is list:
+                if wake in wakers:
+                    wakers.remove(wake)
+            elif wakers is not _NO_WAKERS and wakers == wake:  # == : a bound method anew
+                self._wakers = _NO_WAKERS
 
     def wait(self, timeout: float | None) -> bool:
         if self._value is not _UNSET:
@@ -229,8 +267,10 @@ class Mailbox(Generic[T]):
     def __init__(self) -> None:
         self._lock = _LOCKS[next(_turn) % _STRIPES]  # a leaf, maybe shared (see Locks)
         # Under _lock. A list: a box holds one or two items, and an empty deque costs 624
-        # bytes against 56 (one per waiting flight; issue 23's memory per flight).
-        self._items: list[T] = []
+        # bytes against 56 (one per waiting flight; issue 23's memory per flight). Until the
+        # first put, the shared empty tuple (most boxes never get an item before their
+        # flight ends): every take tests it first, only put_quietly writes it.
+        self._items: list[T] = _NO_ITEMS  # type: ignore[assignment]
         self._waker: Callable[[], None] | None = None  # under _lock; called after release
 
     def put(self, item: T) -> None:
@@ -242,7 +282,11 @@ class Mailbox(Generic[T]):
         """Put ``item`` without waking the consumer: the waker to call (after releasing the
         caller's own locks, with ``wake_all`` to wake many), or None if nobody waits."""
         with self._lock:
-            self._items.append(item)
+            items: list[T] | tuple[()] = self._items
+            if type(items) is list:
+                items.append(item)
+            else:
+                self._items = [item]
             waker, self._waker = self._waker, None
         return waker
 

@@ -280,10 +280,12 @@ class _Channel(Generic[M, L]):
         self.slot = slot
         self.state = State.UNROUTED
         self.link: str | None = None  # set from QUEUED on, None while UNROUTED
-        # A list, not a set: a channel has one mailbox per flight of this process on it
-        # (mostly one), and an empty set costs 216 bytes against 56 (one per waiting
-        # flight; issue 23's memory per flight). Each mailbox is in it once.
-        self.mailboxes: list[M] = []
+        # A tuple, made anew on each change: a channel has one mailbox per flight of this
+        # process on it (mostly one), and a tuple of one costs 48 bytes against a list's 88
+        # or a set's 216 (one per waiting flight; issue 23's memory per flight); and what
+        # reply() hands out is never changed under whoever reads it. Each mailbox is in it
+        # once.
+        self.mailboxes: tuple[M, ...] = ()
         self.latch = latch
         self.epoch = 0
         self.linger_until = 0.0  # no mailbox left: unsubscribe from this moment on
@@ -365,10 +367,10 @@ class Subscriptions(Generic[M, L]):
         if st is None:
             slot = self._slot_of(channel) if self._slot_of is not None and self._sharded else 0
             st = self._channels[channel] = _Channel(channel, slot, self._new_latch())
-            st.mailboxes.append(mailbox)
+            st.mailboxes = (mailbox,)
             self.unrouted[channel] = None
         elif mailbox not in st.mailboxes:
-            st.mailboxes.append(mailbox)
+            st.mailboxes += (mailbox,)
             st.linger_until = 0.0
             if st.state is State.LINGERING:
                 st.state = State.SUBSCRIBED  # still acked: the same (True) latch
@@ -378,7 +380,7 @@ class Subscriptions(Generic[M, L]):
         st = self._channels.get(channel)
         if st is None or mailbox not in st.mailboxes:
             return
-        st.mailboxes.remove(mailbox)  # in it: looked at just above
+        st.mailboxes = tuple(m for m in st.mailboxes if m != mailbox)  # it was in it, once
         if st.mailboxes:
             return
         if st.state in _IDLE:

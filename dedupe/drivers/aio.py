@@ -47,16 +47,18 @@ from dedupe.core.batch import (
     run_shared_batch,
 )
 from dedupe.core.call import (
+    RUN_HERE,
     AwaitFlight,
     CallCommand,
     Cancel,
-    Fly,
+    FirstStep,
     Launch,
     RunHere,
     read_failed,
     read_first,
     run_call,
-    run_shared_flight,
+    shared_fly,
+    shared_landed,
 )
 from dedupe.core.inflight import Entry, InFlight
 from dedupe.core.keys import Names
@@ -85,6 +87,8 @@ from dedupe.overrides import FlightParams, spec_maker
 __all__ = ["call", "call_batch"]
 
 Fn = Callable[..., Coroutine[Any, Any, Any]]
+_NO_KWARGS: Final[dict[str, Any]] = {}
+"""A call's keyword arguments when it has none (read, never written: fn(**kwargs) copies)."""
 log = logging.getLogger("dedupe.core.protocol")
 
 
@@ -104,19 +108,67 @@ async def call(
     flight parameters ``p`` and the return annotation ``shape``. ``first``:
     the call needs no Served and no events, so it may read its kept value before any
     flight (``read_first``), in this coroutine: no task, no future."""
+    # Few locals, and no long call here (a waiting caller holds this frame, 8 bytes a slot
+    # of its locals and stack: issue 23's memory per flight): the machine's making and the
+    # Launch are functions of their own.
     table = backend.async_flights()
     started = joined = None
-    reads = p.reads
-    if first and reads is not None:
-        joined = read_first(backend, table, names, reads)
+    reply: Any = None
+    if first and p.reads is not None:
+        joined = read_first(backend, table, names, p.reads)
         if joined is not None and joined[2]:  # its own new entry, and the credit says read
             started = time.monotonic()
-            hit, value = await _read(backend, table, names, p, shape, reads, joined[0])
-            if hit:
-                return value
+            reply = await _read(backend, table, names, p, shape, p.reads, joined[0])
+            if reply[0]:
+                return reply[1]  # a hit
     # A call that created its entry above asked the credit: its flight reads no more.
-    make_spec = spec_maker(backend, names, p, shape, joined is None or not joined[1])
-    machine = run_call(
+    fresh = joined is None or not joined[1]
+    if not kwargs:
+        # The call's own empty dict, held while it waits: the shared one (nobody writes it).
+        kwargs = _NO_KWARGS
+    machine = _call_machine(backend, table, names, p, detail, started, joined)
+    joined = started = None  # the machine has them (88 bytes a waiting caller held)
+    reply = None
+    error: BaseException | None = None
+    while True:
+        try:
+            cmd = machine.send(reply) if error is None else machine.throw(error)
+        except StopIteration as exc:
+            return exc.value
+        reply, error = None, None
+        try:
+            if type(cmd) is AwaitFlight:
+                # Latch.wait_async, written out: a waiting caller holds no coroutine of it
+                # (issue 23's memory per flight).
+                latch = cmd.entry.result
+                wake = latch.wait_soon(cmd.timeout)
+                del cmd  # nobody holds it while we wait
+                if wake is not None:
+                    try:
+                        await wake.fut
+                    finally:
+                        latch.stop_wait(wake)
+                reply = latch.is_set()
+            elif type(cmd) is Launch:
+                _launch(backend, names, p, shape, fresh, fn, args, kwargs, cmd.entry)
+            elif type(cmd) is Cancel:
+                _cancel(cmd.entry)
+            else:
+                reply = observe(names, cmd)  # type: ignore[arg-type]
+        except BaseException as exc:  # thrown in: the machine tidies up and raises it
+            error = exc
+
+
+def _call_machine(
+    backend: Backend,
+    table: InFlight,
+    names: Names,
+    p: FlightParams,
+    detail: bool,
+    started: float | None,
+    joined: FirstStep | None,
+) -> Generator[CallCommand, Any, Any]:
+    return run_call(
         backend,
         table,
         names,
@@ -129,41 +181,32 @@ async def call(
         started=started,
         joined=joined,
     )
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
-        try:
-            cmd = machine.send(reply) if error is None else machine.throw(error)
-        except StopIteration as stop:
-            return stop.value
-        reply, error = None, None
-        try:
-            if type(cmd) is AwaitFlight:
-                # Latch.wait_async, written out: a waiting caller holds no coroutine of it
-                # (issue 23's memory per flight).
-                latch = cmd.entry.result
-                wake = latch.wait_soon(cmd.timeout)
-                if wake is not None:
-                    try:
-                        await wake.fut
-                    finally:
-                        latch.stop_wait(wake)
-                reply = latch.is_set()
-            elif type(cmd) is Launch:
-                entry = cmd.entry
-                # The flight has no deadline of its own: each caller waits with its own.
-                driver = _Driver(backend, make_spec(None, None), fn, args, kwargs, entry)
-                driver.shared = run_shared_flight(backend, table, names, entry,
-                                                  observed=events.enabled)  # fmt: skip
-                entry.task = asyncio.get_running_loop().create_task(driver.fly())
-            elif type(cmd) is Cancel:
-                task = cmd.entry.task
-                if task is not None and not task.done():
-                    task.cancel()  # same loop: the table is this loop's
-            else:
-                reply = observe(names, cmd)  # type: ignore[arg-type]
-        except BaseException as exc:  # thrown in: the machine tidies up and raises it
-            error = exc
+
+
+def _launch(
+    backend: Backend,
+    names: Names,
+    p: FlightParams,
+    shape: Shape | None,
+    fresh: bool,
+    fn: Fn,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    entry: Entry,
+) -> None:
+    """Launch: the flight's task. The flight has no deadline of its own: each caller waits
+    with its own. Its spec is made here, not before the machine: a caller who joins another's
+    flight makes none, and one who launched holds no maker while it waits."""
+    spec = spec_maker(backend, names, p, shape, fresh)(None, None)
+    driver = _Driver(backend, spec, fn, args, kwargs, entry)
+    # Named by its job: a name of its own ("Task-N") is a string per flight.
+    entry.task = asyncio.get_running_loop().create_task(driver.fly(), name=names.job_id)
+
+
+def _cancel(entry: Entry) -> None:
+    task = entry.task
+    if task is not None and not task.done():
+        task.cancel()  # same loop: the table is this loop's
 
 
 async def _read(
@@ -250,6 +293,9 @@ _AHEAD: Final = object()
 
 _Step: TypeAlias = tuple[bool, Any, "BaseException | None"]
 
+_LED: Final = Lead(0, "", 0.0)
+"""What fly() holds for the Lead it carries while the function runs (the Lead is done with)."""
+
 
 def _step(machine: Generator[Any, Any, Any], reply: object) -> _Step:
     """One step of a machine taken on the loop (in the hub's callback) ahead of the task that
@@ -269,7 +315,8 @@ class _Driver(DriverBase):
     __slots__ = ("ahead", "ended", "parked", "running", "shared")
     running: Flight | None  # the flight fly() steps
     ahead: _Step | None  # a step of it the hub's callback took
-    shared: Generator[CallCommand, Any, None] | None  # run_shared_flight's machine
+    # run_shared_flight's machine once the flight landed (shared_landed); None before
+    shared: Generator[CallCommand, Any, None] | None
     ended: _Step | None  # its step, once the flight ended (and was counted out) there
     parked: _Handover[object] | None  # the armed Wait of a flight that waits with no task
 
@@ -289,17 +336,31 @@ class _Driver(DriverBase):
         *,
         alone: bool = False,
     ) -> Any:
-        """The task of a key's flight for this loop's callers: steps call.run_shared_flight's
-        machine (``shared``) and, at its Fly, the flight itself, in this one frame (a
-        waiting flight holds one coroutine of ours, not two: issue 23's memory per flight).
+        """The task of a key's flight for this loop's callers: call.run_shared_flight's two
+        halves, its Fly (``shared_fly``: the flight itself, stepped here) and then, once the
+        flight landed, the machine of what that decides (``shared``: ``shared_landed``), in
+        this one frame (a waiting flight holds one coroutine of ours, not two, and no
+        generator of the shared machine while the flight runs: issue 23's memory per flight).
 
         At a Wait, the flight parks: the task ends, and the wait's end (the hub's callback,
         the timeout, or a Cancel) goes on with a new task, ``fly(flight, reply, error)``,
         unless the hub's callback ended the flight there (step_ahead). At a Serve, the rest
         of the flight goes to a task of its own (``refresh``), where ``fly(flight,
         alone=True)`` steps that flight alone and returns its Finished."""
-        machine = None if alone else self.shared
+        machine = self.shared
         handed_off = False
+        if flight is None and machine is None:
+            # run_shared_flight's first step, taken apart: the Fly, or the machine at once.
+            try:
+                if shared_fly(self.backend, self.entry) is not None:
+                    self.backend.begin_flight()
+                    flight = run_flight(self.spec, self.codec, self.clock, self.trace)
+                    self.running = flight
+            except BaseException as exc:
+                error = exc
+            if flight is None:
+                machine = self.shared = self.landed(RUN_HERE, error)
+                error = None
         while True:
             if flight is None:
                 assert machine is not None
@@ -319,11 +380,7 @@ class _Driver(DriverBase):
                     return None
                 reply, error = None, None
                 try:
-                    if type(cmd) is Fly:
-                        self.backend.begin_flight()
-                        flight = run_flight(self.spec, self.codec, self.clock, self.trace)
-                        self.running = flight
-                    elif type(cmd) is RunHere:
+                    if type(cmd) is RunHere:
                         reply = await _run_here(self.backend, self.spec.names, self.entry,
                                                 self.fn, self.args, self.kwargs)  # fmt: skip
                     else:
@@ -365,6 +422,7 @@ class _Driver(DriverBase):
                     try:
                         if type(cmd) is Lead:
                             lead = self.flight_of(cmd, asyncio.get_running_loop())
+                            cmd = _LED  # not held while the function runs (64 bytes a leader)
                             try:
                                 with self.as_leader(lead):
                                     reply = Outcome(value=await self.fn(*self.args, **self.kwargs))
@@ -378,7 +436,7 @@ class _Driver(DriverBase):
                             waker = box.take_soon(cmd.timeout, self.step_ahead)
                             if waker is None:
                                 reply = _AHEAD
-                            elif machine is not None:
+                            elif not alone:
                                 # Parked: a waiting flight holds no task nor coroutine.
                                 self.park(waker)
                                 return None
@@ -401,13 +459,26 @@ class _Driver(DriverBase):
                     self.finish()
             except BaseException as exc:
                 reply, error = None, exc
-            if machine is None:  # a refresh: the flight alone
+            if alone:  # a refresh: the flight alone
                 if error is not None:
                     raise error
                 return reply
             flight, handed_off = None, False
             if self.ended is None:
                 self.backend.end_flight()
+            machine = self.shared  # made already if the hub's callback ended the flight
+            if machine is None:
+                machine = self.shared = self.landed(reply, error)
+                reply, error = None, None
+
+    def landed(
+        self, reply: object, error: BaseException | None
+    ) -> Generator[CallCommand, Any, None]:
+        """The shared flight's machine once its Fly landed with ``reply`` or ``error`` (to be
+        stepped at once: it resolves the entry)."""
+        backend = self.backend
+        return shared_landed(backend, backend.async_flights(), self.spec.names, self.entry,
+                             reply, error, observed=events.enabled)  # fmt: skip
 
     async def refresh(self, flight: Flight) -> None:
         """The rest of a flight whose callers were served, in a task the backend keeps."""
@@ -420,8 +491,9 @@ class _Driver(DriverBase):
         """A Wait of the flight's task: the task ends here; the flight waits with no task
         (issue 23's memory per flight) until the wait ends (unpark) or a Cancel comes."""
         self.parked = waker
-        # In a copy of this task's context: so is the task that unpark() starts.
-        waker.fut.add_done_callback(self.unpark)
+        # In a copy of this task's context: so is the task that unpark() starts. The driver
+        # is the callback itself (__call__): a bound method would be 64 bytes more.
+        waker.fut.add_done_callback(self)
         self.entry.task = self
 
     def unpark(self, fut: asyncio.Future[bool | None]) -> None:
@@ -429,6 +501,8 @@ class _Driver(DriverBase):
         waker = self.parked
         if waker is not None and waker.fut is fut:  # else cancel() took it on already
             self.resume(None)
+
+    __call__ = unpark
 
     def resume(self, error: BaseException | None) -> None:
         """The parked flight goes on, in a new task, with what the Wait replies (or with
@@ -447,7 +521,8 @@ class _Driver(DriverBase):
                 self.ahead = self.ended = None
                 return  # what fly() would do: the flight and the machine ended, tidied up
         flight = self.fly(self.running, reply, error)
-        self.entry.task = asyncio.get_running_loop().create_task(flight)
+        loop = asyncio.get_running_loop()
+        self.entry.task = loop.create_task(flight, name=self.spec.names.job_id)
 
     def done(self) -> bool:
         """Entry.task's done(), while the driver stands in for the flight's task."""
@@ -467,7 +542,7 @@ class _Driver(DriverBase):
         here too, which resolves the entry: the callers then run before the task."""
         assert self.running is not None
         ended, value, raised = self.ahead = _step(self.running, message)
-        if ended and raised is None and self.shared is not None:
+        if ended and raised is None and self.shared is None:  # the shared flight's, not a refresh
             # What fly() does next, in its order: the flight's finish() (its own then finds
             # nothing left), the flight counted out, the shared machine's step.
             try:
@@ -478,7 +553,8 @@ class _Driver(DriverBase):
             try:
                 self.backend.end_flight()
             finally:  # counted out, so the machine's step is the task's to take, whatever
-                self.ended = _step(self.shared, value)
+                self.shared = self.landed(value, None)
+                self.ended = _step(self.shared, None)
 
     async def execute(self, cmd: Command) -> object:
         """The commands but Serve, Lead and Wait (fly() carries those)."""

@@ -154,7 +154,7 @@ def read_error(exc: BaseException) -> BaseException:
     return translate(exc) if isinstance(exc, Exception) else exc
 
 
-class DriverBase:
+class DriverBase(Stamp):
     """One flight's plumbing: scripts to run, the subscription, the lease while leading."""
 
     # One per flight: slots, not a __dict__ (issue 23's memory per flight).
@@ -169,7 +169,6 @@ class DriverBase:
         "lease",
         "mailbox",
         "spec",
-        "stamp",
         "trace",
     )
 
@@ -192,12 +191,18 @@ class DriverBase:
         self.fn, self.args, self.kwargs = fn, args, kwargs
         self.mailbox: Mailbox[object] | None = None
         self.lease: Lease | None = None
-        self.stamp = Stamp()  # when the current Acquire's request was written
+        self.sent = 0.0  # Stamp's: when the current Acquire's request was written
         # A background run's place (max_background_runs) held for this flight: taken for an
         # acquire that may be granted a refresh, given back unless it was, or at the end.
         self.background = False
         # The leader's traceparent, sealed into its record (read in the caller's context).
         self.trace = events.trace_context() if events.enabled else b""
+
+    @property
+    def stamp(self) -> Stamp:
+        """When the current Acquire's request was written: the driver is its own Stamp (one
+        object less a flight: issue 23's memory per flight)."""
+        return self
 
     def script_for(self, cmd: Command) -> ScriptCall | None:
         """The script a command runs, if it is one of the script commands."""
@@ -310,7 +315,7 @@ class DriverBase:
         names, spec = self.spec.names, self.spec
         lease = Lease(
             names.job_id,
-            names.lock,
+            names,  # its lock key made when renewed: a leader holds no string of it
             value,
             spec.lock_ttl_ms / 1000,
             acquired_at=since,  # on run_flight's clock, self.clock

@@ -195,7 +195,11 @@ class Api:
             for name, v in vars(self.commands).items()
             if isinstance(v, self.commands.Script)
         }
-        spec_fields = {f.name for f in dataclasses.fields(self.protocol.FlightSpec)}
+        terms = getattr(self.protocol, "FlightTerms", None)  # a function's, shared by specs
+        if terms is not None:
+            spec_fields = set(terms._fields)
+        else:  # a checkout from before FlightTerms: FlightSpec was a dataclass of them all
+            spec_fields = {f.name for f in dataclasses.fields(self.protocol.FlightSpec)}
         self.result_ttl_field = "keep_ms" if "keep_ms" in spec_fields else "result_ttl_ms"
         # Planted defects (tests of the simulator itself): what to do instead of the real code.
         self.blind_renewer = False  # the renewer learns of a loss only from a failed renewal
