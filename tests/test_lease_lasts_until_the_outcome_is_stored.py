@@ -209,6 +209,50 @@ def test_ten_thousand_leases_renew_in_a_few_round_trips(
 
 
 @pytest.mark.timeout(30)
+def test_after_a_pause_the_backlog_goes_out_most_urgent_first(
+    renewers: Callable[..., Renewer],
+) -> None:
+    """A round trip stalls 1 s (a slow node, a full garbage collection; inside a 2 s lease):
+    4,000 other leases of the group come due meanwhile, the most urgent with 0.23 s left.
+    The backlog must not go out as one pipeline that answers none of its leases until all
+    went through (4,000 at 0.1 ms each: 0.4 s, past that lease's deadline): the most urgent
+    go first, in round trips short enough for their replies to come back in time, and no
+    lease is lost. Timed in the fake round trip (sleeps, GIL released), which renews 10,000
+    leases a second while 6,000 a second come due: a renewer can keep up."""
+    n, ttl, pause, cost = 4000, 2.0, 1.0, 0.0001
+    stalled = threading.Event()
+    sizes: list[int] = []
+
+    def renew(items: list[tuple[str, str, int]]) -> list[int]:
+        sizes.append(len(items))
+        if not stalled.is_set():
+            stalled.set()
+            time.sleep(pause)
+        time.sleep(cost * len(items))
+        return [1] * len(items)
+
+    renewer = renewers(renew)
+    interval = ttl / 3
+    # One lease due now: its round trip is the one that stalls.
+    leases = [Lease("k", "k", "1:me", ttl, acquired_at=time.monotonic() - interval, max_hold=None)]
+    renewer.add(leases[0])
+    assert stalled.wait(10)
+    # The rest due one after another over the next interval: all come due in the pause.
+    now = time.monotonic()
+    leases += [
+        Lease(f"k{i}", f"k{i}", "1:me", ttl, acquired_at=now - interval + interval * i / n,
+              max_hold=None)
+        for i in range(n)
+    ]  # fmt: skip
+    for lease in leases[1:]:
+        renewer.add(lease)
+    until(lambda: renewer.stats()["renewed"] >= 2 * n, 20, "every lease renewed twice")
+    lost = sum(lease.lost.is_set() for lease in leases)
+    assert lost == 0, f"{lost} of {n + 1} leases lost; round trips of {sizes[:12]}..."
+    assert renewer.lost == 0, renewer.stats()
+
+
+@pytest.mark.timeout(30)
 def test_a_stuck_group_does_not_delay_another_group(
     redis_server: RedisServer,
     fresh_redis: RedisServer,

@@ -6,7 +6,9 @@ network I/O and wakes when the book's next look is due, and one worker thread pe
 Cluster node; one group on a single server or Sentinel), so a stuck node stalls only its own
 group. Each worker renews every due lease of its group in one round trip (``renew_many``: a
 pipeline of EVALSHA RENEW, at most ``batch_max`` per pipeline; on Cluster, ``MOVED`` and
-``ASK`` are followed once, so a lease stays renewed while its slot migrates).
+``ASK`` are followed once, so a lease stays renewed while its slot migrates). After a pause
+(a stalled round trip, a full garbage collection) the book cuts the backlog into shorter
+round trips, most urgent first (``LeaseBook.batch_limit``).
 
 Locks: ``Renewer._lock`` guards the book, the groups and their queues, and the scheduling
 fields below; it is never held across network I/O or while logging. It may be held while
@@ -47,13 +49,14 @@ _renewers: weakref.WeakSet[Renewer] = weakref.WeakSet()
 class _Group:
     """One worker thread and its queue (all under the Renewer's _lock)."""
 
-    __slots__ = ("cond", "name", "queue", "thread")
+    __slots__ = ("cond", "cost", "name", "queue", "thread")
 
     def __init__(self, name: str, lock: threading.Lock) -> None:
         self.name = name
         self.cond = threading.Condition(lock)
         self.queue: list[Lease] = []
         self.thread: threading.Thread | None = None
+        self.cost = 0.0  # seconds a lease took in the last answered round trip (0: none yet)
 
 
 _JOIN = 1.0  # close() waits this long, in all, for the renewer's threads to end
@@ -216,8 +219,11 @@ class Renewer:
                     group.cond.wait()
                 if self._closed:
                     return
-                batch = [lease for lease in group.queue[: self._batch_max] if lease.active]
-                del group.queue[: self._batch_max]
+                limit = self._book.batch_limit(
+                    group.queue[0], time.monotonic(), group.cost, self._batch_max
+                )
+                batch = [lease for lease in group.queue[:limit] if lease.active]
+                del group.queue[:limit]
                 if not batch:
                     continue
                 self._lock.release()
@@ -234,6 +240,8 @@ class Renewer:
                     done = time.monotonic()
                 finally:
                     self._lock.acquire()
+                if error is None:  # a failed round trip's length says nothing of the load
+                    group.cost = (done - sent) / len(batch)
                 earliest = self._book.settle(batch, sent, done, replies, error)
                 if earliest < self._wake_at:
                     self._wake_at = earliest

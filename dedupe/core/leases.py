@@ -317,6 +317,7 @@ class HasLock(Protocol):
 
 
 _LOGS_PER_SECOND: Final = 20
+_MIN_BATCH: Final = 256  # a round trip sends at least this many (when queued)
 COUNTERS: Final = (
     "renewals_sent",
     "renewal_batches",
@@ -465,6 +466,21 @@ class LeaseBook:
         self.counts[f"lost_{reason}"] += 1
         lease.lost.set()
         self._warn(now, "lease on %r lost: %s", lease.job_id, why)
+
+    def batch_limit(self, head: Lease, now: float, cost: float, batch_max: int) -> int:
+        """How many leases of a group's queue (in the order due() gave them) to send in one
+        round trip, starting with ``head``: as many as ``cost`` seconds a lease (what the
+        group's last answered round trip took; 0: not known) lets come back within half the
+        time ``head`` has left before it counts as lost; at least _MIN_BATCH, at most
+        ``batch_max``. On schedule that is the whole queue. After a pause the backlog goes out
+        most urgent first, in round trips short enough for their replies to come back in
+        time, not in one pipeline that answers none of them until all went through."""
+        # From the last confirmed send, also for a lease already reported lost: Redis may
+        # still hold it, and that renewal is as urgent.
+        left = head.sent_at + head.ttl - head.margin - now
+        if cost <= 0 or left <= 0:
+            return batch_max  # no measure yet, or too late to win time for the head
+        return min(batch_max, max(int(left / 2 / cost), _MIN_BATCH))
 
     # --- replies ----------------------------------------------------------------------------
 
