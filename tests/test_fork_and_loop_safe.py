@@ -303,11 +303,14 @@ def test_lease_of_a_closed_event_loop_is_abandoned(
 
 @pytest.mark.timeout(60)
 @pytest.mark.compat
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_event_loops_and_threads_at_once_never_share_a_connection(
     redis_url: str, prefix: str
 ) -> None:
     """Two event loops (each its own connections) and sync threads (the process's) run
-    flights on one instance at once; every leader's token is the one its lock holds."""
+    flights on one instance at once; every leader's token is the one its lock holds. A
+    flight's task left when its loop closes ends there: no "coroutine ignored
+    GeneratorExit" (it once awaited on after it)."""
     from dedupe import current_flight
     from dedupe.core.keys import names_for
 

@@ -385,6 +385,8 @@ class _Driver(DriverBase):
                                                 self.fn, self.args, self.kwargs)  # fmt: skip
                     else:
                         reply = observe(self.spec.names, cmd)
+                except GeneratorExit:
+                    raise  # closed (its loop is gone): no await may follow
                 except BaseException as exc:
                     error = exc
                 continue
@@ -426,6 +428,8 @@ class _Driver(DriverBase):
                             try:
                                 with self.as_leader(lead):
                                     reply = Outcome(value=await self.fn(*self.args, **self.kwargs))
+                            except GeneratorExit:
+                                raise  # closed (its loop is gone): no await may follow
                             except BaseException as exc:  # an abort too: the waiters are told
                                 reply = Outcome(error=exc)
                         elif type(cmd) is Wait:
@@ -448,6 +452,8 @@ class _Driver(DriverBase):
                                 reply = _AHEAD if box.took(waker) else None
                         else:
                             reply = await self.execute(cmd)
+                    except GeneratorExit:
+                        raise  # closed (its loop is gone): no await may follow
                     except BaseException as exc:  # an abort too: thrown in, it goes on up
                         error = self.failed(cmd, exc)
                     continue
