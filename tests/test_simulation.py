@@ -203,6 +203,23 @@ def test_a_refused_read_before_any_flight_goes_on_to_the_acquire_script(api: Api
     assert len([line for line in out.lines if "(p0 sync k0) ends: value k0@" in line]) == 2
 
 
+def test_a_forged_current_record_is_dropped_by_a_read_before_any_flight(api: Api) -> None:
+    """A forger who reads the token counter writes an unsigned record of the lease it names,
+    fresh by the scripts' rule: the read finds it current, its seal refuses it, the driver
+    drops it (Discard) and the call goes on to the acquire script, following p0's run."""
+    steps: list[Step] = [
+        ("call", 0, 0, 0, "sync"), ("deliver", 0), ("deliver", 0), ("deliver", 0),
+        ("deliver", 0), ("forge", 4, 0), ("call", 1, 0, 0, "sync", "read"),
+        *[("deliver", 0)] * 8, ("finish", 0, "ok"),
+    ]  # fmt: skip
+    out = run(1, steps, Params(), api, trace=True)
+    text = "\n".join(out.lines)
+    assert out.violation is None, text
+    assert "forged the result key of k0 as a current record of lease" in text, text
+    assert "redis ran DISCARD k0 for p1 -> 1" in text, text
+    assert "caller #3 (p1 sync k0) ends: value k0@1700000000000000#2" in text, text
+
+
 def test_an_asyncio_read_cut_at_wait_timeout_lets_its_joiner_start_over(api: Api) -> None:
     """An asyncio read before any flight is cut at the caller's wait_timeout (aio._bounded:
     WaitTimeout); the caller who joined it (no wait_timeout) starts over, leads, and gets

@@ -246,7 +246,10 @@ def choose(
     if kind == "replay":
         return ("replay", rng.randrange(len(world.published)))
     if kind == "forge":
-        return ("forge", rng.randrange(4), rng.randrange(params.keys))
+        # Variant 4 (a current-looking record) only where calls read first: the schedules
+        # drawn before the read stay as they were.
+        variants = 5 if params.read_first > 0 else 4
+        return ("forge", rng.randrange(variants), rng.randrange(params.keys))
     if kind == "writeback":
         return ("writeback", rng.randrange(len(world.stored)))
     if kind == "clog":

@@ -997,7 +997,22 @@ class World:
         key = f"k{k % len(self.names)}"
         names = self.names[key]
         huge = self.max_token.get(key, 0) + 10**6
-        variant = n % 4
+        variant = n % 5
+        if variant == 4:
+            # A forger who reads the token counter: an unsigned record of the lease it names,
+            # fresh by the scripts' rule (its keep runs 1 s past now), so that a plain read
+            # finds it current and must refuse it (noted, dropped: Discard) by its seal.
+            node = self.slot.owner if key == CLUSTER_KEY else "A"
+            counter = self.redis.get_at(names.token.encode(), node) or b""
+            lease = counter.partition(b":")[0]
+            if not lease.isdigit():
+                return f"no counter on {key} to forge a current record by"
+            age = self.redis.now_ms() - int(lease) // 1000
+            if not 0 <= age <= 2000:
+                return f"{key}'s lease {lease.decode()} is too old to forge a fresh record of"
+            forged = b"%s:%d:3600:DD-forged" % (lease, age + 1000)
+            self.redis.write(names.result.encode(), forged, 3600, node)
+            return f"forged the result key of {key} as a current record of lease {lease.decode()}"
         if variant == 2:
             # A record header the scripts accept (fresh, newest token) on an unsigned body.
             forged = b"%d:1000:3600:DD-forged" % huge
@@ -1006,7 +1021,7 @@ class World:
             node = self.slot.owner if key == CLUSTER_KEY else "A"
             self.redis.write(names.result.encode(), forged, 3600, node)
             return f"forged the result key of {key} (token {huge}, unsigned)"
-        data = (b"hello", b"%d:1000:3600:DD-forged" % huge, b"", b"N:%d" % huge)[variant]
+        data = (b"hello", b"%d:1000:3600:DD-forged" % huge, b"", b"N:%d" % huge)[variant % 4]
         for (_, c), subs in list(self.subs.items()):
             if c == names.channel:
                 for proc in list(subs):
