@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.sim.mutants import MUTANT_PARAMS, MUTANTS, planted
+from tests.sim.mutants import BEFORE_READ_FIRST, MUTANT_PARAMS, MUTANTS, planted
 from tests.sim.redis import ScriptError, SimRedis
 from tests.sim.schedule import Step, explore, run, shrink
 from tests.sim.world import KINDS, Api, Params
@@ -379,11 +379,12 @@ def test_finds_a_leader_that_does_not_know_its_lease_is_gone(api: Api) -> None:
     """Planted defect: the renewer learns of a loss only from a failed renewal (the old one).
     A paused or cut-off leader then runs on while a new lease is granted elsewhere."""
     blind = _blind_renewer(api)
-    out = _first_failure(blind, Params(), "unaware-leader")
+    params = Params(**BEFORE_READ_FIRST)  # drawn as when it was written (see MUTANT_PARAMS)
+    out = _first_failure(blind, params, "unaware-leader")
     others = KINDS - {"unaware-leader"}
-    small = shrink(out, Params(), blind, budget=100, ignored=others)
+    small = shrink(out, params, blind, budget=100, ignored=others)
     assert len(small.steps) <= 8, small.steps
-    replayed = run(small.seed, small.steps, Params(), blind, ignored=others)
+    replayed = run(small.seed, small.steps, params, blind, ignored=others)
     assert replayed.violation is not None and replayed.violation.kind == "unaware-leader"
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["MUTANTS", "MUTANT_PARAMS", "planted"]
+__all__ = ["BEFORE_READ_FIRST", "MUTANTS", "MUTANT_PARAMS", "planted"]
 
 
 def _revived_record(patch: Callable[[Any, str, Any], None]) -> None:
@@ -201,16 +201,16 @@ MUTANTS: dict[str, tuple[Callable[[Callable[[Any, str, Any], None]], None], froz
 # The world a mutant needs (Params fields), where it is not the default one. The defects
 # fixed before the read before any flight (issue 23) are looked for in the schedules drawn
 # as they were then (no read first, refusals or cancels): the same searches, as long.
-_BEFORE_READ_FIRST: dict[str, Any] = {"read_first": 0.0, "refusals": False, "cancels": False}
+BEFORE_READ_FIRST: dict[str, Any] = {"read_first": 0.0, "refusals": False, "cancels": False}
 MUTANT_PARAMS: dict[str, dict[str, Any]] = {
-    "revived-record": _BEFORE_READ_FIRST,
-    "read-ignores-counter": _BEFORE_READ_FIRST,
-    "dated-from-queue": _BEFORE_READ_FIRST,
-    "abandoning-renewer": _BEFORE_READ_FIRST,
-    "renewals-ignore-ask": _BEFORE_READ_FIRST,
-    "no-give-back": _BEFORE_READ_FIRST,
-    "double-refresh": {"cache": True, **_BEFORE_READ_FIRST},
-    "wait-before-complete": {"batches": True, **_BEFORE_READ_FIRST},
+    "revived-record": BEFORE_READ_FIRST,
+    "read-ignores-counter": BEFORE_READ_FIRST,
+    "dated-from-queue": BEFORE_READ_FIRST,
+    "abandoning-renewer": BEFORE_READ_FIRST,
+    "renewals-ignore-ask": BEFORE_READ_FIRST,
+    "no-give-back": BEFORE_READ_FIRST,
+    "double-refresh": {"cache": True, **BEFORE_READ_FIRST},
+    "wait-before-complete": {"batches": True, **BEFORE_READ_FIRST},
 }
 
 

@@ -78,8 +78,8 @@ Invariants (``KINDS``), checked as things happen and after every step:
 Not modelled: on_backend_error="local", local copies, the real hub (its subscription
 machine has a state-machine test of its own), TIME going backwards, the asyncio driver's own
 code (its park, unpark and step_ahead run in tests/test_asyncio_wake.py against a real
-server; here their protocol is modelled), a sync caller interrupted mid-read. The network is harsher
-than TCP: it may reorder messages of one pub/sub connection.
+server; here their protocol is modelled), a sync caller interrupted mid-read. The network is
+harsher than TCP: it may reorder messages of one pub/sub connection.
 """
 
 from __future__ import annotations
@@ -302,7 +302,6 @@ class Caller:
     done: bool = False
     result: str = ""
     batch: Any = None  # the BatchRun of a batch call's item
-    first: bool = False  # it reads its kept value before any flight (ReadFirst)
     run: Any = None  # what steps it now (ReadFirst, CallRun): a cancel goes there
     cancelled: bool = False  # asyncio: its task was cancelled (the "cancel" step)
 
@@ -873,7 +872,7 @@ class World:
             return f"lost {item.label}"
         if mode == "dup":
             self.net.append(Item(next(self.seq), item.kind, item.proc, item.epoch, item.label,
-                                 item.deliver, item.lease))  # fmt: skip
+                                 item.deliver, item.lease, item.req))  # fmt: skip
             self.faults += 1
             self._fault(item.proc, item.lease)
             return f"duplicated {item.label}"
@@ -1040,7 +1039,6 @@ class World:
         self.callers.append(caller)
         wait = wait_ms / 1000 if wait_ms else None
         if first and self.reads_first():
-            caller.first = True
             ReadFirst(self, caller, wait).start()
         else:
             CallRun(self, caller, wait).step(None, None)
