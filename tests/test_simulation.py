@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.sim.mutants import MUTANT_PARAMS, MUTANTS, planted
+from tests.sim.mutants import BEFORE_READ_FIRST, MUTANT_PARAMS, MUTANTS, planted
 from tests.sim.redis import ScriptError, SimRedis
 from tests.sim.schedule import Step, explore, run, shrink
 from tests.sim.world import KINDS, Api, Params
@@ -160,6 +160,121 @@ def test_a_stale_value_is_served_at_once_and_refreshed_in_the_background(api: Ap
     assert text.count("leads k0 with lease") == 2, text  # the first run, and the refresh
 
 
+# --- the read before any flight (issue 23), and asyncio's parked followers -------------------
+
+_STORED: list[Step] = [
+    ("call", 0, 0, 0, "sync"), ("deliver", 0), ("deliver", 0), ("deliver", 0), ("deliver", 0),
+    ("finish", 0, "ok"), ("deliver", 0), ("deliver", 0),  # p0 leads k0 and stores its value
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_read_before_any_flight_serves_its_joiners_the_kept_value(api: Api, mode: str) -> None:
+    """p1's caller reads k0's kept value before any flight (the drivers' first=True); two
+    more callers of p1 come while the read is out and join it (one of them would read first
+    too): the hit ends the process's flight of the key with the value for all three, and no
+    flight starts."""
+    steps: list[Step] = [
+        *_STORED, ("call", 1, 0, 0, mode, "read"), ("call", 1, 0, 0, mode),
+        ("call", 1, 0, 0, mode, "read"), ("deliver", 0), ("deliver", 0),
+    ]  # fmt: skip
+    out = run(1, steps, Params(), api, trace=True)
+    text = "\n".join(out.lines)
+    assert out.violation is None, text
+    assert f"caller #3 (p1 {mode} k0): its read before any flight hit, for 3 caller(s)" in text
+    ends = [line for line in out.lines if f"(p1 {mode} k0) ends: value k0@" in line]
+    assert len(ends) == 3, text
+    assert text.count("leads k0") == 1 and text.count("ACQUIRE k0 for p1") == 0, text
+
+
+def test_a_refused_read_before_any_flight_goes_on_to_the_acquire_script(api: Api) -> None:
+    """The read is refused (an error reply: an ACL without MGET): the call goes on with the
+    entry it created, its flight starting at the acquire script (no second read), and the
+    caller who joined meanwhile gets the value it leads to."""
+    steps: list[Step] = [
+        ("call", 0, 0, 0, "sync", "read"), ("call", 0, 0, 0, "sync"), ("refuse", 0),
+        ("deliver", 0), ("deliver", 0), ("finish", 0, "ok"), ("deliver", 0), ("deliver", 0),
+    ]  # fmt: skip
+    out = run(1, steps, Params(), api, trace=True)
+    text = "\n".join(out.lines)
+    assert out.violation is None, text
+    assert "redis refused READ k0 for p0" in text and "redis ran READ" not in text, text
+    assert "redis ran ACQUIRE k0 for p0" in text, text
+    assert len([line for line in out.lines if "(p0 sync k0) ends: value k0@" in line]) == 2
+
+
+def test_a_forged_current_record_is_dropped_by_a_read_before_any_flight(api: Api) -> None:
+    """A forger who reads the token counter writes an unsigned record of the lease it names,
+    fresh by the scripts' rule: the read finds it current, its seal refuses it, the driver
+    drops it (Discard) and the call goes on to the acquire script, following p0's run."""
+    steps: list[Step] = [
+        ("call", 0, 0, 0, "sync"), ("deliver", 0), ("deliver", 0), ("deliver", 0),
+        ("deliver", 0), ("forge", 4, 0), ("call", 1, 0, 0, "sync", "read"),
+        *[("deliver", 0)] * 8, ("finish", 0, "ok"),
+    ]  # fmt: skip
+    out = run(1, steps, Params(), api, trace=True)
+    text = "\n".join(out.lines)
+    assert out.violation is None, text
+    assert "forged the result key of k0 as a current record of lease" in text, text
+    assert "redis ran DISCARD k0 for p1 -> 1" in text, text
+    assert "caller #3 (p1 sync k0) ends: value k0@1700000000000000#2" in text, text
+
+
+def test_an_asyncio_read_cut_at_wait_timeout_lets_its_joiner_start_over(api: Api) -> None:
+    """An asyncio read before any flight is cut at the caller's wait_timeout (aio._bounded:
+    WaitTimeout); the caller who joined it (no wait_timeout) starts over, leads, and gets
+    its own flight's value."""
+    steps: list[Step] = [
+        ("call", 1, 0, 1000, "async", "read"), ("call", 1, 0, 0, "async"), ("advance", 1100),
+        ("deliver", 0), ("deliver", 0), ("deliver", 0), ("deliver", 0), ("deliver", 0),
+        ("deliver", 0), ("finish", 0, "ok"),
+    ]  # fmt: skip
+    out = run(1, steps, Params(), api, trace=True)
+    text = "\n".join(out.lines)
+    assert out.violation is None, text
+    assert "caller #1 (p1 async k0) ends: WaitTimeout" in text, text
+    assert "caller #2 (p1 async k0) ends: value k0@" in text, text
+
+
+# p0 leads k0 (its job runs); two asyncio callers of p1 follow: their flight task parks at its
+# Wait for k0's message.
+_PARKED: list[Step] = [
+    ("call", 0, 0, 0, "sync"), ("deliver", 0), ("deliver", 0), ("deliver", 0), ("deliver", 0),
+    ("call", 1, 0, 0, "async"), ("call", 1, 0, 0, "async"), *[("deliver", 0)] * 8,
+]  # fmt: skip
+
+
+def test_a_cancelled_parked_caller_stops_alone(api: Api) -> None:
+    """Cancelling one of two callers of a parked asyncio flight stops that caller alone: the
+    flight waits on (parked) and the other gets the leader's value. Cancelling the last one
+    cancels the parked flight (it only follows, and nobody awaits it)."""
+    out = run(1, [*_PARKED, ("cancel", 0), ("finish", 0, "ok")], Params(), api, trace=True)
+    text = "\n".join(out.lines)
+    assert out.violation is None, text
+    assert "p1's flight on k0 parks at its Wait (no task)" in text, text
+    assert "caller #3 (p1 async k0) ends: cancelled" in text, text
+    assert "cancels its parked flight" not in text, text
+    assert "caller #4 (p1 async k0) ends: value k0@" in text, text
+    out = run(1, [*_PARKED, ("cancel", 0), ("cancel", 0)], Params(), api, trace=True)
+    text = "\n".join(out.lines)
+    assert out.violation is None, text
+    assert "p1 cancels its parked flight on k0" in text, text
+    assert text.count("(p1 async k0) ends: cancelled") == 2, text
+
+
+def test_a_parked_follower_takes_over_when_the_lease_ends(api: Api) -> None:
+    """The leader dies while p1's flight is parked: no message comes, the Wait ends at the
+    lease's end (its timer), and p1's flight takes over, leads and serves both its callers."""
+    steps: list[Step] = [*_PARKED, ("kill", 0), ("next",), ("next",), ("deliver", 0),
+                         ("deliver", 0), ("finish", 0, "ok")]  # fmt: skip
+    out = run(1, steps, Params(), api, trace=True)
+    text = "\n".join(out.lines)
+    assert out.violation is None, text
+    assert "p1's flight on k0 parks at its Wait (no task)" in text, text
+    assert "p1 leads k0 with lease" in text, text
+    assert len([line for line in out.lines if "(p1 async k0) ends: value k0@" in line]) == 2
+
+
 # --- the simulated Redis ----------------------------------------------------------------------
 
 
@@ -264,11 +379,12 @@ def test_finds_a_leader_that_does_not_know_its_lease_is_gone(api: Api) -> None:
     """Planted defect: the renewer learns of a loss only from a failed renewal (the old one).
     A paused or cut-off leader then runs on while a new lease is granted elsewhere."""
     blind = _blind_renewer(api)
-    out = _first_failure(blind, Params(), "unaware-leader")
+    params = Params(**BEFORE_READ_FIRST)  # drawn as when it was written (see MUTANT_PARAMS)
+    out = _first_failure(blind, params, "unaware-leader")
     others = KINDS - {"unaware-leader"}
-    small = shrink(out, Params(), blind, budget=100, ignored=others)
+    small = shrink(out, params, blind, budget=100, ignored=others)
     assert len(small.steps) <= 8, small.steps
-    replayed = run(small.seed, small.steps, Params(), blind, ignored=others)
+    replayed = run(small.seed, small.steps, params, blind, ignored=others)
     assert replayed.violation is not None and replayed.violation.kind == "unaware-leader"
 
 

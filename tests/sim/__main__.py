@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.mutant is not None:
         with planted(args.mutant) as kinds:
-            args.cache = args.cache or MUTANT_PARAMS.get(args.mutant, {}).get("cache", False)
-            args.batches = args.batches or MUTANT_PARAMS.get(args.mutant, {}).get("batches", False)
+            args.world = MUTANT_PARAMS.get(args.mutant, {})
             args.mutant = None
             args.ignore = ",".join(sorted(KINDS - kinds))
             return main_with(args)
@@ -70,7 +69,12 @@ def main_with(args: argparse.Namespace) -> int:
     from .world import Api, Params
 
     api = Api()
-    params = Params(cache=args.cache, batches=args.batches)
+    world = getattr(args, "world", {})  # a mutant's world (--mutant)
+    params = Params(cache=args.cache or world.get("cache", False),
+                    batches=args.batches or world.get("batches", False))  # fmt: skip
+    for name, value in world.items():
+        if name not in ("cache", "batches"):
+            setattr(params, name, value)
     if args.max_drift is not None:
         params.max_drift = args.max_drift
     ignored = frozenset(k for k in args.ignore.split(",") if k)

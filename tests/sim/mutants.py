@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["MUTANTS", "MUTANT_PARAMS", "planted"]
+__all__ = ["BEFORE_READ_FIRST", "MUTANTS", "MUTANT_PARAMS", "planted"]
 
 
 def _revived_record(patch: Callable[[Any, str, Any], None]) -> None:
@@ -127,6 +127,54 @@ def _read_ignores_counter(patch: Callable[[Any, str, Any], None]) -> None:
     patch(protocol, "record_state", lax)
 
 
+def _read_first_serves_stale(patch: Callable[[Any, str, Any], None]) -> None:
+    """Issue 23's read before any flight (call.served_read) takes the server's clock as
+    1.5 s earlier than the read found it: a value up to 1.5 s past its keep is served as
+    fresh (the flight's own Read keeps the rule)."""
+    import dedupe.core.call as call
+
+    real = call.read_kept
+
+    def lax(codec: Any, looked: Any, channel: str, shape: Any, result_ttl_ms: int) -> Any:
+        return real(codec, looked._replace(now_ms=looked.now_ms - 1500), channel, shape,
+                    result_ttl_ms)  # fmt: skip
+
+    patch(call, "read_kept", lax)
+
+
+def _read_hit_strands_joiners(patch: Callable[[Any, str, Any], None]) -> None:
+    """Issue 23's read before any flight returns its hit without ending the process's
+    flight of the key it created: the callers who joined while it read wait on, and so does
+    every later caller of the key in that process."""
+    import dedupe.drivers.base as base
+
+    real = base.served_read
+
+    def served(env: Any, table: Any, reads: Any, names: Any, entry: Any, *rest: Any) -> Any:
+        finish = table.finish
+        table.finish = lambda key, e, result: None if e is entry else finish(key, e, result)
+        try:
+            return real(env, table, reads, names, entry, *rest)
+        finally:
+            del table.finish
+
+    patch(base, "served_read", served)
+
+
+def _cancel_with_waiters(patch: Callable[[Any, str, Any], None]) -> None:
+    """An asyncio caller that stops waiting (cancelled, or at its wait_timeout) cancels its
+    process's following flight although other callers still await it (it does not ask how
+    many are left): they all start over."""
+    import dedupe.core.call as call
+
+    def leave(table: Any, entry: Any) -> Any:
+        table.leave(entry)
+        if not entry.leading:
+            yield call.Cancel(entry)
+
+    patch(call, "_leave", leave)
+
+
 MUTANTS: dict[str, tuple[Callable[[Callable[[Any, str, Any], None]], None], frozenset[str]]] = {
     # name: (plant it, the invariant kinds that may find it)
     "revived-record": (_revived_record, frozenset({"stale-outcome", "older-outcome"})),
@@ -145,12 +193,24 @@ MUTANTS: dict[str, tuple[Callable[[Callable[[Any, str, Any], None]], None], froz
         frozenset({"double-refresh", "lock-overwrite", "unaware-leader"}),
     ),
     "wait-before-complete": (_wait_before_complete, frozenset({"batch-deadlock"})),
+    "read-first-serves-stale": (_read_first_serves_stale, frozenset({"stale-hit"})),
+    "read-hit-strands-joiners": (_read_hit_strands_joiners, frozenset({"stuck-call"})),
+    "cancel-with-waiters": (_cancel_with_waiters, frozenset({"cancel-spread"})),
 }
 
-# The world a mutant needs (Params fields), where it is not the default one.
+# The world a mutant needs (Params fields), where it is not the default one. The defects
+# fixed before the read before any flight (issue 23) are looked for in the schedules drawn
+# as they were then (no read first, refusals or cancels): the same searches, as long.
+BEFORE_READ_FIRST: dict[str, Any] = {"read_first": 0.0, "refusals": False, "cancels": False}
 MUTANT_PARAMS: dict[str, dict[str, Any]] = {
-    "double-refresh": {"cache": True},
-    "wait-before-complete": {"batches": True},
+    "revived-record": BEFORE_READ_FIRST,
+    "read-ignores-counter": BEFORE_READ_FIRST,
+    "dated-from-queue": BEFORE_READ_FIRST,
+    "abandoning-renewer": BEFORE_READ_FIRST,
+    "renewals-ignore-ask": BEFORE_READ_FIRST,
+    "no-give-back": BEFORE_READ_FIRST,
+    "double-refresh": {"cache": True, **BEFORE_READ_FIRST},
+    "wait-before-complete": {"batches": True, **BEFORE_READ_FIRST},
 }
 
 

@@ -6,13 +6,18 @@ by then. So any sub-list of a schedule still replays, and shrinking is plain del
 debugging over the list (then making each step's numbers smaller), keeping the failure's
 kind. Steps:
 
-    ("call", p, k, wait_ms, mode)  process p calls key k (wait_ms 0: no wait_timeout) through
-                             the call machine in mode "sync" or "async" (default "sync")
+    ("call", p, k, wait_ms, mode[, "read"])  process p calls key k (wait_ms 0: no
+                             wait_timeout) through the call machine in mode "sync" or "async"
+                             (default "sync"); "read": it reads its kept value before any
+                             flight, as the drivers' call(first=True) (Params.reads)
+    ("cancel", n)            the n-th asyncio caller still running is cancelled
     ("batch", p, ks, wait_ms, mode)  process p calls keys ks (a tuple of distinct key numbers)
                              in one batch through the batch machine, mode "sync" (default) or
                              "async" (Params.batches)
     ("deliver", n)           the n-th deliverable item in transit arrives (0: the oldest)
     ("drop", n)              ... is lost        ("dup", n)  ... arrives twice (later)
+    ("refuse", n)            the n-th request in transit is refused: an error reply, not run
+                             (a READ: an ACL without MGET; any other: LOADING)
     ("next",)                time moves to the next timer (a timeout, a renewal, a resume)
     ("advance", ms)          time moves on by ms
     ("finish", n, how)       the n-th running job returns ("ok"), raises ("raise") or is
@@ -54,12 +59,13 @@ def describe(step: Step) -> str:
     if kind == "call":
         wait = f" wait_timeout={step[3]}ms" if step[3] else ""
         mode = step[4] if len(step) > 4 else "sync"
-        return f"p{step[1]} calls k{step[2]} ({mode}){wait}"
+        first = ", reads first" if len(step) > 5 and step[5] == "read" else ""
+        return f"p{step[1]} calls k{step[2]} ({mode}{first}){wait}"
     if kind == "batch":
         wait = f" wait_timeout={step[3]}ms" if step[3] else ""
         mode = step[4] if len(step) > 4 else "sync"
         return f"p{step[1]} calls {','.join(f'k{k}' for k in step[2])} in a batch ({mode}){wait}"
-    if kind in ("deliver", "drop", "dup", "replay"):
+    if kind in ("deliver", "drop", "dup", "replay", "refuse", "cancel"):
         return f"{kind} #{step[1]}"
     if kind == "forge":
         return f"forge #{step[1]} on k{step[2]}"
@@ -95,9 +101,10 @@ def apply(world: World, step: Step) -> str:
         proc = world.procs[step[1] % len(world.procs)]
         key, wait = f"k{step[2] % len(world.names)}", step[3]
         mode = step[4] if len(step) > 4 else "sync"
+        first = len(step) > 5 and step[5] == "read"
 
         def start() -> None:
-            caller = world.call(proc, key, wait, mode)
+            caller = world.call(proc, key, wait, mode, first)
             world.log(f"caller #{caller.id} ({mode}) starts on {proc.name()}")
 
         # A paused process makes no calls: this one starts when it resumes.
@@ -115,7 +122,7 @@ def apply(world: World, step: Step) -> str:
         world.run_on(proc, proc.epoch, start_batch, net=False)
         world.settle()
         return ""
-    if kind in ("deliver", "drop", "dup"):
+    if kind in ("deliver", "drop", "dup", "refuse"):
         return world.deliver(step[1], mode=kind)
     if kind == "next":
         due = world.next_timer_us()
@@ -126,6 +133,8 @@ def apply(world: World, step: Step) -> str:
         return ""
     if kind == "finish":
         return world.finish_job(step[1], step[2])
+    if kind == "cancel":
+        return world.cancel(step[1])
     if kind == "pause":
         world.pause(world.procs[step[1] % len(world.procs)], step[2] * 1000)
         return ""
@@ -188,8 +197,14 @@ def choose(
             options.append((6, "batch"))
     if items:
         options += [(45, "deliver"), (3, "drop"), (3, "dup")]
+        if params.refusals:
+            options.append((1.5, "refuse"))
     if world.jobs:
         options.append((6, "finish"))
+    if params.cancels and any(
+        not c.done and c.mode == "async" and c.run is not None for c in world.callers
+    ):
+        options.append((1.5, "cancel"))
     if world.published:
         options.append((1.5, "replay"))
     options.append((0.7, "forge"))
@@ -205,16 +220,20 @@ def choose(
     p = rng.randrange(params.procs)
     if kind == "call":
         wait = rng.choice((0, 0, 0, 1000, 3000, 6000))
-        return ("call", p, rng.randrange(params.keys), wait, rng.choice(("sync", "async")))
+        call = ("call", p, rng.randrange(params.keys), wait, rng.choice(("sync", "async")))
+        first = params.reads and params.read_first > 0 and rng.random() < params.read_first
+        return (*call, "read") if first else call
     if kind == "batch":
         size = min(params.keys, rng.choice((2, 3)))
         keys = tuple(rng.sample(range(params.keys), size))
         wait = rng.choice((0, 0, 0, 1000, 3000, 6000))
         return ("batch", p, keys, wait, rng.choice(("sync", "async")))
-    if kind in ("deliver", "drop", "dup"):
+    if kind in ("deliver", "drop", "dup", "refuse"):
         return (kind, 0 if rng.random() < 0.6 else rng.randrange(max(1, items)))
     if kind == "advance":
         return ("advance", rng.choice((50, 200, 500, 1000, 2000, 3500)))
+    if kind == "cancel":
+        return ("cancel", rng.randrange(8))
     if kind == "finish":
         how = rng.choices(("ok", "raise", "abort"), (8, 2, 1))[0]
         return ("finish", rng.randrange(len(world.jobs)), how)
@@ -227,7 +246,10 @@ def choose(
     if kind == "replay":
         return ("replay", rng.randrange(len(world.published)))
     if kind == "forge":
-        return ("forge", rng.randrange(4), rng.randrange(params.keys))
+        # Variant 4 (a current-looking record) only where calls read first: the schedules
+        # drawn before the read stay as they were.
+        variants = 5 if params.read_first > 0 else 4
+        return ("forge", rng.randrange(variants), rng.randrange(params.keys))
     if kind == "writeback":
         return ("writeback", rng.randrange(len(world.stored)))
     if kind == "clog":
@@ -418,7 +440,7 @@ def shrink(
 
 def _simpler(step: Step) -> list[Step]:
     kind = step[0]
-    if kind in ("deliver", "drop", "dup", "replay", "finish") and step[1]:
+    if kind in ("deliver", "drop", "dup", "refuse", "cancel", "replay", "finish") and step[1]:
         return [(kind, 0, *step[2:])]
     if kind == "batch" and step[3]:
         return [("batch", step[1], step[2], 0, *step[4:])]
@@ -426,6 +448,8 @@ def _simpler(step: Step) -> list[Step]:
         return [("batch", step[1], step[2][:2], *step[3:])]
     if kind == "batch" and len(step) > 4 and step[4] != "sync":
         return [step[:4]]
+    if kind == "call" and len(step) > 5:
+        return [step[:5]]  # no read before the flight
     if kind == "call" and step[3]:
         return [("call", step[1], step[2], 0, *step[4:])]
     if kind == "call" and len(step) > 4 and step[4] != "sync":

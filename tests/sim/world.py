@@ -2,7 +2,9 @@
 
 What runs is the package's own code: every caller steps the real call machine
 (``call.run_call``, in its sync or its asyncio mode, and ``run_shared_flight`` for asyncio's
-flight task), every flight the real ``protocol.run_flight``, every lease sits in the real
+flight task), a caller that reads before any flight the real ``call.read_first``,
+``drivers.base.read_found`` and ``call.read_failed`` (``ReadFirst``, as the drivers' call
+with ``first``), every flight the real ``protocol.run_flight``, every lease sits in the real
 ``leases.LeaseBook`` of its process's renewer, scripts are built and replies parsed by the
 real driver code (``DriverBase.script_for``, ``reply_of``, ``failed``), and the real Lua
 scripts run in a simulated Redis (``redis.py``). The simulator carries their commands, as
@@ -26,7 +28,14 @@ The world holds, beside the processes:
   scripts are re-sent as redis-py's cluster client and dedupe's migration pauses do, and
   renewals follow redirections as ``renewal._redirect`` decides;
 - a key writer that writes genuine records captured earlier back into result keys, and one
-  that forges records and messages; a publisher that replays genuine messages.
+  that forges records and messages; a publisher that replays genuine messages;
+- requests refused with an error reply instead of run (a READ as an ACL without MGET refuses
+  it: ReadRefused; any other command as a loading server does: BackendUnavailable), and
+  asyncio callers cancelled where they await (their flight's entry, or their read);
+- asyncio's parked followers: while a flight task's flight waits for its channel's message it
+  holds no task (aio's ``_Driver.park``), ``Entry.task`` is what stands in for it
+  (``ParkedFlight``: done, cancel), the message steps the flight in the hub's callback before
+  its callers run (``step_ahead``), and a Cancel reaches whichever is the entry's task now.
 
 Invariants (``KINDS``), checked as things happen and after every step:
 - no caller returns an outcome of a lease older than the one its flight waited on or it
@@ -58,11 +67,19 @@ Invariants (``KINDS``), checked as things happen and after every step:
   are requests of their own, the items a batch leads run by one job): every check above
   holds for each item as a caller of its own, and no batch waits for a message of a key
   whose lock is held by an item another batch leads, while that one waits (through others)
-  on it (batch-deadlock).
+  on it (batch-deadlock);
+- a plain read's hit (a flight's Read, or a caller's read before any flight) serves a value
+  a lease stored, fresh by the server's clock when the read ran (its grant plus its keep),
+  and current then: no newer lease granted on the key (stale-hit); the callers who joined a
+  read get its value, or start over (stuck-call otherwise);
+- an asyncio caller that stops waiting (cancelled, or at its wait_timeout) never cancels its
+  process's flight while another caller still awaits it (cancel-spread): it stops alone.
 
 Not modelled: on_backend_error="local", local copies, the real hub (its subscription
-machine has a state-machine test of its own), TIME going backwards. The network is harsher
-than TCP: it may reorder messages of one pub/sub connection.
+machine has a state-machine test of its own), TIME going backwards, the asyncio driver's own
+code (its park, unpark and step_ahead run in tests/test_asyncio_wake.py against a real
+server; here their protocol is modelled), a sync caller interrupted mid-read. The network is
+harsher than TCP: it may reorder messages of one pub/sub connection.
 """
 
 from __future__ import annotations
@@ -79,7 +96,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import AskError, MovedError, ResponseError, TryAgainError
+from redis.exceptions import (
+    AskError,
+    BusyLoadingError,
+    MovedError,
+    ResponseError,
+    TryAgainError,
+)
 
 from .redis import ScriptError, SimRedis
 
@@ -105,6 +128,8 @@ KINDS = frozenset(
         "stale-regress",  # a stale value older than one stored before the caller started
         "double-refresh",  # a refresh granted while another of the key still runs, unaware
         "batch-deadlock",  # batches that wait on each other's led items (a cycle)
+        "stale-hit",  # a read served a value that was not fresh and current when it ran
+        "cancel-spread",  # a caller's cancel cancelled a flight other callers still await
         "unexpected-error",  # a caller raised what no documented fault explains
         "wrong-key",
         "script-error",
@@ -160,6 +185,14 @@ class Params:
     # acquire script, while their reads hit (protocol.Reads). False: the script alone (the
     # schedules recorded before the read replay as they were written).
     reads: bool = True
+    # The share of random single-key calls that read before any flight (the drivers' call
+    # with first=True: no Served, no events wanted), with Params.reads.
+    read_first: float = 0.5
+    # Faults of the read's era: requests refused with an error reply ("refuse" steps) and
+    # asyncio callers cancelled ("cancel" steps). Off (with read_first 0), schedules are
+    # drawn as before them, step for step (the older mutants' searches).
+    refusals: bool = True
+    cancels: bool = True
 
     def __post_init__(self) -> None:
         if self.batches and self.keys == 2:
@@ -237,6 +270,7 @@ class Item:
     label: str
     deliver: Callable[[], None]
     lease: Any = None  # a renewal's: dropping it is a fault of that lease
+    req: Request | None = None  # a request's: what a refusal answers
 
 
 @dataclass(eq=False)
@@ -272,6 +306,8 @@ class Caller:
     done: bool = False
     result: str = ""
     batch: Any = None  # the BatchRun of a batch call's item
+    run: Any = None  # what steps it now (ReadFirst, CallRun): a cancel goes there
+    cancelled: bool = False  # asyncio: its task was cancelled (the "cancel" step)
 
 
 @dataclass(eq=False)
@@ -353,6 +389,7 @@ class Env:
     local fallback (on_backend_error="raise")."""
 
     local_copies = None
+    codec: Any = None  # the backend's codec (drivers.base.read_found reads it)
 
     def skip_redis(self) -> bool:
         return False
@@ -379,6 +416,7 @@ class Proc:
         self.flights = 0
         self.paused_total = 0.0  # seconds of its clock spent paused
         self.env = Env()
+        self.env.codec = world.codec
         self.reset()
 
     def reset(self) -> None:
@@ -435,6 +473,9 @@ class World:
         self.stored: list[tuple[bytes, bytes, int]] = []  # genuine records written: key, value, px
         self.max_token: dict[str, int] = {}  # newest lease granted per key, across restarts
         self.reads: dict[tuple[str, str], Any] = {}  # (process, key) -> its protocol.Reads
+        # Each READ's reply (by id, kept alive here) -> the newest lease granted on its key
+        # when it ran: what a hit it makes must not be older than (check_hit).
+        self.read_facts: dict[int, tuple[Any, int]] = {}
         # Value records the scripts stored, per key (tokens): what a stale value may be.
         self.values: dict[str, set[int]] = {}
         self.grants: dict[tuple[str, int], int] = {}  # (key, token) -> Redis restarts by then
@@ -558,7 +599,7 @@ class World:
 
             req.timer = self.at(proc, proc.clock() + req.timeout, expire, "timeout")
         self._send(Item(next(self.seq), "req", proc, proc.epoch, req.label,
-                        lambda: self._execute(req), req.lease))  # fmt: skip
+                        lambda: self._execute(req), req.lease, req))  # fmt: skip
 
     def send_queued(self, proc: Proc, n: int | None) -> str:
         """Write the n-th queued command of proc (None: all of them)."""
@@ -585,13 +626,18 @@ class World:
             self.log(f"arrives: {item.label}")
             item.deliver()
 
-    def _execute(self, req: Request) -> None:
-        """A request reaches Redis: run it (even for a process that died since), reply."""
-        try:
-            raw, error = req.run(), None
-        except (ScriptError, ResponseError) as exc:
-            raw, error = None, exc
-        self.log(f"redis ran {req.label} for {req.proc.name()} -> {_show(raw, error)}")
+    def _execute(self, req: Request, refused: BaseException | None = None) -> None:
+        """A request reaches Redis: run it (even for a process that died since), reply; or,
+        ``refused``, do not run it and reply that error."""
+        if refused is not None:
+            raw, error = None, refused
+            self.log(f"redis refused {req.label} for {req.proc.name()} -> {_show(raw, error)}")
+        else:
+            try:
+                raw, error = req.run(), None
+            except (ScriptError, ResponseError) as exc:
+                raw, error = None, exc
+            self.log(f"redis ran {req.label} for {req.proc.name()} -> {_show(raw, error)}")
 
         def reply() -> None:
             def got() -> None:
@@ -733,6 +779,8 @@ class World:
                         self._granted(key, granted, proc, refresh=refresh)
                 if name == "COMPLETE" or name == "COMPLETE_SHARDED":
                     self._completed(key, args)
+                if name == "READ":
+                    self.read_facts[id(raw)] = (raw, self.max_token.get(key, 0))
                 return raw
 
             return self.at_node(node, keys, asking, run)
@@ -809,9 +857,18 @@ class World:
         items = self.deliverable()
         if mode == "dup":
             items = [i for i in items if i.kind != "reply"]  # a reply answers one request
+        if mode == "refuse":  # a request (not a renewal's) answered by an error, not run
+            items = [i for i in items if i.req is not None and i.lease is None]
         if not items:
             return "nothing in transit"
         item = items[n % len(items)]
+        if mode == "refuse":
+            assert item.req is not None
+            self.net.remove(item)
+            self.faults += 1  # (no fault of the process's links or renewals: a reply came)
+            self._execute(item.req, _refusal(item.req.label))
+            self.settle()
+            return ""
         if mode == "drop":
             self.net.remove(item)
             self.faults += 1
@@ -819,7 +876,7 @@ class World:
             return f"lost {item.label}"
         if mode == "dup":
             self.net.append(Item(next(self.seq), item.kind, item.proc, item.epoch, item.label,
-                                 item.deliver, item.lease))  # fmt: skip
+                                 item.deliver, item.lease, item.req))  # fmt: skip
             self.faults += 1
             self._fault(item.proc, item.lease)
             return f"duplicated {item.label}"
@@ -943,7 +1000,22 @@ class World:
         key = f"k{k % len(self.names)}"
         names = self.names[key]
         huge = self.max_token.get(key, 0) + 10**6
-        variant = n % 4
+        variant = n % 5
+        if variant == 4:
+            # A forger who reads the token counter: an unsigned record of the lease it names,
+            # fresh by the scripts' rule (its keep runs 1 s past now), so that a plain read
+            # finds it current and must refuse it (noted, dropped: Discard) by its seal.
+            node = self.slot.owner if key == CLUSTER_KEY else "A"
+            counter = self.redis.get_at(names.token.encode(), node) or b""
+            lease = counter.partition(b":")[0]
+            if not lease.isdigit():
+                return f"no counter on {key} to forge a current record by"
+            age = self.redis.now_ms() - int(lease) // 1000
+            if not 0 <= age <= 2000:
+                return f"{key}'s lease {lease.decode()} is too old to forge a fresh record of"
+            forged = b"%s:%d:3600:DD-forged" % (lease, age + 1000)
+            self.redis.write(names.result.encode(), forged, 3600, node)
+            return f"forged the result key of {key} as a current record of lease {lease.decode()}"
         if variant == 2:
             # A record header the scripts accept (fresh, newest token) on an unsigned body.
             forged = b"%d:1000:3600:DD-forged" % huge
@@ -952,7 +1024,7 @@ class World:
             node = self.slot.owner if key == CLUSTER_KEY else "A"
             self.redis.write(names.result.encode(), forged, 3600, node)
             return f"forged the result key of {key} (token {huge}, unsigned)"
-        data = (b"hello", b"%d:1000:3600:DD-forged" % huge, b"", b"N:%d" % huge)[variant]
+        data = (b"hello", b"%d:1000:3600:DD-forged" % huge, b"", b"N:%d" % huge)[variant % 4]
         for (_, c), subs in list(self.subs.items()):
             if c == names.channel:
                 for proc in list(subs):
@@ -961,14 +1033,39 @@ class World:
 
     # --- callers and jobs -----------------------------------------------------------------
 
-    def call(self, proc: Proc, key: str, wait_ms: int, mode: str) -> Caller:
+    def call(self, proc: Proc, key: str, wait_ms: int, mode: str, first: bool = False) -> Caller:
+        """A single-key call; ``first``: it reads its kept value before any flight, as the
+        drivers' call(first=True) does (ReadFirst), where the package has that read."""
         deadline = proc.clock() + wait_ms / 1000 if wait_ms else None
         caller = Caller(next(self.ids), proc, proc.epoch, key, mode, self.now_us, deadline,
                         self.max_token.get(key, 0), proc.paused_total)  # fmt: skip
         caller.ref_value = max(self.values.get(key, ()), default=0)
         self.callers.append(caller)
-        CallRun(self, caller, wait_ms / 1000 if wait_ms else None).step(None, None)
+        wait = wait_ms / 1000 if wait_ms else None
+        if first and self.reads_first():
+            ReadFirst(self, caller, wait).start()
+        else:
+            CallRun(self, caller, wait).step(None, None)
         return caller
+
+    def reads_first(self) -> bool:
+        """Whether callers may read before any flight (a checkout from before has no
+        read_first; Params.reads False: schedules recorded before the read)."""
+        return self.p.reads and self.p.result_ttl_ms > 0 and hasattr(self.api.call, "read_first")
+
+    def cancel(self, n: int) -> str:
+        """The n-th asyncio caller still running has its task cancelled (CancelledError
+        where it awaits: its flight's entry, or its read before any flight)."""
+        live = [c for c in self.callers if not c.done and c.mode == "async" and c.run is not None
+                and c.proc.epoch == c.epoch]  # fmt: skip
+        if not live:
+            return "no asyncio caller to cancel"
+        caller = live[n % len(live)]
+        self.faults += 1
+        # (A paused process's task is cancelled when it resumes: what it awaits then.)
+        self.run_on(caller.proc, caller.epoch, lambda: caller.run.cancel(), net=False)
+        self.settle()
+        return f"cancels caller #{caller.id} ({caller.proc.name()} {caller.key})"
 
     def batch(self, proc: Proc, keys: list[str], wait_ms: int, mode: str = "sync") -> BatchRun:
         """A batch call over ``keys`` (distinct): one Caller per item, stepped together by
@@ -1025,6 +1122,10 @@ class World:
             stale, value = bool(value.stale), value.value
         if how == "value" or (isinstance(value, ValueError) and _VALUE.match(str(value))):
             text = str(value)
+        elif isinstance(value, asyncio.CancelledError) and caller.cancelled:
+            caller.result = "cancelled"
+            self.log(f"{who} ends: cancelled")
+            return
         elif isinstance(value, (KeyboardInterrupt, asyncio.CancelledError)):
             caller.result = "abort"
             self.log(f"{who} ends: its own job was interrupted")
@@ -1078,6 +1179,33 @@ class World:
                 f"{who} started after the value of lease {caller.ref_value} was stored, yet "
                 f"was served {text} stale",
             )
+
+    def check_hit(self, key: str, raw: Any, value: Any, who: str) -> None:
+        """A plain read's hit (a flight's Read, or a caller's read before any flight) served
+        ``value`` from the record the READ's reply ``raw`` holds: it must be a value a lease
+        stored, fresh by the server's clock when the read ran (its grant, the token, plus its
+        keep) and current then (no newer lease granted on the key by then)."""
+        if type(value).__name__ == "Served":
+            value = value.value
+        record = raw[0][0]
+        now_ms = int(raw[1][0]) * 1000 + int(raw[1][1]) // 1000
+        parts = bytes(record or b"").split(b":", 3)
+        m = _VALUE.match(str(value))
+        if len(parts) < 4 or not parts[0].isdigit() or not parts[1].isdigit() or m is None:
+            self.fail("stale-hit", f"{who} was served {value!r} by a read of {record!r}")
+            return
+        token, keep = int(parts[0]), int(parts[1])
+        newest = self.read_facts.get(id(raw), (raw, 0))[1]
+        late = now_ms - (token // 1000 + keep)  # past its keep, by the server's clock
+        if int(m.group(2)) != token or token not in self.values.get(key, ()):
+            why = f"a record of lease {token} that no lease stored"
+        elif late >= 0:
+            why = f"{late} ms past its keep ({keep} ms from its grant, by the server's clock)"
+        elif newest > token:
+            why = f"lease {token}'s record after lease {newest} was granted"
+        else:
+            return
+        self.fail("stale-hit", f"{who} was served {value} by a read of {why}")
 
     # --- invariants -----------------------------------------------------------------------
 
@@ -1294,7 +1422,16 @@ class World:
 class CallRun:
     """One caller: the real call machine (``run_call``) in its sync or asyncio mode."""
 
-    def __init__(self, world: World, caller: Caller, wait_timeout: float | None) -> None:
+    def __init__(
+        self,
+        world: World,
+        caller: Caller,
+        wait_timeout: float | None,
+        *,
+        joined: Any = None,
+        started: float | None = None,
+        reads: bool = True,
+    ) -> None:
         self.w, self.caller = world, caller
         proc = caller.proc
         self.proc, self.epoch = proc, caller.epoch
@@ -1302,6 +1439,10 @@ class CallRun:
         table = proc.async_table if self.tasked else proc.sync_table
         self.table = table
         self.names = world.names[caller.key]
+        # After a read before any flight (ReadFirst): the entry it joined or created, and
+        # when it began; its flights then start at the acquire script if it created it.
+        more = {} if joined is None else {"joined": joined, "started": started}
+        self.reads = reads
         self.machine = world.api.call.run_call(
             proc.env,
             table,
@@ -1309,9 +1450,14 @@ class CallRun:
             wait_timeout,
             proc.clock,
             tasked=self.tasked,
-            detail=world.p.cache,  # Served: whether a value was served stale
+            # Served: whether a value was served stale. (A caller that reads first needs no
+            # Served in the drivers; the machine decides alike either way.)
+            detail=world.p.cache,
+            **more,
         )
         self.waiting: Any = None  # the entry it awaits
+        self.unwait: Callable[[], None] | None = None  # stops that wait (a cancel)
+        caller.run = self
 
     def step(self, reply: Any, error: BaseException | None) -> None:
         w, caller = self.w, self.caller
@@ -1338,21 +1484,35 @@ class CallRun:
                 continue
             if kind == "Fly":
                 caller.joined = False
-                run = FlightRun(w, self.proc, caller.key, cmd.entry, cmd.deadline, self._flown)
+                run = FlightRun(w, self.proc, caller.key, cmd.entry, cmd.deadline, self._flown,
+                                reads=self.reads)  # fmt: skip
                 self.flight = run
                 run.attach(caller)
                 run.start()
                 return
             if kind == "Launch":
                 caller.joined = False
-                shared = SharedRun(w, self.proc, caller.key, cmd.entry, self.table)
+                shared = SharedRun(w, self.proc, caller.key, cmd.entry, self.table, self.reads)
                 cmd.entry.task = shared
                 shared.attach(caller)
                 shared.start()
                 continue
             if kind == "Cancel":
+                # As aio.call: Entry.task is the flight's task, or (parked at a Wait) what
+                # stands in for it; either is a Cancellable.
+                others = [
+                    c for c in w.callers
+                    if c is not caller and not c.done and isinstance(c.run, CallRun)
+                    and c.run.waiting is cmd.entry
+                ]  # fmt: skip
                 task = cmd.entry.task
-                if task is not None and not task.done:
+                if task is not None and not task.done():
+                    if others:
+                        w.fail(
+                            "cancel-spread",
+                            f"caller #{caller.id} left {caller.key}'s flight "
+                            f"and cancelled it while caller #{others[0].id} still awaits it",
+                        )
                     task.cancel()
                 continue
             w.fail("unknown-command", f"the simulator has no handler for {cmd!r}")
@@ -1371,24 +1531,43 @@ class CallRun:
         state = {"open": True}
         w = self.w
 
+        def close() -> None:
+            state["open"] = False
+            self.waiting = self.unwait = None
+            if timer is not None:
+                timer.cancelled = True
+
         def wake() -> None:
             if state["open"]:
-                state["open"] = False
-                if timer is not None:
-                    timer.cancelled = True
+                close()
                 w.soon(lambda: self._resume_await(entry))
 
         def expire() -> None:
             if state["open"]:
-                state["open"] = False
+                close()
                 entry.result.discard_waker(wake)
                 self.step(False, None)
+
+        def unwait() -> None:
+            if state["open"]:
+                close()
+                entry.result.discard_waker(wake)
 
         timer = None
         if timeout is not None:
             timer = w.at(self.proc, self.proc.clock() + timeout, expire, "await flight")
         entry.result.add_waker(wake)
+        self.waiting, self.unwait = entry, unwait
         return True
+
+    def cancel(self) -> None:
+        """asyncio: the caller's task is cancelled: CancelledError where it awaits (its
+        flight's entry; the machine then leaves it, cancelling a flight nobody awaits)."""
+        if self.caller.done or self.unwait is None:
+            return
+        self.caller.cancelled = True
+        self.unwait()
+        self.step(None, asyncio.CancelledError())
 
     def _resume_await(self, entry: Any) -> None:
         self._joined_result(entry)
@@ -1415,15 +1594,171 @@ class CallRun:
         self.step(finished, error)
 
 
+class ReadFirst:
+    """A caller that reads its kept value before any flight, as the drivers' ``call`` does
+    with ``first`` (no Served, no events): ``call.read_first`` joins or creates the
+    process's flight of its key; if it created it and the read credit says so, its READ
+    (MGET and TIME) goes out as the drivers' ``_read`` sends it (sync: its wait for a command
+    slot bounded by wait_timeout; asyncio: the whole read cut at wait_timeout, WaitTimeout),
+    the drivers' ``read_found`` decides what it found (a forged record is dropped: Discard),
+    ``read_failed`` ends the entry on a failure; a miss (or a refused read) hands the entry
+    to the call machine (``run_call(..., started=, joined=)``), whose flights then start at
+    the acquire script. While the read is out the entry is the process's flight of the key:
+    callers who come meanwhile join it."""
+
+    served = False  # what World._granted reads of a process's flight
+    lease: SimLease | None = None
+
+    def __init__(self, world: World, caller: Caller, wait_timeout: float | None) -> None:
+        self.w, self.caller, self.wait = world, caller, wait_timeout
+        proc = caller.proc
+        self.proc, self.epoch, self.key = proc, caller.epoch, caller.key
+        self.tasked = caller.mode == "async"
+        self.table = proc.async_table if self.tasked else proc.sync_table
+        self.names = world.names[caller.key]
+        self.attached: list[Caller] = []
+        self.seen = 0  # a read sees no lease
+        self.done = False
+        self.pending = False  # its READ (or Discard) is out
+        self.entry: Any = None
+        self.joined: Any = None
+        self.started = 0.0
+        self.timer: Timer | None = None
+        self.reads: Any = None
+
+    def attach(self, caller: Caller) -> None:
+        if caller not in self.attached:
+            self.attached.append(caller)
+
+    def start(self) -> None:
+        w, api, proc, caller = self.w, self.w.api, self.proc, self.caller
+        self.reads = w.reads.setdefault((proc.name(), self.key), api.protocol.Reads())
+        joined = api.call.read_first(proc.env, self.table, self.names, self.reads)
+        if joined is None or not joined[2]:
+            self.go_on(joined, None)  # joined a flight, or the credit said no read
+            return
+        self.entry, self.joined, self.started = joined[0], joined, proc.clock()
+        w.flight_by_entry[id(self.entry)] = self
+        self.attach(caller)
+        caller.run = self
+        self.pending = True
+        w.log(f"{proc.name()} reads {self.key} before any flight (caller #{caller.id})")
+        bound = None if self.wait is None else self.started + self.wait
+        w.script(proc, api.commands.read_call(self.names), self._looked,
+                 deadline=None if self.tasked else bound)  # fmt: skip
+        if self.tasked and bound is not None:
+            self.timer = w.at(proc, bound, self._cut, "read wait_timeout")
+
+    def _cut(self) -> None:
+        """asyncio: the read is cut short at wait_timeout (aio._bounded)."""
+        if self.pending and not self.caller.done:
+            self.pending = False
+            self.failed(self.w.api.errors.WaitTimeout("waited the wait_timeout for the read"))
+
+    def cancel(self) -> None:
+        """asyncio: the caller's task is cancelled while its read (or Discard) is out."""
+        if self.pending and not self.caller.done:
+            self.pending = False
+            self.caller.cancelled = True
+            if self.timer is not None:
+                self.timer.cancelled = True
+            self.failed(asyncio.CancelledError())
+
+    def _answered(self, error: BaseException | None) -> bool:
+        """Whether the reply is still awaited (not cut, cancelled, or the process gone)."""
+        if not self.pending or self.caller.done or self.proc.epoch != self.epoch:
+            return False
+        self.pending = False
+        if self.timer is not None:
+            self.timer.cancelled = True
+        return True
+
+    def _looked(self, raw: Any, error: BaseException | None) -> None:
+        if not self._answered(error):
+            return
+        w, api = self.w, self.w.api
+        if error is not None:
+            if isinstance(error, ScriptError):
+                w.fail("script-error", f"READ: {error}")
+                error = ResponseError(str(error))
+            self.failed(api.base.read_error(error))
+            return
+        try:
+            looked = api.commands.parse_looked(raw)
+            hit, value, discard = api.base.read_found(
+                self.proc.env, self.table, self.reads, self.names, self.entry, looked, None,
+                w.p.result_ttl_ms,
+            )  # fmt: skip
+        except Violation:
+            raise
+        except BaseException as exc:
+            self.failed(api.commands.translate(exc) if isinstance(exc, Exception) else exc)
+            return
+        if discard is not None:
+            self.pending = True
+            w.script(self.proc, discard, self._discarded)
+            return
+        if hit:
+            self.done = True
+            who = f"caller #{self.caller.id} ({self.proc.name()} {self.caller.mode} {self.key})"
+            w.log(f"{who}: its read before any flight hit, for {len(self.attached)} caller(s)")
+            w.check_hit(self.key, raw, value, who)
+            w.end(self.caller, "value", value)
+            return
+        self.go_on(self.joined, self.started)
+
+    def _discarded(self, raw: Any, error: BaseException | None) -> None:
+        if not self._answered(error):
+            return
+        if error is not None:
+            if isinstance(error, ScriptError):
+                self.w.fail("script-error", f"DISCARD: {error}")
+                error = ResponseError(str(error))
+            self.failed(self.w.api.commands.translate(error) if isinstance(error, Exception)
+                        else error)  # fmt: skip
+            return
+        self.go_on(self.joined, self.started)
+
+    def failed(self, error: BaseException) -> None:
+        """read_failed: the entry ends (its joiners get the error, or start over) and the
+        call raises; or (refused) the machine goes on with the entry."""
+        w = self.w
+        try:
+            w.api.call.read_failed(self.proc.env, self.table, self.reads, self.names,
+                                   self.entry, error, self.wait)  # fmt: skip
+        except Violation:
+            raise
+        except BaseException as exc:
+            self.done = True
+            w.end(self.caller, "error", exc)
+            return
+        self.go_on(self.joined, self.started)
+
+    def go_on(self, joined: Any, started: float | None) -> None:
+        """The call machine, with the entry read_first joined or created (if any); a call
+        that created it asked the credit: its flights read no more."""
+        self.done = True
+        run = CallRun(self.w, self.caller, self.wait, joined=joined, started=started,
+                      reads=joined is None or not joined[1])  # fmt: skip
+        run.step(None, None)
+
+
 class SharedRun:
     """asyncio's flight task for one entry: the real ``run_shared_flight``."""
 
-    def __init__(self, world: World, proc: Proc, key: str, entry: Any, table: Any) -> None:
+    def __init__(
+        self, world: World, proc: Proc, key: str, entry: Any, table: Any, reads: bool = True
+    ) -> None:
         self.w, self.proc, self.epoch, self.key, self.entry = world, proc, proc.epoch, key, entry
         self.machine = world.api.call.run_shared_flight(proc.env, table, world.names[key], entry)
-        self.done = False
+        self.ended = False
+        self.reads = reads
         self.flight: FlightRun | None = None
         self.attached: list[Caller] = []
+
+    def done(self) -> bool:
+        """Task.done()."""
+        return self.ended
 
     def attach(self, caller: Caller) -> None:
         self.attached.append(caller)
@@ -1432,23 +1767,25 @@ class SharedRun:
         self.step(None, None)
 
     def step(self, reply: Any, error: BaseException | None) -> None:
-        if self.done or self.proc.epoch != self.epoch:
+        if self.ended or self.proc.epoch != self.epoch:
             return
         while True:
             try:
                 cmd = self.machine.send(reply) if error is None else self.machine.throw(error)
             except StopIteration:
-                self.done = True
+                self.ended = True
                 return
             except Violation:
                 raise
             except BaseException:  # an abort goes on up the task: it ends
-                self.done = True
+                self.ended = True
                 return
             reply, error = None, None
             kind = type(cmd).__name__
             if kind == "Fly":
-                run = FlightRun(self.w, self.proc, self.key, self.entry, None, self.step)
+                run = FlightRun(self.w, self.proc, self.key, self.entry, None, self.step,
+                                reads=self.reads)  # fmt: skip
+                run.task = self
                 for caller in self.attached:
                     run.attach(caller)
                 self.flight = run
@@ -1457,11 +1794,47 @@ class SharedRun:
             self.w.fail("unknown-command", f"the simulator has no handler for {cmd!r}")
             return
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
         """task.cancel(): CancelledError where the task awaits (its flight's command)."""
         if self.flight is not None and not self.flight.done:
             self.w.log(f"{self.proc.name()} cancels its flight task on {self.key}")
             self.flight.cancel()
+            return True
+        return False
+
+
+class ParkedFlight:
+    """What stands in for an asyncio flight's task while its flight waits for its channel's
+    message with no task (aio's ``_Driver.park``: ``Entry.task`` is then the driver, a
+    ``Cancellable``). ``done()``: no longer parked (woken, or the flight ended in the hub's
+    callback); ``cancel()``: the flight goes on in a new task, CancelledError thrown in at
+    its Wait."""
+
+    def __init__(self, flight: FlightRun) -> None:
+        self.flight = flight
+        self.parked = True
+
+    def done(self) -> bool:
+        return not self.parked
+
+    def cancel(self) -> bool:
+        if not self.parked:
+            return False
+        flight = self.flight
+        self.unpark()
+        flight.w.log(f"{flight.proc.name()} cancels its parked flight on {flight.key}")
+        flight.cancel()
+        return True
+
+    def unpark(self) -> None:
+        """The Wait ended: a new task goes on with the flight (Entry.task), unless the
+        hub's callback ended it (then this stand-in stays, done)."""
+        if not self.parked:
+            return
+        self.parked = False
+        flight = self.flight
+        if not flight.done and flight.task is not None and flight.entry.task is self:
+            flight.entry.task = flight.task
 
 
 def step_machine(
@@ -1507,6 +1880,8 @@ class FlightRun:
         entry: Any,
         deadline: float | None,
         done_cb: Callable[[Any, BaseException | None], None],
+        *,
+        reads: bool = True,
     ) -> None:
         self.w, self.proc, self.epoch, self.key = world, proc, proc.epoch, key
         self.entry = entry
@@ -1528,8 +1903,9 @@ class FlightRun:
         }
         if p.cache:
             fields.update(stale_ms=p.stale_ms, error_ms=p.error_ms, backoff_ms=p.backoff_ms)
-        reads = getattr(api.protocol, "Reads", None)  # a plain read before the script
-        if reads is not None and p.reads and p.result_ttl_ms > 0 and self.reads_first:
+        read, reads = reads, getattr(api.protocol, "Reads", None)  # a plain read first
+        # (Not for a call that read, or asked the credit, before its flight: ReadFirst.)
+        if reads is not None and p.reads and p.result_ttl_ms > 0 and self.reads_first and read:
             # One per process and job, as one per function and settings in a process.
             fields["reads"] = world.reads.setdefault((proc.name(), key), reads())
         self.spec = api.protocol.FlightSpec(**fields)
@@ -1545,7 +1921,12 @@ class FlightRun:
         self.releasing = 0  # give-back steps in progress (a request, or a retry's timer)
         self.pending: Any = None  # the command whose reply it awaits
         self.attached: list[Caller] = []
+        before = world.flight_by_entry.get(id(entry))
+        if isinstance(before, ReadFirst) and before.entry is entry:
+            self.attached = list(before.attached)  # who joined while its read was out
         self.written_at = 0.0  # when the acquire that granted our lease was written
+        self.read_raw: Any = None  # the reply of its Read, while nothing came after it
+        self.task: SharedRun | None = None  # asyncio: the task it runs in (parks at a Wait)
         world.flight_by_entry[id(entry)] = self
         world.flight_by_owner[self.spec.owner] = self
 
@@ -1581,6 +1962,7 @@ class FlightRun:
     def handle(self, cmd: Any) -> tuple[object, BaseException | None] | None:
         api, w = self.w.api, self.w
         name = type(cmd).__name__
+        self.read_raw = None
         sc = api.base.DriverBase.script_for(self.shim, cmd)
         if sc is not None:
             if name == "Complete" and self.lease is not None:
@@ -1643,6 +2025,8 @@ class FlightRun:
             self.resume(None, base.failed(self.shim, cmd, error))
             return
         reply = base.reply_of(self.shim, cmd, raw)
+        if type(cmd).__name__ == "Read":
+            self.read_raw = raw  # a hit now is the read's: check_hit
         if type(cmd).__name__ == "Acquire":
             # Granted to this very request: it was written when the stamp says.
             self.written_at = self.shim.stamp.sent if reply.state in (2, 3) else 0.0
@@ -1692,17 +2076,31 @@ class FlightRun:
             return box.pop(0), None
         state = {"open": True}
         cmd = self.pending
+        # asyncio's flight task parks here (aio's _Driver.park): the task ends, and what
+        # stands in for it is the entry's task until the wait ends.
+        parked = ParkedFlight(self) if self.task is not None and not self.served else None
+        if parked is not None:
+            self.entry.task = parked
+            self.w.log(f"{self.proc.name()}'s flight on {self.key} parks at its Wait (no task)")
 
         def wake() -> None:
             if state["open"] and self.pending is cmd:
                 state["open"] = False
                 timer.cancelled = True
-                self.w.soon(lambda: self.resume(box.pop(0) if box else None, None))
+                if parked is None:
+                    self.w.soon(lambda: self.resume(box.pop(0) if box else None, None))
+                    return
+                # aio's step_ahead: the hub's callback steps the flight with the message
+                # at once; the callers its end wakes run next, then the task (unpark).
+                self.resume(box.pop(0) if box else None, None)
+                self.w.soon(parked.unpark)
 
         def expire() -> None:
             if state["open"] and self.pending is cmd:
                 state["open"] = False
                 box.waker = None  # type: ignore[attr-defined]
+                if parked is not None:
+                    parked.unpark()
                 self.resume(None, None)
 
         box.waker = wake  # type: ignore[attr-defined]
@@ -1797,6 +2195,10 @@ class FlightRun:
     def finish(self, value: Any, error: BaseException | None) -> None:
         self.done = True
         self.pending = None
+        kept = type(value).__name__ == "Finished" and value.role == "kept"
+        if self.read_raw is not None and kept and value.outcome.error is None:
+            who = f"{self.proc.name()}'s flight on {self.key}"
+            self.w.check_hit(self.key, self.read_raw, value.outcome.value, who)
         if self.lease is not None:
             self.lease.running = False
             self.proc.renewer.remove(self.lease)
@@ -2380,6 +2782,16 @@ def _enc(value: Any) -> bytes:
     if isinstance(value, (int, float)):
         return repr(value).encode()
     raise TypeError(f"cannot send {value!r}")
+
+
+def _refusal(label: str) -> BaseException:
+    """The error reply a refused request gets: a plain read is refused as an ACL without
+    MGET or a slot elsewhere refuses it (an error reply: ReadRefused, the acquire script
+    decides); any other command as a server still loading its data refuses it (redis-py's
+    BusyLoadingError: BackendUnavailable)."""
+    if label.startswith("READ"):
+        return ResponseError("NOPERM this user has no permissions to run the 'mget' command")
+    return BusyLoadingError("LOADING Redis is loading the dataset in memory")
 
 
 def _granted_token(raw: Any) -> int:
