@@ -594,3 +594,93 @@ def test_a_renewal_batch_whose_replies_time_out_never_leaves_them_to_the_next(
             assert renew_many(client, ours) == [1] * 50
         finally:
             client.close()
+
+
+@pytest.mark.timeout(90)
+def test_over_tls_replies_and_messages_are_read_whole(tmp_path: Any, prefix: str) -> None:
+    """rediss://: dedupe's own connections and the hub's over TLS, where a read returns what
+    the TLS layer has decrypted so far. A flight, a hit on a 1 MiB value (read in pieces),
+    an asyncio flight and its hit, and a follower in another instance woken by its message
+    (its wait_timeout, far below the lease, fails the test if the message is not read)."""
+    import shutil
+    import subprocess
+
+    from devtools.servers import free_port
+
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed: no certificate for a TLS server")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+         "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    tls_port = free_port()
+    server = RedisServer(
+        args=["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file",
+              str(key), "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+    )  # fmt: skip
+    try:
+        server.start()
+    except Exception as exc:  # a redis-server built without TLS
+        pytest.skip(f"this redis-server does not serve TLS: {exc}")
+    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={cert}"
+    sf = SingleFlight(url, prefix=prefix, result_ttl=60, lock_ttl=30)
+    other = SingleFlight(url, prefix=prefix, result_ttl=60, lock_ttl=30, wait_timeout=10)
+    big = bytes(range(256)) * 4096
+    started, go = threading.Event(), threading.Event()
+    led: list[Any] = []
+
+    async def aval(v: str) -> str:
+        return v
+
+    async def amain() -> list[str]:
+        try:
+            return [await sf.call("a", aval, "a1"), await sf.call("a", aval, "a2")]
+        finally:
+            await sf.aclose()
+
+    def lead() -> None:
+        def job() -> str:
+            started.set()
+            assert go.wait(30)
+            return "the leader's"
+
+        led.append(sf.call("wake", job))
+
+    try:
+        assert sf.call("big", lambda: big) == big
+        assert sf.call("big", lambda: b"ran again") == big  # the hit: 1 MiB over TLS
+        assert asyncio.run(amain()) == ["a1", "a1"]
+        leader = threading.Thread(target=lead)
+        leader.start()
+        assert started.wait(30)
+        followed: list[Any] = []
+        follower = threading.Thread(
+            target=lambda: followed.append(other.call("wake", lambda: "the follower's"))
+        )
+        # What the follower's hub reads off its TLS socket (a follower that missed the
+        # message would still find the kept outcome when its wait ends: not enough).
+        hub = other.backend().hub()
+        read_off: list[Any] = []
+        on_reply = hub._on_reply
+
+        def spy(link: Any, reply: Any) -> None:
+            read_off.append(reply)
+            on_reply(link, reply)
+
+        hub._on_reply = spy  # type: ignore[method-assign]
+        follower.start()
+        until(lambda: other.inspect("wake").subscribers >= 1, 30, "the follower to subscribe")
+        go.set()
+        leader.join(30)
+        follower.join(30)
+        assert led == ["the leader's"] and followed == ["the leader's"]
+        assert any(r[0] in (b"message", b"smessage") for r in read_off), read_off
+    finally:
+        go.set()
+        sf.close(timeout=0)
+        other.close(timeout=0)
+        server.stop()
