@@ -559,8 +559,9 @@ def test_a_stream_of_pushes_cut_anywhere_yields_each_reply_once_in_order(
         peer.close()
 
 
+@pytest.mark.parametrize("protocol", [2, 3])  # read in resp.py; by redis-py's reader
 def test_a_renewal_batch_whose_replies_time_out_never_leaves_them_to_the_next(
-    redis_server: RedisServer,
+    redis_server: RedisServer, protocol: int
 ) -> None:
     """Renewals go pipelined through the renew client's pool (SyncWire.run_many). A batch
     whose replies do not come in time fails, and its connection goes back to the pool
@@ -574,7 +575,7 @@ def test_a_renewal_batch_whose_replies_time_out_never_leaves_them_to_the_next(
         # As dedupe's renew client: no retries of redis-py's own, one connection.
         client = redis.Redis(
             *proxy.address,
-            protocol=2,
+            protocol=protocol,
             socket_timeout=0.3,
             max_connections=1,
             retry=redis.retry.Retry(redis.backoff.NoBackoff(), 0),

@@ -535,39 +535,19 @@ class _Link:
     def _read(self, conn: Connection) -> None:
         hub = self.hub
         interval = hub._health_interval
-        if getattr(conn, "_sock", None) is not None:  # redis-py's, RESP2 (_hub_kwargs)
-            self._read_stream(Stream(conn), interval)
-            return
+        # A socket of redis-py's (RESP2: _hub_kwargs) is read by resp.Stream, a burst of
+        # messages in one pass over each read; any other Connection a reply at a time.
+        replies = Stream(conn) if getattr(conn, "_sock", None) is not None else _OneByOne(conn)
         heard = True  # anything read since the last silence
         while not self._closed.is_set():
-            if not conn.can_read(timeout=interval):
+            got = replies.read(interval)
+            if got is None:
                 hub._on_silence(self, heard)
                 heard = False
+                got = []
             else:
                 heard = True
-                try:
-                    reply = conn.read_response()
-                except ResponseError as exc:
-                    hub._on_error(self, exc)
-                else:
-                    hub._on_reply(self, reply)
-            if self.dropped is not None:
-                raise ConnectionError(self.dropped)
-
-    def _read_stream(self, stream: Stream, interval: float) -> None:
-        """_read on a socket of redis-py's: a burst of messages parsed in one pass over what
-        each read returned (resp.py), not a dozen calls of redis-py's reader per message."""
-        hub = self.hub
-        heard = True
-        while not self._closed.is_set():
-            replies = stream.read(interval)
-            if replies is None:
-                hub._on_silence(self, heard)
-                heard = False
-                replies = []
-            else:
-                heard = True
-            for reply in replies:
+            for reply in got:
                 if isinstance(reply, ResponseError):
                     hub._on_error(self, reply)
                 else:
@@ -576,6 +556,24 @@ class _Link:
                     break
             if self.dropped is not None:
                 raise ConnectionError(self.dropped)
+
+
+class _OneByOne:
+    """resp.Stream's read() over the Connection protocol: one reply a read; None for
+    silence; an error reply as its ResponseError."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def read(self, timeout: float) -> list[Any] | None:
+        if not self._conn.can_read(timeout=timeout):
+            return None
+        try:
+            return [self._conn.read_response()]
+        except ResponseError as exc:
+            return [exc]
 
 
 def _shutdown(conn: Connection) -> None:

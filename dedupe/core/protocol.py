@@ -578,6 +578,8 @@ def run_flight(
     fallen_back_on = b""  # the record it was opened from (offered once per record)
     after_error = False  # the run we waited on failed, and a stale value stands in for it
     if spec.reads is not None and spec.reads.wanted():
+        # The read's kept value, in fallback's slot (a local less): served if any, else
+        # None, which is what fallback starts as.
         fallback = yield from _read_first(spec, codec)
         if fallback is not None:
             return fallback
